@@ -1,0 +1,28 @@
+"""The errors clipdiy raises on purpose; each message says what is wrong and what to do."""
+
+
+class ClipdiyError(Exception):
+    """Base of clipdiy's own errors."""
+
+
+class WeightsNotFoundError(ClipdiyError, FileNotFoundError):
+    """Model weights could not be found locally nor downloaded.
+
+    The message names what is missing and the option (config field and command-line flag) that
+    supplies it.
+    """
+
+
+class VocabularyError(ClipdiyError, ValueError):
+    """A vocabulary is empty, malformed, has duplicate names, or its file is missing."""
+
+
+class InvalidImageError(ClipdiyError, ValueError):
+    """An image cannot be segmented (empty, wrong shape or dtype, too small, too large).
+
+    ``kind`` is a short machine-readable reason used in error rows (e.g. ``empty``, ``too_large``).
+    """
+
+    def __init__(self, message: str, kind: str = "unsupported"):
+        super().__init__(message)
+        self.kind = kind
