@@ -1,0 +1,303 @@
+"""The CLIP-DIY segmenter: owns pre- and post-processing and fusion; the models stay pure.
+
+Three stages, so a pipeline can put each where it belongs:
+
+- :func:`prepare_image` (CPU): any image -> original RGB + the 256 x 256 model input.
+- :meth:`Segmenter.predict` (accelerator): dense multi-scale CLIP scores, saliency, fusion
+  (SPEC sections 1-3) for a batch, at the model resolution.
+- :func:`finalize` (CPU): the label map back at the original resolution (nearest).
+
+:meth:`Segmenter.segment` chains the three for library users.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipdiy.config import SegmenterConfig
+from clipdiy.dense import DenseScorer
+from clipdiy.images import ImageLike, to_rgb_uint8
+from clipdiy.preprocess import resize_for_model
+from clipdiy.result import SegmentationResult
+from clipdiy.vocabulary import Vocabulary, vocabulary_hash
+
+
+class ImageTextEncoder(Protocol):
+    """What the segmenter needs of a CLIP model (``clipdiy.models.clip.ClipModel`` is one)."""
+
+    model_name: str
+    weights_id: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+
+class SaliencyMap(Protocol):
+    """What the segmenter needs of a saliency backend: B x 3 x H x W in [0, 1] -> B x 1 x H x W."""
+
+    name: str
+    weights_id: str | None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Which models and settings produced a label; written into every output row."""
+
+    clip_model: str
+    clip_weights: str
+    saliency_backend: str
+    saliency_weights: str | None
+    mode: str
+    vocabulary_name: str
+    vocabulary_hash: str
+
+
+@dataclass
+class PreparedImage:
+    """``rgb``: H x W x 3 uint8, the original; ``model_input``: h x w x 3 uint8 (256 x 256 faithful)."""
+
+    rgb: np.ndarray
+    model_input: np.ndarray
+
+
+@dataclass
+class ModelOutput:
+    """The segmenter's output for one image at the model resolution (h x w, 256 x 256 faithful).
+
+    label_map: h x w uint16; class_scores, mask_scores: (C,) float32 (see SegmentationResult);
+    saliency: h x w float32 in [0, 1]; original_size: (H, W); probabilities: C x h x w or None.
+    """
+
+    label_map: np.ndarray
+    class_scores: np.ndarray
+    mask_scores: np.ndarray
+    foreground_fraction: float
+    saliency: np.ndarray
+    original_size: tuple[int, int]
+    probabilities: np.ndarray | None = None
+
+
+def prepare_image(image: ImageLike, mode: str = "faithful") -> PreparedImage:
+    """CPU preprocessing of one image; raises :class:`~clipdiy.errors.InvalidImageError`."""
+    rgb = to_rgb_uint8(image)
+    return PreparedImage(rgb=rgb, model_input=resize_for_model(rgb, mode))
+
+
+def finalize(output: ModelOutput, class_names: Sequence[str]) -> SegmentationResult:
+    """Resize the label map to the original H x W (nearest, as the reference demo does)."""
+    height, width = output.original_size
+    h, w = output.label_map.shape
+    # Nearest with the same sampling rule as F.interpolate(mode="nearest"): src = floor(dst * in / out).
+    rows = np.minimum((np.arange(height) * h) // height, h - 1)
+    cols = np.minimum((np.arange(width) * w) // width, w - 1)
+    label_map = output.label_map[rows[:, None], cols[None, :]]
+    return SegmentationResult(
+        label_map=label_map,
+        class_scores=output.class_scores,
+        mask_scores=output.mask_scores,
+        foreground_fraction=output.foreground_fraction,
+        saliency=output.saliency,
+        class_names=tuple(class_names),
+        probabilities=output.probabilities,
+    )
+
+
+def fuse(scores: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """SPEC 3.2: class probabilities from score maps and a saliency map.
+
+    scores: B x C x h x w (class 0 = background); saliency: B x 1 x h x w in [0, 1].
+    Returns B x C x h x w: softmax over classes of S * [1 - s, s, ..., s].
+    """
+    weights = saliency.expand(-1, scores.shape[1], -1, -1).clone()
+    weights[:, 0] = 1.0 - saliency[:, 0]
+    return torch.softmax(scores * weights, dim=1)
+
+
+class Segmenter:
+    """Segments batches of images into the classes of a vocabulary (CLIP-DIY).
+
+    ``clip`` and ``saliency`` are models on the same device; ``text_embeddings`` (C x D) may be
+    passed when already computed (e.g. once per run by a driver), else they are computed here.
+    """
+
+    def __init__(
+        self,
+        clip: ImageTextEncoder,
+        saliency: SaliencyMap,
+        vocabulary: Vocabulary,
+        config: SegmenterConfig,
+        text_embeddings: torch.Tensor | None = None,
+    ):
+        self.clip = clip
+        self.saliency = saliency
+        self.vocabulary = vocabulary
+        self.config = config
+        self.device = _module_device(clip) if config.device is None else torch.device(config.device)
+        if text_embeddings is None:
+            from clipdiy.text_embeddings import class_text_embeddings
+
+            text_embeddings = class_text_embeddings(clip, vocabulary, config.prompts, config.text_cache_dir)
+        if text_embeddings.shape[0] != len(vocabulary):
+            raise ValueError(
+                f"{text_embeddings.shape[0]} text embeddings for a vocabulary of {len(vocabulary)} classes"
+            )
+        self.text_embeddings = text_embeddings.to(self.device, torch.float32)
+        self.scorer = DenseScorer(
+            clip.encode_image,
+            self.text_embeddings,
+            input_size=clip.image_size,
+            mean=clip.mean,
+            std=clip.std,
+            crop_batch_size=config.crop_batch_size,
+        )
+        self.provenance = Provenance(
+            clip_model=clip.model_name,
+            clip_weights=clip.weights_id,
+            saliency_backend=saliency.name,
+            saliency_weights=saliency.weights_id,
+            mode=config.mode,
+            vocabulary_name=vocabulary.name,
+            vocabulary_hash=vocabulary_hash(vocabulary, config.prompts),
+        )
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.vocabulary.class_names
+
+    def segment(self, images: Sequence[ImageLike], *, return_probabilities: bool = False) -> list[SegmentationResult]:
+        """Label maps at the original resolution, class scores and masks for each image."""
+        prepared = []
+        for index, image in enumerate(images):
+            try:
+                prepared.append(prepare_image(image, self.config.mode))
+            except ValueError as error:
+                # Say which image of the batch is bad; keep the error's type and kind.
+                error.args = (f"image {index}: {error.args[0]}",) + error.args[1:]
+                raise
+        outputs = self.predict(prepared, return_probabilities=return_probabilities)
+        return [finalize(output, self.class_names) for output in outputs]
+
+    @torch.inference_mode()
+    def predict(self, prepared: Sequence[PreparedImage], *, return_probabilities: bool = False) -> list[ModelOutput]:
+        """Model-resolution outputs for a batch of prepared images (SPEC sections 1-3)."""
+        if not prepared:
+            return []
+        outputs: list[ModelOutput | None] = [None] * len(prepared)
+        # Images of one model-input size share every forward (faithful mode: the whole batch).
+        for indices in _group_by_shape([p.model_input.shape for p in prepared]):
+            scores = self.scorer(self._to_device([prepared[i].model_input for i in indices]))
+            saliency = self._saliency([prepared[i].rgb for i in indices], scores.shape[-2:])
+            probabilities = fuse(scores, saliency)
+            for i, output in zip(indices, self._summarise(probabilities, saliency, return_probabilities)):
+                output.original_size = prepared[i].rgb.shape[:2]
+                outputs[i] = output
+        return outputs  # type: ignore[return-value]
+
+    def _to_device(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """B arrays of h x w x 3 uint8 -> B x 3 x h x w uint8 on the device, one transfer."""
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return batch.to(self.device, non_blocking=True).contiguous()
+
+    def _saliency(self, rgbs: Sequence[np.ndarray], size: torch.Size) -> torch.Tensor:
+        """B x 1 x h x w soft saliency at the model resolution (SPEC 2 at full size, then 3.1)."""
+        maps: list[torch.Tensor | None] = [None] * len(rgbs)
+        for indices in _group_by_shape([rgb.shape for rgb in rgbs]):
+            images = self._to_device([rgbs[i] for i in indices]).float().div_(255.0)
+            full = self.saliency(images).float()
+            resized = F.interpolate(full, size=tuple(size), mode="bilinear", align_corners=False)
+            for i, saliency_map in zip(indices, resized):
+                maps[i] = saliency_map
+        return torch.stack(maps).clamp_(0.0, 1.0)  # type: ignore[arg-type]
+
+    def _summarise(
+        self, probabilities: torch.Tensor, saliency: torch.Tensor, return_probabilities: bool
+    ) -> list[ModelOutput]:
+        """Label maps and scores of a B x C x h x w probability batch, moved to the host once."""
+        batch, classes = probabilities.shape[:2]
+        top, labels = probabilities.max(dim=1)
+        class_scores = probabilities.mean(dim=(2, 3))
+        flat_labels = labels.view(batch, -1)
+        won = torch.zeros(batch, classes, device=labels.device).scatter_add_(
+            1, flat_labels, torch.ones_like(top.view(batch, -1), dtype=torch.float32)
+        )
+        summed = torch.zeros(batch, classes, device=labels.device).scatter_add_(1, flat_labels, top.view(batch, -1).float())
+        mask_scores = summed / won.clamp(min=1.0)
+        foreground = saliency.mean(dim=(1, 2, 3))
+        host = {
+            "labels": labels.to(torch.int32).cpu().numpy().astype(np.uint16),
+            "class_scores": class_scores.float().cpu().numpy(),
+            "mask_scores": mask_scores.float().cpu().numpy(),
+            "foreground": foreground.float().cpu().numpy(),
+            "saliency": saliency[:, 0].float().cpu().numpy(),
+            "probabilities": probabilities.float().cpu().numpy() if return_probabilities else None,
+        }
+        return [
+            ModelOutput(
+                label_map=host["labels"][b],
+                class_scores=host["class_scores"][b],
+                mask_scores=host["mask_scores"][b],
+                foreground_fraction=float(host["foreground"][b]),
+                saliency=host["saliency"][b],
+                original_size=(0, 0),
+                probabilities=None if host["probabilities"] is None else host["probabilities"][b],
+            )
+            for b in range(batch)
+        ]
+
+
+def _group_by_shape(shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, shape in enumerate(shapes):
+        groups[tuple(shape)].append(index)
+    return list(groups.values())
+
+
+def _module_device(module: object) -> torch.device:
+    parameters = getattr(module, "parameters", None)
+    if parameters is not None:
+        for parameter in parameters():
+            return parameter.device
+    return torch.device("cpu")
+
+
+def select_device(requested: str | None = None) -> torch.device:
+    """The requested device, else CUDA when present, else CPU."""
+    if requested is not None:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def select_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """fp16 on CUDA and fp32 on CPU for ``auto``; else what was asked."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def create_segmenter(config: SegmenterConfig | None = None, *, text_embeddings: torch.Tensor | None = None) -> Segmenter:
+    """Load the models a config names and build a :class:`Segmenter`.
+
+    Fails fast with :class:`~clipdiy.errors.WeightsNotFoundError` when weights are missing.
+    """
+    from clipdiy.models.clip import create_clip_model
+    from clipdiy.models.saliency import create_saliency_model
+    from clipdiy.vocabulary import load_vocabulary
+
+    config = config or SegmenterConfig()
+    vocabulary = load_vocabulary(config.vocabulary)
+    device = select_device(config.device)
+    clip = create_clip_model(config.clip, device=device, dtype=select_dtype(device, config.precision))
+    saliency = create_saliency_model(config.saliency, device=device)
+    return Segmenter(clip, saliency, vocabulary, config, text_embeddings=text_embeddings)
