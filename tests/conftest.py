@@ -1,0 +1,57 @@
+"""Fixtures shared by the whole suite: paths to ../shared and checkpoints of random-init models."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED = REPO_ROOT.parent / "shared"
+COCO_SAMPLE = SHARED / "data" / "coco-val2017-sample"
+FOUND_HEAD = SHARED / "weights" / "found_decoder.pt"
+
+# Tests import helper modules (model_factories, reference_clipdiy, ...) from this folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Nothing in the suite may reach a model hub: make any attempt fail at once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def coco_sample() -> Path:
+    """The 32 real COCO val2017 photos and their instances.json."""
+    if not COCO_SAMPLE.is_dir():
+        pytest.fail(f"shared sample data missing at {COCO_SAMPLE}")
+    return COCO_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def coco_images(coco_sample: Path) -> list[Path]:
+    return sorted((coco_sample / "images").glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def vitb32_clip_config(tmp_path_factory):
+    """ClipConfig of a random-init, discriminative ViT-B-32 saved as a local checkpoint."""
+    from model_factories import make_clip_config
+
+    return make_clip_config(tmp_path_factory.mktemp("clip-vitb32"), arch="ViT-B-32")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_config(tmp_path_factory):
+    """ClipConfig of a tiny random-init CLIP (fast pipeline tests)."""
+    from model_factories import make_clip_config
+
+    return make_clip_config(tmp_path_factory.mktemp("clip-tiny"), arch="tiny")
+
+
+@pytest.fixture(scope="session")
+def found_saliency_config(tmp_path_factory):
+    """SaliencyConfig of a random-init ViT-S/8 checkpoint plus the real FOUND head."""
+    from model_factories import make_saliency_config
+
+    return make_saliency_config(tmp_path_factory.mktemp("found"))
