@@ -226,7 +226,8 @@ class Segmenter:
     ) -> list[ModelOutput]:
         """Label maps and scores of a B x C x h x w probability batch, moved to the host once."""
         batch, classes = probabilities.shape[:2]
-        top, labels = probabilities.max(dim=1)
+        labels = probabilities.argmax(dim=1)
+        top = probabilities.gather(1, labels[:, None])[:, 0]
         class_scores = probabilities.mean(dim=(2, 3))
         flat_labels = labels.view(batch, -1)
         won = torch.zeros(batch, classes, device=labels.device).scatter_add_(
