@@ -26,3 +26,8 @@ class InvalidImageError(ClipdiyError, ValueError):
     def __init__(self, message: str, kind: str = "unsupported"):
         super().__init__(message)
         self.kind = kind
+
+
+class InputError(ClipdiyError, ValueError):
+    """The job's input cannot be labelled: missing or unreachable bucket, prefix or manifest,
+    access denied, a malformed manifest, or no images at all. Raised before any work starts."""

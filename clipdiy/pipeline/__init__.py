@@ -1,0 +1,1 @@
+"""The Ray Data labelling job: storage, decoding, inference, writing, manifests."""

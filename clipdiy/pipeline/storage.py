@@ -1,0 +1,668 @@
+"""Object storage for the labelling job: filesystems, streaming listings, retried reads.
+
+Everything here goes through fsspec, so ``s3://``, ``gs://`` (with ``gcsfs`` installed), local
+paths and ``file://`` URIs behave alike. Three kinds of input are understood:
+
+- a **prefix** (a directory, a bucket, or ``s3://bucket/some/prefix``): every object below it,
+  recursively; the image id is the path relative to the prefix (``/`` separators);
+- a **glob** (``s3://bucket/photos/**/*.jpg``; ``*`` stays within one path segment, ``**``
+  crosses segments): the matching objects; the image id is the path relative to the directory
+  before the first wildcard segment;
+- a **manifest**, a file ending in ``.txt``/``.lst`` (one URI or path per line; blank lines and
+  ``#`` comments skipped; relative entries resolved against the manifest's folder) or
+  ``.parquet``/``.pq`` (a ``uri`` column, optional ``size``, ``etag``, ``mtime`` columns). The
+  image id of an entry is its path relative to the manifest's folder when it lies below that
+  folder, else the entry's full URI. This keeps ids stable when the manifest grows (a common
+  root computed over the entries would change whenever a new entry widens it, and re-label
+  everything on the next incremental run).
+
+Listings stream: S3 prefixes are paged through ``ListObjectsV2`` one page (1,000 keys) at a
+time, local folders are walked one directory at a time, manifests are read line by line or
+batch by batch. Order is deterministic: prefixes and globs yield objects in lexicographic order
+of their full path (S3's own key order, which the local walk reproduces); manifests yield
+entries in file order.
+
+Credentials are never handled here: they come from the environment or the cloud role chain
+(botocore's default chain: env variables, ``~/.aws``, instance/pod roles). :class:`StorageOptions`
+holds only non-secret settings, so it can travel to Ray workers and be printed freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import errno
+import logging
+import os
+import posixpath
+import queue
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import glob_translate
+
+from clipdiy.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+#: Extensions (lower case) listed from prefixes and globs. Matching is case-insensitive and by
+#: name only: a text file named ``x.jpg`` is listed, and the job gives it an error row.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+     ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+TEXT_MANIFEST_SUFFIXES = (".txt", ".lst")
+PARQUET_MANIFEST_SUFFIXES = (".parquet", ".pq")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+# Errno values of failures that a later attempt can cure (network and server-side trouble).
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ETIMEDOUT", "EPIPE", "EAGAIN",
+                 "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "EREMOTEIO", "EBUSY")
+    if hasattr(errno, name)
+)
+# S3 error codes that mean "slow down" or "server trouble" rather than "your request is wrong".
+_TRANSIENT_S3_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
+     "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
+)
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Non-secret settings for reaching object storage; credentials come from the environment.
+
+    ``endpoint_url``: an S3-compatible endpoint (MinIO, Ceph, moto, R2, ...); None = AWS.
+    ``anon``: unsigned requests (public buckets), no credentials looked up at all.
+    ``profile``: a named profile of ``~/.aws/config`` / ``~/.aws/credentials``.
+    ``region``: the bucket region, where the endpoint needs one.
+    ``connect_timeout`` / ``read_timeout`` (s) and ``max_attempts`` (botocore's own retries)
+    bound how long one request can take, so nothing hangs on an unreachable store.
+    """
+
+    endpoint_url: str | None = None
+    anon: bool = False
+    profile: str | None = None
+    region: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_attempts: int = 5
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> StorageOptions:
+        """Options from the environment, with explicit (non-None) ``overrides`` (e.g. CLI flags).
+
+        Reads ``AWS_ENDPOINT_URL_S3`` (else ``AWS_ENDPOINT_URL``), ``AWS_PROFILE``, ``AWS_REGION``
+        (else ``AWS_DEFAULT_REGION``) and ``CLIPDIY_S3_ANON`` (1/true/yes). Never reads secrets.
+        """
+        env = os.environ if environ is None else environ
+        anon_text = env.get("CLIPDIY_S3_ANON", "").strip().lower()
+        values: dict[str, Any] = {
+            "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            "anon": anon_text in {"1", "true", "yes", "on"},
+            "profile": env.get("AWS_PROFILE") or None,
+            "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+        }
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown storage options: {sorted(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def storage_options(self, protocol: str) -> dict[str, Any]:
+        """Keyword arguments for ``fsspec.filesystem(protocol, ...)``; empty for local files."""
+        if protocol in ("s3", "s3a"):
+            opts: dict[str, Any] = {
+                "anon": self.anon,
+                "config_kwargs": {
+                    "connect_timeout": self.connect_timeout,
+                    "read_timeout": self.read_timeout,
+                    "retries": {"max_attempts": self.max_attempts, "mode": "standard"},
+                },
+            }
+            if self.endpoint_url:
+                opts["endpoint_url"] = self.endpoint_url
+            if self.profile and not self.anon:
+                opts["profile"] = self.profile
+            if self.region:
+                opts["client_kwargs"] = {"region_name": self.region}
+            return opts
+        if protocol in ("gs", "gcs"):
+            opts = {"timeout": self.read_timeout}
+            if self.anon:
+                opts["token"] = "anon"
+            if self.endpoint_url:
+                opts["endpoint_url"] = self.endpoint_url
+            return opts
+        return {}
+
+    def __repr__(self) -> str:
+        # An endpoint URL may carry user:password@; never show it.
+        return (
+            f"StorageOptions(endpoint_url={_redact_url(self.endpoint_url)!r}, anon={self.anon}, "
+            f"profile={self.profile!r}, region={self.region!r}, "
+            f"connect_timeout={self.connect_timeout}, read_timeout={self.read_timeout}, "
+            f"max_attempts={self.max_attempts})"
+        )
+
+    __str__ = __repr__
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for run manifests (no secrets; userinfo stripped from the URL)."""
+        return {
+            "endpoint_url": _redact_url(self.endpoint_url),
+            "anon": self.anon,
+            "profile": self.profile,
+            "region": self.region,
+        }
+
+
+def _redact_url(url: str | None) -> str | None:
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """One input object: where it is, its stable id, and what identifies its content version.
+
+    ``uri``: full URI (``s3://bucket/key``, ``file:///abs/path``); ``image_id``: the path relative
+    to the input root with ``/`` separators (or the URI itself, see the module docstring);
+    ``size`` in bytes, ``etag`` (quotes stripped), ``mtime`` (UTC) where the store reports them
+    (None for manifest entries without those columns: the reader stats them).
+    """
+
+    uri: str
+    image_id: str
+    size: int | None = None
+    etag: str | None = None
+    mtime: dt.datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri, "image_id": self.image_id, "size": self.size,
+                "etag": self.etag, "mtime": self.mtime}
+
+
+# --------------------------------------------------------------------------------- filesystems
+
+
+def open_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for ``uri`` and the path within it (protocol stripped, no trailing ``/``).
+
+    Raises :class:`InputError` when the protocol's fsspec package is not installed (e.g.
+    ``gcsfs`` for ``gs://``).
+    """
+    options = options or StorageOptions()
+    protocol = _protocol_of(uri)
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as exc:
+        package = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs",
+                   "az": "adlfs", "abfs": "adlfs"}.get(protocol)
+        hint = f"; install it with `pip install {package}`" if package else ""
+        raise InputError(f"cannot open {uri!r}: no filesystem for {protocol}://{hint} ({exc})") from exc
+    fs = cls(**options.storage_options(protocol))
+    path = cls._strip_protocol(uri)
+    if path not in ("/", "") and not (isinstance(fs, LocalFileSystem) and re.fullmatch(r"[A-Za-z]:/", path)):
+        path = path.rstrip("/")
+    return fs, path
+
+
+def _protocol_of(uri: str) -> str:
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*)://", uri)
+    return match.group(1).lower() if match else "file"
+
+
+def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if isinstance(fs, LocalFileSystem):
+        return "file://" + path
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return f"{protocol}://{path}"
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "s3" in protocols and hasattr(fs, "call_s3")
+
+
+# --------------------------------------------------------------------------------- listing
+
+
+def iter_sources(
+    input_uri: str,
+    options: StorageOptions | None = None,
+    *,
+    extensions: Collection[str] | None = IMAGE_EXTENSIONS,
+) -> Iterator[SourceObject]:
+    """Stream the input objects of ``input_uri`` (prefix, glob or manifest) in a fixed order.
+
+    ``extensions`` filters prefix and glob listings by name (case-insensitive; None = every
+    file); hidden files and folders (names starting with ``.``) below the root are skipped. Manifest entries are never filtered: each listed entry is meant to get a row.
+    A generator: nothing is listed before the first item is asked for, and at most one listing
+    page (S3) or one directory's names (local) is held at a time.
+    """
+    fs, path = open_filesystem(input_uri, options)
+    wanted = None if extensions is None else frozenset(e.lower() for e in extensions)
+    if _GLOB_CHARS.search(path):
+        yield from _iter_glob(fs, path, wanted)
+    elif path.lower().endswith(TEXT_MANIFEST_SUFFIXES + PARQUET_MANIFEST_SUFFIXES) and fs.isfile(path):
+        yield from _iter_manifest(fs, path, options or StorageOptions())
+    else:
+        yield from _iter_prefix(fs, path, wanted)
+
+
+def _keep(relative: str, wanted: frozenset[str] | None) -> bool:
+    # Hidden files and folders (.DS_Store, macOS ._x.jpg twins, .cache/) are never inputs.
+    if relative.startswith(".") or "/." in relative:
+        return False
+    return wanted is None or posixpath.splitext(relative)[1].lower() in wanted
+
+
+def _iter_prefix(fs, root: str, wanted) -> Iterator[SourceObject]:
+    emitted = False
+    stem = root.rstrip("/") + "/" if root else ""
+    for full, info in _walk_files(fs, root, key_stem=stem):
+        emitted = True
+        if _keep(full[len(stem):], wanted):
+            yield _source(fs, full, full[len(stem):], info)
+    if not emitted and root and fs.isfile(root):
+        # The input is a single object; its id is its name.
+        info = fs.info(root)
+        if _keep(posixpath.basename(root), wanted):
+            yield _source(fs, root, posixpath.basename(root), info)
+
+
+def _iter_glob(fs, pattern: str, wanted) -> Iterator[SourceObject]:
+    root, stem = _glob_root(pattern)
+    if _is_s3(fs) and "/" not in stem:
+        raise InputError(f"wildcards in a bucket name are not supported: s3://{pattern}")
+    matcher = re.compile(glob_translate(pattern))
+    root_len = len(root.rstrip("/")) + 1
+    # S3 takes the literal stem before the first wildcard as a server-side prefix filter.
+    for full, info in _walk_files(fs, root, key_stem=stem):
+        if matcher.match(full) and _keep(full[root_len:], wanted):
+            yield _source(fs, full, full[root_len:], info)
+
+
+def _glob_root(pattern: str) -> tuple[str, str]:
+    """(the folder before the first wildcard segment, the literal text before the wildcard)."""
+    stem = pattern[: _GLOB_CHARS.search(pattern).start()]
+    root = stem.rsplit("/", 1)[0] if "/" in stem else ""
+    return (root or "/") if pattern.startswith("/") else root, stem
+
+
+def _walk_files(fs, root: str, key_stem: str) -> Iterator[tuple[str, dict]]:
+    """(full path, info) of every file below ``root`` whose path starts with ``key_stem``,
+    in lexicographic order of the full path."""
+    if _is_s3(fs):
+        yield from _walk_s3(fs, key_stem)
+    elif isinstance(fs, LocalFileSystem):
+        yield from _walk_local(root or "/", key_stem)
+    else:
+        yield from _walk_generic(fs, root, key_stem)
+
+
+def _walk_s3(fs, key_stem: str) -> Iterator[tuple[str, dict]]:
+    bucket, _, prefix = key_stem.partition("/")
+    if not bucket:
+        raise InputError("cannot list all of S3: name a bucket (s3://bucket/prefix)")
+    request = {"Bucket": bucket, "Prefix": prefix}
+    while True:
+        # One page (<= 1,000 keys) per request; the page is dropped before the next one.
+        page = fs.call_s3("list_objects_v2", fs.req_kw, **request)
+        for entry in page.get("Contents", ()):
+            key = entry["Key"]
+            if key.endswith("/"):
+                continue  # a folder marker object, not a file
+            yield f"{bucket}/{key}", {"size": entry.get("Size"), "ETag": entry.get("ETag"),
+                                      "LastModified": entry.get("LastModified")}
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _walk_local(directory: str, key_stem: str) -> Iterator[tuple[str, dict]]:
+    try:
+        with os.scandir(directory) as it:
+            # Sorting a directory's entries by name + "/" for folders reproduces the
+            # lexicographic order of full paths (S3's order) across the whole tree.
+            entries = sorted(((e.name + "/" if _is_dir(e) else e.name), e.path) for e in it)
+    except (NotADirectoryError, FileNotFoundError):
+        return  # not a folder, or removed since its parent was read
+    for name, path in entries:
+        path = path.replace(os.sep, "/")
+        if name.endswith("/"):
+            if _may_contain(path + "/", key_stem):
+                yield from _walk_local(path, key_stem)
+        elif path.startswith(key_stem):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # deleted (or a dangling link) since the directory was read
+            yield path, {"size": st.st_size, "mtime": st.st_mtime}
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    # Directory symlinks are not followed: they can form loops.
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _may_contain(directory: str, key_stem: str) -> bool:
+    return directory.startswith(key_stem) or key_stem.startswith(directory)
+
+
+def _walk_generic(fs, directory: str, key_stem: str) -> Iterator[tuple[str, dict]]:
+    # Other fsspec filesystems: one directory listing at a time.
+    try:
+        listing = fs.ls(directory, detail=True)
+    except FileNotFoundError:
+        return
+    entries = sorted(
+        ((info["name"].rstrip("/") + ("/" if info.get("type") == "directory" else "")), info)
+        for info in listing
+    )
+    del listing
+    for name, info in entries:
+        if name.endswith("/"):
+            if name.rstrip("/") != directory and _may_contain(name, key_stem):
+                yield from _walk_generic(fs, name.rstrip("/"), key_stem)
+        elif name.startswith(key_stem):
+            yield name, info
+
+
+def _source(fs, full: str, image_id: str, info: dict) -> SourceObject:
+    etag = info.get("ETag") or info.get("etag")
+    return SourceObject(
+        uri=_full_uri(fs, full),
+        image_id=image_id,
+        size=None if info.get("size") is None else int(info["size"]),
+        etag=etag.strip('"') if isinstance(etag, str) else None,
+        mtime=_as_utc(info.get("LastModified") or info.get("mtime") or info.get("updated")
+                      or info.get("last_modified") or info.get("created")),
+    )
+
+
+def _as_utc(value: Any) -> dt.datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+    if isinstance(value, (int, float)):
+        return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
+    if isinstance(value, str):
+        try:
+            return _as_utc(dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
+        except ValueError:
+            return None
+    return None
+
+
+# --------------------------------------------------------------------------------- manifests
+
+
+def _iter_manifest(fs, manifest_path: str, options: StorageOptions) -> Iterator[SourceObject]:
+    base_dir = posixpath.dirname(manifest_path)
+    base_uri = _full_uri(fs, base_dir)
+    if manifest_path.lower().endswith(PARQUET_MANIFEST_SUFFIXES):
+        entries = _parquet_manifest_entries(fs, manifest_path)
+    else:
+        entries = _text_manifest_entries(fs, manifest_path)
+    for entry, size, etag, mtime in entries:
+        uri = _resolve_entry(fs, entry, base_dir)
+        prefix = base_uri.rstrip("/") + "/"
+        image_id = uri[len(prefix):] if uri.startswith(prefix) else uri
+        yield SourceObject(uri=uri, image_id=image_id, size=size,
+                           etag=etag.strip('"') if isinstance(etag, str) else None,
+                           mtime=_as_utc(mtime))
+
+
+def _resolve_entry(fs, entry: str, base_dir: str) -> str:
+    if "://" in entry:
+        if entry.startswith("file://"):
+            return "file://" + LocalFileSystem._strip_protocol(entry)
+        return entry
+    if isinstance(fs, LocalFileSystem):
+        path = entry if os.path.isabs(entry) else posixpath.join(base_dir, entry)
+        return "file://" + LocalFileSystem._strip_protocol(path)
+    if entry.startswith("/"):  # relative to the manifest's bucket
+        path = base_dir.split("/", 1)[0] + "/" + entry.lstrip("/")
+    else:
+        path = posixpath.join(base_dir, entry)
+    return _full_uri(fs, posixpath.normpath(path))
+
+
+def _text_manifest_entries(fs, path: str):
+    with fs.open(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            entry = line.strip()
+            if entry and not entry.startswith("#"):
+                yield entry, None, None, None
+
+
+def _parquet_manifest_entries(fs, path: str):
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        names = set(parquet.schema_arrow.names)
+        if "uri" not in names:
+            raise InputError(f"manifest {_full_uri(fs, path)} has no 'uri' column (columns: {sorted(names)})")
+        columns = ["uri"] + [c for c in ("size", "etag", "mtime") if c in names]
+        for batch in parquet.iter_batches(columns=columns, batch_size=8192):
+            data = batch.to_pydict()
+            for i, uri in enumerate(data["uri"]):
+                if uri is None or not str(uri).strip():
+                    continue
+                yield (str(uri).strip(),
+                       data["size"][i] if "size" in data else None,
+                       data["etag"][i] if "etag" in data else None,
+                       data["mtime"][i] if "mtime" in data else None)
+
+
+def describe_source(source: SourceObject, options: StorageOptions | None = None, **retry: Any) -> SourceObject:
+    """``source`` with size, ETag and mtime filled from the store (for bare manifest entries).
+
+    Raises FileNotFoundError / PermissionError like :func:`read_bytes`.
+    """
+    fs, path = open_filesystem(source.uri, options)
+    info = with_retries(lambda: fs.info(path), what=f"stat {source.uri}", **retry)
+    fresh = _source(fs, path, source.image_id, info)
+    return dataclasses.replace(fresh, uri=source.uri)
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying: connection trouble, timeouts, 5xx, throttling.
+
+    Missing objects, permission errors and bad requests are not: they fail the same way again.
+    """
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        FileExistsError)):
+        return False
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _transient_one(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _transient_one(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    name = type(exc).__name__
+    module = type(exc).__module__ or ""
+    if name in {"FSTimeoutError", "ServerDisconnectedError", "ClientPayloadError", "IncompleteRead",
+                "ResponseParserError"}:
+        return True
+    if module.startswith(("botocore", "aiobotocore", "urllib3", "aiohttp")) and (
+        "Connection" in name or "Timeout" in name or name in {"HTTPClientError", "ProtocolError"}
+    ):
+        return True
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _TRANSIENT_S3_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
+            return True
+    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    if isinstance(status, int) and (status >= 500 or status == 429):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    return False
+
+
+def with_retries(
+    call: Callable[[], Any],
+    *,
+    attempts: int = 4,
+    backoff: float = 0.5,
+    max_backoff: float = 10.0,
+    what: str = "storage call",
+    sleep: Callable[[float], None] = time.sleep,
+) -> Any:
+    """``call()``, retried up to ``attempts`` times in all on transient errors, with exponential
+    backoff (``backoff * 2**i``, jittered, capped at ``max_backoff``). Other errors raise at once."""
+    if attempts < 1:
+        raise ValueError("attempts must be >= 1")
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt + 1 >= attempts or not is_transient(exc):
+                raise
+            delay = min(max_backoff, backoff * (2**attempt)) * (0.5 + random.random() / 2)
+            logger.warning("%s failed (%s: %s); retry %d/%d in %.1fs",
+                           what, type(exc).__name__, exc, attempt + 1, attempts - 1, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str, *, attempts: int = 4, backoff: float = 0.5,
+               max_backoff: float = 10.0) -> bytes:
+    """The whole object at ``path``, retrying transient errors (see :func:`is_transient`).
+
+    FileNotFoundError, PermissionError and other permanent errors raise on the first attempt.
+    """
+    return with_retries(lambda: fs.cat_file(path), attempts=attempts, backoff=backoff,
+                        max_backoff=max_backoff, what=f"read {path}")
+
+
+def read_uri(uri: str, options: StorageOptions | None = None, **retry: Any) -> bytes:
+    """The whole object at a full URI (as in :attr:`SourceObject.uri`), with retries."""
+    fs, path = open_filesystem(uri, options)
+    return read_bytes(fs, path, **retry)
+
+
+# --------------------------------------------------------------------------------- pre-flight
+
+
+def check_input_reachable(
+    input_uri: str,
+    options: StorageOptions | None = None,
+    *,
+    extensions: Collection[str] | None = IMAGE_EXTENSIONS,
+    timeout: float = 60.0,
+) -> SourceObject:
+    """Fail fast, with one clear line, when the input cannot be labelled; else its first object.
+
+    Raises :class:`InputError` when the bucket, prefix or manifest does not exist, access is
+    denied, the store does not answer within ``timeout`` seconds, or nothing (no image) is
+    there. Requests use short connect timeouts and few retries, and the whole check is bounded
+    by ``timeout``, so an unreachable endpoint never hangs the job.
+    """
+    options = options or StorageOptions()
+    quick = dataclasses.replace(
+        options,
+        connect_timeout=min(options.connect_timeout, 5.0),
+        read_timeout=min(options.read_timeout, max(timeout / 2, 1.0)),
+        max_attempts=min(options.max_attempts, 2),
+    )
+    where = _redact_url(input_uri)
+    endpoint = f" at {_redact_url(options.endpoint_url)}" if options.endpoint_url else ""
+    result = _run_bounded(lambda: _first_source(input_uri, quick, extensions), timeout)
+    if result is _TIMED_OUT:
+        raise InputError(f"input {where} is unreachable: no answer from the store{endpoint} within {timeout:g} s")
+    if isinstance(result, BaseException):
+        raise InputError(f"input {where}{endpoint}: {_explain(result)}") from result
+    if result is None:
+        what = "no images (extensions: " + ", ".join(sorted(extensions)) + ")" if extensions else "no files"
+        raise InputError(f"input {where} holds {what}: check the path or pattern")
+    return result
+
+
+_TIMED_OUT = object()
+
+
+def _first_source(input_uri, options, extensions):
+    fs, path = open_filesystem(input_uri, options)
+    if _GLOB_CHARS.search(path):
+        root, _ = _glob_root(path)
+        if not _is_s3(fs) and not fs.isdir(root):
+            raise FileNotFoundError(f"{root} does not exist")
+    else:
+        if _is_s3(fs):
+            bucket = path.split("/", 1)[0]
+            if not bucket:
+                raise InputError("cannot list all of S3: name a bucket (s3://bucket/prefix)")
+            # Distinguishes a missing bucket from an empty prefix (raises FileNotFoundError).
+            fs.call_s3("head_bucket", Bucket=bucket)
+        elif not fs.exists(path):
+            raise FileNotFoundError(f"{input_uri} does not exist")
+    return next(iter_sources(input_uri, options, extensions=extensions), None)
+
+
+def _run_bounded(call: Callable[[], Any], timeout: float) -> Any:
+    # A daemon thread, so a hung request cannot keep the process alive after we give up on it.
+    box: queue.Queue = queue.Queue(maxsize=1)
+
+    def target() -> None:
+        try:
+            box.put(call())
+        except BaseException as exc:  # handed to the caller, which raises it as an InputError
+            box.put(exc)
+
+    threading.Thread(target=target, name="clipdiy-input-check", daemon=True).start()
+    try:
+        return box.get(timeout=timeout)
+    except queue.Empty:
+        return _TIMED_OUT
+
+
+def _explain(exc: BaseException) -> str:
+    if isinstance(exc, InputError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "does not exist (no such bucket, folder, object or manifest)"
+    if isinstance(exc, PermissionError):
+        return "access denied (check the credentials in the environment or profile, or --anon for public buckets)"
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    if type(exc).__name__ == "NoCredentialsError":
+        return "no credentials found (set AWS_* variables, a profile, a cloud role, or use anonymous access)"
+    if is_transient(exc):
+        return f"unreachable ({type(exc).__name__}: {detail})"
+    return f"cannot be read ({type(exc).__name__}: {detail})"
