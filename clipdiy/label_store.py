@@ -1,0 +1,234 @@
+"""Reading labels outputs: runs, manifests, rows, and the masks and saliency inside them.
+
+A labels output is the folder the labelling job writes (``schemas/``): ``OUTPUT/runs/<run_id>/``
+holds a run's Parquet shards and, written last, ``_MANIFEST.json``; a run without it is
+unfinished. Every reader of labels (evaluation, previews, the training feed) goes through here,
+so they agree on which rows count: the rows of the chosen runs, and for an ``image_id`` labelled
+by several runs (a changed image relabelled) the row of the latest run (``run_started_at``, then
+``run_id``).
+
+Any fsspec URI works (local paths, ``s3://``, ``gs://``...); ``storage_options`` go to fsspec.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from clipdiy import rle
+from clipdiy.palette import IGNORE
+
+MANIFEST_NAME = "_MANIFEST.json"
+RUNS_DIR = "runs"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a labels output.
+
+    ``path``: the run folder inside ``fs``; ``shards``: its Parquet files inside ``fs``;
+    ``manifest``: the parsed ``_MANIFEST.json``, ``None`` for an unfinished run.
+    """
+
+    run_id: str
+    path: str
+    shards: tuple[str, ...]
+    manifest: dict | None
+    fs: Any = field(repr=False, compare=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.manifest is not None
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The run's vocabulary (index = class id), from its manifest."""
+        if self.manifest is None:
+            return None
+        names = self.manifest.get("vocabulary", {}).get("class_names")
+        return tuple(names) if names else None
+
+
+def _resolve(uri: str, storage_options: dict | None) -> tuple[Any, str]:
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return fs, path.rstrip("/")
+
+
+def _load_manifest(fs: Any, run_path: str) -> dict | None:
+    manifest_path = posixpath.join(run_path, MANIFEST_NAME)
+    if not fs.exists(manifest_path):
+        return None
+    with fs.open(manifest_path, "rb") as file:
+        manifest = json.load(file)
+    if manifest.get("status", "finished") != "finished":
+        return None
+    return manifest
+
+
+def _run_at(fs: Any, output_root: str, run_path: str) -> Run:
+    manifest = _load_manifest(fs, run_path)
+    shards = sorted(p for p in fs.find(run_path) if p.endswith(".parquet"))
+    if manifest is not None and manifest.get("shards"):
+        # A finished run is exactly the shards its manifest lists (paths relative to OUTPUT):
+        # stray files of a killed attempt are not part of it.
+        listed = []
+        for shard in manifest["shards"]:
+            relative = shard["path"] if isinstance(shard, dict) else str(shard)
+            candidates = [posixpath.join(output_root, relative), posixpath.join(run_path, posixpath.basename(relative))]
+            found = next((c for c in candidates if fs.exists(c)), None)
+            if found is None:
+                raise FileNotFoundError(f"run {posixpath.basename(run_path)}: manifest lists shard {relative!r}, which is missing")
+            listed.append(found)
+        shards = sorted(listed)
+    run_id = manifest.get("run_id", posixpath.basename(run_path)) if manifest else posixpath.basename(run_path)
+    return Run(run_id=run_id, path=run_path, shards=tuple(shards), manifest=manifest, fs=fs)
+
+
+def list_runs(
+    outputs: str | Sequence[str], *, finished_only: bool = True, storage_options: dict | None = None
+) -> list[Run]:
+    """The runs of one or more labels outputs.
+
+    Each URI is either an output root (holding ``runs/``) or one run folder. With
+    ``finished_only`` (the default), runs without a manifest are left out.
+    """
+    uris = [outputs] if isinstance(outputs, str) else list(outputs)
+    if not uris:
+        raise ValueError("no labels output given")
+    runs: list[Run] = []
+    for uri in uris:
+        fs, root = _resolve(uri, storage_options)
+        if not fs.exists(root):
+            raise FileNotFoundError(f"labels output {uri} does not exist")
+        runs_dir = posixpath.join(root, RUNS_DIR)
+        if fs.isdir(runs_dir):
+            run_paths = sorted(p.rstrip("/") for p in fs.ls(runs_dir, detail=False) if fs.isdir(p))
+            runs.extend(_run_at(fs, root, p) for p in run_paths)
+        else:
+            # A run folder given directly: OUTPUT is two levels up.
+            runs.append(_run_at(fs, posixpath.dirname(posixpath.dirname(root)), root))
+    if finished_only:
+        runs = [r for r in runs if r.finished]
+    return runs
+
+
+def vocabulary_of(runs: Sequence[Run]) -> tuple[str, ...]:
+    """The one vocabulary (class names, index = class id) shared by the runs' manifests."""
+    names = {r.class_names for r in runs if r.class_names is not None}
+    if not names:
+        raise ValueError("none of the runs has a manifest naming its vocabulary; pass the vocabulary explicitly")
+    if len(names) > 1:
+        raise ValueError(f"the runs use different vocabularies: {sorted(len(n) for n in names)} classes; read them separately")
+    return names.pop()
+
+
+def read_shard(run: Run, shard: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """One Parquet shard of a run as a table."""
+    with run.fs.open(shard, "rb") as file:
+        return pq.read_table(file, columns=list(columns) if columns else None)
+
+
+def _latest_indices(image_ids: np.ndarray, started: np.ndarray, run_ids: np.ndarray) -> np.ndarray:
+    order = np.lexsort((run_ids, started, image_ids))
+    sorted_ids = image_ids[order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+    return np.sort(order[last])
+
+
+def latest_rows(table: pa.Table) -> pa.Table:
+    """Keep one row per ``image_id``: the one of the latest run (``run_started_at``, then ``run_id``)."""
+    if table.num_rows == 0:
+        return table
+    image_ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
+    started = pc.cast(table.column("run_started_at"), pa.int64()).to_numpy(zero_copy_only=False)
+    run_ids = np.asarray(table.column("run_id").to_pylist(), dtype=object)
+    return table.take(pa.array(_latest_indices(image_ids, started, run_ids)))
+
+
+def read_rows(
+    outputs: str | Sequence[str] | Sequence[Run],
+    *,
+    finished_only: bool = True,
+    columns: Sequence[str] | None = None,
+    storage_options: dict | None = None,
+) -> pa.Table:
+    """All rows of the chosen runs, one per ``image_id`` (latest run wins)."""
+    runs = _as_runs(outputs, finished_only, storage_options)
+    wanted = None
+    if columns is not None:
+        wanted = list(dict.fromkeys([*columns, "image_id", "run_id", "run_started_at"]))
+    tables = [read_shard(run, shard, wanted) for run in runs for shard in run.shards]
+    if not tables:
+        raise FileNotFoundError("the labels output holds no " + ("finished runs" if finished_only else "shards"))
+    return latest_rows(pa.concat_tables(tables, promote_options="default"))
+
+
+def _as_runs(outputs: Any, finished_only: bool, storage_options: dict | None) -> list[Run]:
+    if isinstance(outputs, Run):
+        return [outputs]
+    if not isinstance(outputs, str) and outputs and all(isinstance(o, Run) for o in outputs):
+        return list(outputs)
+    return list_runs(outputs, finished_only=finished_only, storage_options=storage_options)
+
+
+def iter_rows(table: pa.Table, batch_size: int = 64) -> Iterator[dict]:
+    """The rows of a table as dicts, a batch at a time (masks as lists of dicts)."""
+    for batch in table.to_batches(max_chunksize=batch_size):
+        yield from batch.to_pylist()
+
+
+def decode_label_map(row: dict, *, fill: int = IGNORE, dtype: Any = np.uint16) -> np.ndarray:
+    """H x W class ids of an ok row, painted from its per-class RLE masks.
+
+    The masks of a row are disjoint and cover the image; a pixel no mask covers gets ``fill``.
+    """
+    if row.get("status") != "ok" or row.get("masks") is None:
+        raise ValueError(f"row {row.get('image_id')!r} has no labels (status {row.get('status')!r})")
+    height, width = int(row["height"]), int(row["width"])
+    label_map = np.full((height, width), fill, dtype=dtype)
+    for mask in row["masks"]:
+        size = [int(v) for v in mask["rle_size"]]
+        if size != [height, width]:
+            raise ValueError(f"row {row['image_id']!r}: mask of class {mask['class_id']} is {size}, image is {[height, width]}")
+        label_map[rle.decode({"size": size, "counts": mask["rle_counts"]})] = mask["class_id"]
+    return label_map
+
+
+def decode_saliency(png: bytes | None, size: tuple[int, int] | None = None) -> np.ndarray | None:
+    """The soft saliency map of a row (h x w float32 in [0, 1]); resized bilinearly to ``size``
+    = (H, W) when given. ``None`` when the row has none."""
+    if png is None:
+        return None
+    image = Image.open(io.BytesIO(png)).convert("L")
+    if size is not None and image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def load_image(uri: str, storage_options: dict | None = None) -> np.ndarray:
+    """The source image of a row: H x W x 3 uint8 RGB, EXIF orientation applied (as the job reads it)."""
+    with fsspec.open(uri, "rb", **(storage_options or {})) as file:
+        image = Image.open(io.BytesIO(file.read()))
+        image = ImageOps.exif_transpose(image)
+    return np.asarray(image.convert("RGB"))
+
+
+def stem(image_id: str) -> str:
+    """File name without folders and extension: the key that matches labels to ground truth."""
+    return posixpath.splitext(posixpath.basename(image_id.replace("\\", "/")))[0]
+
+
+def ok_rows(rows: Iterable[dict]) -> Iterator[dict]:
+    return (r for r in rows if r.get("status") == "ok")
