@@ -1,0 +1,200 @@
+"""Offline stand-ins for the real weights, shared by every test (this is not a test module).
+
+No CLIP or DINO weights are reachable from the tests, so they build randomly initialised models of
+the real architectures, save them as checkpoints and hand back the config that points at them: the
+model then loads through exactly the code path a user's checkpoint takes.
+
+A random CLIP is nearly degenerate (text embeddings ~0.94 cosine-similar, one or two classes win
+every pixel), which would let a wrong method pass. ``make_clip_config`` therefore makes the random
+model discriminative as SPEC section 6 suggests, deterministically from a seed:
+
+- most of the DC (mean) component of the patch-embedding filters is removed, so image features
+  follow texture and edges instead of overall brightness;
+- the visual attention is sharpened (queries scaled up), so tokens stop averaging everything;
+- the final layer-norm biases of both towers are centred on seeded inputs (smooth random images,
+  random-word prompts), which removes the component every embedding shares.
+
+With it, on the sample COCO photos, several VOC classes win pixels (see tests/test_clip_model.py).
+
+Creation is cached on disk: pass a per-session directory (``tmp_path_factory.mktemp(...)``) and a
+second call with the same directory and arguments returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clipdiy.config import ClipConfig, SaliencyConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+FOUND_HEAD = SHARED / "weights" / "found_decoder.pt"
+SAMPLE_IMAGES = SHARED / "data" / "coco-val2017-sample" / "images"
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: A tiny CLIP for fast pipeline tests (registered with open_clip under the file stem).
+TINY_CLIP_NAME = "clipdiy-test-tiny"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+DINO_BACKBONE = "vit_small_patch8_224.dino"
+
+
+def make_clip_config(tmp_path: str | os.PathLike, arch: str = "ViT-B-32", seed: int = 0) -> ClipConfig:
+    """A ``ClipConfig`` for a random-init, discriminative CLIP saved as a checkpoint in ``tmp_path``.
+
+    ``arch`` is an open_clip architecture name (``"ViT-B-32"``, the paper's) or ``"tiny"`` (two
+    64-wide layers per tower, for fast pipeline tests). Deterministic for a given ``seed``.
+    """
+    import open_clip
+
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    model_config = None
+    if arch == "tiny":
+        model_config = tmp_path / f"{TINY_CLIP_NAME}.json"
+        if not model_config.exists():
+            _atomic_write_text(model_config, json.dumps(TINY_CLIP_CONFIG, indent=2))
+        open_clip.add_model_config(str(model_config))
+        model_name = TINY_CLIP_NAME
+    else:
+        model_name = arch
+    checkpoint = tmp_path / f"clip-{model_name}-random-seed{seed}.pt"
+    if not checkpoint.exists():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(model_name, pretrained=None).eval()
+        make_discriminative(model, open_clip.get_tokenizer(model_name), seed=seed)
+        _atomic_save(model.state_dict(), checkpoint)
+    return ClipConfig(
+        model=model_name,
+        pretrained=None,
+        checkpoint=str(checkpoint),
+        model_config=str(model_config) if model_config else None,
+    )
+
+
+def make_saliency_config(tmp_path: str | os.PathLike, seed: int = 0) -> SaliencyConfig:
+    """A ``SaliencyConfig`` for FOUND: a random-init DINO ViT-S/8 checkpoint saved in ``tmp_path``
+    plus the real FOUND head from ``../shared/weights/found_decoder.pt``."""
+    import timm
+
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    checkpoint = tmp_path / f"dino-vits8-random-seed{seed}.pt"
+    if not checkpoint.exists():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = timm.create_model(DINO_BACKBONE, pretrained=False, num_classes=0)
+        _atomic_save(backbone.state_dict(), checkpoint)
+    if not FOUND_HEAD.is_file():
+        raise FileNotFoundError(f"the real FOUND head is expected at {FOUND_HEAD}")
+    return SaliencyConfig(
+        backend="found",
+        backbone=DINO_BACKBONE,
+        backbone_checkpoint=str(checkpoint),
+        head=str(FOUND_HEAD),
+    )
+
+
+@torch.no_grad()
+def make_discriminative(
+    model: torch.nn.Module,
+    tokenizer,
+    seed: int = 0,
+    dc_keep: float = 0.1,
+    query_scale: float = 4.0,
+    n_images: int = 32,
+    n_texts: int = 256,
+) -> torch.nn.Module:
+    """Turn a random open_clip ``CLIP`` into one whose embeddings differ between inputs (in place).
+
+    ``dc_keep``: fraction of the patch filters' mean kept. ``query_scale``: factor on the visual
+    attention's query projection. ``n_images`` / ``n_texts``: seeded inputs the final layer-norm
+    biases are centred on.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    visual = model.visual
+
+    filters = visual.conv1.weight  # width x 3 x patch x patch
+    filters.sub_((1.0 - dc_keep) * filters.mean(dim=(1, 2, 3), keepdim=True))
+
+    for block in visual.transformer.resblocks:
+        width = block.attn.embed_dim
+        block.attn.in_proj_weight[:width].mul_(query_scale)
+        if block.attn.in_proj_bias is not None:
+            block.attn.in_proj_bias[:width].mul_(query_scale)
+
+    # Centre the pooled image token after ln_post (what visual.proj sees) on seeded images.
+    size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+    images = _seeded_images(n_images, size, gen)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    pooled = _capture(visual.ln_post, lambda: model.encode_image((images - mean) / std))
+    pooled = pooled[:, 0] if pooled.dim() == 3 else pooled
+    visual.ln_post.bias.sub_(pooled.mean(0))
+
+    # Centre the end-of-text token after ln_final (what text_projection sees) on seeded prompts.
+    tokens = _seeded_prompt_tokens(tokenizer, n_texts, gen)
+    final = _capture(model.ln_final, lambda: model.encode_text(tokens))
+    eot = final[torch.arange(len(tokens)), tokens.argmax(dim=-1)]
+    model.ln_final.bias.sub_(eot.mean(0))
+    return model
+
+
+def _capture(module: torch.nn.Module, run) -> torch.Tensor:
+    caught: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: caught.append(out))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return caught[0]
+
+
+def _seeded_images(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """n x 3 x size x size in [0, 1]: smooth multi-octave colour noise, photo-like spectra."""
+    images = torch.zeros(n, 3, size, size)
+    for cells, weight in ((2, 1.0), (4, 0.7), (8, 0.5), (16, 0.35), (32, 0.25), (64, 0.15)):
+        noise = torch.randn(n, 3, cells, cells, generator=gen)
+        images += weight * F.interpolate(noise, size=size, mode="bilinear", align_corners=False)
+    images = images / images.flatten(1).std(dim=1).view(-1, 1, 1, 1) * 0.25
+    images += torch.rand(n, 3, 1, 1, generator=gen) * 0.6 + 0.2
+    return images.clamp(0, 1)
+
+
+def _seeded_prompt_tokens(tokenizer, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n x context tokens: "a photo of a" followed by 1-3 random BPE tokens."""
+    base = tokenizer(["a photo of a"])[0]
+    eot_pos = int(base.argmax())
+    eot = int(base[eot_pos])
+    rows = []
+    for _ in range(n):
+        k = int(torch.randint(1, 4, (1,), generator=gen))
+        row = base.clone()
+        row[eot_pos : eot_pos + k] = torch.randint(400, 49000, (k,), generator=gen)
+        row[eot_pos + k] = eot
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def _atomic_save(state_dict: dict, path: Path) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    torch.save(state_dict, partial)
+    os.replace(partial, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
