@@ -62,6 +62,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 TEXT_MANIFEST_SUFFIXES = (".txt", ".lst")
 PARQUET_MANIFEST_SUFFIXES = (".parquet", ".pq")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+S3_PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
 
 # Errno values of failures that a later attempt can cure (network and server-side trouble).
 _TRANSIENT_ERRNOS = frozenset(
@@ -261,7 +262,7 @@ def iter_sources(
     wanted = None if extensions is None else frozenset(e.lower() for e in extensions)
     if _GLOB_CHARS.search(path):
         yield from _iter_glob(fs, path, wanted)
-    elif path.lower().endswith(TEXT_MANIFEST_SUFFIXES + PARQUET_MANIFEST_SUFFIXES) and fs.isfile(path):
+    elif _is_manifest(fs, path):
         yield from _iter_manifest(fs, path, options or StorageOptions())
     else:
         yield from _iter_prefix(fs, path, wanted)
@@ -322,9 +323,9 @@ def _walk_s3(fs, key_stem: str) -> Iterator[tuple[str, dict]]:
     bucket, _, prefix = key_stem.partition("/")
     if not bucket:
         raise InputError("cannot list all of S3: name a bucket (s3://bucket/prefix)")
-    request = {"Bucket": bucket, "Prefix": prefix}
+    request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": S3_PAGE_SIZE}
     while True:
-        # One page (<= 1,000 keys) per request; the page is dropped before the next one.
+        # One page per request; the page is dropped before the next one is fetched.
         page = fs.call_s3("list_objects_v2", fs.req_kw, **request)
         for entry in page.get("Contents", ()):
             key = entry["Key"]
@@ -609,10 +610,13 @@ def check_input_reachable(
         raise InputError(f"input {where} is unreachable: no answer from the store{endpoint} within {timeout:g} s")
     if isinstance(result, BaseException):
         raise InputError(f"input {where}{endpoint}: {_explain(result)}") from result
-    if result is None:
+    first, is_manifest = result
+    if first is None:
+        if is_manifest:
+            raise InputError(f"manifest {where} lists no entries")
         what = "no images (extensions: " + ", ".join(sorted(extensions)) + ")" if extensions else "no files"
         raise InputError(f"input {where} holds {what}: check the path or pattern")
-    return result
+    return first
 
 
 _TIMED_OUT = object()
@@ -633,7 +637,14 @@ def _first_source(input_uri, options, extensions):
             fs.call_s3("head_bucket", Bucket=bucket)
         elif not fs.exists(path):
             raise FileNotFoundError(f"{input_uri} does not exist")
-    return next(iter_sources(input_uri, options, extensions=extensions), None)
+    is_manifest = _is_manifest(fs, path)
+    return next(iter_sources(input_uri, options, extensions=extensions), None), is_manifest
+
+
+def _is_manifest(fs, path: str) -> bool:
+    return (not _GLOB_CHARS.search(path)
+            and path.lower().endswith(TEXT_MANIFEST_SUFFIXES + PARQUET_MANIFEST_SUFFIXES)
+            and fs.isfile(path))
 
 
 def _run_bounded(call: Callable[[], Any], timeout: float) -> Any:
