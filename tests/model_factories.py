@@ -114,8 +114,8 @@ def make_discriminative(
     seed: int = 0,
     dc_keep: float = 0.1,
     query_scale: float = 4.0,
-    n_images: int = 32,
-    n_texts: int = 256,
+    n_images: int = 16,
+    n_texts: int = 64,
 ) -> torch.nn.Module:
     """Turn a random open_clip ``CLIP`` into one whose embeddings differ between inputs (in place).
 
