@@ -22,13 +22,13 @@ import posixpath
 from collections import defaultdict
 from typing import Any, Protocol
 
-import fsspec
 import numpy as np
 from PIL import Image
 
 from clipdiy import rle
 from clipdiy.label_store import stem
 from clipdiy.palette import IGNORE, voc_palette
+from clipdiy.pipeline.storage import StorageOptions, open_filesystem, read_uri
 
 VOC_CLASS_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -51,9 +51,9 @@ class GroundTruth(Protocol):
 class VocGroundTruth:
     """A folder of VOC-style class-map PNGs (any fsspec URI)."""
 
-    def __init__(self, masks_uri: str, class_names: tuple[str, ...] = VOC_CLASS_NAMES, storage_options: dict | None = None):
+    def __init__(self, masks_uri: str, class_names: tuple[str, ...] = VOC_CLASS_NAMES, storage: StorageOptions | None = None):
         self.class_names = tuple(class_names)
-        self._fs, root = fsspec.core.url_to_fs(masks_uri, **(storage_options or {}))
+        self._fs, root = open_filesystem(masks_uri, storage)
         paths = sorted(p for p in self._fs.find(root) if p.lower().endswith(".png"))
         if not paths:
             raise FileNotFoundError(f"no PNG class maps under {masks_uri}")
@@ -98,9 +98,8 @@ def _ids_from_colours(rgb: np.ndarray, name: str) -> np.ndarray:
 class CocoGroundTruth:
     """COCO instances JSON merged into COCO-Object semantic maps (see the module docstring)."""
 
-    def __init__(self, instances_uri: str, storage_options: dict | None = None):
-        with fsspec.open(instances_uri, "rb", **(storage_options or {})) as file:
-            data = json.load(file)
+    def __init__(self, instances_uri: str, storage: StorageOptions | None = None):
+        data = json.loads(read_uri(instances_uri, storage))
         categories = sorted(data["categories"], key=lambda c: c["id"])
         self.class_names = ("background", *(c["name"] for c in categories))
         self._class_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
@@ -197,13 +196,13 @@ def polygon_counts(polygon: list[float], height: int, width: int) -> np.ndarray:
 
 
 def load_ground_truth(gt: str, gt_format: str | None = None, class_names: tuple[str, ...] | None = None,
-                      storage_options: dict | None = None) -> GroundTruth:
+                      storage: StorageOptions | None = None) -> GroundTruth:
     """A COCO instances JSON (``*.json``) or a VOC class-map folder, by ``gt_format`` or the URI."""
     fmt = gt_format or ("coco" if posixpath.splitext(gt)[1].lower() == ".json" else "voc")
     if fmt == "coco":
-        return CocoGroundTruth(gt, storage_options)
+        return CocoGroundTruth(gt, storage)
     if fmt == "voc":
-        return VocGroundTruth(gt, class_names or VOC_CLASS_NAMES, storage_options)
+        return VocGroundTruth(gt, class_names or VOC_CLASS_NAMES, storage)
     raise ValueError(f"ground-truth format must be voc or coco, got {gt_format!r}")
 
 

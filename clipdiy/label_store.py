@@ -7,7 +7,9 @@ so they agree on which rows count: the rows of the chosen runs, and for an ``ima
 by several runs (a changed image relabelled) the row of the latest run (``run_started_at``, then
 ``run_id``).
 
-Any fsspec URI works (local paths, ``s3://``, ``gs://``...); ``storage_options`` go to fsspec.
+Any fsspec URI works (local paths, ``s3://``, ``gs://``...); ``storage`` (a
+:class:`~clipdiy.pipeline.storage.StorageOptions`, non-secret settings; credentials come from the
+environment) says how to reach object storage, as for the labelling job.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +29,7 @@ from PIL import Image, ImageOps
 
 from clipdiy import rle
 from clipdiy.palette import IGNORE
+from clipdiy.pipeline.storage import StorageOptions, open_filesystem, read_uri
 
 MANIFEST_NAME = "_MANIFEST.json"
 RUNS_DIR = "runs"
@@ -60,9 +62,8 @@ class Run:
         return tuple(names) if names else None
 
 
-def _resolve(uri: str, storage_options: dict | None) -> tuple[Any, str]:
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    return fs, path.rstrip("/")
+SHARD_PREFIX = "part-"
+SHARD_SUFFIX = ".parquet"
 
 
 def _load_manifest(fs: Any, run_path: str) -> dict | None:
@@ -78,7 +79,11 @@ def _load_manifest(fs: Any, run_path: str) -> dict | None:
 
 def _run_at(fs: Any, output_root: str, run_path: str) -> Run:
     manifest = _load_manifest(fs, run_path)
-    shards = sorted(p for p in fs.find(run_path) if p.endswith(".parquet"))
+    # Committed shards only: in-flight files are named ``.tmp-*``.
+    shards = sorted(
+        p for p in fs.ls(run_path, detail=False)
+        if posixpath.basename(p).startswith(SHARD_PREFIX) and p.endswith(SHARD_SUFFIX)
+    )
     if manifest is not None and manifest.get("shards"):
         # A finished run is exactly the shards its manifest lists (paths relative to OUTPUT):
         # stray files of a killed attempt are not part of it.
@@ -96,7 +101,7 @@ def _run_at(fs: Any, output_root: str, run_path: str) -> Run:
 
 
 def list_runs(
-    outputs: str | Sequence[str], *, finished_only: bool = True, storage_options: dict | None = None
+    outputs: str | Sequence[str], *, finished_only: bool = True, storage: StorageOptions | None = None
 ) -> list[Run]:
     """The runs of one or more labels outputs.
 
@@ -108,7 +113,7 @@ def list_runs(
         raise ValueError("no labels output given")
     runs: list[Run] = []
     for uri in uris:
-        fs, root = _resolve(uri, storage_options)
+        fs, root = open_filesystem(uri, storage)
         if not fs.exists(root):
             raise FileNotFoundError(f"labels output {uri} does not exist")
         runs_dir = posixpath.join(root, RUNS_DIR)
@@ -162,10 +167,10 @@ def read_rows(
     *,
     finished_only: bool = True,
     columns: Sequence[str] | None = None,
-    storage_options: dict | None = None,
+    storage: StorageOptions | None = None,
 ) -> pa.Table:
     """All rows of the chosen runs, one per ``image_id`` (latest run wins)."""
-    runs = _as_runs(outputs, finished_only, storage_options)
+    runs = _as_runs(outputs, finished_only, storage)
     wanted = None
     if columns is not None:
         wanted = list(dict.fromkeys([*columns, "image_id", "run_id", "run_started_at"]))
@@ -175,12 +180,12 @@ def read_rows(
     return latest_rows(pa.concat_tables(tables, promote_options="default"))
 
 
-def _as_runs(outputs: Any, finished_only: bool, storage_options: dict | None) -> list[Run]:
+def _as_runs(outputs: Any, finished_only: bool, storage: StorageOptions | None) -> list[Run]:
     if isinstance(outputs, Run):
         return [outputs]
     if not isinstance(outputs, str) and outputs and all(isinstance(o, Run) for o in outputs):
         return list(outputs)
-    return list_runs(outputs, finished_only=finished_only, storage_options=storage_options)
+    return list_runs(outputs, finished_only=finished_only, storage=storage)
 
 
 def iter_rows(table: pa.Table, batch_size: int = 64) -> Iterator[dict]:
@@ -217,11 +222,9 @@ def decode_saliency(png: bytes | None, size: tuple[int, int] | None = None) -> n
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-def load_image(uri: str, storage_options: dict | None = None) -> np.ndarray:
+def load_image(uri: str, storage: StorageOptions | None = None) -> np.ndarray:
     """The source image of a row: H x W x 3 uint8 RGB, EXIF orientation applied (as the job reads it)."""
-    with fsspec.open(uri, "rb", **(storage_options or {})) as file:
-        image = Image.open(io.BytesIO(file.read()))
-        image = ImageOps.exif_transpose(image)
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(read_uri(uri, storage))))
     return np.asarray(image.convert("RGB"))
 
 
@@ -232,3 +235,41 @@ def stem(image_id: str) -> str:
 
 def ok_rows(rows: Iterable[dict]) -> Iterator[dict]:
     return (r for r in rows if r.get("status") == "ok")
+
+
+def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None) -> Any:
+    """The rows of the runs as a ``ray.data.Dataset`` read in parallel, one per ``image_id``
+    (latest run wins; the driver reads only the id columns to decide)."""
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    if not runs:
+        raise FileNotFoundError("no runs to read")
+    key_columns = ["image_id", "run_id", "run_started_at"]
+    by_fs: dict[int, tuple[Any, list[str]]] = {}
+    for run in runs:
+        by_fs.setdefault(id(run.fs), (run.fs, []))[1].extend(run.shards)
+    datasets = [
+        ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=list(columns) if columns else None)
+        for fs, paths in by_fs.values() if paths
+    ]
+    if not datasets:
+        raise FileNotFoundError("the runs hold no shards")
+    dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    keys = pa.concat_tables([read_shard(run, shard, key_columns) for run in runs for shard in run.shards])
+    winners = latest_rows(keys)
+    if winners.num_rows == keys.num_rows:
+        return dataset
+    winning = dict(zip(winners.column("image_id").to_pylist(), winners.column("run_id").to_pylist()))
+    return dataset.map_batches(_KeepWinners(winning), batch_format="pyarrow")
+
+
+class _KeepWinners:
+    """Row filter keeping, per image_id, the row of the winning run (a picklable function)."""
+
+    def __init__(self, winning: dict[str, str]):
+        self.winning = winning
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keep = [self.winning.get(i) == r for i, r in zip(batch.column("image_id").to_pylist(), batch.column("run_id").to_pylist())]
+        return batch.filter(pa.array(keep, type=pa.bool_()))
