@@ -149,7 +149,7 @@ class StorageOptions:
     def __repr__(self) -> str:
         # An endpoint URL may carry user:password@; never show it.
         return (
-            f"StorageOptions(endpoint_url={_redact_url(self.endpoint_url)!r}, anon={self.anon}, "
+            f"StorageOptions(endpoint_url={redact_url(self.endpoint_url)!r}, anon={self.anon}, "
             f"profile={self.profile!r}, region={self.region!r}, "
             f"connect_timeout={self.connect_timeout}, read_timeout={self.read_timeout}, "
             f"max_attempts={self.max_attempts})"
@@ -160,14 +160,15 @@ class StorageOptions:
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for run manifests (no secrets; userinfo stripped from the URL)."""
         return {
-            "endpoint_url": _redact_url(self.endpoint_url),
+            "endpoint_url": redact_url(self.endpoint_url),
             "anon": self.anon,
             "profile": self.profile,
             "region": self.region,
         }
 
 
-def _redact_url(url: str | None) -> str | None:
+def redact_url(url: str | None) -> str | None:
+    """``url`` with any ``user:password@`` replaced by ``***@`` (for messages and manifests)."""
     if not url:
         return url
     parts = urlsplit(url)
@@ -177,6 +178,9 @@ def _redact_url(url: str | None) -> str | None:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+_redact_url = redact_url  # the old private name, still used by callers
 
 
 @dataclass(frozen=True)
@@ -342,12 +346,14 @@ def _walk_local(directory: str, key_stem: str) -> Iterator[tuple[str, dict]]:
     try:
         with os.scandir(directory) as it:
             # Sorting a directory's entries by name + "/" for folders reproduces the
-            # lexicographic order of full paths (S3's order) across the whole tree.
-            entries = sorted(((e.name + "/" if _is_dir(e) else e.name), e.path) for e in it)
+            # lexicographic order of full paths (S3's order) across the whole tree. Only
+            # names are kept: a folder of 50,000 files costs a few MB while it is walked.
+            names = sorted(e.name + "/" if _is_dir(e) else e.name for e in it)
     except (NotADirectoryError, FileNotFoundError):
         return  # not a folder, or removed since its parent was read
-    for name, path in entries:
-        path = path.replace(os.sep, "/")
+    base = directory.replace(os.sep, "/").rstrip("/") + "/"
+    for name in names:
+        path = base + name.rstrip("/")
         if name.endswith("/"):
             if _may_contain(path + "/", key_stem):
                 yield from _walk_local(path, key_stem)
@@ -603,8 +609,8 @@ def check_input_reachable(
         read_timeout=min(options.read_timeout, max(timeout / 2, 1.0)),
         max_attempts=min(options.max_attempts, 2),
     )
-    where = _redact_url(input_uri)
-    endpoint = f" at {_redact_url(options.endpoint_url)}" if options.endpoint_url else ""
+    where = redact_url(input_uri)
+    endpoint = f" at {redact_url(options.endpoint_url)}" if options.endpoint_url else ""
     result = _run_bounded(lambda: _first_source(input_uri, quick, extensions), timeout)
     if result is _TIMED_OUT:
         raise InputError(f"input {where} is unreachable: no answer from the store{endpoint} within {timeout:g} s")
