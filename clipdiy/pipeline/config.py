@@ -1,0 +1,115 @@
+"""Typed configuration of one labelling job (``jobs/label.py`` builds it from its flags)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from clipdiy.config import SegmenterConfig
+from clipdiy.errors import ClipdiyError
+from clipdiy.pipeline.storage import StorageOptions, redact_url
+
+#: Run ids become folder names under ``OUTPUT/runs/``: keep them path- and URL-safe.
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+#: Default decompression-bomb guard: 100 megapixels (a 12,000 x 8,000 photo still passes).
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class JobConfigError(ClipdiyError, ValueError):
+    """An option of the labelling job is invalid; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class LabelJobConfig:
+    """Everything one run of the labelling job needs.
+
+    input / output:        fsspec URIs or local paths (prefix, glob or manifest for the input).
+    segmenter:             the model side (vocabulary, CLIP, saliency, mode, crop batch size).
+    storage:               object-storage settings, never credentials.
+    decode_batch_size:     images per CPU decode task (also the block size of the listing).
+    inference_batch_size:  images per ``Segmenter.predict`` call in an actor.
+    min_actors/max_actors: bounds of the autoscaling inference actor pool.
+    gpus_per_actor:        None = auto (1 when the cluster has GPUs, else 0).
+    cpus_per_actor:        CPUs reserved per inference actor (torch threads on a CPU-only actor).
+    decode_concurrency:    at most this many decode tasks at once (None: as many as CPUs allow).
+    rows_per_file:         upper bound of rows in one Parquet shard.
+    max_pixels:            decompression-bomb guard, checked from the image header.
+    limit:                 only the first N listed images are considered (None: all).
+    run_id:                None = resume the unfinished run in OUTPUT if there is one, else a
+                           new id (UTC time + random suffix).
+    address:               Ray cluster address; None = RAY_ADDRESS, else an embedded local Ray.
+    local_num_cpus:        CPUs of an embedded local Ray (None: all of the machine).
+    lock_stale_after_s:    a lock whose heartbeat is older than this is taken over.
+    heartbeat_s:           how often the lock heartbeat and the progress log line are written.
+    read_attempts:         tries per source read on transient storage errors.
+    """
+
+    input: str
+    output: str
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    decode_batch_size: int = 8
+    inference_batch_size: int = 8
+    min_actors: int = 1
+    max_actors: int = 1
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    decode_concurrency: int | None = None
+    rows_per_file: int = 1000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    limit: int | None = None
+    run_id: str | None = None
+    address: str | None = None
+    local_num_cpus: int | None = None
+    lock_stale_after_s: float = 300.0
+    heartbeat_s: float = 30.0
+    read_attempts: int = 4
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`JobConfigError` naming the flag of the first invalid option."""
+        if not self.input:
+            raise JobConfigError("--input is required")
+        if not self.output:
+            raise JobConfigError("--output is required")
+        positive = {
+            "--batch-size": self.inference_batch_size,
+            "--decode-batch-size": self.decode_batch_size,
+            "--rows-per-file": self.rows_per_file,
+            "--max-pixels": self.max_pixels,
+            "--min-actors": self.min_actors,
+            "--max-actors": self.max_actors,
+            "--read-attempts": self.read_attempts,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise JobConfigError(f"{flag} must be >= 1, got {value}")
+        if self.max_actors < self.min_actors:
+            raise JobConfigError(f"--max-actors ({self.max_actors}) is below --min-actors ({self.min_actors})")
+        if self.decode_concurrency is not None and self.decode_concurrency < 1:
+            raise JobConfigError(f"--decode-concurrency must be >= 1, got {self.decode_concurrency}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise JobConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if self.cpus_per_actor <= 0:
+            raise JobConfigError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.limit is not None and self.limit < 1:
+            raise JobConfigError(f"--limit must be >= 1, got {self.limit}")
+        if self.run_id is not None and not RUN_ID_PATTERN.match(self.run_id):
+            raise JobConfigError(
+                f"--run-id {self.run_id!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        if self.lock_stale_after_s <= 0 or self.heartbeat_s <= 0:
+            raise JobConfigError("lock_stale_after_s and heartbeat_s must be > 0")
+        if self.heartbeat_s * 2 > self.lock_stale_after_s:
+            raise JobConfigError("heartbeat_s must be at most half of lock_stale_after_s")
+
+    def describe(self) -> dict:
+        """JSON-able options for the run manifest (no credentials: StorageOptions holds none)."""
+        options = asdict(self)
+        options["input"] = redact_url(self.input)
+        options["output"] = redact_url(self.output)
+        options["storage"] = self.storage.describe()
+        return options

@@ -1,0 +1,197 @@
+"""CPU decode stage: source bytes -> a prepared image, or the reason it cannot be labelled.
+
+Every failure becomes an error kind (the ``error_kind`` column) and a message; nothing raises out
+of a batch, so one bad object never stops the job. The decompression-bomb guard reads the pixel
+count from the header (``Image.open`` is lazy) before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from clipdiy.errors import InvalidImageError
+from clipdiy.segmenter import PreparedImage, prepare_image
+
+logger = logging.getLogger(__name__)
+
+#: The error kinds of the label-row schema (``schemas/label_row.v1.json``).
+ERROR_KINDS = ("empty", "truncated", "corrupt", "not_image", "too_large", "unreadable", "unsupported", "model")
+
+# Leading bytes of the formats Pillow reads: an object that starts like an image but will not
+# decode is "corrupt"; anything else is "not_image".
+_MAGIC = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",  # TIFF little-endian
+    b"MM\x00*",  # TIFF big-endian
+    b"RIFF",  # WebP
+    b"P1", b"P2", b"P3", b"P4", b"P5", b"P6",  # PNM
+)
+
+
+@dataclass
+class DecodeResult:
+    """``prepared`` on success; else ``error_kind`` (one of :data:`ERROR_KINDS`) and ``error``."""
+
+    prepared: PreparedImage | None = None
+    error_kind: str | None = None
+    error: str | None = None
+
+
+class ImageDecodeError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _looks_like_image(data: bytes) -> bool:
+    return data.startswith(_MAGIC)
+
+
+def _classify_decode_failure(error: BaseException, data: bytes) -> str:
+    text = str(error).lower()
+    if isinstance(error, EOFError) or "truncated" in text or "premature end" in text:
+        return "truncated"
+    return "corrupt" if _looks_like_image(data) else "not_image"
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The fully decoded PIL image of ``data`` (first frame), EXIF orientation not yet applied.
+
+    Raises :class:`ImageDecodeError` with the error kind.
+    """
+    if not data:
+        raise ImageDecodeError("empty", "the object is empty (0 bytes)")
+    # Pillow's own bomb check (raised inside open when over 2x its limit) agrees with ours.
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    "too_large",
+                    f"{width} x {height} = {width * height} pixels exceeds the guard of {max_pixels} (--max-pixels)",
+                )
+            image.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError("too_large", f"decompression bomb guard: {error}") from error
+    except UnidentifiedImageError as error:
+        kind = "corrupt" if _looks_like_image(data) else "not_image"
+        what = "unreadable image header" if kind == "corrupt" else "not an image Pillow can read"
+        raise ImageDecodeError(kind, f"{what} ({len(data)} bytes)") from error
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
+        # Pillow reports broken streams with these types; the message says which.
+        raise ImageDecodeError(_classify_decode_failure(error, data), f"{type(error).__name__}: {error}") from error
+    except MemoryError as error:
+        raise ImageDecodeError("too_large", "out of memory while decoding") from error
+    return image
+
+
+def decode_image(data: bytes, *, mode: str, max_pixels: int) -> DecodeResult:
+    """Bytes -> :class:`PreparedImage` (EXIF applied, RGB, original size kept, model input)."""
+    try:
+        image = open_image(data, max_pixels)
+        # prepare_image applies the EXIF orientation and converts any mode to RGB.
+        return DecodeResult(prepared=prepare_image(image, mode))
+    except ImageDecodeError as error:
+        return DecodeResult(error_kind=error.kind, error=str(error))
+    except InvalidImageError as error:
+        kind = error.kind if error.kind in ERROR_KINDS else "unsupported"
+        return DecodeResult(error_kind=kind, error=str(error))
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as error:
+        # Raised while applying EXIF or converting modes: the file decodes but is malformed.
+        return DecodeResult(error_kind=_classify_decode_failure(error, data), error=f"{type(error).__name__}: {error}")
+
+
+def read_error(error: BaseException) -> tuple[str, str]:
+    """(kind, message) of a storage failure while reading a source object."""
+    message = f"{type(error).__name__}: {error}".splitlines()[0]
+    return "unreadable", message
+
+
+#: Columns the decode stage adds to the listing columns.
+DECODED_FIELDS = [
+    pa.field("status", pa.string()),
+    pa.field("error_kind", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("payload", pa.large_binary()),  # pickled PreparedImage, later ModelOutput
+]
+
+
+def decoded_columns(results: list[DecodeResult]) -> dict[str, pa.Array]:
+    """The decode-stage columns of a batch (``payload``: pickled PreparedImage of ok rows)."""
+    columns: dict[str, list[Any]] = {f.name: [] for f in DECODED_FIELDS}
+    for result in results:
+        ok = result.prepared is not None
+        columns["status"].append("ok" if ok else "error")
+        columns["error_kind"].append(result.error_kind)
+        columns["error"].append(result.error)
+        if ok:
+            height, width = result.prepared.rgb.shape[:2]
+            columns["width"].append(int(width))
+            columns["height"].append(int(height))
+            columns["payload"].append(pickle.dumps(result.prepared, protocol=pickle.HIGHEST_PROTOCOL))
+        else:
+            columns["width"].append(None)
+            columns["height"].append(None)
+            columns["payload"].append(None)
+    return {f.name: pa.array(columns[f.name], type=f.type) for f in DECODED_FIELDS}
+
+
+class DecodeBatch:
+    """``map_batches`` function: listing rows -> listing rows + decode columns (pyarrow batches).
+
+    Opens one filesystem per process and input store; reads with retries on transient errors.
+    """
+
+    def __init__(self, storage_options, mode: str, max_pixels: int, read_attempts: int):
+        self.storage_options = storage_options
+        self.mode = mode
+        self.max_pixels = max_pixels
+        self.read_attempts = read_attempts
+        self._filesystems: dict[str, Any] = {}
+
+    def _read(self, uri: str) -> bytes:
+        from clipdiy.pipeline.storage import open_filesystem, read_bytes
+
+        protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+        fs = self._filesystems.get(protocol)
+        if fs is None:
+            fs, path = open_filesystem(uri, self.storage_options)
+            self._filesystems[protocol] = fs
+        else:
+            path = fs._strip_protocol(uri)
+        return read_bytes(fs, path, attempts=self.read_attempts)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        results = []
+        for uri in batch.column("uri").to_pylist():
+            try:
+                data = self._read(uri)
+            except Exception as error:  # noqa: BLE001 - every storage failure becomes this image's error row
+                kind, message = read_error(error)
+                logger.warning("cannot read %s: %s", uri, message)
+                results.append(DecodeResult(error_kind=kind, error=message))
+                continue
+            results.append(decode_image(data, mode=self.mode, max_pixels=self.max_pixels))
+        for name, column in decoded_columns(results).items():
+            batch = batch.append_column(name, column)
+        return batch

@@ -1,0 +1,146 @@
+"""Where a labelling job keeps things under OUTPUT, and how files get there atomically.
+
+::
+
+    OUTPUT/_LOCK.json                              held while a run writes (see lock.py)
+    OUTPUT/runs/<run_id>/_RUN.json                 written when the run starts (and on resume)
+    OUTPUT/runs/<run_id>/part-AAA-TTTTTT-<hash>.parquet  label shards (attempt, write task, first image's hash)
+    OUTPUT/runs/<run_id>/_MANIFEST.json            written last: the run is finished
+
+Readers list ``part-*.parquet`` only; in-flight files have names starting with ``.tmp-``, and
+on object stores a file appears in one PUT, so a killed writer never leaves a shard that counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from clipdiy.pipeline.storage import StorageOptions, open_filesystem
+
+RUNS_DIR = "runs"
+LOCK_FILE = "_LOCK.json"
+RUN_STATE_FILE = "_RUN.json"
+MANIFEST_FILE = "_MANIFEST.json"
+SHARD_PREFIX = "part-"
+SHARD_SUFFIX = ".parquet"
+TEMP_PREFIX = ".tmp-"
+
+
+def shard_name(attempt: int, task_index: int, digest: str) -> str:
+    """Deterministic shard file name: a retried write task rewrites the same names."""
+    return f"{SHARD_PREFIX}{attempt:03d}-{task_index:06d}-{digest}{SHARD_SUFFIX}"
+
+
+@dataclass
+class OutputLayout:
+    """OUTPUT on its filesystem: ``fs`` and ``root`` (path without protocol)."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+    uri: str
+
+    @classmethod
+    def open(cls, output_uri: str, options: StorageOptions | None = None) -> OutputLayout:
+        fs, root = open_filesystem(output_uri, options)
+        if isinstance(fs, LocalFileSystem):
+            root = os.path.abspath(root).replace(os.sep, "/")
+        return cls(fs=fs, root=root, uri=output_uri)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def runs_dir(self) -> str:
+        return self.path(RUNS_DIR)
+
+    def run_dir(self, run_id: str) -> str:
+        return self.path(RUNS_DIR, run_id)
+
+    def lock_path(self) -> str:
+        return self.path(LOCK_FILE)
+
+    def run_state_path(self, run_id: str) -> str:
+        return self.path(RUNS_DIR, run_id, RUN_STATE_FILE)
+
+    def manifest_path(self, run_id: str) -> str:
+        return self.path(RUNS_DIR, run_id, MANIFEST_FILE)
+
+    def relative(self, path: str) -> str:
+        return posixpath.relpath(path, self.root)
+
+    def ensure_dir(self, path: str) -> None:
+        # Object stores have no folders; makedirs is a no-op or a bucket check there.
+        self.fs.makedirs(path, exist_ok=True)
+
+    def run_ids(self) -> list[str]:
+        """Ids of every run folder under OUTPUT/runs (finished or not), sorted."""
+        try:
+            entries = self.fs.ls(self.runs_dir(), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            posixpath.basename(entry["name"].rstrip("/")) for entry in entries if entry.get("type") == "directory"
+        )
+
+    def shard_paths(self, run_id: str) -> list[str]:
+        """The committed shards of a run, sorted by name."""
+        try:
+            names = self.fs.ls(self.run_dir(run_id), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            name
+            for name in names
+            if posixpath.basename(name).startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX)
+        )
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Write ``data`` so readers see the whole file or nothing.
+
+        Local: a temporary name in the same folder, then ``os.replace``. Object stores: one PUT
+        (a multipart upload is also only visible once completed).
+        """
+        if self.is_local:
+            directory = posixpath.dirname(path)
+            os.makedirs(directory, exist_ok=True)
+            temp = posixpath.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
+            try:
+                with open(temp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, path)
+            finally:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+        else:
+            self.fs.pipe_file(path, data)
+            self.fs.invalidate_cache(posixpath.dirname(path))
+
+    def write_json_atomic(self, path: str, document: dict[str, Any]) -> None:
+        self.write_bytes_atomic(path, (json.dumps(document, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def read_json(self, path: str) -> dict[str, Any] | None:
+        """The JSON document at ``path``, or None when there is none."""
+        try:
+            with self.fs.open(path, "rb") as handle:
+                return json.loads(handle.read().decode("utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def invalidate(self) -> None:
+        self.fs.invalidate_cache()

@@ -1,0 +1,343 @@
+"""``run_labelling``: one run of the labelling job, from pre-flight checks to the run manifest.
+
+Order of work (everything that can refuse the job does so before any image is touched):
+
+1. the input is reachable and holds at least one image (``check_input_reachable``);
+2. the models load in the driver (missing weights fail here) and the text embeddings are
+   computed, once for the whole run;
+3. Ray: the cluster at ``config.address`` / ``RAY_ADDRESS``, else an embedded local Ray;
+4. the OUTPUT lock is taken; the unfinished run is resumed, or a new run is planned;
+5. the listing streams in chunks, anti-joined against the images already labelled in OUTPUT;
+6. Ray Data: decode (CPU tasks) -> ``Segmenter.predict`` (actor pool, GPU when present) ->
+   label rows (CPU tasks) -> Parquet shards (CPU tasks); the driver logs progress per shard;
+7. the manifest is written last, the lock released, a :class:`RunSummary` returned.
+
+Calling it (for benchmarks and tests)::
+
+    from clipdiy.pipeline.config import LabelJobConfig
+    from clipdiy.pipeline.run import run_labelling
+    summary = run_labelling(LabelJobConfig(input="photos/", output="labels/", segmenter=...))
+    print(summary.line())
+
+When Ray is already initialised in the process (a test's module-scoped Ray), that Ray is used
+and left running; an embedded Ray started here is shut down at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipdiy.pipeline.config import LabelJobConfig
+from clipdiy.pipeline.decode import DecodeBatch
+from clipdiy.pipeline.incremental import ListingCounts, labelled_keys, pending_blocks
+from clipdiy.pipeline.inference import SegmentBatch
+from clipdiy.pipeline.layout import OutputLayout
+from clipdiy.pipeline.lock import OutputLock
+from clipdiy.pipeline.manifest import (
+    RunPlan,
+    build_manifest,
+    finished_run_ids,
+    plan_run,
+    shard_records,
+    write_manifest,
+    write_run_state,
+)
+from clipdiy.pipeline.rows import RowContext, build_rows
+from clipdiy.pipeline.storage import check_input_reachable, iter_sources, redact_url
+from clipdiy.pipeline.writer import ShardTarget, write_shard
+from clipdiy.segmenter import Provenance
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one start of the job did. ``seen``/``ok``/``error`` count this start's rows;
+    ``skipped`` counts listed images already labelled (by earlier runs or earlier attempts)."""
+
+    run_id: str
+    attempt: int
+    resumed: bool
+    output: str
+    manifest_path: str
+    listed: int
+    skipped: int
+    seen: int
+    ok: int
+    error: int
+    labelling_seconds: float
+    total_seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.seen / self.labelling_seconds if self.labelling_seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"run {self.run_id}: {self.seen} images seen, {self.ok} labelled, {self.error} errors, "
+            f"{self.skipped} skipped, {self.images_per_second:.2f} images/s "
+            f"({self.labelling_seconds:.1f} s labelling, {self.total_seconds:.1f} s total)"
+        )
+
+
+@dataclass(frozen=True)
+class DriverModels:
+    """What the driver resolves from the models before any work: embeddings and provenance."""
+
+    text_embeddings: np.ndarray  # C x D float32, L2-normalised
+    provenance: Provenance
+    class_names: tuple[str, ...]
+
+
+def resolve_models(config: LabelJobConfig) -> DriverModels:
+    """Load the models once in the driver (CPU): missing weights or a bad vocabulary fail here,
+    before any work; the text embeddings computed here are the run's only ones."""
+    from clipdiy.segmenter import create_segmenter
+
+    segmenter = create_segmenter(dataclasses.replace(config.segmenter, device="cpu"))
+    models = DriverModels(
+        text_embeddings=segmenter.text_embeddings.detach().cpu().numpy().astype(np.float32),
+        provenance=segmenter.provenance,
+        class_names=tuple(segmenter.class_names),
+    )
+    del segmenter
+    return models
+
+
+def connect_ray(config: LabelJobConfig) -> bool:
+    """Connect to the cluster, or start an embedded local Ray. True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=config.local_num_cpus, include_dashboard=False)
+    return True
+
+
+def gpus_per_actor(config: LabelJobConfig) -> float:
+    """``--gpus-per-actor``, or 1 when the cluster has GPUs now and 0 otherwise (for an
+    autoscaling cluster that starts without GPU nodes, pass it explicitly)."""
+    import ray
+
+    if config.gpus_per_actor is not None:
+        return float(config.gpus_per_actor)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+class Progress:
+    """Counts written rows; a daemon thread logs one progress line every ``interval`` seconds."""
+
+    def __init__(self, total: int, interval: float):
+        self.total = total
+        self.interval = interval
+        self.rows = self.ok = self.error = self.shards = 0
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="clipdiy-progress", daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def add(self, record: dict) -> None:
+        self.rows += record["rows"]
+        self.ok += record["ok"]
+        self.error += record["error"]
+        self.shards += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            elapsed = time.monotonic() - self.started
+            logger.info(
+                "progress: %d/%d images written (%d ok, %d errors) in %d shards, %.2f images/s",
+                self.rows, self.total, self.ok, self.error, self.shards, self.rows / max(elapsed, 1e-9),
+            )
+
+
+def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, plan: RunPlan, gpus: float):
+    """The Ray Data plan: listing blocks -> decode -> predict -> rows -> shard stats."""
+    import ray.data
+
+    decode = DecodeBatch(config.storage, config.segmenter.mode, config.max_pixels, config.read_attempts)
+    context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
+    target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
+    ds = ray.data.from_arrow_refs(blocks)
+    ds = ds.map_batches(
+        decode,
+        batch_size=config.decode_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency),
+        num_cpus=1,
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        SegmentBatch,
+        fn_constructor_kwargs={
+            "segmenter_config": config.segmenter,
+            "text_embeddings": models.text_embeddings,
+            "num_threads": max(1, int(config.cpus_per_actor)),
+        },
+        batch_size=config.inference_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=gpus,
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        build_rows,
+        fn_kwargs={"context": context},
+        batch_size=config.inference_batch_size,
+        batch_format="pyarrow",
+        num_cpus=1,
+        udf_modifying_row_count=False,
+    )
+    return ds.map_batches(
+        write_shard,
+        fn_kwargs={"target": target},
+        batch_size=config.rows_per_file,
+        batch_format="pyarrow",
+        num_cpus=1,
+    )
+
+
+def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -> tuple[list, ListingCounts]:
+    """Put the pending listing blocks in the object store (the driver keeps only their refs)."""
+    import ray
+
+    counts = ListingCounts()
+    blocks = pending_blocks(
+        iter_sources(config.input, config.storage),
+        counts,
+        done_by_other_runs=labelled_keys(layout, [r for r in finished_run_ids(layout) if r != plan.run_id]),
+        done_by_this_run=labelled_keys(layout, [plan.run_id]),
+        block_rows=config.decode_batch_size,
+        limit=config.limit,
+    )
+    return [ray.put(block) for block in blocks], counts
+
+
+def run_labelling(config: LabelJobConfig) -> RunSummary:
+    """Run (or resume) the labelling job described by ``config``; see the module docstring.
+
+    Raises before any work: :class:`~clipdiy.errors.InputError` (unreachable or empty input),
+    :class:`~clipdiy.errors.WeightsNotFoundError`, :class:`~clipdiy.errors.VocabularyError`,
+    :class:`~clipdiy.pipeline.lock.OutputLockedError`, :class:`~clipdiy.pipeline.manifest.RunConflictError`.
+    """
+    started = time.monotonic()
+    config.validate()
+    input_uri = redact_url(config.input)
+    check_input_reachable(config.input, config.storage)
+    layout = OutputLayout.open(config.output, config.storage)
+    layout.ensure_dir(layout.root)
+    lock = OutputLock(layout, config.run_id or "starting", stale_after_s=config.lock_stale_after_s, heartbeat_s=config.heartbeat_s)
+    with lock:
+        models = resolve_models(config)
+        started_ray = connect_ray(config)
+        try:
+            return _run_locked(config, layout, lock, models, input_uri, started)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+
+
+def _run_locked(
+    config: LabelJobConfig, layout: OutputLayout, lock: OutputLock, models: DriverModels, input_uri: str, started: float
+) -> RunSummary:
+    gpus = gpus_per_actor(config)
+    fingerprint = {"input": input_uri, "model": dataclasses.asdict(models.provenance)}
+    plan = plan_run(layout, config.run_id, fingerprint)
+    lock.info.run_id = plan.run_id
+    options = config.describe()
+    write_run_state(layout, plan, fingerprint, options)
+    logger.info(
+        "run %s (attempt %d%s): %s -> %s, %g GPU(s) per actor",
+        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", input_uri, layout.uri, gpus,
+    )
+
+    listing_started = time.monotonic()
+    blocks, counts = _list_pending(config, layout, plan)
+    listing_seconds = time.monotonic() - listing_started
+    logger.info(
+        "listed %d images: %d labelled by earlier runs, %d by earlier attempts of this run, %d to label",
+        counts.listed, counts.skipped, counts.resumed, counts.todo,
+    )
+
+    labelling_started = time.monotonic()
+    written: dict[str, dict] = {}
+    with Progress(counts.todo, config.heartbeat_s) as progress:
+        if blocks:
+            stats = build_dataset(config, blocks, models, plan, gpus)
+            for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for record in batch.to_pylist():
+                    written[record["path"]] = record
+                    progress.add(record)
+                lock.check()
+    labelling_seconds = time.monotonic() - labelling_started
+    lock.check()
+
+    shards = shard_records(layout, plan.run_id, written)
+    run_rows = sum(s["rows"] for s in shards)
+    run_ok = sum(s["ok"] for s in shards)
+    seen = sum(r["rows"] for r in written.values())
+    ok = sum(r["ok"] for r in written.values())
+    manifest = build_manifest(
+        plan=plan,
+        input_uri=input_uri,
+        options=options,
+        vocabulary={
+            "name": models.provenance.vocabulary_name,
+            "hash": models.provenance.vocabulary_hash,
+            "class_names": list(models.class_names),
+        },
+        # seen/ok/error: rows of this run over all its attempts; skipped: labelled by other runs.
+        counts={
+            "listed": counts.listed,
+            "skipped": counts.skipped,
+            "seen": run_rows,
+            "ok": run_ok,
+            "error": run_rows - run_ok,
+            "attempts": plan.attempt,
+        },
+        shards=shards,
+        timings={
+            "listing": round(listing_seconds, 3),
+            "labelling": round(labelling_seconds, 3),
+            "total": round(time.monotonic() - started, 3),
+            "images_per_second": round(seen / labelling_seconds, 4) if labelling_seconds > 0 else 0.0,
+        },
+    )
+    manifest_path = write_manifest(layout, manifest)
+    summary = RunSummary(
+        run_id=plan.run_id,
+        attempt=plan.attempt,
+        resumed=plan.resumed,
+        output=config.output,
+        manifest_path=manifest_path,
+        listed=counts.listed,
+        skipped=counts.skipped + counts.resumed,
+        seen=seen,
+        ok=ok,
+        error=seen - ok,
+        labelling_seconds=labelling_seconds,
+        total_seconds=time.monotonic() - started,
+    )
+    logger.info("%s", summary.line())
+    return summary

@@ -1,0 +1,74 @@
+"""Shard writer stage: label rows -> Parquet shards with deterministic names, written atomically.
+
+Used as a ``map_batches`` task with ``batch_size = rows_per_file``, so no shard holds more rows
+than that. Each call writes one shard and returns one stats row (:data:`SHARD_STATS_SCHEMA`),
+which the driver collects for progress and the run manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from clipdiy.pipeline.layout import OutputLayout, shard_name
+from clipdiy.pipeline.storage import StorageOptions
+from clipdiy.schema import label_schema
+
+SHARD_STATS_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string()),  # relative to OUTPUT
+        pa.field("rows", pa.int64()),
+        pa.field("ok", pa.int64()),
+        pa.field("error", pa.int64()),
+        pa.field("bytes", pa.int64()),
+    ]
+)
+
+def encode_shard(table: pa.Table) -> bytes:
+    """Parquet bytes of a label-row table (zstd; the schema's metadata kept)."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def shard_stats(path: str, table: pa.Table, size: int) -> dict:
+    ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
+    return {"path": path, "rows": table.num_rows, "ok": ok, "error": table.num_rows - ok, "bytes": size}
+
+
+@dataclass(frozen=True)
+class ShardTarget:
+    """Where one run attempt writes: OUTPUT, its storage options, the run id and attempt number."""
+
+    output: str
+    storage: StorageOptions
+    run_id: str
+    attempt: int
+
+
+def _task_index() -> int:
+    from ray.data._internal.execution.interfaces import TaskContext
+
+    context = TaskContext.get_current()
+    if context is None:
+        raise RuntimeError("write_shard must run inside a Ray Data map task (no TaskContext)")
+    return context.task_idx
+
+
+def write_shard(batch: pa.Table, *, target: ShardTarget) -> pa.Table:
+    """Write ``batch`` (label rows) as one shard; return its one-row stats table."""
+    table = batch.select(label_schema().names).cast(label_schema())
+    # Named by the write task and the batch's first image (unique within an attempt): a retried
+    # task sees the same batches and rewrites the same names, so a retry never duplicates rows.
+    first_image = table.column("image_id")[0].as_py()
+    digest = hashlib.sha1(first_image.encode("utf-8")).hexdigest()[:10]
+    layout = OutputLayout.open(target.output, target.storage)
+    path = layout.path("runs", target.run_id, shard_name(target.attempt, _task_index(), digest))
+    data = encode_shard(table)
+    layout.write_bytes_atomic(path, data)
+    return pa.Table.from_pylist([shard_stats(layout.relative(path), table, len(data))], schema=SHARD_STATS_SCHEMA)

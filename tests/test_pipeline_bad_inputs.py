@@ -1,0 +1,126 @@
+"""Bad and unusual images mixed into a corpus: the job completes with one row per input.
+
+Broken objects get error rows with their kind; unusual but valid ones (CMYK, 16-bit, palette,
+EXIF-rotated) are labelled exactly as the library labels them.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from pipeline_support import (
+    check_rows_match_library,
+    job_config,
+    manifests,
+    read_all_rows,
+    reference_label_maps,
+    segmenter_config,
+    start_local_ray,
+)
+
+from clipdiy.pipeline.decode import ERROR_KINDS, decode_image
+
+EXPECTED_ERRORS = {
+    "empty.jpg": "empty",
+    "truncated.jpg": "truncated",
+    "text.jpg": "not_image",
+    "bomb.png": "too_large",
+    "corrupt.jpg": "corrupt",
+}
+EXPECTED_OK = ["a_good.jpg", "b_good.jpg", "cmyk.jpg", "gray16.png", "palette.png", "exif_rotated.jpg"]
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid tiny PNG whose header claims ``width`` x ``height`` (a decompression bomb's header)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = 8  # after the signature: length (4), "IHDR" (4), data (13), crc (4)
+    body = bytearray(data[ihdr + 4 : ihdr + 8 + 13])
+    body[4:12] = struct.pack(">II", width, height)
+    data[ihdr + 4 : ihdr + 8 + 13] = body
+    data[ihdr + 8 + 13 : ihdr + 8 + 13 + 4] = struct.pack(">I", zlib.crc32(bytes(body)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def make_corpus(folder, coco_images) -> None:
+    folder.mkdir()
+    shutil.copy(coco_images[0], folder / "a_good.jpg")
+    shutil.copy(coco_images[1], folder / "b_good.jpg")
+    (folder / "empty.jpg").write_bytes(b"")
+    jpeg = coco_images[2].read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "text.jpg").write_text("this is not an image, just text with a .jpg name\n")
+    (folder / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)))
+    with Image.open(coco_images[3]) as image:
+        rgb = image.convert("RGB")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    gray16 = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(gray16).save(folder / "gray16.png")  # mode I;16
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(folder / "palette.png")
+    with Image.open(coco_images[4]) as image:
+        exif = image.getexif()
+        exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+        image.save(folder / "exif_rotated.jpg", exif=exif, quality=95)
+
+
+def test_decode_classifies_each_bad_input(coco_images, tmp_path):
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, coco_images)
+    for name, kind in EXPECTED_ERRORS.items():
+        result = decode_image((corpus / name).read_bytes(), mode="faithful", max_pixels=100_000_000)
+        assert result.prepared is None and result.error_kind == kind, (name, result.error_kind, result.error)
+        assert kind in ERROR_KINDS and result.error
+    for name in EXPECTED_OK:
+        result = decode_image((corpus / name).read_bytes(), mode="faithful", max_pixels=100_000_000)
+        assert result.error is None, (name, result.error)
+        assert result.prepared.rgb.dtype == np.uint8 and result.prepared.rgb.shape[2] == 3
+    # The guard reads the header: a real image over the limit is refused before decoding.
+    small = decode_image((corpus / "a_good.jpg").read_bytes(), mode="faithful", max_pixels=1000)
+    assert small.error_kind == "too_large"
+    with Image.open(corpus / "exif_rotated.jpg") as stored:
+        width, height = stored.size
+    rotated = decode_image((corpus / "exif_rotated.jpg").read_bytes(), mode="faithful", max_pixels=100_000_000)
+    assert rotated.prepared.rgb.shape[:2] == (width, height)
+
+
+@pytest.mark.slow
+def test_job_completes_on_a_corpus_with_bad_inputs(coco_images, tiny_clip_config, tmp_path):
+    from clipdiy.pipeline.run import run_labelling
+
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, coco_images)
+    output = tmp_path / "labels"
+    config = segmenter_config(tiny_clip_config)
+    ray = start_local_ray()
+    try:
+        summary = run_labelling(job_config(corpus, output, config, rows_per_file=4))
+    finally:
+        ray.shutdown()
+
+    inputs = len(EXPECTED_ERRORS) + len(EXPECTED_OK)
+    assert (summary.seen, summary.ok, summary.error) == (inputs, len(EXPECTED_OK), len(EXPECTED_ERRORS))
+    rows = {r["image_id"]: r for r in read_all_rows(output).to_pylist()}
+    assert len(rows) == inputs
+    for name, kind in EXPECTED_ERRORS.items():
+        row = rows[name]
+        assert (row["status"], row["error_kind"]) == ("error", kind), (name, row["error"])
+        assert row["error"] and row["masks"] is None and row["class_scores"] is None
+        assert row["vocabulary_hash"] and row["clip_model"]  # error rows still say which run/models
+    ok_rows = [rows[name] for name in EXPECTED_OK]
+    assert all(r["status"] == "ok" for r in ok_rows)
+    reference, segmenter = reference_label_maps(config, [corpus / name for name in EXPECTED_OK])
+    check_rows_match_library(ok_rows, reference, segmenter)
+    with Image.open(corpus / "exif_rotated.jpg") as stored:
+        width, height = stored.size
+    assert (rows["exif_rotated.jpg"]["width"], rows["exif_rotated.jpg"]["height"]) == (height, width)
+
+    manifest = manifests(output)[summary.run_id]
+    assert manifest["counts"]["ok"] == len(EXPECTED_OK) and manifest["counts"]["error"] == len(EXPECTED_ERRORS)
