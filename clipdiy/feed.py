@@ -1,0 +1,296 @@
+"""The feed to downstream training: labels outputs as (image, label map) pairs, and exporters.
+
+- :class:`LabelDataset` (map-style) and :class:`LabelIterableDataset` (streams shard by shard,
+  split over DataLoader workers and distributed ranks) for PyTorch; :func:`read_labels` for Ray
+  Data. All read one or more labels outputs; an ``image_id`` labelled by several runs comes from
+  the latest run.
+- :func:`export_coco` writes a COCO instances JSON (one RLE annotation per class mask) and
+  :func:`export_voc_masks` semantic PNGs in VOC palette form, for detectron2, mmsegmentation and
+  the like.
+
+What :class:`FeedFilter` does, precisely:
+
+- Images: only rows of finished runs (``finished_only``, the default) with ``status = ok``, whose
+  ``foreground_fraction`` >= ``min_foreground_fraction``, and, when ``classes`` is given or
+  ``min_class_score`` > 0, that hold at least one non-background class mask of the subset with
+  a score >= ``min_class_score``.
+- Pixels (label value 255 = ignore): the output stores one confidence per class mask (its
+  ``score``: the mean class probability over the mask's pixels at model resolution), not one per
+  pixel. So a pixel's label confidence is the score of the class mask it belongs to, and
+  ``ignore_below`` sets every pixel of a mask whose score is below it to 255. Pixels of
+  non-background classes outside ``classes`` are set to 255 too (they are objects of another
+  class, so teaching them as background would be wrong). Class ids stay the vocabulary's ids.
+
+Items are ``(image, label)``: H x W x 3 uint8 RGB (EXIF orientation applied, as the job saw it)
+and H x W uint8 class ids (255 = ignore), both numpy; pass ``transform(image, label)`` to turn
+them into tensors or augment them.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch.utils.data
+
+from clipdiy.evaluation import normalise_name
+from clipdiy.label_store import (
+    Run, decode_label_map, iter_rows, latest_rows, list_runs, load_image, read_rows, read_shard, vocabulary_of,
+)
+from clipdiy.palette import IGNORE, palette_png_bytes
+from clipdiy.pipeline.storage import StorageOptions, open_filesystem
+
+#: Columns the feed reads (the saliency PNG is left in the files).
+FEED_COLUMNS = ("image_id", "uri", "run_id", "run_started_at", "status", "width", "height", "masks",
+                "foreground_fraction", "class_scores")
+
+
+@dataclass(frozen=True)
+class FeedFilter:
+    """Which images and pixels the feed yields (see the module docstring for the exact rules)."""
+
+    finished_only: bool = True
+    classes: tuple[str, ...] | None = None
+    min_class_score: float = 0.0
+    min_foreground_fraction: float = 0.0
+    ignore_below: float | None = None
+
+
+class _Selector:
+    """A :class:`FeedFilter` bound to a vocabulary: decides images, builds label maps (picklable)."""
+
+    def __init__(self, class_names: Sequence[str], feed_filter: FeedFilter):
+        self.class_names = tuple(class_names)
+        self.filter = feed_filter
+        self.subset: frozenset[int] | None = None
+        if feed_filter.classes is not None:
+            index = {normalise_name(n): i for i, n in enumerate(self.class_names)}
+            unknown = [c for c in feed_filter.classes if normalise_name(c) not in index]
+            if unknown:
+                raise ValueError(f"classes {unknown} are not in the labels' vocabulary {list(self.class_names)}")
+            self.subset = frozenset(index[normalise_name(c)] for c in feed_filter.classes)
+
+    def _in_subset(self, class_id: int) -> bool:
+        return self.subset is None or class_id in self.subset
+
+    def keep(self, row: dict) -> bool:
+        f = self.filter
+        if row.get("status") != "ok" or not row.get("masks"):
+            return False
+        if (row.get("foreground_fraction") or 0.0) < f.min_foreground_fraction:
+            return False
+        if self.subset is None and f.min_class_score <= 0:
+            return True
+        return any(m["class_id"] != 0 and self._in_subset(m["class_id"]) and m["score"] >= f.min_class_score
+                   for m in row["masks"])
+
+    def kept_masks(self, row: dict) -> list[dict]:
+        """The masks whose pixels keep their label (others become 255)."""
+        threshold = self.filter.ignore_below
+        return [m for m in row["masks"]
+                if (m["class_id"] == 0 or self._in_subset(m["class_id"])) and (threshold is None or m["score"] >= threshold)]
+
+    def label_map(self, row: dict) -> np.ndarray:
+        """H x W uint8 class ids, 255 where ignored."""
+        if len(self.class_names) > IGNORE:
+            raise ValueError(f"a vocabulary of {len(self.class_names)} classes does not fit uint8 labels with 255 = ignore")
+        kept = {m["class_id"] for m in self.kept_masks(row)}
+        label = decode_label_map(row, dtype=np.uint8)
+        if len(kept) < len(row["masks"]):
+            label[~np.isin(label, list(kept))] = IGNORE
+        return label
+
+
+def _runs(outputs: str | Sequence[str], feed_filter: FeedFilter, storage: StorageOptions | None) -> list[Run]:
+    runs = list_runs(outputs, finished_only=feed_filter.finished_only, storage=storage)
+    if not runs:
+        raise FileNotFoundError(f"no {'finished ' if feed_filter.finished_only else ''}runs in {outputs}")
+    return runs
+
+
+def select_rows(
+    outputs: str | Sequence[str], feed_filter: FeedFilter = FeedFilter(), storage: StorageOptions | None = None,
+    class_names: Sequence[str] | None = None,
+) -> tuple[list[dict], tuple[str, ...]]:
+    """The rows the filter keeps (latest run per image, sorted by ``image_id``) and the vocabulary."""
+    runs = _runs(outputs, feed_filter, storage)
+    names = tuple(class_names) if class_names is not None else vocabulary_of(runs)
+    selector = _Selector(names, feed_filter)
+    rows = [r for r in iter_rows(read_rows(runs, columns=FEED_COLUMNS)) if selector.keep(r)]
+    return sorted(rows, key=lambda r: r["image_id"]), names
+
+
+def _pair(row: dict, selector: _Selector, storage: StorageOptions | None) -> tuple[np.ndarray, np.ndarray]:
+    image = load_image(row["uri"], storage)
+    if image.shape[:2] != (row["height"], row["width"]):
+        raise ValueError(f"{row['uri']} is now {image.shape[1]} x {image.shape[0]}, its labels are "
+                         f"{row['width']} x {row['height']}: the image changed since it was labelled; label it again")
+    return image, selector.label_map(row)
+
+
+class LabelDataset(torch.utils.data.Dataset):
+    """Map-style dataset of (image, label map) pairs over labels outputs (rows held in memory,
+    images read on access). ``records[i]`` is the row behind item ``i``."""
+
+    def __init__(self, outputs: str | Sequence[str], feed_filter: FeedFilter = FeedFilter(), *,
+                 transform: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+                 storage: StorageOptions | None = None, class_names: Sequence[str] | None = None):
+        self.records, self.class_names = select_rows(outputs, feed_filter, storage, class_names)
+        self._selector = _Selector(self.class_names, feed_filter)
+        self.transform = transform
+        self.storage = storage
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Any:
+        image, label = _pair(self.records[index], self._selector, self.storage)
+        return self.transform(image, label) if self.transform else (image, label)
+
+
+class LabelIterableDataset(torch.utils.data.IterableDataset):
+    """Streaming dataset: reads one Parquet shard at a time. Shards are split over DataLoader
+    workers and over ``world_size`` ranks (pass ``rank``/``world_size`` for distributed
+    training); ``shuffle`` shuffles shard order and rows within a shard, from ``seed`` + ``epoch``
+    (call :meth:`set_epoch`). The driver reads only id columns up front, to pick the latest run
+    of each image."""
+
+    def __init__(self, outputs: str | Sequence[str], feed_filter: FeedFilter = FeedFilter(), *,
+                 transform: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+                 storage: StorageOptions | None = None, class_names: Sequence[str] | None = None,
+                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.runs = _runs(outputs, feed_filter, storage)
+        self.class_names = tuple(class_names) if class_names is not None else vocabulary_of(self.runs)
+        self._selector = _Selector(self.class_names, feed_filter)
+        keys = latest_rows(pa.concat_tables([read_shard(r, s, ["image_id", "run_id", "run_started_at"])
+                                             for r in self.runs for s in r.shards]))
+        self._winner = dict(zip(keys.column("image_id").to_pylist(), keys.column("run_id").to_pylist()))
+        self._shards = [(run, shard) for run in self.runs for shard in run.shards]
+        self.transform, self.storage = transform, storage
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        order = list(range(len(self._shards)))
+        rng = random.Random(self.seed + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        part, parts = self.rank * workers + worker, self.world_size * workers
+        for position in order[part::parts]:
+            run, shard = self._shards[position]
+            rows = [r for r in iter_rows(read_shard(run, shard, FEED_COLUMNS))
+                    if self._winner.get(r["image_id"]) == run.run_id and self._selector.keep(r)]
+            if self.shuffle:
+                rng.shuffle(rows)
+            for row in rows:
+                image, label = _pair(row, self._selector, self.storage)
+                yield self.transform(image, label) if self.transform else (image, label)
+
+
+class _PairBatch:
+    """``map_batches`` function: label rows -> kept rows with decoded image and label arrays."""
+
+    def __init__(self, selector: _Selector, storage: StorageOptions | None):
+        self.selector, self.storage = selector, storage
+
+    def __call__(self, batch: pa.Table) -> dict[str, Any]:
+        out: dict[str, list] = {"image_id": [], "uri": [], "run_id": [], "image": [], "label": []}
+        for row in iter_rows(batch):
+            if not self.selector.keep(row):
+                continue
+            image, label = _pair(row, self.selector, self.storage)
+            for key, value in (("image_id", row["image_id"]), ("uri", row["uri"]), ("run_id", row["run_id"]),
+                               ("image", image), ("label", label)):
+                out[key].append(value)
+        return {k: _column(v) for k, v in out.items()}
+
+
+def _column(values: list) -> np.ndarray:
+    # Ragged image arrays must stay an object array (Ray stores them as variable-shaped tensors).
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+def read_labels(outputs: str | Sequence[str], feed_filter: FeedFilter = FeedFilter(), *,
+                storage: StorageOptions | None = None, class_names: Sequence[str] | None = None) -> Any:
+    """A ``ray.data.Dataset`` of the kept images: columns ``image_id``, ``uri``, ``run_id``,
+    ``image`` (H x W x 3 uint8) and ``label`` (H x W uint8, 255 = ignore); shards are read and
+    images decoded in parallel Ray tasks."""
+    from clipdiy.label_store import ray_dataset
+
+    runs = _runs(outputs, feed_filter, storage)
+    selector = _Selector(tuple(class_names) if class_names is not None else vocabulary_of(runs), feed_filter)
+    return ray_dataset(runs, columns=FEED_COLUMNS).map_batches(_PairBatch(selector, storage), batch_format="pyarrow", batch_size=16)
+
+
+def coco_document(rows: Sequence[dict], class_names: Sequence[str], feed_filter: FeedFilter = FeedFilter(),
+                  *, include_background: bool = False) -> dict:
+    """COCO instances document of kept rows: image ids 1..N in ``image_id`` order, one annotation
+    per kept class mask (its RLE as the job wrote it), categories = the vocabulary (id = class id;
+    background only with ``include_background``)."""
+    selector = _Selector(class_names, feed_filter)
+    images, annotations = [], []
+    for image_number, row in enumerate(rows, start=1):
+        images.append({"id": image_number, "file_name": row["image_id"], "coco_url": row["uri"],
+                       "width": int(row["width"]), "height": int(row["height"])})
+        for mask in selector.kept_masks(row):
+            if mask["class_id"] == 0 and not include_background:
+                continue
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_number, "category_id": int(mask["class_id"]),
+                "segmentation": {"size": [int(v) for v in mask["rle_size"]], "counts": mask["rle_counts"]},
+                "area": int(mask["area"]), "bbox": [float(v) for v in mask["bbox"]], "iscrowd": 0,
+                "score": float(mask["score"]),
+            })
+    first = 0 if include_background else 1
+    categories = [{"id": i, "name": n, "supercategory": "background" if i == 0 else "object"}
+                  for i, n in enumerate(class_names) if i >= first]
+    return {"info": {"description": "clipdiy pseudo-labels", "version": "1"}, "licenses": [],
+            "images": images, "annotations": annotations, "categories": categories}
+
+
+def export_coco(outputs: str | Sequence[str], destination: str, feed_filter: FeedFilter = FeedFilter(), *,
+                include_background: bool = False, storage: StorageOptions | None = None) -> dict[str, int]:
+    """Write the kept labels as a COCO instances JSON at ``destination`` (any fsspec URI)."""
+    rows, names = select_rows(outputs, feed_filter, storage)
+    document = coco_document(rows, names, feed_filter, include_background=include_background)
+    fs, path = open_filesystem(destination, storage)
+    if posixpath.dirname(path):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "w") as file:
+        json.dump(document, file)
+    return {"images": len(document["images"]), "annotations": len(document["annotations"])}
+
+
+def export_voc_masks(outputs: str | Sequence[str], destination: str, feed_filter: FeedFilter = FeedFilter(), *,
+                     storage: StorageOptions | None = None) -> dict[str, int]:
+    """Write one VOC palette PNG per kept image at ``destination/<image_id without extension>.png``
+    (255 = ignore), plus ``class_names.txt`` (one name a line, index = pixel value)."""
+    rows, names = select_rows(outputs, feed_filter, storage)
+    selector = _Selector(names, feed_filter)
+    fs, root = open_filesystem(destination, storage)
+    fs.makedirs(root, exist_ok=True)
+    for row in rows:
+        image_id = row["image_id"].replace("\\", "/").split("://", 1)[-1]  # a manifest input's ids are URIs
+        relative = posixpath.splitext(image_id.lstrip("/"))[0] + ".png"
+        if ".." in relative.split("/"):
+            raise ValueError(f"image id {row['image_id']!r} would write outside {destination}")
+        path = posixpath.join(root, relative)
+        if posixpath.dirname(path):
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        fs.pipe_file(path, palette_png_bytes(selector.label_map(row)))
+    fs.pipe_file(posixpath.join(root, "class_names.txt"), ("\n".join(names) + "\n").encode())
+    return {"images": len(rows)}
+
