@@ -1,0 +1,58 @@
+"""Render a clipdiy labels output into pictures and a sortable HTML page.
+
+    python jobs/preview.py --labels ./labels --output ./preview
+    python jobs/preview.py --labels s3://bucket/labels --output s3://bucket/preview --report eval.json
+
+Writes OUTPUT/images/*.png (photo with the mask overlaid in the VOC palette | saliency | legend of
+classes and scores), OUTPUT/contact_sheet.png (a sample of N overlays) and OUTPUT/index.html
+(every rendered image with its per-class scores and errors; click a column to sort; it opens
+worst first). Give an evaluation report (jobs/evaluate.py --report) to list each image's mIoU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from clipdiy.errors import ClipdiyError
+from clipdiy.pipeline.storage import StorageOptions, read_uri
+from clipdiy.preview import PreviewConfig, render_output
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = PreviewConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--labels", required=True, nargs="+", help="labels output(s): OUTPUT roots or run folders (any fsspec URI)")
+    parser.add_argument("--output", required=True, help="folder to write the preview into (any fsspec URI)")
+    parser.add_argument("--report", help="evaluation report JSON from jobs/evaluate.py, to show per-image mIoU")
+    parser.add_argument("--sample", type=int, default=defaults.sample, help="images on the contact sheet")
+    parser.add_argument("--limit", type=int, default=defaults.limit, help="at most this many images rendered and listed (seeded sample)")
+    parser.add_argument("--size", type=int, default=defaults.size, help="longer side of each panel, px")
+    parser.add_argument("--alpha", type=float, default=defaults.alpha, help="mask opacity over the photo")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the samples")
+    parser.add_argument("--include-unfinished", action="store_true", help="also read runs that have no manifest yet")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    parser.add_argument("--anon", action="store_true", default=None, help="anonymous (unsigned) object-storage access")
+    parser.add_argument("--profile", help="AWS profile for object storage (else AWS_PROFILE)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    storage = StorageOptions.from_env(endpoint_url=args.endpoint_url, anon=args.anon, profile=args.profile)
+    config = PreviewConfig(size=args.size, alpha=args.alpha, sample=args.sample, limit=args.limit, seed=args.seed)
+    try:
+        report = json.loads(read_uri(args.report, storage)) if args.report else None
+        summary = render_output(args.labels if len(args.labels) > 1 else args.labels[0], args.output, config,
+                                evaluation_report=report, finished_only=not args.include_unfinished, storage=storage)
+    except (ClipdiyError, FileNotFoundError, ValueError) as error:
+        print(f"preview: error: {error}", file=sys.stderr)
+        return 2
+    print(f"preview: {summary['listed']} images listed, {summary['pictures']} pictures, {summary['errors']} with errors, "
+          f"{summary['contact_sheet']} on the contact sheet -> {args.output.rstrip('/')}/index.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
