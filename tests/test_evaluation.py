@@ -20,6 +20,7 @@ from clipdiy.ground_truth import (
 from clipdiy.palette import to_palette_image
 from conftest import REPO_ROOT
 from labels_fixtures import VOC_NAMES, LabelItem, write_labels_output
+from s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 
 CAT, DOG, PERSON = 8, 12, 15
 
@@ -262,3 +263,15 @@ def test_command_line_writes_report_and_table(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_labels_and_ground_truth_on_object_storage(s3_server, s3_bucket, tmp_path):
+    gt, pred = _known_confusion_maps()
+    gt_dir = _voc_gt_folder(tmp_path, {"img1": gt})
+    s3_server.upload_folder(gt_dir, s3_bucket, "voc/SegmentationClass")
+    labels = f"s3://{s3_bucket}/labels"
+    write_labels_output(labels, [LabelItem("img1.jpg", f"s3://{s3_bucket}/img1.jpg", pred)],
+                        storage_options=s3_server.options.storage_options("s3"))
+    ground_truth = VocGroundTruth(f"s3://{s3_bucket}/voc/SegmentationClass", storage=s3_server.options)
+    d = evaluate(labels, ground_truth, use_ray=False, storage=s3_server.options).to_dict()
+    assert d["miou"] == pytest.approx(52.9762, abs=1e-3)

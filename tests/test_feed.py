@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from clipdiy.feed import FeedFilter, LabelDataset, LabelIterableDataset, export_coco, export_voc_masks, read_labels
 from clipdiy.palette import voc_palette
 from labels_fixtures import VOC_NAMES, LabelItem, write_image, write_labels_output
+from s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 
 CAT, DOG, PERSON = 8, 12, 15
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -156,3 +158,16 @@ def test_ray_data_reader_yields_the_exact_pairs(corpus):
         rgb, label = images[row["image_id"]]
         assert np.array_equal(row["image"], rgb)
         assert np.array_equal(row["label"], np.where(label == DOG, 255, np.where(label == CAT, 255, label)))
+
+
+def test_feed_from_object_storage(s3_server, s3_bucket):
+    rgb, label = _scene(3)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    s3_server.put_bytes(s3_bucket, "photos/a.png", buffer.getvalue())
+    output = f"s3://{s3_bucket}/labels"
+    write_labels_output(output, [LabelItem("photos/a.png", f"s3://{s3_bucket}/photos/a.png", label)],
+                        storage_options=s3_server.options.storage_options("s3"))
+    dataset = LabelDataset(output, storage=s3_server.options)
+    image, got = dataset[0]
+    assert np.array_equal(image, rgb) and np.array_equal(got, label)
