@@ -14,10 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from clipdiy.errors import ClipdiyError
-from clipdiy.pipeline.storage import StorageOptions, read_uri
-from clipdiy.preview import PreviewConfig, render_output
+# Under `ray job submit --working-dir .` the script runs from the uploaded copy: use its package.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from clipdiy.errors import ClipdiyError  # noqa: E402
+from clipdiy.pipeline.storage import StorageOptions, read_uri  # noqa: E402
+from clipdiy.preview import PreviewConfig, render_output  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
