@@ -41,7 +41,15 @@ import torch.utils.data
 
 from clipdiy.evaluation import normalise_name
 from clipdiy.label_store import (
-    Run, decode_label_map, iter_rows, latest_rows, list_runs, load_image, read_rows, read_shard, vocabulary_of,
+    Run,
+    decode_label_map,
+    iter_rows,
+    latest_rows,
+    list_runs,
+    load_image,
+    read_rows,
+    read_shard,
+    vocabulary_of,
 )
 from clipdiy.palette import IGNORE, palette_png_bytes
 from clipdiy.pipeline.storage import StorageOptions, open_filesystem

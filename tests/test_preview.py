@@ -10,13 +10,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
+from labels_fixtures import VOC_NAMES, LabelItem, label_row, write_image, write_labels_output
 from PIL import Image
+from s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 
 from clipdiy.palette import voc_palette
 from clipdiy.preview import CAPTION, GAP, PreviewConfig, preview_size, render_image, render_output
-from conftest import REPO_ROOT
-from labels_fixtures import VOC_NAMES, LabelItem, label_row, write_image, write_labels_output
-from s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 
 CAT, DOG = 8, 12
 GREY = 128
