@@ -1,0 +1,24 @@
+"""``none``: every pixel is foreground, i.e. plain CLIP-DIY scores without saliency."""
+
+from __future__ import annotations
+
+import torch
+
+from clipdiy.config import SaliencyConfig
+from clipdiy.models.saliency import register_saliency_backend
+from clipdiy.models.saliency.base import SaliencyModel, check_images
+
+
+class NoSaliency(SaliencyModel):
+    name = "none"
+    weights_id = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W -> B x 1 x H x W of ones (same dtype and device)."""
+        check_images(images)
+        return images.new_ones((images.shape[0], 1, images.shape[2], images.shape[3]))
+
+
+@register_saliency_backend("none")
+def create_no_saliency(config: SaliencyConfig, device: torch.device, dtype: torch.dtype | None) -> NoSaliency:
+    return NoSaliency().to(device)
