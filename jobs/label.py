@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="GPUs per inference actor; default: 1 when the cluster has GPUs now, else 0 "
                                "(pass 1 for an autoscaling cluster that starts without GPU nodes)")
     pipeline.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per inference actor")
+    pipeline.add_argument("--torch-threads", type=int, default=None,
+                          help="torch threads of a CPU-only inference actor (default: --cpus-per-actor)")
+    pipeline.add_argument("--actor-memory-gb", type=float, default=2.0, help="memory reserved per inference actor")
     pipeline.add_argument("--min-actors", type=int, default=1, help="smallest size of the inference actor pool")
     pipeline.add_argument("--max-actors", type=int, default=1, help="largest size of the inference actor pool")
     pipeline.add_argument("--decode-concurrency", type=int, default=None,
@@ -162,6 +165,8 @@ def config_from_args(args: argparse.Namespace):
         max_actors=args.max_actors,
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
+        torch_threads=args.torch_threads,
+        actor_memory_gb=args.actor_memory_gb,
         decode_concurrency=args.decode_concurrency,
         rows_per_file=args.rows_per_file,
         max_pixels=args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS,

@@ -31,7 +31,7 @@ EXPECTED_ERRORS = {
     "truncated.jpg": "truncated",
     "text.jpg": "not_image",
     "bomb.png": "too_large",
-    "corrupt.jpg": "corrupt",
+    "corrupt.png": "corrupt",
 }
 EXPECTED_OK = ["a_good.jpg", "b_good.jpg", "cmyk.jpg", "gray16.png", "palette.png", "exif_rotated.jpg"]
 
@@ -49,6 +49,16 @@ def _png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def _garbled_png(image: Image.Image) -> bytes:
+    """A PNG whose compressed pixel data is overwritten in the middle: complete, but corrupt."""
+    buffer = io.BytesIO()
+    image.resize((64, 48)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    middle = len(data) // 2
+    data[middle : middle + 200] = np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    return bytes(data)
+
+
 def make_corpus(folder, coco_images) -> None:
     folder.mkdir()
     shutil.copy(coco_images[0], folder / "a_good.jpg")
@@ -58,9 +68,9 @@ def make_corpus(folder, coco_images) -> None:
     (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (folder / "text.jpg").write_text("this is not an image, just text with a .jpg name\n")
     (folder / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))
-    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)))
     with Image.open(coco_images[3]) as image:
         rgb = image.convert("RGB")
+    (folder / "corrupt.png").write_bytes(_garbled_png(rgb))
     rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
     gray16 = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
     Image.fromarray(gray16).save(folder / "gray16.png")  # mode I;16

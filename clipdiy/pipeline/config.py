@@ -31,7 +31,10 @@ class LabelJobConfig:
     inference_batch_size:  images per ``Segmenter.predict`` call in an actor.
     min_actors/max_actors: bounds of the autoscaling inference actor pool.
     gpus_per_actor:        None = auto (1 when the cluster has GPUs, else 0).
-    cpus_per_actor:        CPUs reserved per inference actor (torch threads on a CPU-only actor).
+    cpus_per_actor:        CPUs reserved per inference actor.
+    torch_threads:         torch threads of a CPU-only actor (None: ``cpus_per_actor``); more
+                           than reserved suits a CPU machine whose other stages are light.
+    actor_memory_gb:       memory reserved per inference actor (models and activations).
     decode_concurrency:    at most this many decode tasks at once (None: as many as CPUs allow).
     rows_per_file:         upper bound of rows in one Parquet shard.
     max_pixels:            decompression-bomb guard, checked from the image header.
@@ -55,6 +58,8 @@ class LabelJobConfig:
     max_actors: int = 1
     gpus_per_actor: float | None = None
     cpus_per_actor: float = 1.0
+    torch_threads: int | None = None
+    actor_memory_gb: float = 2.0
     decode_concurrency: int | None = None
     rows_per_file: int = 1000
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -95,6 +100,10 @@ class LabelJobConfig:
             raise JobConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
         if self.cpus_per_actor <= 0:
             raise JobConfigError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise JobConfigError(f"--torch-threads must be >= 1, got {self.torch_threads}")
+        if self.actor_memory_gb < 0:
+            raise JobConfigError(f"--actor-memory-gb must be >= 0, got {self.actor_memory_gb}")
         if self.limit is not None and self.limit < 1:
             raise JobConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.run_id is not None and not RUN_ID_PATTERN.match(self.run_id):

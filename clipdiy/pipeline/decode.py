@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import pickle
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,20 +72,19 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """
     if not data:
         raise ImageDecodeError("empty", "the object is empty (0 bytes)")
-    # Pillow's own bomb check (raised inside open when over 2x its limit) agrees with ours.
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    # Our guard replaces Pillow's process-wide limit (checked on the header below), and truncated
+    # files must fail rather than decode half grey; both settings are restored afterwards.
+    pillow_limit, pillow_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    "too_large",
-                    f"{width} x {height} = {width * height} pixels exceeds the guard of {max_pixels} (--max-pixels)",
-                )
-            image.load()
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageDecodeError(
+                "too_large",
+                f"{width} x {height} = {width * height} pixels exceeds the guard of {max_pixels} (--max-pixels)",
+            )
+        image.load()
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -100,6 +98,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageDecodeError(_classify_decode_failure(error, data), f"{type(error).__name__}: {error}") from error
     except MemoryError as error:
         raise ImageDecodeError("too_large", "out of memory while decoding") from error
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = pillow_limit, pillow_truncated
     return image
 
 

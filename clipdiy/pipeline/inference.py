@@ -34,7 +34,9 @@ class SegmentBatch:
 
         if num_threads and not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(num_threads)))
-        self.segmenter = create_segmenter(segmenter_config, text_embeddings=torch.from_numpy(np.asarray(text_embeddings)))
+        self.segmenter = create_segmenter(
+            segmenter_config, text_embeddings=torch.from_numpy(np.array(text_embeddings, dtype=np.float32))
+        )
         logger.info("segmenter loaded on %s", self.segmenter.device)
 
     def _predict_each(self, prepared: list) -> list:

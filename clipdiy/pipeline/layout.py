@@ -80,11 +80,14 @@ class OutputLayout:
         return posixpath.relpath(path, self.root)
 
     def ensure_dir(self, path: str) -> None:
-        # Object stores have no folders; makedirs is a no-op or a bucket check there.
-        self.fs.makedirs(path, exist_ok=True)
+        # Object stores have no folders (and makedirs could create a bucket): local only.
+        if self.is_local:
+            os.makedirs(path, exist_ok=True)
 
     def run_ids(self) -> list[str]:
         """Ids of every run folder under OUTPUT/runs (finished or not), sorted."""
+        # Other processes write here: never answer from fsspec's listing cache.
+        self.fs.invalidate_cache(self.runs_dir())
         try:
             entries = self.fs.ls(self.runs_dir(), detail=True)
         except FileNotFoundError:
@@ -95,6 +98,7 @@ class OutputLayout:
 
     def shard_paths(self, run_id: str) -> list[str]:
         """The committed shards of a run, sorted by name."""
+        self.fs.invalidate_cache(self.run_dir(run_id))
         try:
             names = self.fs.ls(self.run_dir(run_id), detail=False)
         except FileNotFoundError:
@@ -106,6 +110,7 @@ class OutputLayout:
         )
 
     def exists(self, path: str) -> bool:
+        self.fs.invalidate_cache(posixpath.dirname(path))
         return self.fs.exists(path)
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
@@ -136,6 +141,7 @@ class OutputLayout:
 
     def read_json(self, path: str) -> dict[str, Any] | None:
         """The JSON document at ``path``, or None when there is none."""
+        self.fs.invalidate_cache(posixpath.dirname(path))
         try:
             with self.fs.open(path, "rb") as handle:
                 return json.loads(handle.read().decode("utf-8"))

@@ -190,13 +190,16 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
         fn_constructor_kwargs={
             "segmenter_config": config.segmenter,
             "text_embeddings": models.text_embeddings,
-            "num_threads": max(1, int(config.cpus_per_actor)),
+            "num_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
         },
         batch_size=config.inference_batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
         num_cpus=config.cpus_per_actor,
         num_gpus=gpus,
+        # The memory reservation also keeps Ray Data from fusing the decode tasks into the
+        # actors (fused, an accelerator would wait on reads and JPEG decoding).
+        memory=config.actor_memory_gb * 1024**3 if config.actor_memory_gb else None,
         udf_modifying_row_count=False,
     )
     ds = ds.map_batches(
