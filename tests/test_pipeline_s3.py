@@ -1,0 +1,96 @@
+"""The labelling job with input AND output on S3: a real moto S3 server on 127.0.0.1, reached
+through s3fs with an endpoint URL, by the driver and by the Ray workers alike.
+
+One row per input object (a text file named .jpg gives an error row), masks that decode to the
+library's label maps, the manifest written last, and the dummy credentials nowhere in OUTPUT.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pipeline_support import check_rows_match_library, job_config, reference_label_maps, segmenter_config
+from s3_server import DUMMY_KEY_ID, DUMMY_SECRET, s3_bucket, s3_server  # noqa: F401  (fixtures)
+
+from clipdiy.schema import label_schema
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3_credentials(s3_server):
+    """A 2-CPU local Ray started after ``s3_server`` set the dummy credentials in the
+    environment, so its workers inherit them (as workers on a cluster get an instance role)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_s3_input_and_output_end_to_end(ray_with_s3_credentials, s3_server, s3_bucket, coco_images,
+                                        tiny_clip_config, tmp_path):
+    from clipdiy.pipeline.run import run_labelling
+
+    photos = coco_images[:3]
+    corpus = tmp_path / "corpus"
+    (corpus / "nested").mkdir(parents=True)
+    for path in photos[:2]:
+        shutil.copy(path, corpus / path.name)
+    shutil.copy(photos[2], corpus / "nested" / photos[2].name)
+    (corpus / "nested" / "text.jpg").write_text("not an image")
+    (corpus / "readme.md").write_text("not listed: not an image extension")
+    s3_server.upload_folder(corpus, s3_bucket, "photos")
+
+    segmenter = segmenter_config(tiny_clip_config)
+    config = job_config(f"s3://{s3_bucket}/photos/", f"s3://{s3_bucket}/labels", segmenter,
+                        storage=s3_server.options, rows_per_file=2)
+    summary = run_labelling(config)
+    assert (summary.listed, summary.seen, summary.ok, summary.error) == (4, 4, 3, 1)
+
+    fs = s3_server.filesystem()
+    run_dir = f"{s3_bucket}/labels/runs/{summary.run_id}"
+    shards = sorted(fs.glob(f"{run_dir}/part-*.parquet"))
+    assert len(shards) >= 2  # rows_per_file=2 bounds every shard
+    tables = []
+    for shard in shards:
+        with fs.open(shard, "rb") as handle:
+            table = pq.read_table(handle)
+        assert table.schema.equals(label_schema(), check_metadata=False)
+        assert 1 <= table.num_rows <= 2
+        tables.append(table)
+    rows = pa.concat_tables(tables).to_pylist()
+
+    expected_ids = sorted([p.name for p in photos[:2]] + [f"nested/{photos[2].name}", "nested/text.jpg"])
+    assert sorted(r["image_id"] for r in rows) == expected_ids
+    by_id = {r["image_id"]: r for r in rows}
+    for image_id, row in by_id.items():
+        assert row["uri"] == f"s3://{s3_bucket}/photos/{image_id}"
+        assert row["source_etag"] and row["source_size"] > 0 and row["source_mtime"] is not None
+    bad = by_id.pop("nested/text.jpg")
+    assert bad["status"] == "error" and bad["error_kind"] in {"not_image", "corrupt"} and bad["masks"] is None
+    assert all(r["status"] == "ok" for r in by_id.values())
+
+    reference, library = reference_label_maps(segmenter, photos)
+    reference[f"nested/{photos[2].name}"] = reference.pop(photos[2].name)
+    check_rows_match_library(list(by_id.values()), reference, library)
+
+    # The manifest is there (written last) and agrees with the shards.
+    manifest = json.loads(fs.cat_file(f"{run_dir}/_MANIFEST.json"))
+    assert manifest["counts"]["seen"] == 4 and manifest["counts"]["ok"] == 3
+    assert sorted(s["path"].rsplit("/", 1)[-1] for s in manifest["shards"]) == sorted(
+        s.rsplit("/", 1)[-1] for s in shards)
+    assert summary.manifest_path.endswith("_MANIFEST.json")
+
+    # The credentials the job ran with appear nowhere in what it wrote.
+    for path in fs.find(f"{s3_bucket}/labels"):
+        data = fs.cat_file(path)
+        assert DUMMY_SECRET.encode() not in data and DUMMY_KEY_ID.encode() not in data, path
+
+    # A second run over the same bucket labels nothing new (incremental, on S3 too).
+    again = run_labelling(config)
+    assert (again.listed, again.seen, again.skipped) == (4, 0, 4)
