@@ -106,32 +106,80 @@ def pil_bicubic_coefficients(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
+# Two exact ways to run PIL's int32 arithmetic as GEMMs:
+# - float64: every product and partial sum is an integer below 2**31, exact in float64. Best on
+#   CPUs and on GPUs with full-rate float64.
+# - float32 split: each coefficient k = hi * 2**11 + lo with 0 <= lo < 2**11 and |hi| <= 2**11, so
+#   every operand has at most 11 significant bits (exact even if the GEMM rounds inputs to TF32)
+#   and every partial sum of either half stays below 2**24 (exact in float32) while an output has
+#   at most 32 taps; the halves are recombined in int32. Used on CUDA, where float64 is slow on
+#   most cards.
+_SPLIT_BITS = 11
+_MAX_SPLIT_TAPS = (1 << 24) // (255 << _SPLIT_BITS)
+
+
 @functools.lru_cache(maxsize=64)
-def _weight_matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-    """The coefficients as an out_size x in_size float64 tensor on ``device`` (cached)."""
-    return torch.from_numpy(pil_bicubic_coefficients(in_size, out_size)).to(device, torch.float64)
+def _float64_weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """in_size x out_size float64: the coefficients, transposed for ``x @ W``, scaled by 2**-22."""
+    weights = torch.from_numpy(pil_bicubic_coefficients(in_size, out_size)).to(torch.float64)
+    # A power-of-two scale is exact; it turns PIL's ">> 22" into a floor.
+    return (weights * 2.0**-_PRECISION_BITS).T.contiguous().to(device)
 
 
-def _clip8(accumulated: torch.Tensor) -> torch.Tensor:
-    """PIL's ``clip8``: fixed-point accumulator (rounding offset included) -> 0..255, float64."""
-    return torch.floor_(accumulated.mul_(1.0 / (1 << _PRECISION_BITS))).clamp_(0.0, 255.0)
+@functools.lru_cache(maxsize=64)
+def _split_weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """in_size x (2 * out_size) float32: [hi | lo] halves of the coefficients, for ``x @ W``."""
+    weights = torch.from_numpy(pil_bicubic_coefficients(in_size, out_size))
+    high = torch.div(weights, 1 << _SPLIT_BITS, rounding_mode="floor")
+    low = weights - (high << _SPLIT_BITS)
+    return torch.cat([high, low]).T.contiguous().to(device, torch.float32)
 
 
-def pil_bicubic_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=256)
+def _max_taps(in_size: int, out_size: int) -> int:
+    """Most nonzero coefficients of any output sample."""
+    return int((pil_bicubic_coefficients(in_size, out_size) != 0).sum(axis=1).max())
+
+
+def _pass_float64(x: torch.Tensor, out_size: int) -> torch.Tensor:
+    """One PIL pass along the last axis: (..., n) float64 8-bit values -> (..., out_size)."""
+    scaled = torch.matmul(x, _float64_weights(x.shape[-1], out_size, x.device))
+    # clip8: floor((acc + 2**21) / 2**22) clipped to 0..255.
+    return scaled.add_(0.5).floor_().clamp_(0.0, 255.0)
+
+
+def _pass_float32_split(x: torch.Tensor, out_size: int) -> torch.Tensor:
+    """One PIL pass along the last axis: (..., n) float32 8-bit values -> (..., out_size)."""
+    halves = torch.matmul(x, _split_weights(x.shape[-1], out_size, x.device))
+    high, low = halves.to(torch.int32).split(out_size, dim=-1)
+    accumulated = (high << _SPLIT_BITS).add_(low).add_(1 << (_PRECISION_BITS - 1))
+    return (accumulated >> _PRECISION_BITS).clamp_(0, 255).to(torch.float32)
+
+
+def exact_resize_dtype(device: torch.device, height: int, width: int, size: int) -> torch.dtype:
+    """The arithmetic :func:`pil_bicubic_resize` picks: float32 split on CUDA where exact, else float64."""
+    if device.type != "cuda" or torch.get_float32_matmul_precision() == "medium":
+        return torch.float64  # "medium" lets float32 GEMMs round operands to bfloat16
+    if max(_max_taps(width, size), _max_taps(height, size)) > _MAX_SPLIT_TAPS:
+        return torch.float64
+    return torch.float32
+
+
+def pil_bicubic_resize(images: torch.Tensor, size: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Resize 8-bit images to ``size x size`` bit-identically to PIL's ``resize(..., BICUBIC)``.
 
     images: B x C x h x w uint8, on any device.
     Returns B x C x size x size uint8 on the same device.
 
     Separable, as PIL: a horizontal pass (skipped when ``w == size``) rounded and clipped to
-    8 bits, then a vertical pass (skipped when ``h == size``). Each pass is one GEMM over the
-    whole batch against PIL's fixed-point coefficients. It runs in float64: every product and
-    partial sum is an integer below 2**31, which float64 holds exactly, so the result does not
-    depend on the device's summation order and equals PIL's int32 arithmetic.
+    8 bits, then a vertical pass (skipped when ``h == size``), each one GEMM over the whole batch
+    against PIL's fixed-point coefficients (cached per size pair and device). ``dtype`` picks the
+    exact arithmetic (float64, or the float32 split; see the comment above); ``None`` lets
+    :func:`exact_resize_dtype` choose. Both give the same bytes on every device.
 
     Square inputs (what CLIP-DIY's crops are) match every Pillow version. For non-square inputs
-    Pillow >= 13 sometimes runs the vertical pass first (a speed heuristic); this function always
-    runs the horizontal pass first, as Pillow <= 12 and the reference's Pillow do.
+    whose height shrinks, Pillow >= 13 sometimes runs the vertical pass first (a speed heuristic);
+    this function always runs the horizontal pass first, as Pillow <= 12 does.
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"expected B x C x h x w uint8, got {images.dtype} {tuple(images.shape)}")
@@ -140,15 +188,22 @@ def pil_bicubic_resize(images: torch.Tensor, size: int) -> torch.Tensor:
     height, width = images.shape[-2:]
     if height < 1 or width < 1:
         raise ValueError(f"empty images of shape {tuple(images.shape)}")
-    half = float(1 << (_PRECISION_BITS - 1))
-    x = images.to(torch.float64)
+    if dtype is None:
+        dtype = exact_resize_dtype(images.device, height, width, size)
+    if dtype == torch.float64:
+        one_pass = _pass_float64
+    elif dtype == torch.float32:
+        if max(_max_taps(width, size), _max_taps(height, size)) > _MAX_SPLIT_TAPS:
+            raise ValueError(f"the float32 split is not exact for {height} x {width} -> {size}; use float64")
+        one_pass = _pass_float32_split
+    else:
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    x = images.to(dtype)
     if width != size:
-        horizontal = _weight_matrix(width, size, images.device)  # size x w
-        x = _clip8(torch.matmul(x, horizontal.T).add_(half))  # B x C x h x size
+        x = one_pass(x, size)  # B x C x h x size
     if height != size:
-        vertical = _weight_matrix(height, size, images.device)  # size x h
-        # On the transposed rows the vertical pass is one GEMM too (B*C*w rows x h).
-        x = _clip8(torch.matmul(x.transpose(-1, -2), vertical.T).add_(half)).transpose(-1, -2)
+        # On transposed rows the vertical pass is one GEMM too (B * C * size rows x h).
+        x = one_pass(x.transpose(-1, -2), size).transpose(-1, -2)
     return x.to(torch.uint8).contiguous()
 
 

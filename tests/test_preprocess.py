@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipdiy.preprocess import (
+    _MAX_SPLIT_TAPS,
+    _max_taps,
     crop_grid,
+    exact_resize_dtype,
     crops_per_image,
     model_input_size,
     pil_bicubic_coefficients,
@@ -24,10 +27,13 @@ def pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
 
 
-def ours(images: np.ndarray, size: int) -> np.ndarray:
+def ours(images: np.ndarray, size: int, dtype: torch.dtype | None = None) -> np.ndarray:
     """B x h x w x 3 uint8 -> B x size x size x 3 uint8 through pil_bicubic_resize."""
     batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    return pil_bicubic_resize(batch, size).permute(0, 2, 3, 1).numpy()
+    return pil_bicubic_resize(batch, size, dtype=dtype).permute(0, 2, 3, 1).numpy()
+
+
+EXACT_DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32-split")]
 
 
 def test_hard_edges_overshoot():
@@ -49,16 +55,22 @@ def _hard_edges(rng: np.random.Generator, batch: int, size: int) -> np.ndarray:
     [1, 2, 3, 5, 17, 31, 63, 64, 65, 97, 127, 128, 129, 200, 223, 224, 225, 255, 256, 257, 333, 448, 512],
 )
 @pytest.mark.parametrize("out_size", [224, 37])
-def test_bicubic_is_pil_exact_on_square_inputs(in_size, out_size):
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_bicubic_is_pil_exact_on_square_inputs(in_size, out_size, dtype):
     rng = np.random.default_rng(in_size * 1000 + out_size)
     noise = rng.integers(0, 256, size=(3, in_size, in_size, 3), dtype=np.uint8)
     images = np.concatenate([noise, _hard_edges(rng, 2, in_size)])
+    if dtype == torch.float32 and _max_taps(in_size, out_size) > _MAX_SPLIT_TAPS:
+        with pytest.raises(ValueError, match="not exact"):
+            ours(images, out_size, dtype)
+        return
     expected = np.stack([pil_resize(image, out_size, out_size) for image in images])
-    np.testing.assert_array_equal(ours(images, out_size), expected)
+    np.testing.assert_array_equal(ours(images, out_size, dtype), expected)
 
 
 @pytest.mark.parametrize("height,width", [(1, 300), (50, 300), (64, 100), (100, 101), (224, 500), (17, 31)])
-def test_bicubic_is_pil_exact_on_non_square_inputs_whose_height_is_not_reduced(height, width):
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_bicubic_is_pil_exact_on_non_square_inputs_whose_height_is_not_reduced(height, width, dtype):
     # Pillow >= 13 runs the vertical pass first for some shapes whose height shrinks; where the
     # height is not reduced every Pillow runs the horizontal pass first, as we always do.
     rng = np.random.default_rng(height * 7 + width)
@@ -67,7 +79,8 @@ def test_bicubic_is_pil_exact_on_non_square_inputs_whose_height_is_not_reduced(h
     np.testing.assert_array_equal(ours(images, 224), expected)
 
 
-def test_bicubic_is_pil_exact_on_real_photo_crops(coco_images):
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_bicubic_is_pil_exact_on_real_photo_crops(coco_images, dtype):
     """The crops CLIP-DIY cuts (64, 128, 256 px, at stride p/2) of real photos, resized to 224."""
     for path in coco_images[:4]:
         image = resize_for_model(np.asarray(Image.open(path).convert("RGB")), "faithful")
@@ -81,7 +94,7 @@ def test_bicubic_is_pil_exact_on_real_photo_crops(coco_images):
                 ]
             )
             expected = np.stack([pil_resize(crop, 224, 224) for crop in crops])
-            np.testing.assert_array_equal(ours(crops, 224), expected, err_msg=f"{path.name} p={patch}")
+            np.testing.assert_array_equal(ours(crops, 224, dtype), expected, err_msg=f"{path.name} p={patch}")
 
 
 def test_torch_bicubic_is_not_pil(coco_images):
@@ -113,6 +126,20 @@ def test_bicubic_coefficients_are_pils_fixed_point():
         assert np.all(np.abs(weights.sum(axis=1) - (1 << 22)) <= taps)
 
 
+def test_float32_split_is_chosen_only_on_cuda_and_where_exact():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert exact_resize_dtype(cpu, 64, 64, 224) == torch.float64
+    assert exact_resize_dtype(cuda, 64, 64, 224) == torch.float32
+    assert exact_resize_dtype(cuda, 256, 256, 224) == torch.float32
+    assert exact_resize_dtype(cuda, 2000, 2000, 224) == torch.float64  # 9x shrink: too many taps
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # bfloat16 GEMM operands: not exact
+        assert exact_resize_dtype(cuda, 64, 64, 224) == torch.float64
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_bicubic_rejects_bad_input():
     with pytest.raises(ValueError, match="uint8"):
         pil_bicubic_resize(torch.zeros(1, 3, 8, 8), 4)
@@ -120,6 +147,8 @@ def test_bicubic_rejects_bad_input():
         pil_bicubic_resize(torch.zeros(3, 8, 8, dtype=torch.uint8), 4)
     with pytest.raises(ValueError, match="positive"):
         pil_bicubic_resize(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 0)
+    with pytest.raises(ValueError, match="dtype"):
+        pil_bicubic_resize(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 4, dtype=torch.float16)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -128,9 +157,17 @@ def test_bicubic_is_exact_on_cuda():
     for size in (64, 128, 256, 97):
         images = torch.from_numpy(rng.integers(0, 256, size=(8, 3, size, size), dtype=np.uint8))
         cpu = pil_bicubic_resize(images, 224)
-        gpu = pil_bicubic_resize(images.cuda(), 224)
-        assert gpu.device.type == "cuda"
-        assert torch.equal(gpu.cpu(), cpu)
+        for dtype in (None, torch.float32, torch.float64):
+            gpu = pil_bicubic_resize(images.cuda(), 224, dtype=dtype)
+            assert gpu.device.type == "cuda"
+            assert torch.equal(gpu.cpu(), cpu), dtype
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True  # the split must stay exact under TF32
+        gpu = pil_bicubic_resize(images.cuda(), 224, dtype=torch.float32)
+        assert torch.equal(gpu.cpu(), pil_bicubic_resize(images, 224))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def test_faithful_resize_is_opencv_bilinear(coco_images):
