@@ -37,7 +37,7 @@ def test_grayscale_and_palette_and_rgba():
     rgba[..., 0], rgba[..., 3] = 200, 0
     assert (to_rgb_uint8(Image.fromarray(rgba, "RGBA"))[..., 0] == 200).all()
     assert (to_rgb_uint8(rgba)[..., 0] == 200).all()
-    palette = Image.fromarray(np.full((3, 4, 3), (10, 20, 30), np.uint8)).convert("P")
+    palette = Image.fromarray(np.full((3, 4, 3), (10, 20, 30), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
     assert (to_rgb_uint8(palette) == (10, 20, 30)).all()
 
 
