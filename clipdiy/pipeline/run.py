@@ -31,13 +31,12 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clipdiy.pipeline.config import LabelJobConfig
-from clipdiy.pipeline.decode import DecodeBatch
 from clipdiy.pipeline.incremental import ListingCounts, labelled_keys, pending_blocks
-from clipdiy.pipeline.inference import SegmentBatch
 from clipdiy.pipeline.layout import OutputLayout
 from clipdiy.pipeline.lock import OutputLock
 from clipdiy.pipeline.manifest import (
@@ -49,10 +48,11 @@ from clipdiy.pipeline.manifest import (
     write_manifest,
     write_run_state,
 )
-from clipdiy.pipeline.rows import RowContext, build_rows
 from clipdiy.pipeline.storage import check_input_reachable, iter_sources, redact_url
 from clipdiy.pipeline.writer import ShardTarget, write_shard
-from clipdiy.segmenter import Provenance
+
+if TYPE_CHECKING:
+    from clipdiy.segmenter import Provenance
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,11 @@ class Progress:
 def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, plan: RunPlan, gpus: float):
     """The Ray Data plan: listing blocks -> decode -> predict -> rows -> shard stats."""
     import ray.data
+
+    # Imported here, not at the top: refusals before the models load stay free of torch imports.
+    from clipdiy.pipeline.decode import DecodeBatch
+    from clipdiy.pipeline.inference import SegmentBatch
+    from clipdiy.pipeline.rows import RowContext, build_rows
 
     decode = DecodeBatch(config.storage, config.segmenter.mode, config.max_pixels, config.read_attempts)
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
