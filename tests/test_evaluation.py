@@ -278,3 +278,36 @@ def test_labels_and_ground_truth_on_object_storage(s3_server, s3_bucket, tmp_pat
     ground_truth = VocGroundTruth(f"s3://{s3_bucket}/voc/SegmentationClass", storage=s3_server.options)
     d = evaluate(labels, ground_truth, use_ray=False, storage=s3_server.options).to_dict()
     assert d["miou"] == pytest.approx(52.9762, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_on_the_real_jobs_output(coco_sample, tiny_clip_config, tmp_path):
+    """The labelling job's own output (tiny random CLIP, 4 COCO photos) through evaluation,
+    previews and the feed."""
+    from pipeline_support import cli_args
+
+    from clipdiy.feed import LabelDataset
+    from clipdiy.preview import PreviewConfig, render_output
+
+    output = tmp_path / "labels"
+    job = subprocess.run(cli_args(coco_sample / "images", output, tiny_clip_config, "--vocabulary", "coco", "--limit", "4"),
+                         capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    gt = CocoGroundTruth(str(coco_sample / "annotations" / "instances.json"))
+    report = evaluate(str(output), gt, use_ray=False)
+    d = report.to_dict()
+    assert d["counts"]["evaluated"] == 4 and d["counts"]["missing"] == 28 and d["counts"]["unmatched"] == 0
+    ids = [i["image_id"] for i in d["images"]]
+    valid = sum(int((resize_nearest(m, short_side_size(*m.shape, 448)) != 255).sum())
+                for m in (gt.load(i.rsplit(".", 1)[0]) for i in ids))
+    assert int(report.confusion.sum()) == valid
+    assert 0 <= d["miou"] <= 100 and d["saliency"]["foreground_iou"] is not None
+
+    dataset = LabelDataset(str(output))
+    assert sorted(r["image_id"] for r in dataset.records) == sorted(ids)
+    image, label = dataset[0]
+    assert image.shape[:2] == label.shape == gt.load(dataset.records[0]["image_id"].rsplit(".", 1)[0]).shape
+
+    summary = render_output(str(output), str(tmp_path / "preview"), PreviewConfig(size=128, sample=4, tile=64),
+                            evaluation_report=d)
+    assert summary["pictures"] == 4 and all(e["miou"] is not None for e in summary["entries"])
