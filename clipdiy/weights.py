@@ -3,7 +3,8 @@
 A source is a local path, an fsspec URI (``s3://``, ``gs://``, ...; copied into a local cache), an
 http(s) URL (downloaded into the cache with short timeouts) or a Hugging Face hub file (the local
 hub cache first, then the hub with short timeouts; ``HF_HUB_OFFLINE`` is respected and then the
-network is never tried). Anything missing or undownloadable raises
+network is never tried; ``CLIPDIY_OFFLINE`` does the same and both also stop http(s) downloads).
+Anything missing or undownloadable raises
 :class:`~clipdiy.errors.WeightsNotFoundError` within seconds, naming what is missing and the
 option that supplies it (config field and command-line flag). Nothing ever falls back to random
 weights.
@@ -65,11 +66,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipdiy"
 
 
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set (read now, not at import, so tests and users can flip it)."""
+def offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``CLIPDIY_OFFLINE`` is set: no hub or http(s) download is tried.
+
+    Read at call time, not import time, so tests and users can flip it.
+    """
     from huggingface_hub import constants
 
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or bool(constants.HF_HUB_OFFLINE)
+    flags = (os.environ.get(name, "").strip().lower() for name in ("HF_HUB_OFFLINE", "CLIPDIY_OFFLINE"))
+    return any(flag in _TRUE for flag in flags) or bool(constants.HF_HUB_OFFLINE)
 
 
 def resolve_file(source: str, option: WeightsOption, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -82,9 +87,11 @@ def resolve_file(source: str, option: WeightsOption, cache_dir: str | os.PathLik
         if not path.is_file():
             raise option.missing(f"no file at {path}")
         return path
-    target = _cache_path(source, cache_dir)
+    target = cache_path(source, cache_dir)
     if target.is_file():
         return target
+    if protocol in ("http", "https") and offline():
+        raise option.missing(f"{source} is not in the cache ({target}) and offline mode is on (HF_HUB_OFFLINE)")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
@@ -122,8 +129,8 @@ def resolve_hub_file(
         except LocalEntryNotFoundError:
             continue
     where = f"{description} (hub repo {repo_id}, file {' or '.join(filenames)})"
-    if hub_offline():
-        raise option.missing(f"{where} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    if offline():
+        raise option.missing(f"{where} is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE)")
     endpoint = os.environ.get("HF_ENDPOINT") or None
     errors = []
     for filename in filenames:
@@ -215,7 +222,8 @@ def weights_id(path: str | os.PathLike) -> str:
     return f"sha256:{sha256_file(path)[:16]}"
 
 
-def _cache_path(source: str, cache_dir: str | os.PathLike | None) -> Path:
+def cache_path(source: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where a copy of a remote ``source`` lives in the cache (``cache_dir`` or :func:`default_cache_dir`)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     name = source.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or "weights"
     key = hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]

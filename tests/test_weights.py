@@ -19,6 +19,7 @@ from clipdiy.weights import (
     CLIP_WEIGHTS,
     DINO_WEIGHTS,
     FOUND_HEAD_WEIGHTS,
+    cache_path,
     load_state_dict,
     resolve_file,
     resolve_hub_file,
@@ -36,16 +37,25 @@ def offline(monkeypatch):
 
 
 @pytest.fixture
-def dead_hub(monkeypatch):
-    """The hub is 'online' but its endpoint is a closed local port: the online path, no network."""
+def online(monkeypatch):
+    """Offline mode off (the suite runs with HF_HUB_OFFLINE=1); only loopback servers are used."""
     import huggingface_hub.constants
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("CLIPDIY_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def dead_hub(online, monkeypatch):
+    """The hub is 'online' but its endpoint is a closed local port: the online path, no network."""
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
 
 
 @pytest.fixture
@@ -103,7 +113,7 @@ def test_fsspec_uri_is_copied_to_the_cache(tmp_path):
     assert not list(tmp_path.rglob("*.partial"))
 
 
-def test_http_download_and_fast_failures(tmp_path, http_server):
+def test_http_download_and_fast_failures(online, tmp_path, http_server):
     root, base = http_server
     torch.save({"decoder": {"weight": torch.ones(1, 4, 1, 1), "bias": torch.zeros(1)}}, root / "head.pt")
     local = resolve_file(f"{base}/head.pt", FOUND_HEAD_WEIGHTS, cache_dir=tmp_path / "cache")
@@ -112,13 +122,22 @@ def test_http_download_and_fast_failures(tmp_path, http_server):
     with pytest.raises(WeightsNotFoundError, match="HTTP 404") as error:
         resolve_file(f"{base}/absent.pt", FOUND_HEAD_WEIGHTS, cache_dir=tmp_path / "cache")
     assert_names_option(error, "SaliencyConfig.head", "--found-head")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
     with pytest.raises(WeightsNotFoundError, match="could not be downloaded"):
-        resolve_file(f"http://127.0.0.1:{closed}/head.pt", FOUND_HEAD_WEIGHTS, cache_dir=tmp_path / "cache")
+        resolve_file(f"http://127.0.0.1:{closed_port()}/head.pt", FOUND_HEAD_WEIGHTS, cache_dir=tmp_path / "cache")
     assert time.monotonic() - start < FAST_S
     assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+def test_urls_are_not_fetched_offline_but_cached_copies_are_used(offline, tmp_path, http_server):
+    root, base = http_server
+    (root / "head.pt").write_bytes(b"weights")
+    with pytest.raises(WeightsNotFoundError, match="offline mode") as error:
+        resolve_file(f"{base}/head.pt", FOUND_HEAD_WEIGHTS, cache_dir=tmp_path)
+    assert_names_option(error, "SaliencyConfig.head", "--found-head")
+    cached = cache_path(f"{base}/head.pt", tmp_path)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    assert resolve_file(f"{base}/head.pt", FOUND_HEAD_WEIGHTS, cache_dir=tmp_path) == cached
 
 
 def test_default_pretrained_clip_offline_fails_fast_and_says_what_to_pass(offline, tmp_path):
