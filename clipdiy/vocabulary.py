@@ -269,8 +269,7 @@ def _entries_from_structured(data: Any, spec: str) -> list[tuple[str, tuple[str,
                 )
         return entries
     raise VocabularyError(
-        f"vocabulary file {spec} must hold a list of classes or a mapping name -> synonyms, "
-        f"got {type(data).__name__}"
+        f"vocabulary file {spec} must hold a list of classes or a mapping name -> synonyms, got {type(data).__name__}"
     )
 
 

@@ -45,7 +45,9 @@ class WeightsOption:
 
     def missing(self, detail: str) -> WeightsNotFoundError:
         """The error to raise when these weights cannot be had; ``detail`` says what was tried."""
-        message = f"{self.what} not found: {detail}. Pass a local path or URI with {self.config_field} ({self.cli_flag})"
+        message = (
+            f"{self.what} not found: {detail}. Pass a local path or URI with {self.config_field} ({self.cli_flag})"
+        )
         if self.hint:
             message += f"; {self.hint}"
         return WeightsNotFoundError(message + ".")
@@ -123,9 +125,7 @@ def resolve_hub_file(
     cache = str(cache_dir) if cache_dir else None
     for filename in filenames:
         try:
-            return Path(
-                hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache, local_files_only=True)
-            )
+            return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache, local_files_only=True))
         except LocalEntryNotFoundError:
             continue
     where = f"{description} (hub repo {repo_id}, file {' or '.join(filenames)})"

@@ -16,7 +16,11 @@ from model_factories import CLIP_MEAN, CLIP_STD, TINY_CLIP_CONFIG, make_clip_con
 from clipdiy.config import ClipConfig, PromptConfig
 from clipdiy.errors import WeightsNotFoundError
 from clipdiy.models.clip import create_clip_model
-from clipdiy.text_embeddings import class_text_embeddings, clear_memory_cache, compute_class_embeddings
+from clipdiy.text_embeddings import (
+    class_text_embeddings,
+    clear_memory_cache,
+    compute_class_embeddings,
+)
 from clipdiy.vocabulary import Vocabulary, load_vocabulary
 from clipdiy.weights import sha256_file
 
@@ -203,13 +207,13 @@ def test_vitb32_stand_in_is_discriminative(vitb32_clip_config, coco_images):
     off_diagonal = similarity[~torch.eye(len(voc), dtype=torch.bool)]
     assert off_diagonal.mean() < 0.4, "text embeddings nearly collinear: the stand-in is degenerate"
 
-    images = [np.asarray(Image.open(path).convert("RGB")) for path in coco_images[:6]]
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in coco_images[:4]]
     labels, gap = dense_label_maps(clip, text, images)
     share = torch.bincount(labels.flatten(), minlength=len(voc)).float() / labels.numel()
     assert int((share > 0.01).sum()) >= 5, f"too few classes win pixels: {share}"
     assert share.max() < 0.6, f"one class wins almost everything: {share}"
     per_image = [len(torch.unique(label)) for label in labels]
-    assert sum(n >= 3 for n in per_image) >= 3, per_image
+    assert sum(n >= 3 for n in per_image) >= 3, per_image  # most photos get several classes
     assert float(gap.median()) > 1e-3  # top-1 vs top-2 gaps large enough to compare label maps on
 
 

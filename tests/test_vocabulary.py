@@ -115,7 +115,7 @@ def test_content_hash_is_canonical_and_stable(tmp_path):
         ("dup_synonym.yaml", "- cat: [kitty]\n- dog: [Kitty]\n", "duplicate"),
         ("bg_later.txt", "cat\nbackground\n", "background"),
         ("bg_synonym.yaml", "- cat: [background]\n", "background"),
-        ("bad.json", "[\"cat\", ", "not valid JSON"),
+        ("bad.json", '["cat", ', "not valid JSON"),
         ("bad.yaml", "- cat: [unclosed\n", "not valid YAML"),
         ("scalar.yaml", "42\n", "must hold a list"),
         ("numbers.json", "[1, 2]", "each list item"),

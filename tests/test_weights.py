@@ -7,14 +7,14 @@ import http.server
 import socket
 import threading
 import time
+
 import fsspec
 import pytest
 import torch
+from model_factories import FOUND_HEAD
 
 from clipdiy.config import ClipConfig, SaliencyConfig
 from clipdiy.errors import WeightsNotFoundError
-from model_factories import FOUND_HEAD
-
 from clipdiy.weights import (
     CLIP_WEIGHTS,
     DINO_WEIGHTS,

@@ -216,7 +216,11 @@ def _safetensors_name(filename: str) -> str:
 def _load_weights(model: nn.Module, state_dict: dict, path: Path, model_name: str) -> None:
     """Load a state dict strictly, after open_clip's own format conversions and pos-embed resizing."""
     from open_clip.convert import convert_state_dict
-    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+    from open_clip.model import (
+        convert_to_custom_text_state_dict,
+        resize_pos_embed,
+        resize_text_pos_embed,
+    )
 
     state_dict = convert_state_dict(model, state_dict)
     if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):

@@ -52,8 +52,8 @@ def create_saliency_model(
 
 
 # Built-in backends register themselves on import.
-from clipdiy.models.saliency import found as _found  # noqa: E402,F401
-from clipdiy.models.saliency import none as _none  # noqa: E402,F401
+from clipdiy.models.saliency import found as _found  # noqa: F401
+from clipdiy.models.saliency import none as _none  # noqa: F401
 
 __all__ = [
     "SaliencyModel",

@@ -129,7 +129,9 @@ def load_found_head(source: str, embed_dim: int, cache_dir: str | None = None) -
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise FOUND_HEAD_WEIGHTS.missing(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+        raise FOUND_HEAD_WEIGHTS.missing(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {error})"
+        ) from error
     if isinstance(state, dict) and isinstance(state.get("decoder"), dict):
         state = state["decoder"]
     head = nn.Conv2d(embed_dim, 1, kernel_size=1)
