@@ -108,7 +108,8 @@ def test_sigkill_then_resume_is_exactly_once_and_a_concurrent_run_refuses(coco_i
         kill_group(second)
     log = (tmp_path / "second.log").read_text()
     summary = [line for line in log.splitlines() if "images seen" in line]
-    assert len(summary) == 1 and "labelled" in summary[0] and "images/s" in summary[0]
+    assert len(summary) == 1 and summary[0].startswith("label.py: run "), summary
+    assert "labelled" in summary[0] and "skipped" in summary[0] and "images/s" in summary[0]
 
     # Exactly once: every image one row, one run, finished after two attempts.
     done = manifests(output)

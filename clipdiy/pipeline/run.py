@@ -347,5 +347,4 @@ def _run_locked(
         labelling_seconds=labelling_seconds,
         total_seconds=time.monotonic() - started,
     )
-    logger.info("%s", summary.line())
     return summary
