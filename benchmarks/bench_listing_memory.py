@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -46,9 +45,7 @@ def measure(uri: str, options: StorageOptions | None) -> dict:
         tracemalloc.start()
         start = time.perf_counter()
         if how == "stream":
-            count = 0
-            for _ in iter_sources(uri, options):
-                count += 1
+            count = sum(1 for _ in iter_sources(uri, options))
         else:
             listing = list(iter_sources(uri, options))
             count = len(listing)

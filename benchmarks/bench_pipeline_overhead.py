@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))  # model_factories: random-init che
 
 
 def load_average() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 def make_corpus(source: Path, target: Path, repeat: int, limit: int | None = None) -> list[Path]:

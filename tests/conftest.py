@@ -55,3 +55,6 @@ def found_saliency_config(tmp_path_factory):
     from model_factories import make_saliency_config
 
     return make_saliency_config(tmp_path_factory.mktemp("found"))
+
+# The moto S3 server fixtures (s3_server, s3_bucket) for storage and pipeline tests.
+pytest_plugins = ["s3_server"]

@@ -1,8 +1,7 @@
 """A real S3 endpoint for tests: moto's threaded server on 127.0.0.1, reached through s3fs.
 
-Use from a test module (``tests/`` is on ``sys.path`` under pytest's default import mode)::
-
-    from s3_server import s3_server, s3_bucket  # noqa: F401  (pytest fixtures)
+A pytest plugin (``tests/conftest.py`` lists it in ``pytest_plugins``), so any test can ask
+for its fixtures::
 
     def test_x(s3_server, s3_bucket):
         s3_server.upload_folder(local_dir, s3_bucket, "images")

@@ -59,7 +59,7 @@ class RayHead:
 
     def ray(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([RAY, *args], capture_output=True, text=True, timeout=timeout,
-                              env=self.env, cwd=REPO_ROOT)
+                              env=self.env, cwd=REPO_ROOT, check=False)
 
 
 def _session_processes(sid: int) -> list[int]:
@@ -88,7 +88,7 @@ def _stop_head(proc: subprocess.Popen) -> None:
             proc.kill()
             proc.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while (left := _session_processes(sid)) and time.monotonic() < deadline:
+    while _session_processes(sid) and time.monotonic() < deadline:
         time.sleep(1)
     for pid in _session_processes(sid):
         try:

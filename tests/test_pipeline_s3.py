@@ -13,8 +13,13 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_support import check_rows_match_library, job_config, reference_label_maps, segmenter_config
-from s3_server import DUMMY_KEY_ID, DUMMY_SECRET, s3_bucket, s3_server  # noqa: F401  (fixtures)
+from pipeline_support import (
+    check_rows_match_library,
+    job_config,
+    reference_label_maps,
+    segmenter_config,
+)
+from s3_server import DUMMY_KEY_ID, DUMMY_SECRET
 
 from clipdiy.schema import label_schema
 

@@ -15,7 +15,7 @@ import types
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from s3_server import DUMMY_KEY_ID, DUMMY_SECRET, s3_bucket, s3_server  # noqa: F401  (fixtures)
+from s3_server import DUMMY_KEY_ID, DUMMY_SECRET
 
 from clipdiy.errors import ClipdiyError, InputError
 from clipdiy.pipeline import storage
@@ -169,9 +169,9 @@ class FakeS3:
     """Just enough of s3fs for the paginated listing: serves sorted keys page by page."""
 
     protocol = ("s3", "s3a")
-    req_kw: dict = {}
 
     def __init__(self, keys):
+        self.req_kw = {}
         self.keys = sorted(keys)
         self.requests = []
 

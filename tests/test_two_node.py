@@ -5,7 +5,13 @@ the other node and the listing blocks, models' text embeddings and results cross
 from __future__ import annotations
 
 import pytest
-from pipeline_support import check_rows_match_library, job_config, read_all_rows, reference_label_maps, segmenter_config
+from pipeline_support import (
+    check_rows_match_library,
+    job_config,
+    read_all_rows,
+    reference_label_maps,
+    segmenter_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +37,7 @@ def test_labelling_on_two_nodes(two_node_cluster, coco_images, tiny_clip_config,
 
     from clipdiy.pipeline.run import run_labelling
 
-    cluster, worker = two_node_cluster
+    _, worker = two_node_cluster
     alive = [n for n in ray.nodes() if n["Alive"]]
     assert len(alive) == 2
     assert ray.cluster_resources()["CPU"] == 2  # all of them on the worker node

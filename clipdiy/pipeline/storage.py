@@ -180,9 +180,6 @@ def redact_url(url: str | None) -> str | None:
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
-_redact_url = redact_url  # the old private name, still used by callers
-
-
 @dataclass(frozen=True)
 class SourceObject:
     """One input object: where it is, its stable id, and what identifies its content version.
@@ -435,8 +432,7 @@ def _iter_manifest(fs, manifest_path: str, options: StorageOptions) -> Iterator[
         entries = _text_manifest_entries(fs, manifest_path)
     for entry, size, etag, mtime in entries:
         uri = _resolve_entry(fs, entry, base_dir)
-        prefix = base_uri.rstrip("/") + "/"
-        image_id = uri[len(prefix):] if uri.startswith(prefix) else uri
+        image_id = uri.removeprefix(base_uri.rstrip("/") + "/")
         yield SourceObject(uri=uri, image_id=image_id, size=size,
                            etag=etag.strip('"') if isinstance(etag, str) else None,
                            mtime=_as_utc(mtime))
@@ -538,9 +534,7 @@ def _transient_one(exc: BaseException) -> bool:
     status = getattr(exc, "status", None) or getattr(exc, "code", None)
     if isinstance(status, int) and (status >= 500 or status == 429):
         return True
-    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
-        return True
-    return False
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 
 
 def with_retries(
@@ -660,7 +654,7 @@ def _run_bounded(call: Callable[[], Any], timeout: float) -> Any:
     def target() -> None:
         try:
             box.put(call())
-        except BaseException as exc:  # handed to the caller, which raises it as an InputError
+        except Exception as exc:  # noqa: BLE001 (handed to the caller, raised there as an InputError)
             box.put(exc)
 
     threading.Thread(target=target, name="clipdiy-input-check", daemon=True).start()
