@@ -53,12 +53,22 @@ def _pid_alive(pid: int) -> bool:
 class OutputLock:
     """The lock of one OUTPUT, held by one run; a daemon thread refreshes its heartbeat."""
 
-    def __init__(self, layout: OutputLayout, run_id: str, *, stale_after_s: float, heartbeat_s: float, settle_s: float = 0.5):
+    def __init__(
+        self,
+        layout: OutputLayout,
+        run_id: str,
+        *,
+        stale_after_s: float,
+        heartbeat_s: float,
+        settle_s: float = 0.5,
+        takeover_grace_s: float = 5.0,
+    ):
         self.layout = layout
         self.run_id = run_id
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s
         self.settle_s = settle_s
+        self.takeover_grace_s = takeover_grace_s
         now = time.time()
         self.info = LockInfo(run_id, socket.gethostname(), os.getpid(), uuid.uuid4().hex, now, now)
         self.lost = False
@@ -97,6 +107,9 @@ class OutputLock:
                     f"heartbeat {age:.0f} s ago); wait for it to finish, or delete {self.layout.lock_path()} if it is dead"
                 )
             logger.warning("taking over the lock of run %s on %s: %s", existing.run_id, self.layout.uri, reason)
+            # A dead driver's Ray workers die with it within moments; a write task still finishing
+            # must land before this run lists what is already labelled.
+            time.sleep(self.takeover_grace_s)
         now = time.time()
         self.info.acquired_at = self.info.heartbeat_at = now
         if self.layout.is_local and existing is None:
