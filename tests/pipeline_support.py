@@ -32,16 +32,16 @@ def segmenter_config(clip, saliency: SaliencyConfig | None = None, vocabulary: s
 
 
 def job_config(input_uri, output_uri, segmenter: SegmenterConfig, **overrides) -> LabelJobConfig:
-    options = dict(
-        decode_batch_size=4,
-        inference_batch_size=4,
-        rows_per_file=10,
-        min_actors=1,
-        max_actors=1,
-        cpus_per_actor=1.0,
-        heartbeat_s=2.0,
-        lock_stale_after_s=60.0,
-    )
+    options = {
+        "decode_batch_size": 4,
+        "inference_batch_size": 4,
+        "rows_per_file": 10,
+        "min_actors": 1,
+        "max_actors": 1,
+        "cpus_per_actor": 1.0,
+        "heartbeat_s": 2.0,
+        "lock_stale_after_s": 60.0,
+    }
     options.update(overrides)
     return LabelJobConfig(input=str(input_uri), output=str(output_uri), segmenter=segmenter, **options)
 

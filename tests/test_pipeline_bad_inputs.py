@@ -134,3 +134,33 @@ def test_job_completes_on_a_corpus_with_bad_inputs(coco_images, tiny_clip_config
 
     manifest = manifests(output)[summary.run_id]
     assert manifest["counts"]["ok"] == len(EXPECTED_OK) and manifest["counts"]["error"] == len(EXPECTED_ERRORS)
+
+
+def test_a_model_failure_costs_only_the_failing_image(coco_images):
+    """A batch whose predict fails is retried image by image; the culprit gets a ``model`` row."""
+    import pickle
+
+    import pyarrow as pa
+
+    from clipdiy.pipeline.decode import decoded_columns
+    from clipdiy.pipeline.inference import SegmentBatch
+
+    results = [decode_image(path.read_bytes(), mode="faithful", max_pixels=100_000_000) for path in coco_images[:3]]
+    results.append(decode_image(b"", mode="faithful", max_pixels=100_000_000))
+    poison = results[1].prepared.rgb.shape
+    assert poison not in (results[0].prepared.rgb.shape, results[2].prepared.rgb.shape)
+
+    class FlakySegmenter:
+        def predict(self, prepared):
+            if any(p.rgb.shape == poison for p in prepared):
+                raise RuntimeError("CUDA error: an illegal memory access")
+            return [{"size": p.rgb.shape} for p in prepared]
+
+    batch = pa.table({"image_id": [f"{i}.jpg" for i in range(4)], **decoded_columns(results)})
+    stage = SegmentBatch.__new__(SegmentBatch)
+    stage.segmenter = FlakySegmenter()
+    out = stage(batch).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "error", "ok", "error"]
+    assert (out[1]["error_kind"], out[3]["error_kind"]) == ("model", "empty")
+    assert "illegal memory access" in out[1]["error"] and out[1]["payload"] is None
+    assert pickle.loads(out[0]["payload"]) == {"size": results[0].prepared.rgb.shape}

@@ -27,7 +27,7 @@ class LabelJobConfig:
     input / output:        fsspec URIs or local paths (prefix, glob or manifest for the input).
     segmenter:             the model side (vocabulary, CLIP, saliency, mode, crop batch size).
     storage:               object-storage settings, never credentials.
-    decode_batch_size:     images per CPU decode task (also the block size of the listing).
+    decode_batch_size:     images per batch of a CPU decode task.
     inference_batch_size:  images per ``Segmenter.predict`` call in an actor.
     min_actors/max_actors: bounds of the autoscaling inference actor pool.
     gpus_per_actor:        None = auto (1 when the cluster has GPUs, else 0).

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from typing import Self
 
 from clipdiy.errors import ClipdiyError
 from clipdiy.pipeline.layout import OutputLayout
@@ -168,7 +169,7 @@ class OutputLock:
         if holder is not None and holder.token == self.info.token:
             self.layout.fs.rm_file(self.layout.lock_path())
 
-    def __enter__(self) -> OutputLock:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 

@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
@@ -55,6 +55,10 @@ if TYPE_CHECKING:
     from clipdiy.segmenter import Provenance
 
 logger = logging.getLogger(__name__)
+
+#: Listing rows per object-store block, in decode batches: big enough that a bucket of millions
+#: leaves the driver a few thousand refs, small enough that decode tasks run in parallel.
+LISTING_BATCHES_PER_BLOCK = 8
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ class Progress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clipdiy-progress", daemon=True)
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -234,7 +238,7 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
         counts,
         done_by_other_runs=labelled_keys(layout, [r for r in finished_run_ids(layout) if r != plan.run_id]),
         done_by_this_run=labelled_keys(layout, [plan.run_id]),
-        block_rows=config.decode_batch_size,
+        block_rows=config.decode_batch_size * LISTING_BATCHES_PER_BLOCK,
         limit=config.limit,
     )
     return [ray.put(block) for block in blocks], counts
