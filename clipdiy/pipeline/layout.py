@@ -4,7 +4,7 @@
 
     OUTPUT/_LOCK.json                              held while a run writes (see lock.py)
     OUTPUT/runs/<run_id>/_RUN.json                 written when the run starts (and on resume)
-    OUTPUT/runs/<run_id>/part-AAA-TTTTTT-<hash>.parquet  label shards (attempt, write task, first image's hash)
+    OUTPUT/runs/<run_id>/part-AAA-<digest>.parquet  label shards (attempt, digest of their image ids)
     OUTPUT/runs/<run_id>/_MANIFEST.json            written last: the run is finished
 
 Readers list ``part-*.parquet`` only; in-flight files have names starting with ``.tmp-``, and
@@ -34,9 +34,10 @@ SHARD_SUFFIX = ".parquet"
 TEMP_PREFIX = ".tmp-"
 
 
-def shard_name(attempt: int, task_index: int, digest: str) -> str:
-    """Deterministic shard file name: a retried write task rewrites the same names."""
-    return f"{SHARD_PREFIX}{attempt:03d}-{task_index:06d}-{digest}{SHARD_SUFFIX}"
+def shard_name(attempt: int, digest: str) -> str:
+    """Deterministic shard file name (attempt number, digest of the shard's image ids): a retried
+    write task rewrites the same names."""
+    return f"{SHARD_PREFIX}{attempt:03d}-{digest}{SHARD_SUFFIX}"
 
 
 @dataclass

@@ -100,12 +100,3 @@ def build_rows(batch: pa.Table, context: RowContext) -> pa.Table:
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=label_schema())
 
-
-class BuildRows:
-    """``map_batches`` function wrapping :func:`build_rows` for one run's :class:`RowContext`."""
-
-    def __init__(self, context: RowContext):
-        self.context = context
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return build_rows(batch, self.context)

@@ -51,24 +51,14 @@ class ShardTarget:
     attempt: int
 
 
-def _task_index() -> int:
-    from ray.data._internal.execution.interfaces import TaskContext
-
-    context = TaskContext.get_current()
-    if context is None:
-        raise RuntimeError("write_shard must run inside a Ray Data map task (no TaskContext)")
-    return context.task_idx
-
-
 def write_shard(batch: pa.Table, *, target: ShardTarget) -> pa.Table:
     """Write ``batch`` (label rows) as one shard; return its one-row stats table."""
     table = batch.select(label_schema().names).cast(label_schema())
-    # Named by the write task and the batch's first image (unique within an attempt): a retried
-    # task sees the same batches and rewrites the same names, so a retry never duplicates rows.
-    first_image = table.column("image_id")[0].as_py()
-    digest = hashlib.sha1(first_image.encode("utf-8")).hexdigest()[:10]
+    # Named by the batch's content (its image ids): a retried task sees the same batches and
+    # rewrites the same names, so a retry never duplicates rows, and two batches never collide.
+    digest = hashlib.sha256("\n".join(table.column("image_id").to_pylist()).encode("utf-8")).hexdigest()[:20]
     layout = OutputLayout.open(target.output, target.storage)
-    path = layout.path("runs", target.run_id, shard_name(target.attempt, _task_index(), digest))
+    path = layout.path("runs", target.run_id, shard_name(target.attempt, digest))
     data = encode_shard(table)
     layout.write_bytes_atomic(path, data)
     return pa.Table.from_pylist([shard_stats(layout.relative(path), table, len(data))], schema=SHARD_STATS_SCHEMA)
