@@ -99,9 +99,8 @@ def finalize(output: ModelOutput, class_names: Sequence[str]) -> SegmentationRes
     """Resize the label map to the original H x W (nearest, as the reference demo does)."""
     height, width = output.original_size
     h, w = output.label_map.shape
-    # Nearest with the same sampling rule as F.interpolate(mode="nearest"): src = floor(dst * in / out).
-    rows = np.minimum((np.arange(height) * h) // height, h - 1)
-    cols = np.minimum((np.arange(width) * w) // width, w - 1)
+    rows = _nearest_source_indices(height, h)
+    cols = _nearest_source_indices(width, w)
     label_map = output.label_map[rows[:, None], cols[None, :]]
     return SegmentationResult(
         label_map=label_map,
@@ -112,6 +111,17 @@ def finalize(output: ModelOutput, class_names: Sequence[str]) -> SegmentationRes
         class_names=tuple(class_names),
         probabilities=output.probabilities,
     )
+
+
+def _nearest_source_indices(out_size: int, in_size: int) -> np.ndarray:
+    """Source index of each output sample of F.interpolate(mode="nearest"), as the demo resizes.
+
+    Torch computes floorf(dst * (float)in / out) in float32, which differs from the exact integer
+    floor(dst * in / out) where dst * in / out is an integer (e.g. 256 -> 230, 388, 428 rows).
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    source = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(source, in_size - 1)
 
 
 def fuse(scores: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:

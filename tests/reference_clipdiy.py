@@ -8,7 +8,7 @@ with PIL's bicubic, and every crop gets its own CLIP forward.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np

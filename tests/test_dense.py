@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference_clipdiy import reference_scores
 
 from clipdiy.dense import CLIP_MEAN, CLIP_STD, DenseScorer, cut_crops
 from clipdiy.preprocess import resize_for_model
-from reference_clipdiy import reference_scores
 
 
 class ProjectionEncoder:

@@ -1,0 +1,162 @@
+"""Time the batched segmenter against the per-crop reference transcription, offline.
+
+    python benchmarks/bench_segmenter.py --images 8 --reference-images 2
+
+Runs on the sample COCO photos (../shared/data/coco-val2017-sample) with a random-init,
+discriminative ViT-B-32 and FOUND (real head, random-init ViT-S/8), built by
+``tests/model_factories.py`` and loaded through ``create_segmenter`` like a user's checkpoints.
+Random weights cost exactly what real ones do. For each device (CPU, and CUDA when present) it
+prints images/s of ``Segmenter.segment`` and of ``tests/reference_clipdiy.py`` (one CLIP forward
+per crop), the time inside CLIP's and DINO's forwards, and the share of the batched path spent
+outside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from model_factories import SAMPLE_IMAGES, make_clip_config, make_saliency_config
+from reference_clipdiy import reference_segment
+
+from clipdiy.config import SegmenterConfig
+from clipdiy.segmenter import create_segmenter
+
+
+class Stopwatch:
+    """Wraps a callable and adds up the wall time spent in it (synchronising CUDA around it)."""
+
+    def __init__(self, function, device: torch.device):
+        self.function = function
+        self.device = device
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self._sync()
+        start = time.perf_counter()
+        out = self.function(*args, **kwargs)
+        self._sync()
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def load_images(count: int) -> list[np.ndarray]:
+    paths = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:count]
+    if len(paths) < count:
+        raise SystemExit(f"only {len(paths)} sample photos in {SAMPLE_IMAGES}")
+    return [np.array(Image.open(path).convert("RGB")) for path in paths]
+
+
+def bench_device(device: torch.device, args, config: SegmenterConfig) -> None:
+    segmenter = create_segmenter(replace(config, device=str(device)))
+    clip_timer = Stopwatch(segmenter.scorer.encode_image, device)
+    segmenter.scorer.encode_image = clip_timer
+    dino_timer = None
+    if config.saliency.backend != "none":
+        dino_timer = Stopwatch(segmenter.saliency, device)
+        segmenter.saliency = dino_timer
+    images = load_images(args.images)
+
+    segmenter.segment(images[:1])  # warm-up: allocations, kernel selection
+    clip_timer.reset()
+    if dino_timer:
+        dino_timer.reset()
+    start = time.perf_counter()
+    for first in range(0, len(images), args.batch):
+        segmenter.segment(images[first : first + args.batch])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    total = time.perf_counter() - start
+    clip_s = clip_timer.seconds
+    dino_s = dino_timer.seconds if dino_timer else 0.0
+    crops = 59 * len(images)
+
+    print(f"\n== {device} ({torch.get_num_threads()} CPU threads), {len(images)} photos, "
+          f"batch {args.batch} images, crop batch {config.crop_batch_size}, saliency {config.saliency.backend}")
+    print(f"batched  Segmenter.segment: {len(images) / total:7.3f} images/s  ({total:.1f} s)")
+    print(f"  CLIP forwards:  {clip_s:7.1f} s  ({clip_timer.calls} forwards, {crops / clip_s:.1f} crops/s, "
+          f"{len(images) / clip_s:.3f} images/s alone)  {clip_s / total:6.1%}")
+    if dino_timer:
+        print(f"  DINO forwards:  {dino_s:7.1f} s  ({dino_timer.calls} forwards)  {dino_s / total:6.1%}")
+    outside = total - clip_s - dino_s
+    print(f"  outside CLIP+DINO: {outside:5.1f} s  {outside / total:6.1%}  (target < 25%)")
+
+    if args.reference_images <= 0:
+        return
+    # The reference: one image at a time, one CLIP forward per crop, PIL resizes, same models.
+    clip = segmenter.clip
+    saliency = dino_timer.function if dino_timer else None
+    text = segmenter.text_embeddings
+    reference_images = images[: args.reference_images]
+    start = time.perf_counter()
+    for image in reference_images:
+        with torch.inference_mode():
+            if saliency is not None:
+                pixels = torch.from_numpy(image).permute(2, 0, 1)[None].to(device).float() / 255.0
+                s = saliency(pixels)[0, 0].float().cpu().numpy()
+            else:
+                s = np.ones(image.shape[:2], np.float32)
+            reference_segment(image, lambda x: clip.encode_image(x.to(device)).cpu(), text.cpu(), s)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reference_total = time.perf_counter() - start
+    reference_rate = len(reference_images) / reference_total
+    print(f"per-crop reference:         {reference_rate:7.3f} images/s  ({reference_total:.1f} s, "
+          f"{len(reference_images)} photos)")
+    print(f"speed-up batched / reference: {len(images) / total / reference_rate:5.2f}x  (target >= 3x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=8, help="photos for the batched path (max 32)")
+    parser.add_argument("--reference-images", type=int, default=2, help="photos for the per-crop reference")
+    parser.add_argument("--batch", type=int, default=8, help="images per segment() call")
+    parser.add_argument("--crop-batch-size", type=int, default=256)
+    parser.add_argument("--saliency", choices=("found", "none"), default="found")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--workdir", default=None, help="where the random checkpoints go (default: a temp dir)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir or tmp)
+        clip_config = make_clip_config(workdir / "clip", arch="ViT-B-32")
+        config = SegmenterConfig(vocabulary="voc", clip=clip_config, crop_batch_size=args.crop_batch_size)
+        if args.saliency == "found":
+            config = replace(config, saliency=make_saliency_config(workdir / "found"))
+        else:
+            config = replace(config, saliency=replace(config.saliency, backend="none"))
+        devices = []
+        if args.device in ("all", "cpu"):
+            devices.append(torch.device("cpu"))
+        if args.device in ("all", "cuda") and torch.cuda.is_available():
+            devices.append(torch.device("cuda"))
+        for device in devices:
+            bench_device(device, args, config)
+
+
+if __name__ == "__main__":
+    main()
