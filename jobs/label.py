@@ -34,6 +34,7 @@ from clipdiy.config import (
     SegmenterConfig,
 )
 from clipdiy.errors import ClipdiyError
+from clipdiy.samples import SAMPLES_INPUT, samples_manifest
 
 PROG = "label.py"
 
@@ -61,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", required=True, metavar="URI",
-                    help="images to label: a folder or prefix (s3://bucket/photos/), a glob (s3://b/**/*.jpg), or a "
-                         "manifest (.txt with one URI per line, or .parquet with a 'uri' column)")
+                    help="images to label: a folder or prefix (s3://bucket/photos/), a glob (s3://b/**/*.jpg), a "
+                         "manifest (.txt with one URI per line, or .parquet with a 'uri' column), or 'samples' for "
+                         "the few real photos that installing clipdiy brings (quick start)")
     io.add_argument("--output", required=True, metavar="URI", help="labels folder or prefix (local path, s3://, gs://)")
     io.add_argument("--limit", type=int, default=None, metavar="N", help="only consider the first N listed images")
     io.add_argument("--run-id", default=None,
@@ -155,7 +157,7 @@ def config_from_args(args: argparse.Namespace):
     )
     storage = StorageOptions.from_env(endpoint_url=args.endpoint_url, anon=args.anon, profile=args.profile, region=args.region)
     return LabelJobConfig(
-        input=args.input,
+        input=samples_manifest() if args.input == SAMPLES_INPUT else args.input,
         output=args.output,
         segmenter=segmenter,
         storage=storage,
