@@ -83,13 +83,13 @@ def _stop_head(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)  # ray start --block shuts its node down on SIGTERM
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 5  # stragglers (idle workers) get a moment, then SIGKILL
     while _session_processes(sid) and time.monotonic() < deadline:
-        time.sleep(1)
+        time.sleep(0.5)
     for pid in _session_processes(sid):
         try:
             os.kill(pid, signal.SIGKILL)
