@@ -22,6 +22,8 @@ from clipdiy.config import ASPECT, FAITHFUL
 
 #: Side of the model-resolution image (the reference squashes to 256 x 256).
 MODEL_SIZE = 256
+#: Aspect mode keeps ratios up to this (long side <= 4 x 256 = 1024 px).
+MAX_ASPECT = 4
 
 # PIL's 8-bit resampler: coefficients in fixed point with 22 fractional bits (32 - 8 - 2: 8 bits of
 # pixel, 2 bits of headroom for the negative lobes of the kernel), accumulated in int32 from a
@@ -36,9 +38,12 @@ def model_input_size(height: int, width: int, mode: str) -> tuple[int, int]:
     if mode == FAITHFUL:
         return MODEL_SIZE, MODEL_SIZE
     if mode == ASPECT:
+        # Beyond MAX_ASPECT the long side is capped (the image is squashed that far only): a
+        # panorama strip would otherwise cost thousands of crops.
+        long_cap = MODEL_SIZE * MAX_ASPECT
         if height <= width:
-            return MODEL_SIZE, max(MODEL_SIZE, round(width * MODEL_SIZE / height))
-        return max(MODEL_SIZE, round(height * MODEL_SIZE / width)), MODEL_SIZE
+            return MODEL_SIZE, min(long_cap, max(MODEL_SIZE, round(width * MODEL_SIZE / height)))
+        return min(long_cap, max(MODEL_SIZE, round(height * MODEL_SIZE / width))), MODEL_SIZE
     raise ValueError(f"mode must be {FAITHFUL!r} or {ASPECT!r}, got {mode!r}")
 
 
@@ -47,8 +52,8 @@ def resize_for_model(image: np.ndarray, mode: str) -> np.ndarray:
 
     image: H x W x 3 uint8 RGB.
     Returns 256 x 256 x 3 uint8 (``faithful``: aspect ratio not kept, SPEC 1.1) or, for
-    ``aspect``, h x w x 3 uint8 with the short side 256 and the aspect ratio kept (the long side
-    rounded to the nearest pixel).
+    ``aspect``, h x w x 3 uint8 with the short side 256 and the aspect ratio kept up to
+    ``MAX_ASPECT`` (the long side rounded to the nearest pixel).
     """
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an H x W x 3 array, got {getattr(image, 'shape', type(image))}")

@@ -187,7 +187,7 @@ def test_faithful_resize_is_not_pil_bilinear(coco_images):
 
 @pytest.mark.parametrize(
     "height,width,expected",
-    [(480, 640, (256, 341)), (640, 480, (341, 256)), (256, 256, (256, 256)), (100, 50, (512, 256)), (300, 1200, (256, 1024))],
+    [(480, 640, (256, 341)), (640, 480, (341, 256)), (256, 256, (256, 256)), (100, 50, (512, 256)), (300, 1200, (256, 1024)), (3, 2000, (256, 1024)), (900, 60, (1024, 256))],
 )
 def test_aspect_resize_keeps_the_aspect_ratio(height, width, expected):
     image = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
