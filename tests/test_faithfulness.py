@@ -109,7 +109,7 @@ def load_rgb(path) -> np.ndarray:
 def reference_saliency(saliency_model, rgb: np.ndarray) -> np.ndarray:
     """The saliency map of one H x W x 3 uint8 image at its own resolution (SPEC 2), H x W."""
     with torch.no_grad():
-        pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
+        pixels = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255.0
         return saliency_model(pixels)[0, 0].float().numpy()
 
 
