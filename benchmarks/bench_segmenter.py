@@ -93,7 +93,7 @@ def bench_device(device: torch.device, args, config: SegmenterConfig) -> None:
     crops = 59 * len(images)
 
     print(f"\n== {device} ({torch.get_num_threads()} CPU threads), {len(images)} photos, "
-          f"batch {args.batch} images, crop batch {config.crop_batch_size}, saliency {config.saliency.backend}")
+          f"batch {args.batch} images, crop batch {segmenter.scorer.crop_batch_size}, saliency {config.saliency.backend}")
     print(f"batched  Segmenter.segment: {len(images) / total:7.3f} images/s  ({total:.1f} s)")
     print(f"  CLIP forwards:  {clip_s:7.1f} s  ({clip_timer.calls} forwards, {crops / clip_s:.1f} crops/s, "
           f"{len(images) / clip_s:.3f} images/s alone)  {clip_s / total:6.1%}")
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8, help="photos for the batched path (max 32)")
     parser.add_argument("--reference-images", type=int, default=2, help="photos for the per-crop reference")
     parser.add_argument("--batch", type=int, default=8, help="images per segment() call")
-    parser.add_argument("--crop-batch-size", type=int, default=256)
+    parser.add_argument("--crop-batch-size", type=int, default=None, help="default: the segmenter's (256 GPU, 32 CPU)")
     parser.add_argument("--saliency", choices=("found", "none"), default="found")
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = parser.add_argument_group("pipeline and cluster")
     pipeline.add_argument("--batch-size", type=int, default=8, help="images per segmenter call in an actor")
-    pipeline.add_argument("--crop-batch-size", type=int, default=256, help="crops per CLIP forward")
+    pipeline.add_argument("--crop-batch-size", type=int, default=None,
+                          help="crops per CLIP forward (default: 256 on a GPU, 32 on a CPU)")
     pipeline.add_argument("--decode-batch-size", type=int, default=8, help="images per CPU decode task")
     pipeline.add_argument("--gpus-per-actor", type=float, default=None,
                           help="GPUs per inference actor; default: 1 when the cluster has GPUs now, else 0 "
