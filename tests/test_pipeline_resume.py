@@ -44,6 +44,14 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True)
 
 
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def kill_group(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)
@@ -85,8 +93,11 @@ def test_sigkill_then_resume_is_exactly_once_and_a_concurrent_run_refuses(coco_i
         wait_for(lambda: shard_files(output), 300, "the first shard", first, tmp_path / "first.log")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
-        # The embedded Ray fate-shares with its driver; give its processes a moment to go.
-        time.sleep(3)
+        # The embedded Ray fate-shares with its driver: wait until its processes are gone (what
+        # lingers past the bound is killed below).
+        deadline = time.monotonic() + 10
+        while group_alive(first.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         kill_group(first)
     assert not manifests(output), "the killed run must not look finished"
@@ -181,8 +192,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
         with pytest.raises(OutputLockedError, match="in use by run run-a"):
             OutputLock(layout, "run-b", stale_after_s=60, heartbeat_s=0.2).acquire()
         first_beat = lock_holder(Path(layout.root))["heartbeat_at"]
-        time.sleep(0.6)
-        assert lock_holder(Path(layout.root))["heartbeat_at"] > first_beat
+        wait_for(lambda: lock_holder(Path(layout.root))["heartbeat_at"] > first_beat, 5, "a lock heartbeat")
     finally:
         holder.release()
     assert lock_holder(Path(layout.root)) is None
