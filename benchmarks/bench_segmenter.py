@@ -61,6 +61,39 @@ class Stopwatch:
             torch.cuda.synchronize(self.device)
 
 
+def gemm_rate(device: torch.device, rows: int, width: int, repeats: int = 5) -> float:
+    """GFLOP/s of the ViT's biggest matmul (``rows`` tokens x width -> 4 * width, the MLP's first
+    layer) on ``device``: what one forward's linear layers can run at, for that many tokens."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(rows, width, generator=generator).to(device)
+    weight = torch.randn(4 * width, width, generator=generator).to(device)
+    bias = torch.zeros(4 * width, device=device)
+    torch.nn.functional.linear(tokens, weight, bias)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.nn.functional.linear(tokens, weight, bias)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2.0 * rows * width * 4 * width * repeats / (time.perf_counter() - start) / 1e9
+
+
+def print_gemm_ceiling(device: torch.device, clip, crop_batch: int) -> None:
+    """What batching can gain on this device: matmul speed at the batched forward's token count
+    over the speed at one crop's. Batching does the same arithmetic, only faster, so beyond this
+    ratio the batched path gains only by doing less (the class-token-only last block) and by
+    skipping the reference's per-crop PIL work."""
+    visual = clip.model.visual
+    width = int(visual.transformer.width)
+    grid = visual.grid_size if hasattr(visual, "grid_size") else (clip.image_size // 32,) * 2
+    tokens = int(grid[0]) * int(grid[1]) + 1
+    one = gemm_rate(device, tokens, width)
+    batched = gemm_rate(device, tokens * crop_batch, width)
+    print(f"  matmul {tokens} x {width} -> {4 * width}: {one:6.1f} GFLOP/s for 1 crop, {batched:6.1f} for "
+          f"{crop_batch} crops ({batched / one:4.2f}x: what batching alone can gain on CLIP's arithmetic)")
+
+
 def load_images(count: int) -> list[np.ndarray]:
     paths = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:count]
     if len(paths) < count:
@@ -101,11 +134,13 @@ def bench_device(device: torch.device, args, config: SegmenterConfig) -> None:
         print(f"  DINO forwards:  {dino_s:7.1f} s  ({dino_timer.calls} forwards)  {dino_s / total:6.1%}")
     outside = total - clip_s - dino_s
     print(f"  outside CLIP+DINO: {outside:5.1f} s  {outside / total:6.1%}  (target < 25%)")
+    print_gemm_ceiling(device, segmenter.clip, segmenter.scorer.crop_batch_size)
 
     if args.reference_images <= 0:
         return
     # The reference: one image at a time, one CLIP forward per crop, PIL resizes, same models.
     clip = segmenter.clip
+    plain_forward = clip.model.encode_image  # open_clip's whole forward per crop, as the reference runs CLIP
     saliency = dino_timer.function if dino_timer else None
     text = segmenter.text_embeddings
     reference_images = images[: args.reference_images]
@@ -117,7 +152,7 @@ def bench_device(device: torch.device, args, config: SegmenterConfig) -> None:
                 s = saliency(pixels)[0, 0].float().cpu().numpy()
             else:
                 s = np.ones(image.shape[:2], np.float32)
-            reference_segment(image, lambda x: clip.encode_image(x.to(device)).cpu(), text.cpu(), s)
+            reference_segment(image, lambda x: plain_forward(x.to(device, clip.dtype)).cpu(), text.cpu(), s)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     reference_total = time.perf_counter() - start

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from model_factories import CLIP_MEAN, CLIP_STD, TINY_CLIP_CONFIG, make_clip_config
 
 from clipdiy.config import ClipConfig, PromptConfig
 from clipdiy.errors import WeightsNotFoundError
-from clipdiy.models.clip import create_clip_model
+from clipdiy.models.clip import create_clip_model, supports_class_token_forward
 from clipdiy.text_embeddings import (
     class_text_embeddings,
     clear_memory_cache,
@@ -93,6 +94,46 @@ def test_bad_clip_configs_give_clear_errors(tiny_clip_config, tmp_path):
     torch.save({"visual.proj": torch.zeros(3, 3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="does not fit"):
         create_clip_model(dataclasses.replace(tiny_clip_config, checkpoint=str(tmp_path / "other.pt")))
+
+
+def plain_open_clip_features(clip, images: torch.Tensor) -> torch.Tensor:
+    """open_clip's own full forward, normalised: what ``ClipModel.encode_image`` must equal."""
+    with torch.no_grad():
+        return F.normalize(clip.model.encode_image(images.to(clip.dtype)).float(), dim=-1)
+
+
+def test_class_token_forward_equals_open_clip_forward(tiny_clip):
+    assert tiny_clip.class_token_forward
+    images = pixels(batch=5, seed=3)
+    fast = tiny_clip.encode_image(images)
+    expected = plain_open_clip_features(tiny_clip, images)
+    assert (fast - expected).abs().max().item() <= 1e-6
+    # one image alone gives the same embedding as inside a batch
+    assert (tiny_clip.encode_image(images[2:3]) - expected[2:3]).abs().max().item() <= 1e-6
+
+
+@pytest.mark.slow
+def test_class_token_forward_equals_open_clip_forward_on_vitb32(vitb32_clip_config, coco_images):
+    clip = create_clip_model(vitb32_clip_config)
+    assert clip.class_token_forward
+    photo = np.asarray(Image.open(coco_images[0]).convert("RGB").resize((224, 224)), dtype=np.float32) / 255.0
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    images = torch.cat([(torch.from_numpy(photo).permute(2, 0, 1)[None] - mean) / std, pixels(batch=3)])
+    fast = clip.encode_image(images)
+    expected = plain_open_clip_features(clip, images)
+    assert (fast - expected).abs().max().item() <= 1e-5
+    # distinct inputs give distinct embeddings (the comparison is not between constants)
+    assert (expected[0] - expected[1]).abs().max().item() > 1e-2
+
+
+def test_towers_that_pool_otherwise_take_open_clips_forward(tiny_clip_config):
+    clip = create_clip_model(tiny_clip_config)
+    clip.model.visual.pool_type = "avg"  # mean of patch tokens: the last block is needed for all
+    assert not supports_class_token_forward(clip.model.visual)
+    clip.class_token_forward = supports_class_token_forward(clip.model.visual)
+    images = pixels(batch=2, seed=4)
+    assert torch.equal(clip.encode_image(images), plain_open_clip_features(clip, images))
+    assert not supports_class_token_forward(torch.nn.Linear(2, 2))
 
 
 def test_low_precision_keeps_float32_outputs(tiny_clip, tiny_clip_config):

@@ -8,7 +8,7 @@ cropped back to H x W, sigmoid.
 
 Any image size: the position embedding is resized the way DINO's own ``interpolate_pos_encoding``
 does (bicubic with DINO's ``+0.1`` scale factor), as the reference code runs it. Only the last
-block's qkv projection is evaluated; the rest of the last block is not needed.
+block's key projection is evaluated; the rest of the last block is not needed.
 """
 
 from __future__ import annotations
@@ -75,10 +75,12 @@ class FoundSaliency(SaliencyModel):
         tokens = self._tokens(pixels)  # B x (1 + rows*cols) x D
         for block in self.backbone.blocks[:-1]:
             tokens = block(tokens)
-        last = self.backbone.blocks[-1]
-        qkv = last.attn.qkv(last.norm1(tokens))  # B x N x 3D, [queries | keys | values], heads contiguous
-        dim = qkv.shape[-1] // 3
-        keys = qkv[:, 1:, dim : 2 * dim]  # B x rows*cols x D (heads concatenated)
+        qkv = self.backbone.blocks[-1].attn.qkv
+        dim = qkv.out_features // 3  # qkv's rows are [queries | keys | values], heads contiguous
+        key_bias = qkv.bias[dim : 2 * dim] if qkv.bias is not None else None
+        # Only the keys' third of the projection, and only for the patch tokens.
+        patch_tokens = self.backbone.blocks[-1].norm1(tokens[:, 1:])
+        keys = F.linear(patch_tokens, qkv.weight[dim : 2 * dim], key_bias)  # B x rows*cols x D
         return keys.transpose(1, 2).reshape(keys.shape[0], dim, rows, cols)
 
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
