@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--max-pixels", type=int, default=None,
                           help="images with more pixels (read from the header) get an error row (decompression-bomb guard); "
                                "default 100 million")
+    pipeline.add_argument("--retry-errors", choices=("transient", "all", "none"), default="transient",
+                          help="which images with an error row from an earlier run to label again: transient "
+                               "(failed reads and model calls), all, or none")
     pipeline.add_argument("--address", default=None,
                           help="Ray cluster address; default: RAY_ADDRESS (set by `ray job submit`), else an embedded local Ray")
     pipeline.add_argument("--num-cpus", type=int, default=None, help="CPUs of an embedded local Ray (default: all)")
@@ -179,6 +182,7 @@ def config_from_args(args: argparse.Namespace):
         local_num_cpus=args.num_cpus,
         heartbeat_s=args.log_every,
         lock_stale_after_s=max(300.0, 4 * args.log_every),
+        retry_errors=args.retry_errors,
     )
 
 

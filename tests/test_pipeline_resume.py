@@ -272,3 +272,95 @@ def test_run_planning_resumes_the_unfinished_run_and_refuses_conflicts(tmp_path)
         plan_run(layout, first.run_id, fingerprint)
     fresh = plan_run(layout, None, fingerprint)
     assert fresh.run_id != first.run_id and fresh.attempt == 1
+
+
+def test_error_rows_of_earlier_runs_are_retried_by_kind(tmp_path):
+    """``retry_errors``: transient kinds (unreadable, model) come back by default, every error with
+    ``all``, none with ``none``; an error a later run cured stays done; ok rows are always done."""
+    import datetime as dt
+
+    import numpy as np
+    from labels_fixtures import LabelItem, write_labels_output
+
+    from clipdiy.pipeline.incremental import labelled_keys
+    from clipdiy.pipeline.layout import OutputLayout
+
+    label = np.zeros((4, 4), np.uint8)
+    earlier = [
+        LabelItem("ok.jpg", "file:///in/ok.jpg", label),
+        LabelItem("read.jpg", "file:///in/read.jpg", error_kind="unreadable", error="ConnectionError: reset"),
+        LabelItem("model.jpg", "file:///in/model.jpg", error_kind="model", error="RuntimeError: CUDA out of memory"),
+        LabelItem("corrupt.jpg", "file:///in/corrupt.jpg", error_kind="corrupt", error="bad header"),
+        LabelItem("cured.jpg", "file:///in/cured.jpg", error_kind="unreadable", error="timeout"),
+    ]
+    output = str(tmp_path / "labels")
+    first = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    write_labels_output(output, earlier, run_id="run-a", started=first, rows_per_shard=2)
+    write_labels_output(output, [LabelItem("cured.jpg", "file:///in/cured.jpg", label)], run_id="run-b",
+                        started=first)  # same source version (label_row's), labelled ok later
+    layout = OutputLayout.open(output)
+
+    def ids(keys) -> set[str]:
+        return {key.split("\x1f")[0] for key in keys.to_pylist()}
+
+    expectations = {
+        "transient": {"read.jpg", "model.jpg"},
+        "all": {"read.jpg", "model.jpg", "corrupt.jpg"},
+        "none": set(),
+    }
+    everything = {item.image_id for item in earlier}
+    for mode, retried in expectations.items():
+        keys = labelled_keys(layout, ["run-a", "run-b"], retry_errors=mode)
+        assert ids(keys.retry) == retried, mode
+        assert ids(keys.done) == everything - retried, mode
+    with pytest.raises(ValueError, match="retry_errors"):
+        labelled_keys(layout, ["run-a"], retry_errors="sometimes")
+
+
+@pytest.mark.slow
+def test_later_runs_retry_transient_errors_and_all_errors_on_request(coco_images, tiny_clip_config, tmp_path):
+    """A manifest entry whose object is missing (unreadable) is labelled by the next run once the
+    object exists; an image over --max-pixels (too_large) only with retry_errors="all"."""
+    from clipdiy.pipeline.run import run_labelling
+
+    corpus = tmp_path / "images"
+    corpus.mkdir()
+    with Image.open(coco_images[0]) as image:
+        image.convert("RGB").resize((160, 120)).save(corpus / "small.jpg", quality=95)
+        late_image = image.convert("RGB").resize((120, 160))
+    shutil.copy(coco_images[1], corpus / "big.jpg")  # 640 x 4xx: over the 100k-pixel guard below
+    manifest = corpus / "manifest.txt"
+    manifest.write_text("small.jpg\nbig.jpg\nlate.jpg\n")
+    output = tmp_path / "labels"
+
+    def run(**overrides):
+        return run_labelling(job_config(manifest, output, segmenter_config(tiny_clip_config), **overrides))
+
+    def latest_rows() -> dict[str, dict]:
+        latest = {}
+        for row in sorted(read_all_rows(output).to_pylist(), key=lambda r: r["run_started_at"]):
+            latest[row["image_id"]] = row
+        return latest
+
+    ray = start_local_ray()
+    try:
+        first = run(max_pixels=100_000)
+        assert (first.listed, first.seen, first.ok) == (3, 3, 1)
+        kinds = {i: r["error_kind"] for i, r in latest_rows().items()}
+        assert kinds == {"small.jpg": None, "big.jpg": "too_large", "late.jpg": "unreadable"}
+
+        late_image.save(corpus / "late.jpg", quality=95)  # the missing object arrives
+        second = run(max_pixels=100_000)  # default: transient errors are retried
+        assert (second.listed, second.skipped, second.seen, second.ok) == (3, 2, 1, 1)
+        assert manifests(output)[second.run_id]["counts"]["retried"] == 1
+        assert latest_rows()["late.jpg"]["status"] == "ok"
+
+        assert run(max_pixels=1_000_000, retry_errors="none").seen == 0  # too_large stays an error
+        fourth = run(max_pixels=1_000_000, retry_errors="all")  # after raising the guard
+        assert (fourth.seen, fourth.ok) == (1, 1)
+        assert run(max_pixels=1_000_000).seen == 0  # nothing left to do
+    finally:
+        ray.shutdown()
+    latest = latest_rows()
+    assert {i: r["status"] for i, r in latest.items()} == {"small.jpg": "ok", "big.jpg": "ok", "late.jpg": "ok"}
+    assert len(read_all_rows(output)) == 5  # 3 first rows, then late.jpg and big.jpg once more

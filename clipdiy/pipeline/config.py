@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from clipdiy.config import SegmenterConfig
 from clipdiy.errors import ClipdiyError
+from clipdiy.pipeline.incremental import RETRY_ERRORS
 from clipdiy.pipeline.storage import StorageOptions, redact_url
 
 #: Run ids become folder names under ``OUTPUT/runs/``: keep them path- and URL-safe.
@@ -46,6 +47,8 @@ class LabelJobConfig:
     lock_stale_after_s:    a lock whose heartbeat is older than this is taken over.
     heartbeat_s:           how often the lock heartbeat and the progress log line are written.
     read_attempts:         tries per source read on transient storage errors.
+    retry_errors:          which error rows of earlier runs are labelled again: ``transient``
+                           (failed reads and model calls), ``all`` or ``none``.
     """
 
     input: str
@@ -70,6 +73,7 @@ class LabelJobConfig:
     lock_stale_after_s: float = 300.0
     heartbeat_s: float = 30.0
     read_attempts: int = 4
+    retry_errors: str = "transient"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,6 +114,8 @@ class LabelJobConfig:
             raise JobConfigError(
                 f"--run-id {self.run_id!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
+        if self.retry_errors not in RETRY_ERRORS:
+            raise JobConfigError(f"--retry-errors must be one of {', '.join(RETRY_ERRORS)}, got {self.retry_errors!r}")
         if self.lock_stale_after_s <= 0 or self.heartbeat_s <= 0:
             raise JobConfigError("lock_stale_after_s and heartbeat_s must be > 0")
         if self.heartbeat_s * 2 > self.lock_stale_after_s:

@@ -6,6 +6,12 @@ mtime as listed. A changed object therefore gets labelled again; its older row s
 older run (readers wanting the latest label take the row of the latest ``run_started_at`` per
 ``image_id``).
 
+Error rows of earlier runs count as labelled unless the run retries them (``retry_errors``):
+``transient`` (the default) retries the kinds a later attempt can cure, a read that failed
+after its retries (``unreadable``) and a failed model call (``model``, e.g. out of memory);
+``all`` retries every error (after raising ``--max-pixels``, say); ``none`` retries nothing.
+Rows of the run being resumed always count, so a run never holds two rows for one image.
+
 Both sides stay columnar: the labelled keys are one Arrow string array, the listing is
 processed in Arrow chunks, and the anti-join is ``pyarrow.compute.is_in`` per chunk, so the
 driver never holds a Python object per image of a large bucket.
@@ -40,6 +46,11 @@ LISTING_SCHEMA = pa.schema(
 KEY_COLUMNS = ["image_id", "source_size", "source_etag", "source_mtime"]
 _SEPARATOR = "\x1f"
 
+#: Error kinds that a later run may cure: a failed read (after its retries), a failed model call.
+TRANSIENT_ERROR_KINDS = ("unreadable", "model")
+#: ``retry_errors`` choices: which error rows of earlier runs are labelled again.
+RETRY_ERRORS = ("none", "transient", "all")
+
 
 def source_keys(table: pa.Table) -> pa.Array:
     """One string per row identifying an image version: id, size, ETag, mtime (microseconds)."""
@@ -51,29 +62,65 @@ def source_keys(table: pa.Table) -> pa.Array:
     return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
 
 
-def _shard_keys(layout: OutputLayout, path: str) -> pa.Array:
-    table = pq.read_table(path, columns=KEY_COLUMNS, filesystem=layout.fs)
-    return source_keys(table.cast(LISTING_SCHEMA.remove(LISTING_SCHEMA.get_field_index("uri"))))
+@dataclass(frozen=True)
+class LabelledKeys:
+    """Source keys of earlier rows: ``done`` need no label; ``retry`` are error rows to redo."""
+
+    done: pa.Array
+    retry: pa.Array
 
 
-def labelled_keys(layout: OutputLayout, run_ids: Iterable[str], threads: int = 8) -> pa.Array:
-    """The source keys of every row in the committed shards of ``run_ids``."""
+def _retried(table: pa.Table, retry_errors: str) -> pa.Array:
+    """Boolean mask of the rows of a shard that ``retry_errors`` sends back to be labelled."""
+    if retry_errors not in RETRY_ERRORS:
+        raise ValueError(f"retry_errors must be one of {RETRY_ERRORS}, got {retry_errors!r}")
+    is_error = pc.equal(table.column("status"), "error")
+    if retry_errors == "all":
+        return is_error
+    if retry_errors == "transient":
+        transient = pc.is_in(table.column("error_kind"), value_set=pa.array(TRANSIENT_ERROR_KINDS))
+        return pc.and_(is_error, pc.fill_null(transient, False))
+    return pc.and_(is_error, False)
+
+
+def _shard_keys(layout: OutputLayout, path: str, retry_errors: str) -> tuple[pa.Array, pa.Array]:
+    table = pq.read_table(path, columns=[*KEY_COLUMNS, "status", "error_kind"], filesystem=layout.fs)
+    keys = source_keys(table.select(KEY_COLUMNS).cast(LISTING_SCHEMA.remove(LISTING_SCHEMA.get_field_index("uri"))))
+    retry = _retried(table.combine_chunks(), retry_errors)
+    if isinstance(retry, pa.ChunkedArray):
+        retry = retry.combine_chunks()
+    return keys.filter(pc.invert(retry)), keys.filter(retry)
+
+
+def labelled_keys(
+    layout: OutputLayout, run_ids: Iterable[str], retry_errors: str = "none", threads: int = 8
+) -> LabelledKeys:
+    """The source keys of the rows in the committed shards of ``run_ids``, split by
+    ``retry_errors`` (one of :data:`RETRY_ERRORS`) into done and to-retry."""
     paths = [path for run_id in run_ids for path in layout.shard_paths(run_id)]
     if not paths:
-        return pa.array([], pa.string())
+        empty = pa.array([], pa.string())
+        return LabelledKeys(done=empty, retry=empty)
     with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
-        arrays = list(pool.map(lambda p: _shard_keys(layout, p), paths))
-    return pa.concat_arrays(arrays)
+        pairs = list(pool.map(lambda p: _shard_keys(layout, p, retry_errors), paths))
+    done = pa.concat_arrays([d for d, _ in pairs])
+    # An image whose error was cured by a later run is done, not retried again.
+    retry = pa.concat_arrays([r for _, r in pairs])
+    if len(retry) and len(done):
+        retry = retry.filter(pc.invert(pc.is_in(retry, value_set=done)))
+    return LabelledKeys(done=done, retry=retry)
 
 
 @dataclass
 class ListingCounts:
     """listed: images in the input (after ``limit``); skipped: of those, already labelled by
-    other runs; resumed: labelled by earlier attempts of this run; todo: still to label."""
+    other runs; resumed: labelled by earlier attempts of this run; todo: still to label;
+    retried: of ``todo``, images whose earlier run gave an error row that is retried."""
 
     listed: int = 0
     skipped: int = 0
     resumed: int = 0
+    retried: int = 0
 
     @property
     def todo(self) -> int:
@@ -109,10 +156,12 @@ def pending_blocks(
     block_rows: int,
     limit: int | None = None,
     chunk_rows: int = 16384,
+    retried_errors: pa.Array | None = None,
 ) -> Iterator[pa.Table]:
     """Blocks of at most ``block_rows`` listing rows that still need labels, in listing order.
 
-    Reads ``sources`` ``chunk_rows`` at a time (only the first ``limit``) and updates ``counts``.
+    Reads ``sources`` ``chunk_rows`` at a time (only the first ``limit``) and updates ``counts``;
+    ``retried_errors`` (keys of earlier error rows being retried) only feeds ``counts.retried``.
     """
     buffer: list[SourceObject] = []
 
@@ -124,6 +173,8 @@ def pending_blocks(
         counts.skipped += skipped
         table, resumed = _drop_done(table, done_by_this_run)
         counts.resumed += resumed
+        if retried_errors is not None and len(retried_errors) and table.num_rows:
+            counts.retried += pc.sum(pc.is_in(source_keys(table), value_set=retried_errors)).as_py() or 0
         for start in range(0, table.num_rows, block_rows):
             yield table.slice(start, block_rows)
 

@@ -233,13 +233,17 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
     import ray
 
     counts = ListingCounts()
+    other_runs = labelled_keys(
+        layout, [r for r in finished_run_ids(layout) if r != plan.run_id], retry_errors=config.retry_errors
+    )
     blocks = pending_blocks(
         iter_sources(config.input, config.storage),
         counts,
-        done_by_other_runs=labelled_keys(layout, [r for r in finished_run_ids(layout) if r != plan.run_id]),
-        done_by_this_run=labelled_keys(layout, [plan.run_id]),
+        done_by_other_runs=other_runs.done,
+        done_by_this_run=labelled_keys(layout, [plan.run_id]).done,
         block_rows=config.decode_batch_size * LISTING_BATCHES_PER_BLOCK,
         limit=config.limit,
+        retried_errors=other_runs.retry,
     )
     return [ray.put(block) for block in blocks], counts
 
@@ -288,8 +292,9 @@ def _run_locked(
     blocks, counts = _list_pending(config, layout, plan)
     listing_seconds = time.monotonic() - listing_started
     logger.info(
-        "listed %d images: %d labelled by earlier runs, %d by earlier attempts of this run, %d to label",
-        counts.listed, counts.skipped, counts.resumed, counts.todo,
+        "listed %d images: %d labelled by earlier runs, %d by earlier attempts of this run, %d to label "
+        "(%d of them earlier errors retried, --retry-errors %s)",
+        counts.listed, counts.skipped, counts.resumed, counts.todo, counts.retried, config.retry_errors,
     )
 
     labelling_started = time.monotonic()
@@ -319,10 +324,12 @@ def _run_locked(
             "hash": models.provenance.vocabulary_hash,
             "class_names": list(models.class_names),
         },
-        # seen/ok/error: rows of this run over all its attempts; skipped: labelled by other runs.
+        # seen/ok/error: rows of this run over all its attempts; skipped: labelled by other runs;
+        # retried: images of this start whose error rows in earlier runs are labelled again.
         counts={
             "listed": counts.listed,
             "skipped": counts.skipped,
+            "retried": counts.retried,
             "seen": run_rows,
             "ok": run_ok,
             "error": run_rows - run_ok,
