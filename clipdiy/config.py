@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 #: pass a local path instead (``SaliencyConfig.head``).
 FOUND_HEAD_URL = "https://raw.githubusercontent.com/valeoai/FOUND/main/data/weights/decoder_weights.pt"
 
+#: Smallest ``SaliencyConfig.max_side``: a few of DINO's 8-pixel patches.
+MIN_SALIENCY_SIDE = 32
+
 FAITHFUL = "faithful"
 ASPECT = "aspect"
 MODES = (FAITHFUL, ASPECT)
@@ -41,12 +44,25 @@ class SaliencyConfig:
     ``found``: DINO ``backbone`` from timm (pretrained from the hub, or ``backbone_checkpoint``, a
     local path or fsspec URI) plus FOUND's 1x1-conv ``head`` (a local path, fsspec URI or URL).
     ``none``: every pixel is foreground (plain CLIP-DIY without saliency).
+    ``max_side``: ``None`` (faithful, SPEC 2.1) runs the saliency model on the image at its full
+    resolution; a number first shrinks images whose longer side exceeds it to that side (area
+    interpolation, aspect kept). DINO's attention grows with the square of the pixel count, so
+    on large photos this is the difference between milliseconds and minutes per image; the map
+    is resized to 256 x 256 for fusion either way.
     """
 
     backend: str = "found"
     backbone: str = "vit_small_patch8_224.dino"
     backbone_checkpoint: str | None = None
     head: str = FOUND_HEAD_URL
+    max_side: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_side is not None and self.max_side < MIN_SALIENCY_SIDE:
+            raise ValueError(
+                f"SaliencyConfig.max_side (--saliency-max-side) must be >= {MIN_SALIENCY_SIDE} pixels "
+                f"(or unset: full resolution), got {self.max_side}"
+            )
 
 
 @dataclass(frozen=True)

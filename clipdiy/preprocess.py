@@ -67,6 +67,27 @@ def resize_for_model(image: np.ndarray, mode: str) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(image), (out_w, out_h), interpolation=cv2.INTER_LINEAR)
 
 
+def saliency_input_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """(height, width) that :func:`resize_for_saliency` gives an ``height x width`` image."""
+    if max_side is None or max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_for_saliency(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    """The saliency model's input: H x W x 3 uint8 -> h x w x 3 uint8 with max(h, w) <= max_side.
+
+    ``None``, or an image already within ``max_side``, is returned as is (full resolution, as
+    SPEC 2.1). Shrinking uses OpenCV's area interpolation, which averages every source pixel
+    (no aliasing, unlike bilinear at large factors).
+    """
+    out_h, out_w = saliency_input_size(image.shape[0], image.shape[1], max_side)
+    if (out_h, out_w) == image.shape[:2]:
+        return image
+    return cv2.resize(np.ascontiguousarray(image), (out_w, out_h), interpolation=cv2.INTER_AREA)
+
+
 def _bicubic(x: float) -> float:
     # PIL's cubic convolution kernel with a = -0.5, written in PIL's operation order so that the
     # double-precision coefficients, and hence their fixed-point rounding, come out identical.

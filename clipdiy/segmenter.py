@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from clipdiy.config import SegmenterConfig
 from clipdiy.dense import DenseScorer
 from clipdiy.images import ImageLike, to_rgb_uint8
-from clipdiy.preprocess import resize_for_model
+from clipdiy.preprocess import resize_for_model, resize_for_saliency
 from clipdiy.result import SegmentationResult
 from clipdiy.vocabulary import Vocabulary, vocabulary_hash
 
@@ -62,14 +62,22 @@ class Provenance:
     mode: str
     vocabulary_name: str
     vocabulary_hash: str
+    saliency_max_side: int | None = None
 
 
 @dataclass
 class PreparedImage:
-    """``rgb``: H x W x 3 uint8, the original; ``model_input``: h x w x 3 uint8 (256 x 256 faithful)."""
+    """``rgb``: H x W x 3 uint8, the original; ``model_input``: h x w x 3 uint8 (256 x 256 faithful);
+    ``saliency_input``: the saliency model's h' x w' x 3 uint8 input (``None``: ``rgb``, full
+    resolution)."""
 
     rgb: np.ndarray
     model_input: np.ndarray
+    saliency_input: np.ndarray | None = None
+
+    @property
+    def saliency_pixels(self) -> np.ndarray:
+        return self.rgb if self.saliency_input is None else self.saliency_input
 
 
 @dataclass
@@ -89,10 +97,19 @@ class ModelOutput:
     probabilities: np.ndarray | None = None
 
 
-def prepare_image(image: ImageLike, mode: str = "faithful") -> PreparedImage:
-    """CPU preprocessing of one image; raises :class:`~clipdiy.errors.InvalidImageError`."""
+def prepare_image(image: ImageLike, mode: str = "faithful", saliency_max_side: int | None = None) -> PreparedImage:
+    """CPU preprocessing of one image; raises :class:`~clipdiy.errors.InvalidImageError`.
+
+    ``saliency_max_side``: see :attr:`clipdiy.config.SaliencyConfig.max_side` (``None``: the
+    saliency model sees the full resolution).
+    """
     rgb = to_rgb_uint8(image)
-    return PreparedImage(rgb=rgb, model_input=resize_for_model(rgb, mode))
+    saliency_input = resize_for_saliency(rgb, saliency_max_side)
+    return PreparedImage(
+        rgb=rgb,
+        model_input=resize_for_model(rgb, mode),
+        saliency_input=None if saliency_input is rgb else saliency_input,
+    )
 
 
 def finalize(output: ModelOutput, class_names: Sequence[str]) -> SegmentationResult:
@@ -180,6 +197,7 @@ class Segmenter:
             mode=config.mode,
             vocabulary_name=vocabulary.name,
             vocabulary_hash=vocabulary_hash(vocabulary, config.prompts),
+            saliency_max_side=config.saliency.max_side,
         )
 
     @property
@@ -191,7 +209,7 @@ class Segmenter:
         prepared = []
         for index, image in enumerate(images):
             try:
-                prepared.append(prepare_image(image, self.config.mode))
+                prepared.append(prepare_image(image, self.config.mode, self.config.saliency.max_side))
             except ValueError as error:
                 # Say which image of the batch is bad; keep the error's type and kind.
                 error.args = (f"image {index}: {error.args[0]}",) + error.args[1:]
@@ -208,7 +226,7 @@ class Segmenter:
         # Images of one model-input size share every forward (faithful mode: the whole batch).
         for indices in _group_by_shape([p.model_input.shape for p in prepared]):
             scores = self.scorer(self._to_device([prepared[i].model_input for i in indices]))
-            saliency = self._saliency([prepared[i].rgb for i in indices], scores.shape[-2:])
+            saliency = self._saliency([prepared[i].saliency_pixels for i in indices], scores.shape[-2:])
             probabilities = fuse(scores, saliency)
             for i, output in zip(indices, self._summarise(probabilities, saliency, return_probabilities)):
                 output.original_size = prepared[i].rgb.shape[:2]
@@ -221,7 +239,7 @@ class Segmenter:
         return batch.to(self.device, non_blocking=True).contiguous()
 
     def _saliency(self, rgbs: Sequence[np.ndarray], size: torch.Size) -> torch.Tensor:
-        """B x 1 x h x w soft saliency at the model resolution (SPEC 2 at full size, then 3.1)."""
+        """B x 1 x h x w soft saliency at the model resolution (SPEC 2 on the saliency inputs, then 3.1)."""
         maps: list[torch.Tensor | None] = [None] * len(rgbs)
         for indices in _group_by_shape([rgb.shape for rgb in rgbs]):
             images = self._to_device([rgbs[i] for i in indices]).float().div_(255.0)

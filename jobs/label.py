@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local path or URI of the DINO backbone weights (the offline way)")
     model.add_argument("--found-head", default=FOUND_HEAD_URL, metavar="PATH",
                        help="FOUND head weights: local path, URI or URL")
+    model.add_argument("--saliency-max-side", type=int, default=None, metavar="PIXELS",
+                       help="shrink images whose longer side exceeds PIXELS before FOUND (default: full resolution, "
+                            "as the paper; 1024 keeps large photos affordable)")
     model.add_argument("--mode", choices=("faithful", "aspect"), default="faithful",
                        help="faithful: squash to 256x256 as the paper; aspect: keep the aspect ratio (short side 256)")
     model.add_argument("--prompt-ensemble", default=None, metavar="NAME",
@@ -153,6 +156,7 @@ def config_from_args(args: argparse.Namespace):
             backbone=args.dino_model,
             backbone_checkpoint=args.dino_checkpoint,
             head=args.found_head,
+            max_side=args.saliency_max_side,
         ),
         prompts=PromptConfig(ensemble=args.prompt_ensemble, article=args.article),
         mode=args.mode,

@@ -17,7 +17,7 @@ OPTIONS = [
     "--clip-model", "--clip-pretrained", "--clip-checkpoint", "--clip-model-config", "--saliency",
     "--dino-model", "--dino-checkpoint", "--found-head", "--mode", "--prompt-ensemble", "--article",
     "--batch-size", "--crop-batch-size", "--gpus-per-actor", "--min-actors", "--max-actors",
-    "--decode-concurrency", "--rows-per-file", "--address",
+    "--decode-concurrency", "--rows-per-file", "--address", "--saliency-max-side", "--retry-errors",
 ]
 
 
@@ -66,6 +66,8 @@ def test_bad_option_and_bad_value(tmp_path):
     assert_refused(result, "--batch-size")
     result, _ = run_cli([sys.executable, str(LABEL_SCRIPT), "--input", "x", "--output", "y", "--mode", "sideways"])
     assert_refused(result, "--mode")
+    result, _ = run_cli([sys.executable, str(LABEL_SCRIPT), "--input", "x", "--output", "y", "--saliency-max-side", "8"])
+    assert_refused(result, "--saliency-max-side")
     result, _ = run_cli([sys.executable, str(LABEL_SCRIPT), "--output", "y"])
     assert_refused(result, "--input")
 

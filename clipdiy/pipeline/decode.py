@@ -103,12 +103,12 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def decode_image(data: bytes, *, mode: str, max_pixels: int) -> DecodeResult:
-    """Bytes -> :class:`PreparedImage` (EXIF applied, RGB, original size kept, model input)."""
+def decode_image(data: bytes, *, mode: str, max_pixels: int, saliency_max_side: int | None = None) -> DecodeResult:
+    """Bytes -> :class:`PreparedImage` (EXIF applied, RGB, original size kept, model and saliency inputs)."""
     try:
         image = open_image(data, max_pixels)
         # prepare_image applies the EXIF orientation and converts any mode to RGB.
-        return DecodeResult(prepared=prepare_image(image, mode))
+        return DecodeResult(prepared=prepare_image(image, mode, saliency_max_side))
     except ImageDecodeError as error:
         return DecodeResult(error_kind=error.kind, error=str(error))
     except InvalidImageError as error:
@@ -162,11 +162,14 @@ class DecodeBatch:
     Opens one filesystem per process and input store; reads with retries on transient errors.
     """
 
-    def __init__(self, storage_options, mode: str, max_pixels: int, read_attempts: int):
+    def __init__(
+        self, storage_options, mode: str, max_pixels: int, read_attempts: int, saliency_max_side: int | None = None
+    ):
         self.storage_options = storage_options
         self.mode = mode
         self.max_pixels = max_pixels
         self.read_attempts = read_attempts
+        self.saliency_max_side = saliency_max_side
         self._filesystems: dict[str, Any] = {}
 
     def _read(self, uri: str) -> bytes:
@@ -191,7 +194,9 @@ class DecodeBatch:
                 logger.warning("cannot read %s: %s", uri, message)
                 results.append(DecodeResult(error_kind=kind, error=message))
                 continue
-            results.append(decode_image(data, mode=self.mode, max_pixels=self.max_pixels))
+            results.append(
+                decode_image(data, mode=self.mode, max_pixels=self.max_pixels, saliency_max_side=self.saliency_max_side)
+            )
         for name, column in decoded_columns(results).items():
             batch = batch.append_column(name, column)
         return batch

@@ -182,7 +182,13 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
     from clipdiy.pipeline.inference import SegmentBatch
     from clipdiy.pipeline.rows import RowContext, build_rows
 
-    decode = DecodeBatch(config.storage, config.segmenter.mode, config.max_pixels, config.read_attempts)
+    decode = DecodeBatch(
+        config.storage,
+        config.segmenter.mode,
+        config.max_pixels,
+        config.read_attempts,
+        saliency_max_side=config.segmenter.saliency.max_side,
+    )
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
     target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
     ds = ray.data.from_arrow_refs(blocks)
