@@ -102,15 +102,23 @@ def test_coco_sample_end_to_end(ray_local, coco_images, tiny_clip_config, tmp_pa
     assert len(read_all_rows(output)) == n
 
 
-def test_found_saliency_on_random_vit_s8(ray_local, coco_images, tiny_clip_config, found_saliency_config, tmp_path):
-    """The FOUND path (random-init ViT-S/8 + the real FOUND head) through the job, on 3 images."""
+@pytest.mark.parametrize("max_side", [None, 320])
+def test_found_saliency_on_random_vit_s8(ray_local, coco_images, tiny_clip_config, found_saliency_config, tmp_path,
+                                         max_side):
+    """The FOUND path (random-init ViT-S/8 + the real FOUND head) through the job, on 3 images, at
+    full resolution and with the photos shrunk to 320 px for saliency."""
+    import dataclasses
+
     from clipdiy.pipeline.run import run_labelling
 
     images_dir = coco_images[0].parent
     output = tmp_path / "labels"
-    config = segmenter_config(tiny_clip_config, saliency=found_saliency_config)
+    saliency = dataclasses.replace(found_saliency_config, max_side=max_side)
+    config = segmenter_config(tiny_clip_config, saliency=saliency)
     summary = run_labelling(job_config(images_dir, output, config, limit=3, inference_batch_size=2))
     assert (summary.listed, summary.seen, summary.ok) == (3, 3, 3)
+    manifest = manifests(output)[summary.run_id]
+    assert manifest["options"]["segmenter"]["saliency"]["max_side"] == max_side
 
     rows = read_all_rows(output).to_pylist()
     assert all(r["saliency_backend"] == "found" and r["saliency_weights"] for r in rows)

@@ -114,3 +114,22 @@ def test_decode_prepares_the_shrunk_input_on_the_cpu_worker(coco_images):
     assert full.saliency_input is None and full.saliency_pixels is full.rgb
     assert np.array_equal(prepare_image(np.asarray(Image.open(coco_images[0]).convert("RGB")), saliency_max_side=160)
                           .saliency_pixels, prepared.saliency_pixels)
+
+
+def test_the_inference_actor_warns_once_about_large_full_resolution_saliency(caplog):
+    from clipdiy.pipeline.inference import SegmentBatch
+    from clipdiy.segmenter import PreparedImage
+
+    def prepared(height: int, width: int) -> PreparedImage:
+        rgb = np.zeros((height, width, 3), np.uint8)
+        return PreparedImage(rgb=rgb, model_input=rgb[:256, :256])
+
+    stage = SegmentBatch.__new__(SegmentBatch)  # the check alone, without loading models
+    stage._warn_large = True
+    with caplog.at_level("WARNING", logger="clipdiy.pipeline.inference"):
+        stage._check_saliency_cost([prepared(480, 640)])
+        assert not caplog.records
+        stage._check_saliency_cost([prepared(480, 640), prepared(2000, 2600)])
+        stage._check_saliency_cost([prepared(3000, 4000)])
+    (record,) = caplog.records
+    assert "2600 x 2000" in record.getMessage() and "--saliency-max-side" in record.getMessage()

@@ -19,6 +19,10 @@ from clipdiy.config import SegmenterConfig
 
 logger = logging.getLogger(__name__)
 
+#: Above this many pixels at full resolution, FOUND's attention (quadratic in the pixel count)
+#: dominates the run: 4 MP costs ~70x a 640 x 480 photo. The actor says so once.
+LARGE_SALIENCY_PIXELS = 4_000_000
+
 
 class SegmentBatch:
     """``map_batches`` callable: decoded rows (pickled PreparedImage payloads) -> model outputs.
@@ -26,6 +30,8 @@ class SegmentBatch:
     text_embeddings: C x D float32, L2-normalised (computed once per run by the driver).
     num_threads:     torch intra-op threads on a CPU actor (its reserved CPUs).
     """
+
+    _warn_large = False  # set in __init__ when saliency runs at full resolution
 
     def __init__(self, segmenter_config: SegmenterConfig, text_embeddings: np.ndarray, num_threads: int | None = None):
         import torch
@@ -38,6 +44,22 @@ class SegmentBatch:
             segmenter_config, text_embeddings=torch.from_numpy(np.array(text_embeddings, dtype=np.float32))
         )
         logger.info("segmenter loaded on %s", self.segmenter.device)
+        self._warn_large = segmenter_config.saliency.backend != "none" and segmenter_config.saliency.max_side is None
+
+    def _check_saliency_cost(self, prepared: list) -> None:
+        """Warn once per actor when full-resolution saliency meets a large photo."""
+        if not self._warn_large:
+            return
+        for item in prepared:
+            height, width = item.saliency_pixels.shape[:2]
+            if height * width > LARGE_SALIENCY_PIXELS:
+                logger.warning(
+                    "a %d x %d image goes through FOUND at full resolution (the faithful default), whose cost "
+                    "grows with the square of the pixel count; --saliency-max-side 1024 bounds it",
+                    width, height,
+                )
+                self._warn_large = False
+                return
 
     def _predict_each(self, prepared: list) -> list:
         """Outputs image by image; a failing image gives its exception instead of an output."""
@@ -62,6 +84,7 @@ class SegmentBatch:
         ok = [i for i, s in enumerate(status) if s == "ok"]
         payloads = batch.column("payload")
         prepared = [pickle.loads(payloads[i].as_buffer()) for i in ok]
+        self._check_saliency_cost(prepared)
         try:
             outputs: list = self.segmenter.predict(prepared)
         except Exception:  # retried image by image below, so one bad image only costs itself
