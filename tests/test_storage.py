@@ -121,6 +121,21 @@ def test_text_manifest_resolves_entries_and_keeps_ids_stable(tmp_path):
     assert described.size == 1 and described.image_id == "a/x.jpg" and described.mtime is not None
 
 
+def test_an_image_listed_twice_in_a_manifest_is_listed_once(tmp_path, caplog):
+    root = make_tree(tmp_path / "in")
+    manifest = root / "list.txt"
+    manifest.write_text(f"a/x.jpg\ntop.webp\n{root / 'a' / 'x.jpg'}\n./a/x.jpg\ntop.webp\na/b/y.png\n")
+    with caplog.at_level("WARNING", logger="clipdiy.pipeline.storage"):
+        ids = [s.image_id for s in iter_sources(str(manifest))]
+    assert ids == ["a/x.jpg", "top.webp", "a/b/y.png"]
+    assert "lists 3 entries more than once" in caplog.text
+    when = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.timezone.utc)
+    pq.write_table(pa.table({"uri": ["a/x.jpg", "a/x.jpg"], "size": [1, 99],
+                             "mtime": pa.array([when, when], pa.timestamp("us", tz="UTC"))}), root / "list.parquet")
+    (only,) = iter_sources(str(root / "list.parquet"))
+    assert (only.image_id, only.size) == ("a/x.jpg", 1)  # the first entry wins
+
+
 def test_parquet_manifest_reads_uri_and_optional_metadata(tmp_path):
     root = make_tree(tmp_path / "in")
     when = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.timezone.utc)

@@ -14,7 +14,8 @@ paths and ``file://`` URIs behave alike. Three kinds of input are understood:
   image id of an entry is its path relative to the manifest's folder when it lies below that
   folder, else the entry's full URI. This keeps ids stable when the manifest grows (a common
   root computed over the entries would change whenever a new entry widens it, and re-label
-  everything on the next incremental run).
+  everything on the next incremental run). An image listed more than once is yielded once (its
+  first entry), so a run never writes two rows for one image; the repeats are counted in the log.
 
 Listings stream: S3 prefixes are paged through ``ListObjectsV2`` one page (1,000 keys) at a
 time, local folders are walked one directory at a time, manifests are read line by line or
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import errno
+import hashlib
 import logging
 import os
 import posixpath
@@ -430,12 +432,23 @@ def _iter_manifest(fs, manifest_path: str, options: StorageOptions) -> Iterator[
         entries = _parquet_manifest_entries(fs, manifest_path)
     else:
         entries = _text_manifest_entries(fs, manifest_path)
+    # 16-byte digests of the ids seen: a repeated entry is dropped; ~70 bytes per entry in memory.
+    seen: set[bytes] = set()
+    repeated = 0
     for entry, size, etag, mtime in entries:
         uri = _resolve_entry(fs, entry, base_dir)
         image_id = uri.removeprefix(base_uri.rstrip("/") + "/")
+        digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=16).digest()
+        if digest in seen:
+            repeated += 1
+            continue
+        seen.add(digest)
         yield SourceObject(uri=uri, image_id=image_id, size=size,
                            etag=etag.strip('"') if isinstance(etag, str) else None,
                            mtime=_as_utc(mtime))
+    if repeated:
+        logger.warning("manifest %s lists %d entries more than once; each image is labelled once",
+                       _full_uri(fs, manifest_path), repeated)
 
 
 def _resolve_entry(fs, entry: str, base_dir: str) -> str:
@@ -445,7 +458,7 @@ def _resolve_entry(fs, entry: str, base_dir: str) -> str:
         return entry
     if isinstance(fs, LocalFileSystem):
         path = entry if os.path.isabs(entry) else posixpath.join(base_dir, entry)
-        return "file://" + LocalFileSystem._strip_protocol(path)
+        return "file://" + LocalFileSystem._strip_protocol(posixpath.normpath(path))
     if entry.startswith("/"):  # relative to the manifest's bucket
         path = base_dir.split("/", 1)[0] + "/" + entry.lstrip("/")
     else:
