@@ -217,6 +217,35 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
         assert lock_holder(Path(layout.root))["run_id"] == "run-d"
 
 
+def test_two_runs_racing_for_a_free_object_store_output_cannot_both_win(s3_server, s3_bucket):
+    """S3: the lock is created with a conditional write, so the run that loses the race refuses
+    even when it saw no lock a moment before (no pause needed to notice)."""
+    from clipdiy.pipeline.layout import OutputLayout
+    from clipdiy.pipeline.lock import OutputLock, OutputLockedError
+
+    layout = OutputLayout.open(f"s3://{s3_bucket}/labels", s3_server.options)
+    winner = OutputLock(layout, "run-a", stale_after_s=60, heartbeat_s=1, settle_s=0)
+    loser = OutputLock(layout, "run-b", stale_after_s=60, heartbeat_s=1, settle_s=0)
+    looked = []
+    real_read = loser._read
+
+    def read_after_the_race():  # the loser looked before the winner wrote
+        looked.append(True)
+        return None if len(looked) == 1 else real_read()
+
+    loser._read = read_after_the_race
+    winner.acquire()
+    try:
+        with pytest.raises(OutputLockedError, match="in use by run run-a"):
+            loser.acquire()
+        assert layout.read_json(layout.lock_path())["token"] == winner.info.token
+    finally:
+        winner.release()
+    assert layout.read_json(layout.lock_path()) is None
+    with OutputLock(layout, "run-c", stale_after_s=60, heartbeat_s=1, settle_s=0):
+        assert layout.read_json(layout.lock_path())["run_id"] == "run-c"
+
+
 def test_pending_blocks_anti_join_on_id_and_source_version():
     import datetime as dt
 

@@ -4,10 +4,12 @@ A second run on the same OUTPUT refuses with :class:`OutputLockedError` while th
 A lock is stale (and taken over) when its heartbeat is older than ``stale_after_s``, or at once
 when it was taken on this host by a process that no longer exists (a killed driver).
 
-Local OUTPUT: the lock is created with ``O_EXCL``, so two starts cannot both win. Object stores
-have no exclusive create here: the lock is written, then read back after a pause, and the run
-that does not find its own token refuses (a narrow race remains when two runs start within the
-pause of each other; schedulers that never overlap runs are not affected).
+Two starts cannot both win a free OUTPUT: locally the lock is created with ``O_EXCL``; on S3
+with a conditional write (``If-None-Match: *``, s3fs's ``"xb"`` mode), which S3 and the
+S3-compatible stores that implement it refuse when the object exists. Every object-store lock is
+also read back after a pause, and the run that does not find its own token refuses: this guards
+stores that ignore the condition, and the take-over of a stale lock (two runs taking over the
+same dead lock within the pause of each other remain a narrow race).
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ logger = logging.getLogger(__name__)
 
 class OutputLockedError(ClipdiyError, RuntimeError):
     """Another run is writing to the same OUTPUT."""
+
+
+def _has_conditional_create(fs) -> bool:
+    """Whether ``fs.open(path, "xb")`` is a conditional create on the store (s3fs on S3)."""
+    try:
+        from s3fs import S3FileSystem
+    except ImportError:
+        return False
+    return isinstance(fs, S3FileSystem)
 
 
 @dataclass
@@ -116,7 +127,10 @@ class OutputLock:
         if self.layout.is_local and existing is None:
             self._create_exclusive()
         else:
-            self.layout.write_json_atomic(self.layout.lock_path(), asdict(self.info))
+            if existing is None and _has_conditional_create(self.layout.fs):
+                self._create_exclusive_object()
+            else:
+                self.layout.write_json_atomic(self.layout.lock_path(), asdict(self.info))
             time.sleep(self.settle_s)
         holder = self._read()
         if holder is None or holder.token != self.info.token:
@@ -138,6 +152,18 @@ class OutputLock:
             raise OutputLockedError(f"{self.layout.uri} is in use by {who}; not starting") from None
         with os.fdopen(fd, "w") as handle:
             json.dump(asdict(self.info), handle)
+
+    def _create_exclusive_object(self) -> None:
+        """Create the lock object only if there is none (S3 conditional write)."""
+        import json
+
+        try:
+            with self.layout.fs.open(self.layout.lock_path(), "xb") as handle:
+                handle.write(json.dumps(asdict(self.info), indent=2, sort_keys=True).encode())
+        except FileExistsError:
+            holder = self._read()
+            who = "another run" if holder is None else f"run {holder.run_id} (host {holder.host}, pid {holder.pid})"
+            raise OutputLockedError(f"{self.layout.uri} is in use by {who}; not starting") from None
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
