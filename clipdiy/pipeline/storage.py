@@ -189,7 +189,8 @@ class SourceObject:
     ``uri``: full URI (``s3://bucket/key``, ``file:///abs/path``); ``image_id``: the path relative
     to the input root with ``/`` separators (or the URI itself, see the module docstring);
     ``size`` in bytes, ``etag`` (quotes stripped), ``mtime`` (UTC) where the store reports them
-    (None for manifest entries without those columns: the reader stats them).
+    (None for manifest entries without those columns: such an entry's version is unknown, so a
+    later run treats it as labelled once any row has its id; :func:`describe_source` stats one).
     """
 
     uri: str
