@@ -291,8 +291,13 @@ def test_run_planning_resumes_the_unfinished_run_and_refuses_conflicts(tmp_path)
 
     again = plan_run(layout, None, fingerprint)  # killed before its manifest: resume it
     assert (again.run_id, again.attempt, again.resumed, again.started_at) == (first.run_id, 2, True, first.started_at)
-    with pytest.raises(RunConflictError, match="different model"):
+    with pytest.raises(RunConflictError, match=r"different model\.clip_weights;"):
         plan_run(layout, None, {"input": "in/", "model": {"clip_weights": "sha256:2"}})
+    # An option added since the run started, left unset, is no difference (resume after an upgrade).
+    upgraded = {"input": "in/", "model": {"clip_weights": "sha256:1", "saliency_max_side": None}}
+    assert plan_run(layout, None, upgraded).run_id == first.run_id
+    with pytest.raises(RunConflictError, match=r"different input, model\.saliency_max_side;"):
+        plan_run(layout, None, {"input": "other/", "model": {"clip_weights": "sha256:1", "saliency_max_side": 1024}})
     with pytest.raises(RunConflictError, match=f"unfinished run {first.run_id}"):
         plan_run(layout, "another-run", fingerprint)
 

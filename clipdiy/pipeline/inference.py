@@ -20,7 +20,8 @@ from clipdiy.config import SegmenterConfig
 logger = logging.getLogger(__name__)
 
 #: Above this many pixels at full resolution, FOUND's attention (quadratic in the pixel count)
-#: dominates the run: 4 MP costs ~70x a 640 x 480 photo. The actor says so once.
+#: dominates the run: a 4 MP photo costs ~125x a 640 x 480 one (fit to timings on a 2-core CPU).
+#: The actor says so once.
 LARGE_SALIENCY_PIXELS = 4_000_000
 
 

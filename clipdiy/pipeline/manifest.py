@@ -51,6 +51,22 @@ def finished_run_ids(layout: OutputLayout) -> list[str]:
     return [run_id for run_id in layout.run_ids() if layout.exists(layout.manifest_path(run_id))]
 
 
+def fingerprint_differences(current: dict[str, Any], recorded: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the entries where two fingerprints differ, sorted.
+
+    A key one side lacks counts as None there, so a run started before a new, unset option
+    existed (say ``model.saliency_max_side``) still resumes after an upgrade.
+    """
+    differing = []
+    for key in sorted(set(current) | set(recorded)):
+        mine, theirs = current.get(key), recorded.get(key)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            differing += fingerprint_differences(mine, theirs, f"{prefix}{key}.")
+        elif mine != theirs:
+            differing.append(f"{prefix}{key}")
+    return differing
+
+
 def plan_run(layout: OutputLayout, requested: str | None, fingerprint: dict[str, Any]) -> RunPlan:
     """Resume the unfinished run of OUTPUT if there is one, else start a new one.
 
@@ -76,11 +92,8 @@ def plan_run(layout: OutputLayout, requested: str | None, fingerprint: dict[str,
     state = layout.read_json(layout.run_state_path(run_id))
     if state is None:
         return RunPlan(run_id=run_id, attempt=1, started_at=utc_now(), resumed=False)
-    if state.get("fingerprint") != fingerprint:
-        differing = sorted(
-            key for key in set(fingerprint) | set(state.get("fingerprint", {}))
-            if fingerprint.get(key) != state.get("fingerprint", {}).get(key)
-        )
+    differing = fingerprint_differences(fingerprint, state.get("fingerprint", {}))
+    if differing:
         raise RunConflictError(
             f"the unfinished run {run_id} in {layout.uri} was started with a different {', '.join(differing)}; "
             "resume it with the same input and model options"
