@@ -67,17 +67,17 @@ class Provenance:
 
 @dataclass
 class PreparedImage:
-    """``rgb``: H x W x 3 uint8, the original; ``model_input``: h x w x 3 uint8 (256 x 256 faithful);
-    ``saliency_input``: the saliency model's h' x w' x 3 uint8 input (``None``: ``rgb``, full
-    resolution)."""
+    """What :meth:`Segmenter.predict` needs of one image, prepared on the CPU.
 
-    rgb: np.ndarray
+    ``model_input``: h x w x 3 uint8 (256 x 256 faithful); ``saliency_input``: h' x w' x 3 uint8,
+    the saliency model's input (the original itself at full resolution, unless shrunk by
+    ``SaliencyConfig.max_side``); ``original_size``: (H, W) after EXIF orientation. The original
+    is not kept: a pipeline ships only these to its accelerators.
+    """
+
     model_input: np.ndarray
-    saliency_input: np.ndarray | None = None
-
-    @property
-    def saliency_pixels(self) -> np.ndarray:
-        return self.rgb if self.saliency_input is None else self.saliency_input
+    saliency_input: np.ndarray
+    original_size: tuple[int, int]
 
 
 @dataclass
@@ -104,11 +104,10 @@ def prepare_image(image: ImageLike, mode: str = "faithful", saliency_max_side: i
     saliency model sees the full resolution).
     """
     rgb = to_rgb_uint8(image)
-    saliency_input = resize_for_saliency(rgb, saliency_max_side)
     return PreparedImage(
-        rgb=rgb,
         model_input=resize_for_model(rgb, mode),
-        saliency_input=None if saliency_input is rgb else saliency_input,
+        saliency_input=resize_for_saliency(rgb, saliency_max_side),
+        original_size=(int(rgb.shape[0]), int(rgb.shape[1])),
     )
 
 
@@ -226,10 +225,10 @@ class Segmenter:
         # Images of one model-input size share every forward (faithful mode: the whole batch).
         for indices in _group_by_shape([p.model_input.shape for p in prepared]):
             scores = self.scorer(self._to_device([prepared[i].model_input for i in indices]))
-            saliency = self._saliency([prepared[i].saliency_pixels for i in indices], scores.shape[-2:])
+            saliency = self._saliency([prepared[i].saliency_input for i in indices], scores.shape[-2:])
             probabilities = fuse(scores, saliency)
             for i, output in zip(indices, self._summarise(probabilities, saliency, return_probabilities)):
-                output.original_size = prepared[i].rgb.shape[:2]
+                output.original_size = prepared[i].original_size
                 outputs[i] = output
         return outputs  # type: ignore[return-value]
 
@@ -240,6 +239,10 @@ class Segmenter:
 
     def _saliency(self, rgbs: Sequence[np.ndarray], size: torch.Size) -> torch.Tensor:
         """B x 1 x h x w soft saliency at the model resolution (SPEC 2 on the saliency inputs, then 3.1)."""
+        if not getattr(self.saliency, "needs_pixels", True):
+            # A backend that never reads pixels (``none``) gets a placeholder: no host-device copy.
+            placeholder = torch.zeros(len(rgbs), 3, *size, device=self.device)
+            return self.saliency(placeholder).float().clamp_(0.0, 1.0)
         maps: list[torch.Tensor | None] = [None] * len(rgbs)
         for indices in _group_by_shape([rgb.shape for rgb in rgbs]):
             images = self._to_device([rgbs[i] for i in indices]).float().div_(255.0)

@@ -91,14 +91,15 @@ def test_decode_classifies_each_bad_input(coco_images, tmp_path):
     for name in EXPECTED_OK:
         result = decode_image((corpus / name).read_bytes(), mode="faithful", max_pixels=100_000_000)
         assert result.error is None, (name, result.error)
-        assert result.prepared.rgb.dtype == np.uint8 and result.prepared.rgb.shape[2] == 3
+        assert result.prepared.saliency_input.dtype == np.uint8 and result.prepared.saliency_input.shape[2] == 3
+        assert result.prepared.saliency_input.shape[:2] == result.prepared.original_size  # full resolution
     # The guard reads the header: a real image over the limit is refused before decoding.
     small = decode_image((corpus / "a_good.jpg").read_bytes(), mode="faithful", max_pixels=1000)
     assert small.error_kind == "too_large"
     with Image.open(corpus / "exif_rotated.jpg") as stored:
         width, height = stored.size
     rotated = decode_image((corpus / "exif_rotated.jpg").read_bytes(), mode="faithful", max_pixels=100_000_000)
-    assert rotated.prepared.rgb.shape[:2] == (width, height)
+    assert rotated.prepared.original_size == (width, height)
 
 
 @pytest.mark.slow
@@ -147,14 +148,14 @@ def test_a_model_failure_costs_only_the_failing_image(coco_images):
 
     results = [decode_image(path.read_bytes(), mode="faithful", max_pixels=100_000_000) for path in coco_images[:3]]
     results.append(decode_image(b"", mode="faithful", max_pixels=100_000_000))
-    poison = results[1].prepared.rgb.shape
-    assert poison not in (results[0].prepared.rgb.shape, results[2].prepared.rgb.shape)
+    poison = results[1].prepared.original_size
+    assert poison not in (results[0].prepared.original_size, results[2].prepared.original_size)
 
     class FlakySegmenter:
         def predict(self, prepared):
-            if any(p.rgb.shape == poison for p in prepared):
+            if any(p.original_size == poison for p in prepared):
                 raise RuntimeError("CUDA error: an illegal memory access")
-            return [{"size": p.rgb.shape} for p in prepared]
+            return [{"size": p.original_size} for p in prepared]
 
     batch = pa.table({"image_id": [f"{i}.jpg" for i in range(4)], **decoded_columns(results)})
     stage = SegmentBatch.__new__(SegmentBatch)
@@ -163,4 +164,4 @@ def test_a_model_failure_costs_only_the_failing_image(coco_images):
     assert [r["status"] for r in out] == ["ok", "error", "ok", "error"]
     assert (out[1]["error_kind"], out[3]["error_kind"]) == ("model", "empty")
     assert "illegal memory access" in out[1]["error"] and out[1]["payload"] is None
-    assert pickle.loads(out[0]["payload"]) == {"size": results[0].prepared.rgb.shape}
+    assert pickle.loads(out[0]["payload"]) == {"size": results[0].prepared.original_size}

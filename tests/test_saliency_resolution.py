@@ -3,6 +3,8 @@ unset (faithful) the saliency model sees the full resolution."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from handcrafted_models import CLASS_NAMES, COLOURS, GREY, MeanColourClip, NotGreySaliency
@@ -106,14 +108,48 @@ def test_decode_prepares_the_shrunk_input_on_the_cpu_worker(coco_images):
     data = coco_images[0].read_bytes()
     with Image.open(coco_images[0]) as stored:
         width, height = stored.size
-    result = decode_image(data, mode="faithful", max_pixels=100_000_000, saliency_max_side=160)
-    prepared = result.prepared
-    assert prepared.rgb.shape[:2] == (height, width)
-    assert max(prepared.saliency_pixels.shape[:2]) == 160
+        rgb = np.asarray(stored.convert("RGB"))
+    prepared = decode_image(data, mode="faithful", max_pixels=100_000_000, saliency_max_side=160).prepared
+    assert prepared.original_size == (height, width)
+    assert max(prepared.saliency_input.shape[:2]) == 160
+    assert np.array_equal(prepare_image(rgb, saliency_max_side=160).saliency_input, prepared.saliency_input)
     full = decode_image(data, mode="faithful", max_pixels=100_000_000).prepared
-    assert full.saliency_input is None and full.saliency_pixels is full.rgb
-    assert np.array_equal(prepare_image(np.asarray(Image.open(coco_images[0]).convert("RGB")), saliency_max_side=160)
-                          .saliency_pixels, prepared.saliency_pixels)
+    assert np.array_equal(full.saliency_input, rgb)  # faithful: the original itself
+    # What travels to the accelerator: the small inputs only, not the original.
+    assert len(pickle.dumps(prepared)) < len(pickle.dumps(full)) / 3
+
+
+def test_a_backend_that_reads_no_pixels_gets_no_pixels():
+    """``none``: the CPU workers prepare a token saliency input, and the segmenter hands the model
+    a placeholder at the model size instead of copying the image to the device."""
+    from clipdiy.config import MIN_SALIENCY_SIDE
+    from clipdiy.models.saliency import saliency_input_side
+    from clipdiy.models.saliency.none import NoSaliency
+
+    assert saliency_input_side(SaliencyConfig(backend="none", max_side=1024)) == MIN_SALIENCY_SIDE
+    assert saliency_input_side(SaliencyConfig(backend="found")) is None
+    assert saliency_input_side(SaliencyConfig(backend="found", max_side=1024)) == 1024
+
+    class RecordingNone(NoSaliency):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def forward(self, images):
+            self.sizes.append(tuple(images.shape[-2:]))
+            return super().forward(images)
+
+    saliency = RecordingNone()
+    vocabulary = Vocabulary(name="colours", classes=tuple(VocabularyClass(name, (name,)) for name in CLASS_NAMES))
+    segmenter = Segmenter(MeanColourClip(), saliency, vocabulary, SegmenterConfig(vocabulary="colours"))
+    image = scene(900, 600)
+    (result,) = segmenter.segment([image])
+    assert saliency.sizes == [(256, 256)]
+    assert result.foreground_fraction == 1.0 and result.label_map.shape == (600, 900)
+    shrunk = prepare_image(image, saliency_max_side=MIN_SALIENCY_SIDE)
+    (from_shrunk,) = segmenter.predict([shrunk])
+    (from_full,) = segmenter.predict([prepare_image(image)])
+    assert np.array_equal(from_shrunk.label_map, from_full.label_map)
 
 
 def test_the_inference_actor_warns_once_about_large_full_resolution_saliency(caplog):
@@ -122,7 +158,7 @@ def test_the_inference_actor_warns_once_about_large_full_resolution_saliency(cap
 
     def prepared(height: int, width: int) -> PreparedImage:
         rgb = np.zeros((height, width, 3), np.uint8)
-        return PreparedImage(rgb=rgb, model_input=rgb[:256, :256])
+        return PreparedImage(model_input=rgb[:256, :256], saliency_input=rgb, original_size=(height, width))
 
     stage = SegmentBatch.__new__(SegmentBatch)  # the check alone, without loading models
     stage._warn_large = True

@@ -145,7 +145,7 @@ def decoded_columns(results: list[DecodeResult]) -> dict[str, pa.Array]:
         columns["error_kind"].append(result.error_kind)
         columns["error"].append(result.error)
         if ok:
-            height, width = result.prepared.rgb.shape[:2]
+            height, width = result.prepared.original_size
             columns["width"].append(int(width))
             columns["height"].append(int(height))
             columns["payload"].append(pickle.dumps(result.prepared, protocol=pickle.HIGHEST_PROTOCOL))

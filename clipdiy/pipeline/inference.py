@@ -52,7 +52,7 @@ class SegmentBatch:
         if not self._warn_large:
             return
         for item in prepared:
-            height, width = item.saliency_pixels.shape[:2]
+            height, width = item.saliency_input.shape[:2]
             if height * width > LARGE_SALIENCY_PIXELS:
                 logger.warning(
                     "a %d x %d image goes through FOUND at full resolution (the faithful default), whose cost "

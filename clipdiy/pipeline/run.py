@@ -180,6 +180,7 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
     # Imported here, not at the top: refusals before the models load stay free of torch imports.
     from clipdiy.pipeline.decode import DecodeBatch
     from clipdiy.pipeline.inference import SegmentBatch
+    from clipdiy.models.saliency import saliency_input_side
     from clipdiy.pipeline.rows import RowContext, build_rows
 
     decode = DecodeBatch(
@@ -187,7 +188,7 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
         config.segmenter.mode,
         config.max_pixels,
         config.read_attempts,
-        saliency_max_side=config.segmenter.saliency.max_side,
+        saliency_max_side=saliency_input_side(config.segmenter.saliency),
     )
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
     target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)

@@ -11,24 +11,40 @@ from collections.abc import Callable
 
 import torch
 
-from clipdiy.config import SaliencyConfig
+from clipdiy.config import MIN_SALIENCY_SIDE, SaliencyConfig
 from clipdiy.models.saliency.base import SaliencyModel
 
 SaliencyFactory = Callable[[SaliencyConfig, torch.device, "torch.dtype | None"], SaliencyModel]
 
 _BACKENDS: dict[str, SaliencyFactory] = {}
+_NEEDS_PIXELS: dict[str, bool] = {}
 
 
-def register_saliency_backend(name: str) -> Callable[[SaliencyFactory], SaliencyFactory]:
-    """Decorator: register ``factory(config, device, dtype)`` as saliency backend ``name``."""
+def register_saliency_backend(name: str, *, needs_pixels: bool = True) -> Callable[[SaliencyFactory], SaliencyFactory]:
+    """Decorator: register ``factory(config, device, dtype)`` as saliency backend ``name``.
+
+    ``needs_pixels``: the models it makes read the image (see ``SaliencyModel.needs_pixels``).
+    """
 
     def register(factory: SaliencyFactory) -> SaliencyFactory:
         if name in _BACKENDS and _BACKENDS[name] is not factory:
             raise ValueError(f"saliency backend {name!r} is already registered")
         _BACKENDS[name] = factory
+        _NEEDS_PIXELS[name] = needs_pixels
         return factory
 
     return register
+
+
+def saliency_input_side(config: SaliencyConfig) -> int | None:
+    """The longer side to prepare saliency inputs at, for CPU workers that have no model.
+
+    ``config.max_side`` (``None``: full resolution); the smallest allowed side for a backend
+    that does not read pixels, so that a pipeline does not ship full-resolution images for it.
+    """
+    if not _NEEDS_PIXELS.get(config.backend, True):
+        return MIN_SALIENCY_SIDE
+    return config.max_side
 
 
 def available_saliency_backends() -> tuple[str, ...]:
@@ -60,4 +76,5 @@ __all__ = [
     "available_saliency_backends",
     "create_saliency_model",
     "register_saliency_backend",
+    "saliency_input_side",
 ]

@@ -12,6 +12,7 @@ from clipdiy.models.saliency.base import SaliencyModel, check_images
 class NoSaliency(SaliencyModel):
     name = "none"
     weights_id = None
+    needs_pixels = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W -> B x 1 x H x W of ones (same dtype and device)."""
@@ -19,6 +20,6 @@ class NoSaliency(SaliencyModel):
         return images.new_ones((images.shape[0], 1, images.shape[2], images.shape[3]))
 
 
-@register_saliency_backend("none")
+@register_saliency_backend("none", needs_pixels=NoSaliency.needs_pixels)
 def create_no_saliency(config: SaliencyConfig, device: torch.device, dtype: torch.dtype | None) -> NoSaliency:
     return NoSaliency().to(device)
