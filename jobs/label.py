@@ -34,6 +34,7 @@ from clipdiy.config import (
     SegmenterConfig,
 )
 from clipdiy.errors import ClipdiyError
+from clipdiy.pipeline.incremental import RETRY_ERRORS
 from clipdiy.samples import SAMPLES_INPUT, samples_manifest
 
 PROG = "label.py"
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--max-pixels", type=int, default=None,
                           help="images with more pixels (read from the header) get an error row (decompression-bomb guard); "
                                "default 100 million")
-    pipeline.add_argument("--retry-errors", choices=("transient", "all", "none"), default="transient",
+    pipeline.add_argument("--retry-errors", choices=RETRY_ERRORS, default="transient",
                           help="which images with an error row from an earlier run to label again: transient "
                                "(failed reads and model calls), all, or none")
     pipeline.add_argument("--address", default=None,

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -140,11 +141,11 @@ def _listing_table(sources: list[SourceObject]) -> pa.Table:
     )
 
 
-def _drop_done(table: pa.Table, done: pa.Array) -> tuple[pa.Table, int]:
-    if not len(done) or not table.num_rows:
-        return table, 0
-    kept = table.filter(pc.invert(pc.is_in(source_keys(table), value_set=done)))
-    return kept, table.num_rows - kept.num_rows
+def _member_mask(keys: pa.Array, value_set: pa.Array | None) -> pa.Array:
+    """Boolean mask: which ``keys`` are in ``value_set`` (all False for an empty or absent set)."""
+    if value_set is None or not len(value_set) or not len(keys):
+        return pa.array(np.zeros(len(keys), dtype=bool))
+    return pc.is_in(keys, value_set=value_set)
 
 
 def pending_blocks(
@@ -169,12 +170,14 @@ def pending_blocks(
         table = _listing_table(buffer)
         buffer.clear()
         counts.listed += table.num_rows
-        table, skipped = _drop_done(table, done_by_other_runs)
-        counts.skipped += skipped
-        table, resumed = _drop_done(table, done_by_this_run)
-        counts.resumed += resumed
-        if retried_errors is not None and len(retried_errors) and table.num_rows:
-            counts.retried += pc.sum(pc.is_in(source_keys(table), value_set=retried_errors)).as_py() or 0
+        keys = source_keys(table)  # once per chunk: every membership test below reuses it
+        other = _member_mask(keys, done_by_other_runs)
+        this = pc.and_(pc.invert(other), _member_mask(keys, done_by_this_run))
+        todo = pc.invert(pc.or_(other, this))
+        counts.skipped += pc.sum(other).as_py() or 0
+        counts.resumed += pc.sum(this).as_py() or 0
+        counts.retried += pc.sum(pc.and_(todo, _member_mask(keys, retried_errors))).as_py() or 0
+        table = table.filter(todo)
         for start in range(0, table.num_rows, block_rows):
             yield table.slice(start, block_rows)
 

@@ -42,6 +42,11 @@ def _has_conditional_create(fs) -> bool:
     return isinstance(fs, S3FileSystem)
 
 
+def _describe_holder(holder: LockInfo | None) -> str:
+    """The holder of a lock, for refusals ("another run" when it could not be read)."""
+    return "another run" if holder is None else f"run {holder.run_id} (host {holder.host}, pid {holder.pid})"
+
+
 @dataclass
 class LockInfo:
     run_id: str
@@ -134,7 +139,7 @@ class OutputLock:
             time.sleep(self.settle_s)
         holder = self._read()
         if holder is None or holder.token != self.info.token:
-            who = "another run" if holder is None else f"run {holder.run_id} (host {holder.host}, pid {holder.pid})"
+            who = _describe_holder(holder)
             raise OutputLockedError(f"{self.layout.uri}: {who} took the lock at the same time; not starting")
         self._thread = threading.Thread(target=self._beat, name="clipdiy-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -148,7 +153,7 @@ class OutputLock:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = self._read()
-            who = "another run" if holder is None else f"run {holder.run_id} (host {holder.host}, pid {holder.pid})"
+            who = _describe_holder(holder)
             raise OutputLockedError(f"{self.layout.uri} is in use by {who}; not starting") from None
         with os.fdopen(fd, "w") as handle:
             json.dump(asdict(self.info), handle)
@@ -162,7 +167,7 @@ class OutputLock:
                 handle.write(json.dumps(asdict(self.info), indent=2, sort_keys=True).encode())
         except FileExistsError:
             holder = self._read()
-            who = "another run" if holder is None else f"run {holder.run_id} (host {holder.host}, pid {holder.pid})"
+            who = _describe_holder(holder)
             raise OutputLockedError(f"{self.layout.uri} is in use by {who}; not starting") from None
 
     def _beat(self) -> None:
