@@ -83,7 +83,8 @@ class PromptConfig:
 class SegmenterConfig:
     """Everything the segmenter needs.
 
-    ``vocabulary`` is a built-in name (``voc``, ``coco``) or a path to a vocabulary file.
+    ``vocabulary`` is a built-in name (``voc``: the paper's spelling, ``voc-readable``, ``coco``) or
+    a path to a vocabulary file.
     ``mode``: ``faithful`` squashes to 256 x 256 like the paper; ``aspect`` keeps the aspect
     ratio (short side 256). ``crop_batch_size`` bounds the crops in one CLIP forward (``None``: 256 on
     CUDA, 32 on CPU, where larger batches run no faster and use more memory).

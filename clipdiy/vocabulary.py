@@ -4,8 +4,11 @@ A :class:`Vocabulary` is an ordered tuple of classes; class 0 is ``background``,
 embedded like any other name (SPEC 1.5). Each class has one or more synonyms (the first is its
 name); the text embedding of a class is the mean over its synonyms and prompt templates.
 
-Built-ins: ``voc`` (background + the 20 PASCAL VOC classes, readable names) and ``coco``
-(background + the 80 COCO classes, COCO's names, in category-id order).
+Built-ins: ``voc`` (background + the 20 PASCAL VOC classes, spelled exactly as the reference's
+dataset code has them, SPEC 1.5: "diningtable", "tv/monitor", ...; the names are part of the
+prompts, so faithful mode needs them verbatim), ``voc-readable`` (the same classes in plain
+English: "dining table", "tv monitor", ...) and ``coco`` (background + the 80 COCO classes, COCO's
+names, in category-id order).
 
 Vocabulary files (a local path or any fsspec URI), chosen by extension:
 
@@ -35,7 +38,15 @@ from clipdiy.errors import VocabularyError
 
 BACKGROUND = "background"
 
+#: The reference's PASCAL VOC names (SPEC 1.5), spelling included: they go into the prompts.
 VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train",
+    "tv/monitor",
+)  # fmt: skip
+
+#: The same classes, same order, in readable English (not the paper's prompts).
+VOC_READABLE_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train",
     "tv monitor",
@@ -125,16 +136,18 @@ class Vocabulary:
         return _sha256_json({"classes": [list(cls.synonyms) for cls in self.classes]})
 
 
+_BUILTINS = {"voc": VOC_CLASSES, "voc-readable": VOC_READABLE_CLASSES, "coco": COCO_CLASSES}
+
+
 def builtin_vocabularies() -> tuple[str, ...]:
-    return ("voc", "coco")
+    return tuple(_BUILTINS)
 
 
 def load_vocabulary(spec: str) -> Vocabulary:
-    """``"voc"`` | ``"coco"`` | a local path or fsspec URI of a ``.txt`` / ``.yaml`` / ``.yml`` / ``.json`` file."""
-    if spec == "voc":
-        return Vocabulary.from_names("voc", VOC_CLASSES)
-    if spec == "coco":
-        return Vocabulary.from_names("coco", COCO_CLASSES)
+    """A built-in name (``"voc"``, ``"voc-readable"``, ``"coco"``) or a local path or fsspec URI of a
+    ``.txt`` / ``.yaml`` / ``.yml`` / ``.json`` file."""
+    if spec in _BUILTINS:
+        return Vocabulary.from_names(spec, _BUILTINS[spec])
     text = _read_text(spec)
     name, extension = _stem_and_extension(spec)
     if extension in _YAML_EXTENSIONS or extension in _JSON_EXTENSIONS:
@@ -211,7 +224,7 @@ def _read_text(spec: str) -> str:
             return handle.read()
     except FileNotFoundError as error:
         raise VocabularyError(
-            f"vocabulary file not found: {spec} (pass 'voc', 'coco' or a .txt/.yaml/.json path or URI)"
+            f"vocabulary file not found: {spec} (pass one of {', '.join(_BUILTINS)} or a .txt/.yaml/.json path or URI)"
         ) from error
     except UnicodeDecodeError as error:
         raise VocabularyError(f"vocabulary file {spec} is not UTF-8 text: {error}") from error

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument("--vocabulary", default="voc",
-                       help="class vocabulary: 'voc', 'coco', or a .txt/.yaml/.json file (class 0 is background)")
+                       help="class vocabulary: 'voc' (the paper's names, e.g. 'diningtable', 'tv/monitor'), "
+                            "'voc-readable', 'coco', or a .txt/.yaml/.json file (class 0 is background)")
     model.add_argument("--clip-model", default=defaults_clip.model, help="open_clip model name")
     model.add_argument("--clip-pretrained", default=defaults_clip.pretrained,
                        help="open_clip pretrained tag (downloaded from the hub on first use)")

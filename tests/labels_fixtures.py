@@ -21,9 +21,10 @@ from PIL import Image
 from clipdiy import rle
 from clipdiy.schema import LABEL_SCHEMA_VERSION, label_schema
 
+# The built-in ``voc`` names: the reference's spelling (SPEC 1.5), so that every reader sees "tv/monitor".
 VOC_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor",
+    "diningtable", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv/monitor",
 )
 
 

@@ -95,7 +95,9 @@ def test_short_side_and_nearest_resize():
 
 def test_class_mapping_by_name_and_clear_errors():
     lut = class_mapping(VOC_NAMES, VOC_CLASS_NAMES)
-    assert lut.tolist() == list(range(21))  # "dining table" ~ "diningtable", "tv monitor" ~ "tvmonitor"
+    assert lut.tolist() == list(range(21))  # "tv/monitor" ~ "tvmonitor", "potted plant" ~ "pottedplant"
+    readable = ("background", *VOC_NAMES[1:11], "dining table", *VOC_NAMES[12:20], "tv monitor")
+    assert class_mapping(readable, VOC_CLASS_NAMES).tolist() == list(range(21))  # the voc-readable names
     wrong = list(VOC_NAMES)
     wrong[14] = "motorcycle"
     with pytest.raises(VocabularyError, match=r"motorcycle.*motorbike"):

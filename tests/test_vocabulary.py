@@ -14,6 +14,7 @@ from clipdiy.errors import VocabularyError
 from clipdiy.vocabulary import (
     COCO_CLASSES,
     Vocabulary,
+    builtin_vocabularies,
     VocabularyClass,
     class_prompts,
     fill_template,
@@ -22,7 +23,13 @@ from clipdiy.vocabulary import (
     vocabulary_hash,
 )
 
+# Copied from SPEC 1.5 (the reference's dataset code), spelling included.
 VOC_NAMES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv/monitor",
+)  # fmt: skip
+
+VOC_READABLE_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor",
 )  # fmt: skip
@@ -42,12 +49,28 @@ def test_voc_builtin():
     assert all(cls.synonyms == (cls.name,) for cls in vocabulary.classes)
 
 
+def test_voc_builtin_builds_the_references_prompts():
+    prompts = [class_prompts(cls, PromptConfig())[0] for cls in load_vocabulary("voc").classes]
+    assert prompts[11] == "a photo of a diningtable"
+    assert prompts[16] == "a photo of a potted plant"
+    assert prompts[20] == "a photo of a tv/monitor"
+
+
+def test_voc_readable_builtin():
+    vocabulary = load_vocabulary("voc-readable")
+    assert vocabulary.name == "voc-readable"
+    assert vocabulary.class_names == VOC_READABLE_NAMES
+    assert vocabulary.content_hash != load_vocabulary("voc").content_hash
+    assert {"voc", "voc-readable", "coco"} <= set(builtin_vocabularies())
+
+
 def test_coco_builtin_matches_coco_categories(coco_sample):
     vocabulary = load_vocabulary("coco")
     assert len(vocabulary) == 81 and vocabulary.class_names[0] == "background"
     (instances,) = (coco_sample / "annotations").glob("*.json")
     categories = sorted(json.loads(instances.read_text())["categories"], key=lambda c: c["id"])
     assert vocabulary.class_names[1:] == tuple(c["name"] for c in categories) == COCO_CLASSES
+    assert {"dining table", "tv", "hair drier"} <= set(vocabulary.class_names)  # SPEC 1.5's examples
 
 
 def test_text_file_comments_blank_lines_and_background_prepended(tmp_path):
@@ -101,7 +124,9 @@ def test_content_hash_is_canonical_and_stable(tmp_path):
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert other.stdout.strip() == voc.content_hash
     # Pinned: a change of the canonical form invalidates every cache and output row that stores it.
-    assert voc.content_hash == "481a53de18878a630568929a6b53f37cebc0b4dc6e430bb1e046a857bc137ffa"
+    # (voc-readable holds the names voc had before it took the reference's spelling: same hash as then.)
+    assert voc.content_hash == "3fd9405ef730b3822b1bab98d5ac3c67f6c478d25ad0cc07ab2689e9ed45de11"
+    assert load_vocabulary("voc-readable").content_hash == "481a53de18878a630568929a6b53f37cebc0b4dc6e430bb1e046a857bc137ffa"
 
 
 @pytest.mark.parametrize(
