@@ -43,7 +43,8 @@ class SaliencyConfig:
 
     ``found``: DINO ``backbone`` from timm (pretrained from the hub, or ``backbone_checkpoint``, a
     local path or fsspec URI) plus FOUND's 1x1-conv ``head`` (a local path, fsspec URI or URL).
-    ``none``: every pixel is foreground (plain CLIP-DIY without saliency).
+    ``none``: the paper's no-saliency ablation (SPEC 3.5): no weighting, the label is the argmax
+    of the score map itself (background competes with its own score).
     ``max_side``: ``None`` (faithful, SPEC 2.1) runs the saliency model on the image at its full
     resolution; a number first shrinks images whose longer side exceeds it to that side (area
     interpolation, aspect kept). DINO's attention grows with the square of the pixel count, so

@@ -43,7 +43,11 @@ class ImageTextEncoder(Protocol):
 
 
 class SaliencyMap(Protocol):
-    """What the segmenter needs of a saliency backend: B x 3 x H x W in [0, 1] -> B x 1 x H x W."""
+    """What the segmenter needs of a saliency backend: B x 3 x H x W in [0, 1] -> B x 1 x H x W.
+
+    Optional attributes (see ``SaliencyModel``): ``needs_pixels`` and ``weights_scores``, both
+    True when absent.
+    """
 
     name: str
     weights_id: str | None
@@ -140,12 +144,15 @@ def _nearest_source_indices(out_size: int, in_size: int) -> np.ndarray:
     return np.minimum(source, in_size - 1)
 
 
-def fuse(scores: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+def fuse(scores: torch.Tensor, saliency: torch.Tensor | None) -> torch.Tensor:
     """SPEC 3.2: class probabilities from score maps and a saliency map.
 
-    scores: B x C x h x w (class 0 = background); saliency: B x 1 x h x w in [0, 1].
-    Returns B x C x h x w: softmax over classes of S * [1 - s, s, ..., s].
+    scores: B x C x h x w (class 0 = background); saliency: B x 1 x h x w in [0, 1], or ``None``
+    for no saliency (SPEC 3.5: no weighting, background competes with its own score).
+    Returns B x C x h x w: softmax over classes of S * [1 - s, s, ..., s] (of S without saliency).
     """
+    if saliency is None:
+        return torch.softmax(scores, dim=1)
     weights = saliency.expand(-1, scores.shape[1], -1, -1).clone()
     weights[:, 0] = 1.0 - saliency[:, 0]
     return torch.softmax(scores * weights, dim=1)
@@ -168,6 +175,7 @@ class Segmenter:
     ):
         self.clip = clip
         self.saliency = saliency
+        self._weights_scores = getattr(saliency, "weights_scores", True)
         self.vocabulary = vocabulary
         self.config = config
         self.device = _module_device(clip) if config.device is None else torch.device(config.device)
@@ -226,7 +234,7 @@ class Segmenter:
         for indices in _group_by_shape([p.model_input.shape for p in prepared]):
             scores = self.scorer(self._to_device([prepared[i].model_input for i in indices]))
             saliency = self._saliency([prepared[i].saliency_input for i in indices], scores.shape[-2:])
-            probabilities = fuse(scores, saliency)
+            probabilities = fuse(scores, saliency if self._weights_scores else None)
             for i, output in zip(indices, self._summarise(probabilities, saliency, return_probabilities)):
                 output.original_size = prepared[i].original_size
                 outputs[i] = output

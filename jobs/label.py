@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--clip-model-config", default=None, metavar="JSON",
                        help="open_clip model-config JSON for an architecture open_clip does not ship")
     model.add_argument("--saliency", choices=("found", "none"), default=defaults_saliency.backend,
-                       help="foreground saliency: FOUND (DINO ViT-S/8 + FOUND head) or none (every pixel foreground)")
+                       help="foreground saliency: FOUND (DINO ViT-S/8 + FOUND head) or none (the paper's ablation: "
+                            "argmax of the scores, background competing with its own score)")
     model.add_argument("--dino-model", default=defaults_saliency.backbone, help="timm name of FOUND's DINO backbone")
     model.add_argument("--dino-checkpoint", default=None, metavar="PATH",
                        help="local path or URI of the DINO backbone weights (the offline way)")

@@ -1,4 +1,9 @@
-"""``none``: every pixel is foreground, i.e. plain CLIP-DIY scores without saliency."""
+"""``none``: the paper's no-saliency ablation (SPEC 3.5): label = argmax of the score map itself.
+
+Its map is all ones ("everything foreground") for the outputs' saliency and foreground fields
+only; ``weights_scores = False`` tells the fusion not to weight by it (weighting by s = 1 would
+zero the background channel, so that background could never win).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ class NoSaliency(SaliencyModel):
     name = "none"
     weights_id = None
     needs_pixels = False
+    weights_scores = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W -> B x 1 x H x W of ones (same dtype and device)."""
