@@ -19,6 +19,9 @@ FAITHFUL = "faithful"
 ASPECT = "aspect"
 MODES = (FAITHFUL, ASPECT)
 
+#: Model precisions; the first is the default (SPEC 3.6).
+PRECISIONS = ("fp32", "fp16", "bf16")
+
 
 @dataclass(frozen=True)
 class ClipConfig:
@@ -89,8 +92,10 @@ class SegmenterConfig:
     ``mode``: ``faithful`` squashes to 256 x 256 like the paper; ``aspect`` keeps the aspect
     ratio (short side 256). ``crop_batch_size`` bounds the crops in one CLIP forward (``None``: 256 on
     CUDA, 32 on CPU, where larger batches run no faster and use more memory).
-    ``device``: ``None`` picks CUDA when present, else CPU. ``precision``: ``auto`` is fp16 on
-    CUDA and fp32 on CPU. ``text_cache_dir``: where text embeddings are cached on disk (``None``:
+    ``device``: ``None`` picks CUDA when present, else CPU. ``precision`` of every model:
+    ``fp32`` (faithful, SPEC 3.6: the reference runs float32, on every device), or ``fp16`` /
+    ``bf16`` when asked for explicitly (faster on GPUs; how far they move the labels: README).
+    It is recorded in every row and in the run's fingerprint. ``text_cache_dir``: where text embeddings are cached on disk (``None``:
     memory only).
     """
 
@@ -101,13 +106,13 @@ class SegmenterConfig:
     mode: str = FAITHFUL
     crop_batch_size: int | None = None
     device: str | None = None
-    precision: str = "auto"
+    precision: str = "fp32"
     text_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.crop_batch_size is not None and self.crop_batch_size < 1:
             raise ValueError(f"crop_batch_size must be >= 1, got {self.crop_batch_size}")

@@ -67,6 +67,7 @@ class Provenance:
     vocabulary_name: str
     vocabulary_hash: str
     saliency_max_side: int | None = None
+    precision: str = "fp32"
 
 
 @dataclass
@@ -173,6 +174,7 @@ class Segmenter:
         config: SegmenterConfig,
         text_embeddings: torch.Tensor | None = None,
     ):
+        _check_precision(config.precision, clip=clip, saliency=saliency)
         self.clip = clip
         self.saliency = saliency
         self._weights_scores = getattr(saliency, "weights_scores", True)
@@ -205,6 +207,7 @@ class Segmenter:
             vocabulary_name=vocabulary.name,
             vocabulary_hash=vocabulary_hash(vocabulary, config.prompts),
             saliency_max_side=config.saliency.max_side,
+            precision=config.precision,
         )
 
     @property
@@ -328,11 +331,21 @@ def select_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def select_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """fp16 on CUDA and fp32 on CPU for ``auto``; else what was asked."""
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def select_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a ``SegmenterConfig.precision`` (the same on every device)."""
+    return DTYPES[precision]
+
+
+def _check_precision(precision: str, **models: object) -> None:
+    """Refuse models whose weights are not in ``precision``: rows record it as what produced them."""
+    expected = DTYPES[precision]
+    for role, model in models.items():
+        dtype = getattr(model, "dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype != expected:
+            raise ValueError(f"the {role} model runs in {dtype}, but the segmenter config says precision={precision}")
 
 
 def create_segmenter(config: SegmenterConfig | None = None, *, text_embeddings: torch.Tensor | None = None) -> Segmenter:
@@ -347,7 +360,7 @@ def create_segmenter(config: SegmenterConfig | None = None, *, text_embeddings: 
     config = config or SegmenterConfig()
     vocabulary = load_vocabulary(config.vocabulary)
     device = select_device(config.device)
-    dtype = select_dtype(device, config.precision)
+    dtype = select_dtype(config.precision)
     clip = create_clip_model(config.clip, device=device, dtype=dtype)
     saliency = create_saliency_model(config.saliency, device=device, dtype=dtype)
     return Segmenter(clip, saliency, vocabulary, config, text_embeddings=text_embeddings)

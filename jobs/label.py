@@ -28,6 +28,7 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
 
 from clipdiy.config import (
     FOUND_HEAD_URL,
+    PRECISIONS,
     ClipConfig,
     PromptConfig,
     SaliencyConfig,
@@ -107,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--prompt-ensemble", default=None, metavar="NAME",
                        help="average a prompt ensemble (e.g. 'imagenet') instead of 'a photo of a {}'")
     model.add_argument("--article", action="store_true", help="write 'an' before vowels in prompts")
-    model.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                       help="model precision; auto = fp16 on GPU, fp32 on CPU")
+    model.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
+                       help="model precision on every device: fp32 (the paper's; default), or fp16/bf16 "
+                            "(faster on GPUs, moves some labels: see the README)")
 
     pipeline = parser.add_argument_group("pipeline and cluster")
     pipeline.add_argument("--batch-size", type=int, default=8, help="images per segmenter call in an actor")

@@ -84,6 +84,7 @@ def build_rows(batch: pa.Table, context: RowContext) -> pa.Table:
         "saliency_backend": provenance.saliency_backend,
         "saliency_weights": provenance.saliency_weights,
         "mode": provenance.mode,
+        "precision": provenance.precision,
         "clipdiy_version": clipdiy.__version__,
     }
     columns = batch.select(
