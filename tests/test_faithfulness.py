@@ -233,15 +233,21 @@ def test_the_comparison_is_not_degenerate(all_photos):
 
 @pytest.mark.slow
 def test_found_saliency_path_matches_the_reference(coco_images, vitb32, found_saliency_config):
-    """The real FOUND head on a random ViT-S/8, through the segmenter's own saliency path.
+    """The real FOUND head on a random ViT-S/8, through the segmenter's own saliency path, against
+    FOUND transcribed independently (tests/reference_found.py) on the same backbone checkpoint.
 
     Photos are shrunk to ~1/3 (and odd sizes, not multiples of 8) so that DINO at full resolution
     stays cheap; the segmenter still upsamples them to 256 x 256.
     """
+    from reference_found import ReferenceFound
+
     from clipdiy.models.saliency import create_saliency_model
     from clipdiy.vocabulary import load_vocabulary
 
     saliency = create_saliency_model(found_saliency_config)
+    reference = ReferenceFound(
+        found_saliency_config.backbone, found_saliency_config.backbone_checkpoint, found_saliency_config.head
+    )
     clip = MemoClip(vitb32)
     segmenter = Segmenter(clip, saliency, load_vocabulary("voc"), SegmenterConfig(vocabulary="voc"))
     images = []
@@ -250,7 +256,7 @@ def test_found_saliency_path_matches_the_reference(coco_images, vitb32, found_sa
         images.append(np.asarray(image.resize((image.width // 3 + 1, image.height // 3 + 1), Image.BILINEAR)))
     comparisons = []
     for image, path in zip(images, coco_images[:2]):  # shapes differ: one segment() call each
-        comparisons += run_both(segmenter, vitb32, saliency, [image], [path.name])
+        comparisons += run_both(segmenter, vitb32, reference, [image], [path.name])
     for c in comparisons:
         s_batched = c.saliency[0]
         assert max_diff(c.saliency) <= 1e-5, c.name

@@ -48,6 +48,20 @@ def test_found_maps_have_the_image_size_and_lie_in_unit_range(found, height, wid
         assert maps.std() > 1e-3  # a real spatial map, not a constant
 
 
+@pytest.mark.parametrize("height,width", [(37, 53), (101, 67), (224, 224), (120, 400)])
+def test_found_matches_an_independent_transcription(found, found_saliency_config, height, width):
+    """SPEC 2 as FOUND's own code runs it (tests/reference_found.py), on the same checkpoints."""
+    from reference_found import ReferenceFound
+
+    reference = ReferenceFound(
+        found_saliency_config.backbone, found_saliency_config.backbone_checkpoint, found_saliency_config.head
+    )
+    images = smooth_images(2, height, width, seed=height)
+    expected = reference(images)
+    assert expected.std() > 1e-3  # a spatial map, so that the comparison means something
+    torch.testing.assert_close(found(images), expected, atol=1e-5, rtol=0)
+
+
 def test_found_provenance(found, found_saliency_config):
     assert found.name == "found"
     backbone_id, head_id = found.weights_id.split("+")
