@@ -95,8 +95,8 @@ class SegmenterConfig:
     ``device``: ``None`` picks CUDA when present, else CPU. ``precision`` of every model:
     ``fp32`` (faithful, SPEC 3.6: the reference runs float32, on every device), or ``fp16`` /
     ``bf16`` when asked for explicitly (faster on GPUs; how far they move the labels: README).
-    It is recorded in every row and in the run's fingerprint. ``text_cache_dir``: where text embeddings are cached on disk (``None``:
-    memory only).
+    It is recorded in every row and in the run's fingerprint. ``text_cache_dir``: where text
+    embeddings are cached on disk (``None``: memory only).
     """
 
     vocabulary: str = "voc"
