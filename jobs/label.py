@@ -21,6 +21,8 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 # Under `ray job submit --working-dir .` the script runs from the uploaded copy: use its package.
@@ -209,7 +211,14 @@ def _exit_on_lock_loss(error: BaseException) -> None:
     os._exit(1)
 
 
+def _redacted_excepthook(kind, value, tb) -> None:
+    """Tracebacks (bugs) still print, without the credentials a URI in them may carry."""
+    sys.stderr.write(redact_text("".join(traceback.format_exception(kind, value, tb))))
+
+
 def main(argv: list[str] | None = None) -> int:
+    sys.excepthook = _redacted_excepthook
+    threading.excepthook = lambda hook: _redacted_excepthook(hook.exc_type, hook.exc_value, hook.exc_traceback)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -51,6 +51,7 @@ from clipdiy.pipeline.manifest import (
 )
 from clipdiy.pipeline.storage import check_input_reachable, iter_sources, redact_url
 from clipdiy.pipeline.writer import ShardTarget, write_shard
+from clipdiy.uris import redact_document
 
 if TYPE_CHECKING:
     from clipdiy.segmenter import Provenance
@@ -291,7 +292,8 @@ def _run_locked(
     config: LabelJobConfig, layout: OutputLayout, lock: OutputLock, models: DriverModels, input_uri: str, started: float
 ) -> RunSummary:
     gpus = gpus_per_actor(config)
-    fingerprint = {"input": input_uri, "model": dataclasses.asdict(models.provenance)}
+    # Redacted as recorded in _RUN.json, so a resume compares like with like.
+    fingerprint = redact_document({"input": input_uri, "model": dataclasses.asdict(models.provenance)})
     plan = plan_run(layout, config.run_id, fingerprint)
     lock.info.run_id = plan.run_id
     options = config.describe()
