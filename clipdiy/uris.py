@@ -38,7 +38,7 @@ SECRET_PARAMETER = re.compile(r"sig|token|credential|secret|passw|pwd|key|auth|p
 _URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>()\[\]{}]+")
 # A well-known signature parameter outside a URI (e.g. a store's error message quoting a query).
 _BARE_SECRET_PAIR = re.compile(
-    r"(?i)\b((?:x-amz-|x-goog-)?(?:signature|credential|security-token)|sig|token|access_token|api_key)=[^&\s'\"<>]+"
+    r"(?i)\b((?:x-amz-|x-goog-)?(?:signature|credential|security-token)|sig|token|access_token|api_key)=[^&\s'\"<>()\[\]{},;]+"
 )
 REDACTED = "***"
 
