@@ -277,3 +277,48 @@ def test_lock_documents_round_trip():
     assert LockInfo.parse(info.encode()) == info
     assert json.loads(info.encode())["token"] == "t"
     assert LockInfo.parse(b"") is None and LockInfo.parse(b"[]") is None
+
+
+@pytest.mark.slow
+def test_a_job_whose_lock_is_taken_mid_run_stops_with_exit_1(coco_images, tiny_clip_config, tmp_path):
+    """End to end: another run takes the lock of a working job; the job's next heartbeat finds it
+    taken, the driver stops at once (its Ray work with it) with one error line and exit 1, and
+    it neither finishes the run nor touches the other run's lock."""
+    import shutil
+    import subprocess
+
+    from pipeline_support import REPO_ROOT, cli_args, manifests, shard_files
+
+    corpus = tmp_path / "images"
+    corpus.mkdir()
+    for copy in range(3):
+        for path in coco_images:
+            shutil.copy(path, corpus / f"{copy}_{path.name}")
+    output = tmp_path / "labels"
+    args = cli_args(corpus, output, tiny_clip_config, "--batch-size", "1", "--decode-batch-size", "1",
+                    "--rows-per-file", "2", "--log-every", "1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "job.log"
+    with open(log, "wb") as handle:
+        job = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not shard_files(output):
+            assert job.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no shard within 300 s"
+            time.sleep(0.05)
+        intruder = foreign_lock("intruder", heartbeat_age_s=0)
+        (output / "_LOCK.json").write_bytes(intruder)  # another driver took the lock over
+        status = job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, 9)
+    text = log.read_text()
+    assert status == 1, text[-3000:]
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("label.py: error:")]
+    assert len(errors) == 1 and "lost its lock" in errors[0] and "run intruder" in errors[0], text[-2000:]
+    assert (output / "_LOCK.json").read_bytes() == intruder
+    assert not manifests(output), "a run that lost its lock must not finish"
