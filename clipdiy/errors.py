@@ -2,7 +2,10 @@
 
 
 class ClipdiyError(Exception):
-    """Base of clipdiy's own errors."""
+    """Base of clipdiy's own errors. ``exit_status``: the job's exit status when one ends it
+    (2: refused before any work; 1: failed after work was done)."""
+
+    exit_status: int = 2
 
 
 class WeightsNotFoundError(ClipdiyError, FileNotFoundError):

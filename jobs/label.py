@@ -10,15 +10,19 @@ On a cluster:
 Programmatic use: build a ``clipdiy.pipeline.config.LabelJobConfig`` (see ``config_from_args``)
 and call ``clipdiy.pipeline.run.run_labelling``; ``main(argv)`` returns the exit status.
 Exit status: 0 done; 2 refused before any work (bad option, unreachable or empty input, missing
-weights, OUTPUT locked by another run); 1 the run failed while working (resume by starting it
-again).
+weights, OUTPUT locked by another run); 1 the run failed while working, e.g. it lost the OUTPUT
+lock (resume by starting it again). No message or log line shows a credential: URIs are
+redacted (``clipdiy.uris``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 # Under `ray job submit --working-dir .` the script runs from the uploaded copy: use its package.
@@ -37,6 +41,7 @@ from clipdiy.config import (
 from clipdiy.errors import ClipdiyError
 from clipdiy.pipeline.incremental import RETRY_ERRORS
 from clipdiy.samples import SAMPLES_INPUT, samples_manifest
+from clipdiy.uris import RedactingFilter, redact_text
 
 PROG = "label.py"
 
@@ -196,15 +201,33 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _refuse(error: BaseException) -> int:
+    """One error line (no credentials); exit 2, or the error's own ``exit_status`` (1 when work was done)."""
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+    print(f"{PROG}: error: {redact_text(message)}", file=sys.stderr, flush=True)
+    return getattr(error, "exit_status", 2)
+
+
+def _exit_on_lock_loss(error: BaseException) -> None:
+    """The OUTPUT lock is lost: end the driver now (its Ray tasks end with it), before another run
+    may take the lock over; exit 1 (work was done; starting again resumes)."""
+    _refuse(error)
+    logging.shutdown()
+    os._exit(1)
+
+
+def _redacted_excepthook(kind, value, tb) -> None:
+    """Tracebacks (bugs) still print, without the credentials a URI in them may carry."""
+    sys.stderr.write(redact_text("".join(traceback.format_exception(kind, value, tb))))
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.excepthook = _redacted_excepthook
+    threading.excepthook = lambda hook: _redacted_excepthook(hook.exc_type, hook.exc_value, hook.exc_traceback)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     try:
         config = config_from_args(args)
     except ValueError as error:  # a config dataclass rejected an option value
@@ -212,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipdiy.pipeline.run import run_labelling
 
     try:
-        summary = run_labelling(config)
+        summary = run_labelling(config, on_lock_lost=_exit_on_lock_loss)
     except ClipdiyError as error:
         # Refusals (input, weights, vocabulary, lock) are one line; tracebacks are for bugs.
         return _refuse(error)

@@ -227,17 +227,18 @@ def test_two_runs_racing_for_a_free_object_store_output_cannot_both_win(s3_serve
     winner = OutputLock(layout, "run-a", stale_after_s=60, heartbeat_s=1, settle_s=0)
     loser = OutputLock(layout, "run-b", stale_after_s=60, heartbeat_s=1, settle_s=0)
     looked = []
-    real_read = loser._read
+    real_read = loser.store.read
 
     def read_after_the_race():  # the loser looked before the winner wrote
         looked.append(True)
         return None if len(looked) == 1 else real_read()
 
-    loser._read = read_after_the_race
+    loser.store.read = read_after_the_race
     winner.acquire()
     try:
-        with pytest.raises(OutputLockedError, match="in use by run run-a"):
+        with pytest.raises(OutputLockedError, match="in use by run run-a.*took the lock first"):
             loser.acquire()
+        assert looked
         assert layout.read_json(layout.lock_path())["token"] == winner.info.token
     finally:
         winner.release()

@@ -9,6 +9,7 @@ from clipdiy.config import SegmenterConfig
 from clipdiy.errors import ClipdiyError
 from clipdiy.pipeline.incremental import RETRY_ERRORS
 from clipdiy.pipeline.storage import StorageOptions, redact_url
+from clipdiy.uris import redact_document
 
 #: Run ids become folder names under ``OUTPUT/runs/``: keep them path- and URL-safe.
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -127,4 +128,4 @@ class LabelJobConfig:
         options["input"] = redact_url(self.input)
         options["output"] = redact_url(self.output)
         options["storage"] = self.storage.describe()
-        return options
+        return redact_document(options)  # checkpoint, head and model-config URIs too

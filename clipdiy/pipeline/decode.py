@@ -18,6 +18,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clipdiy.errors import InvalidImageError
 from clipdiy.segmenter import PreparedImage, prepare_image
+from clipdiy.uris import redact_text, redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ class DecodeBatch:
                 data = self._read(uri)
             except Exception as error:  # noqa: BLE001 - every storage failure becomes this image's error row
                 kind, message = read_error(error)
-                logger.warning("cannot read %s: %s", uri, message)
+                message = redact_text(message)
+                logger.warning("cannot read %s: %s", redact_uri(uri), message)
                 results.append(DecodeResult(error_kind=kind, error=message))
                 continue
             results.append(

@@ -24,6 +24,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.pipeline.storage import StorageOptions, open_filesystem
+from clipdiy.uris import redact_document
 
 RUNS_DIR = "runs"
 LOCK_FILE = "_LOCK.json"
@@ -138,6 +139,8 @@ class OutputLayout:
             self.fs.invalidate_cache(posixpath.dirname(path))
 
     def write_json_atomic(self, path: str, document: dict[str, Any]) -> None:
+        """Write a JSON document atomically; every string in it redacted (no credential is written)."""
+        document = redact_document(document)
         self.write_bytes_atomic(path, (json.dumps(document, indent=2, sort_keys=True, default=str) + "\n").encode())
 
     def read_json(self, path: str) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import clipdiy
 from clipdiy.schema import LABEL_SCHEMA_VERSION, label_schema
 from clipdiy.segmenter import ModelOutput, Provenance, finalize
+from clipdiy.uris import redact_text, redact_uri
 
 #: Longer side of the saliency preview PNG.
 SALIENCY_PREVIEW_SIDE = 64
@@ -94,6 +95,8 @@ def build_rows(batch: pa.Table, context: RowContext) -> pa.Table:
     rows = []
     for index, row in enumerate(columns):
         row.update(shared)
+        # No credential in any written row: a presigned URL's signature, a user:password@.
+        row["uri"], row["error"] = redact_uri(row["uri"]), redact_text(row["error"])
         row.update(masks=None, class_scores=None, foreground_fraction=None, saliency_png=None)
         if row["status"] == "ok":
             output: ModelOutput = pickle.loads(payloads[index].as_buffer())

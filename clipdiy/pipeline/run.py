@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
@@ -38,7 +39,7 @@ import numpy as np
 from clipdiy.pipeline.config import LabelJobConfig
 from clipdiy.pipeline.incremental import ListingCounts, labelled_keys, pending_blocks
 from clipdiy.pipeline.layout import OutputLayout
-from clipdiy.pipeline.lock import OutputLock
+from clipdiy.pipeline.lock import LockLostError, OutputLock
 from clipdiy.pipeline.manifest import (
     RunPlan,
     build_manifest,
@@ -50,6 +51,7 @@ from clipdiy.pipeline.manifest import (
 )
 from clipdiy.pipeline.storage import check_input_reachable, iter_sources, redact_url
 from clipdiy.pipeline.writer import ShardTarget, write_shard
+from clipdiy.uris import redact_document
 
 if TYPE_CHECKING:
     from clipdiy.segmenter import Provenance
@@ -255,8 +257,12 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
     return [ray.put(block) for block in blocks], counts
 
 
-def run_labelling(config: LabelJobConfig) -> RunSummary:
+def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostError], None] | None = None) -> RunSummary:
     """Run (or resume) the labelling job described by ``config``; see the module docstring.
+
+    ``on_lock_lost`` is called (from a daemon thread) if this run loses the OUTPUT lock while
+    working; the CLI exits 1 there. Without it the run raises
+    :class:`~clipdiy.pipeline.lock.LockLostError` after the shard being written.
 
     Raises before any work: :class:`~clipdiy.errors.InputError` (unreachable or empty input),
     :class:`~clipdiy.errors.WeightsNotFoundError`, :class:`~clipdiy.errors.VocabularyError`,
@@ -268,7 +274,8 @@ def run_labelling(config: LabelJobConfig) -> RunSummary:
     check_input_reachable(config.input, config.storage)
     layout = OutputLayout.open(config.output, config.storage)
     layout.ensure_dir(layout.root)
-    lock = OutputLock(layout, config.run_id or "starting", stale_after_s=config.lock_stale_after_s, heartbeat_s=config.heartbeat_s)
+    lock = OutputLock(layout, config.run_id or "starting", stale_after_s=config.lock_stale_after_s,
+                      heartbeat_s=config.heartbeat_s, on_lost=on_lock_lost)
     with lock:
         models = resolve_models(config)
         started_ray = connect_ray(config)
@@ -285,14 +292,15 @@ def _run_locked(
     config: LabelJobConfig, layout: OutputLayout, lock: OutputLock, models: DriverModels, input_uri: str, started: float
 ) -> RunSummary:
     gpus = gpus_per_actor(config)
-    fingerprint = {"input": input_uri, "model": dataclasses.asdict(models.provenance)}
+    # Redacted as recorded in _RUN.json, so a resume compares like with like.
+    fingerprint = redact_document({"input": input_uri, "model": dataclasses.asdict(models.provenance)})
     plan = plan_run(layout, config.run_id, fingerprint)
     lock.info.run_id = plan.run_id
     options = config.describe()
     write_run_state(layout, plan, fingerprint, options)
     logger.info(
         "run %s (attempt %d%s): %s -> %s, %g GPU(s) per actor",
-        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", input_uri, layout.uri, gpus,
+        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", input_uri, redact_url(layout.uri), gpus,
     )
 
     listing_started = time.monotonic()

@@ -45,13 +45,12 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
-
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
 from clipdiy.errors import InputError
+from clipdiy.uris import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -170,16 +169,8 @@ class StorageOptions:
 
 
 def redact_url(url: str | None) -> str | None:
-    """``url`` with any ``user:password@`` replaced by ``***@`` (for messages and manifests)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    """``url`` without credentials (userinfo, a signed query string): :func:`clipdiy.uris.redact_uri`."""
+    return redact_uri(url)
 
 
 @dataclass(frozen=True)
@@ -438,7 +429,8 @@ def _iter_manifest(fs, manifest_path: str, options: StorageOptions) -> Iterator[
     repeated = 0
     for entry, size, etag, mtime in entries:
         uri = _resolve_entry(fs, entry, base_dir)
-        image_id = uri.removeprefix(base_uri.rstrip("/") + "/")
+        # The id never holds a credential, and a URL signed anew each night keeps its id.
+        image_id = redact_uri(uri).removeprefix(base_uri.rstrip("/") + "/")
         digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=16).digest()
         if digest in seen:
             repeated += 1
@@ -449,7 +441,7 @@ def _iter_manifest(fs, manifest_path: str, options: StorageOptions) -> Iterator[
                            mtime=_as_utc(mtime))
     if repeated:
         logger.warning("manifest %s lists %d entries more than once; each image is labelled once",
-                       _full_uri(fs, manifest_path), repeated)
+                       redact_uri(_full_uri(fs, manifest_path)), repeated)
 
 
 def _resolve_entry(fs, entry: str, base_dir: str) -> str:
