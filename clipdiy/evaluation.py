@@ -32,17 +32,31 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clipdiy.errors import VocabularyError
 from clipdiy.ground_truth import GroundTruth, resize_nearest, short_side_size
-from clipdiy.label_store import Run, decode_label_map, decode_saliency, iter_rows, list_runs, read_rows, stem, vocabulary_of
+from clipdiy.label_store import (
+    Run,
+    decode_label_map,
+    decode_saliency,
+    iter_rows,
+    iter_winning_shards,
+    list_runs,
+    stem,
+    stems,
+    vocabulary_of,
+)
 from clipdiy.palette import IGNORE
 from clipdiy.pipeline.storage import StorageOptions
+from clipdiy.row_index import RowIndex, build_row_index
 
 SHORT_SIDE = 448
 SALIENCY_THRESHOLD = 0.5
 #: Below this many images, ``evaluate`` runs in-process; above, on Ray (unless told).
 LOCAL_BELOW = 200
+#: How many unmatched and missing image ids a report names.
+UNMATCHED_EXAMPLES = 20
 
 
 def normalise_name(name: str) -> str:
@@ -349,27 +363,33 @@ def evaluate(
     lut = class_mapping(pred_names, ground_truth.class_names, class_map)
     context = EvalContext(ground_truth=ground_truth, lut=lut, short_side=short_side)
 
-    keys = read_rows(runs, columns=["status"])
+    index = build_row_index(runs)
     gt_keys = set(ground_truth.keys())
+    gt_key_array = pa.array(sorted(gt_keys), type=pa.string())
     by_stem: dict[str, str] = {}
-    unmatched, errors, keep = [], 0, set()
-    for image_id, status in zip(keys.column("image_id").to_pylist(), keys.column("status").to_pylist()):
-        key = stem(image_id)
-        if key not in gt_keys:
-            unmatched.append(image_id)
-            continue
-        if key in by_stem:
-            raise ValueError(f"labels {by_stem[key]!r} and {image_id!r} both match ground truth {key!r}; evaluate them separately")
-        by_stem[key] = image_id
-        if status == "ok":
-            keep.add(image_id)
-        else:
-            errors += 1
+    unmatched_count, unmatched, errors, keep = 0, [], 0, set()
+    # Shard by shard over two columns: only rows whose stem has ground truth become Python
+    # objects (at most one per GT image); the others are counted.
+    for _, table in iter_winning_shards(runs, index, ["image_id", "status"]):
+        matched = pc.is_in(stems(table.column("image_id")), value_set=gt_key_array).to_numpy(zero_copy_only=False)
+        if len(unmatched) < UNMATCHED_EXAMPLES and not matched.all():
+            unmatched.extend(table.column("image_id").filter(pa.array(~matched))[: UNMATCHED_EXAMPLES - len(unmatched)].to_pylist())
+        unmatched_count += int((~matched).sum())
+        hits = table.filter(pa.array(matched))
+        for image_id, status in zip(hits.column("image_id").to_pylist(), hits.column("status").to_pylist()):
+            key = stem(image_id)
+            if key in by_stem:
+                raise ValueError(f"labels {by_stem[key]!r} and {image_id!r} both match ground truth {key!r}; evaluate them separately")
+            by_stem[key] = image_id
+            if status == "ok":
+                keep.add(image_id)
+            else:
+                errors += 1
     missing = sorted(gt_keys - {stem(i) for i in keep})
 
     if use_ray is None:
         use_ray = len(keep) >= local_below
-    images = _score_on_ray(runs, context, frozenset(keep)) if use_ray else _score_locally(runs, context, keep)
+    images = _score_on_ray(runs, index, context, frozenset(keep)) if use_ray else _score_locally(runs, index, context, keep)
 
     k = context.num_classes
     confusion = np.zeros(k * (k + 1), dtype=np.int64)
@@ -386,25 +406,30 @@ def evaluate(
         saliency_confusion=saliency,
         images=images,
         counts={"gt_images": len(gt_keys), "evaluated": len(images), "label_errors": errors,
-                "missing": len(missing), "unmatched": len(unmatched), "runs": len(runs)},
+                "missing": len(missing), "unmatched": unmatched_count, "runs": len(runs)},
         class_sources=sources,
         backend="ray" if use_ray else "local",
         seconds=time.perf_counter() - start,
         short_side=short_side,
-        unmatched_examples=unmatched[:20],
-        missing_examples=missing[:20],
+        unmatched_examples=unmatched,
+        missing_examples=missing[:UNMATCHED_EXAMPLES],
     )
 
 
-def _score_locally(runs: Sequence[Run], context: EvalContext, keep: set[str]) -> list[dict]:
-    rows = (r for r in iter_rows(read_rows(runs)) if r["image_id"] in keep)
-    return sorted(score_batch(rows, context), key=lambda r: r["image_id"])
+def _score_locally(runs: Sequence[Run], index: RowIndex, context: EvalContext, keep: set[str]) -> list[dict]:
+    """Score the kept rows in this process, one shard at a time (only rows with ground truth are
+    decoded)."""
+    wanted = pa.array(sorted(keep), type=pa.string())
+    results = []
+    for _, table in iter_winning_shards(runs, index):
+        results.extend(score_batch(table.filter(pc.is_in(table.column("image_id"), value_set=wanted)), context))
+    return sorted(results, key=lambda r: r["image_id"])
 
 
-def _score_on_ray(runs: Sequence[Run], context: EvalContext, keep: frozenset[str]) -> list[dict]:
+def _score_on_ray(runs: Sequence[Run], index: RowIndex, context: EvalContext, keep: frozenset[str]) -> list[dict]:
     from clipdiy.label_store import ray_dataset
 
-    dataset = ray_dataset(runs).map_batches(_ScoreArrow(context, keep), batch_format="pyarrow", batch_size=16)
+    dataset = ray_dataset(runs, index=index).map_batches(_ScoreArrow(context, keep), batch_format="pyarrow", batch_size=16)
     results = []
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=256):
         results.extend(batch.to_pylist())

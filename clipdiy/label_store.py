@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 from clipdiy import rle
 from clipdiy.palette import IGNORE
 from clipdiy.pipeline.storage import StorageOptions, open_filesystem, read_uri
+from clipdiy.row_index import RowIndex, build_row_index
 
 MANIFEST_NAME = "_MANIFEST.json"
 RUNS_DIR = "runs"
@@ -144,22 +145,33 @@ def read_shard(run: Run, shard: str, columns: Sequence[str] | None = None) -> pa
         return pq.read_table(file, columns=list(columns) if columns else None)
 
 
-def _latest_indices(image_ids: np.ndarray, started: np.ndarray, run_ids: np.ndarray) -> np.ndarray:
-    order = np.lexsort((run_ids, started, image_ids))
-    sorted_ids = image_ids[order]
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
-    return np.sort(order[last])
-
-
 def latest_rows(table: pa.Table) -> pa.Table:
-    """Keep one row per ``image_id``: the one of the latest run (``run_started_at``, then ``run_id``)."""
+    """Keep one row per ``image_id``: the one of the latest run (``run_started_at``, then
+    ``run_id``), and among rows of one run the last in the table (see :mod:`clipdiy.row_index`)."""
     if table.num_rows == 0:
         return table
-    image_ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
-    started = pc.cast(table.column("run_started_at"), pa.int64()).to_numpy(zero_copy_only=False)
-    run_ids = np.asarray(table.column("run_id").to_pylist(), dtype=object)
-    return table.take(pa.array(_latest_indices(image_ids, started, run_ids)))
+    keys = pa.table({
+        "image_id": table.column("image_id"),
+        "started": pc.cast(table.column("run_started_at"), pa.int64()),
+        "run_id": table.column("run_id"),
+    })
+    order = pc.sort_indices(keys, sort_keys=[("image_id", "ascending"), ("started", "ascending"), ("run_id", "ascending")])
+    sorted_ids = keys.column("image_id").take(order)
+    last = np.ones(len(order), dtype=bool)
+    if len(order) > 1:
+        last[:-1] = pc.not_equal(sorted_ids[:-1], sorted_ids[1:]).to_numpy(zero_copy_only=False)
+    return table.take(pa.array(np.sort(order.to_numpy()[last])))
+
+
+def iter_winning_shards(
+    runs: Sequence[Run], index: RowIndex | None = None, columns: Sequence[str] | None = None
+) -> Iterator[tuple[int, pa.Table]]:
+    """(shard number, the shard's winning rows) for every shard of the runs, one shard at a time."""
+    index = index or build_row_index(runs)
+    for number, (run, shard) in enumerate(index.shards):
+        table = read_shard(run, shard, columns)
+        mask = index.winners(number)
+        yield number, table if mask is None else table.filter(pa.array(mask))
 
 
 def read_rows(
@@ -169,15 +181,16 @@ def read_rows(
     columns: Sequence[str] | None = None,
     storage: StorageOptions | None = None,
 ) -> pa.Table:
-    """All rows of the chosen runs, one per ``image_id`` (latest run wins)."""
+    """All rows of the chosen runs, one per ``image_id`` (latest run wins), in one table: for
+    small outputs; readers of large ones stream with :func:`iter_winning_shards`."""
     runs = _as_runs(outputs, finished_only, storage)
     wanted = None
     if columns is not None:
         wanted = list(dict.fromkeys([*columns, "image_id", "run_id", "run_started_at"]))
-    tables = [read_shard(run, shard, wanted) for run in runs for shard in run.shards]
+    tables = [table for _, table in iter_winning_shards(runs, columns=wanted)]
     if not tables:
         raise FileNotFoundError("the labels output holds no " + ("finished runs" if finished_only else "shards"))
-    return latest_rows(pa.concat_tables(tables, promote_options="default"))
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def _as_runs(outputs: Any, finished_only: bool, storage: StorageOptions | None) -> list[Run]:
@@ -233,43 +246,62 @@ def stem(image_id: str) -> str:
     return posixpath.splitext(posixpath.basename(image_id.replace("\\", "/")))[0]
 
 
+def stems(image_ids: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """:func:`stem` of every id, in Arrow (no Python object per id)."""
+    names = pc.replace_substring_regex(pc.replace_substring(image_ids, "\\", "/"), pattern=r"(?s)^.*/", replacement="")
+    # posixpath.splitext: the extension is the last dot and what follows, unless the name's
+    # only dots lead it (".hidden" has none).
+    return pc.replace_substring_regex(names, pattern=r"(?s)^(\.*[^.].*)\.[^.]*$", replacement=r"\1")
+
+
 def ok_rows(rows: Iterable[dict]) -> Iterator[dict]:
     return (r for r in rows if r.get("status") == "ok")
 
 
-def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None) -> Any:
+#: Most blocks :func:`ray_dataset` hands Ray at once (one block holds a few shards beyond this).
+MAX_READ_BLOCKS = 2000
+
+
+def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None, index: RowIndex | None = None) -> Any:
     """The rows of the runs as a ``ray.data.Dataset`` read in parallel, one per ``image_id``
-    (latest run wins; the driver reads only the id columns to decide)."""
+    (the latest write: the driver reads only the key columns to decide, :mod:`clipdiy.row_index`).
+
+    Each read task gets its shards' paths and, only for a shard holding losing rows, their row
+    numbers; nothing in a task grows with the output."""
     import ray.data
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     if not runs:
         raise FileNotFoundError("no runs to read")
-    key_columns = ["image_id", "run_id", "run_started_at"]
-    by_fs: dict[int, tuple[Any, list[str]]] = {}
-    for run in runs:
-        by_fs.setdefault(id(run.fs), (run.fs, []))[1].extend(run.shards)
-    datasets = [
-        ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=list(columns) if columns else None)
-        for fs, paths in by_fs.values() if paths
-    ]
-    if not datasets:
+    index = index or build_row_index(runs)
+    if not index.shards:
         raise FileNotFoundError("the runs hold no shards")
-    dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    keys = pa.concat_tables([read_shard(run, shard, key_columns) for run in runs for shard in run.shards])
-    winners = latest_rows(keys)
-    if winners.num_rows == keys.num_rows:
-        return dataset
-    winning = dict(zip(winners.column("image_id").to_pylist(), winners.column("run_id").to_pylist()))
-    return dataset.map_batches(_KeepWinners(winning), batch_format="pyarrow")
+    filesystems: list[Any] = []
+    fs_number: dict[int, int] = {}
+    for run, _ in index.shards:
+        fs_number.setdefault(id(run.fs), len(filesystems))
+        if len(filesystems) < len(fs_number):
+            filesystems.append(run.fs)
+    tasks = [{"fs": fs_number[id(run.fs)], "path": shard,
+              "losers": index.losers.get(number, np.zeros(0, np.int64)).tolist()}
+             for number, (run, shard) in enumerate(index.shards)]
+    dataset = ray.data.from_items(tasks, override_num_blocks=min(len(tasks), MAX_READ_BLOCKS))
+    return dataset.map_batches(_ReadWinners(filesystems, columns), batch_format="pyarrow", batch_size=1)
 
 
-class _KeepWinners:
-    """Row filter keeping, per image_id, the row of the winning run (a picklable function)."""
+class _ReadWinners:
+    """``map_batches`` function: shard descriptors -> the shards' winning rows (picklable)."""
 
-    def __init__(self, winning: dict[str, str]):
-        self.winning = winning
+    def __init__(self, filesystems: Sequence[Any], columns: Sequence[str] | None):
+        self.filesystems, self.columns = list(filesystems), list(columns) if columns else None
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        keep = [self.winning.get(i) == r for i, r in zip(batch.column("image_id").to_pylist(), batch.column("run_id").to_pylist())]
-        return batch.filter(pa.array(keep, type=pa.bool_()))
+    def __call__(self, tasks: pa.Table) -> pa.Table:
+        tables = []
+        for task in tasks.to_pylist():
+            with self.filesystems[task["fs"]].open(task["path"], "rb") as file:
+                table = pq.read_table(file, columns=self.columns)
+            if task["losers"]:
+                mask = np.ones(table.num_rows, dtype=bool)
+                mask[np.asarray(task["losers"], dtype=np.int64)] = False
+                table = table.filter(pa.array(mask))
+            tables.append(table)
+        return pa.concat_tables(tables)

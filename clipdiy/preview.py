@@ -22,12 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from clipdiy.ground_truth import resize_nearest
-from clipdiy.label_store import decode_label_map, decode_saliency, iter_rows, list_runs, load_image, read_rows
+from clipdiy.label_store import decode_label_map, decode_saliency, list_runs, load_image, read_shard
 from clipdiy.palette import class_colour, colorize
 from clipdiy.pipeline.storage import StorageOptions, open_filesystem
+from clipdiy.row_index import RowIndex, build_row_index
 
 GAP = 4
 LINE = 18
@@ -138,6 +140,22 @@ def _png(picture: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def chosen_rows(index: RowIndex, config: PreviewConfig) -> list[dict]:
+    """The rows a preview shows, in ``image_id`` order: every winning row, or a seeded sample of
+    ``config.limit`` of them. Only the chosen rows are read (their shards, one at a time)."""
+    count = len(index.sorted_positions)
+    chosen = np.arange(count)
+    if count > config.limit:
+        # The same draw as sampling the sorted rows themselves: sample() picks by index.
+        chosen = np.sort(np.asarray(random.Random(config.seed).sample(range(count), config.limit), dtype=np.int64))
+    rows: list[dict | None] = [None] * len(chosen)
+    for shard, row_numbers, slots in index.by_shard(index.sorted_positions[chosen]):
+        run, path = index.shards[shard]
+        for slot, row in zip(slots.tolist(), read_shard(run, path).take(pa.array(row_numbers)).to_pylist()):
+            rows[slot] = row
+    return rows
+
+
 def render_output(
     labels: str | Sequence[str], destination: str, config: PreviewConfig = PreviewConfig(), *,
     evaluation_report: dict | None = None, finished_only: bool = True, storage: StorageOptions | None = None,
@@ -147,9 +165,7 @@ def render_output(
     runs = list_runs(labels, finished_only=finished_only, storage=storage)
     if not runs:
         raise FileNotFoundError(f"no {'finished ' if finished_only else ''}runs in {labels}")
-    rows = sorted(iter_rows(read_rows(runs)), key=lambda r: r["image_id"])
-    if len(rows) > config.limit:
-        rows = sorted(random.Random(config.seed).sample(rows, config.limit), key=lambda r: r["image_id"])
+    rows = chosen_rows(build_row_index(runs, sort_by_id=True), config)
     miou = {i["image_id"]: i["miou"] for i in (evaluation_report or {}).get("images", [])}
     fs, root = open_filesystem(destination, storage)
     fs.makedirs(posixpath.join(root, "images"), exist_ok=True)

@@ -127,3 +127,24 @@ def write_labels_output(
 def write_image(path, rgb: np.ndarray) -> str:
     Image.fromarray(rgb).save(path)
     return str(path)
+
+
+def add_shard(output: str, run_id: str, name: str, items: list[LabelItem], class_names=VOC_NAMES, *,
+              started: dt.datetime | None = None) -> str:
+    """Write one more shard ``name`` into a run written by :func:`write_labels_output` and list
+    it in the run's manifest (e.g. a later attempt's ``part-002-<digest>.parquet``)."""
+    started = started or dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    fs, root = fsspec.core.url_to_fs(output)
+    relative = f"runs/{run_id}/{name}"
+    rows = [label_row(item, class_names, run_id, started) for item in items]
+    with fs.open(posixpath.join(root, relative), "wb") as file:
+        pq.write_table(pa.Table.from_pylist(rows, schema=label_schema()), file)
+    manifest_path = posixpath.join(root, "runs", run_id, "_MANIFEST.json")
+    if fs.exists(manifest_path):
+        with fs.open(manifest_path, "r") as file:
+            manifest = json.load(file)
+        ok = sum(r["status"] == "ok" for r in rows)
+        manifest["shards"].append({"path": relative, "rows": len(rows), "ok": ok, "error": len(rows) - ok, "bytes": 0})
+        with fs.open(manifest_path, "w") as file:
+            json.dump(manifest, file)
+    return relative
