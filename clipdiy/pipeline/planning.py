@@ -147,7 +147,7 @@ def listing_dataset(target: PlanTarget, block_rows: int):
     ``block_rows`` (listing order; only the first ``limit``)."""
     import ray.data
 
-    return ray.data.from_items([{"input": target.input_uri}]).map_batches(
+    listing = ray.data.from_items([{"input": target.input_uri}]).map_batches(
         _list_input,
         fn_kwargs={"storage": target.storage, "block_rows": block_rows, "limit": target.limit},
         batch_size=1,
@@ -156,6 +156,9 @@ def listing_dataset(target: PlanTarget, block_rows: int):
         # backpressure pauses could starve the decode tasks that drain it.
         num_cpus=0,
     )
+    # A task's outputs are coalesced up to the byte-sized target block (~1M listing rows, which
+    # one decode task would then take whole): the streaming repartition keeps the blocks small.
+    return listing.repartition(target_num_rows_per_block=block_rows)
 
 
 def _shard_items(layout: OutputLayout, run_ids: list[str]) -> list[dict]:
@@ -224,13 +227,14 @@ def pending_dataset(target: PlanTarget, files: list[dict]):
     """The planned rows, read back a row group (``block_rows`` rows) at a time."""
     import ray.data
 
-    return ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
+    pending = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
         _read_pending,
         fn_kwargs={"output_uri": target.output_uri, "storage": target.storage, "block_rows": target.block_rows},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0,
     )
+    return pending.repartition(target_num_rows_per_block=target.block_rows)
 
 
 def remove_plans(layout: OutputLayout, run_id: str) -> None:
