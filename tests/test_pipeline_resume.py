@@ -247,37 +247,20 @@ def test_two_runs_racing_for_a_free_object_store_output_cannot_both_win(s3_serve
         assert layout.read_json(layout.lock_path())["run_id"] == "run-c"
 
 
-def test_pending_blocks_anti_join_on_id_and_source_version():
+def test_listing_blocks_cut_the_first_limit_sources_in_listing_order():
+    """(The anti-join and retry rules are tested on the Ray Data planning in test_planning.py.)"""
     import datetime as dt
 
-    import pyarrow as pa
-
-    from clipdiy.pipeline.incremental import (
-        LISTING_SCHEMA,
-        ListingCounts,
-        pending_blocks,
-        source_keys,
-    )
+    from clipdiy.pipeline.incremental import LISTING_SCHEMA, listing_blocks
     from clipdiy.pipeline.storage import SourceObject
 
     when = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)
     sources = [SourceObject(f"file:///in/{i}.jpg", f"{i}.jpg", 100 + i, None, when) for i in range(10)]
-    labelled = pa.Table.from_pylist(
-        [
-            {"uri": "", "image_id": "1.jpg", "source_size": 101, "source_etag": None, "source_mtime": when},
-            {"uri": "", "image_id": "2.jpg", "source_size": 999, "source_etag": None, "source_mtime": when},  # changed
-            {"uri": "", "image_id": "3.jpg", "source_size": 103, "source_etag": None, "source_mtime": when},
-        ],
-        schema=LISTING_SCHEMA,
-    )
-    keys = source_keys(labelled)
-    counts = ListingCounts()
-    blocks = list(pending_blocks(iter(sources), counts, done_by_other_runs=keys.slice(0, 2),
-                                 done_by_this_run=keys.slice(2), block_rows=3, limit=8, chunk_rows=4))
-    ids = [i for block in blocks for i in block.column("image_id").to_pylist()]
-    assert ids == ["0.jpg", "2.jpg", "4.jpg", "5.jpg", "6.jpg", "7.jpg"]
-    assert all(block.num_rows <= 3 and block.schema.equals(LISTING_SCHEMA) for block in blocks)
-    assert (counts.listed, counts.skipped, counts.resumed, counts.todo) == (8, 1, 1, 6)
+    blocks = list(listing_blocks(iter(sources), block_rows=3, limit=8))
+    assert [block.num_rows for block in blocks] == [3, 3, 2]
+    assert [i for block in blocks for i in block.column("image_id").to_pylist()] == [f"{i}.jpg" for i in range(8)]
+    assert all(block.schema.equals(LISTING_SCHEMA) for block in blocks)
+    assert blocks[0].column("source_mtime")[0].as_py() == when
 
 
 def test_run_planning_resumes_the_unfinished_run_and_refuses_conflicts(tmp_path):
@@ -307,49 +290,6 @@ def test_run_planning_resumes_the_unfinished_run_and_refuses_conflicts(tmp_path)
         plan_run(layout, first.run_id, fingerprint)
     fresh = plan_run(layout, None, fingerprint)
     assert fresh.run_id != first.run_id and fresh.attempt == 1
-
-
-def test_error_rows_of_earlier_runs_are_retried_by_kind(tmp_path):
-    """``retry_errors``: transient kinds (unreadable, model) come back by default, every error with
-    ``all``, none with ``none``; an error a later run cured stays done; ok rows are always done."""
-    import datetime as dt
-
-    import numpy as np
-    from labels_fixtures import LabelItem, write_labels_output
-
-    from clipdiy.pipeline.incremental import labelled_keys
-    from clipdiy.pipeline.layout import OutputLayout
-
-    label = np.zeros((4, 4), np.uint8)
-    earlier = [
-        LabelItem("ok.jpg", "file:///in/ok.jpg", label),
-        LabelItem("read.jpg", "file:///in/read.jpg", error_kind="unreadable", error="ConnectionError: reset"),
-        LabelItem("model.jpg", "file:///in/model.jpg", error_kind="model", error="RuntimeError: CUDA out of memory"),
-        LabelItem("corrupt.jpg", "file:///in/corrupt.jpg", error_kind="corrupt", error="bad header"),
-        LabelItem("cured.jpg", "file:///in/cured.jpg", error_kind="unreadable", error="timeout"),
-    ]
-    output = str(tmp_path / "labels")
-    first = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    write_labels_output(output, earlier, run_id="run-a", started=first, rows_per_shard=2)
-    write_labels_output(output, [LabelItem("cured.jpg", "file:///in/cured.jpg", label)], run_id="run-b",
-                        started=first)  # same source version (label_row's), labelled ok later
-    layout = OutputLayout.open(output)
-
-    def ids(keys) -> set[str]:
-        return {key.split("\x1f")[0] for key in keys.to_pylist()}
-
-    expectations = {
-        "transient": {"read.jpg", "model.jpg"},
-        "all": {"read.jpg", "model.jpg", "corrupt.jpg"},
-        "none": set(),
-    }
-    everything = {item.image_id for item in earlier}
-    for mode, retried in expectations.items():
-        keys = labelled_keys(layout, ["run-a", "run-b"], retry_errors=mode)
-        assert ids(keys.retry) == retried, mode
-        assert ids(keys.done) == everything - retried, mode
-    with pytest.raises(ValueError, match="retry_errors"):
-        labelled_keys(layout, ["run-a"], retry_errors="sometimes")
 
 
 @pytest.mark.slow

@@ -1,35 +1,35 @@
-"""Incremental runs: which listed images still need a label.
+"""Incremental runs: which listed images still need a label (the rules; ``planning`` runs them
+on Ray Data).
 
-An image is already labelled when a committed shard of a finished run (or of the run being
-resumed) holds a row with the same image id *and* the same source version: size, ETag and
-mtime as listed. A changed object therefore gets labelled again; its older row stays in its
-older run (readers wanting the latest label take the row of the latest ``run_started_at`` per
-``image_id``).
+An image is already labelled by an earlier run when a committed shard of a finished run holds a
+row with the same image id *and* the same source version: size, ETag and mtime as listed. A
+changed object therefore gets labelled again; its older row stays in its older run (readers
+wanting the latest label take the row of the latest ``run_started_at`` per ``image_id``).
+
+Rows of the run being resumed (its earlier attempts) count by image id alone, whatever their
+version or status: an object overwritten between two attempts is not labelled twice in one run.
 
 Error rows of earlier runs count as labelled unless the run retries them (``retry_errors``):
 ``transient`` (the default) retries the kinds a later attempt can cure, a read that failed
 after its retries (``unreadable``) and a failed model call (``model``, e.g. out of memory);
 ``all`` retries every error (after raising ``--max-pixels``, say); ``none`` retries nothing.
-Rows of the run being resumed always count, so a run never holds two rows for one image.
+An error that a later run cured (an ok row with the same key) stays done.
 
-Both sides stay columnar: the labelled keys are one Arrow string array, the listing is
-processed in Arrow chunks, and the anti-join is ``pyarrow.compute.is_in`` per chunk, so the
-driver never holds a Python object per image of a large bucket.
+Everything here works on one Arrow block at a time: the joins that bring an earlier run's rows
+next to the listing row they describe are ``planning``'s (Ray Data, hash-partitioned), so no
+process holds the labelled keys of the whole output.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from clipdiy.pipeline.layout import OutputLayout
 from clipdiy.pipeline.storage import SourceObject
 
 logger = logging.getLogger(__name__)
@@ -63,53 +63,47 @@ def source_keys(table: pa.Table) -> pa.Array:
     return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
 
 
-@dataclass(frozen=True)
-class LabelledKeys:
-    """Source keys of earlier rows: ``done`` need no label; ``retry`` are error rows to redo."""
-
-    done: pa.Array
-    retry: pa.Array
 
 
-def _retried(table: pa.Table, retry_errors: str) -> pa.Array:
+#: Column holding :func:`source_keys` while the listing is joined with earlier rows.
+SOURCE_KEY = "source_key"
+#: Joined column: the strongest tag of the finished runs' rows with the listing row's source key
+#: (:data:`DONE` beats :data:`RETRY`: an error a later run cured is done); null when none.
+EARLIER_RUNS = "earlier_runs_tag"
+#: Joined column: non-null when an earlier attempt of this run holds a row with the image id.
+THIS_RUN = "this_run_rows"
+DONE, RETRY = 2, 1
+#: Columns of a shard that the planning reads.
+SHARD_COLUMNS = [*KEY_COLUMNS, "status", "error_kind"]
+
+
+def retried_mask(table: pa.Table, retry_errors: str) -> pa.Array:
     """Boolean mask of the rows of a shard that ``retry_errors`` sends back to be labelled."""
     if retry_errors not in RETRY_ERRORS:
         raise ValueError(f"retry_errors must be one of {RETRY_ERRORS}, got {retry_errors!r}")
+    table = table.combine_chunks()
     is_error = pc.equal(table.column("status"), "error")
     if retry_errors == "all":
-        return is_error
-    if retry_errors == "transient":
+        mask = is_error
+    elif retry_errors == "transient":
         transient = pc.is_in(table.column("error_kind"), value_set=pa.array(TRANSIENT_ERROR_KINDS))
-        return pc.and_(is_error, pc.fill_null(transient, False))
-    return pc.and_(is_error, False)
+        mask = pc.and_(is_error, pc.fill_null(transient, False))
+    else:
+        mask = pc.and_(is_error, False)
+    return mask.combine_chunks() if isinstance(mask, pa.ChunkedArray) else mask
 
 
-def _shard_keys(layout: OutputLayout, path: str, retry_errors: str) -> tuple[pa.Array, pa.Array]:
-    table = pq.read_table(path, columns=[*KEY_COLUMNS, "status", "error_kind"], filesystem=layout.fs)
-    keys = source_keys(table.select(KEY_COLUMNS).cast(LISTING_SCHEMA.remove(LISTING_SCHEMA.get_field_index("uri"))))
-    retry = _retried(table.combine_chunks(), retry_errors)
-    if isinstance(retry, pa.ChunkedArray):
-        retry = retry.combine_chunks()
-    return keys.filter(pc.invert(retry)), keys.filter(retry)
+def with_source_key(listing: pa.Table) -> pa.Table:
+    """Listing rows (:data:`LISTING_SCHEMA`) with their :data:`SOURCE_KEY` column appended."""
+    return listing.append_column(SOURCE_KEY, source_keys(listing))
 
 
-def labelled_keys(
-    layout: OutputLayout, run_ids: Iterable[str], retry_errors: str = "none", threads: int = 8
-) -> LabelledKeys:
-    """The source keys of the rows in the committed shards of ``run_ids``, split by
-    ``retry_errors`` (one of :data:`RETRY_ERRORS`) into done and to-retry."""
-    paths = [path for run_id in run_ids for path in layout.shard_paths(run_id)]
-    if not paths:
-        empty = pa.array([], pa.string())
-        return LabelledKeys(done=empty, retry=empty)
-    with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
-        pairs = list(pool.map(lambda p: _shard_keys(layout, p, retry_errors), paths))
-    done = pa.concat_arrays([d for d, _ in pairs])
-    # An image whose error was cured by a later run is done, not retried again.
-    retry = pa.concat_arrays([r for _, r in pairs])
-    if len(retry) and len(done):
-        retry = retry.filter(pc.invert(pc.is_in(retry, value_set=done)))
-    return LabelledKeys(done=done, retry=retry)
+def earlier_run_tags(shard: pa.Table, retry_errors: str) -> pa.Table:
+    """(:data:`SOURCE_KEY`, ``tag``) per row of a finished run's shard (:data:`SHARD_COLUMNS`):
+    :data:`RETRY` for an error row that ``retry_errors`` retries, else :data:`DONE`."""
+    keys = source_keys(shard.select(KEY_COLUMNS).cast(LISTING_SCHEMA.remove(LISTING_SCHEMA.get_field_index("uri"))))
+    tags = pc.if_else(retried_mask(shard, retry_errors), pa.scalar(RETRY, pa.int8()), pa.scalar(DONE, pa.int8()))
+    return pa.table({SOURCE_KEY: keys, "tag": tags})
 
 
 @dataclass
@@ -127,8 +121,45 @@ class ListingCounts:
     def todo(self) -> int:
         return self.listed - self.skipped - self.resumed
 
+    def add(self, other: ListingCounts) -> None:
+        self.listed += other.listed
+        self.skipped += other.skipped
+        self.resumed += other.resumed
+        self.retried += other.retried
 
-def _listing_table(sources: list[SourceObject]) -> pa.Table:
+
+def _count(mask: pa.Array) -> int:
+    return int(pc.sum(mask).as_py() or 0)
+
+
+def split_pending(joined: pa.Table) -> tuple[pa.Table, ListingCounts]:
+    """The rows of a joined listing block that still need a label (:data:`LISTING_SCHEMA`), and
+    the block's counts.
+
+    ``joined``: listing rows with :data:`EARLIER_RUNS` and :data:`THIS_RUN` (either may be absent:
+    no such rows in OUTPUT). A row done by an earlier run is skipped; else one that this run's
+    earlier attempts labelled is resumed; the rest are to do.
+    """
+    rows = joined.num_rows
+    joined = joined.combine_chunks()
+    if EARLIER_RUNS in joined.column_names:
+        tag = joined.column(EARLIER_RUNS)
+        done = pc.fill_null(pc.equal(tag, DONE), False)
+        retry = pc.fill_null(pc.equal(tag, RETRY), False)
+    else:
+        done = retry = pa.array(np.zeros(rows, dtype=bool))
+    if THIS_RUN in joined.column_names:
+        this_run = pc.is_valid(joined.column(THIS_RUN))
+    else:
+        this_run = pa.array(np.zeros(rows, dtype=bool))
+    resumed = pc.and_(pc.invert(done), this_run)
+    todo = pc.invert(pc.or_(done, this_run))
+    counts = ListingCounts(listed=rows, skipped=_count(done), resumed=_count(resumed), retried=_count(pc.and_(todo, retry)))
+    return joined.filter(todo).select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA), counts
+
+
+def listing_table(sources: list[SourceObject]) -> pa.Table:
+    """Listing rows (:data:`LISTING_SCHEMA`) of ``sources``."""
     return pa.table(
         {
             "uri": [s.uri for s in sources],
@@ -141,51 +172,18 @@ def _listing_table(sources: list[SourceObject]) -> pa.Table:
     )
 
 
-def _member_mask(keys: pa.Array, value_set: pa.Array | None) -> pa.Array:
-    """Boolean mask: which ``keys`` are in ``value_set`` (all False for an empty or absent set)."""
-    if value_set is None or not len(value_set) or not len(keys):
-        return pa.array(np.zeros(len(keys), dtype=bool))
-    return pc.is_in(keys, value_set=value_set)
-
-
-def pending_blocks(
-    sources: Iterator[SourceObject],
-    counts: ListingCounts,
-    *,
-    done_by_other_runs: pa.Array,
-    done_by_this_run: pa.Array,
-    block_rows: int,
-    limit: int | None = None,
-    chunk_rows: int = 16384,
-    retried_errors: pa.Array | None = None,
-) -> Iterator[pa.Table]:
-    """Blocks of at most ``block_rows`` listing rows that still need labels, in listing order.
-
-    Reads ``sources`` ``chunk_rows`` at a time (only the first ``limit``) and updates ``counts``;
-    ``retried_errors`` (keys of earlier error rows being retried) only feeds ``counts.retried``.
-    """
+def listing_blocks(sources: Iterator[SourceObject], block_rows: int, limit: int | None = None) -> Iterator[pa.Table]:
+    """Listing blocks of ``block_rows`` rows (the last one shorter) of the first ``limit`` of
+    ``sources``, in listing order; one block's objects are held at a time."""
     buffer: list[SourceObject] = []
-
-    def flush() -> Iterator[pa.Table]:
-        table = _listing_table(buffer)
-        buffer.clear()
-        counts.listed += table.num_rows
-        keys = source_keys(table)  # once per chunk: every membership test below reuses it
-        other = _member_mask(keys, done_by_other_runs)
-        this = pc.and_(pc.invert(other), _member_mask(keys, done_by_this_run))
-        todo = pc.invert(pc.or_(other, this))
-        counts.skipped += pc.sum(other).as_py() or 0
-        counts.resumed += pc.sum(this).as_py() or 0
-        counts.retried += pc.sum(pc.and_(todo, _member_mask(keys, retried_errors))).as_py() or 0
-        table = table.filter(todo)
-        for start in range(0, table.num_rows, block_rows):
-            yield table.slice(start, block_rows)
-
+    listed = 0
     for source in sources:
-        if limit is not None and counts.listed + len(buffer) >= limit:
+        if limit is not None and listed >= limit:
             break
         buffer.append(source)
-        if len(buffer) >= chunk_rows:
-            yield from flush()
+        listed += 1
+        if len(buffer) >= block_rows:
+            yield listing_table(buffer)
+            buffer.clear()
     if buffer:
-        yield from flush()
+        yield listing_table(buffer)

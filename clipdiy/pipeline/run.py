@@ -7,7 +7,8 @@ Order of work (everything that can refuse the job does so before any image is to
    computed, once for the whole run;
 3. Ray: the cluster at ``config.address`` / ``RAY_ADDRESS``, else an embedded local Ray;
 4. the OUTPUT lock is taken; the unfinished run is resumed, or a new run is planned;
-5. the listing streams in chunks, anti-joined against the images already labelled in OUTPUT;
+5. planning (``planning.py``): the listing streams from a Ray Data read task; when OUTPUT holds
+   rows that could count, it is anti-joined with them by Ray Data's hash-partitioned joins first;
 6. Ray Data: decode (CPU tasks) -> ``Segmenter.predict`` (actor pool, GPU when present) ->
    label rows (CPU tasks) -> Parquet shards (CPU tasks); the driver logs progress per shard;
 7. the manifest is written last, the lock released, a :class:`RunSummary` returned.
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Self
 import numpy as np
 
 from clipdiy.pipeline.config import LabelJobConfig
-from clipdiy.pipeline.incremental import ListingCounts, labelled_keys, pending_blocks
+from clipdiy.pipeline.incremental import ListingCounts
 from clipdiy.pipeline.layout import OutputLayout
 from clipdiy.pipeline.lock import LockLostError, OutputLock
 from clipdiy.pipeline.manifest import (
@@ -49,7 +50,8 @@ from clipdiy.pipeline.manifest import (
     write_manifest,
     write_run_state,
 )
-from clipdiy.pipeline.storage import check_input_reachable, iter_sources, redact_url
+from clipdiy.pipeline.planning import Plan, PlanTarget, plan_pending, remove_plans
+from clipdiy.pipeline.storage import check_input_reachable, redact_url
 from clipdiy.pipeline.writer import ShardTarget, write_shard
 from clipdiy.uris import redact_document
 
@@ -58,8 +60,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Listing rows per object-store block, in decode batches: big enough that a bucket of millions
-#: leaves the driver a few thousand refs, small enough that decode tasks run in parallel.
+#: Listing rows per block handed to the labelling, in decode batches. A decode task takes whole
+#: blocks, so blocks stay small enough for decode tasks to run in parallel; the listing streams
+#: them (a read task's generator, backpressured), so the driver only ever holds the refs of the
+#: blocks in flight, however large the bucket.
 LISTING_BATCHES_PER_BLOCK = 8
 
 
@@ -144,7 +148,7 @@ def gpus_per_actor(config: LabelJobConfig) -> float:
 class Progress:
     """Counts written rows; a daemon thread logs one progress line every ``interval`` seconds."""
 
-    def __init__(self, total: int, interval: float):
+    def __init__(self, total: int | None, interval: float):
         self.total = total
         self.interval = interval
         self.rows = self.ok = self.error = self.shards = 0
@@ -170,13 +174,14 @@ class Progress:
         while not self._stop.wait(self.interval):
             elapsed = time.monotonic() - self.started
             logger.info(
-                "progress: %d/%d images written (%d ok, %d errors) in %d shards, %.2f images/s",
-                self.rows, self.total, self.ok, self.error, self.shards, self.rows / max(elapsed, 1e-9),
+                "progress: %d/%s images written (%d ok, %d errors) in %d shards, %.2f images/s",
+                self.rows, "?" if self.total is None else self.total, self.ok, self.error, self.shards, self.rows / max(elapsed, 1e-9),
             )
 
 
-def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, plan: RunPlan, gpus: float):
-    """The Ray Data plan: listing blocks -> decode -> predict -> rows -> shard stats."""
+def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, gpus: float):
+    """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
+    rows -> shard stats."""
     import ray.data
 
     # Imported here, not at the top: refusals before the models load stay free of torch imports.
@@ -194,8 +199,7 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
     )
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
     target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
-    ds = ray.data.from_arrow_refs(blocks)
-    ds = ds.map_batches(
+    ds = pending.map_batches(
         decode,
         batch_size=config.decode_batch_size,
         batch_format="pyarrow",
@@ -237,24 +241,20 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
     )
 
 
-def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -> tuple[list, ListingCounts]:
-    """Put the pending listing blocks in the object store (the driver keeps only their refs)."""
-    import ray
-
-    counts = ListingCounts()
-    other_runs = labelled_keys(
-        layout, [r for r in finished_run_ids(layout) if r != plan.run_id], retry_errors=config.retry_errors
-    )
-    blocks = pending_blocks(
-        iter_sources(config.input, config.storage),
-        counts,
-        done_by_other_runs=other_runs.done,
-        done_by_this_run=labelled_keys(layout, [plan.run_id]).done,
+def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -> Plan:
+    """The listing rows still to label, as a dataset (see ``planning.py``)."""
+    target = PlanTarget(
+        input_uri=config.input,
+        output_uri=config.output,
+        storage=config.storage,
+        run_id=plan.run_id,
+        attempt=plan.attempt,
+        retry_errors=config.retry_errors,
         block_rows=config.decode_batch_size * LISTING_BATCHES_PER_BLOCK,
         limit=config.limit,
-        retried_errors=other_runs.retry,
     )
-    return [ray.put(block) for block in blocks], counts
+    earlier = [r for r in finished_run_ids(layout) if r != plan.run_id]
+    return plan_pending(target, earlier, estimated_rows_per_shard=config.rows_per_file)
 
 
 def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostError], None] | None = None) -> RunSummary:
@@ -304,19 +304,23 @@ def _run_locked(
     )
 
     listing_started = time.monotonic()
-    blocks, counts = _list_pending(config, layout, plan)
+    pending = _list_pending(config, layout, plan)
+    counts = pending.counts
     listing_seconds = time.monotonic() - listing_started
-    logger.info(
-        "listed %d images: %d labelled by earlier runs, %d by earlier attempts of this run, %d to label "
-        "(%d of them earlier errors retried, --retry-errors %s)",
-        counts.listed, counts.skipped, counts.resumed, counts.todo, counts.retried, config.retry_errors,
-    )
+    if counts is None:
+        logger.info("nothing labelled in %s yet: the listing streams into the labelling", layout.uri)
+    else:
+        logger.info(
+            "listed %d images: %d labelled by earlier runs, %d by earlier attempts of this run, %d to label "
+            "(%d of them earlier errors retried, --retry-errors %s)",
+            counts.listed, counts.skipped, counts.resumed, counts.todo, counts.retried, config.retry_errors,
+        )
 
     labelling_started = time.monotonic()
     written: dict[str, dict] = {}
-    with Progress(counts.todo, config.heartbeat_s) as progress:
-        if blocks:
-            stats = build_dataset(config, blocks, models, plan, gpus)
+    with Progress(counts.todo if counts else None, config.heartbeat_s) as progress:
+        if pending.dataset is not None:
+            stats = build_dataset(config, pending.dataset, models, plan, gpus)
             for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for record in batch.to_pylist():
                     written[record["path"]] = record
@@ -324,6 +328,9 @@ def _run_locked(
                 lock.check()
     labelling_seconds = time.monotonic() - labelling_started
     lock.check()
+    remove_plans(layout, plan.run_id)
+    if counts is None:  # the listing streamed: every listed image was labelled by this start
+        counts = ListingCounts(listed=sum(r["rows"] for r in written.values()))
 
     shards = shard_records(layout, plan.run_id, written)
     run_rows = sum(s["rows"] for s in shards)

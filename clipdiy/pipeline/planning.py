@@ -1,0 +1,247 @@
+"""Planning a run on Ray Data: the listing, anti-joined against OUTPUT's rows, as a dataset.
+
+Two shapes, both with driver memory that does not grow with the corpus:
+
+- **Nothing labelled yet** (no shard in OUTPUT that could count): the listing itself is the
+  labelling job's input. One read task streams it (:func:`listing_dataset`) in blocks of
+  ``block_rows``, so the first images are decoded while the listing goes on.
+- **Otherwise**: the listing is joined with the earlier rows by Ray Data's hash-partitioned
+  joins (``Dataset.join``, Ray >= 2.46; ``left_outer`` on the source key against the finished
+  runs' rows, deduplicated by a hash ``groupby``; ``left_outer`` on the image id against this
+  run's earlier attempts), each of ``num_partitions`` partitions joined on its own; the rules of
+  :func:`~clipdiy.pipeline.incremental.split_pending` pick the rows still to label, which are
+  written to ``OUTPUT/runs/<run_id>/_PLAN/<attempt>/pending-*.parquet``. The driver keeps one
+  small stats row per written file; the labelling reads the files back (:func:`pending_dataset`).
+  Time is linear in listed + labelled rows: every row is hashed once per join.
+
+Joins need the ``polars`` package on the workers (Ray Data's join kernel).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipdiy.pipeline.incremental import (
+    EARLIER_RUNS,
+    SHARD_COLUMNS,
+    SOURCE_KEY,
+    THIS_RUN,
+    ListingCounts,
+    earlier_run_tags,
+    listing_blocks,
+    split_pending,
+    with_source_key,
+)
+from clipdiy.pipeline.layout import OutputLayout
+from clipdiy.pipeline.storage import StorageOptions, iter_sources
+
+logger = logging.getLogger(__name__)
+
+PLAN_DIR = "_PLAN"
+PENDING_PREFIX = "pending-"
+#: Rows (listed + labelled) per join partition: a partition's hash table stays tens of MB.
+ROWS_PER_PARTITION = 250_000
+MAX_PARTITIONS = 1024
+#: Shard files read by one task of the labelled-rows dataset.
+SHARDS_PER_READ = 16
+#: Listing rows per block on the way into the joins (few, large blocks for the shuffle).
+JOIN_BLOCK_ROWS = 16384
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    """Where a run's plan goes and what it is planned from (picklable: travels to workers)."""
+
+    input_uri: str
+    output_uri: str
+    storage: StorageOptions
+    run_id: str
+    attempt: int
+    retry_errors: str
+    block_rows: int  # listing rows per block handed to the labelling (decode tasks take whole blocks)
+    limit: int | None = None
+
+    def plan_dir(self, layout: OutputLayout) -> str:
+        return layout.path("runs", self.run_id, PLAN_DIR, f"{self.attempt:03d}")
+
+
+@dataclass
+class Plan:
+    """What the labelling reads: ``dataset`` (listing rows still to label, or None when there are
+    none) and ``counts`` (None while the listing streams: nothing is known before it ends)."""
+
+    dataset: object | None
+    counts: ListingCounts | None
+    plan_dir: str | None = None
+
+
+# ----------------------------------------------------------------------------- Ray Data UDFs
+
+
+def _list_input(batch: pa.Table, *, storage: StorageOptions, block_rows: int, limit: int | None) -> Iterator[pa.Table]:
+    for input_uri in batch.column("input").to_pylist():
+        yield from listing_blocks(iter_sources(input_uri, storage), block_rows, limit)
+
+
+def _read_earlier_tags(batch: pa.Table, *, output_uri: str, storage: StorageOptions, retry_errors: str) -> pa.Table:
+    layout = OutputLayout.open(output_uri, storage)
+    tables = [
+        earlier_run_tags(pq.read_table(path, columns=SHARD_COLUMNS, filesystem=layout.fs), retry_errors)
+        for path in batch.column("path").to_pylist()
+    ]
+    return pa.concat_tables(tables)
+
+
+def _read_image_ids(batch: pa.Table, *, output_uri: str, storage: StorageOptions) -> pa.Table:
+    layout = OutputLayout.open(output_uri, storage)
+    tables = [pq.read_table(path, columns=["image_id"], filesystem=layout.fs) for path in batch.column("path").to_pylist()]
+    return pa.concat_tables(tables)
+
+
+def _mark_this_run(batch: pa.Table) -> pa.Table:
+    return pa.table({"image_id": batch.column("image_id"), THIS_RUN: pa.array([True] * batch.num_rows, pa.bool_())})
+
+
+def _write_pending(batch: pa.Table, *, target: PlanTarget) -> pa.Table:
+    pending, counts = split_pending(batch)
+    path = ""
+    if pending.num_rows:
+        layout = OutputLayout.open(target.output_uri, target.storage)
+        path = posixpath.join(target.plan_dir(layout), f"{PENDING_PREFIX}{uuid.uuid4().hex}.parquet")
+        sink = pa.BufferOutputStream()
+        pq.write_table(pending, sink)
+        layout.write_bytes_atomic(path, sink.getvalue().to_pybytes())
+    return pa.table(
+        {
+            "path": [path],
+            "todo": [pending.num_rows],
+            "listed": [counts.listed],
+            "skipped": [counts.skipped],
+            "resumed": [counts.resumed],
+            "retried": [counts.retried],
+        }
+    )
+
+
+def _read_pending(batch: pa.Table, *, output_uri: str, storage: StorageOptions, block_rows: int) -> Iterator[pa.Table]:
+    layout = OutputLayout.open(output_uri, storage)
+    for path in batch.column("path").to_pylist():
+        with layout.fs.open(path, "rb") as handle:
+            for rows in pq.ParquetFile(handle).iter_batches(batch_size=block_rows):
+                yield pa.Table.from_batches([rows])
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def listing_dataset(target: PlanTarget, block_rows: int):
+    """The listing of ``target.input_uri`` as a dataset, streamed by one read task in blocks of
+    ``block_rows`` (listing order; only the first ``limit``)."""
+    import ray.data
+
+    listing = ray.data.from_items([{"input": target.input_uri}]).map_batches(
+        _list_input,
+        fn_kwargs={"storage": target.storage, "block_rows": block_rows, "limit": target.limit},
+        batch_size=1,
+        batch_format="pyarrow",
+        # No CPU reserved: the listing waits on the store, and a CPU held by a listing that
+        # backpressure pauses could starve the decode tasks that drain it.
+        num_cpus=0,
+    )
+    # A task's outputs are coalesced up to the byte-sized target block (~1M listing rows, which
+    # one decode task would then take whole): the streaming repartition keeps the blocks small.
+    return listing.repartition(target_num_rows_per_block=block_rows)
+
+
+def _shard_items(layout: OutputLayout, run_ids: list[str]) -> list[dict]:
+    return [{"path": path} for run_id in run_ids for path in layout.shard_paths(run_id)]
+
+
+def _partitions(rows: int) -> int:
+    return max(1, min(MAX_PARTITIONS, math.ceil(rows / ROWS_PER_PARTITION)))
+
+
+def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_per_shard: int) -> Plan:
+    """Plan ``target``'s run: see the module docstring. ``earlier_run_ids``: the finished runs
+    whose rows count by source version; ``estimated_rows_per_shard`` sizes the join partitions."""
+    import ray.data
+    from ray.data.aggregate import Max
+
+    layout = OutputLayout.open(target.output_uri, target.storage)
+    earlier = _shard_items(layout, earlier_run_ids)
+    attempts = _shard_items(layout, [target.run_id])
+    if not earlier and not attempts:
+        return Plan(dataset=listing_dataset(target, target.block_rows), counts=None)
+
+    # The listing is not known before it is read: size the partitions by the labelled side,
+    # which nightly runs over a growing corpus track closely.
+    partitions = _partitions((len(earlier) + len(attempts)) * max(1, estimated_rows_per_shard))
+    joined = listing_dataset(target, JOIN_BLOCK_ROWS).map_batches(with_source_key, batch_format="pyarrow", num_cpus=0)
+    if earlier:
+        tags = ray.data.from_items(earlier, override_num_blocks=max(1, math.ceil(len(earlier) / SHARDS_PER_READ)))
+        tags = tags.map_batches(
+            _read_earlier_tags,
+            fn_kwargs={"output_uri": target.output_uri, "storage": target.storage, "retry_errors": target.retry_errors},
+            batch_size=SHARDS_PER_READ,
+            batch_format="pyarrow",
+        )
+        # One row per key (repeated error rows would repeat the listing row in the join).
+        tags = tags.groupby(SOURCE_KEY, num_partitions=partitions).aggregate(Max("tag", alias_name=EARLIER_RUNS))
+        joined = joined.join(tags, "left_outer", partitions, on=(SOURCE_KEY,))
+    if attempts:
+        ids = ray.data.from_items(attempts, override_num_blocks=max(1, math.ceil(len(attempts) / SHARDS_PER_READ)))
+        ids = ids.map_batches(
+            _read_image_ids,
+            fn_kwargs={"output_uri": target.output_uri, "storage": target.storage},
+            batch_size=SHARDS_PER_READ,
+            batch_format="pyarrow",
+        )
+        ids = ids.groupby("image_id", num_partitions=partitions).count().map_batches(_mark_this_run, batch_format="pyarrow")
+        joined = joined.join(ids, "left_outer", partitions, on=("image_id",))
+    del earlier, attempts
+
+    plan_dir = target.plan_dir(layout)
+    remove_plans(layout, target.run_id)
+    counts = ListingCounts()
+    files: list[dict] = []
+    stats = joined.map_batches(_write_pending, fn_kwargs={"target": target}, batch_size=None, batch_format="pyarrow")
+    for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for record in batch.to_pylist():
+            counts.add(ListingCounts(record["listed"], record["skipped"], record["resumed"], record["retried"]))
+            if record["todo"]:
+                files.append({"path": record["path"]})
+    if not files:
+        return Plan(dataset=None, counts=counts, plan_dir=plan_dir)
+    return Plan(dataset=pending_dataset(target, files), counts=counts, plan_dir=plan_dir)
+
+
+def pending_dataset(target: PlanTarget, files: list[dict]):
+    """The planned rows, read back a row group (``block_rows`` rows) at a time."""
+    import ray.data
+
+    pending = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
+        _read_pending,
+        fn_kwargs={"output_uri": target.output_uri, "storage": target.storage, "block_rows": target.block_rows},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0,
+    )
+    return pending.repartition(target_num_rows_per_block=target.block_rows)
+
+
+def remove_plans(layout: OutputLayout, run_id: str) -> None:
+    """Delete a run's plan files (scratch: only the attempt that wrote them reads them)."""
+    path = layout.path("runs", run_id, PLAN_DIR)
+    layout.fs.invalidate_cache(path)
+    try:
+        layout.fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,149 @@
+"""Planning on Ray Data: the hash-partitioned anti-join of the listing against OUTPUT's rows keeps
+today's rules (id + source version for finished runs, --retry-errors, repeated error rows) and
+counts this run's earlier attempts by image id alone; with nothing labelled the listing streams."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from labels_fixtures import LabelItem, write_labels_output
+
+STARTED = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)  # label_row's source_mtime; its size is 1000
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _manifest(path, entries: list[tuple[str, int]]) -> str:
+    """A Parquet manifest of (file name, size) entries, every one with label_row's mtime."""
+    pq.write_table(
+        pa.table(
+            {
+                "uri": [name for name, _ in entries],
+                "size": pa.array([size for _, size in entries], pa.int64()),
+                "mtime": pa.array([STARTED] * len(entries), pa.timestamp("us", tz="UTC")),
+            }
+        ),
+        path,
+    )
+    return str(path)
+
+
+def _output_with_history(output: str) -> None:
+    label = np.zeros((4, 4), np.uint8)
+
+    def item(name, **error):
+        return LabelItem(name, f"file:///in/{name}", None if error else label, **error)
+
+    unreadable = {"error_kind": "unreadable", "error": "ConnectionError: reset"}
+    write_labels_output(output, [
+        item("same.jpg"), item("changed.jpg"), item("read.jpg", **unreadable),
+        item("corrupt.jpg", error_kind="corrupt", error="bad header"), item("cured.jpg", **unreadable),
+        item("twice.jpg", **unreadable),
+    ], run_id="run-a", started=STARTED, rows_per_shard=2)
+    # A later finished run cured one error and failed again on another (same source versions).
+    write_labels_output(output, [item("cured.jpg"), item("twice.jpg", **unreadable)], run_id="run-b",
+                        started=STARTED, rows_per_shard=1)
+    # The run being resumed: its first attempt labelled over.jpg (overwritten since) and failed on err.jpg.
+    write_labels_output(output, [item("over.jpg"), item("err.jpg", **unreadable)], run_id="run-c",
+                        started=STARTED, rows_per_shard=1, finished=False)
+
+
+def _plan(tmp_path, output, retry_errors, limit=None, block_rows=2, earlier=("run-a", "run-b")):
+    from clipdiy.pipeline.planning import ROWS_PER_PARTITION, PlanTarget, plan_pending
+    from clipdiy.pipeline.storage import StorageOptions
+
+    manifest = _manifest(tmp_path / "in" / "manifest.parquet", [
+        ("same.jpg", 1000), ("changed.jpg", 2000), ("read.jpg", 1000), ("corrupt.jpg", 1000), ("cured.jpg", 1000),
+        ("twice.jpg", 1000), ("over.jpg", 3000), ("err.jpg", 1000), ("new.jpg", 1000),
+    ]) if not (tmp_path / "in" / "manifest.parquet").exists() else str(tmp_path / "in" / "manifest.parquet")
+    target = PlanTarget(input_uri=manifest, output_uri=output, storage=StorageOptions(), run_id="run-c", attempt=2,
+                        retry_errors=retry_errors, block_rows=block_rows, limit=limit)
+    # One join partition per shard: the hash partitioning is exercised even on this tiny output.
+    return plan_pending(target, list(earlier), estimated_rows_per_shard=ROWS_PER_PARTITION)
+
+
+def _rows(plan) -> list[dict]:
+    if plan.dataset is None:
+        return []
+    return sorted(plan.dataset.take_all(), key=lambda row: row["image_id"])
+
+
+@pytest.mark.parametrize(
+    ("retry_errors", "todo", "skipped", "retried"),
+    [
+        ("transient", {"changed.jpg", "read.jpg", "twice.jpg", "new.jpg"}, 3, 2),
+        ("none", {"changed.jpg", "new.jpg"}, 5, 0),
+        ("all", {"changed.jpg", "read.jpg", "corrupt.jpg", "twice.jpg", "new.jpg"}, 2, 3),
+    ],
+)
+def test_plan_anti_joins_on_version_for_earlier_runs_and_on_id_for_this_run(
+    ray_session, tmp_path, retry_errors, todo, skipped, retried
+):
+    from clipdiy.pipeline.incremental import LISTING_SCHEMA
+
+    (tmp_path / "in").mkdir()
+    output = str(tmp_path / "labels")
+    _output_with_history(output)
+    plan = _plan(tmp_path, output, retry_errors)
+
+    rows = _rows(plan)
+    # Each pending image once (twice.jpg has two error rows), with its listed version.
+    assert [row["image_id"] for row in rows] == sorted(todo)
+    assert {row["image_id"]: row["source_size"] for row in rows}.get("changed.jpg") == 2000
+    assert all(row["uri"] == f"file://{tmp_path}/in/{row['image_id']}" for row in rows)
+    assert plan.dataset.schema().base_schema.equals(LISTING_SCHEMA)
+    counts = plan.counts
+    # over.jpg (overwritten between this run's attempts) and err.jpg are this run's: resumed.
+    assert (counts.listed, counts.skipped, counts.resumed, counts.todo, counts.retried) == (
+        9, skipped, 2, len(todo), retried
+    )
+
+
+def test_plan_without_labelled_rows_streams_the_listing_and_honours_limit(ray_session, tmp_path):
+    (tmp_path / "in").mkdir()
+    output = str(tmp_path / "empty")
+    plan = _plan(tmp_path, output, "transient", limit=5, earlier=())
+    assert plan.counts is None  # nothing to join: the listing is the labelling's input
+    ids = [row["image_id"] for row in plan.dataset.take_all()]
+    assert ids == ["same.jpg", "changed.jpg", "read.jpg", "corrupt.jpg", "cured.jpg"]  # the first 5, in order
+
+
+def test_plan_with_nothing_left_to_label_has_no_dataset(ray_session, tmp_path):
+    (tmp_path / "in").mkdir()
+    output = str(tmp_path / "labels")
+    label = np.zeros((4, 4), np.uint8)
+    names = ["same.jpg", "changed.jpg", "read.jpg", "corrupt.jpg", "cured.jpg", "twice.jpg", "over.jpg",
+             "err.jpg", "new.jpg"]
+    write_labels_output(output, [LabelItem(n, f"file:///in/{n}", label) for n in names], run_id="run-c",
+                        started=STARTED, finished=False)
+    plan = _plan(tmp_path, output, "all", earlier=())
+    assert plan.dataset is None
+    assert (plan.counts.listed, plan.counts.resumed, plan.counts.todo) == (9, 9, 0)
+
+
+def test_split_pending_rules_on_one_joined_block():
+    """The per-block rules, independent of Ray: done by an earlier run beats this run's attempts,
+    which beat a retried error."""
+    from clipdiy.pipeline.incremental import DONE, EARLIER_RUNS, LISTING_SCHEMA, RETRY, THIS_RUN, split_pending
+
+    listing = pa.table({
+        "uri": [f"u{i}" for i in range(5)], "image_id": [f"{i}.jpg" for i in range(5)],
+        "source_size": [1, 2, 3, 4, 5], "source_etag": [None] * 5, "source_mtime": [STARTED] * 5,
+    }, schema=LISTING_SCHEMA)
+    joined = listing.append_column(EARLIER_RUNS, pa.array([DONE, RETRY, RETRY, None, DONE], pa.int8()))
+    joined = joined.append_column(THIS_RUN, pa.array([True, True, None, None, None]))
+    pending, counts = split_pending(joined)
+    assert pending.column("image_id").to_pylist() == ["2.jpg", "3.jpg"]
+    assert pending.schema.equals(LISTING_SCHEMA)
+    assert (counts.listed, counts.skipped, counts.resumed, counts.retried, counts.todo) == (5, 2, 1, 1, 2)
