@@ -26,6 +26,7 @@ and left running; an embedded Ray started here is shut down at the end.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -173,8 +174,11 @@ class Progress:
             )
 
 
-def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, plan: RunPlan, gpus: float):
-    """The Ray Data plan: listing blocks -> decode -> predict -> rows -> shard stats."""
+def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, plan: RunPlan, gpus: float, health=None):
+    """The Ray Data plan: listing blocks -> decode -> predict -> rows -> shard stats.
+
+    ``health``: the run's :class:`~clipdiy.pipeline.health.RunHealth` actor, told of every read
+    and of every actor a CUDA error poisons."""
     import ray.data
 
     # Imported here, not at the top: refusals before the models load stay free of torch imports.
@@ -189,6 +193,7 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
         config.max_pixels,
         config.read_attempts,
         saliency_max_side=saliency_input_side(config.segmenter.saliency),
+        health=health,
     )
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
     target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
@@ -207,6 +212,7 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
             "segmenter_config": config.segmenter,
             "text_embeddings": models.text_embeddings,
             "num_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
+            "health": health,
         },
         batch_size=config.inference_batch_size,
         batch_format="pyarrow",
@@ -216,6 +222,10 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
         # The memory reservation also keeps Ray Data from fusing the decode tasks into the
         # actors (fused, an accelerator would wait on reads and JPEG decoding).
         memory=config.actor_memory_gb * 1024**3 if config.actor_memory_gb else None,
+        # A killed or poisoned actor (its process exits) is restarted and its batches retried;
+        # explicit, as the job's exactly-once output relies on it (Ray Data's default today).
+        max_restarts=-1,
+        max_task_retries=-1,
         udf_modifying_row_count=False,
     )
     ds = ds.map_batches(
@@ -253,6 +263,50 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
         retried_errors=other_runs.retry,
     )
     return [ray.put(block) for block in blocks], counts
+
+
+def _label(
+    config: LabelJobConfig, dataset_args: tuple, written: dict, progress: Progress, lock: OutputLock
+) -> None:
+    """Run the dataset, consuming its shard stats: progress, the error budget, the lock.
+
+    Raises :class:`~clipdiy.errors.RunFailedError` (reads broken run-wide, with the health
+    actor's one-line reason) or :class:`~clipdiy.errors.ErrorBudgetExceededError`; either way the
+    shards written so far stay and the next start resumes.
+    """
+    import ray
+
+    from clipdiy.errors import ErrorBudgetExceededError, RunFailedError
+    from clipdiy.pipeline.health import ErrorBudget, start_run_health
+    from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS
+
+    health = start_run_health(config.stop_after_failed_reads)
+    budget = ErrorBudget(config.max_error_rate, config.error_window)
+    stats = build_dataset(config, *dataset_args, health=health)
+    batches = iter(stats.iter_batches(batch_size=None, batch_format="pyarrow"))
+    over_budget = None
+    try:
+        for batch in batches:
+            for record in batch.to_pylist():
+                written[record["path"]] = {k: record[k] for k in MANIFEST_SHARD_FIELDS}
+                progress.add(record)
+                over_budget = over_budget or budget.add(record["rows"], json.loads(record["error_kinds"] or "{}"))
+            lock.check()
+            if over_budget:
+                break
+    except Exception as error:
+        verdict = ray.get(health.verdict.remote())
+        if verdict is not None:
+            raise RunFailedError(verdict) from error
+        raise
+    finally:
+        batches.close()  # stops the streaming execution when we leave early
+        ray.kill(health)
+    if over_budget:
+        raise ErrorBudgetExceededError(
+            f"{over_budget}; stopped after {progress.rows} images, start again to resume "
+            f"(--max-error-rate, --error-window)"
+        )
 
 
 def run_labelling(config: LabelJobConfig) -> RunSummary:
@@ -308,12 +362,7 @@ def _run_locked(
     written: dict[str, dict] = {}
     with Progress(counts.todo, config.heartbeat_s) as progress:
         if blocks:
-            stats = build_dataset(config, blocks, models, plan, gpus)
-            for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for record in batch.to_pylist():
-                    written[record["path"]] = record
-                    progress.add(record)
-                lock.check()
+            _label(config, (blocks, models, plan, gpus), written, progress, lock)
     labelling_seconds = time.monotonic() - labelling_started
     lock.check()
 
