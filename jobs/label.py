@@ -50,8 +50,13 @@ EXIT_STATUS = """exit status:
 """
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown; the epilog (the exit statuses) keeps its line breaks."""
+
+    def _fill_text(self, text, width, indent):
+        if text == EXIT_STATUS:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 class OneLineParser(argparse.ArgumentParser):
