@@ -1,7 +1,8 @@
 """Faults injected into the inference actors of a test's Ray workers.
 
 :func:`runtime_env` gives a Ray runtime env whose ``worker_process_setup_hook`` (:func:`install`)
-wraps ``SegmentBatch.__call__`` in every worker process. The first batch holding ``image_id``
+wraps ``SegmentBatch.__call__`` in every worker process; :func:`set_fault` arms a fault, read
+from a file at every batch (worker processes outlive one job). The first batch holding ``image_id``
 (across all processes and restarts: the first to create ``marker`` wins) gets the fault:
 
 - ``cuda``: from then on every ``predict`` of that process raises a CUDA error, as a
@@ -24,10 +25,23 @@ TESTS = Path(__file__).resolve().parent
 CUDA_MESSAGE = "CUDA error: device-side assert triggered (fault injected by the test)"
 
 
-def runtime_env(action: str, image_id: str, marker: Path) -> dict:
+def runtime_env(spec_file: Path) -> dict:
+    """Ray's runtime env for a job whose faults :func:`set_fault` writes to ``spec_file``."""
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
-    spec = json.dumps({"action": action, "image_id": image_id, "marker": str(marker)})
-    return {"worker_process_setup_hook": "fault_injection.install", "env_vars": {ENV: spec, "PYTHONPATH": path}}
+    return {"worker_process_setup_hook": "fault_injection.install",
+            "env_vars": {ENV: str(spec_file), "PYTHONPATH": path}}
+
+
+def set_fault(spec_file: Path, action: str, image_id: str, marker: Path) -> None:
+    """Arm one fault for the next batch holding ``image_id`` (read at every batch)."""
+    spec_file.write_text(json.dumps({"action": action, "image_id": image_id, "marker": str(marker)}))
+
+
+def _spec() -> dict | None:
+    try:
+        return json.loads(Path(os.environ[ENV]).read_text())
+    except (KeyError, FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def _claim(marker: str) -> bool:
@@ -59,16 +73,15 @@ def _fire(stage, spec: dict) -> None:
 
 
 def install() -> None:
-    raw = os.environ.get(ENV)
-    if not raw:
+    if not os.environ.get(ENV):
         return
-    spec = json.loads(raw)
     from clipdiy.pipeline import inference
 
     original = inference.SegmentBatch.__call__
 
     def with_fault(self, batch):
-        if spec["image_id"] in batch.column("image_id").to_pylist() and _claim(spec["marker"]):
+        spec = _spec()
+        if spec and spec["image_id"] in batch.column("image_id").to_pylist() and _claim(spec["marker"]):
             _fire(self, spec)
         return original(self, batch)
 

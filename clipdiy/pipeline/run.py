@@ -222,10 +222,10 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
         # The memory reservation also keeps Ray Data from fusing the decode tasks into the
         # actors (fused, an accelerator would wait on reads and JPEG decoding).
         memory=config.actor_memory_gb * 1024**3 if config.actor_memory_gb else None,
-        # A killed or poisoned actor (its process exits) is restarted and its batches retried;
-        # explicit, as the job's exactly-once output relies on it (Ray Data's default today).
-        max_restarts=-1,
-        max_task_retries=-1,
+        # Not passed: max_restarts=-1, max_task_retries=-1. Ray Data's actor pools default to them
+        # (a killed or poisoned actor is restarted and its batches retried, which exactly-once
+        # relies on; tests/test_pipeline_failures.py checks it), and **ray_remote_args is
+        # deprecated from Ray 2.60.
         udf_modifying_row_count=False,
     )
     ds = ds.map_batches(
