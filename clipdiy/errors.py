@@ -34,3 +34,23 @@ class InvalidImageError(ClipdiyError, ValueError):
 class InputError(ClipdiyError, ValueError):
     """The job's input cannot be labelled: missing or unreachable bucket, prefix or manifest,
     access denied, a malformed manifest, or no images at all. Raised before any work starts."""
+
+
+class RunFailedError(ClipdiyError):
+    """The run failed while working, for a reason not about one image (every read failing, say).
+
+    What was written stays valid; starting the job again resumes it. ``exit_status`` is the job's
+    exit status (1).
+    """
+
+    exit_status = 1
+
+
+class ErrorBudgetExceededError(RunFailedError):
+    """Recent images failed beyond the error budget (``--max-error-rate`` over ``--error-window``).
+
+    The run stopped; what was written stays valid and the next start resumes. Exit status 3, so
+    that a scheduler can tell "the data or the model is bad" from "the run broke" (1).
+    """
+
+    exit_status = 3

@@ -9,9 +9,10 @@ On a cluster:
 
 Programmatic use: build a ``clipdiy.pipeline.config.LabelJobConfig`` (see ``config_from_args``)
 and call ``clipdiy.pipeline.run.run_labelling``; ``main(argv)`` returns the exit status.
-Exit status: 0 done; 2 refused before any work (bad option, unreachable or empty input, missing
-weights, OUTPUT locked by another run); 1 the run failed while working, e.g. it lost the OUTPUT
-lock (resume by starting it again). No message or log line shows a credential: URIs are
+Exit status (see EXIT_STATUS): 0 done; 2 refused before any work (bad option, unreachable or empty
+input, missing weights, OUTPUT locked by another run); 1 failed mid-run (e.g. reads failing
+run-wide, or the OUTPUT lock lost); 3 stopped by the error budget. After 1 or 3, what was written
+stays valid and starting again resumes. No message or log line shows a credential: URIs are
 redacted (``clipdiy.uris``).
 """
 
@@ -45,6 +46,26 @@ from clipdiy.uris import RedactingFilter, redact_text
 
 PROG = "label.py"
 
+#: The job's exit statuses (also in --help and the README).
+EXIT_STATUS = """exit status:
+  0  done: every listed image has a row (ok or error) and the run manifest is written
+  2  refused before any work: a bad option, unreachable or empty input, missing weights,
+     OUTPUT locked by another run (nothing was written)
+  1  failed mid-run, for a reason not about one image (e.g. reads failing for every object,
+     see --stop-after-failed-reads; the cluster lost); start again to resume
+  3  stopped: the error budget was exceeded (--max-error-rate over --error-window; the message
+     names the dominant error kind); fix the cause or raise the budget, then start again to resume
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown; the epilog (the exit statuses) keeps its line breaks."""
+
+    def _fill_text(self, text, width, indent):
+        if text == EXIT_STATUS:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad option in one line (no usage block)."""
@@ -65,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
             "OUTPUT/runs/<run_id>/_MANIFEST.json. Re-runs label only new or changed images; a killed run "
             "resumes when started again."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EXIT_STATUS,
+        formatter_class=_HelpFormatter,
     )
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", required=True, metavar="URI",
@@ -140,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--retry-errors", choices=RETRY_ERRORS, default="transient",
                           help="which images with an error row from an earlier run to label again: transient "
                                "(failed reads and model calls), all, or none")
+    pipeline.add_argument("--stop-after-failed-reads", type=int, default=200, metavar="N",
+                          help="end the run (exit 1) when N reads in a row, across the cluster, fail: credentials, "
+                               "permissions, a vanished bucket, an endpoint down, a manifest of missing objects")
+    pipeline.add_argument("--max-error-rate", type=float, default=0.5, metavar="RATE",
+                          help="error budget: stop the run (exit 3, resumable) when more than this share of the last "
+                               "--error-window written images are error rows (1 never stops)")
+    pipeline.add_argument("--error-window", type=int, default=5000, metavar="N",
+                          help="images over which --max-error-rate is judged (runs with fewer are never stopped)")
     pipeline.add_argument("--address", default=None,
                           help="Ray cluster address; default: RAY_ADDRESS (set by `ray job submit`), else an embedded local Ray")
     pipeline.add_argument("--num-cpus", type=int, default=None, help="CPUs of an embedded local Ray (default: all)")
@@ -197,11 +227,14 @@ def config_from_args(args: argparse.Namespace):
         heartbeat_s=args.log_every,
         lock_stale_after_s=max(300.0, 4 * args.log_every),
         retry_errors=args.retry_errors,
+        stop_after_failed_reads=args.stop_after_failed_reads,
+        max_error_rate=args.max_error_rate,
+        error_window=args.error_window,
     )
 
 
 def _refuse(error: BaseException) -> int:
-    """One error line (no credentials); exit 2, or the error's own ``exit_status`` (1 when work was done)."""
+    """One error line (no credentials); exit 2, or the error's own ``exit_status`` (1 or 3 when work was done)."""
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
     print(f"{PROG}: error: {redact_text(message)}", file=sys.stderr, flush=True)
     return getattr(error, "exit_status", 2)
@@ -237,8 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_labelling(config, on_lock_lost=_exit_on_lock_loss)
     except ClipdiyError as error:
-        # Refusals (input, weights, vocabulary, lock) are one line; tracebacks are for bugs.
+        # Refusals (input, weights, vocabulary, lock) and stopped runs are one line; tracebacks are for bugs.
         return _refuse(error)
+    except Exception as error:  # noqa: BLE001 - logged with its traceback, reported as "failed mid-run"
+        logging.getLogger(PROG).exception("the run failed")
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"{PROG}: error: the run failed mid-run ({type(error).__name__}: {redact_text(detail)}); start again to resume",
+              file=sys.stderr)
+        return 1
     print(f"{PROG}: {summary.line()}", flush=True)
     return 0
 

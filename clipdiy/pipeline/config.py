@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from clipdiy.config import SegmenterConfig
 from clipdiy.errors import ClipdiyError
 from clipdiy.pipeline.incremental import RETRY_ERRORS
-from clipdiy.pipeline.storage import StorageOptions, redact_url
-from clipdiy.uris import redact_document
+from clipdiy.pipeline.storage import StorageOptions
+from clipdiy.uris import redact_document, redact_uri
 
 #: Run ids become folder names under ``OUTPUT/runs/``: keep them path- and URL-safe.
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -50,6 +50,11 @@ class LabelJobConfig:
     read_attempts:         tries per source read on transient storage errors.
     retry_errors:          which error rows of earlier runs are labelled again: ``transient``
                            (failed reads and model calls), ``all`` or ``none``.
+    stop_after_failed_reads: this many failed reads in a row, across the cluster, end the run
+                           (exit 1): credentials, permissions, a vanished bucket, an endpoint down.
+    max_error_rate / error_window: the error budget; the run stops (exit 3, resumable) when more
+                           than this share of the last ``error_window`` written images are errors
+                           (1.0 never stops).
     """
 
     input: str
@@ -75,6 +80,9 @@ class LabelJobConfig:
     heartbeat_s: float = 30.0
     read_attempts: int = 4
     retry_errors: str = "transient"
+    stop_after_failed_reads: int = 200
+    max_error_rate: float = 0.5
+    error_window: int = 5000
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,6 +101,8 @@ class LabelJobConfig:
             "--min-actors": self.min_actors,
             "--max-actors": self.max_actors,
             "--read-attempts": self.read_attempts,
+            "--stop-after-failed-reads": self.stop_after_failed_reads,
+            "--error-window": self.error_window,
         }
         for flag, value in positive.items():
             if value < 1:
@@ -117,6 +127,8 @@ class LabelJobConfig:
             )
         if self.retry_errors not in RETRY_ERRORS:
             raise JobConfigError(f"--retry-errors must be one of {', '.join(RETRY_ERRORS)}, got {self.retry_errors!r}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise JobConfigError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
         if self.lock_stale_after_s <= 0 or self.heartbeat_s <= 0:
             raise JobConfigError("lock_stale_after_s and heartbeat_s must be > 0")
         if self.heartbeat_s * 2 > self.lock_stale_after_s:
@@ -125,7 +137,7 @@ class LabelJobConfig:
     def describe(self) -> dict:
         """JSON-able options for the run manifest (no credentials: StorageOptions holds none)."""
         options = asdict(self)
-        options["input"] = redact_url(self.input)
-        options["output"] = redact_url(self.output)
+        options["input"] = redact_uri(self.input)
+        options["output"] = redact_uri(self.output)
         options["storage"] = self.storage.describe()
         return redact_document(options)  # checkpoint, head and model-config URIs too

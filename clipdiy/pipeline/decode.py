@@ -7,6 +7,7 @@ count from the header (``Image.open`` is lazy) before any pixel is decoded.
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import pickle
@@ -164,13 +165,20 @@ class DecodeBatch:
     """
 
     def __init__(
-        self, storage_options, mode: str, max_pixels: int, read_attempts: int, saliency_max_side: int | None = None
+        self,
+        storage_options,
+        mode: str,
+        max_pixels: int,
+        read_attempts: int,
+        saliency_max_side: int | None = None,
+        health=None,
     ):
         self.storage_options = storage_options
         self.mode = mode
         self.max_pixels = max_pixels
         self.read_attempts = read_attempts
         self.saliency_max_side = saliency_max_side
+        self.health = health  # the run's RunHealth actor (clipdiy.pipeline.health), or None
         self._filesystems: dict[str, Any] = {}
 
     def _read(self, uri: str) -> bytes:
@@ -185,8 +193,26 @@ class DecodeBatch:
             path = fs._strip_protocol(uri)
         return read_bytes(fs, path, attempts=self.read_attempts)
 
+    def _report_reads(self, ok: int, failed: dict[str, int], sample: str | None) -> None:
+        """Tell the run's health actor; raise RunFailedError once reads are broken run-wide."""
+        if self.health is None:
+            return
+        if not failed:
+            self.health.record_reads.remote(ok, failed)  # nothing to decide here: don't wait
+            return
+        import ray
+
+        from clipdiy.errors import RunFailedError
+
+        verdict = ray.get(self.health.record_reads.remote(ok, failed, sample))
+        if verdict is not None:
+            raise RunFailedError(verdict)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from clipdiy.pipeline.health import classify_read_failure, one_line
+
         results = []
+        reads_ok, failed, sample = 0, collections.Counter(), None
         for uri in batch.column("uri").to_pylist():
             try:
                 data = self._read(uri)
@@ -194,11 +220,15 @@ class DecodeBatch:
                 kind, message = read_error(error)
                 message = redact_text(message)
                 logger.warning("cannot read %s: %s", redact_uri(uri), message)
+                failed[classify_read_failure(error)] += 1
+                sample = sample or one_line(f"{redact_uri(uri)}: {message}")
                 results.append(DecodeResult(error_kind=kind, error=message))
                 continue
+            reads_ok += 1
             results.append(
                 decode_image(data, mode=self.mode, max_pixels=self.max_pixels, saliency_max_side=self.saliency_max_side)
             )
+        self._report_reads(reads_ok, dict(failed), sample)
         for name, column in decoded_columns(results).items():
             batch = batch.append_column(name, column)
         return batch

@@ -5,12 +5,23 @@ driver computed once for the whole run, so no actor encodes prompts. It runs
 ``Segmenter.predict`` on the ok rows of a batch and passes error rows through. A model failure
 on a batch is retried image by image, and images that still fail become error rows of kind
 ``model``; the job goes on.
+
+A CUDA error that poisons the actor (a device-side assert, an illegal address: every later
+call on that device fails too), or an out-of-memory error that persists after halving the batch,
+is not about the images: the actor's process exits, Ray restarts the actor (the pool runs with
+``max_restarts=-1``) and retries its batch on the fresh one. The run's
+:class:`~clipdiy.pipeline.health.RunHealth` counts poisonings per batch, so a batch that poisons
+a fresh actor as well gets ``model`` error rows (and the actor restarts before its next batch)
+instead of restarting actors forever.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import pickle
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +36,39 @@ logger = logging.getLogger(__name__)
 LARGE_SALIENCY_PIXELS = 4_000_000
 
 
+#: Messages of CUDA errors after which the device (context) is unusable for this process.
+_POISONING_MARKERS = (
+    "device-side assert", "illegal memory access", "illegal address", "illegal instruction",
+    "misaligned address", "unspecified launch failure", "an illegal", "cuda error", "cudnn_status",
+    "cublas_status", "nccl error", "uncorrectable ecc", "hardware stack error",
+)
+#: A batch that poisons this many (fresh) actors gets error rows instead of another restart.
+POISONINGS_PER_BATCH = 2
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An accelerator out-of-memory error (``torch.OutOfMemoryError`` or its message)."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(error, oom)) or "out of memory" in str(error).lower()
+
+
+def is_poisoning_error(error: BaseException) -> bool:
+    """A CUDA error after which this process cannot use its device any more (not out of memory)."""
+    if is_out_of_memory(error):
+        return False
+    if type(error).__name__ in {"AcceleratorError", "CudaError"}:
+        return True
+    text = str(error).lower()
+    return any(marker in text for marker in _POISONING_MARKERS)
+
+
+def batch_key(image_ids: list[str]) -> str:
+    """A short, stable name of a batch (its image ids), the same when Ray retries it."""
+    return hashlib.sha256("\n".join(image_ids).encode("utf-8")).hexdigest()[:20]
+
+
 class SegmentBatch:
     """``map_batches`` callable: decoded rows (pickled PreparedImage payloads) -> model outputs.
 
@@ -33,8 +77,17 @@ class SegmentBatch:
     """
 
     _warn_large = False  # set in __init__ when saliency runs at full resolution
+    health = None  # the run's RunHealth actor handle (None: counts kept in this process only)
+    _exit_before_next = False  # a batch poisoned the device and got error rows: restart first
+    _local_poisonings: dict[str, int] | None = None
 
-    def __init__(self, segmenter_config: SegmenterConfig, text_embeddings: np.ndarray, num_threads: int | None = None):
+    def __init__(
+        self,
+        segmenter_config: SegmenterConfig,
+        text_embeddings: np.ndarray,
+        num_threads: int | None = None,
+        health=None,
+    ):
         import torch
 
         from clipdiy.segmenter import create_segmenter
@@ -44,6 +97,7 @@ class SegmentBatch:
         self.segmenter = create_segmenter(
             segmenter_config, text_embeddings=torch.from_numpy(np.array(text_embeddings, dtype=np.float32))
         )
+        self.health = health
         logger.info("segmenter loaded on %s", self.segmenter.device)
         self._warn_large = segmenter_config.saliency.backend != "none" and segmenter_config.saliency.max_side is None
 
@@ -62,17 +116,71 @@ class SegmentBatch:
                 self._warn_large = False
                 return
 
-    def _predict_each(self, prepared: list) -> list:
+    def _predict_each(self, prepared: list, key: str) -> list:
         """Outputs image by image; a failing image gives its exception instead of an output."""
         results = []
         for item in prepared:
             try:
                 results.extend(self.segmenter.predict([item]))
             except Exception as error:  # becomes this image's error row (kind "model")
+                if is_poisoning_error(error) or is_out_of_memory(error):
+                    return self._poisoned(error, key, len(prepared))
                 logger.exception("segmenter failed on one image")
                 self._release_memory()
                 results.append(error)
         return results
+
+    def _predict(self, prepared: list, key: str) -> list:
+        """Outputs of a batch: whole, else in halves on out of memory, else image by image."""
+        try:
+            return self.segmenter.predict(prepared)
+        except Exception as error:
+            if is_poisoning_error(error):
+                return self._poisoned(error, key, len(prepared))
+            if is_out_of_memory(error):
+                self._release_memory()
+                if len(prepared) == 1:
+                    return self._poisoned(error, key, 1)
+                half = len(prepared) // 2
+                logger.warning("out of memory on a batch of %d images; retrying it in halves", len(prepared))
+                try:
+                    return self.segmenter.predict(prepared[:half]) + self.segmenter.predict(prepared[half:])
+                except Exception as again:
+                    if is_poisoning_error(again) or is_out_of_memory(again):
+                        return self._poisoned(again, key, len(prepared))
+            # Retried image by image below, so one bad image only costs itself.
+            logger.exception("segmenter failed on a batch of %d images; retrying them one by one", len(prepared))
+            self._release_memory()
+            return self._predict_each(prepared, key)
+
+    def _poisoned(self, error: BaseException, key: str, count: int) -> list:
+        """The device is unusable: exit (Ray restarts the actor, retries the batch), or, when this
+        batch poisoned a fresh actor before, give its images ``model`` rows and exit before the next."""
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        if self.health is not None:
+            import ray
+
+            times = ray.get(self.health.record_poisoning.remote(key))
+        else:
+            self._local_poisonings = self._local_poisonings or {}
+            times = self._local_poisonings[key] = self._local_poisonings.get(key, 0) + 1
+        if times < POISONINGS_PER_BATCH:
+            logger.error("%s poisoned this actor's device; exiting so that Ray restarts it and retries the batch", message)
+            self._exit()
+        logger.error(
+            "%s poisoned the device on this batch %d times; its %d images get model error rows and the actor "
+            "restarts before its next batch", message, times, count,
+        )
+        self._exit_before_next = True
+        return [error] * count
+
+    def _exit(self) -> None:
+        """End this actor's process as a crash, so that Ray restarts the actor and retries its tasks
+        (``ray.actor.exit_actor`` would be an intended exit, which Ray does not restart)."""
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
     def _release_memory(self) -> None:
         import torch
@@ -81,17 +189,14 @@ class SegmentBatch:
             torch.cuda.empty_cache()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self._exit_before_next:
+            self._exit()
         status = batch.column("status").to_pylist()
         ok = [i for i, s in enumerate(status) if s == "ok"]
         payloads = batch.column("payload")
         prepared = [pickle.loads(payloads[i].as_buffer()) for i in ok]
         self._check_saliency_cost(prepared)
-        try:
-            outputs: list = self.segmenter.predict(prepared)
-        except Exception:  # retried image by image below, so one bad image only costs itself
-            logger.exception("segmenter failed on a batch of %d images; retrying them one by one", len(prepared))
-            self._release_memory()
-            outputs = self._predict_each(prepared)
+        outputs: list = self._predict(prepared, batch_key(batch.column("image_id").to_pylist())) if prepared else []
         del prepared
 
         new_payload: list[bytes | None] = [None] * batch.num_rows

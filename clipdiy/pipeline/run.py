@@ -27,6 +27,7 @@ and left running; an embedded Ray started here is shut down at the end.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -51,9 +52,9 @@ from clipdiy.pipeline.manifest import (
     write_run_state,
 )
 from clipdiy.pipeline.planning import Plan, PlanTarget, plan_pending, remove_plans
-from clipdiy.pipeline.storage import check_input_reachable, redact_url
+from clipdiy.pipeline.storage import check_input_reachable
 from clipdiy.pipeline.writer import ShardTarget, write_shard
-from clipdiy.uris import redact_document
+from clipdiy.uris import redact_document, redact_uri
 
 if TYPE_CHECKING:
     from clipdiy.segmenter import Provenance
@@ -179,9 +180,12 @@ class Progress:
             )
 
 
-def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, gpus: float):
+def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, gpus: float, health=None):
     """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
-    rows -> shard stats."""
+    rows -> shard stats.
+
+    ``health``: the run's :class:`~clipdiy.pipeline.health.RunHealth` actor, told of every read
+    and of every actor a CUDA error poisons."""
     import ray.data
 
     # Imported here, not at the top: refusals before the models load stay free of torch imports.
@@ -196,6 +200,7 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         config.max_pixels,
         config.read_attempts,
         saliency_max_side=saliency_input_side(config.segmenter.saliency),
+        health=health,
     )
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
     target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
@@ -213,6 +218,7 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
             "segmenter_config": config.segmenter,
             "text_embeddings": models.text_embeddings,
             "num_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
+            "health": health,
         },
         batch_size=config.inference_batch_size,
         batch_format="pyarrow",
@@ -222,6 +228,10 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         # The memory reservation also keeps Ray Data from fusing the decode tasks into the
         # actors (fused, an accelerator would wait on reads and JPEG decoding).
         memory=config.actor_memory_gb * 1024**3 if config.actor_memory_gb else None,
+        # Not passed: max_restarts=-1, max_task_retries=-1. Ray Data's actor pools default to them
+        # (a killed or poisoned actor is restarted and its batches retried, which exactly-once
+        # relies on; tests/test_pipeline_failures.py checks it), and **ray_remote_args is
+        # deprecated from Ray 2.60.
         udf_modifying_row_count=False,
     )
     ds = ds.map_batches(
@@ -257,6 +267,50 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
     return plan_pending(target, earlier, estimated_rows_per_shard=config.rows_per_file)
 
 
+def _label(
+    config: LabelJobConfig, dataset_args: tuple, written: dict, progress: Progress, lock: OutputLock
+) -> None:
+    """Run the dataset, consuming its shard stats: progress, the error budget, the lock.
+
+    Raises :class:`~clipdiy.errors.RunFailedError` (reads broken run-wide, with the health
+    actor's one-line reason) or :class:`~clipdiy.errors.ErrorBudgetExceededError`; either way the
+    shards written so far stay and the next start resumes.
+    """
+    import ray
+
+    from clipdiy.errors import ErrorBudgetExceededError, RunFailedError
+    from clipdiy.pipeline.health import ErrorBudget, start_run_health
+    from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS
+
+    health = start_run_health(config.stop_after_failed_reads)
+    budget = ErrorBudget(config.max_error_rate, config.error_window)
+    stats = build_dataset(config, *dataset_args, health=health)
+    batches = iter(stats.iter_batches(batch_size=None, batch_format="pyarrow"))
+    over_budget = None
+    try:
+        for batch in batches:
+            for record in batch.to_pylist():
+                written[record["path"]] = {k: record[k] for k in MANIFEST_SHARD_FIELDS}
+                progress.add(record)
+                over_budget = over_budget or budget.add(record["rows"], json.loads(record["error_kinds"] or "{}"))
+            lock.check()
+            if over_budget:
+                break
+    except Exception as error:
+        verdict = ray.get(health.verdict.remote())
+        if verdict is not None:
+            raise RunFailedError(verdict) from error
+        raise
+    finally:
+        batches.close()  # stops the streaming execution when we leave early
+        ray.kill(health)
+    if over_budget:
+        raise ErrorBudgetExceededError(
+            f"{over_budget}; stopped after {progress.rows} images, start again to resume "
+            f"(--max-error-rate, --error-window)"
+        )
+
+
 def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostError], None] | None = None) -> RunSummary:
     """Run (or resume) the labelling job described by ``config``; see the module docstring.
 
@@ -270,7 +324,7 @@ def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostErr
     """
     started = time.monotonic()
     config.validate()
-    input_uri = redact_url(config.input)
+    input_uri = redact_uri(config.input)
     check_input_reachable(config.input, config.storage)
     layout = OutputLayout.open(config.output, config.storage)
     layout.ensure_dir(layout.root)
@@ -300,7 +354,7 @@ def _run_locked(
     write_run_state(layout, plan, fingerprint, options)
     logger.info(
         "run %s (attempt %d%s): %s -> %s, %g GPU(s) per actor",
-        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", input_uri, redact_url(layout.uri), gpus,
+        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", input_uri, redact_uri(layout.uri), gpus,
     )
 
     listing_started = time.monotonic()
@@ -320,12 +374,7 @@ def _run_locked(
     written: dict[str, dict] = {}
     with Progress(counts.todo if counts else None, config.heartbeat_s) as progress:
         if pending.dataset is not None:
-            stats = build_dataset(config, pending.dataset, models, plan, gpus)
-            for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for record in batch.to_pylist():
-                    written[record["path"]] = record
-                    progress.add(record)
-                lock.check()
+            _label(config, (pending.dataset, models, plan, gpus), written, progress, lock)
     labelling_seconds = time.monotonic() - labelling_started
     lock.check()
     remove_plans(layout, plan.run_id)

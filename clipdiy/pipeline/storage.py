@@ -150,7 +150,7 @@ class StorageOptions:
     def __repr__(self) -> str:
         # An endpoint URL may carry user:password@; never show it.
         return (
-            f"StorageOptions(endpoint_url={redact_url(self.endpoint_url)!r}, anon={self.anon}, "
+            f"StorageOptions(endpoint_url={redact_uri(self.endpoint_url)!r}, anon={self.anon}, "
             f"profile={self.profile!r}, region={self.region!r}, "
             f"connect_timeout={self.connect_timeout}, read_timeout={self.read_timeout}, "
             f"max_attempts={self.max_attempts})"
@@ -161,16 +161,11 @@ class StorageOptions:
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for run manifests (no secrets; userinfo stripped from the URL)."""
         return {
-            "endpoint_url": redact_url(self.endpoint_url),
+            "endpoint_url": redact_uri(self.endpoint_url),
             "anon": self.anon,
             "profile": self.profile,
             "region": self.region,
         }
-
-
-def redact_url(url: str | None) -> str | None:
-    """``url`` without credentials (userinfo, a signed query string): :func:`clipdiy.uris.redact_uri`."""
-    return redact_uri(url)
 
 
 @dataclass(frozen=True)
@@ -609,8 +604,8 @@ def check_input_reachable(
         read_timeout=min(options.read_timeout, max(timeout / 2, 1.0)),
         max_attempts=min(options.max_attempts, 2),
     )
-    where = redact_url(input_uri)
-    endpoint = f" at {redact_url(options.endpoint_url)}" if options.endpoint_url else ""
+    where = redact_uri(input_uri)
+    endpoint = f" at {redact_uri(options.endpoint_url)}" if options.endpoint_url else ""
     result = _run_bounded(lambda: _first_source(input_uri, quick, extensions), timeout)
     if result is _TIMED_OUT:
         raise InputError(f"input {where} is unreachable: no answer from the store{endpoint} within {timeout:g} s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -26,8 +27,12 @@ SHARD_STATS_SCHEMA = pa.schema(
         pa.field("ok", pa.int64()),
         pa.field("error", pa.int64()),
         pa.field("bytes", pa.int64()),
+        # JSON {error kind: rows}: the driver's error budget names the dominant kind from it.
+        pa.field("error_kinds", pa.string()),
     ]
 )
+#: The stats fields a run manifest records per shard (``error_kinds`` serves only the driver).
+MANIFEST_SHARD_FIELDS = ("path", "rows", "ok", "error", "bytes")
 
 def encode_shard(table: pa.Table) -> bytes:
     """Parquet bytes of a label-row table (zstd; the schema's metadata kept)."""
@@ -38,7 +43,10 @@ def encode_shard(table: pa.Table) -> bytes:
 
 def shard_stats(path: str, table: pa.Table, size: int) -> dict:
     ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-    return {"path": path, "rows": table.num_rows, "ok": ok, "error": table.num_rows - ok, "bytes": size}
+    kinds = pc.value_counts(pc.drop_null(table.column("error_kind"))).to_pylist() if ok < table.num_rows else []
+    error_kinds = json.dumps({entry["values"]: entry["counts"] for entry in kinds}, sort_keys=True)
+    return {"path": path, "rows": table.num_rows, "ok": ok, "error": table.num_rows - ok, "bytes": size,
+            "error_kinds": error_kinds}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,204 @@
+"""Telling a failure about one image from a failure of the run.
+
+Bad images stay error rows and the job goes on; a failure that is not about one image stops
+the job instead of being laundered into rows. Each guard sits where it sees enough to decide:
+
+- **Reads** (:class:`RunHealth`, one small actor per run, ``num_cpus=0``, on the driver's node):
+  every decode batch reports how many reads succeeded and how its failed reads are classified
+  (:func:`classify_read_failure`). When ``stop_after_failed_reads`` reads in a row, across the
+  whole cluster, failed with no success in between (credentials, permissions, a vanished bucket,
+  an endpoint down, a manifest of missing objects), the actor's verdict is set, the next decode
+  batch raises :class:`~clipdiy.errors.RunFailedError` and the job ends with exit status 1.
+  All-ok batches report without waiting for an answer, so a healthy run pays one asynchronous
+  actor call per decode batch; a batch with failed reads waits for the verdict.
+- **Poisoned actors** (:func:`is_poisoning_error`): a CUDA error that leaves the device unusable
+  ends the actor's process so that Ray restarts it and retries its batch. :class:`RunHealth`
+  counts these per batch, so a batch that poisons a fresh actor too becomes ``model`` error rows
+  instead of restarting actors forever.
+- **The error budget** (:class:`ErrorBudget`, in the driver): the share of error rows among the
+  last ``window`` written rows, from the per-shard stats the driver receives anyway (no extra
+  calls). Above ``max_rate`` the run stops with exit status 3, naming the dominant error kind;
+  the shards written stay valid and the next start resumes.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Mapping
+
+#: Read-failure classes, from "surely about the whole store" to "maybe about this object".
+READ_FAILURE_CLASSES = ("credentials", "no_bucket", "unreachable", "access_denied", "not_found", "other")
+
+# S3 error codes that say the credentials (not the object) are the problem.
+_CREDENTIAL_CODES = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
+     "RequestTimeTooSkewed", "InvalidSecurity", "NotSignedUp", "AccountProblem", "AllAccessDisabled",
+     "InvalidClientTokenId", "UnrecognizedClientException"}
+)
+_CREDENTIAL_TYPES = frozenset(
+    {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError",
+     "TokenRetrievalError", "UnauthorizedSSOTokenError", "RefreshWithMFAUnsupportedError",
+     "DefaultCredentialsError", "RefreshError"}
+)
+_USERINFO = re.compile(r"//[^/@\s]+@")
+
+
+def _chain(error: BaseException):
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _s3_code(error: BaseException) -> str | None:
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code else None
+    return None
+
+
+def classify_read_failure(error: BaseException) -> str:
+    """The class (one of :data:`READ_FAILURE_CLASSES`) of an exception raised reading an object."""
+    from clipdiy.pipeline.storage import is_transient
+
+    for link in _chain(error):
+        code = _s3_code(link)
+        if type(link).__name__ in _CREDENTIAL_TYPES or code in _CREDENTIAL_CODES:
+            return "credentials"
+        if code == "NoSuchBucket" or "nosuchbucket" in str(link).lower().replace(" ", ""):
+            return "no_bucket"
+    if is_transient(error):
+        return "unreachable"
+    if isinstance(error, PermissionError):
+        return "access_denied"
+    if isinstance(error, FileNotFoundError):
+        return "not_found"
+    return "other"
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """First line of ``text``, shortened, with any ``user:password@`` in URLs hidden."""
+    line = _USERINFO.sub("//***@", (text or "").strip().splitlines()[0] if (text or "").strip() else "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _tally(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+class RunHealth:
+    """The run-wide read streak and poisoning counts (used as a Ray actor; plain class for tests).
+
+    stop_after_failed_reads: this many failed reads in a row, cluster-wide, end the run.
+    """
+
+    def __init__(self, stop_after_failed_reads: int):
+        self.stop_after = stop_after_failed_reads
+        self.reads_ok = 0
+        self.streak: collections.Counter[str] = collections.Counter()
+        self.sample: str | None = None
+        self._verdict: str | None = None
+        self._poisonings: dict[str, int] = {}
+
+    def record_reads(self, ok: int, failed: Mapping[str, int], sample: str | None = None) -> str | None:
+        """Add one decode batch's reads; return the verdict (a one-line reason) once reads are broken.
+
+        A batch with any successful read ends the streak: the store answers, so its failures are
+        about their objects.
+        """
+        if self._verdict is not None:
+            return self._verdict
+        if ok:
+            self.reads_ok += ok
+            self.streak.clear()
+            self.sample = None
+            return None
+        self.streak.update({k: v for k, v in failed.items() if v})
+        if sample and self.sample is None:
+            self.sample = sample
+        failures = sum(self.streak.values())
+        if failures >= self.stop_after:
+            dominant = self.streak.most_common(1)[0][0]
+            since = "no read has succeeded in this run" if self.reads_ok == 0 else f"after {self.reads_ok} good reads"
+            self._verdict = (
+                f"reading the input failed for the last {failures} objects in a row ({_tally(self.streak)}; {since}): "
+                f"{_READ_HINTS.get(dominant, 'check the input and the storage')}; e.g. {self.sample or 'no message'} "
+                f"(--stop-after-failed-reads {self.stop_after})"
+            )
+        return self._verdict
+
+    def verdict(self) -> str | None:
+        return self._verdict
+
+    def record_poisoning(self, batch_key: str) -> int:
+        """Count one poisoned actor on the batch ``batch_key``; return how often it happened."""
+        self._poisonings[batch_key] = self._poisonings.get(batch_key, 0) + 1
+        return self._poisonings[batch_key]
+
+
+_READ_HINTS = {
+    "credentials": "the credentials are missing, invalid or expired (check the environment, profile or role)",
+    "no_bucket": "the bucket does not exist (any more)",
+    "unreachable": "the store does not answer (endpoint down or unreachable, see --endpoint-url)",
+    "access_denied": "access is denied (check the role's read permission on the objects)",
+    "not_found": "the objects do not exist (a stale manifest, or a wrong prefix)",
+}
+
+
+def start_run_health(stop_after_failed_reads: int):
+    """Start the run's :class:`RunHealth` actor on the driver's node (which outlives worker nodes)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return (
+        ray.remote(RunHealth)
+        .options(
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
+            # Restarted (counts lost, harmlessly) rather than failing every decode task that calls it.
+            max_restarts=-1,
+            max_task_retries=-1,
+        )
+        .remote(stop_after_failed_reads)
+    )
+
+
+class ErrorBudget:
+    """The share of error rows among the last ``window`` written rows, per shard as written.
+
+    max_rate: stop above this share (1.0 never stops). The rate is judged only once ``window``
+    rows are written, so a small run is never stopped by a few bad images.
+    """
+
+    def __init__(self, max_rate: float, window: int):
+        self.max_rate = max_rate
+        self.window = window
+        self._shards: collections.deque[tuple[int, collections.Counter[str]]] = collections.deque()
+        self._rows = 0
+        self._errors: collections.Counter[str] = collections.Counter()
+
+    def add(self, rows: int, error_kinds: Mapping[str, int]) -> str | None:
+        """Add one shard's rows and error counts per kind; a one-line reason when over budget."""
+        kinds = collections.Counter({k: int(v) for k, v in error_kinds.items() if v})
+        self._shards.append((rows, kinds))
+        self._rows += rows
+        self._errors.update(kinds)
+        # Drop the oldest shards while the rest still fill the window.
+        while len(self._shards) > 1 and self._rows - self._shards[0][0] >= self.window:
+            old_rows, old_kinds = self._shards.popleft()
+            self._rows -= old_rows
+            self._errors.subtract(old_kinds)
+        errors = sum(self._errors.values())
+        if self._rows < self.window or errors <= self.max_rate * self._rows:
+            return None
+        kind, count = max(((k, v) for k, v in self._errors.items() if v > 0), key=lambda kv: (kv[1], kv[0]))
+        return (
+            f"error budget exceeded: {errors} of the last {self._rows} images failed "
+            f"({errors / self._rows:.0%} > --max-error-rate {self.max_rate:g}), mostly {kind} ({count}; "
+            f"{_tally(+self._errors)})"
+        )

@@ -1,0 +1,88 @@
+"""Faults injected into the inference actors of a test's Ray workers.
+
+:func:`runtime_env` gives a Ray runtime env whose ``worker_process_setup_hook`` (:func:`install`)
+wraps ``SegmentBatch.__call__`` in every worker process; :func:`set_fault` arms a fault, read
+from a file at every batch (worker processes outlive one job). The first batch holding ``image_id``
+(across all processes and restarts: the first to create ``marker`` wins) gets the fault:
+
+- ``cuda``: from then on every ``predict`` of that process raises a CUDA error, as a
+  device-side assert leaves the device unusable;
+- ``kill``: the actor's process is killed (SIGKILL);
+- ``hang``: the actor writes its node id to ``<marker>.node`` and waits (up to 5 minutes) for
+  its node to be removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+ENV = "CLIPDIY_TEST_FAULT"
+TESTS = Path(__file__).resolve().parent
+CUDA_MESSAGE = "CUDA error: device-side assert triggered (fault injected by the test)"
+
+
+def runtime_env(spec_file: Path) -> dict:
+    """Ray's runtime env for a job whose faults :func:`set_fault` writes to ``spec_file``."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {"worker_process_setup_hook": "fault_injection.install",
+            "env_vars": {ENV: str(spec_file), "PYTHONPATH": path}}
+
+
+def set_fault(spec_file: Path, action: str, image_id: str, marker: Path) -> None:
+    """Arm one fault for the next batch holding ``image_id`` (read at every batch)."""
+    spec_file.write_text(json.dumps({"action": action, "image_id": image_id, "marker": str(marker)}))
+
+
+def _spec() -> dict | None:
+    try:
+        return json.loads(Path(os.environ[ENV]).read_text())
+    except (KeyError, FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _claim(marker: str) -> bool:
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _fire(stage, spec: dict) -> None:
+    action = spec["action"]
+    if action == "cuda":
+        def poisoned(*args, **kwargs):
+            raise RuntimeError(CUDA_MESSAGE)
+
+        stage.segmenter.predict = poisoned
+    elif action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "hang":
+        import ray
+
+        Path(spec["marker"] + ".node").write_text(ray.get_runtime_context().get_node_id())
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # the node's removal ends this process
+            time.sleep(0.2)
+    else:
+        raise ValueError(f"unknown fault {action!r}")
+
+
+def install() -> None:
+    if not os.environ.get(ENV):
+        return
+    from clipdiy.pipeline import inference
+
+    original = inference.SegmentBatch.__call__
+
+    def with_fault(self, batch):
+        spec = _spec()
+        if spec and spec["image_id"] in batch.column("image_id").to_pylist() and _claim(spec["marker"]):
+            _fire(self, spec)
+        return original(self, batch)
+
+    inference.SegmentBatch.__call__ = with_fault
