@@ -31,3 +31,13 @@ class InvalidImageError(ClipdiyError, ValueError):
 class InputError(ClipdiyError, ValueError):
     """The job's input cannot be labelled: missing or unreachable bucket, prefix or manifest,
     access denied, a malformed manifest, or no images at all. Raised before any work starts."""
+
+
+class GpuUnavailableError(ClipdiyError, RuntimeError):
+    """GPU inference was asked for (the default on a cluster) and the cluster cannot provide a
+    GPU: it has no GPU node type, or none joined within the wait. Raised before any work."""
+
+
+class ActorStartError(ClipdiyError, RuntimeError):
+    """An inference actor could not load the models at its start (weights missing on its node,
+    a bad path, a bad vocabulary); the message is the actor's own one-line refusal."""

@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Self
 import numpy as np
 
 from clipdiy.pipeline.config import LabelJobConfig
+from clipdiy.pipeline.inference import actor_start_refusals
 from clipdiy.pipeline.incremental import ListingCounts, labelled_keys, pending_blocks
 from clipdiy.pipeline.layout import OutputLayout
 from clipdiy.pipeline.lock import OutputLock
+from clipdiy.pipeline.placement import InferencePlacement, plan_placement
 from clipdiy.pipeline.manifest import (
     RunPlan,
     build_manifest,
@@ -129,14 +131,12 @@ def connect_ray(config: LabelJobConfig) -> bool:
     return True
 
 
-def gpus_per_actor(config: LabelJobConfig) -> float:
-    """``--gpus-per-actor``, or 1 when the cluster has GPUs now and 0 otherwise (for an
-    autoscaling cluster that starts without GPU nodes, pass it explicitly)."""
-    import ray
-
-    if config.gpus_per_actor is not None:
-        return float(config.gpus_per_actor)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+def inference_placement(config: LabelJobConfig) -> InferencePlacement:
+    """GPU or CPU actors and the pool's upper bound (``clipdiy.pipeline.placement``); on a
+    cluster, waits (bounded by ``config.gpu_wait_s``) for a GPU node. Raises GpuUnavailableError."""
+    return plan_placement(
+        config.device, config.gpus_per_actor, config.max_actors, config.address, config.gpu_wait_s, config.cluster_config
+    )
 
 
 class Progress:
@@ -173,7 +173,7 @@ class Progress:
             )
 
 
-def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, plan: RunPlan, gpus: float):
+def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, plan: RunPlan, placement: InferencePlacement):
     """The Ray Data plan: listing blocks -> decode -> predict -> rows -> shard stats."""
     import ray.data
 
@@ -210,9 +210,11 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
         },
         batch_size=config.inference_batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=config.min_actors, max_size=max(config.min_actors, placement.max_actors)
+        ),
         num_cpus=config.cpus_per_actor,
-        num_gpus=gpus,
+        num_gpus=placement.gpus_per_actor,
         # The memory reservation also keeps Ray Data from fusing the decode tasks into the
         # actors (fused, an accelerator would wait on reads and JPEG decoding).
         memory=config.actor_memory_gb * 1024**3 if config.actor_memory_gb else None,
@@ -232,6 +234,8 @@ def build_dataset(config: LabelJobConfig, blocks: list, models: DriverModels, pl
         batch_size=config.rows_per_file,
         batch_format="pyarrow",
         num_cpus=1,
+        # One stats row per shard of up to rows_per_file label rows: no limit pushdown past it.
+        udf_modifying_row_count=True,
     )
 
 
@@ -284,15 +288,16 @@ def run_labelling(config: LabelJobConfig) -> RunSummary:
 def _run_locked(
     config: LabelJobConfig, layout: OutputLayout, lock: OutputLock, models: DriverModels, input_uri: str, started: float
 ) -> RunSummary:
-    gpus = gpus_per_actor(config)
+    placement = inference_placement(config)
     fingerprint = {"input": input_uri, "model": dataclasses.asdict(models.provenance)}
     plan = plan_run(layout, config.run_id, fingerprint)
     lock.info.run_id = plan.run_id
     options = config.describe()
     write_run_state(layout, plan, fingerprint, options)
     logger.info(
-        "run %s (attempt %d%s): %s -> %s, %g GPU(s) per actor",
-        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", input_uri, layout.uri, gpus,
+        "run %s (attempt %d%s): %s -> %s, %g GPU(s) per actor, up to %d actors (%s)",
+        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", input_uri, layout.uri,
+        placement.gpus_per_actor, max(config.min_actors, placement.max_actors), placement.max_source,
     )
 
     listing_started = time.monotonic()
@@ -308,12 +313,13 @@ def _run_locked(
     written: dict[str, dict] = {}
     with Progress(counts.todo, config.heartbeat_s) as progress:
         if blocks:
-            stats = build_dataset(config, blocks, models, plan, gpus)
-            for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for record in batch.to_pylist():
-                    written[record["path"]] = record
-                    progress.add(record)
-                lock.check()
+            stats = build_dataset(config, blocks, models, plan, placement)
+            with actor_start_refusals():
+                for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for record in batch.to_pylist():
+                        written[record["path"]] = record
+                        progress.add(record)
+                    lock.check()
     labelling_seconds = time.monotonic() - labelling_started
     lock.check()
 
