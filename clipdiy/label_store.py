@@ -249,10 +249,14 @@ def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None) ->
     by_fs: dict[int, tuple[Any, list[str]]] = {}
     for run in runs:
         by_fs.setdefault(id(run.fs), (run.fs, []))[1].extend(run.shards)
+    # A projection after the read (``read_parquet(columns=...)`` is deprecated): Ray Data's
+    # optimizer pushes it down into the Parquet reader, so unread columns are never fetched.
     datasets = [
-        ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=list(columns) if columns else None)
+        ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)))
         for fs, paths in by_fs.values() if paths
     ]
+    if columns:
+        datasets = [dataset.select_columns(list(columns)) for dataset in datasets]
     if not datasets:
         raise FileNotFoundError("the runs hold no shards")
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -261,7 +265,7 @@ def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None) ->
     if winners.num_rows == keys.num_rows:
         return dataset
     winning = dict(zip(winners.column("image_id").to_pylist(), winners.column("run_id").to_pylist()))
-    return dataset.map_batches(_KeepWinners(winning), batch_format="pyarrow")
+    return dataset.map_batches(_KeepWinners(winning), batch_format="pyarrow", udf_modifying_row_count=True)
 
 
 class _KeepWinners:
