@@ -17,6 +17,13 @@ or ``found`` (random-init ViT-S/8 + the real FOUND head).
 
     python benchmarks/bench_pipeline_overhead.py                       # 32 COCO photos
     python benchmarks/bench_pipeline_overhead.py --repeat 2 --saliency found --threads 2
+    python benchmarks/bench_pipeline_overhead.py --two-node --threads 1 --rows-per-file 8
+
+``--two-node``: the job runs against a two-node ``ray.cluster_utils.Cluster`` given as its address
+(as under ``ray job submit``): a head with one CPU (driver, decode, rows, writes) and a worker
+that declares one GPU (no CUDA needed: its actor runs the models on CPU) and ``--threads`` CPUs;
+the job's defaults put its inference actor there. Also reported: seconds from the job's start to
+its first Parquet shard (set ``--rows-per-file`` below the corpus size to see more than one).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -89,10 +97,36 @@ def run_loop(config, images: list[Path], batch_size: int, threads: int) -> tuple
     return end - start, steady, end - wall_start, masks
 
 
-def run_job(config, corpus: Path, output: Path, args):
+class FirstShardWatch:
+    """Polls OUTPUT for the job's first Parquet shard; ``seconds`` from start to its appearance."""
+
+    def __init__(self, output: Path, poll_s: float = 0.05):
+        self.output, self.poll_s = output, poll_s
+        self.seconds: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.seconds is None:
+            if any(self.output.glob("runs/*/part-*.parquet")):
+                self.seconds = time.perf_counter() - self.started
+            self._stop.wait(self.poll_s)
+
+
+def run_job(config, corpus: Path, output: Path, args, address: str | None = None):
     from clipdiy.pipeline.config import LabelJobConfig
     from clipdiy.pipeline.run import run_labelling
 
+    on_cluster = {"address": address, "max_actors": None} if address else {"max_actors": 1}
     job = LabelJobConfig(
         input=str(corpus),
         output=str(output),
@@ -101,14 +135,27 @@ def run_job(config, corpus: Path, output: Path, args):
         decode_batch_size=args.batch_size,
         cpus_per_actor=float(args.threads),
         min_actors=1,
-        max_actors=1,
         # The actor's CPUs plus one for decode / row / write tasks.
         local_num_cpus=args.threads + 1,
-        rows_per_file=1000,
+        rows_per_file=args.rows_per_file,
+        **on_cluster,
     )
     start = time.perf_counter()
-    summary = run_labelling(job)
-    return summary, time.perf_counter() - start
+    with FirstShardWatch(output) as watch:
+        summary = run_labelling(job)
+    return summary, time.perf_counter() - start, watch.seconds
+
+
+def start_two_node_cluster(threads: int):
+    """Head: 1 CPU, no GPU; worker: ``threads`` CPUs and a declared GPU. Ray connected to it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=threads, num_gpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster
 
 
 def main() -> None:
@@ -123,7 +170,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of the loop and CPUs of the job's inference actor")
     parser.add_argument("--order", choices=("loop-first", "job-first"), default="loop-first")
+    parser.add_argument("--rows-per-file", type=int, default=1000)
+    parser.add_argument("--two-node", action="store_true",
+                        help="run the job on a two-node local cluster whose worker declares a GPU (see above)")
     args = parser.parse_args()
+    cluster = start_two_node_cluster(args.threads) if args.two_node else None
+    try:
+        _run(args, cluster.address if cluster else None)
+    finally:
+        if cluster is not None:
+            import ray
+
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def _run(args, address: str | None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="clipdiy-bench-") as tmp:
         workdir = Path(tmp)
@@ -133,7 +195,9 @@ def main() -> None:
         config = segmenter_config(args, workdir)
         n = len(images)
         print(f"{n} images, CLIP {args.clip_arch} (random init), saliency {args.saliency}, batch {args.batch_size}, "
-              f"{args.threads} torch thread(s), {os.cpu_count()} CPUs; {load_average()}", flush=True)
+              f"{args.threads} torch thread(s), {os.cpu_count()} CPUs; "
+              f"{'two-node cluster, GPU-declaring worker' if address else 'embedded local Ray'}; {load_average()}",
+              flush=True)
 
         results = {}
         for which in (("loop", "job") if args.order == "loop-first" else ("job", "loop")):
@@ -144,9 +208,9 @@ def main() -> None:
                       f"{steady:.3f} images/s after the first batch, {wall:.1f} s with model load, "
                       f"{masks} masks; {load_average()}", flush=True)
             else:
-                summary, wall = run_job(config, workdir / "corpus", workdir / "labels", args)
+                summary, wall, first_shard = run_job(config, workdir / "corpus", workdir / "labels", args, address)
                 assert summary.seen == n and summary.ok == n, summary
-                first, _ = run_job(config, workdir / "one-batch", workdir / "labels-one-batch", args)
+                first, _, _ = run_job(config, workdir / "one-batch", workdir / "labels-one-batch", args, address)
                 b = first.seen
                 # Differencing the two runs cancels the one-off costs (actor start, model load).
                 steady = (n - b) / (summary.labelling_seconds - first.labelling_seconds)
@@ -155,6 +219,8 @@ def main() -> None:
                       f"({summary.labelling_seconds:.1f} s, actor start and model load included), "
                       f"{wall:.1f} s wall incl. Ray start; {load_average()}", flush=True)
                 print(f"      {summary.line()}", flush=True)
+                print(f"      first Parquet shard {first_shard:.1f} s after the job's start "
+                      f"(--rows-per-file {args.rows_per_file})", flush=True)
                 print(f"      one batch: {first.labelling_seconds:.1f} s labelling phase for {b} images -> "
                       f"{steady:.3f} images/s beyond the first batch; {load_average()}", flush=True)
         whole = results["job"][0] / results["loop"][0]

@@ -126,7 +126,8 @@ def bench_device(device: torch.device, args, config: SegmenterConfig) -> None:
     crops = 59 * len(images)
 
     print(f"\n== {device} ({torch.get_num_threads()} CPU threads), {len(images)} photos, "
-          f"batch {args.batch} images, crop batch {segmenter.scorer.crop_batch_size}, saliency {config.saliency.backend}")
+          f"batch {args.batch} images, crop batch {segmenter.scorer.crop_batch_size}, saliency {config.saliency.backend}"
+          f" (max side {config.saliency.max_side or 'full resolution'})")
     print(f"batched  Segmenter.segment: {len(images) / total:7.3f} images/s  ({total:.1f} s)")
     print(f"  CLIP forwards:  {clip_s:7.1f} s  ({clip_timer.calls} forwards, {crops / clip_s:.1f} crops/s, "
           f"{len(images) / clip_s:.3f} images/s alone)  {clip_s / total:6.1%}")
@@ -169,6 +170,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per segment() call")
     parser.add_argument("--crop-batch-size", type=int, default=None, help="default: the segmenter's (256 GPU, 32 CPU)")
     parser.add_argument("--saliency", choices=("found", "none"), default="found")
+    parser.add_argument("--saliency-max-side", type=int, default=None,
+                        help="FOUND input's longer side (default: full resolution, the faithful setting)")
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--workdir", default=None, help="where the random checkpoints go (default: a temp dir)")
@@ -181,7 +184,8 @@ def main() -> None:
         clip_config = make_clip_config(workdir / "clip", arch="ViT-B-32")
         config = SegmenterConfig(vocabulary="voc", clip=clip_config, crop_batch_size=args.crop_batch_size)
         if args.saliency == "found":
-            config = replace(config, saliency=make_saliency_config(workdir / "found"))
+            found = make_saliency_config(workdir / "found")
+            config = replace(config, saliency=replace(found, max_side=args.saliency_max_side))
         else:
             config = replace(config, saliency=replace(config.saliency, backend="none"))
         devices = []

@@ -54,3 +54,13 @@ class ErrorBudgetExceededError(RunFailedError):
     """
 
     exit_status = 3
+
+
+class GpuUnavailableError(ClipdiyError, RuntimeError):
+    """GPU inference was asked for (the default on a cluster) and the cluster cannot provide a
+    GPU: it has no GPU node type, or none joined within the wait. Raised before any work."""
+
+
+class ActorStartError(ClipdiyError, RuntimeError):
+    """An inference actor could not load the models at its start (weights missing on its node,
+    a bad path, a bad vocabulary); the message is the actor's own one-line refusal."""

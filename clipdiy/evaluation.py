@@ -429,7 +429,9 @@ def _score_locally(runs: Sequence[Run], index: RowIndex, context: EvalContext, k
 def _score_on_ray(runs: Sequence[Run], index: RowIndex, context: EvalContext, keep: frozenset[str]) -> list[dict]:
     from clipdiy.label_store import ray_dataset
 
-    dataset = ray_dataset(runs, index=index).map_batches(_ScoreArrow(context, keep), batch_format="pyarrow", batch_size=16)
+    dataset = ray_dataset(runs, index=index).map_batches(
+        _ScoreArrow(context, keep), batch_format="pyarrow", batch_size=16, udf_modifying_row_count=True  # drops rows
+    )
     results = []
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=256):
         results.extend(batch.to_pylist())

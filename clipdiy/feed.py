@@ -322,7 +322,9 @@ def read_labels(outputs: str | Sequence[str], feed_filter: FeedFilter = FeedFilt
 
     runs = _runs(outputs, feed_filter, storage)
     selector = _Selector(tuple(class_names) if class_names is not None else vocabulary_of(runs), feed_filter)
-    return ray_dataset(runs, columns=FEED_COLUMNS).map_batches(_PairBatch(selector, storage), batch_format="pyarrow", batch_size=16)
+    return ray_dataset(runs, columns=FEED_COLUMNS).map_batches(
+        _PairBatch(selector, storage), batch_format="pyarrow", batch_size=16, udf_modifying_row_count=True  # drops rows
+    )
 
 
 def _coco_image(row: dict) -> dict:

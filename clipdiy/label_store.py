@@ -285,7 +285,8 @@ def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None, in
               "losers": index.losers.get(number, np.zeros(0, np.int64)).tolist()}
              for number, (run, shard) in enumerate(index.shards)]
     dataset = ray.data.from_items(tasks, override_num_blocks=min(len(tasks), MAX_READ_BLOCKS))
-    return dataset.map_batches(_ReadWinners(filesystems, columns), batch_format="pyarrow", batch_size=1)
+    return dataset.map_batches(_ReadWinners(filesystems, columns), batch_format="pyarrow", batch_size=1,
+                               udf_modifying_row_count=True)  # one shard in, its winning rows out
 
 
 class _ReadWinners:

@@ -10,10 +10,11 @@ On a cluster:
 Programmatic use: build a ``clipdiy.pipeline.config.LabelJobConfig`` (see ``config_from_args``)
 and call ``clipdiy.pipeline.run.run_labelling``; ``main(argv)`` returns the exit status.
 Exit status (see EXIT_STATUS): 0 done; 2 refused before any work (bad option, unreachable or empty
-input, missing weights, OUTPUT locked by another run); 1 failed mid-run (e.g. reads failing
-run-wide, or the OUTPUT lock lost); 3 stopped by the error budget. After 1 or 3, what was written
-stays valid and starting again resumes. No message or log line shows a credential: URIs are
-redacted (``clipdiy.uris``).
+input, missing weights in the driver or in an inference actor at its start, no GPU the cluster can
+provide, OUTPUT locked by another run); 1 failed mid-run (e.g. reads failing run-wide, or the
+OUTPUT lock lost); 3 stopped by the error budget. After 1 or 3, what was written stays valid and
+starting again resumes. No message or log line shows a credential: URIs are redacted
+(``clipdiy.uris``).
 """
 
 from __future__ import annotations
@@ -144,15 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--crop-batch-size", type=int, default=None,
                           help="crops per CLIP forward (default: 256 on a GPU, 32 on a CPU)")
     pipeline.add_argument("--decode-batch-size", type=int, default=8, help="images per CPU decode task")
+    pipeline.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                          help="where the segmenter runs: auto = GPU actors on a cluster (--address / RAY_ADDRESS, "
+                               "as under `ray job submit`) even before a GPU node is up, and on a local Ray a GPU when "
+                               "present, else CPU; gpu; cpu (CPU actors, also on a GPU cluster)")
     pipeline.add_argument("--gpus-per-actor", type=float, default=None,
-                          help="GPUs per inference actor; default: 1 when the cluster has GPUs now, else 0 "
-                               "(pass 1 for an autoscaling cluster that starts without GPU nodes)")
+                          help="GPUs per GPU inference actor (default 1; 0 is the same as --device cpu)")
+    pipeline.add_argument("--gpu-wait-seconds", type=float, default=1200.0, metavar="SECONDS",
+                          help="on a cluster, how long to wait for a GPU node to join (an autoscaler starts one) "
+                               "before the job stops with an error")
+    pipeline.add_argument("--cluster-config", default=None, metavar="YAML",
+                          help="`ray up` cluster file that bounds the GPU actor pool (its GPU nodes' max_workers); "
+                               "default: the autoscaling config Ray reports, else ~/ray_bootstrap_config.yaml on the "
+                               "head (where `ray job submit` runs the driver), else the GPUs in the cluster now")
     pipeline.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per inference actor")
     pipeline.add_argument("--torch-threads", type=int, default=None,
                           help="torch threads of a CPU-only inference actor (default: --cpus-per-actor)")
     pipeline.add_argument("--actor-memory-gb", type=float, default=2.0, help="memory reserved per inference actor")
     pipeline.add_argument("--min-actors", type=int, default=1, help="smallest size of the inference actor pool")
-    pipeline.add_argument("--max-actors", type=int, default=1, help="largest size of the inference actor pool")
+    pipeline.add_argument("--max-actors", type=int, default=None,
+                          help="largest size of the inference actor pool; default: GPU actors up to the most GPUs "
+                               "the cluster can have (see --cluster-config), 1 CPU actor")
     pipeline.add_argument("--decode-concurrency", type=int, default=None,
                           help="most decode tasks at once (default: as many as free CPUs allow)")
     pipeline.add_argument("--rows-per-file", type=int, default=1000, help="most rows in one Parquet shard")
@@ -214,6 +227,9 @@ def config_from_args(args: argparse.Namespace):
         min_actors=args.min_actors,
         max_actors=args.max_actors,
         gpus_per_actor=args.gpus_per_actor,
+        device=args.device,
+        gpu_wait_s=args.gpu_wait_seconds,
+        cluster_config=args.cluster_config,
         cpus_per_actor=args.cpus_per_actor,
         torch_threads=args.torch_threads,
         actor_memory_gb=args.actor_memory_gb,

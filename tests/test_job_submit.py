@@ -147,7 +147,9 @@ def test_ray_job_submit_label_job(ray_head, coco_images, tiny_clip_config, tmp_p
                   "--clip-model", tiny_clip_config.model, "--clip-checkpoint", tiny_clip_config.checkpoint,
                   "--clip-model-config", tiny_clip_config.model_config, "--saliency", "none",
                   "--batch-size", "2", "--crop-batch-size", "128", "--decode-batch-size", "2",
-                  "--rows-per-file", "2", "--decode-concurrency", "1", "--log-every", "2"]
+                  "--rows-per-file", "2", "--decode-concurrency", "1", "--log-every", "2",
+                  # The head declares no GPU: on a cluster GPU actors are the default.
+                  "--device", "cpu"]
 
     submitted = ray_head.ray("job", "submit", "--address", ray_head.address, "--submission-id", submission_id,
                              "--working-dir", ".", "--", "python", "jobs/label.py", *label_args, timeout=600)
@@ -165,3 +167,26 @@ def test_ray_job_submit_label_job(ray_head, coco_images, tiny_clip_config, tmp_p
     rows = [row for shard in shards for row in pq.read_table(shard).to_pylist()]
     assert sorted(r["image_id"] for r in rows) == sorted(p.name for p in coco_images[:3])
     assert all(r["status"] == "ok" and r["masks"] for r in rows)
+
+
+def test_ray_job_submit_without_a_gpu_fails_in_one_line(ray_head, coco_images, tiny_clip_config, tmp_path):
+    """Under `ray job submit` (RAY_ADDRESS set) the job asks for GPU actors by default; a cluster
+    where no GPU node joins within --gpu-wait-seconds fails the job with one line, not a hang."""
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(coco_images[0], images / coco_images[0].name)
+    submission_id = f"clipdiy-test-{uuid.uuid4().hex[:12]}"
+    label_args = ["--input", str(images), "--output", str(tmp_path / "labels"), "--vocabulary", "voc",
+                  "--clip-model", tiny_clip_config.model, "--clip-checkpoint", tiny_clip_config.checkpoint,
+                  "--clip-model-config", tiny_clip_config.model_config, "--saliency", "none",
+                  "--gpu-wait-seconds", "2"]
+    submitted = ray_head.ray("job", "submit", "--address", ray_head.address, "--submission-id", submission_id,
+                             "--working-dir", ".", "--", "python", "jobs/label.py", *label_args, timeout=600)
+    logs = submitted.stdout + submitted.stderr
+    assert submitted.returncode != 0, logs[-4000:]
+    assert ray_head.job_info(submission_id)["status"] == "FAILED"
+    # The job's one error line (the CLI shows the job's last logs twice: streamed and on failure).
+    errors = sorted({line for line in logs.splitlines() if line.startswith("label.py: error:")})
+    assert len(errors) == 1, logs[-4000:]
+    assert "no GPU node joined the cluster within 2 s" in errors[0] and "--device cpu" in errors[0]
+    assert not list((tmp_path / "labels").glob("runs/*/part-*.parquet"))

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from clipdiy.config import SegmenterConfig
 from clipdiy.errors import ClipdiyError
 from clipdiy.pipeline.incremental import RETRY_ERRORS
+from clipdiy.pipeline.placement import DEVICES
 from clipdiy.pipeline.storage import StorageOptions
 from clipdiy.uris import redact_document, redact_uri
 
@@ -31,8 +32,14 @@ class LabelJobConfig:
     storage:               object-storage settings, never credentials.
     decode_batch_size:     images per batch of a CPU decode task.
     inference_batch_size:  images per ``Segmenter.predict`` call in an actor.
-    min_actors/max_actors: bounds of the autoscaling inference actor pool.
-    gpus_per_actor:        None = auto (1 when the cluster has GPUs, else 0).
+    min_actors/max_actors: bounds of the autoscaling inference actor pool; ``max_actors`` None =
+                           what the cluster can provide (see ``clipdiy.pipeline.placement``).
+    device:                ``auto`` (GPU actors on a cluster; on a local Ray, GPU when present),
+                           ``gpu`` or ``cpu``.
+    gpus_per_actor:        GPUs per GPU actor (None: 1); 0 means CPU actors.
+    gpu_wait_s:            on a cluster, how long to wait for a GPU node to join before refusing.
+    cluster_config:        ``ray up`` cluster file giving the most GPUs the cluster can have
+                           (None: what Ray reports, else ``~/ray_bootstrap_config.yaml`` if present).
     cpus_per_actor:        CPUs reserved per inference actor.
     torch_threads:         torch threads of a CPU-only actor (None: ``cpus_per_actor``); more
                            than reserved suits a CPU machine whose other stages are light.
@@ -64,8 +71,11 @@ class LabelJobConfig:
     decode_batch_size: int = 8
     inference_batch_size: int = 8
     min_actors: int = 1
-    max_actors: int = 1
+    max_actors: int | None = None
     gpus_per_actor: float | None = None
+    device: str = "auto"
+    gpu_wait_s: float = 1200.0
+    cluster_config: str | None = None
     cpus_per_actor: float = 1.0
     torch_threads: int | None = None
     actor_memory_gb: float = 2.0
@@ -99,7 +109,7 @@ class LabelJobConfig:
             "--rows-per-file": self.rows_per_file,
             "--max-pixels": self.max_pixels,
             "--min-actors": self.min_actors,
-            "--max-actors": self.max_actors,
+            "--max-actors": self.max_actors if self.max_actors is not None else 1,
             "--read-attempts": self.read_attempts,
             "--stop-after-failed-reads": self.stop_after_failed_reads,
             "--error-window": self.error_window,
@@ -107,12 +117,18 @@ class LabelJobConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise JobConfigError(f"{flag} must be >= 1, got {value}")
-        if self.max_actors < self.min_actors:
+        if self.max_actors is not None and self.max_actors < self.min_actors:
             raise JobConfigError(f"--max-actors ({self.max_actors}) is below --min-actors ({self.min_actors})")
         if self.decode_concurrency is not None and self.decode_concurrency < 1:
             raise JobConfigError(f"--decode-concurrency must be >= 1, got {self.decode_concurrency}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise JobConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if self.device not in DEVICES:
+            raise JobConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.device == "cpu" and self.gpus_per_actor:
+            raise JobConfigError(f"--device cpu contradicts --gpus-per-actor {self.gpus_per_actor:g}")
+        if self.gpu_wait_s < 0:
+            raise JobConfigError(f"--gpu-wait-seconds must be >= 0, got {self.gpu_wait_s}")
         if self.cpus_per_actor <= 0:
             raise JobConfigError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
         if self.torch_threads is not None and self.torch_threads < 1:

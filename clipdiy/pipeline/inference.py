@@ -13,6 +13,10 @@ is not about the images: the actor's process exits, Ray restarts the actor (the 
 :class:`~clipdiy.pipeline.health.RunHealth` counts poisonings per batch, so a batch that poisons
 a fresh actor as well gets ``model`` error rows (and the actor restarts before its next batch)
 instead of restarting actors forever.
+
+An actor that cannot load the models (weights missing on its node, a bad path) fails at its
+start with the driver's one-line refusal, and the job stops (:func:`actor_start_refusals` turns it
+back into an :class:`~clipdiy.errors.ActorStartError`).
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ import logging
 import os
 import pickle
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
 
 from clipdiy.config import SegmenterConfig
+from clipdiy.errors import ActorStartError, ClipdiyError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +41,39 @@ logger = logging.getLogger(__name__)
 #: dominates the run: a 4 MP photo costs ~125x a 640 x 480 one (fit to timings on a 2-core CPU).
 #: The actor says so once.
 LARGE_SALIENCY_PIXELS = 4_000_000
+
+#: Opens the message of an actor that cannot load the models. Ray gives the driver only the text
+#: of an error raised in an actor's constructor, so the driver finds the refusal by this marker.
+ACTOR_START_REFUSED = "inference actor cannot load the models: "
+
+
+def actor_start_refusal(error: BaseException) -> str | None:
+    """The one-line refusal an inference actor started with, found in ``error`` or its causes."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        at = text.rfind(ACTOR_START_REFUSED)
+        if at >= 0:
+            return text[at + len(ACTOR_START_REFUSED):].splitlines()[0].strip()
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@contextmanager
+def actor_start_refusals() -> Iterator[None]:
+    """Around the driver's consumption of the dataset: an actor's start refusal, which reaches
+    the driver as Ray's actor-died error, is raised as :class:`ActorStartError` (one line)."""
+    try:
+        yield
+    except ClipdiyError:
+        raise
+    except Exception as error:
+        message = actor_start_refusal(error)
+        if message is None:
+            raise
+        raise ActorStartError(message) from error
 
 
 #: Messages of CUDA errors after which the device (context) is unusable for this process.
@@ -94,9 +134,13 @@ class SegmentBatch:
 
         if num_threads and not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(num_threads)))
-        self.segmenter = create_segmenter(
-            segmenter_config, text_embeddings=torch.from_numpy(np.array(text_embeddings, dtype=np.float32))
-        )
+        try:
+            self.segmenter = create_segmenter(
+                segmenter_config, text_embeddings=torch.from_numpy(np.array(text_embeddings, dtype=np.float32))
+            )
+        except ClipdiyError as error:  # weights or vocabulary this node cannot load: stop the job
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ActorStartError(ACTOR_START_REFUSED + first_line) from error
         self.health = health
         logger.info("segmenter loaded on %s", self.segmenter.device)
         self._warn_large = segmenter_config.saliency.backend != "none" and segmenter_config.saliency.max_side is None

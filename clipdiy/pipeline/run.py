@@ -39,9 +39,11 @@ from typing import TYPE_CHECKING, Self
 import numpy as np
 
 from clipdiy.pipeline.config import LabelJobConfig
+from clipdiy.pipeline.inference import actor_start_refusals
 from clipdiy.pipeline.incremental import ListingCounts
 from clipdiy.pipeline.layout import OutputLayout
 from clipdiy.pipeline.lock import LockLostError, OutputLock
+from clipdiy.pipeline.placement import InferencePlacement, plan_placement
 from clipdiy.pipeline.manifest import (
     RunPlan,
     build_manifest,
@@ -136,14 +138,12 @@ def connect_ray(config: LabelJobConfig) -> bool:
     return True
 
 
-def gpus_per_actor(config: LabelJobConfig) -> float:
-    """``--gpus-per-actor``, or 1 when the cluster has GPUs now and 0 otherwise (for an
-    autoscaling cluster that starts without GPU nodes, pass it explicitly)."""
-    import ray
-
-    if config.gpus_per_actor is not None:
-        return float(config.gpus_per_actor)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+def inference_placement(config: LabelJobConfig) -> InferencePlacement:
+    """GPU or CPU actors and the pool's upper bound (``clipdiy.pipeline.placement``); on a
+    cluster, waits (bounded by ``config.gpu_wait_s``) for a GPU node. Raises GpuUnavailableError."""
+    return plan_placement(
+        config.device, config.gpus_per_actor, config.max_actors, config.address, config.gpu_wait_s, config.cluster_config
+    )
 
 
 class Progress:
@@ -180,7 +180,7 @@ class Progress:
             )
 
 
-def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, gpus: float, health=None):
+def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, placement: InferencePlacement, health=None):
     """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
     rows -> shard stats.
 
@@ -222,9 +222,11 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         },
         batch_size=config.inference_batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=config.min_actors, max_size=max(config.min_actors, placement.max_actors)
+        ),
         num_cpus=config.cpus_per_actor,
-        num_gpus=gpus,
+        num_gpus=placement.gpus_per_actor,
         # The memory reservation also keeps Ray Data from fusing the decode tasks into the
         # actors (fused, an accelerator would wait on reads and JPEG decoding).
         memory=config.actor_memory_gb * 1024**3 if config.actor_memory_gb else None,
@@ -248,6 +250,8 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         batch_size=config.rows_per_file,
         batch_format="pyarrow",
         num_cpus=1,
+        # One stats row per shard of up to rows_per_file label rows: no limit pushdown past it.
+        udf_modifying_row_count=True,
     )
 
 
@@ -278,7 +282,7 @@ def _label(
     """
     import ray
 
-    from clipdiy.errors import ErrorBudgetExceededError, RunFailedError
+    from clipdiy.errors import ClipdiyError, ErrorBudgetExceededError, RunFailedError
     from clipdiy.pipeline.health import ErrorBudget, start_run_health
     from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS
 
@@ -288,14 +292,17 @@ def _label(
     batches = iter(stats.iter_batches(batch_size=None, batch_format="pyarrow"))
     over_budget = None
     try:
-        for batch in batches:
-            for record in batch.to_pylist():
-                written[record["path"]] = {k: record[k] for k in MANIFEST_SHARD_FIELDS}
-                progress.add(record)
-                over_budget = over_budget or budget.add(record["rows"], json.loads(record["error_kinds"] or "{}"))
-            lock.check()
-            if over_budget:
-                break
+        with actor_start_refusals():
+            for batch in batches:
+                for record in batch.to_pylist():
+                    written[record["path"]] = {k: record[k] for k in MANIFEST_SHARD_FIELDS}
+                    progress.add(record)
+                    over_budget = over_budget or budget.add(record["rows"], json.loads(record["error_kinds"] or "{}"))
+                lock.check()
+                if over_budget:
+                    break
+    except ClipdiyError:
+        raise
     except Exception as error:
         verdict = ray.get(health.verdict.remote())
         if verdict is not None:
@@ -345,7 +352,7 @@ def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostErr
 def _run_locked(
     config: LabelJobConfig, layout: OutputLayout, lock: OutputLock, models: DriverModels, input_uri: str, started: float
 ) -> RunSummary:
-    gpus = gpus_per_actor(config)
+    placement = inference_placement(config)
     # Redacted as recorded in _RUN.json, so a resume compares like with like.
     fingerprint = redact_document({"input": input_uri, "model": dataclasses.asdict(models.provenance)})
     plan = plan_run(layout, config.run_id, fingerprint)
@@ -353,8 +360,9 @@ def _run_locked(
     options = config.describe()
     write_run_state(layout, plan, fingerprint, options)
     logger.info(
-        "run %s (attempt %d%s): %s -> %s, %g GPU(s) per actor",
-        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", input_uri, redact_uri(layout.uri), gpus,
+        "run %s (attempt %d%s): %s -> %s, %g GPU(s) per actor, up to %d actors (%s)",
+        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", input_uri, redact_uri(layout.uri),
+        placement.gpus_per_actor, max(config.min_actors, placement.max_actors), placement.max_source,
     )
 
     listing_started = time.monotonic()
@@ -374,7 +382,7 @@ def _run_locked(
     written: dict[str, dict] = {}
     with Progress(counts.todo if counts else None, config.heartbeat_s) as progress:
         if pending.dataset is not None:
-            _label(config, (pending.dataset, models, plan, gpus), written, progress, lock)
+            _label(config, (pending.dataset, models, plan, placement), written, progress, lock)
     labelling_seconds = time.monotonic() - labelling_started
     lock.check()
     remove_plans(layout, plan.run_id)
