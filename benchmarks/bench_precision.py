@@ -2,6 +2,9 @@
 
     flock /work/wt/heavy.lock python benchmarks/bench_precision.py --images 32 --precision bf16
 
+(about 4 minutes for all 32 photos on a 2-core CPU, fp32 2.5 of them; ``--images 8`` for a quick
+look. On a shared machine run it under ``flock`` as above so it does not compete with others.)
+
 Runs the sample COCO photos (../shared/data/coco-val2017-sample) through ``create_segmenter``
 twice: in float32 (faithful, SPEC 3.6) and in ``--precision`` (bf16 or fp16), with the same
 random-init, *discriminative* ViT-B-32 (SPEC 6, ``tests/model_factories.py``) and FOUND (the real
