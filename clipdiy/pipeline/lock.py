@@ -261,7 +261,7 @@ class OutputLock:
                 if not self.lost:
                     self._version, self._renewed_at = stored.version, sent
             return
-        self._lose(f"the lock was taken by {_describe_holder(holder)}")
+        self._lose("the lock file was removed" if stored is None else f"the lock was taken by {_describe_holder(holder)}")
 
     def _watch(self) -> None:
         interval = max(min(self.heartbeat_s, self.renew_deadline_s / 8), 0.01)

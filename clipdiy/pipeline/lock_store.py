@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import posixpath
 import uuid
@@ -35,6 +36,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from clipdiy.pipeline.layout import OutputLayout
+from clipdiy.uris import redact_uri
+
+logger = logging.getLogger(__name__)
 
 #: S3 error codes and HTTP statuses of a failed write condition.
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412", "409"})
@@ -91,8 +95,11 @@ def open_lock_store(layout: OutputLayout) -> LockStore:
     path = layout.lock_path()
     if layout.is_local:
         return LocalLockStore(path)
-    if _is_s3fs(layout.fs) and s3_conditional_writes_supported():
-        return S3LockStore(layout.fs, path)
+    if _is_s3fs(layout.fs):
+        if s3_conditional_writes_supported():
+            return S3LockStore(layout.fs, path)
+        logger.warning("this botocore cannot send conditional writes (If-Match/If-None-Match, botocore >= 1.35.x): "
+                       "the lock of %s is written plainly and read back", redact_uri(layout.uri))
     return PlainLockStore(layout.fs, path)
 
 

@@ -50,7 +50,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
 from clipdiy.errors import InputError
-from clipdiy.uris import redact_uri
+from clipdiy.uris import redact_text, redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -558,8 +558,9 @@ def with_retries(
             if attempt + 1 >= attempts or not is_transient(exc):
                 raise
             delay = min(max_backoff, backoff * (2**attempt)) * (0.5 + random.random() / 2)
+            # Logged on Ray workers too, where no log filter runs: redacted here.
             logger.warning("%s failed (%s: %s); retry %d/%d in %.1fs",
-                           what, type(exc).__name__, exc, attempt + 1, attempts - 1, delay)
+                           redact_text(what), type(exc).__name__, redact_text(str(exc)), attempt + 1, attempts - 1, delay)
             sleep(delay)
     raise AssertionError("unreachable")
 
