@@ -187,9 +187,9 @@ def read_rows(
     wanted = None
     if columns is not None:
         wanted = list(dict.fromkeys([*columns, "image_id", "run_id", "run_started_at"]))
-    tables = [table for _, table in iter_winning_shards(runs, columns=wanted)]
-    if not tables:
+    if not any(run.shards for run in runs):
         raise FileNotFoundError("the labels output holds no " + ("finished runs" if finished_only else "shards"))
+    tables = [table for _, table in iter_winning_shards(runs, columns=wanted)]
     return pa.concat_tables(tables, promote_options="default")
 
 
@@ -273,8 +273,6 @@ def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None, in
     if not runs:
         raise FileNotFoundError("no runs to read")
     index = index or build_row_index(runs)
-    if not index.shards:
-        raise FileNotFoundError("the runs hold no shards")
     filesystems: list[Any] = []
     fs_number: dict[int, int] = {}
     for run, _ in index.shards:
