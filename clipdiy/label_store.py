@@ -3,9 +3,11 @@
 A labels output is the folder the labelling job writes (``schemas/``): ``OUTPUT/runs/<run_id>/``
 holds a run's Parquet shards and, written last, ``_MANIFEST.json``; a run without it is
 unfinished. Every reader of labels (evaluation, previews, the training feed) goes through here,
-so they agree on which rows count: the rows of the chosen runs, and for an ``image_id`` labelled
-by several runs (a changed image relabelled) the row of the latest run (``run_started_at``, then
-``run_id``).
+so they agree on which rows count: the rows of the chosen runs, and for an ``image_id`` with
+several rows (a changed image relabelled by a later run) the latest write: the row of the latest
+run (``run_started_at``, then ``run_id``), inside one run the later attempt's
+(:mod:`clipdiy.row_index`, which decides it from the key columns alone). Readers read shard by
+shard (:func:`iter_winning_shards`, :func:`ray_dataset`); :func:`read_rows` is for small outputs.
 
 Any fsspec URI works (local paths, ``s3://``, ``gs://``...); ``storage`` (a
 :class:`~clipdiy.pipeline.storage.StorageOptions`, non-secret settings; credentials come from the
