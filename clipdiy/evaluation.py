@@ -43,6 +43,7 @@ from clipdiy.label_store import (
     iter_rows,
     iter_winning_shards,
     list_runs,
+    read_shard,
     stem,
     stems,
     vocabulary_of,
@@ -367,10 +368,10 @@ def evaluate(
     gt_keys = set(ground_truth.keys())
     gt_key_array = pa.array(sorted(gt_keys), type=pa.string())
     by_stem: dict[str, str] = {}
-    unmatched_count, unmatched, errors, keep = 0, [], 0, set()
+    unmatched_count, unmatched, errors, keep, scored_shards = 0, [], 0, set(), set()
     # Shard by shard over two columns: only rows whose stem has ground truth become Python
     # objects (at most one per GT image); the others are counted.
-    for _, table in iter_winning_shards(runs, index, ["image_id", "status"]):
+    for number, table in iter_winning_shards(runs, index, ["image_id", "status"]):
         matched = pc.is_in(stems(table.column("image_id")), value_set=gt_key_array).to_numpy(zero_copy_only=False)
         if len(unmatched) < UNMATCHED_EXAMPLES and not matched.all():
             unmatched.extend(table.column("image_id").filter(pa.array(~matched))[: UNMATCHED_EXAMPLES - len(unmatched)].to_pylist())
@@ -383,13 +384,14 @@ def evaluate(
             by_stem[key] = image_id
             if status == "ok":
                 keep.add(image_id)
+                scored_shards.add(number)
             else:
                 errors += 1
     missing = sorted(gt_keys - {stem(i) for i in keep})
 
     if use_ray is None:
         use_ray = len(keep) >= local_below
-    images = _score_on_ray(runs, index, context, frozenset(keep)) if use_ray else _score_locally(runs, index, context, keep)
+    images = _score_on_ray(runs, index, context, frozenset(keep)) if use_ray else _score_locally(index, scored_shards, context, keep)
 
     k = context.num_classes
     confusion = np.zeros(k * (k + 1), dtype=np.int64)
@@ -416,13 +418,16 @@ def evaluate(
     )
 
 
-def _score_locally(runs: Sequence[Run], index: RowIndex, context: EvalContext, keep: set[str]) -> list[dict]:
-    """Score the kept rows in this process, one shard at a time (only rows with ground truth are
-    decoded)."""
+def _score_locally(index: RowIndex, shards: set[int], context: EvalContext, keep: set[str]) -> list[dict]:
+    """Score the kept rows in this process, reading only the shards that hold them, one at a time."""
     wanted = pa.array(sorted(keep), type=pa.string())
     results = []
-    for _, table in iter_winning_shards(runs, index):
-        results.extend(score_batch(table.filter(pc.is_in(table.column("image_id"), value_set=wanted)), context))
+    for number in sorted(shards):
+        run, path = index.shards[number]
+        table = read_shard(run, path)
+        winners = index.winners(number)
+        keep_rows = pc.is_in(table.column("image_id"), value_set=wanted).to_numpy(zero_copy_only=False)
+        results.extend(score_batch(table.filter(pa.array(keep_rows if winners is None else keep_rows & winners)), context))
     return sorted(results, key=lambda r: r["image_id"])
 
 

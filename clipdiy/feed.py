@@ -3,7 +3,8 @@
 - :class:`LabelDataset` (map-style) and :class:`LabelIterableDataset` (streams shard by shard,
   split over DataLoader workers and distributed ranks) for PyTorch; :func:`read_labels` for Ray
   Data. All read one or more labels outputs; an ``image_id`` labelled by several runs comes from
-  the latest run.
+  the latest run (the latest write: :mod:`clipdiy.row_index`). None holds the rows: the
+  map-style dataset keeps an index of 8 bytes a row, the others read shard by shard.
 - :func:`export_coco` writes a COCO instances JSON (one RLE annotation per class mask) and
   :func:`export_voc_masks` semantic PNGs in VOC palette form, for detectron2, mmsegmentation and
   the like.

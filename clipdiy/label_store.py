@@ -3,9 +3,11 @@
 A labels output is the folder the labelling job writes (``schemas/``): ``OUTPUT/runs/<run_id>/``
 holds a run's Parquet shards and, written last, ``_MANIFEST.json``; a run without it is
 unfinished. Every reader of labels (evaluation, previews, the training feed) goes through here,
-so they agree on which rows count: the rows of the chosen runs, and for an ``image_id`` labelled
-by several runs (a changed image relabelled) the row of the latest run (``run_started_at``, then
-``run_id``).
+so they agree on which rows count: the rows of the chosen runs, and for an ``image_id`` with
+several rows (a changed image relabelled by a later run) the latest write: the row of the latest
+run (``run_started_at``, then ``run_id``), inside one run the later attempt's
+(:mod:`clipdiy.row_index`, which decides it from the key columns alone). Readers read shard by
+shard (:func:`iter_winning_shards`, :func:`ray_dataset`); :func:`read_rows` is for small outputs.
 
 Any fsspec URI works (local paths, ``s3://``, ``gs://``...); ``storage`` (a
 :class:`~clipdiy.pipeline.storage.StorageOptions`, non-secret settings; credentials come from the
@@ -187,9 +189,9 @@ def read_rows(
     wanted = None
     if columns is not None:
         wanted = list(dict.fromkeys([*columns, "image_id", "run_id", "run_started_at"]))
-    tables = [table for _, table in iter_winning_shards(runs, columns=wanted)]
-    if not tables:
+    if not any(run.shards for run in runs):
         raise FileNotFoundError("the labels output holds no " + ("finished runs" if finished_only else "shards"))
+    tables = [table for _, table in iter_winning_shards(runs, columns=wanted)]
     return pa.concat_tables(tables, promote_options="default")
 
 
@@ -273,8 +275,6 @@ def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None, in
     if not runs:
         raise FileNotFoundError("no runs to read")
     index = index or build_row_index(runs)
-    if not index.shards:
-        raise FileNotFoundError("the runs hold no shards")
     filesystems: list[Any] = []
     fs_number: dict[int, int] = {}
     for run, _ in index.shards:

@@ -108,10 +108,13 @@ def build_row_index(
     read: Callable[[Run, str, Sequence[str]], pa.Table] | None = None,
 ) -> RowIndex:
     """One key pass over the runs' shards (see the module docstring). ``row_filter`` (with the
-    extra ``filter_columns`` it reads) narrows ``sorted_positions`` to the rows it keeps."""
+    extra ``filter_columns`` it reads) narrows ``sorted_positions`` to the rows it keeps. Raises
+    ``FileNotFoundError`` when the runs hold no shards."""
     if read is None:
         from clipdiy.label_store import read_shard as read
     shards = tuple((run, shard) for run in runs for shard in run.shards)
+    if not shards:
+        raise FileNotFoundError("the labels output holds no shards")
     write_rank = np.zeros(len(shards), dtype=np.int32)
     first = 0
     for run in runs:
@@ -142,7 +145,7 @@ def build_row_index(
     offsets = np.zeros(len(shards) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     index = RowIndex(shards=shards, offsets=offsets)
-    if not shards or offsets[-1] == 0:
+    if offsets[-1] == 0:
         index.sorted_positions = np.zeros(0, dtype=np.int64) if sort_by_id else None
         return index
 

@@ -13,7 +13,7 @@ import pytest
 from labels_fixtures import VOC_NAMES, LabelItem, add_shard, write_image, write_labels_output
 from PIL import Image
 
-from clipdiy import feed, label_store, preview
+from clipdiy import evaluation, feed, label_store, preview
 from clipdiy.evaluation import evaluate
 from clipdiy.feed import LabelDataset, LabelIterableDataset, export_coco, export_voc_masks
 from clipdiy.ground_truth import VocGroundTruth
@@ -178,7 +178,7 @@ def _run_reader(name: str, output: str, gt, tmp_path):
 def test_readers_hold_a_few_shards_at_most(reader, many_shards, tmp_path, monkeypatch):
     output, gt = many_shards
     reads = _ShardReads(label_store.read_shard)
-    for module in (label_store, feed, preview):
+    for module in (label_store, feed, preview, evaluation):
         monkeypatch.setattr(module, "read_shard", reads, raising=False)
     result = _run_reader(reader, output, gt, tmp_path)
     images = SHARDS * SHARD_ROWS
