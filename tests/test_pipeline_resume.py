@@ -339,3 +339,39 @@ def test_later_runs_retry_transient_errors_and_all_errors_on_request(coco_images
     latest = latest_rows()
     assert {i: r["status"] for i, r in latest.items()} == {"small.jpg": "ok", "big.jpg": "ok", "late.jpg": "ok"}
     assert len(read_all_rows(output)) == 5  # 3 first rows, then late.jpg and big.jpg once more
+
+
+@pytest.mark.slow
+def test_an_object_overwritten_between_two_attempts_is_labelled_once_in_the_run(coco_images, tiny_clip_config, tmp_path):
+    """Issue 11 item 5: this run's earlier attempts count by image id alone, so a resumed run
+    never holds two rows for one image; earlier finished runs still count by source version."""
+    from clipdiy.pipeline.run import run_labelling
+
+    corpus = tmp_path / "images"
+    corpus.mkdir()
+    for path in coco_images[:3]:
+        shutil.copy(path, corpus / path.name)
+    output = tmp_path / "labels"
+    config = job_config(corpus, output, segmenter_config(tiny_clip_config))
+    ray = start_local_ray()
+    try:
+        first = run_labelling(config)
+        # The driver died after the last shard, before the manifest: the run is unfinished.
+        (output / "runs" / first.run_id / "_MANIFEST.json").unlink()
+        overwritten = corpus / coco_images[0].name
+        with Image.open(overwritten) as image:
+            ImageOps.mirror(image).save(overwritten, quality=90)
+        (corpus / coco_images[3].name).write_bytes(coco_images[3].read_bytes())  # and a new image arrives
+        resumed = run_labelling(config)
+        assert (resumed.run_id, resumed.attempt) == (first.run_id, 2)
+        assert (resumed.listed, resumed.seen, resumed.skipped) == (4, 1, 3)
+        rows = read_all_rows(output).to_pylist()
+        assert sorted(r["image_id"] for r in rows) == sorted(p.name for p in coco_images[:4])
+
+        # A later run still labels the overwritten object again (a new version for a new run).
+        later = run_labelling(config)
+        assert (later.listed, later.seen) == (4, 1)
+        (row,) = read_all_rows(output, later.run_id).to_pylist()
+        assert row["image_id"] == overwritten.name and row["source_size"] == overwritten.stat().st_size
+    finally:
+        ray.shutdown()
