@@ -4,7 +4,8 @@
 Locally (starts an embedded Ray):
     python jobs/label.py --input ./photos --output ./labels
 
-On a cluster:
+On a cluster (GPU inference actors by default, waiting at most --gpu-wait-seconds for a GPU
+node; --device cpu for CPU actors):
     ray job submit --working-dir . -- python jobs/label.py --input s3://bucket/photos/ --output s3://bucket/labels/
 
 Programmatic use: build a ``clipdiy.pipeline.config.LabelJobConfig`` (see ``config_from_args``)

@@ -124,7 +124,8 @@ def wait_for_gpus(
     if resources().get("GPU", 0) >= needed:
         return True
     if request is not None:
-        request([{"GPU": needed}])
+        # Whole GPUs: Ray before 2.5x accepts only int bundle values (a fraction fits in one GPU).
+        request([{"GPU": math.ceil(needed)}])
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:

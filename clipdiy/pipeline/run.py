@@ -6,11 +6,14 @@ Order of work (everything that can refuse the job does so before any image is to
 2. the models load in the driver (missing weights fail here) and the text embeddings are
    computed, once for the whole run;
 3. Ray: the cluster at ``config.address`` / ``RAY_ADDRESS``, else an embedded local Ray;
+   the inference pool's placement (``clipdiy.pipeline.placement``): GPU actors on a cluster,
+   waiting a bounded time for a GPU node, refused when the cluster cannot have one;
 4. the OUTPUT lock is taken; the unfinished run is resumed, or a new run is planned;
 5. planning (``planning.py``): the listing streams from a Ray Data read task; when OUTPUT holds
    rows that could count, it is anti-joined with them by Ray Data's hash-partitioned joins first;
-6. Ray Data: decode (CPU tasks) -> ``Segmenter.predict`` (actor pool, GPU when present) ->
-   label rows (CPU tasks) -> Parquet shards (CPU tasks); the driver logs progress per shard;
+6. Ray Data: decode (CPU tasks) -> ``Segmenter.predict`` (actor pool; an actor that cannot
+   load the models at its start stops the job) -> label rows (CPU tasks) -> Parquet shards
+   (CPU tasks); the driver logs progress per shard;
 7. the manifest is written last, the lock released, a :class:`RunSummary` returned.
 
 Calling it (for benchmarks and tests)::
