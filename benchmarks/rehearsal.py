@@ -55,7 +55,7 @@ def run_job(corpus: Path, output: Path, clip, extra: list[str]) -> dict:
     before = {p for p in output.glob("runs/*/part-*.parquet")}
     started_wall = time.time()
     started = time.monotonic()
-    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    done = subprocess.run(args, check=False, capture_output=True, text=True, env=env)
     seconds = time.monotonic() - started
     if done.returncode:
         raise SystemExit(f"label.py failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
