@@ -135,7 +135,14 @@ def test_plan_with_nothing_left_to_label_has_no_dataset(ray_session, tmp_path):
 def test_split_pending_rules_on_one_joined_block():
     """The per-block rules, independent of Ray: done by an earlier run beats this run's attempts,
     which beat a retried error."""
-    from clipdiy.pipeline.incremental import DONE, EARLIER_RUNS, LISTING_SCHEMA, RETRY, THIS_RUN, split_pending
+    from clipdiy.pipeline.incremental import (
+        DONE,
+        EARLIER_RUNS,
+        LISTING_SCHEMA,
+        RETRY,
+        THIS_RUN,
+        split_pending,
+    )
 
     listing = pa.table({
         "uri": [f"u{i}" for i in range(5)], "image_id": [f"{i}.jpg" for i in range(5)],

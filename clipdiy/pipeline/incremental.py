@@ -176,12 +176,10 @@ def listing_blocks(sources: Iterator[SourceObject], block_rows: int, limit: int 
     """Listing blocks of ``block_rows`` rows (the last one shorter) of the first ``limit`` of
     ``sources``, in listing order; one block's objects are held at a time."""
     buffer: list[SourceObject] = []
-    listed = 0
-    for source in sources:
+    for listed, source in enumerate(sources):
         if limit is not None and listed >= limit:
             break
         buffer.append(source)
-        listed += 1
         if len(buffer) >= block_rows:
             yield listing_table(buffer)
             buffer.clear()

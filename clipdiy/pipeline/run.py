@@ -191,10 +191,11 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
     and of every actor a CUDA error poisons."""
     import ray.data
 
+    from clipdiy.models.saliency import saliency_input_side
+
     # Imported here, not at the top: refusals before the models load stay free of torch imports.
     from clipdiy.pipeline.decode import DecodeBatch
     from clipdiy.pipeline.inference import SegmentBatch
-    from clipdiy.models.saliency import saliency_input_side
     from clipdiy.pipeline.rows import RowContext, build_rows
 
     decode = DecodeBatch(
