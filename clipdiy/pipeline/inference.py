@@ -39,7 +39,7 @@ LARGE_SALIENCY_PIXELS = 4_000_000
 #: Messages of CUDA errors after which the device (context) is unusable for this process.
 _POISONING_MARKERS = (
     "device-side assert", "illegal memory access", "illegal address", "illegal instruction",
-    "misaligned address", "unspecified launch failure", "an illegal", "cuda error", "cudnn_status",
+    "misaligned address", "unspecified launch failure", "cuda error", "cudnn_status",
     "cublas_status", "nccl error", "uncorrectable ecc", "hardware stack error",
 )
 #: A batch that poisons this many (fresh) actors gets error rows instead of another restart.
