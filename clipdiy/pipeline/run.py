@@ -294,6 +294,12 @@ def _label(
             lock.check()
             if over_budget:
                 break
+        else:
+            verdict = ray.get(health.finish.remote())  # every read of a small corpus failed?
+            if verdict is not None:
+                raise RunFailedError(verdict)
+    except RunFailedError:
+        raise
     except Exception as error:
         verdict = ray.get(health.verdict.remote())
         if verdict is not None:
