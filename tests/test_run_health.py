@@ -66,6 +66,18 @@ def test_reads_are_broken_after_n_failures_in_a_row_cluster_wide():
     assert fresh.record_reads(0, {"credentials": 3}, "s3://b/a.jpg: PermissionError: bad key") is not None
     assert "no read has succeeded" in fresh.verdict() and "credentials" in fresh.verdict()
 
+    # A corpus smaller than the streak whose reads all fail: the end of the stream decides.
+    small = RunHealth(stop_after_failed_reads=200)
+    assert small.record_reads(0, {"no_bucket": 3}, "s3://gone/a.jpg: FileNotFoundError") is None
+    assert "last 3 objects" in small.finish() and "bucket does not exist" in small.finish()
+    healthy = RunHealth(stop_after_failed_reads=200)
+    healthy.record_reads(5, {})
+    healthy.record_reads(0, {"not_found": 2})
+    assert healthy.finish() is None  # a few missing objects among good ones: error rows, exit 0
+    deleted = RunHealth(stop_after_failed_reads=200)
+    deleted.record_reads(0, {"not_found": 1})
+    assert deleted.finish() is None  # a night whose only pending image was deleted: not a failure
+
 
 def test_error_budget_judges_the_last_window_of_written_rows():
     budget = ErrorBudget(max_rate=0.5, window=100)

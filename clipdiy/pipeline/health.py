@@ -29,6 +29,8 @@ from collections.abc import Mapping
 
 #: Read-failure classes, from "surely about the whole store" to "maybe about this object".
 READ_FAILURE_CLASSES = ("credentials", "no_bucket", "unreachable", "access_denied", "not_found", "other")
+#: The classes never about one object.
+STORE_FAILURE_CLASSES = frozenset({"credentials", "no_bucket", "unreachable"})
 
 # S3 error codes that say the credentials (not the object) are the problem.
 _CREDENTIAL_CODES = frozenset(
@@ -132,6 +134,17 @@ class RunHealth:
         return self._verdict
 
     def verdict(self) -> str | None:
+        return self._verdict
+
+    def finish(self) -> str | None:
+        """The verdict at the end of the stream: also set when not one read of the run succeeded
+        and every failure is about the store, not an object (a corpus smaller than
+        ``stop_after_failed_reads`` with bad credentials, say). Missing or forbidden objects alone
+        do not count: a nightly run whose only pending image is a deleted one must not fail."""
+        if (self._verdict is None and self.reads_ok == 0 and self.streak
+                and set(self.streak) <= STORE_FAILURE_CLASSES):
+            self.stop_after = sum(self.streak.values())
+            return self.record_reads(0, {})
         return self._verdict
 
     def record_poisoning(self, batch_key: str) -> int:

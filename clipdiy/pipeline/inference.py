@@ -8,8 +8,8 @@ on a batch is retried image by image, and images that still fail become error ro
 
 A CUDA error that poisons the actor (a device-side assert, an illegal address: every later
 call on that device fails too), or an out-of-memory error that persists after halving the batch,
-is not about the images: the actor's process exits, Ray restarts the actor (the pool runs with
-``max_restarts=-1``) and retries its batch on the fresh one. The run's
+is not about the images: the actor's process exits, Ray restarts the actor (Ray Data's actor pools
+default to ``max_restarts=-1``) and retries its batch on the fresh one. The run's
 :class:`~clipdiy.pipeline.health.RunHealth` counts poisonings per batch, so a batch that poisons
 a fresh actor as well gets ``model`` error rows (and the actor restarts before its next batch)
 instead of restarting actors forever.
@@ -79,7 +79,7 @@ def actor_start_refusals() -> Iterator[None]:
 #: Messages of CUDA errors after which the device (context) is unusable for this process.
 _POISONING_MARKERS = (
     "device-side assert", "illegal memory access", "illegal address", "illegal instruction",
-    "misaligned address", "unspecified launch failure", "an illegal", "cuda error", "cudnn_status",
+    "misaligned address", "unspecified launch failure", "cuda error", "cudnn_status",
     "cublas_status", "nccl error", "uncorrectable ecc", "hardware stack error",
 )
 #: A batch that poisons this many (fresh) actors gets error rows instead of another restart.

@@ -305,6 +305,10 @@ def _label(
                 lock.check()
                 if over_budget:
                     break
+            else:
+                verdict = ray.get(health.finish.remote())  # every read of a small corpus failed?
+                if verdict is not None:
+                    raise RunFailedError(verdict)
     except ClipdiyError:
         raise
     except Exception as error:
