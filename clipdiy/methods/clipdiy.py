@@ -21,11 +21,11 @@ from clipdiy.vocabulary import Vocabulary
 
 
 def prepare_clipdiy(rgb: np.ndarray, config: SegmenterConfig):
-    """CPU preprocessing (SPEC 1.1): the 256 x 256 (or aspect) model input and the saliency input."""
-    from clipdiy.models.saliency import saliency_input_side
+    """CPU preprocessing (SPEC 1.1): the 256 x 256 (or aspect) model input and the saliency input
+    (at ``config.saliency.max_side``)."""
     from clipdiy.segmenter import prepare_image
 
-    return prepare_image(rgb, config.mode, saliency_input_side(config.saliency))
+    return prepare_image(rgb, config.mode, config.saliency.max_side)
 
 
 class ClipDiyMethod:
