@@ -109,13 +109,14 @@ def default_clip_config(method: str) -> ClipConfig:
 class PamrConfig:
     """PAMR refinement (SPEC 8.8): ``iterations`` and ``dilations`` as Araslanov & Roth / NACLIP.
 
-    ``max_elements``: bound on one intermediate tensor (classes x neighbours x pixels); classes
-    are refined in chunks under it, so large photos stay within memory.
+    ``max_elements``: bound on PAMR's working tensors (affinities plus classes in flight, in
+    float32 elements; 128M = 512 MB); classes are refined in chunks under it, so large photos
+    stay within memory.
     """
 
     iterations: int = 10
     dilations: tuple[int, ...] = (8, 16)
-    max_elements: int = 64_000_000
+    max_elements: int = 128_000_000
 
     def __post_init__(self) -> None:
         if self.iterations < 1:

@@ -4,15 +4,21 @@ Parameter-free: the image decides, per pixel, how much each of its dilated 3 x 3
 counts (a softmax over colour differences scaled by the local colour spread), and every class's
 logit map is replaced, ``iterations`` times, by that weighted sum of its neighbours' values.
 
-Batched over images of one size and device-agnostic. Memory: the affinities take
-``B x 8·len(dilations) x H x W`` floats; the logits are refined a chunk of classes at a time,
-sized so that one chunk's working tensors stay under ``max_elements`` (large photos with many
-classes stay bounded). Each iteration is a sum of shifted views: nothing ``B x C x P x H x W``
-is ever materialised.
+Batched over images of one size and device-agnostic. Two exact ways to run the iterations,
+chosen by size (``max_elements`` bounds the working tensors):
+
+- the affinities as one sparse CSR matrix (``B·H·W`` rows, ``P = 8·len(dilations)`` entries
+  each) applied to the (pixels x classes) logits: one sparse product per iteration, reading the
+  affinities once for all classes (about 4x faster on a CPU than shifted sums);
+- for larger batches (large photos), sums of shifted views over a chunk of classes at a time,
+  whose working set stays under ``max_elements``.
+
+Nothing ``B x C x P x H x W`` is ever materialised.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -68,7 +74,7 @@ def pamr(
     logits: torch.Tensor,
     iterations: int = 10,
     dilations: Sequence[int] = (8, 16),
-    max_elements: int = 64_000_000,
+    max_elements: int = 128_000_000,
 ) -> torch.Tensor:
     """Refined logits: ``iterations`` affinity-weighted neighbour sums of every class map.
 
@@ -80,6 +86,57 @@ def pamr(
     batch, classes, height, width = logits.shape
     dilations = tuple(int(d) for d in dilations)
     affinity = pamr_affinity(images, dilations)  # B x P x H x W
+    pixels = batch * height * width
+    neighbours = affinity.shape[1]
+    if pixels * neighbours <= max_elements // 2 and pixels * neighbours < 2**31:
+        # The sparse matrix takes up to half the budget, the classes in flight the rest.
+        chunk = max(1, (max_elements - pixels * neighbours) // (2 * pixels))
+        return _pamr_sparse(affinity, logits, iterations, dilations, chunk)
+    return _pamr_shifted(affinity, logits, iterations, dilations, max_elements)
+
+
+def _neighbour_columns(batch: int, height: int, width: int, dilations: Sequence[int], device) -> torch.Tensor:
+    """Flat index of every pixel's neighbours (clamped at the border: replicate padding), B*H*W x P int32."""
+    ys = torch.arange(height, device=device).view(height, 1)
+    xs = torch.arange(width, device=device).view(1, width)
+    columns = [
+        ((ys + dilation * dy).clamp_(0, height - 1) * width + (xs + dilation * dx).clamp_(0, width - 1)).view(-1)
+        for dilation in dilations
+        for dy, dx in NEIGHBOUR_STEPS
+    ]
+    per_image = torch.stack(columns, dim=1)  # H*W x P
+    offsets = (torch.arange(batch, device=device) * (height * width)).view(batch, 1, 1)
+    return (per_image.unsqueeze(0) + offsets).view(-1, per_image.shape[1]).to(torch.int32)
+
+
+def _pamr_sparse(
+    affinity: torch.Tensor, logits: torch.Tensor, iterations: int, dilations: Sequence[int], chunk: int
+) -> torch.Tensor:
+    """The iterations as products with the sparse (pixels x pixels) affinity matrix, ``chunk`` classes at a time."""
+    batch, classes, height, width = logits.shape
+    neighbours = affinity.shape[1]
+    pixels = batch * height * width
+    columns = _neighbour_columns(batch, height, width, dilations, logits.device)
+    rows = torch.arange(0, pixels * neighbours + 1, neighbours, device=logits.device, dtype=torch.int32)
+    values = affinity.permute(0, 2, 3, 1).reshape(-1)  # pixel-major, neighbours in column order
+    with warnings.catch_warnings():  # "CSR support is in beta": the product used here is long supported
+        warnings.simplefilter("ignore", UserWarning)
+        matrix = torch.sparse_csr_tensor(rows, columns.view(-1), values, size=(pixels, pixels), check_invariants=False)
+    refined = torch.empty(batch, classes, height, width, device=logits.device, dtype=torch.float32)
+    for start in range(0, classes, chunk):
+        part = logits[:, start : start + chunk]
+        current = part.float().permute(0, 2, 3, 1).reshape(pixels, part.shape[1])
+        for _ in range(iterations):
+            current = matrix @ current
+        refined[:, start : start + chunk] = current.view(batch, height, width, -1).permute(0, 3, 1, 2)
+    return refined
+
+
+def _pamr_shifted(
+    affinity: torch.Tensor, logits: torch.Tensor, iterations: int, dilations: Sequence[int], max_elements: int
+) -> torch.Tensor:
+    """The iterations as sums of shifted views, a chunk of classes at a time (bounded memory)."""
+    batch, classes, height, width = logits.shape
     weights = [
         [affinity[:, index * len(NEIGHBOUR_STEPS) + k, None] for k in range(len(NEIGHBOUR_STEPS))]
         for index in range(len(dilations))

@@ -205,7 +205,8 @@ def test_pamr_is_batched_and_chunked_without_changing_the_answer():
 
 def test_windows_cover_the_image_as_the_reference_clamps_them():
     boxes = window_boxes(336, 450, 224, 112)
-    assert len(boxes) == 2 * 3
+    assert len(boxes) == 2 * 4  # rows: (336 - 224 + 111) // 112 + 1; columns: (450 - 224 + 111) // 112 + 1
+    assert boxes[2] == (0, 224, 224, 448)
     assert boxes[-1] == (112, 336, 226, 450)
     coverage = np.zeros((336, 450), dtype=int)
     for y1, y2, x1, x2 in boxes:
