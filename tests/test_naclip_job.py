@@ -52,7 +52,7 @@ def test_label_job_with_naclip_records_the_method_and_refuses_a_resume_with_anot
     from clipdiy.segmenter import Provenance
 
     output = tmp_path / "labels"
-    argv = cli_args(small_photos, output, tiny_clip_config, "--method", "naclip", "--batch-size", "2")[2:]
+    argv = cli_args(small_photos, output, tiny_clip_config, "--method", "naclip", "--batch-size", "1")[2:]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert run_cli(argv) == 0
