@@ -83,7 +83,7 @@ def pamr(
     """
     if images.ndim != 4 or logits.ndim != 4 or images.shape[0] != logits.shape[0] or images.shape[-2:] != logits.shape[-2:]:
         raise ValueError(f"PAMR needs B x K x H x W images and B x C x H x W logits, got {tuple(images.shape)}, {tuple(logits.shape)}")
-    batch, classes, height, width = logits.shape
+    batch, _, height, width = logits.shape
     dilations = tuple(int(d) for d in dilations)
     affinity = pamr_affinity(images, dilations)  # B x P x H x W
     pixels = batch * height * width

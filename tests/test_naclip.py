@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference_naclip import reference_bias, reference_decide, reference_logits, reference_pamr
+from reference_naclip import (
+    reference_bias,
+    reference_decide,
+    reference_logits,
+    reference_pamr,
+)
 
 from clipdiy.config import NaclipConfig, SegmenterConfig
 from clipdiy.methods.naclip import query_words, window_boxes

@@ -11,7 +11,13 @@ import dataclasses
 
 import pytest
 from PIL import Image
-from pipeline_support import REPO_ROOT, check_rows_match_library, cli_args, read_all_rows, reference_label_maps
+from pipeline_support import (
+    REPO_ROOT,
+    check_rows_match_library,
+    cli_args,
+    read_all_rows,
+    reference_label_maps,
+)
 
 from clipdiy.config import NaclipConfig, SaliencyConfig, SegmenterConfig
 

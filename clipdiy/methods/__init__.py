@@ -38,7 +38,7 @@ class MethodEntry:
 
     name: str
     prepare: Callable[[np.ndarray, SegmenterConfig], PreparedImage]
-    build: Callable[[Any, Any, Vocabulary, SegmenterConfig, "torch.Tensor | None", "torch.device"], SegmentationMethod]
+    build: Callable[[Any, Any, Vocabulary, SegmenterConfig, torch.Tensor | None, torch.device], SegmentationMethod]
     needs_saliency: bool = True
 
 
@@ -65,8 +65,8 @@ def method_entry(name: str) -> MethodEntry:
 
 
 # Built-in methods register themselves on import.
-from clipdiy.methods import clipdiy as _clipdiy  # noqa: E402,F401
-from clipdiy.methods import naclip as _naclip  # noqa: E402,F401
+from clipdiy.methods import clipdiy as _clipdiy  # noqa: F401
+from clipdiy.methods import naclip as _naclip  # noqa: F401
 
 __all__ = [
     "MethodDecision",

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdiy.config import NACLIP, WINDOW_AUTO, WINDOW_SLIDE, WINDOW_WHOLE, NaclipConfig, SegmenterConfig
+from clipdiy.config import (
+    NACLIP,
+    WINDOW_AUTO,
+    WINDOW_SLIDE,
+    WINDOW_WHOLE,
+    NaclipConfig,
+    SegmenterConfig,
+)
 from clipdiy.methods import MethodEntry, register_method
 from clipdiy.methods.base import MethodDecision, MethodLogits
 from clipdiy.vocabulary import Vocabulary
