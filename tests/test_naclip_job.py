@@ -80,6 +80,20 @@ def test_label_job_with_naclip_records_the_method_and_refuses_a_resume_with_anot
     reference, segmenter = reference_label_maps(config, sorted(small_photos.glob("*.jpg")))
     check_rows_match_library(rows, reference, segmenter)
 
+    # The feed and the previews read NACLIP's rows like any others.
+    from clipdiy.feed import LabelDataset
+    from clipdiy.preview import render_output
+
+    dataset = LabelDataset(str(output))
+    assert len(dataset) == 3 and dataset.class_names == segmenter.class_names
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        expected = reference[dataset.records[index]["image_id"]].label_map
+        assert image.shape[:2] == label.shape == expected.shape
+        assert (label == expected).all()
+    summary = render_output(str(output), str(tmp_path / "previews"))
+    assert len(list((tmp_path / "previews" / "images").glob("*.png"))) == 3, summary
+
     # A CLIP-DIY run left unfinished in another OUTPUT: resuming it with --method naclip is refused.
     other = tmp_path / "other"
     layout = OutputLayout.open(str(other), StorageOptions())
