@@ -57,11 +57,22 @@ def photos(coco_images):
 
 
 @pytest.fixture(scope="module")
-def text(vitb16):
-    """The NACLIP query embeddings of naclip-voc21 (computed once through the segmenter)."""
-    vocabulary = load_vocabulary("naclip-voc21")
-    segmenter = Segmenter(vitb16, None, vocabulary, SegmenterConfig(method="naclip", vocabulary="naclip-voc21"))
-    return segmenter.text_embeddings.cpu()
+def text(vitb16, coco_images):
+    """56 query embeddings (naclip-voc21's count) that compete over real image content.
+
+    The ViT-B/16 text tower over 56 x 80 prompts takes minutes on a CPU, and the text side is
+    checked on its own (test_query_embeddings_average_the_80_templates), so the queries here are
+    patch features of another photo at seeded positions (through the reference encoder).
+    """
+    from reference_naclip import reference_features, reference_normalise, reference_resize
+
+    with Image.open(coco_images[10]) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    with torch.no_grad():
+        features = reference_features(vitb16.model.visual, reference_normalise(reference_resize(rgb)))
+    flat = features.reshape(-1, features.shape[-1])
+    picks = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))[:56]
+    return flat[picks].clone()
 
 
 def naclip_segmenter(clip, text, window: str, refine: str) -> Segmenter:
