@@ -26,9 +26,10 @@ from clipdiy.segmenter import Segmenter, prepare_input
 from clipdiy.vocabulary import load_vocabulary
 
 TOLERANCE = 1e-4
-#: Labels are compared where the reference's best class beats the second, and the threshold,
-#: by more than this (probabilities; the logits' tolerance times the logit scale 40, with room).
-LABEL_MARGIN = 1e-2
+#: Labels are compared where the reference's best class logit (a class's best query) beats the
+#: second by more than twice the logits' tolerance, and its probability is off the threshold
+#: by more than this (the logits' tolerance times the logit scale 40, with room).
+THRESHOLD_MARGIN = 1e-2
 #: (width, height) of the photos: not multiples of 16; the first two share a size (one forward).
 SIZES = ((229, 171), (229, 171), (157, 233))
 
@@ -64,7 +65,11 @@ def text(vitb16, coco_images):
     checked on its own (test_query_embeddings_average_the_80_templates), so the queries here are
     patch features of another photo at seeded positions (through the reference encoder).
     """
-    from reference_naclip import reference_features, reference_normalise, reference_resize
+    from reference_naclip import (
+        reference_features,
+        reference_normalise,
+        reference_resize,
+    )
 
     with Image.open(coco_images[10]) as image:
         rgb = np.asarray(image.convert("RGB"))
@@ -119,8 +124,12 @@ def test_batched_naclip_matches_the_transcription(vitb16, text, photos, window):
 
         for expected_logits, labels in ((logits, labels_b), (refined, torch.from_numpy(outputs[i].label_map.astype(np.int64)))):
             classes, expected = reference_decide(expected_logits, list(owners), len(vocabulary))
-            top2 = classes.topk(2, dim=0).values
-            decided = (top2[0] - top2[1] > LABEL_MARGIN) & ((top2[0] - 0.1).abs() > LABEL_MARGIN)
+            class_logits = torch.stack(
+                [expected_logits[[q for q, o in enumerate(owners) if o == c]].amax(dim=0) for c in range(len(vocabulary))]
+            )
+            top2 = class_logits.topk(2, dim=0).values
+            top = classes.amax(dim=0)
+            decided = (top2[0] - top2[1] > 2 * TOLERANCE) & ((top - 0.1).abs() > THRESHOLD_MARGIN)
             assert torch.equal(labels[decided], expected[decided])
             decided_total += int(decided.sum())
             pixels_total += decided.numel()
@@ -130,7 +139,7 @@ def test_batched_naclip_matches_the_transcription(vitb16, text, photos, window):
         assert np.abs(outputs[i].probabilities - expected_probabilities.numpy()).max() <= 1e-3
         assert outputs[i].label_map.shape == photo.shape[:2]
     # Not degenerate (SPEC 6): most pixels decided, background and several classes win.
-    assert decided_total / pixels_total > 0.8, decided_total / pixels_total
+    assert decided_total / pixels_total > 0.9, decided_total / pixels_total
     assert winners[0] > 0 and int((winners[1:] > 0).sum()) >= 2, winners.tolist()
     assert winners.max() < 0.95 * winners.sum()
 
