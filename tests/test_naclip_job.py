@@ -85,7 +85,7 @@ def test_label_job_with_naclip_records_the_method_and_refuses_a_resume_with_anot
     from clipdiy.preview import render_output
 
     dataset = LabelDataset(str(output))
-    assert len(dataset) == 3 and dataset.class_names == segmenter.class_names
+    assert len(dataset) == 3 and tuple(dataset.class_names) == tuple(segmenter.class_names)
     for index in range(len(dataset)):
         image, label = dataset[index]
         expected = reference[dataset.records[index]["image_id"]].label_map
