@@ -21,6 +21,21 @@ MODES = (FAITHFUL, ASPECT)
 
 #: Model precisions; the first is the default (SPEC 3.6).
 PRECISIONS = ("fp32", "fp16", "bf16")
+#: Segmentation methods (names in the ``clipdiy.methods`` registry; ``clipdiy`` is the paper's).
+CLIPDIY = "clipdiy"
+NACLIP = "naclip"
+#: ``SegmenterConfig.refine``: ``auto`` is the method's published setting (PAMR for NACLIP,
+#: nothing for CLIP-DIY); ``pamr`` or ``none`` force it.
+REFINE_AUTO = "auto"
+REFINE_PAMR = "pamr"
+REFINE_NONE = "none"
+REFINES = (REFINE_AUTO, REFINE_PAMR, REFINE_NONE)
+#: NACLIP's inference settings (SPEC 8.7): the whole resized image in one forward, or 224-px
+#: windows with stride 112; ``auto`` takes the built-in vocabulary's published choice.
+WINDOW_AUTO = "auto"
+WINDOW_WHOLE = "whole"
+WINDOW_SLIDE = "slide"
+WINDOWS = (WINDOW_AUTO, WINDOW_WHOLE, WINDOW_SLIDE)
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,65 @@ class PromptConfig:
     article: bool = False
 
 
+#: NACLIP's CLIP (SPEC 8.1): OpenAI's ViT-B/16 (QuickGELU comes with the tag). For a local copy of
+#: these weights pass ``model="ViT-B-16-quickgelu"`` with the checkpoint.
+NACLIP_CLIP = ClipConfig(model="ViT-B-16", pretrained="openai")
+
+
+def default_clip_config(method: str) -> ClipConfig:
+    """The CLIP a method is published with: ViT-B/32 LAION-2B for CLIP-DIY, ViT-B/16 OpenAI for NACLIP."""
+    return NACLIP_CLIP if method == NACLIP else ClipConfig()
+
+
+@dataclass(frozen=True)
+class PamrConfig:
+    """PAMR refinement (SPEC 8.8): ``iterations`` and ``dilations`` as Araslanov & Roth / NACLIP.
+
+    ``max_elements``: bound on PAMR's working tensors (affinities plus classes in flight, in
+    float32 elements; 128M = 512 MB); classes are refined in chunks under it, so large photos
+    stay within memory.
+    """
+
+    iterations: int = 10
+    dilations: tuple[int, ...] = (8, 16)
+    max_elements: int = 128_000_000
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"PAMR iterations must be >= 1, got {self.iterations}")
+        if not self.dilations or any(int(d) < 1 for d in self.dilations):
+            raise ValueError(f"PAMR dilations must be positive integers, got {self.dilations!r}")
+        if self.max_elements < 1:
+            raise ValueError(f"PamrConfig.max_elements must be >= 1, got {self.max_elements}")
+
+
+@dataclass(frozen=True)
+class NaclipConfig:
+    """NACLIP's settings (SPEC 8); the defaults are the authors'.
+
+    ``window``: ``whole`` (one forward of the resized image, their VOC21 setting), ``slide``
+    (``window_size`` windows with ``window_stride``, their COCO-Object setting) or ``auto`` (the
+    built-in vocabulary's published choice; ``whole`` for vocabulary files).
+    """
+
+    window: str = WINDOW_AUTO
+    short_side: int = 336
+    long_side: int = 2048
+    window_size: int = 224
+    window_stride: int = 112
+    sigma: float = 5.0
+    logit_scale: float = 40.0
+    threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.window not in WINDOWS:
+            raise ValueError(f"NaclipConfig.window must be one of {WINDOWS}, got {self.window!r}")
+        if min(self.short_side, self.long_side, self.window_size, self.window_stride) < 16:
+            raise ValueError("NACLIP sizes must be at least one 16-pixel patch")
+        if self.sigma <= 0:
+            raise ValueError(f"NaclipConfig.sigma must be > 0, got {self.sigma}")
+
+
 @dataclass(frozen=True)
 class SegmenterConfig:
     """Everything the segmenter needs.
@@ -97,6 +171,10 @@ class SegmenterConfig:
     ``bf16`` when asked for explicitly (faster on GPUs; how far they move the labels: README).
     It is recorded in every row and in the run's fingerprint. ``text_cache_dir``: where text
     embeddings are cached on disk (``None``: memory only).
+    ``method``: ``clipdiy`` (the paper, faithful) or ``naclip`` (SPEC 8; ``naclip`` settings).
+    Left at its default, ``clip`` becomes the method's published CLIP
+    (:func:`default_clip_config`). ``refine``: ``auto`` (PAMR for NACLIP, none for CLIP-DIY, as
+    published), ``pamr`` or ``none``; ``pamr`` holds its settings.
     """
 
     vocabulary: str = "voc"
@@ -108,11 +186,26 @@ class SegmenterConfig:
     device: str | None = None
     precision: str = "fp32"
     text_cache_dir: str | None = None
+    method: str = CLIPDIY
+    refine: str = REFINE_AUTO
+    pamr: PamrConfig = field(default_factory=PamrConfig)
+    naclip: NaclipConfig = field(default_factory=NaclipConfig)
 
     def __post_init__(self) -> None:
+        if self.refine not in REFINES:
+            raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
+        if self.method == NACLIP and self.clip == ClipConfig():
+            object.__setattr__(self, "clip", NACLIP_CLIP)  # the method's own CLIP, not CLIP-DIY's
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.crop_batch_size is not None and self.crop_batch_size < 1:
             raise ValueError(f"crop_batch_size must be >= 1, got {self.crop_batch_size}")
+
+    @property
+    def refinement(self) -> str | None:
+        """``"pamr"`` or ``None``: ``refine`` with ``auto`` resolved for the method."""
+        if self.refine == REFINE_AUTO:
+            return REFINE_PAMR if self.method == NACLIP else None
+        return None if self.refine == REFINE_NONE else self.refine

@@ -1,10 +1,13 @@
-"""The CLIP-DIY segmenter: owns pre- and post-processing and fusion; the models stay pure.
+"""The segmenter: owns pre- and post-processing, batching, refinement and summaries; the methods
+(``clipdiy.methods``: CLIP-DIY, NACLIP) and the models stay pure.
 
 Three stages, so a pipeline can put each where it belongs:
 
-- :func:`prepare_image` (CPU): any image -> original RGB + the 256 x 256 model input.
-- :meth:`Segmenter.predict` (accelerator): dense multi-scale CLIP scores, saliency, fusion
-  (SPEC sections 1-3) for a batch, at the model resolution.
+- :func:`prepare_input` (CPU): any image -> the method's model input (CLIP-DIY: 256 x 256 and
+  the saliency input; NACLIP: short side 336) and the original size.
+- :meth:`Segmenter.predict` (accelerator): the method's forward for a batch (CLIP-DIY: dense
+  multi-scale CLIP scores, saliency, fusion, SPEC 1-3, at the model resolution; NACLIP: SPEC 8
+  at the original resolution), the optional PAMR refinement, labels and scores.
 - :func:`finalize` (CPU): the label map back at the original resolution (nearest).
 
 :meth:`Segmenter.segment` chains the three for library users.
@@ -20,8 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdiy.config import SegmenterConfig
-from clipdiy.dense import DenseScorer
+from clipdiy.config import CLIPDIY, PromptConfig, SegmenterConfig
 from clipdiy.images import ImageLike, to_rgb_uint8
 from clipdiy.preprocess import resize_for_model, resize_for_saliency
 from clipdiy.result import SegmentationResult
@@ -68,6 +70,8 @@ class Provenance:
     vocabulary_hash: str
     saliency_max_side: int | None = None
     precision: str = "fp32"
+    method: str = CLIPDIY
+    refine: str | None = None
 
 
 @dataclass
@@ -76,21 +80,25 @@ class PreparedImage:
 
     ``model_input``: h x w x 3 uint8 (256 x 256 faithful); ``saliency_input``: h' x w' x 3 uint8,
     the saliency model's input (the original itself at full resolution, unless shrunk by
-    ``SaliencyConfig.max_side``); ``original_size``: (H, W) after EXIF orientation. The original
-    is not kept: a pipeline ships only these to its accelerators.
+    ``SaliencyConfig.max_side``), ``None`` for a method without saliency; ``original_size``:
+    (H, W) after EXIF orientation. The original is not kept: a pipeline ships only these to its
+    accelerators.
     """
 
     model_input: np.ndarray
-    saliency_input: np.ndarray
+    saliency_input: np.ndarray | None
     original_size: tuple[int, int]
 
 
 @dataclass
 class ModelOutput:
-    """The segmenter's output for one image at the model resolution (h x w, 256 x 256 faithful).
+    """The segmenter's output for one image at the method's output resolution (h x w: 256 x 256
+    for faithful CLIP-DIY, the original H x W for NACLIP).
 
     label_map: h x w uint16; class_scores, mask_scores: (C,) float32 (see SegmentationResult);
-    saliency: h x w float32 in [0, 1]; original_size: (H, W); probabilities: C x h x w or None.
+    saliency: h' x w' float32 in [0, 1], the method's foreground map (CLIP-DIY: the saliency
+    map; NACLIP: 1 - background probability, at its model input size); original_size: (H, W);
+    probabilities: C x h x w or None.
     """
 
     label_map: np.ndarray
@@ -114,6 +122,16 @@ def prepare_image(image: ImageLike, mode: str = "faithful", saliency_max_side: i
         saliency_input=resize_for_saliency(rgb, saliency_max_side),
         original_size=(int(rgb.shape[0]), int(rgb.shape[1])),
     )
+
+
+def prepare_input(image: ImageLike, config: SegmenterConfig) -> PreparedImage:
+    """CPU preprocessing of one image for ``config.method`` (no model needed: decode workers call it).
+
+    Raises :class:`~clipdiy.errors.InvalidImageError` for images that cannot be labelled.
+    """
+    from clipdiy.methods import method_entry
+
+    return method_entry(config.method).prepare(to_rgb_uint8(image), config)
 
 
 def finalize(output: ModelOutput, class_names: Sequence[str]) -> SegmentationResult:
@@ -145,70 +163,78 @@ def _nearest_source_indices(out_size: int, in_size: int) -> np.ndarray:
     return np.minimum(source, in_size - 1)
 
 
-def fuse(scores: torch.Tensor, saliency: torch.Tensor | None) -> torch.Tensor:
-    """SPEC 3.2: class probabilities from score maps and a saliency map.
+def fused_logits(scores: torch.Tensor, saliency: torch.Tensor | None) -> torch.Tensor:
+    """SPEC 3.2: the logits S * [1 - s, s, ..., s] of score maps weighted by a saliency map.
 
     scores: B x C x h x w (class 0 = background); saliency: B x 1 x h x w in [0, 1], or ``None``
-    for no saliency (SPEC 3.5: no weighting, background competes with its own score).
-    Returns B x C x h x w: softmax over classes of S * [1 - s, s, ..., s] (of S without saliency).
+    for no saliency (SPEC 3.5: no weighting, background competes with its own score: S itself).
     """
     if saliency is None:
-        return torch.softmax(scores, dim=1)
+        return scores
     weights = saliency.expand(-1, scores.shape[1], -1, -1).clone()
     weights[:, 0] = 1.0 - saliency[:, 0]
-    return torch.softmax(scores * weights, dim=1)
+    return scores * weights
+
+
+def fuse(scores: torch.Tensor, saliency: torch.Tensor | None) -> torch.Tensor:
+    """SPEC 3.2: class probabilities B x C x h x w, the softmax over classes of :func:`fused_logits`."""
+    return torch.softmax(fused_logits(scores, saliency), dim=1)
 
 
 class Segmenter:
-    """Segments batches of images into the classes of a vocabulary (CLIP-DIY).
+    """Segments batches of images into the classes of a vocabulary with the method ``config.method``.
 
-    ``clip`` and ``saliency`` are models on the same device; ``text_embeddings`` (C x D) may be
-    passed when already computed (e.g. once per run by a driver), else they are computed here.
+    ``clip`` and ``saliency`` are models on the same device (``saliency`` is ``None`` for a
+    method without saliency); ``text_embeddings`` (the method's: C x D class embeddings for
+    CLIP-DIY, Q x D query embeddings for NACLIP) may be passed when already computed (e.g. once
+    per run by a driver), else they are computed here.
     """
 
     def __init__(
         self,
         clip: ImageTextEncoder,
-        saliency: SaliencyMap,
+        saliency: SaliencyMap | None,
         vocabulary: Vocabulary,
         config: SegmenterConfig,
         text_embeddings: torch.Tensor | None = None,
     ):
+        from clipdiy.methods import method_entry
+
         _check_precision(config.precision, clip=clip, saliency=saliency)
         self.clip = clip
         self.saliency = saliency
-        self._weights_scores = getattr(saliency, "weights_scores", True)
         self.vocabulary = vocabulary
         self.config = config
         self.device = _module_device(clip) if config.device is None else torch.device(config.device)
-        if text_embeddings is None:
-            from clipdiy.text_embeddings import class_text_embeddings
-
-            text_embeddings = class_text_embeddings(clip, vocabulary, config.prompts, config.text_cache_dir)
-        if text_embeddings.shape[0] != len(vocabulary):
-            raise ValueError(
-                f"{text_embeddings.shape[0]} text embeddings for a vocabulary of {len(vocabulary)} classes"
-            )
-        self.text_embeddings = text_embeddings.to(self.device, torch.float32)
-        self.scorer = DenseScorer(
-            clip.encode_image,
-            self.text_embeddings,
-            input_size=clip.image_size,
-            mean=clip.mean,
-            std=clip.std,
-            crop_batch_size=config.crop_batch_size or default_crop_batch_size(self.device),
-        )
+        entry = method_entry(config.method)
+        if entry.needs_saliency and saliency is None:
+            raise ValueError(f"method {config.method!r} needs a saliency model")
+        self.method = entry.build(clip, saliency, vocabulary, config, text_embeddings, self.device)
+        self.text_embeddings = self.method.text_embeddings
+        #: CLIP-DIY's dense scorer (None for other methods).
+        self.scorer = getattr(self.method, "scorer", None)
+        self.refinement = config.refinement
+        prompts = config.prompts if config.method == CLIPDIY else PromptConfig(ensemble="imagenet")
         self.provenance = Provenance(
             clip_model=clip.model_name,
             clip_weights=clip.weights_id,
-            saliency_backend=saliency.name,
-            saliency_weights=saliency.weights_id,
-            mode=config.mode,
+            saliency_backend=self.method.saliency_backend,
+            saliency_weights=self.method.saliency_weights,
+            mode=self.method.mode,
             vocabulary_name=vocabulary.name,
-            vocabulary_hash=vocabulary_hash(vocabulary, config.prompts),
-            saliency_max_side=config.saliency.max_side,
+            vocabulary_hash=vocabulary_hash(vocabulary, prompts),
+            saliency_max_side=config.saliency.max_side if entry.needs_saliency else None,
+            method=config.method,
+            refine=self._refine_id(),
             precision=config.precision,
         )
+
+    def _refine_id(self) -> str | None:
+        """Provenance of the refinement: its name and settings, e.g. ``pamr:10:8,16``."""
+        if self.refinement is None:
+            return None
+        pamr = self.config.pamr
+        return f"pamr:{pamr.iterations}:{','.join(str(d) for d in pamr.dilations)}"
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -219,7 +245,7 @@ class Segmenter:
         prepared = []
         for index, image in enumerate(images):
             try:
-                prepared.append(prepare_image(image, self.config.mode, self.config.saliency.max_side))
+                prepared.append(prepare_input(image, self.config))
             except ValueError as error:
                 # Say which image of the batch is bad; keep the error's type and kind.
                 error.args = (f"image {index}: {error.args[0]}",) + error.args[1:]
@@ -229,46 +255,39 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict(self, prepared: Sequence[PreparedImage], *, return_probabilities: bool = False) -> list[ModelOutput]:
-        """Model-resolution outputs for a batch of prepared images (SPEC sections 1-3)."""
+        """Outputs for a batch of prepared images: the method's forward, refinement, labels, scores.
+
+        Images with the same batch key (CLIP-DIY: model input size; NACLIP: input and original
+        size) share every forward.
+        """
         if not prepared:
             return []
         outputs: list[ModelOutput | None] = [None] * len(prepared)
-        # Images of one model-input size share every forward (faithful mode: the whole batch).
-        for indices in _group_by_shape([p.model_input.shape for p in prepared]):
-            scores = self.scorer(self._to_device([prepared[i].model_input for i in indices]))
-            saliency = self._saliency([prepared[i].saliency_input for i in indices], scores.shape[-2:])
-            probabilities = fuse(scores, saliency if self._weights_scores else None)
-            for i, output in zip(indices, self._summarise(probabilities, saliency, return_probabilities)):
+        keys = [self.method.batch_key(p) for p in prepared]
+        for indices in _group_by_key(keys):
+            group = [prepared[i] for i in indices]
+            forward = self.method.forward(self._to_device([p.model_input for p in group]), group)
+            logits = forward.logits
+            if self.refinement == "pamr":
+                from clipdiy.refine import pamr
+
+                settings = self.config.pamr
+                logits = pamr(forward.guide, logits, settings.iterations, settings.dilations, settings.max_elements)
+            decision = self.method.decide(logits, forward)
+            del logits, forward
+            for i, output in zip(indices, self._summarise(decision, group, return_probabilities)):
                 output.original_size = prepared[i].original_size
                 outputs[i] = output
         return outputs  # type: ignore[return-value]
 
     def _to_device(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """B arrays of h x w x 3 uint8 -> B x 3 x h x w uint8 on the device, one transfer."""
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        return batch.to(self.device, non_blocking=True).contiguous()
+        return to_device(arrays, self.device)
 
-    def _saliency(self, rgbs: Sequence[np.ndarray], size: torch.Size) -> torch.Tensor:
-        """B x 1 x h x w soft saliency at the model resolution (SPEC 2 on the saliency inputs, then 3.1)."""
-        if not getattr(self.saliency, "needs_pixels", True):
-            # A backend that never reads pixels (``none``) gets a placeholder: no host-device copy.
-            placeholder = torch.zeros(len(rgbs), 3, *size, device=self.device)
-            return self.saliency(placeholder).float().clamp_(0.0, 1.0)
-        maps: list[torch.Tensor | None] = [None] * len(rgbs)
-        for indices in _group_by_shape([rgb.shape for rgb in rgbs]):
-            images = self._to_device([rgbs[i] for i in indices]).float().div_(255.0)
-            full = self.saliency(images).float()
-            resized = F.interpolate(full, size=tuple(size), mode="bilinear", align_corners=False)
-            for i, saliency_map in zip(indices, resized):
-                maps[i] = saliency_map
-        return torch.stack(maps).clamp_(0.0, 1.0)  # type: ignore[arg-type]
-
-    def _summarise(
-        self, probabilities: torch.Tensor, saliency: torch.Tensor, return_probabilities: bool
-    ) -> list[ModelOutput]:
-        """Label maps and scores of a B x C x h x w probability batch, moved to the host once."""
+    def _summarise(self, decision, group: Sequence[PreparedImage], return_probabilities: bool) -> list[ModelOutput]:
+        """Label maps and scores of a B x C x h x w decision, moved to the host once."""
+        probabilities, labels = decision.probabilities, decision.labels
         batch, classes = probabilities.shape[:2]
-        labels = probabilities.argmax(dim=1)
         top = probabilities.gather(1, labels[:, None])[:, 0]
         class_scores = probabilities.mean(dim=(2, 3))
         flat_labels = labels.view(batch, -1)
@@ -277,13 +296,17 @@ class Segmenter:
         )
         summed = torch.zeros(batch, classes, device=labels.device).scatter_add_(1, flat_labels, top.view(batch, -1).float())
         mask_scores = summed / won.clamp(min=1.0)
-        foreground = saliency.mean(dim=(1, 2, 3))
+        foreground = decision.foreground
+        model_size = tuple(group[0].model_input.shape[:2])
+        if foreground.shape[-2] * foreground.shape[-1] > model_size[0] * model_size[1]:
+            # Ship the preview map no larger than the model input (NACLIP's is at the original size).
+            foreground = F.interpolate(foreground, size=model_size, mode="area")
         host = {
             "labels": labels.to(torch.int32).cpu().numpy().astype(np.uint16),
             "class_scores": class_scores.float().cpu().numpy(),
             "mask_scores": mask_scores.float().cpu().numpy(),
-            "foreground": foreground.float().cpu().numpy(),
-            "saliency": saliency[:, 0].float().cpu().numpy(),
+            "foreground": decision.foreground.float().mean(dim=(1, 2, 3)).cpu().numpy(),
+            "saliency": foreground[:, 0].float().cpu().numpy(),
             "probabilities": probabilities.float().cpu().numpy() if return_probabilities else None,
         }
         return [
@@ -300,11 +323,22 @@ class Segmenter:
         ]
 
 
-def _group_by_shape(shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for index, shape in enumerate(shapes):
-        groups[tuple(shape)].append(index)
+def to_device(arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """B arrays of h x w x 3 uint8 -> B x 3 x h x w uint8 on ``device``, one transfer."""
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return batch.to(device, non_blocking=True).contiguous()
+
+
+def _group_by_key(keys: Sequence) -> list[list[int]]:
+    groups: dict = defaultdict(list)
+    for index, key in enumerate(keys):
+        groups[key].append(index)
     return list(groups.values())
+
+
+def group_by_shape(shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:
+    """Indices grouped by equal shape, in first-seen order."""
+    return _group_by_key([tuple(shape) for shape in shapes])
 
 
 def _module_device(module: object) -> torch.device:
@@ -353,14 +387,16 @@ def create_segmenter(config: SegmenterConfig | None = None, *, text_embeddings: 
 
     Fails fast with :class:`~clipdiy.errors.WeightsNotFoundError` when weights are missing.
     """
+    from clipdiy.methods import method_entry
     from clipdiy.models.clip import create_clip_model
     from clipdiy.models.saliency import create_saliency_model
     from clipdiy.vocabulary import load_vocabulary
 
     config = config or SegmenterConfig()
+    entry = method_entry(config.method)  # an unknown method fails before any model loads
     vocabulary = load_vocabulary(config.vocabulary)
     device = select_device(config.device)
     dtype = select_dtype(config.precision)
     clip = create_clip_model(config.clip, device=device, dtype=dtype)
-    saliency = create_saliency_model(config.saliency, device=device, dtype=dtype)
+    saliency = create_saliency_model(config.saliency, device=device, dtype=dtype) if entry.needs_saliency else None
     return Segmenter(clip, saliency, vocabulary, config, text_embeddings=text_embeddings)

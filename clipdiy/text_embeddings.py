@@ -120,3 +120,34 @@ def _write_disk(path: str, embeddings: torch.Tensor) -> None:
     else:
         with fs.open(fs_path, "wb") as handle:
             handle.write(payload)
+
+
+def query_text_embeddings(
+    clip: TextEncoder,
+    queries: Sequence[str],
+    templates: Sequence[str],
+    cache_dir: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """Q x D float32 on the CPU: per query word, the re-normalised mean of its L2-normalised
+    template embeddings (NACLIP's text side, SPEC 8.6; every synonym is its own query).
+
+    Cached like :func:`class_text_embeddings`, keyed by model, weights, precision, queries and
+    templates.
+    """
+    queries, templates = list(queries), list(templates)
+    if not queries or not templates:
+        raise ValueError("query_text_embeddings needs at least one query and one template")
+    payload = "\x00".join([clip.model_name, clip.weights_id, str(getattr(clip, "dtype", "")), "queries", *queries, "templates", *templates])
+    key = hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    if key in _MEMORY:
+        return _MEMORY[key].clone()
+    path = _disk_path(cache_dir, key) if cache_dir else None
+    embeddings = _read_disk(path, len(queries)) if path else None
+    if embeddings is None:
+        texts = [template.format(query) for query in queries for template in templates]
+        prompts = F.normalize(clip.encode_text(texts).detach().float().cpu(), dim=-1)
+        embeddings = F.normalize(prompts.view(len(queries), len(templates), -1).mean(dim=1), dim=-1)
+        if path:
+            _write_disk(path, embeddings)
+    _MEMORY[key] = embeddings
+    return embeddings.clone()

@@ -35,11 +35,17 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
 
 from clipdiy.config import (
     FOUND_HEAD_URL,
+    NACLIP,
     PRECISIONS,
+    REFINES,
+    WINDOWS,
     ClipConfig,
+    NaclipConfig,
+    PamrConfig,
     PromptConfig,
     SaliencyConfig,
     SegmenterConfig,
+    default_clip_config,
 )
 from clipdiy.errors import ClipdiyError
 from clipdiy.pipeline.incremental import RETRY_ERRORS
@@ -111,12 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument("--region", default=None, help="bucket region; env AWS_REGION / AWS_DEFAULT_REGION")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--vocabulary", default="voc",
-                       help="class vocabulary: 'voc' (the paper's names, e.g. 'diningtable', 'tv/monitor'), "
-                            "'voc-readable', 'coco', or a .txt/.yaml/.json file (class 0 is background)")
-    model.add_argument("--clip-model", default=defaults_clip.model, help="open_clip model name")
-    model.add_argument("--clip-pretrained", default=defaults_clip.pretrained,
-                       help="open_clip pretrained tag (downloaded from the hub on first use)")
+    model.add_argument("--method", choices=("clipdiy", "naclip"), default="clipdiy",
+                       help="segmentation method: clipdiy (the paper: 59 CLIP crops + FOUND saliency) or naclip "
+                            "(one CLIP ViT-B/16 forward per image + PAMR; see README)")
+    model.add_argument("--vocabulary", default=None,
+                       help="class vocabulary: 'voc' (the paper's names, e.g. 'diningtable', 'tv/monitor'), 'voc-readable', 'coco', 'naclip-voc21', 'naclip-coco-object', or a "
+                            ".txt/.yaml/.json file (class 0 is background); default: voc for clipdiy, "
+                            "naclip-voc21 for naclip")
+    model.add_argument("--clip-model", default=None,
+                       help=f"open_clip model name (default: {defaults_clip.model} for clipdiy, "
+                            f"{default_clip_config(NACLIP).model} for naclip)")
+    model.add_argument("--clip-pretrained", default=None,
+                       help=f"open_clip pretrained tag, downloaded from the hub on first use (default: "
+                            f"{defaults_clip.pretrained} for clipdiy, {default_clip_config(NACLIP).pretrained} for naclip)")
     model.add_argument("--clip-checkpoint", default=None, metavar="PATH",
                        help="local path or URI of CLIP weights; wins over --clip-pretrained (the offline way)")
     model.add_argument("--clip-model-config", default=None, metavar="JSON",
@@ -140,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
                        help="model precision on every device: fp32 (the paper's; default), or fp16/bf16 "
                             "(faster on GPUs, moves some labels: see the README)")
+    model.add_argument("--refine", choices=REFINES, default="auto",
+                       help="refine the method's logits with PAMR: auto = as published (on for naclip, off for clipdiy)")
+    model.add_argument("--pamr-iterations", type=int, default=PamrConfig().iterations, help="PAMR iterations")
+    model.add_argument("--pamr-dilations", default=",".join(str(d) for d in PamrConfig().dilations), metavar="D1,D2",
+                       help="PAMR dilations, comma-separated")
+    model.add_argument("--naclip-window", choices=WINDOWS, default="auto",
+                       help="naclip: whole image in one forward, or 224-px sliding windows (stride 112); auto = the "
+                            "authors' choice for the vocabulary (whole for VOC, slide otherwise)")
 
     pipeline = parser.add_argument_group("pipeline and cluster")
     pipeline.add_argument("--batch-size", type=int, default=8, help="images per segmenter call in an actor")
@@ -197,14 +218,23 @@ def config_from_args(args: argparse.Namespace):
     from clipdiy.pipeline.config import DEFAULT_MAX_PIXELS, LabelJobConfig
     from clipdiy.pipeline.storage import StorageOptions
 
+    clip_defaults = default_clip_config(args.method)
+    try:
+        dilations = tuple(int(d) for d in args.pamr_dilations.split(",") if d.strip())
+    except ValueError:
+        raise ValueError(f"--pamr-dilations must be comma-separated integers, got {args.pamr_dilations!r}") from None
     segmenter = SegmenterConfig(
-        vocabulary=args.vocabulary,
+        method=args.method,
+        vocabulary=args.vocabulary or ("naclip-voc21" if args.method == NACLIP else "voc"),
         clip=ClipConfig(
-            model=args.clip_model,
-            pretrained=args.clip_pretrained,
+            model=args.clip_model or clip_defaults.model,
+            pretrained=args.clip_pretrained if args.clip_pretrained is not None else clip_defaults.pretrained,
             checkpoint=args.clip_checkpoint,
             model_config=args.clip_model_config,
         ),
+        refine=args.refine,
+        pamr=PamrConfig(iterations=args.pamr_iterations, dilations=dilations),
+        naclip=NaclipConfig(window=args.naclip_window),
         saliency=SaliencyConfig(
             backend=args.saliency,
             backbone=args.dino_model,

@@ -18,7 +18,7 @@ import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clipdiy.errors import InvalidImageError
-from clipdiy.segmenter import PreparedImage, prepare_image
+from clipdiy.segmenter import PreparedImage, prepare_image, prepare_input
 from clipdiy.uris import redact_text, redact_uri
 
 logger = logging.getLogger(__name__)
@@ -105,11 +105,19 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def decode_image(data: bytes, *, mode: str, max_pixels: int, saliency_max_side: int | None = None) -> DecodeResult:
-    """Bytes -> :class:`PreparedImage` (EXIF applied, RGB, original size kept, model and saliency inputs)."""
+def decode_image(
+    data: bytes, *, mode: str, max_pixels: int, saliency_max_side: int | None = None, config=None
+) -> DecodeResult:
+    """Bytes -> :class:`PreparedImage` (EXIF applied, RGB, original size kept, model and saliency inputs).
+
+    ``config``: a :class:`~clipdiy.config.SegmenterConfig` whose method prepares the input
+    (``mode`` and ``saliency_max_side`` are then unused); ``None``: CLIP-DIY's preparation.
+    """
     try:
         image = open_image(data, max_pixels)
-        # prepare_image applies the EXIF orientation and converts any mode to RGB.
+        # prepare_image/prepare_input apply the EXIF orientation and convert any mode to RGB.
+        if config is not None:
+            return DecodeResult(prepared=prepare_input(image, config))
         return DecodeResult(prepared=prepare_image(image, mode, saliency_max_side))
     except ImageDecodeError as error:
         return DecodeResult(error_kind=error.kind, error=str(error))
@@ -172,7 +180,9 @@ class DecodeBatch:
         read_attempts: int,
         saliency_max_side: int | None = None,
         health=None,
+        segmenter_config=None,
     ):
+        self.segmenter_config = segmenter_config  # when given, its method prepares the inputs
         self.storage_options = storage_options
         self.mode = mode
         self.max_pixels = max_pixels
@@ -226,7 +236,13 @@ class DecodeBatch:
                 continue
             reads_ok += 1
             results.append(
-                decode_image(data, mode=self.mode, max_pixels=self.max_pixels, saliency_max_side=self.saliency_max_side)
+                decode_image(
+                    data,
+                    mode=self.mode,
+                    max_pixels=self.max_pixels,
+                    saliency_max_side=self.saliency_max_side,
+                    config=self.segmenter_config,
+                )
             )
         self._report_reads(reads_ok, dict(failed), sample)
         for name, column in decoded_columns(results).items():

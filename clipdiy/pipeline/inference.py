@@ -143,13 +143,19 @@ class SegmentBatch:
             raise ActorStartError(ACTOR_START_REFUSED + first_line) from error
         self.health = health
         logger.info("segmenter loaded on %s", self.segmenter.device)
-        self._warn_large = segmenter_config.saliency.backend != "none" and segmenter_config.saliency.max_side is None
+        self._warn_large = (
+            getattr(self.segmenter, "saliency", None) is not None
+            and segmenter_config.saliency.backend != "none"
+            and segmenter_config.saliency.max_side is None
+        )
 
     def _check_saliency_cost(self, prepared: list) -> None:
         """Warn once per actor when full-resolution saliency meets a large photo."""
         if not self._warn_large:
             return
         for item in prepared:
+            if item.saliency_input is None:
+                continue
             height, width = item.saliency_input.shape[:2]
             if height * width > LARGE_SALIENCY_PIXELS:
                 logger.warning(

@@ -87,6 +87,8 @@ def build_rows(batch: pa.Table, context: RowContext) -> pa.Table:
         "mode": provenance.mode,
         "precision": provenance.precision,
         "clipdiy_version": clipdiy.__version__,
+        "method": provenance.method,
+        "refine": provenance.refine,
     }
     columns = batch.select(
         ["image_id", "uri", "source_size", "source_etag", "source_mtime", "status", "error_kind", "error", "width", "height"]

@@ -198,12 +198,18 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
     from clipdiy.pipeline.inference import SegmentBatch
     from clipdiy.pipeline.rows import RowContext, build_rows
 
+    saliency_side = saliency_input_side(config.segmenter.saliency)
     decode = DecodeBatch(
         config.storage,
         config.segmenter.mode,
         config.max_pixels,
         config.read_attempts,
-        saliency_max_side=saliency_input_side(config.segmenter.saliency),
+        saliency_max_side=saliency_side,
+        # The method prepares its own inputs on the CPU workers (CLIP-DIY: saliency input shrunk
+        # to what the backend reads).
+        segmenter_config=dataclasses.replace(
+            config.segmenter, saliency=dataclasses.replace(config.segmenter.saliency, max_side=saliency_side)
+        ),
         health=health,
     )
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)

@@ -1,0 +1,171 @@
+"""Images/s of each segmentation method on the same photos, and where the time goes, offline.
+
+    python benchmarks/bench_methods.py --images 4
+
+On the sample COCO photos at their own size (../shared/data/coco-val2017-sample) with random-init
+models of the real architectures (tests/model_factories.py; random weights cost exactly what real
+ones do), loaded through ``create_segmenter``, it runs in one process:
+
+- clipdiy, faithful, saliency FOUND (random ViT-S/8 + the real head) and saliency none;
+- naclip (random ViT-B/16) with the whole image in one forward and with 224/112 sliding windows,
+  each with and without PAMR (vocabulary naclip-voc21: 56 query words).
+
+For each it prints images/s of ``Segmenter.segment``, the share of the time inside the model
+forwards (CLIP/DINO, NACLIP's encoder), inside PAMR and everything else, and the FLOPs per image
+of the method's model forwards (torch's FlopCounterMode: matmuls, convolutions, attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from model_factories import SAMPLE_IMAGES, make_clip_config, make_saliency_config
+
+import clipdiy.refine
+from clipdiy.config import NaclipConfig, SaliencyConfig, SegmenterConfig
+from clipdiy.segmenter import create_segmenter
+
+
+class Meter:
+    """Wraps a callable: adds up wall time; while ``counting``, also the FLOPs it runs."""
+
+    def __init__(self, function):
+        self.function = function
+        self.seconds = 0.0
+        self.flops = 0
+        self.counting = False
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        if self.counting:
+            with FlopCounterMode(display=False) as counter:
+                out = self.function(*args, **kwargs)
+            self.flops += counter.get_total_flops()
+        else:
+            out = self.function(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+        self.flops = 0
+
+
+def load_images(count: int) -> list[np.ndarray]:
+    paths = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:count]
+    return [np.array(Image.open(path).convert("RGB")) for path in paths]
+
+
+def instrument(segmenter) -> list[Meter]:
+    """Meters around the model forwards of the segmenter's method."""
+    meters = []
+    method = segmenter.method
+    if segmenter.scorer is not None:  # clipdiy: CLIP's crop forwards and the saliency model
+        segmenter.scorer.encode_image = Meter(segmenter.scorer.encode_image)
+        meters.append(segmenter.scorer.encode_image)
+        if getattr(method.saliency, "needs_pixels", True):
+            method.saliency = Meter(method.saliency)
+            meters.append(method.saliency)
+    else:  # naclip: the encoder (blocks 1-11 and the reduced last block)
+        method.encoder.forward = Meter(method.encoder.forward)
+        meters.append(method.encoder.forward)
+    return meters
+
+
+def random_text(config: SegmenterConfig, width: int) -> torch.Tensor:
+    """Random unit text embeddings of the right count: the ViT-B/16 text tower over NACLIP's
+    56 x 80 prompts takes minutes on a CPU, and the image side's cost does not depend on them."""
+    from clipdiy.methods.naclip import query_words
+    from clipdiy.vocabulary import load_vocabulary
+
+    vocabulary = load_vocabulary(config.vocabulary)
+    rows = len(query_words(vocabulary)[0]) if config.method == "naclip" else len(vocabulary)
+    return torch.nn.functional.normalize(torch.randn(rows, width, generator=torch.Generator().manual_seed(0)), dim=-1)
+
+
+def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: int, pamr_meter: Meter) -> float:
+    segmenter = create_segmenter(config, text_embeddings=random_text(config, 512))
+    meters = instrument(segmenter)
+    segmenter.segment(images[:1])  # warm-up: allocations, caches
+    for meter in meters:
+        meter.counting = True
+        meter.reset()
+    segmenter.segment(images[:1])
+    flops = sum(meter.flops for meter in meters)
+    for meter in meters:
+        meter.counting = False
+        meter.reset()
+    pamr_meter.reset()
+    start = time.perf_counter()
+    for first in range(0, len(images), batch):
+        segmenter.segment(images[first : first + batch])
+    total = time.perf_counter() - start
+    forwards = sum(meter.seconds for meter in meters)
+    refine = pamr_meter.seconds
+    rest = total - forwards - refine
+    print(
+        f"{name:34s} {len(images) / total:7.3f} images/s  forwards {forwards / total:6.1%}  PAMR {refine / total:6.1%}  "
+        f"else {rest / total:6.1%}  forward FLOPs/image {flops / 1e9:7.1f} G",
+        flush=True,
+    )
+    return len(images) / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=4, help="photos per method (max 32)")
+    parser.add_argument("--batch", type=int, default=4, help="images per segment() call")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--skip", default="", help="comma-separated names of runs to skip (e.g. clipdiy-found)")
+    parser.add_argument("--workdir", default=None, help="where the random checkpoints go (default: a temp dir)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    images = load_images(args.images)
+    sizes = sorted({image.shape[:2] for image in images})
+    print(f"{len(images)} photos of sizes {sizes}, batch {args.batch}, {torch.get_num_threads()} CPU threads, device cpu")
+    pamr_meter = Meter(clipdiy.refine.pamr)
+    clipdiy.refine.pamr = pamr_meter  # the segmenter imports it at call time
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir or tmp)
+        b32 = make_clip_config(workdir / "clip-b32", arch="ViT-B-32")
+        b16 = make_clip_config(workdir / "clip-b16", arch="ViT-B-16")
+        found = make_saliency_config(workdir / "found")
+        clipdiy_config = SegmenterConfig(vocabulary="voc", clip=b32, device="cpu")
+        runs = {
+            "clipdiy-found": replace(clipdiy_config, saliency=found),
+            "clipdiy-found-pamr": replace(clipdiy_config, saliency=found, refine="pamr"),
+            "clipdiy-none": replace(clipdiy_config, saliency=SaliencyConfig(backend="none")),
+            "clipdiy-none-pamr": replace(clipdiy_config, saliency=SaliencyConfig(backend="none"), refine="pamr"),
+        }
+        for window in ("whole", "slide"):
+            for refine in ("pamr", "none"):
+                runs[f"naclip-{window}-{'pamr' if refine == 'pamr' else 'nopamr'}"] = SegmenterConfig(
+                    method="naclip", vocabulary="naclip-voc21", clip=b16, device="cpu",
+                    naclip=NaclipConfig(window=window), refine=refine,
+                )
+        rates = {}
+        for name, config in runs.items():
+            if name not in skip:
+                rates[name] = bench(name, config, images, args.batch, pamr_meter)
+        if "clipdiy-found" in rates and "naclip-whole-pamr" in rates:
+            print(f"naclip whole (PAMR) / clipdiy faithful with FOUND: {rates['naclip-whole-pamr'] / rates['clipdiy-found']:.2f}x  (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()

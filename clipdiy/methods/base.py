@@ -1,0 +1,66 @@
+"""The interface between the :class:`~clipdiy.segmenter.Segmenter` and a segmentation method."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from clipdiy.segmenter import PreparedImage
+
+
+@dataclass
+class MethodLogits:
+    """What a method's forward gives for one batch (all on the device).
+
+    logits:     B x Q x h x w float32, the maps a refinement (PAMR) works on; Q may exceed the
+                vocabulary's classes (NACLIP: one map per query word).
+    guide:      B x 3 x h x w float, the normalised image at the logits' size (PAMR's guide).
+    foreground: B x 1 x h' x w' in [0, 1] (CLIP-DIY: the saliency map) or None (derived from the
+                probabilities by :meth:`SegmentationMethod.decide`).
+    """
+
+    logits: torch.Tensor
+    guide: torch.Tensor
+    foreground: torch.Tensor | None = None
+
+
+@dataclass
+class MethodDecision:
+    """Per-class probabilities (B x C x h x w, summing to 1 over classes), labels (B x h x w int64)
+    and a soft foreground map (B x 1 x h' x w' in [0, 1])."""
+
+    probabilities: torch.Tensor
+    labels: torch.Tensor
+    foreground: torch.Tensor
+
+
+class SegmentationMethod(Protocol):
+    """A dense method the segmenter drives: images of one batch key in, logits, then decisions.
+
+    ``text_embeddings``: the method's text side (rows: classes or query words), computed once per
+    run and shipped to workers. ``saliency_backend`` / ``saliency_weights``: provenance of the
+    saliency model it uses (``"none"`` / ``None`` when it uses none). ``mode``: how images are
+    presented to the model (written as the rows' ``mode``).
+    """
+
+    name: str
+    text_embeddings: torch.Tensor
+    saliency_backend: str
+    saliency_weights: str | None
+    mode: str
+
+    def batch_key(self, prepared: PreparedImage) -> Hashable:
+        """Images with equal keys share one :meth:`forward` (stacked into one batch)."""
+        ...
+
+    def forward(self, pixels: torch.Tensor, prepared: Sequence[PreparedImage]) -> MethodLogits:
+        """pixels: B x 3 x h x w uint8 model inputs of one batch key, on the device."""
+        ...
+
+    def decide(self, logits: torch.Tensor, forward: MethodLogits) -> MethodDecision:
+        """Probabilities and labels from (possibly refined) logits."""
+        ...
