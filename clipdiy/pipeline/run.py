@@ -39,11 +39,10 @@ from typing import TYPE_CHECKING, Self
 import numpy as np
 
 from clipdiy.pipeline.config import LabelJobConfig
-from clipdiy.pipeline.inference import actor_start_refusals
 from clipdiy.pipeline.incremental import ListingCounts, labelled_keys, pending_blocks
+from clipdiy.pipeline.inference import actor_start_refusals
 from clipdiy.pipeline.layout import OutputLayout
 from clipdiy.pipeline.lock import OutputLock
-from clipdiy.pipeline.placement import InferencePlacement, plan_placement
 from clipdiy.pipeline.manifest import (
     RunPlan,
     build_manifest,
@@ -53,6 +52,7 @@ from clipdiy.pipeline.manifest import (
     write_manifest,
     write_run_state,
 )
+from clipdiy.pipeline.placement import InferencePlacement, plan_placement
 from clipdiy.pipeline.storage import check_input_reachable, iter_sources, redact_url
 from clipdiy.pipeline.writer import ShardTarget, write_shard
 
