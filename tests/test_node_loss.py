@@ -37,7 +37,7 @@ def test_a_worker_node_removed_mid_run_loses_no_image(coco_images, tiny_clip_con
     removed: list[str] = []
     try:
         # Two workers (nodes are added from the main thread: Ray's node start sets signal handlers).
-        workers = {node.node_id: node for node in (cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=2))}
+        workers = {n.node_id: n for n in (cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=2))}
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env(spec))
 
