@@ -312,7 +312,10 @@ def _label(
     except ClipdiyError:
         raise
     except Exception as error:
-        verdict = ray.get(health.verdict.remote())
+        try:
+            verdict = ray.get(health.verdict.remote(), timeout=60)
+        except Exception:  # noqa: BLE001 - the dataset's own error (raised below) is the one to report
+            verdict = None
         if verdict is not None:
             raise RunFailedError(verdict) from error
         raise
