@@ -137,6 +137,7 @@ def plan_old(workdir: Path, rev: str) -> dict:
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_incremental", path)
     old = importlib.util.module_from_spec(spec)
+    sys.modules["old_incremental"] = old  # dataclasses look their module up
     spec.loader.exec_module(old)
 
     from clipdiy.pipeline.layout import OutputLayout

@@ -92,8 +92,9 @@ def main() -> None:
     decided = full_margin > args.margin
     changed = full_labels != low_labels
     winners = np.bincount(full_labels.ravel(), minlength=21)
-    print(f"{len(paths)} sample photos, random discriminative ViT-B-32 + FOUND {args.saliency} "
-          f"(random ViT-S/8, real head), device {args.device}, {torch.get_num_threads()} threads")
+    saliency = "FOUND (random ViT-S/8, real head)" if args.saliency == "found" else "no saliency"
+    print(f"{len(paths)} sample photos, random discriminative ViT-B-32 + {saliency}, "
+          f"device {args.device}, {torch.get_num_threads()} threads")
     print(f"fp32 {full_seconds:.1f} s, {args.precision} {low_seconds:.1f} s")
     print(f"classes winning pixels in fp32: {int((winners > 0).sum())} of 21 "
           f"(largest share {winners.max() / winners.sum():.1%})")

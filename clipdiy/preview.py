@@ -26,7 +26,13 @@ import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from clipdiy.ground_truth import resize_nearest
-from clipdiy.label_store import decode_label_map, decode_saliency, list_runs, load_image, read_shard
+from clipdiy.label_store import (
+    decode_label_map,
+    decode_saliency,
+    list_runs,
+    load_image,
+    read_shard,
+)
 from clipdiy.palette import class_colour, colorize
 from clipdiy.pipeline.storage import StorageOptions, open_filesystem
 from clipdiy.row_index import RowIndex, build_row_index

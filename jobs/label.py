@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     except ClipdiyError as error:
         # Refusals (input, weights, vocabulary, lock) and stopped runs are one line; tracebacks are for bugs.
         return _refuse(error)
-    except Exception as error:  # noqa: BLE001 - logged with its traceback, reported as "failed mid-run"
+    except Exception as error:  # logged with its traceback, reported as "failed mid-run"
         logging.getLogger(PROG).exception("the run failed")
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         print(f"{PROG}: error: the run failed mid-run ({type(error).__name__}: {redact_text(detail)}); start again to resume",

@@ -8,7 +8,7 @@ from a file at every batch (worker processes outlive one job). The first batch h
 - ``cuda``: from then on every ``predict`` of that process raises a CUDA error, as a
   device-side assert leaves the device unusable;
 - ``kill``: the actor's process is killed (SIGKILL);
-- ``hang``: the actor writes its node id to ``<marker>.node`` and waits (up to 5 minutes) for
+- ``hang``: the actor writes its node id to ``<marker>.node`` and waits (up to 2 minutes) for
   its node to be removed.
 """
 
@@ -65,7 +65,7 @@ def _fire(stage, spec: dict) -> None:
         import ray
 
         Path(spec["marker"] + ".node").write_text(ray.get_runtime_context().get_node_id())
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the node's removal ends this process
             time.sleep(0.2)
     else:

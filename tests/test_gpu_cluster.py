@@ -76,7 +76,7 @@ def test_gpu_actors_by_default_when_the_gpu_node_joins_after_the_start(cpu_head_
     def run() -> None:
         try:
             outcome["summary"] = run_labelling(config)
-        except BaseException as error:  # reported by the assertions below
+        except BaseException as error:  # noqa: BLE001 - reported by the assertions below
             outcome["error"] = error
 
     job = threading.Thread(target=run)
@@ -129,10 +129,10 @@ def test_impossible_gpu_request_ends_with_one_line_within_the_wait(cpu_head_clus
 
 def test_cluster_file_without_gpu_type_is_refused_at_once(cpu_head_cluster, images, tiny_clip_config, tmp_path):
     import yaml
+    from test_gpu_placement import CLUSTER_YAML
 
     from clipdiy.errors import GpuUnavailableError
     from clipdiy.pipeline.run import run_labelling
-    from test_gpu_placement import CLUSTER_YAML
 
     cluster_file = yaml.safe_load(CLUSTER_YAML.read_text())
     cluster_file["available_node_types"]["gpu_spot"]["resources"].pop("GPU")

@@ -99,7 +99,7 @@ def test_cli_rejects_an_unknown_device_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "jobs" / "label.py"), "--input", str(tmp_path), "--output",
          str(tmp_path / "out"), "--device", "tpu"],
-        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, check=False,
     )
     assert result.returncode == 2
     assert "--device" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -11,7 +11,11 @@ import pytest
 
 from clipdiy.pipeline.decode import decode_image, decoded_columns
 from clipdiy.pipeline.health import ErrorBudget, RunHealth, classify_read_failure
-from clipdiy.pipeline.inference import SegmentBatch, is_out_of_memory, is_poisoning_error
+from clipdiy.pipeline.inference import (
+    SegmentBatch,
+    is_out_of_memory,
+    is_poisoning_error,
+)
 from clipdiy.pipeline.storage import StorageOptions, read_uri
 
 
@@ -42,7 +46,9 @@ def test_read_failures_are_classified_from_real_store_errors(s3_server, s3_bucke
     assert classify_read_failure(PermissionError(13, "Permission denied", str(denied))) == "access_denied"
 
     class ClientError(Exception):  # botocore's shape: the S3 error code in .response
-        response = {"Error": {"Code": "InvalidAccessKeyId"}}
+        def __init__(self):
+            super().__init__("An error occurred (InvalidAccessKeyId) when calling the GetObject operation")
+            self.response = {"Error": {"Code": "InvalidAccessKeyId"}}
 
     wrapped = PermissionError("The AWS Access Key Id you provided does not exist in our records.")
     wrapped.__cause__ = ClientError()

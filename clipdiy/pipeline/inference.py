@@ -195,7 +195,7 @@ class SegmentBatch:
                 logger.warning("out of memory on a batch of %d images; retrying it in halves", len(prepared))
                 try:
                     return self.segmenter.predict(prepared[:half]) + self.segmenter.predict(prepared[half:])
-                except Exception as again:
+                except Exception as again:  # noqa: BLE001 - judged below, else retried image by image
                     if is_poisoning_error(again) or is_out_of_memory(again):
                         return self._poisoned(again, key, len(prepared))
             # Retried image by image below, so one bad image only costs itself.

@@ -39,7 +39,12 @@ from typing import Self
 
 from clipdiy.errors import ClipdiyError
 from clipdiy.pipeline.layout import OutputLayout
-from clipdiy.pipeline.lock_store import ConditionalWriteConflict, LockStore, StoredLock, open_lock_store
+from clipdiy.pipeline.lock_store import (
+    ConditionalWriteConflict,
+    LockStore,
+    StoredLock,
+    open_lock_store,
+)
 from clipdiy.uris import redact_uri
 
 logger = logging.getLogger(__name__)

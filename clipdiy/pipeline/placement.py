@@ -24,9 +24,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from clipdiy.errors import GpuUnavailableError
 
@@ -90,7 +90,7 @@ def max_gpus_reported_to_ray() -> int | None:
 
     try:
         resources = state.get_max_resources_from_cluster_config()
-    except Exception as error:  # a private API: its absence means "unknown", never a failure
+    except Exception as error:  # noqa: BLE001 - a private API: any failure means "unknown", never a refusal
         logger.debug("no cluster config from Ray: %s", error)
         return None
     if not resources:

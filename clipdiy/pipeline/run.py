@@ -42,11 +42,10 @@ from typing import TYPE_CHECKING, Self
 import numpy as np
 
 from clipdiy.pipeline.config import LabelJobConfig
-from clipdiy.pipeline.inference import actor_start_refusals
 from clipdiy.pipeline.incremental import ListingCounts
+from clipdiy.pipeline.inference import actor_start_refusals
 from clipdiy.pipeline.layout import OutputLayout
 from clipdiy.pipeline.lock import LockLostError, OutputLock
-from clipdiy.pipeline.placement import InferencePlacement, plan_placement
 from clipdiy.pipeline.manifest import (
     RunPlan,
     build_manifest,
@@ -56,6 +55,7 @@ from clipdiy.pipeline.manifest import (
     write_manifest,
     write_run_state,
 )
+from clipdiy.pipeline.placement import InferencePlacement, plan_placement
 from clipdiy.pipeline.planning import Plan, PlanTarget, plan_pending, remove_plans
 from clipdiy.pipeline.storage import check_input_reachable
 from clipdiy.pipeline.writer import ShardTarget, write_shard
@@ -318,7 +318,10 @@ def _label(
     except ClipdiyError:
         raise
     except Exception as error:
-        verdict = ray.get(health.verdict.remote())
+        try:
+            verdict = ray.get(health.verdict.remote(), timeout=60)
+        except Exception:  # noqa: BLE001 - the dataset's own error (raised below) is the one to report
+            verdict = None
         if verdict is not None:
             raise RunFailedError(verdict) from error
         raise

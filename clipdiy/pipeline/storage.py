@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
+
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
