@@ -139,7 +139,7 @@ def test_batched_naclip_matches_the_transcription(vitb16, text, photos, window):
         assert np.abs(outputs[i].probabilities - expected_probabilities.numpy()).max() <= 1e-3
         assert outputs[i].label_map.shape == photo.shape[:2]
     # Not degenerate (SPEC 6): most pixels decided, background and several classes win.
-    assert decided_total / pixels_total > 0.9, decided_total / pixels_total
+    assert decided_total / pixels_total > 0.85, decided_total / pixels_total
     assert winners[0] > 0 and int((winners[1:] > 0).sum()) >= 2, winners.tolist()
     assert winners.max() < 0.95 * winners.sum()
 
