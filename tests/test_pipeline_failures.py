@@ -5,7 +5,9 @@
 - a CUDA error that poisons an actor restarts it, and the images it would have failed are labelled;
 - an actor killed mid-run loses no image and labels none twice.
 
-One local Ray for the module, whose workers run ``fault_injection.install`` (faults armed per test).
+One local Ray per test, whose workers run ``fault_injection.install`` (faults armed per test): a
+run stopped early leaves its actor pool to Ray Data's asynchronous shutdown, and in a 2-CPU Ray an
+actor still alive holds the CPU the next run's stages need.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def fault_spec(tmp_path_factory):
     return tmp_path_factory.mktemp("faults") / "fault.json"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_with_faults(s3_server, fault_spec):
     """A 2-CPU local Ray, started after ``s3_server`` set the dummy credentials (workers inherit them)."""
     import ray
