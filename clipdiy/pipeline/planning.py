@@ -6,7 +6,7 @@ Two shapes, both with driver memory that does not grow with the corpus:
   labelling job's input. One read task streams it (:func:`listing_dataset`) in blocks of
   ``block_rows``, so the first images are decoded while the listing goes on.
 - **Otherwise**: the listing is joined with the earlier rows by Ray Data's hash-partitioned
-  joins (``Dataset.join``, Ray >= 2.46; ``left_outer`` on the source key against the finished
+  joins (``Dataset.join``, Ray >= 2.60, see pyproject.toml; ``left_outer`` on the source key against the finished
   runs' rows, deduplicated by a hash ``groupby``; ``left_outer`` on the image id against this
   run's earlier attempts), each of ``num_partitions`` partitions joined on its own; the rules of
   :func:`~clipdiy.pipeline.incremental.split_pending` pick the rows still to label, which are
