@@ -88,13 +88,20 @@ def _rows(plan) -> list[dict]:
     ],
 )
 def test_plan_anti_joins_on_version_for_earlier_runs_and_on_id_for_this_run(
-    ray_session, tmp_path, retry_errors, todo, skipped, retried
+    ray_session, tmp_path, monkeypatch, retry_errors, todo, skipped, retried
 ):
     from clipdiy.pipeline.incremental import LISTING_SCHEMA
+    from clipdiy.pipeline.layout import OutputLayout
 
     (tmp_path / "in").mkdir()
     output = str(tmp_path / "labels")
     _output_with_history(output)
+
+    def listed_in_the_driver(self, run_id):
+        raise AssertionError(f"the driver listed the shards of {run_id}: a path per shard in the driver")
+
+    # Ray's workers are other processes: only the driver's listing is refused.
+    monkeypatch.setattr(OutputLayout, "shard_paths", listed_in_the_driver)
     plan = _plan(tmp_path, output, retry_errors)
 
     rows = _rows(plan)

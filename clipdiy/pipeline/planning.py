@@ -161,8 +161,30 @@ def listing_dataset(target: PlanTarget, block_rows: int):
     return listing.repartition(target_num_rows_per_block=block_rows)
 
 
-def _shard_items(layout: OutputLayout, run_ids: list[str]) -> list[dict]:
-    return [{"path": path} for run_id in run_ids for path in layout.shard_paths(run_id)]
+def _list_shards(batch: pa.Table, *, output_uri: str, storage: StorageOptions) -> Iterator[pa.Table]:
+    layout = OutputLayout.open(output_uri, storage)
+    for run_id in batch.column("run_id").to_pylist():
+        paths = layout.shard_paths(run_id)
+        for start in range(0, len(paths), SHARDS_PER_READ):
+            yield pa.table({"path": pa.array(paths[start : start + SHARDS_PER_READ], pa.string())})
+
+
+def shard_paths_dataset(target: PlanTarget, run_ids: list[str]):
+    """The committed shard paths of ``run_ids``, listed by Ray tasks (one per run) and kept in the
+    object store (materialised: counted, then read), in blocks of :data:`SHARDS_PER_READ` paths.
+    The driver holds the run ids only, never a path per shard."""
+    import ray.data
+
+    paths = ray.data.from_items([{"run_id": run_id} for run_id in run_ids], override_num_blocks=len(run_ids))
+    paths = paths.map_batches(
+        _list_shards,
+        fn_kwargs={"output_uri": target.output_uri, "storage": target.storage},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0,  # waits on the store's listing
+    )
+    # A task's outputs are coalesced into large blocks: split them back, one read task per block.
+    return paths.repartition(target_num_rows_per_block=SHARDS_PER_READ).materialize()
 
 
 def _partitions(rows: int) -> int:
@@ -172,22 +194,22 @@ def _partitions(rows: int) -> int:
 def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_per_shard: int) -> Plan:
     """Plan ``target``'s run: see the module docstring. ``earlier_run_ids``: the finished runs
     whose rows count by source version; ``estimated_rows_per_shard`` sizes the join partitions."""
-    import ray.data
     from ray.data.aggregate import Max
 
     layout = OutputLayout.open(target.output_uri, target.storage)
-    earlier = _shard_items(layout, earlier_run_ids)
-    attempts = _shard_items(layout, [target.run_id])
-    if not earlier and not attempts:
+    earlier = shard_paths_dataset(target, earlier_run_ids) if earlier_run_ids else None
+    attempts = shard_paths_dataset(target, [target.run_id])
+    earlier_shards = earlier.count() if earlier is not None else 0
+    attempt_shards = attempts.count()
+    if not earlier_shards and not attempt_shards:
         return Plan(dataset=listing_dataset(target, target.block_rows), counts=None)
 
     # The listing is not known before it is read: size the partitions by the labelled side,
     # which nightly runs over a growing corpus track closely.
-    partitions = _partitions((len(earlier) + len(attempts)) * max(1, estimated_rows_per_shard))
+    partitions = _partitions((earlier_shards + attempt_shards) * max(1, estimated_rows_per_shard))
     joined = listing_dataset(target, JOIN_BLOCK_ROWS).map_batches(with_source_key, batch_format="pyarrow", num_cpus=0)
-    if earlier:
-        tags = ray.data.from_items(earlier, override_num_blocks=max(1, math.ceil(len(earlier) / SHARDS_PER_READ)))
-        tags = tags.map_batches(
+    if earlier_shards:
+        tags = earlier.map_batches(
             _read_earlier_tags,
             fn_kwargs={"output_uri": target.output_uri, "storage": target.storage, "retry_errors": target.retry_errors},
             batch_size=SHARDS_PER_READ,
@@ -196,9 +218,8 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
         # One row per key (repeated error rows would repeat the listing row in the join).
         tags = tags.groupby(SOURCE_KEY, num_partitions=partitions).aggregate(Max("tag", alias_name=EARLIER_RUNS))
         joined = joined.join(tags, "left_outer", partitions, on=(SOURCE_KEY,))
-    if attempts:
-        ids = ray.data.from_items(attempts, override_num_blocks=max(1, math.ceil(len(attempts) / SHARDS_PER_READ)))
-        ids = ids.map_batches(
+    if attempt_shards:
+        ids = attempts.map_batches(
             _read_image_ids,
             fn_kwargs={"output_uri": target.output_uri, "storage": target.storage},
             batch_size=SHARDS_PER_READ,
@@ -206,7 +227,6 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
         )
         ids = ids.groupby("image_id", num_partitions=partitions).count().map_batches(_mark_this_run, batch_format="pyarrow")
         joined = joined.join(ids, "left_outer", partitions, on=("image_id",))
-    del earlier, attempts
 
     plan_dir = target.plan_dir(layout)
     remove_plans(layout, target.run_id)
