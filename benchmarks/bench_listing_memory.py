@@ -26,7 +26,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from clipdiy.pipeline.storage import StorageOptions, iter_sources
+from clipdiy.pipeline.listing import iter_sources
+from clipdiy.pipeline.storage import StorageOptions
 
 PAYLOAD = b"\xff\xd8\xff\xd9"  # a 4-byte "jpeg": listing never reads it
 

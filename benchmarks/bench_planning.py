@@ -141,8 +141,8 @@ def plan_old(workdir: Path, rev: str) -> dict:
     spec.loader.exec_module(old)
 
     from clipdiy.pipeline.layout import OutputLayout
+    from clipdiy.pipeline.listing import iter_sources
     from clipdiy.pipeline.manifest import finished_run_ids
-    from clipdiy.pipeline.storage import iter_sources
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     before = peak_rss_mb()

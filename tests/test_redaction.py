@@ -94,7 +94,7 @@ def test_run_documents_and_options_hold_no_credential(tmp_path):
 
 
 def test_manifest_ids_of_presigned_urls_hold_no_signature_and_survive_re_signing(tmp_path):
-    from clipdiy.pipeline.storage import iter_sources
+    from clipdiy.pipeline.listing import iter_sources
 
     manifest = tmp_path / "list.txt"
     manifest.write_text(

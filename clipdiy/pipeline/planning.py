@@ -41,7 +41,8 @@ from clipdiy.pipeline.incremental import (
     with_source_key,
 )
 from clipdiy.pipeline.layout import OutputLayout
-from clipdiy.pipeline.storage import StorageOptions, iter_sources
+from clipdiy.pipeline.listing import iter_sources
+from clipdiy.pipeline.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 

@@ -45,6 +45,7 @@ from clipdiy.pipeline.config import LabelJobConfig
 from clipdiy.pipeline.incremental import ListingCounts
 from clipdiy.pipeline.inference import actor_start_refusals
 from clipdiy.pipeline.layout import OutputLayout
+from clipdiy.pipeline.listing import check_input_reachable
 from clipdiy.pipeline.lock import LockLostError, OutputLock
 from clipdiy.pipeline.manifest import (
     RunPlan,
@@ -57,7 +58,6 @@ from clipdiy.pipeline.manifest import (
 )
 from clipdiy.pipeline.placement import InferencePlacement, plan_placement
 from clipdiy.pipeline.planning import Plan, PlanTarget, plan_pending, remove_plans
-from clipdiy.pipeline.storage import check_input_reachable
 from clipdiy.pipeline.writer import ShardTarget, write_shard
 from clipdiy.uris import redact_document, redact_uri
 
