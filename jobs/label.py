@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "the few real photos that installing clipdiy brings (quick start)")
     io.add_argument("--output", required=True, metavar="URI", help="labels folder or prefix (local path, s3://, gs://)")
     io.add_argument("--limit", type=int, default=None, metavar="N", help="only consider the first N listed images")
+    io.add_argument("--listing-tasks", type=int, default=16, metavar="N",
+                    help="list a prefix's folders with up to N tasks at once, spread over the cluster (default 16)")
     io.add_argument("--run-id", default=None,
                     help="id of this run (folder OUTPUT/runs/<id>); default: resume the unfinished run in OUTPUT if "
                          "there is one, else a new id from the UTC time")
@@ -268,6 +270,7 @@ def config_from_args(args: argparse.Namespace):
         rows_per_file=args.rows_per_file,
         max_pixels=args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS,
         limit=args.limit,
+        listing_tasks=args.listing_tasks,
         run_id=args.run_id,
         address=args.address,
         local_num_cpus=args.num_cpus,

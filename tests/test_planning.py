@@ -161,3 +161,41 @@ def test_split_pending_rules_on_one_joined_block():
     assert pending.column("image_id").to_pylist() == ["2.jpg", "3.jpg"]
     assert pending.schema.equals(LISTING_SCHEMA)
     assert (counts.listed, counts.skipped, counts.resumed, counts.retried, counts.todo) == (5, 2, 1, 1, 2)
+
+
+def _folder_input(root) -> list[str]:
+    """Ten 1000-byte files with label_row's mtime in nested folders; their image ids."""
+    import os
+
+    names = ["top.jpg"] + [f"d{i}/{name}" for i in range(3) for name in ("a.jpg", "e/b.jpg", "e/c.jpg")]
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (STARTED.timestamp(), STARTED.timestamp()))
+    return sorted(names)
+
+
+@pytest.mark.parametrize("labelled", [0, 4])
+def test_a_folder_is_listed_in_parts_by_several_tasks_each_image_once(ray_session, tmp_path, labelled):
+    from clipdiy.pipeline.planning import ROWS_PER_PARTITION, PlanTarget, plan_pending
+    from clipdiy.pipeline.storage import StorageOptions
+
+    names = _folder_input(tmp_path / "in")
+    output = str(tmp_path / "labels")
+    done = names[::3][:labelled]
+    if done:
+        label = np.zeros((4, 4), np.uint8)
+        write_labels_output(output, [LabelItem(n, f"file:///in/{n}", label) for n in done], run_id="run-a",
+                            started=STARTED, rows_per_shard=1)
+    # One listing task: the split goes three folder levels deep (top files, d*/ files, d*/e/ trees).
+    target = PlanTarget(input_uri=str(tmp_path / "in"), output_uri=output, storage=StorageOptions(), run_id="run-b",
+                        attempt=1, retry_errors="transient", block_rows=2, listing_tasks=1)
+    plan = plan_pending(target, ["run-a"] if done else [], estimated_rows_per_shard=ROWS_PER_PARTITION)
+    rows = _rows(plan)
+    assert [row["image_id"] for row in rows] == sorted(set(names) - set(done))
+    assert all(row["uri"] == f"file://{tmp_path}/in/{row['image_id']}" and row["source_size"] == 1000 for row in rows)
+    if done:
+        assert (plan.counts.listed, plan.counts.skipped, plan.counts.todo) == (10, len(done), 10 - len(done))
+    else:
+        assert plan.counts is None

@@ -19,7 +19,14 @@ from s3_server import DUMMY_KEY_ID, DUMMY_SECRET
 
 from clipdiy.errors import ClipdiyError, InputError
 from clipdiy.pipeline import listing
-from clipdiy.pipeline.listing import SourceObject, check_input_reachable, iter_sources
+from clipdiy.pipeline.listing import (
+    ListingPart,
+    SourceObject,
+    check_input_reachable,
+    iter_part_sources,
+    iter_sources,
+    listing_parts,
+)
 from clipdiy.pipeline.storage import (
     StorageOptions,
     is_transient,
@@ -153,6 +160,54 @@ def test_parquet_manifest_reads_uri_and_optional_metadata(tmp_path):
     pq.write_table(pa.table({"path": ["a/x.jpg"]}), root / "bad.parquet")
     with pytest.raises(InputError, match="no 'uri' column"):
         list(iter_sources(str(root / "bad.parquet")))
+
+
+# ----------------------------------------------------------------------------- listing in parts
+
+# Deeper folders than TREE: levels of several folders, files at every level, a hidden folder.
+DEEP_TREE = {
+    **TREE,
+    **{f"d{i}/e{j}/{k}.jpg": b"x" for i in range(3) for j in range(3) for k in range(2)},
+    **{f"d{i}/f.png": b"f" for i in range(3)},
+    "d1/e1/g/h/deep.jpg": b"deep",
+    "d2/.hidden/no.jpg": b"hidden",
+}
+
+
+def _parts_listing(input_uri, options=None, **split):
+    parts = list(listing_parts(input_uri, options, **split))
+    return parts, [s for part in parts for s in iter_part_sources(input_uri, part, options)]
+
+
+@pytest.mark.parametrize("min_parts, max_depth", [(1, 1), (2, 2), (4, 3), (100, 3), (100, 1)])
+def test_listing_parts_together_list_each_object_once(tmp_path, min_parts, max_depth):
+    root = str(make_tree(tmp_path / "in", DEEP_TREE))
+    parts, sources = _parts_listing(root, min_parts=min_parts, max_depth=max_depth)
+    expected = list(iter_sources(root))
+    assert sorted(sources, key=lambda s: s.image_id) == expected  # same ids, URIs, sizes, mtimes
+    assert len(parts) > 1 and any(not p.recursive for p in parts)
+    assert len({(p.folder, p.recursive) for p in parts}) == len(parts)
+
+
+def test_inputs_that_cannot_be_split_are_one_part(tmp_path):
+    root = make_tree(tmp_path / "in", {"a.jpg": b"a", "b.jpg": b"b"})
+    (root / "list.txt").write_text("a.jpg\nb.jpg\n")
+    for uri in (str(root), str(root / "a.jpg"), str(root) + "/*.jpg", str(root / "list.txt")):
+        parts, sources = _parts_listing(uri, min_parts=1)
+        assert parts == [ListingPart()]
+        assert sources == list(iter_sources(uri))
+
+
+def test_s3_listing_parts_match_the_sequential_listing(s3_server, tmp_path, s3_bucket):
+    make_tree(tmp_path / "deep", DEEP_TREE)
+    s3_server.upload_folder(tmp_path / "deep", s3_bucket, "deep")
+    s3_server.put_bytes(s3_bucket, "deep/d0/marker/", b"")  # a folder marker object
+    s3_server.put_bytes(s3_bucket, "deep-other/x.jpg", b"not under deep/")
+    uri = f"s3://{s3_bucket}/deep"
+    for min_parts, max_depth in [(2, 2), (100, 3)]:
+        parts, sources = _parts_listing(uri, s3_server.options, min_parts=min_parts, max_depth=max_depth)
+        assert sorted(sources, key=lambda s: s.image_id) == list(iter_sources(uri, s3_server.options))
+        assert len(parts) > 1
 
 
 # ----------------------------------------------------------------------------- streaming

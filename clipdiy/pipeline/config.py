@@ -47,7 +47,9 @@ class LabelJobConfig:
     decode_concurrency:    at most this many decode tasks at once (None: as many as CPUs allow).
     rows_per_file:         upper bound of rows in one Parquet shard.
     max_pixels:            decompression-bomb guard, checked from the image header.
-    limit:                 only the first N listed images are considered (None: all).
+    limit:                 only the first N listed images are considered (None: all); a limit
+                           keeps the listing in one task, in listing order.
+    listing_tasks:         folders of a prefix listed at once, by tasks spread over the cluster.
     run_id:                None = resume the unfinished run in OUTPUT if there is one, else a
                            new id (UTC time + random suffix).
     address:               Ray cluster address; None = RAY_ADDRESS, else an embedded local Ray.
@@ -83,6 +85,7 @@ class LabelJobConfig:
     rows_per_file: int = 1000
     max_pixels: int = DEFAULT_MAX_PIXELS
     limit: int | None = None
+    listing_tasks: int = 16
     run_id: str | None = None
     address: str | None = None
     local_num_cpus: int | None = None
@@ -135,6 +138,8 @@ class LabelJobConfig:
             raise JobConfigError(f"--torch-threads must be >= 1, got {self.torch_threads}")
         if self.actor_memory_gb < 0:
             raise JobConfigError(f"--actor-memory-gb must be >= 0, got {self.actor_memory_gb}")
+        if self.listing_tasks < 1:
+            raise JobConfigError(f"--listing-tasks must be >= 1, got {self.listing_tasks}")
         if self.limit is not None and self.limit < 1:
             raise JobConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.run_id is not None and not RUN_ID_PATTERN.match(self.run_id):

@@ -272,6 +272,138 @@ def _as_utc(value: Any) -> dt.datetime | None:
     return None
 
 
+# --------------------------------------------------------------------------------- parts
+
+
+@dataclass(frozen=True)
+class ListingPart:
+    """A piece of a prefix listing that one task lists (picklable).
+
+    ``folder``: None for the whole input, listed as :func:`iter_sources` lists it; else a folder
+    below the input's prefix (filesystem path, no trailing ``/``). ``recursive``: every file
+    below ``folder``, or only the files directly in it.
+    """
+
+    folder: str | None = None
+    recursive: bool = True
+
+
+def listing_parts(
+    input_uri: str, options: StorageOptions | None = None, *, min_parts: int = 64, max_depth: int = 3
+) -> Iterator[ListingPart]:
+    """Disjoint parts whose listings (:func:`iter_part_sources`) together give exactly
+    :func:`iter_sources`'s objects, with the same ids (in another order).
+
+    Only a prefix with sub-folders is split; a glob, a manifest, a single object or a folder
+    without sub-folders is one part, the whole input. The split goes breadth first, one folder
+    level at a time, until a level holds ``min_parts`` folders or ``max_depth`` levels are split:
+    each folder of the levels above gives a part of its own files (not recursive), each folder of
+    the last level a recursive part. At most ``min_parts`` folder names are held; beyond that the
+    parts stream. A generator: nothing is listed before the first part is asked for. On S3 each
+    split folder is listed with a delimiter, so its own files are listed twice (once here, once
+    by its part): corpora keep their files in the leaves, where nothing is listed twice.
+    """
+    fs, path = open_filesystem(input_uri, options)
+    if _GLOB_CHARS.search(path) or _is_manifest(fs, path) or next(_subfolders(fs, path), None) is None:
+        yield ListingPart()
+        return
+    level = [path]
+    for depth in range(1, max_depth + 1):
+        children: list[str] = []
+        streaming = False
+        for folder in level:
+            yield ListingPart(folder, recursive=False)
+            for sub in _subfolders(fs, folder):
+                if streaming:
+                    yield ListingPart(sub)
+                    continue
+                children.append(sub)
+                if depth == max_depth or len(children) >= min_parts:
+                    streaming = True
+                    yield from (ListingPart(child) for child in children)
+                    children.clear()
+        if streaming or not children:
+            return
+        level = children
+
+
+def iter_part_sources(
+    input_uri: str,
+    part: ListingPart,
+    options: StorageOptions | None = None,
+    *,
+    extensions: Collection[str] | None = IMAGE_EXTENSIONS,
+) -> Iterator[SourceObject]:
+    """The objects of one part of ``input_uri``'s listing (see :func:`listing_parts`), ids
+    relative to the input's prefix as :func:`iter_sources` gives them; lexicographic order."""
+    if part.folder is None:
+        yield from iter_sources(input_uri, options, extensions=extensions)
+        return
+    fs, root = open_filesystem(input_uri, options)
+    stem = root.rstrip("/") + "/" if root else ""
+    wanted = None if extensions is None else frozenset(e.lower() for e in extensions)
+    if part.recursive:
+        files = _walk_files(fs, part.folder, key_stem=part.folder.rstrip("/") + "/")
+    else:
+        files = ((full, info) for full, info in _level(fs, part.folder) if info is not None)
+    for full, info in files:
+        if _keep(full[len(stem):], wanted):
+            yield _source(fs, full, full[len(stem):], info)
+
+
+def _subfolders(fs, folder: str) -> Iterator[str]:
+    """The folders directly in ``folder`` (not hidden), in lexicographic order."""
+    for full, info in _level(fs, folder):
+        if info is None and not posixpath.basename(full).startswith("."):
+            yield full
+
+
+def _level(fs, folder: str) -> Iterator[tuple[str, dict | None]]:
+    """One folder level, in lexicographic order: (path, info) of each file directly in
+    ``folder``, and (path, None) of each folder in it. Paths without a trailing ``/``."""
+    if is_s3(fs):
+        bucket, _, prefix = folder.partition("/")
+        request = {"Bucket": bucket, "Prefix": prefix.rstrip("/") + "/" if prefix else "", "Delimiter": "/",
+                   "MaxKeys": S3_PAGE_SIZE}
+        while True:
+            page = fs.call_s3("list_objects_v2", fs.req_kw, **request)
+            entries = [(f"{bucket}/{c['Prefix'].rstrip('/')}", None) for c in page.get("CommonPrefixes", ())]
+            entries += [
+                (f"{bucket}/{e['Key']}", {"size": e.get("Size"), "ETag": e.get("ETag"), "LastModified": e.get("LastModified")})
+                for e in page.get("Contents", ())
+                if not e["Key"].endswith("/")  # a folder marker object, not a file
+            ]
+            yield from sorted(entries, key=lambda entry: entry[0])
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
+    elif isinstance(fs, LocalFileSystem):
+        try:
+            with os.scandir(folder or "/") as it:
+                names = sorted(e.name + "/" if _is_dir(e) else e.name for e in it)
+        except (NotADirectoryError, FileNotFoundError):
+            return
+        base = (folder or "/").replace(os.sep, "/").rstrip("/") + "/"
+        for name in names:
+            if name.endswith("/"):
+                yield base + name.rstrip("/"), None
+                continue
+            try:
+                st = os.stat(base + name)
+            except FileNotFoundError:
+                continue  # deleted (or a dangling link) since the directory was read
+            yield base + name, {"size": st.st_size, "mtime": st.st_mtime}
+    else:
+        try:
+            listing = fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return
+        for info in sorted(listing, key=lambda i: i["name"]):
+            name = info["name"].rstrip("/")
+            if name != folder.rstrip("/"):
+                yield name, (None if info.get("type") == "directory" else info)
+
+
 # --------------------------------------------------------------------------------- manifests
 
 

@@ -3,8 +3,8 @@
 Two shapes, both with driver memory that does not grow with the corpus:
 
 - **Nothing labelled yet** (no shard in OUTPUT that could count): the listing itself is the
-  labelling job's input. One read task streams it (:func:`listing_dataset`) in blocks of
-  ``block_rows``, so the first images are decoded while the listing goes on.
+  labelling job's input. It streams (:func:`listing_dataset`) in blocks of ``block_rows``, so
+  the first images are decoded while the listing goes on.
 - **Otherwise**: the listing is joined with the earlier rows by Ray Data's hash-partitioned
   joins (``Dataset.join``, Ray >= 2.60, see pyproject.toml; ``left_outer`` on the source key against the finished
   runs' rows, deduplicated by a hash ``groupby``; ``left_outer`` on the image id against this
@@ -14,11 +14,17 @@ Two shapes, both with driver memory that does not grow with the corpus:
   small stats row per written file; the labelling reads the files back (:func:`pending_dataset`).
   Time is linear in listed + labelled rows: every row is hashed once per join.
 
+The listing of a prefix is spread over the cluster: one task splits it into folders
+(:func:`~clipdiy.pipeline.listing.listing_parts`) and up to ``listing_tasks`` tasks list the parts at
+once, so a bucket of 100M objects is not paged through by one client, one page after another.
+A ``limit`` (the first N in listing order) keeps one task listing in order.
+
 Joins need the ``polars`` package on the workers (Ray Data's join kernel).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import posixpath
@@ -41,7 +47,12 @@ from clipdiy.pipeline.incremental import (
     with_source_key,
 )
 from clipdiy.pipeline.layout import OutputLayout
-from clipdiy.pipeline.listing import iter_sources
+from clipdiy.pipeline.listing import (
+    ListingPart,
+    iter_part_sources,
+    iter_sources,
+    listing_parts,
+)
 from clipdiy.pipeline.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -53,6 +64,10 @@ ROWS_PER_PARTITION = 250_000
 MAX_PARTITIONS = 1024
 #: Shard files read by one task of the labelled-rows dataset.
 SHARDS_PER_READ = 16
+#: Parts a prefix is split into per listing task (small folders finish early: balance the rest).
+PARTS_PER_LISTING_TASK = 4
+#: Parts per block out of the splitting task.
+PARTS_PER_BLOCK = 64
 #: Listing rows per block on the way into the joins (few, large blocks for the shuffle).
 JOIN_BLOCK_ROWS = 16384
 
@@ -69,6 +84,7 @@ class PlanTarget:
     retry_errors: str
     block_rows: int  # listing rows per block handed to the labelling (decode tasks take whole blocks)
     limit: int | None = None
+    listing_tasks: int = 16  # parts of a prefix listed at once (each task mostly waits on the store)
 
     def plan_dir(self, layout: OutputLayout) -> str:
         return layout.path("runs", self.run_id, PLAN_DIR, f"{self.attempt:03d}")
@@ -90,6 +106,25 @@ class Plan:
 def _list_input(batch: pa.Table, *, storage: StorageOptions, block_rows: int, limit: int | None) -> Iterator[pa.Table]:
     for input_uri in batch.column("input").to_pylist():
         yield from listing_blocks(iter_sources(input_uri, storage), block_rows, limit)
+
+
+def _split_listing(batch: pa.Table, *, storage: StorageOptions, min_parts: int) -> Iterator[pa.Table]:
+    for input_uri in batch.column("input").to_pylist():
+        parts = listing_parts(input_uri, storage, min_parts=min_parts)
+        while chunk := list(itertools.islice(parts, PARTS_PER_BLOCK)):
+            yield pa.table(
+                {
+                    "input": pa.array([input_uri] * len(chunk), pa.string()),
+                    "folder": pa.array([part.folder for part in chunk], pa.string()),
+                    "recursive": pa.array([part.recursive for part in chunk], pa.bool_()),
+                }
+            )
+
+
+def _list_parts(batch: pa.Table, *, storage: StorageOptions, block_rows: int) -> Iterator[pa.Table]:
+    for row in batch.to_pylist():
+        part = ListingPart(row["folder"], row["recursive"])
+        yield from listing_blocks(iter_part_sources(row["input"], part, storage), block_rows)
 
 
 def _read_earlier_tags(batch: pa.Table, *, output_uri: str, storage: StorageOptions, retry_errors: str) -> pa.Table:
@@ -144,19 +179,38 @@ def _read_pending(batch: pa.Table, *, output_uri: str, storage: StorageOptions, 
 
 
 def listing_dataset(target: PlanTarget, block_rows: int):
-    """The listing of ``target.input_uri`` as a dataset, streamed by one read task in blocks of
-    ``block_rows`` (listing order; only the first ``limit``)."""
+    """The listing of ``target.input_uri`` as a dataset, streamed in blocks of ``block_rows``:
+    a prefix in parts by up to ``target.listing_tasks`` tasks at once (any order); with a
+    ``limit``, or for a glob or manifest, by one task in listing order."""
     import ray.data
 
-    listing = ray.data.from_items([{"input": target.input_uri}]).map_batches(
-        _list_input,
-        fn_kwargs={"storage": target.storage, "block_rows": block_rows, "limit": target.limit},
-        batch_size=1,
-        batch_format="pyarrow",
-        # No CPU reserved: the listing waits on the store, and a CPU held by a listing that
-        # backpressure pauses could starve the decode tasks that drain it.
-        num_cpus=0,
-    )
+    source = ray.data.from_items([{"input": target.input_uri}])
+    # No CPU reserved by the listing tasks: they wait on the store, and a CPU held by a listing
+    # that backpressure pauses could starve the decode tasks that drain it.
+    if target.limit is not None:
+        listing = source.map_batches(
+            _list_input,
+            fn_kwargs={"storage": target.storage, "block_rows": block_rows, "limit": target.limit},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=0,
+        )
+    else:
+        parts = source.map_batches(
+            _split_listing,
+            fn_kwargs={"storage": target.storage, "min_parts": PARTS_PER_LISTING_TASK * target.listing_tasks},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=0,
+        )
+        listing = parts.repartition(target_num_rows_per_block=1).map_batches(  # a part per task
+            _list_parts,
+            fn_kwargs={"storage": target.storage, "block_rows": block_rows},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=target.listing_tasks),
+        )
     # A task's outputs are coalesced up to the byte-sized target block (~1M listing rows, which
     # one decode task would then take whole): the streaming repartition keeps the blocks small.
     return listing.repartition(target_num_rows_per_block=block_rows)
