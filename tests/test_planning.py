@@ -199,3 +199,28 @@ def test_a_folder_is_listed_in_parts_by_several_tasks_each_image_once(ray_sessio
         assert (plan.counts.listed, plan.counts.skipped, plan.counts.todo) == (10, len(done), 10 - len(done))
     else:
         assert plan.counts is None
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_a_manifest_listing_an_image_twice_gives_its_first_entry_once(ray_session, tmp_path, labelled):
+    from clipdiy.pipeline.planning import PlanTarget, plan_pending
+    from clipdiy.pipeline.storage import StorageOptions
+
+    (tmp_path / "in").mkdir()
+    manifest = _manifest(tmp_path / "in" / "manifest.parquet", [
+        ("a.jpg", 1000), ("b.jpg", 1000), ("a.jpg", 2000), ("c.jpg", 1000), ("b.jpg", 3000), ("c.jpg", 1000),
+    ])
+    output = str(tmp_path / "labels")
+    if labelled:  # a.jpg at its first entry's version: done
+        label = np.zeros((4, 4), np.uint8)
+        write_labels_output(output, [LabelItem(n, f"file:///in/{n}", label) for n in ("a.jpg", "x.jpg")],
+                            run_id="run-a", started=STARTED)
+    target = PlanTarget(input_uri=manifest, output_uri=output, storage=StorageOptions(), run_id="run-b", attempt=1,
+                        retry_errors="transient", block_rows=2)
+    plan = plan_pending(target, ["run-a"] if labelled else [], estimated_rows_per_shard=1)
+    rows = [(row["image_id"], row["source_size"]) for row in _rows(plan)]
+    if labelled:
+        assert rows == [("b.jpg", 1000), ("c.jpg", 1000)]
+        assert (plan.counts.listed, plan.counts.skipped, plan.counts.todo) == (3, 1, 2)
+    else:
+        assert rows == [("a.jpg", 1000), ("b.jpg", 1000), ("c.jpg", 1000)]

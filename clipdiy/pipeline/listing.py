@@ -103,11 +103,15 @@ def iter_sources(
     options: StorageOptions | None = None,
     *,
     extensions: Collection[str] | None = IMAGE_EXTENSIONS,
+    unique: bool = True,
 ) -> Iterator[SourceObject]:
     """Stream the input objects of ``input_uri`` (prefix, glob or manifest) in a fixed order.
 
     ``extensions`` filters prefix and glob listings by name (case-insensitive; None = every
     file); hidden files and folders (names starting with ``.``) below the root are skipped. Manifest entries are never filtered: each listed entry is meant to get a row.
+    ``unique``: a manifest's repeated entries are dropped here, with a set of 16-byte digests
+    that grows with the manifest (~70 bytes an entry); False leaves them to the caller (the
+    job's planning drops them with a hash-partitioned join on the cluster).
     A generator: nothing is listed before the first item is asked for, and at most one listing
     page (S3) or one directory's names (local) is held at a time.
     """
@@ -116,7 +120,7 @@ def iter_sources(
     if _GLOB_CHARS.search(path):
         yield from _iter_glob(fs, path, wanted)
     elif _is_manifest(fs, path):
-        yield from _iter_manifest(fs, path, options or StorageOptions())
+        yield from _iter_manifest(fs, path, options or StorageOptions(), unique)
     else:
         yield from _iter_prefix(fs, path, wanted)
 
@@ -407,7 +411,7 @@ def _level(fs, folder: str) -> Iterator[tuple[str, dict | None]]:
 # --------------------------------------------------------------------------------- manifests
 
 
-def _iter_manifest(fs, manifest_path: str, options: StorageOptions) -> Iterator[SourceObject]:
+def _iter_manifest(fs, manifest_path: str, options: StorageOptions, unique: bool = True) -> Iterator[SourceObject]:
     base_dir = posixpath.dirname(manifest_path)
     base_uri = full_uri(fs, base_dir)
     if manifest_path.lower().endswith(PARQUET_MANIFEST_SUFFIXES):
@@ -421,11 +425,12 @@ def _iter_manifest(fs, manifest_path: str, options: StorageOptions) -> Iterator[
         uri = _resolve_entry(fs, entry, base_dir)
         # The id never holds a credential, and a URL signed anew each night keeps its id.
         image_id = redact_uri(uri).removeprefix(base_uri.rstrip("/") + "/")
-        digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=16).digest()
-        if digest in seen:
-            repeated += 1
-            continue
-        seen.add(digest)
+        if unique:
+            digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=16).digest()
+            if digest in seen:
+                repeated += 1
+                continue
+            seen.add(digest)
         yield SourceObject(uri=uri, image_id=image_id, size=size,
                            etag=etag.strip('"') if isinstance(etag, str) else None,
                            mtime=_as_utc(mtime))
@@ -550,6 +555,24 @@ def _first_source(input_uri, options, extensions):
             raise FileNotFoundError(f"{input_uri} does not exist")
     is_manifest = _is_manifest(fs, path)
     return next(iter_sources(input_uri, options, extensions=extensions), None), is_manifest
+
+
+def is_manifest_input(input_uri: str, options: StorageOptions | None = None) -> bool:
+    """True when ``input_uri`` names a manifest (``.txt``/``.lst``/``.parquet``/``.pq`` file)."""
+    fs, path = open_filesystem(input_uri, options)
+    return _is_manifest(fs, path)
+
+
+def manifest_entries_estimate(input_uri: str, options: StorageOptions | None = None) -> int:
+    """About how many entries a manifest holds, without reading it: a Parquet manifest's row
+    count from its footer, a text manifest's size over 32 bytes a line."""
+    fs, path = open_filesystem(input_uri, options)
+    if path.lower().endswith(PARQUET_MANIFEST_SUFFIXES):
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+    return int(fs.size(path) or 0) // 32
 
 
 def _is_manifest(fs, path: str) -> bool:

@@ -32,11 +32,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipdiy.pipeline.incremental import (
     EARLIER_RUNS,
+    LISTING_SCHEMA,
     SHARD_COLUMNS,
     SOURCE_KEY,
     THIS_RUN,
@@ -49,9 +51,11 @@ from clipdiy.pipeline.incremental import (
 from clipdiy.pipeline.layout import OutputLayout
 from clipdiy.pipeline.listing import (
     ListingPart,
+    is_manifest_input,
     iter_part_sources,
     iter_sources,
     listing_parts,
+    manifest_entries_estimate,
 )
 from clipdiy.pipeline.storage import StorageOptions
 
@@ -64,6 +68,9 @@ ROWS_PER_PARTITION = 250_000
 MAX_PARTITIONS = 1024
 #: Shard files read by one task of the labelled-rows dataset.
 SHARDS_PER_READ = 16
+#: Number of a manifest entry in the manifest, while repeated entries are dropped.
+LISTING_SEQ = "listing_seq"
+FIRST_SEQ = "first_listing_seq"
 #: Parts a prefix is split into per listing task (small folders finish early: balance the rest).
 PARTS_PER_LISTING_TASK = 4
 #: Parts per block out of the splitting task.
@@ -103,9 +110,17 @@ class Plan:
 # ----------------------------------------------------------------------------- Ray Data UDFs
 
 
-def _list_input(batch: pa.Table, *, storage: StorageOptions, block_rows: int, limit: int | None) -> Iterator[pa.Table]:
+def _list_input(
+    batch: pa.Table, *, storage: StorageOptions, block_rows: int, limit: int | None, numbered: bool, keyed: bool
+) -> Iterator[pa.Table]:
     for input_uri in batch.column("input").to_pylist():
-        yield from listing_blocks(iter_sources(input_uri, storage), block_rows, limit)
+        listed = 0
+        # Numbered: a manifest's repeated entries stay, for _first_entries to drop on the cluster.
+        for block in listing_blocks(iter_sources(input_uri, storage, unique=not numbered), block_rows, limit):
+            if numbered:
+                block = block.append_column(LISTING_SEQ, pa.array(np.arange(listed, listed + block.num_rows)))
+            listed += block.num_rows
+            yield with_source_key(block) if keyed else block
 
 
 def _split_listing(batch: pa.Table, *, storage: StorageOptions, min_parts: int) -> Iterator[pa.Table]:
@@ -121,10 +136,11 @@ def _split_listing(batch: pa.Table, *, storage: StorageOptions, min_parts: int) 
             )
 
 
-def _list_parts(batch: pa.Table, *, storage: StorageOptions, block_rows: int) -> Iterator[pa.Table]:
+def _list_parts(batch: pa.Table, *, storage: StorageOptions, block_rows: int, keyed: bool) -> Iterator[pa.Table]:
     for row in batch.to_pylist():
         part = ListingPart(row["folder"], row["recursive"])
-        yield from listing_blocks(iter_part_sources(row["input"], part, storage), block_rows)
+        for block in listing_blocks(iter_part_sources(row["input"], part, storage), block_rows):
+            yield with_source_key(block) if keyed else block
 
 
 def _read_earlier_tags(batch: pa.Table, *, output_uri: str, storage: StorageOptions, retry_errors: str) -> pa.Table:
@@ -178,19 +194,23 @@ def _read_pending(batch: pa.Table, *, output_uri: str, storage: StorageOptions, 
 # ----------------------------------------------------------------------------- datasets
 
 
-def listing_dataset(target: PlanTarget, block_rows: int):
+def listing_dataset(target: PlanTarget, block_rows: int, *, numbered: bool = False, keyed: bool = False):
     """The listing of ``target.input_uri`` as a dataset, streamed in blocks of ``block_rows``:
     a prefix in parts by up to ``target.listing_tasks`` tasks at once (any order); with a
-    ``limit``, or for a glob or manifest, by one task in listing order."""
+    ``limit``, or for a glob or manifest, by one task in listing order. ``numbered`` (a manifest,
+    no limit): repeated entries are kept and every row gets its :data:`LISTING_SEQ`. ``keyed``:
+    with :data:`SOURCE_KEY`, computed by the listing tasks (a task of its own per block would
+    have no CPU to bound how many run at once)."""
     import ray.data
 
     source = ray.data.from_items([{"input": target.input_uri}])
     # No CPU reserved by the listing tasks: they wait on the store, and a CPU held by a listing
     # that backpressure pauses could starve the decode tasks that drain it.
-    if target.limit is not None:
+    if target.limit is not None or numbered:
         listing = source.map_batches(
             _list_input,
-            fn_kwargs={"storage": target.storage, "block_rows": block_rows, "limit": target.limit},
+            fn_kwargs={"storage": target.storage, "block_rows": block_rows, "limit": target.limit, "numbered": numbered,
+                       "keyed": keyed},
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=0,
@@ -205,7 +225,7 @@ def listing_dataset(target: PlanTarget, block_rows: int):
         )
         listing = parts.repartition(target_num_rows_per_block=1).map_batches(  # a part per task
             _list_parts,
-            fn_kwargs={"storage": target.storage, "block_rows": block_rows},
+            fn_kwargs={"storage": target.storage, "block_rows": block_rows, "keyed": keyed},
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=0,
@@ -236,10 +256,21 @@ def shard_paths_dataset(target: PlanTarget, run_ids: list[str]):
         fn_kwargs={"output_uri": target.output_uri, "storage": target.storage},
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=0,  # waits on the store's listing
+        num_cpus=0,  # waits on the store's listing; bounded below, as a 0-CPU task has no CPU to bound it
+        compute=ray.data.TaskPoolStrategy(size=target.listing_tasks),
     )
     # A task's outputs are coalesced into large blocks: split them back, one read task per block.
     return paths.repartition(target_num_rows_per_block=SHARDS_PER_READ).materialize()
+
+
+def _first_entries(listing, partitions: int):
+    """One row per image id of a numbered manifest listing: its first entry, as the listing of
+    a manifest gives it (a hash ``groupby`` for each id's first number, joined back), so no
+    process holds a set of the manifest's ids."""
+    from ray.data.aggregate import Min
+
+    firsts = listing.groupby("image_id", num_partitions=partitions).aggregate(Min(LISTING_SEQ, alias_name=FIRST_SEQ))
+    return listing.join(firsts, "inner", partitions, on=("image_id", LISTING_SEQ), right_on=("image_id", FIRST_SEQ))
 
 
 def _partitions(rows: int) -> int:
@@ -256,13 +287,22 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
     attempts = shard_paths_dataset(target, [target.run_id])
     earlier_shards = earlier.count() if earlier is not None else 0
     attempt_shards = attempts.count()
+    # A manifest may list an image twice; without a limit its repeats are dropped on the cluster.
+    unique = is_manifest_input(target.input_uri, target.storage) and target.limit is None
+    listed = manifest_entries_estimate(target.input_uri, target.storage) if unique else 0
+    # The listing of a prefix is not known before it is read: size the partitions by the
+    # labelled side, which nightly runs over a growing corpus track closely.
+    partitions = _partitions(max(listed, (earlier_shards + attempt_shards) * max(1, estimated_rows_per_shard)))
     if not earlier_shards and not attempt_shards:
-        return Plan(dataset=listing_dataset(target, target.block_rows), counts=None)
+        if not unique:
+            return Plan(dataset=listing_dataset(target, target.block_rows), counts=None)
+        listing = _first_entries(listing_dataset(target, JOIN_BLOCK_ROWS, numbered=True), partitions)
+        listing = listing.select_columns(LISTING_SCHEMA.names).repartition(target_num_rows_per_block=target.block_rows)
+        return Plan(dataset=listing, counts=None)
 
-    # The listing is not known before it is read: size the partitions by the labelled side,
-    # which nightly runs over a growing corpus track closely.
-    partitions = _partitions((earlier_shards + attempt_shards) * max(1, estimated_rows_per_shard))
-    joined = listing_dataset(target, JOIN_BLOCK_ROWS).map_batches(with_source_key, batch_format="pyarrow", num_cpus=0)
+    joined = listing_dataset(target, JOIN_BLOCK_ROWS, numbered=unique, keyed=True)
+    if unique:
+        joined = _first_entries(joined, partitions)
     if earlier_shards:
         tags = earlier.map_batches(
             _read_earlier_tags,
@@ -308,6 +348,7 @@ def pending_dataset(target: PlanTarget, files: list[dict]):
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=target.listing_tasks),
     )
     return pending.repartition(target_num_rows_per_block=target.block_rows)
 
