@@ -5,9 +5,9 @@
 - a CUDA error that poisons an actor restarts it, and the images it would have failed are labelled;
 - an actor killed mid-run loses no image and labels none twice.
 
-One local Ray per test, whose workers run ``fault_injection.install`` (faults armed per test): a
-run stopped early leaves its actor pool to Ray Data's asynchronous shutdown, and in a 2-CPU Ray an
-actor still alive holds the CPU the next run's stages need.
+One local Ray for the module, whose workers run ``fault_injection.install`` (faults armed per
+test): a run stopped early gives its CPUs back before it returns, so the next run in the same
+2-CPU Ray gets them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def fault_spec(tmp_path_factory):
     return tmp_path_factory.mktemp("faults") / "fault.json"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_with_faults(s3_server, fault_spec):
     """A 2-CPU local Ray, started after ``s3_server`` set the dummy credentials (workers inherit them)."""
     import ray
@@ -52,6 +52,11 @@ def _label_main(args: list[str]) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(args)
+
+
+def _cpus_all_free(ray) -> bool:
+    """Every CPU of the Ray is free: no actor or task of a stopped run still holds one."""
+    return ray.available_resources().get("CPU", 0.0) == ray.cluster_resources()["CPU"]
 
 
 def _photos(folder, coco_images, count):
@@ -76,6 +81,7 @@ def test_reads_failing_for_every_object_end_the_job_early(ray_with_faults, s3_se
                     "--endpoint-url", s3_server.endpoint_url, "--stop-after-failed-reads", "40",
                     "--decode-batch-size", "4", "--batch-size", "4", "--rows-per-file", "10")[2:]
     assert _label_main(args) == 1
+    assert _cpus_all_free(ray_with_faults), "the stopped run's inference actor still holds its CPU"
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("label.py: error: reading the input failed for the last")
     assert "not_found" in message and "do not exist" in message and "--stop-after-failed-reads 40" in message
@@ -97,6 +103,7 @@ def test_the_error_budget_stops_the_run_and_the_next_start_resumes(ray_with_faul
     args = cli_args(corpus, output, tiny_clip_config, "--decode-batch-size", "4", "--batch-size", "4",
                     "--rows-per-file", "4", "--error-window", "4", "--max-error-rate", "0.5")[2:]
     assert _label_main(args) == 3
+    assert _cpus_all_free(ray_with_faults), "the stopped run's inference actor still holds its CPU"
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error budget exceeded" in message and "mostly not_image" in message and "start again" in message
     assert not manifests(output)
