@@ -348,11 +348,18 @@ def _label(
 
     Raises :class:`~clipdiy.errors.RunFailedError` (reads broken run-wide, with the health
     actor's one-line reason) or :class:`~clipdiy.errors.ErrorBudgetExceededError`; either way the
-    shards written so far stay and the next start resumes.
+    shards written so far stay and the next start resumes. An inference actor that cannot load
+    the models raises :class:`~clipdiy.errors.ActorStartError`: exit status 2 when this start
+    wrote no shard yet, 1 when it did (failed mid-run).
     """
     import ray
 
-    from clipdiy.errors import ClipdiyError, ErrorBudgetExceededError, RunFailedError
+    from clipdiy.errors import (
+        ActorStartError,
+        ClipdiyError,
+        ErrorBudgetExceededError,
+        RunFailedError,
+    )
     from clipdiy.pipeline.health import ErrorBudget, start_run_health
     from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS
 
@@ -379,6 +386,13 @@ def _label(
                 verdict = ray.get(health.finish.remote())  # every read of a small corpus failed?
                 if verdict is not None:
                     raise RunFailedError(verdict)
+    except ActorStartError as error:
+        stopped_by = error
+        if not written:
+            raise  # nothing written by this start: refused before any work (exit 2)
+        raise ActorStartError(
+            f"{error}; stopped after {progress.rows} images, start again to resume", after_work=True
+        ) from error
     except ClipdiyError as error:
         stopped_by = error
         raise
