@@ -341,6 +341,19 @@ def _wait_for_release(before: dict[str, float], error: BaseException | None, tim
         time.sleep(0.5)
 
 
+def _stop_actors(health) -> None:
+    """End the inference actors of a run stopped early (they registered with ``health``)."""
+    import ray
+
+    try:
+        actors = ray.get(health.actors.remote(), timeout=60)
+    except ray.exceptions.RayError as error:  # the wait for the resources (next) still bounds the stop
+        logger.warning("could not list the stopped run's inference actors: %s", str(error).splitlines()[0])
+        return
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+
+
 def _label(
     config: LabelJobConfig, dataset_args: tuple, written: dict, progress: Progress, lock: OutputLock
 ) -> None:
@@ -407,10 +420,13 @@ def _label(
         raise
     finally:
         batches.close()  # stops the streaming execution when we leave early
+        if not finished:
+            # Ray Data lets a stopped execution's actors go only when the last reference to their
+            # handles does (the stopping error holds some): end them, then wait (bounded) until
+            # their CPUs are free, so that the next run in this Ray gets them.
+            _stop_actors(health)
         ray.kill(health)
         if not finished:
-            # Ray Data shuts a stopped execution's actor pool down asynchronously: wait (bounded)
-            # until its actors and tasks are gone, so that the next run in this Ray gets the CPUs.
             del batches, stats
             _wait_for_release(free_before, stopped_by)
         del stopped_by
