@@ -9,11 +9,9 @@ stats and then fails the way Ray reports an actor whose constructor raised; the 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pyarrow as pa
 import pytest
-from pipeline_support import LABEL_SCRIPT, job_config, segmenter_config
+from pipeline_support import job_config, load_label_job, segmenter_config
 
 from clipdiy.config import ClipConfig
 from clipdiy.errors import ActorStartError
@@ -45,13 +43,6 @@ class _Lock:
         """The lock is held throughout."""
 
 
-def _label_module():
-    spec = importlib.util.spec_from_file_location("label_job", LABEL_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("shards_before,exit_status", [(0, 2), (2, 1)])
 def test_actor_start_failure_exits_2_before_any_shard_and_1_after(shards_before, exit_status, monkeypatch, capsys):
     import ray
@@ -62,6 +53,7 @@ def test_actor_start_failure_exits_2_before_any_shard_and_1_after(shards_before,
     monkeypatch.setattr(health, "start_run_health", lambda stop_after_failed_reads: "health-actor")
     monkeypatch.setattr(ray, "kill", lambda actor: None)
     monkeypatch.setattr(run, "_free_resources", dict)
+    monkeypatch.setattr(run, "_stop_actors", lambda health: None)
     monkeypatch.setattr(run, "_wait_for_release", lambda *args: True)
     config = job_config("photos/", "labels/", segmenter_config(ClipConfig(model="ViT-B-16", checkpoint="x.pt")))
     written: dict[str, dict] = {}
@@ -71,7 +63,7 @@ def test_actor_start_failure_exits_2_before_any_shard_and_1_after(shards_before,
         run._label(config, (), written, progress, _Lock())
 
     assert len(written) == shards_before
-    assert _label_module()._refuse(raised.value) == exit_status
+    assert load_label_job()._refuse(raised.value) == exit_status
     line = capsys.readouterr().err.strip()
     assert len(line.splitlines()) == 1
     assert line.startswith(f"label.py: error: {REFUSAL}")
