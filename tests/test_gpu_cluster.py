@@ -14,7 +14,7 @@ import shutil
 import threading
 
 import pytest
-from pipeline_support import job_config, read_all_rows, segmenter_config
+from pipeline_support import copy_images, job_config, read_all_rows, segmenter_config
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,8 @@ def cpu_head_cluster():
 
 @pytest.fixture
 def images(coco_images, tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for path in coco_images[:3]:
-        shutil.copy(path, folder / path.name)
-    return folder
+    copy_images(tmp_path / "images", coco_images, 3)
+    return tmp_path / "images"
 
 
 def _segment_actor_nodes() -> set[str]:
@@ -149,9 +146,7 @@ def test_cluster_file_without_gpu_type_is_refused_at_once(cpu_head_cluster, imag
 
 def test_actor_that_cannot_load_the_weights_stops_the_job(cpu_head_cluster, images, tiny_clip_config, tmp_path,
                                                          monkeypatch, capsys):
-    import importlib.util
-
-    from pipeline_support import LABEL_SCRIPT, cli_args
+    from pipeline_support import cli_args, label_main
 
     from clipdiy.pipeline import run
 
@@ -171,11 +166,7 @@ def test_actor_that_cannot_load_the_weights_stops_the_job(cpu_head_cluster, imag
     clip = dataclasses.replace(tiny_clip_config, checkpoint=str(checkpoint))
     output = tmp_path / "labels"
     args = cli_args(images, output, clip, "--address", cpu_head_cluster.address, "--device", "cpu")[2:]
-    spec = importlib.util.spec_from_file_location("label_job", LABEL_SCRIPT)
-    label_job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(label_job)
-
-    assert label_job.main(args) == 2  # refused before any work (README, --help)
+    assert label_main(args) == 2  # refused before any work (README, --help)
     assert not checkpoint.exists()
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("label.py: error: CLIP weights not found")
