@@ -61,6 +61,29 @@ class Stopwatch:
             torch.cuda.synchronize(self.device)
 
 
+class ForwardTimers:
+    """Stopwatches put on a segmenter's CLIP image forward (``clip``) and, when it has one, its
+    saliency model (``dino``, else None); ``reset`` after a warm-up."""
+
+    def __init__(self, segmenter, device: torch.device, saliency: bool):
+        self.clip = Stopwatch(segmenter.scorer.encode_image, device)
+        segmenter.scorer.encode_image = self.clip
+        self.dino = None
+        if saliency:
+            self.dino = Stopwatch(segmenter.saliency, device)
+            segmenter.saliency = self.dino
+
+    @property
+    def seconds(self) -> float:
+        """CLIP plus DINO forward seconds since the last reset."""
+        return self.clip.seconds + (self.dino.seconds if self.dino else 0.0)
+
+    def reset(self) -> None:
+        self.clip.reset()
+        if self.dino:
+            self.dino.reset()
+
+
 def gemm_rate(device: torch.device, rows: int, width: int, repeats: int = 5) -> float:
     """GFLOP/s of the ViT's biggest matmul (``rows`` tokens x width -> 4 * width, the MLP's first
     layer) on ``device``: what one forward's linear layers can run at, for that many tokens."""
@@ -103,18 +126,12 @@ def load_images(count: int) -> list[np.ndarray]:
 
 def bench_device(device: torch.device, args, config: SegmenterConfig) -> None:
     segmenter = create_segmenter(replace(config, device=str(device)))
-    clip_timer = Stopwatch(segmenter.scorer.encode_image, device)
-    segmenter.scorer.encode_image = clip_timer
-    dino_timer = None
-    if config.saliency.backend != "none":
-        dino_timer = Stopwatch(segmenter.saliency, device)
-        segmenter.saliency = dino_timer
+    timers = ForwardTimers(segmenter, device, saliency=config.saliency.backend != "none")
+    clip_timer, dino_timer = timers.clip, timers.dino
     images = load_images(args.images)
 
     segmenter.segment(images[:1])  # warm-up: allocations, kernel selection
-    clip_timer.reset()
-    if dino_timer:
-        dino_timer.reset()
+    timers.reset()
     start = time.perf_counter()
     for first in range(0, len(images), args.batch):
         segmenter.segment(images[first : first + args.batch])

@@ -30,31 +30,24 @@ def forward_seconds_per_image(config, images: list[Path], batch_size: int) -> fl
     """Seconds of CLIP + DINO forwards per image on CUDA (after a warm-up batch)."""
     import numpy as np
     import torch
-    from bench_segmenter import Stopwatch
+    from bench_segmenter import ForwardTimers
     from PIL import Image, ImageOps
 
     from clipdiy.segmenter import create_segmenter
 
     device = torch.device("cuda")
     segmenter = create_segmenter(replace(config, device="cuda"))
-    clip_timer = Stopwatch(segmenter.scorer.encode_image, device)
-    segmenter.scorer.encode_image = clip_timer
-    dino_timer = None
-    if config.saliency.backend != "none":
-        dino_timer = Stopwatch(segmenter.saliency, device)
-        segmenter.saliency = dino_timer
+    timers = ForwardTimers(segmenter, device, saliency=config.saliency.backend != "none")
     arrays = []
     for path in images:
         with Image.open(path) as image:
             arrays.append(np.asarray(ImageOps.exif_transpose(image).convert("RGB")))
     segmenter.segment(arrays[:batch_size])  # warm-up
-    clip_timer.reset()
-    if dino_timer:
-        dino_timer.reset()
+    timers.reset()
     for first in range(0, len(arrays), batch_size):
         segmenter.segment(arrays[first:first + batch_size])
     torch.cuda.synchronize()
-    return (clip_timer.seconds + (dino_timer.seconds if dino_timer else 0.0)) / len(arrays)
+    return timers.seconds / len(arrays)
 
 
 def main() -> int:

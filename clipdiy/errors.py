@@ -63,4 +63,11 @@ class GpuUnavailableError(ClipdiyError, RuntimeError):
 
 class ActorStartError(ClipdiyError, RuntimeError):
     """An inference actor could not load the models at its start (weights missing on its node,
-    a bad path, a bad vocabulary); the message is the actor's own one-line refusal."""
+    a bad path, a bad vocabulary); the message is the actor's own one-line refusal.
+
+    ``exit_status``: 2 when it stops the job before this start wrote any shard (refused before
+    any work), 1 after (``after_work``: failed mid-run, starting again resumes)."""
+
+    def __init__(self, message: str, *, after_work: bool = False):
+        super().__init__(message)
+        self.exit_status = 1 if after_work else 2

@@ -60,7 +60,8 @@ EXIT_STATUS = """exit status:
   2  refused before any work: a bad option, unreachable or empty input, missing weights,
      OUTPUT locked by another run (nothing was written)
   1  failed mid-run, for a reason not about one image (e.g. reads failing for every object,
-     see --stop-after-failed-reads; the cluster lost); start again to resume
+     see --stop-after-failed-reads; the cluster lost; an inference actor that cannot load the
+     weights after this start wrote shards); start again to resume
   3  stopped: the error budget was exceeded (--max-error-rate over --error-window; the message
      names the dominant error kind); fix the cause or raise the budget, then start again to resume
 """

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +21,44 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 LABEL_SCRIPT = REPO_ROOT / "jobs" / "label.py"
 
 
-def start_local_ray():
-    """A 2-CPU local Ray (the inference pool takes one CPU, decode/rows/write tasks the other)."""
+def start_local_ray(**init_options):
+    """A 2-CPU local Ray (the inference pool takes one CPU, decode/rows/write tasks the other);
+    ``init_options`` go to ``ray.init`` (a runtime env, say)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **init_options)
     return ray
+
+
+@contextmanager
+def local_ray(**init_options) -> Iterator:
+    """:func:`start_local_ray` for the block (a module fixture's body), shut down after it."""
+    ray = start_local_ray(**init_options)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def load_label_job():
+    """``jobs/label.py`` imported as a module in this process (its ``main`` uses the test's Ray)."""
+    spec = importlib.util.spec_from_file_location("label_job", LABEL_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def label_main(args: list[str]) -> int:
+    """``jobs/label.py``'s ``main(args)`` in this process: the exit status."""
+    return load_label_job().main(args)
+
+
+def copy_images(folder: Path, images: list[Path], count: int) -> list[str]:
+    """The first ``count`` of ``images`` copied into a new ``folder``: their sorted file names."""
+    folder.mkdir()
+    for path in images[:count]:
+        shutil.copy(path, folder / path.name)
+    return sorted(path.name for path in images[:count])
 
 
 def segmenter_config(clip, saliency: SaliencyConfig | None = None, vocabulary: str = "voc") -> SegmenterConfig:

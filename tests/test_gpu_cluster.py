@@ -1,19 +1,20 @@
 """The labelling job against a multi-node ``ray.cluster_utils.Cluster`` (the job given the
 cluster's address, as under ``ray job submit``): GPU actors by default, even when the GPU node
 joins only after the job started; CPU actors when asked; a GPU request the cluster cannot meet
-ends the job with one line within the bounded wait; an actor whose node cannot load the
-weights stops the job with the weights error.
+ends the job with one line within the bounded wait; an actor that cannot load the weights
+stops the job with the weights error (exit 2, nothing written).
 
 The GPU node only declares ``{"GPU": 1}`` (no CUDA here): its actors run their models on CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import threading
 
 import pytest
-from pipeline_support import job_config, read_all_rows, segmenter_config
+from pipeline_support import copy_images, job_config, read_all_rows, segmenter_config
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +36,8 @@ def cpu_head_cluster():
 
 @pytest.fixture
 def images(coco_images, tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for path in coco_images[:3]:
-        shutil.copy(path, folder / path.name)
-    return folder
+    copy_images(tmp_path / "images", coco_images, 3)
+    return tmp_path / "images"
 
 
 def _segment_actor_nodes() -> set[str]:
@@ -146,32 +144,31 @@ def test_cluster_file_without_gpu_type_is_refused_at_once(cpu_head_cluster, imag
         run_labelling(config)
 
 
-def test_actor_that_cannot_load_the_weights_stops_the_job(cpu_head_cluster, images, tiny_clip_config, tmp_path, monkeypatch):
-    import dataclasses
+def test_actor_that_cannot_load_the_weights_stops_the_job(cpu_head_cluster, images, tiny_clip_config, tmp_path,
+                                                         monkeypatch, capsys):
+    from pipeline_support import cli_args, label_main
 
-    from clipdiy.errors import ActorStartError
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline import run
 
-    # The checkpoint sits under the driver's home; the GPU node's home has none (a node without
-    # the weights cache). The path "~/clip.pt" is the same on both.
-    driver_home, node_home = tmp_path / "driver-home", tmp_path / "node-home"
-    driver_home.mkdir()
-    node_home.mkdir()
-    shutil.copy(tiny_clip_config.checkpoint, driver_home / "clip.pt")
-    try:
-        cpu_head_cluster.add_node(num_cpus=1, num_gpus=1, env_vars={"HOME": str(node_home)})
-    except Exception as error:  # noqa: BLE001 - Ray's own start-up, not the code under test
-        # Seen only in the full suite on the 2-core CI machine: the node with another HOME times
-        # out at start-up ("The current node timed out during startup").
-        pytest.skip(f"a Ray node with another HOME did not start here: {str(error).splitlines()[0]}")
-    monkeypatch.setenv("HOME", str(driver_home))
-    clip = dataclasses.replace(tiny_clip_config, checkpoint="~/clip.pt")
-    config = job_config(images, tmp_path / "labels", segmenter_config(clip), address=cpu_head_cluster.address,
-                        max_actors=None, gpu_wait_s=60.0)
-    with pytest.raises(ActorStartError) as raised:
-        run_labelling(config)
-    message = str(raised.value)
-    assert len(message.splitlines()) == 1
-    assert message.startswith("CLIP weights not found") and "--clip-checkpoint" in message
-    assert str(node_home / "clip.pt") in message  # the actor's node looked, not the driver
-    assert not list((tmp_path / "labels").glob("runs/*/part-*.parquet"))
+    # The driver loads the checkpoint (resolve_models), then it vanishes before the inference
+    # actors start: a node without the weights, seen from the actor that must load them there.
+    checkpoint = tmp_path / "weights" / "clip.pt"
+    checkpoint.parent.mkdir()
+    shutil.copy(tiny_clip_config.checkpoint, checkpoint)
+    resolve_models = run.resolve_models
+
+    def resolve_then_remove(config):
+        models = resolve_models(config)
+        checkpoint.unlink()
+        return models
+
+    monkeypatch.setattr(run, "resolve_models", resolve_then_remove)
+    clip = dataclasses.replace(tiny_clip_config, checkpoint=str(checkpoint))
+    output = tmp_path / "labels"
+    args = cli_args(images, output, clip, "--address", cpu_head_cluster.address, "--device", "cpu")[2:]
+    assert label_main(args) == 2  # refused before any work (README, --help)
+    assert not checkpoint.exists()
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("label.py: error: CLIP weights not found")
+    assert "--clip-checkpoint" in message and str(checkpoint) in message
+    assert not list(output.glob("runs/*/part-*.parquet"))  # no rows, error rows included

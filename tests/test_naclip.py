@@ -20,7 +20,8 @@ from reference_naclip import (
 
 from clipdiy.config import NaclipConfig, SegmenterConfig
 from clipdiy.methods.naclip import query_words, window_boxes
-from clipdiy.models.naclip import interpolate_position_embedding, neighbourhood_bias
+from clipdiy.models.naclip import neighbourhood_bias
+from clipdiy.models.position_embedding import resize_position_embedding
 from clipdiy.refine import pamr
 from clipdiy.segmenter import Segmenter, prepare_input
 from clipdiy.vocabulary import load_vocabulary
@@ -189,9 +190,9 @@ def _dino_resize_axis(table: np.ndarray, out: int, scale: float, axis: int) -> n
 def test_position_embedding_interpolation_follows_the_dino_rule():
     generator = torch.Generator().manual_seed(0)
     table = torch.randn(1 + 14 * 14, 8, generator=generator, dtype=torch.float64).float()
-    assert interpolate_position_embedding(table, 14, 14) is table  # the trained grid keeps its table
+    assert resize_position_embedding(table, 14, 14) is table  # the trained grid keeps its table
     for gh, gw in ((21, 28), (21, 31), (9, 14), (14, 20)):
-        resized = interpolate_position_embedding(table, gh, gw)
+        resized = resize_position_embedding(table, gh, gw)
         assert resized.shape == (1 + gh * gw, 8)
         assert torch.equal(resized[0], table[0])
         grid = table[1:].double().numpy().reshape(14, 14, 8)

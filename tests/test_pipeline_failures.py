@@ -5,21 +5,21 @@
 - a CUDA error that poisons an actor restarts it, and the images it would have failed are labelled;
 - an actor killed mid-run loses no image and labels none twice.
 
-One local Ray per test, whose workers run ``fault_injection.install`` (faults armed per test): a
-run stopped early leaves its actor pool to Ray Data's asynchronous shutdown, and in a 2-CPU Ray an
-actor still alive holds the CPU the next run's stages need.
+One local Ray for the module, whose workers run ``fault_injection.install`` (faults armed per
+test): a run stopped early gives its CPUs back before it returns, so the next run in the same
+2-CPU Ray gets them.
 """
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from fault_injection import runtime_env, set_fault
 from pipeline_support import (
-    LABEL_SCRIPT,
     cli_args,
+    copy_images,
     job_config,
+    label_main,
+    local_ray,
     manifests,
     read_all_rows,
     segmenter_config,
@@ -34,31 +34,16 @@ def fault_spec(tmp_path_factory):
     return tmp_path_factory.mktemp("faults") / "fault.json"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_with_faults(s3_server, fault_spec):
     """A 2-CPU local Ray, started after ``s3_server`` set the dummy credentials (workers inherit them)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(fault_spec))
-    yield ray
-    ray.shutdown()
+    with local_ray(runtime_env=runtime_env(fault_spec)) as ray:
+        yield ray
 
 
-def _label_main(args: list[str]) -> int:
-    """``jobs/label.py``'s ``main`` in this process (it uses the test's Ray): the exit status."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("label_job", LABEL_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(args)
-
-
-def _photos(folder, coco_images, count):
-    folder.mkdir()
-    for path in coco_images[:count]:
-        shutil.copy(path, folder / path.name)
-    return sorted(path.name for path in coco_images[:count])
+def _cpus_all_free(ray) -> bool:
+    """Every CPU of the Ray is free: no actor or task of a stopped run still holds one."""
+    return ray.available_resources().get("CPU", 0.0) == ray.cluster_resources()["CPU"]
 
 
 def _exactly_once(output, names, run_id=None):
@@ -75,7 +60,8 @@ def test_reads_failing_for_every_object_end_the_job_early(ray_with_faults, s3_se
     args = cli_args(f"s3://{s3_bucket}/manifest.txt", output, tiny_clip_config,
                     "--endpoint-url", s3_server.endpoint_url, "--stop-after-failed-reads", "40",
                     "--decode-batch-size", "4", "--batch-size", "4", "--rows-per-file", "10")[2:]
-    assert _label_main(args) == 1
+    assert label_main(args) == 1
+    assert _cpus_all_free(ray_with_faults), "the stopped run's inference actor still holds its CPU"
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("label.py: error: reading the input failed for the last")
     assert "not_found" in message and "do not exist" in message and "--stop-after-failed-reads 40" in message
@@ -89,14 +75,15 @@ def test_the_error_budget_stops_the_run_and_the_next_start_resumes(ray_with_faul
     from clipdiy.pipeline.run import run_labelling
 
     corpus = tmp_path / "corpus"
-    good = _photos(corpus, coco_images, 4)
+    good = copy_images(corpus, coco_images, 4)
     bad = [f"a_bad_{i}.jpg" for i in range(8)]  # listed first: the first shards are all errors
     for name in bad:
         (corpus / name).write_text("not an image")
     output = tmp_path / "labels"
     args = cli_args(corpus, output, tiny_clip_config, "--decode-batch-size", "4", "--batch-size", "4",
                     "--rows-per-file", "4", "--error-window", "4", "--max-error-rate", "0.5")[2:]
-    assert _label_main(args) == 3
+    assert label_main(args) == 3
+    assert _cpus_all_free(ray_with_faults), "the stopped run's inference actor still holds its CPU"
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error budget exceeded" in message and "mostly not_image" in message and "start again" in message
     assert not manifests(output)
@@ -113,7 +100,7 @@ def test_a_poisoned_actor_is_restarted_and_its_images_labelled(ray_with_faults, 
                                                               tiny_clip_config, tmp_path):
     from clipdiy.pipeline.run import run_labelling
 
-    names = _photos(tmp_path / "corpus", coco_images, 8)
+    names = copy_images(tmp_path / "corpus", coco_images, 8)
     marker = tmp_path / "poisoned"
     set_fault(fault_spec, "cuda", names[1], marker)
     summary = run_labelling(job_config(tmp_path / "corpus", tmp_path / "labels", segmenter_config(tiny_clip_config)))
@@ -125,7 +112,7 @@ def test_a_poisoned_actor_is_restarted_and_its_images_labelled(ray_with_faults, 
 def test_an_actor_killed_mid_run_loses_no_image(ray_with_faults, fault_spec, coco_images, tiny_clip_config, tmp_path):
     from clipdiy.pipeline.run import run_labelling
 
-    names = _photos(tmp_path / "corpus", coco_images, 8)
+    names = copy_images(tmp_path / "corpus", coco_images, 8)
     marker = tmp_path / "killed"
     set_fault(fault_spec, "kill", names[5], marker)
     summary = run_labelling(job_config(tmp_path / "corpus", tmp_path / "labels", segmenter_config(tiny_clip_config),

@@ -14,12 +14,12 @@ from PIL import Image
 from pipeline_support import (
     check_rows_match_library,
     job_config,
+    local_ray,
     manifests,
     read_all_rows,
     reference_label_maps,
     segmenter_config,
     shard_files,
-    start_local_ray,
 )
 
 from clipdiy.schema import MANIFEST_SCHEMA_FILE, label_schema, schema_document
@@ -29,9 +29,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = start_local_ray()
-    yield ray
-    ray.shutdown()
+    with local_ray() as ray:
+        yield ray
 
 
 def test_coco_sample_end_to_end(ray_local, coco_images, tiny_clip_config, tmp_path):

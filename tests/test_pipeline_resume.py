@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 from pipeline_support import (
     REPO_ROOT,
     cli_args,
+    copy_images,
     job_config,
     manifests,
     read_all_rows,
@@ -143,9 +144,7 @@ def test_reruns_label_only_new_and_changed_images(coco_images, tiny_clip_config,
     from clipdiy.pipeline.run import run_labelling
 
     corpus = tmp_path / "images"
-    corpus.mkdir()
-    for path in coco_images[:5]:
-        shutil.copy(path, corpus / path.name)
+    copy_images(corpus, coco_images, 5)
     output = tmp_path / "labels"
     config = job_config(corpus, output, segmenter_config(tiny_clip_config))
     ray = start_local_ray()
@@ -348,9 +347,7 @@ def test_an_object_overwritten_between_two_attempts_is_labelled_once_in_the_run(
     from clipdiy.pipeline.run import run_labelling
 
     corpus = tmp_path / "images"
-    corpus.mkdir()
-    for path in coco_images[:3]:
-        shutil.copy(path, corpus / path.name)
+    copy_images(corpus, coco_images, 3)
     output = tmp_path / "labels"
     config = job_config(corpus, output, segmenter_config(tiny_clip_config))
     ray = start_local_ray()

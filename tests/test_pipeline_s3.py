@@ -16,6 +16,7 @@ import pytest
 from pipeline_support import (
     check_rows_match_library,
     job_config,
+    local_ray,
     reference_label_maps,
     segmenter_config,
 )
@@ -30,11 +31,8 @@ pytestmark = pytest.mark.slow
 def ray_with_s3_credentials(s3_server):
     """A 2-CPU local Ray started after ``s3_server`` set the dummy credentials in the
     environment, so its workers inherit them (as workers on a cluster get an instance role)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with local_ray() as ray:
+        yield ray
 
 
 def test_s3_input_and_output_end_to_end(ray_with_s3_credentials, s3_server, s3_bucket, coco_images,

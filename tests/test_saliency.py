@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from model_factories import FOUND_HEAD
 
 from clipdiy.config import SaliencyConfig
+from clipdiy.models.position_embedding import resize_position_embedding
 from clipdiy.models.saliency import (
     SaliencyModel,
     available_saliency_backends,
     create_saliency_model,
     register_saliency_backend,
 )
-from clipdiy.models.saliency.found import FoundSaliency, dino_position_embedding
+from clipdiy.models.saliency.found import FoundSaliency
 from clipdiy.weights import sha256_file
 
 
@@ -154,7 +155,7 @@ def dino_interpolate_pos_encoding(pos_embed: torch.Tensor, x: torch.Tensor, patc
 def test_position_embedding_is_dinos(rows, cols):
     generator = torch.Generator().manual_seed(0)
     pos_embed = torch.randn(1, 785, 384, generator=generator)
-    ours = dino_position_embedding(pos_embed, rows, cols)
+    ours = resize_position_embedding(pos_embed[0], rows, cols)[None]
     reference = dino_interpolate_pos_encoding(pos_embed, torch.zeros(1, 3, rows * 8, cols * 8))
     assert ours.shape == (1, 1 + rows * cols, 384)
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipdiy.models.position_embedding import resize_position_embedding
+
 
 @functools.lru_cache(maxsize=64)
 def _neighbourhood_bias_cpu(grid_h: int, grid_w: int, sigma: float) -> torch.Tensor:
@@ -34,32 +36,6 @@ def neighbourhood_bias(grid_h: int, grid_w: int, sigma: float, device: torch.dev
     row and column. Cached per grid on the CPU.
     """
     return _neighbourhood_bias_cpu(int(grid_h), int(grid_w), float(sigma)).to(device)
-
-
-def interpolate_position_embedding(positional_embedding: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Position embeddings for a ``grid_h x grid_w`` patch grid (SPEC 8.3, the DINO rule).
-
-    positional_embedding: (1 + n*n) x W, class token first. The trained n x n grid keeps the
-    table; any other grid gets the n x n patch table resized bicubically (align_corners=False) by
-    the scale factors ((grid_h + 0.1) / n, (grid_w + 0.1) / n); the class token's entry is kept.
-    Returns (1 + grid_h * grid_w) x W.
-    """
-    count = positional_embedding.shape[0] - 1
-    side = math.isqrt(count)
-    if (grid_h, grid_w) == (side, side):
-        return positional_embedding
-    dim = positional_embedding.shape[-1]
-    table = positional_embedding[1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    resized = F.interpolate(
-        table.float(),
-        scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
-        mode="bicubic",
-        align_corners=False,
-    )
-    if resized.shape[-2:] != (grid_h, grid_w):
-        raise ValueError(f"position-embedding interpolation gave {tuple(resized.shape[-2:])}, expected {(grid_h, grid_w)}")
-    patches = resized.permute(0, 2, 3, 1).reshape(grid_h * grid_w, dim).to(positional_embedding.dtype)
-    return torch.cat([positional_embedding[:1], patches])
 
 
 class NaclipEncoder(nn.Module):
@@ -94,7 +70,7 @@ class NaclipEncoder(nn.Module):
         x = x.reshape(batch, x.shape[1], -1).permute(0, 2, 1)
         cls = visual.class_embedding.to(x.dtype).expand(batch, 1, -1)
         x = torch.cat([cls, x], dim=1)
-        x = x + interpolate_position_embedding(visual.positional_embedding, grid_h, grid_w).to(x.dtype)
+        x = x + resize_position_embedding(visual.positional_embedding, grid_h, grid_w).to(x.dtype)
         x = visual.ln_pre(x)
         blocks = visual.transformer.resblocks
         for block in blocks[:-1]:

@@ -104,6 +104,7 @@ class RunHealth:
         self.streak: collections.Counter[str] = collections.Counter()
         self.sample: str | None = None
         self._verdict: str | None = None
+        self._actors: list = []
         self._poisonings: dict[str, int] = {}
 
     def record_reads(self, ok: int, failed: Mapping[str, int], sample: str | None = None) -> str | None:
@@ -146,6 +147,16 @@ class RunHealth:
             self.stop_after = sum(self.streak.values())
             return self.record_reads(0, {})
         return self._verdict
+
+    def register_actor(self, actor) -> None:
+        """Keep an inference actor's handle (sent by the actor as it starts), so that a run
+        stopped early can end its pool at once: Ray Data's stopped pool lets its actors go only
+        when the last reference to their handles does, which can be much later."""
+        self._actors.append(actor)
+
+    def actors(self) -> list:
+        """The handles of the run's inference actors (a restarted actor may appear twice)."""
+        return list(self._actors)
 
     def record_poisoning(self, batch_key: str) -> int:
         """Count one poisoned actor on the batch ``batch_key``; return how often it happened."""

@@ -132,6 +132,10 @@ class SegmentBatch:
 
         from clipdiy.segmenter import create_segmenter
 
+        if health is not None:  # first, so that a run stopped while this actor loads can end it
+            import ray
+
+            health.register_actor.remote(ray.get_runtime_context().current_actor)
         if num_threads and not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(num_threads)))
         try:

@@ -282,6 +282,79 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
     return plan_pending(target, earlier, estimated_rows_per_shard=config.rows_per_file)
 
 
+#: After a run left early (an error, the error budget, the lock lost), how long ``_label`` waits
+#: for the run's actors and tasks to give their CPUs/GPUs back, so that a next run in the same
+#: Ray (tests, benchmarks, a notebook) does not find them taken.
+RELEASE_WAIT_S = 60.0
+_RELEASED_RESOURCES = ("CPU", "GPU", "memory")
+
+
+def _free_resources() -> dict[str, float]:
+    """The cluster's free CPUs, GPUs and reservable memory now (Ray omits a resource at zero)."""
+    import ray
+
+    available = ray.available_resources()
+    return {name: float(available.get(name, 0.0)) for name in _RELEASED_RESOURCES}
+
+
+def _drop_frames(error: BaseException | None) -> None:
+    """Drop the local variables of the finished frames ``error`` (and its causes) went through.
+
+    An error raised out of the streaming execution carries the frames of Ray Data's scheduling
+    thread, and through them the executor, whose in-flight tasks hold the actor handles of the
+    pool: as long as the error lives (and after, in reference cycles only the garbage collector
+    breaks), Ray keeps those actors and their CPUs. A frame still running (that thread unwinding)
+    cannot be cleared yet, so this is repeated while waiting. The traceback stays printable.
+    """
+    import traceback
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+def _wait_for_release(before: dict[str, float], error: BaseException | None, timeout_s: float = RELEASE_WAIT_S) -> bool:
+    """Wait (bounded) until the free resources are back to ``before`` (capped at the cluster's
+    total, which may shrink), letting go of what ``error`` holds of the stopped execution.
+    True when they are back; a warning when the wait runs out."""
+    import gc
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _drop_frames(error)
+        gc.collect()  # the stopped executor's own reference cycles, so that its actors go now
+        total = ray.cluster_resources()
+        free = _free_resources()
+        short = {
+            name: (free[name], want)
+            for name, want in before.items()
+            if free[name] < min(want, float(total.get(name, 0.0))) - 1e-6
+        }
+        if not short:
+            return True
+        if time.monotonic() >= deadline:
+            logger.warning("the stopped run's actors and tasks still hold %s after %.0f s", short, timeout_s)
+            return False
+        time.sleep(0.5)
+
+
+def _stop_actors(health) -> None:
+    """End the inference actors of a run stopped early (they registered with ``health``)."""
+    import ray
+
+    try:
+        actors = ray.get(health.actors.remote(), timeout=60)
+    except ray.exceptions.RayError as error:  # the wait for the resources (next) still bounds the stop
+        logger.warning("could not list the stopped run's inference actors: %s", str(error).splitlines()[0])
+        return
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+
+
 def _label(
     config: LabelJobConfig, dataset_args: tuple, written: dict, progress: Progress, lock: OutputLock
 ) -> None:
@@ -289,19 +362,29 @@ def _label(
 
     Raises :class:`~clipdiy.errors.RunFailedError` (reads broken run-wide, with the health
     actor's one-line reason) or :class:`~clipdiy.errors.ErrorBudgetExceededError`; either way the
-    shards written so far stay and the next start resumes.
+    shards written so far stay and the next start resumes. An inference actor that cannot load
+    the models raises :class:`~clipdiy.errors.ActorStartError`: exit status 2 when this start
+    wrote no shard yet, 1 when it did (failed mid-run).
     """
     import ray
 
-    from clipdiy.errors import ClipdiyError, ErrorBudgetExceededError, RunFailedError
+    from clipdiy.errors import (
+        ActorStartError,
+        ClipdiyError,
+        ErrorBudgetExceededError,
+        RunFailedError,
+    )
     from clipdiy.pipeline.health import ErrorBudget, start_run_health
     from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS
 
+    free_before = _free_resources()
     health = start_run_health(config.stop_after_failed_reads)
     budget = ErrorBudget(config.max_error_rate, config.error_window)
     stats = build_dataset(config, *dataset_args, health=health)
     batches = iter(stats.iter_batches(batch_size=None, batch_format="pyarrow"))
     over_budget = None
+    finished = False
+    stopped_by: BaseException | None = None
     try:
         with actor_start_refusals():
             for batch in batches:
@@ -313,22 +396,41 @@ def _label(
                 if over_budget:
                     break
             else:
+                finished = True
                 verdict = ray.get(health.finish.remote())  # every read of a small corpus failed?
                 if verdict is not None:
                     raise RunFailedError(verdict)
-    except ClipdiyError:
+    except ActorStartError as error:
+        stopped_by = error
+        if not written:
+            raise  # nothing written by this start: refused before any work (exit 2)
+        raise ActorStartError(
+            f"{error}; stopped after {progress.rows} images, start again to resume", after_work=True
+        ) from error
+    except ClipdiyError as error:
+        stopped_by = error
         raise
     except Exception as error:
         try:
             verdict = ray.get(health.verdict.remote(), timeout=60)
         except Exception:  # noqa: BLE001 - the dataset's own error (raised below) is the one to report
             verdict = None
+        stopped_by = error
         if verdict is not None:
             raise RunFailedError(verdict) from error
         raise
     finally:
         batches.close()  # stops the streaming execution when we leave early
+        if not finished:
+            # Ray Data lets a stopped execution's actors go only when the last reference to their
+            # handles does (the stopping error holds some): end them, then wait (bounded) until
+            # their CPUs are free, so that the next run in this Ray gets them.
+            _stop_actors(health)
         ray.kill(health)
+        if not finished:
+            del batches, stats
+            _wait_for_release(free_before, stopped_by)
+        del stopped_by
     if over_budget:
         raise ErrorBudgetExceededError(
             f"{over_budget}; stopped after {progress.rows} images, start again to resume "

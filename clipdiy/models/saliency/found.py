@@ -13,13 +13,12 @@ block's key projection is evaluated; the rest of the last block is not needed.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clipdiy.config import SaliencyConfig
+from clipdiy.models.position_embedding import resize_position_embedding
 from clipdiy.models.saliency import register_saliency_backend
 from clipdiy.models.saliency.base import SaliencyModel, check_images
 from clipdiy.weights import (
@@ -90,7 +89,7 @@ class FoundSaliency(SaliencyModel):
         rows, cols = patches.shape[-2:]
         patches = backbone.patch_embed.norm(patches.flatten(2).transpose(1, 2))
         cls = backbone.cls_token.expand(patches.shape[0], -1, -1)
-        tokens = torch.cat([cls, patches], dim=1) + dino_position_embedding(backbone.pos_embed, rows, cols)
+        tokens = torch.cat([cls, patches], dim=1) + resize_position_embedding(backbone.pos_embed[0], rows, cols)[None]
         return backbone.norm_pre(backbone.pos_drop(tokens))
 
 
@@ -101,24 +100,6 @@ def pad_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
     if pad_h == 0 and pad_w == 0:
         return pixels
     return F.pad(pixels, (0, pad_w, 0, pad_h), value=0.0)
-
-
-def dino_position_embedding(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """1 x (1 + N) x D position embedding (CLS first, square grid) -> 1 x (1 + rows*cols) x D.
-
-    DINO's ``interpolate_pos_encoding``: bicubic, ``scale_factor = (rows + 0.1) / sqrt(N)``.
-    """
-    cls_pos, grid_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    side = int(math.sqrt(grid_pos.shape[1]))
-    if rows == side and cols == side:
-        return pos_embed
-    dim = grid_pos.shape[-1]
-    grid = grid_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic")
-    if grid.shape[-2:] != (rows, cols):
-        raise RuntimeError(f"position embedding resized to {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
-    grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(pos_embed.dtype)
-    return torch.cat([cls_pos, grid], dim=1)
 
 
 def load_found_head(source: str, embed_dim: int, cache_dir: str | None = None) -> tuple[nn.Conv2d, str]:
