@@ -96,40 +96,79 @@ def pamr(
 
 
 def _neighbour_columns(batch: int, height: int, width: int, dilations: Sequence[int], device) -> torch.Tensor:
-    """Flat index of every pixel's neighbours (clamped at the border: replicate padding), B*H*W x P int32."""
-    ys = torch.arange(height, device=device).view(height, 1)
-    xs = torch.arange(width, device=device).view(1, width)
-    columns = [
-        ((ys + dilation * dy).clamp_(0, height - 1) * width + (xs + dilation * dx).clamp_(0, width - 1)).view(-1)
-        for dilation in dilations
-        for dy, dx in NEIGHBOUR_STEPS
-    ]
-    per_image = torch.stack(columns, dim=1)  # H*W x P
-    offsets = (torch.arange(batch, device=device) * (height * width)).view(batch, 1, 1)
-    return (per_image.unsqueeze(0) + offsets).view(-1, per_image.shape[1]).to(torch.int32)
+    """Flat index of every pixel's neighbours (clamped at the border: replicate padding), B*H*W x P int32.
+
+    Built as (row index of the neighbour) * W + (its column index) + (the image's offset), one
+    broadcast sum over tiny per-row and per-column tables.
+    """
+    steps = [(dilation * dy, dilation * dx) for dilation in dilations for dy, dx in NEIGHBOUR_STEPS]
+    row_steps = torch.tensor([dy for dy, _ in steps], device=device, dtype=torch.int32)
+    column_steps = torch.tensor([dx for _, dx in steps], device=device, dtype=torch.int32)
+    ys = torch.arange(height, device=device, dtype=torch.int32).view(height, 1)
+    xs = torch.arange(width, device=device, dtype=torch.int32).view(width, 1)
+    rows = (ys + row_steps).clamp_(0, height - 1).mul_(width)  # H x P
+    columns = (xs + column_steps).clamp_(0, width - 1)  # W x P
+    offsets = torch.arange(batch, device=device, dtype=torch.int32).mul_(height * width).view(batch, 1, 1, 1)
+    return ((rows.view(1, height, 1, -1) + offsets) + columns.view(1, 1, width, -1)).view(-1, len(steps))
+
+
+def pamr_matrix(affinity: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
+    """The affinities as a sparse CSR matrix over the batch's pixels (SPEC 8.8).
+
+    affinity: B x P x H x W (:func:`pamr_affinity`). Returns a (B·H·W) x (B·H·W) float32 CSR
+    matrix, pixels in row-major order image after image, whose row x holds pixel x's P neighbour
+    weights in the columns of those neighbours (a border pixel's clamped neighbours may repeat a
+    column: their weights add up). One PAMR iteration of a pixel-major (B·H·W) x C map is
+    ``matrix @ map``.
+    """
+    batch, neighbours, height, width = affinity.shape
+    pixels = batch * height * width
+    columns = _neighbour_columns(batch, height, width, dilations, affinity.device)
+    rows = torch.arange(0, pixels * neighbours + 1, neighbours, device=affinity.device, dtype=torch.int32)
+    values = affinity.float().permute(0, 2, 3, 1).reshape(-1)  # pixel-major, neighbours in column order
+    with warnings.catch_warnings():  # "CSR support is in beta": the product used here is long supported
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(rows, columns.view(-1), values, size=(pixels, pixels), check_invariants=False)
 
 
 def _pamr_sparse(
     affinity: torch.Tensor, logits: torch.Tensor, iterations: int, dilations: Sequence[int], chunk: int
 ) -> torch.Tensor:
-    """The iterations as products with the sparse (pixels x pixels) affinity matrix, ``chunk`` classes at a time."""
+    """The iterations as products with the sparse (pixels x pixels) affinity matrix, ``chunk`` classes at a time.
+
+    Works pixel-major (B·H·W x classes, what the product reads and writes) and returns the
+    B x C x H x W result as a view of that pixel-major storage, so no transposing copy back.
+    """
     batch, classes, height, width = logits.shape
-    neighbours = affinity.shape[1]
     pixels = batch * height * width
-    columns = _neighbour_columns(batch, height, width, dilations, logits.device)
-    rows = torch.arange(0, pixels * neighbours + 1, neighbours, device=logits.device, dtype=torch.int32)
-    values = affinity.permute(0, 2, 3, 1).reshape(-1)  # pixel-major, neighbours in column order
-    with warnings.catch_warnings():  # "CSR support is in beta": the product used here is long supported
-        warnings.simplefilter("ignore", UserWarning)
-        matrix = torch.sparse_csr_tensor(rows, columns.view(-1), values, size=(pixels, pixels), check_invariants=False)
-    refined = torch.empty(batch, classes, height, width, device=logits.device, dtype=torch.float32)
-    for start in range(0, classes, chunk):
-        part = logits[:, start : start + chunk]
-        current = part.float().permute(0, 2, 3, 1).reshape(pixels, part.shape[1])
-        for _ in range(iterations):
-            current = matrix @ current
-        refined[:, start : start + chunk] = current.view(batch, height, width, -1).permute(0, 3, 1, 2)
-    return refined
+    matrix = pamr_matrix(affinity, dilations)
+    del affinity
+    refined = torch.empty(batch, height, width, classes, device=logits.device, dtype=torch.float32)
+    if chunk >= classes:  # all classes at once: the last product lands in ``refined`` itself
+        _iterate(matrix, logits.permute(0, 2, 3, 1), iterations, refined.view(pixels, classes), torch.empty_like(refined))
+    else:
+        buffers = torch.empty(2, pixels * chunk, device=logits.device, dtype=torch.float32)
+        for start in range(0, classes, chunk):
+            part = logits[:, start : start + chunk].permute(0, 2, 3, 1)
+            result, spare = (buffer[: part.numel()].view(pixels, part.shape[-1]) for buffer in buffers)
+            _iterate(matrix, part, iterations, result, spare)
+            refined[..., start : start + chunk] = result.view(part.shape)
+    return refined.permute(0, 3, 1, 2)
+
+
+def _iterate(matrix: torch.Tensor, source: torch.Tensor, iterations: int, result: torch.Tensor, spare: torch.Tensor) -> None:
+    """``result`` = matrix^iterations @ source (B x H x W x n, any strides; result: B·H·W x n).
+
+    Ping-pong between ``result`` and ``spare`` (same size), starting in the one that makes the
+    last product land in ``result``: no allocation per iteration. On a CPU, writing into memory
+    already touched matters as much as the product: a fresh buffer of this size is mapped anew
+    by the allocator and page-faulted (about 4x the product's own time).
+    """
+    current, other = (result, spare.view(result.shape)) if iterations % 2 == 0 else (spare.view(result.shape), result)
+    current.view(source.shape).copy_(source)
+    for _ in range(iterations):
+        torch.addmm(other, matrix, current, beta=0, out=other)  # beta=0: other's old values are ignored
+        current, other = other, current
 
 
 def _pamr_shifted(
@@ -146,15 +185,18 @@ def _pamr_shifted(
     per_class = batch * ((height + 2 * largest) * (width + 2 * largest) + 2 * height * width)
     chunk = max(1, min(classes, max_elements // max(per_class, 1)))
     refined = torch.empty(batch, classes, height, width, device=logits.device, dtype=torch.float32)
+    buffers = torch.empty(2, batch * chunk * height * width, device=logits.device, dtype=torch.float32)
     for start in range(0, classes, chunk):
-        current = logits[:, start : start + chunk].float()
+        part = logits[:, start : start + chunk]
+        current, total = (buffer[: part.numel()].view(part.shape) for buffer in buffers)
+        current.copy_(part)
         for _ in range(iterations):
-            total = torch.zeros_like(current)
+            total.zero_()
             for dilation, dilation_weights in zip(dilations, weights):
                 padded = F.pad(current, [dilation] * 4, mode="replicate")
                 for step, weight in zip(NEIGHBOUR_STEPS, dilation_weights):
                     total.addcmul_(_shifted(padded, dilation, step, height, width), weight)
                 del padded
-            current = total
+            current, total = total, current
         refined[:, start : start + chunk] = current
     return refined
