@@ -130,11 +130,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="images per segment() call")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip", default="", help="comma-separated names of runs to skip (e.g. clipdiy-found)")
+    parser.add_argument("--only", default="", help="comma-separated names of the only runs to do (e.g. naclip-whole-pamr)")
     parser.add_argument("--workdir", default=None, help="where the random checkpoints go (default: a temp dir)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
     images = load_images(args.images)
     sizes = sorted({image.shape[:2] for image in images})
     print(f"{len(images)} photos of sizes {sizes}, batch {args.batch}, {torch.get_num_threads()} CPU threads, device cpu")
@@ -161,7 +163,7 @@ def main() -> None:
                 )
         rates = {}
         for name, config in runs.items():
-            if name not in skip:
+            if name not in skip and (not only or name in only):
                 rates[name] = bench(name, config, images, args.batch, pamr_meter)
         if "clipdiy-found" in rates and "naclip-whole-pamr" in rates:
             print(f"naclip whole (PAMR) / clipdiy faithful with FOUND: {rates['naclip-whole-pamr'] / rates['clipdiy-found']:.2f}x  (target >= 3x)")
