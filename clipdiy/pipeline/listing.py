@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import itertools
 import logging
 import os
 import posixpath
@@ -308,7 +309,12 @@ def listing_parts(
     by its part): corpora keep their files in the leaves, where nothing is listed twice.
     """
     fs, path = open_filesystem(input_uri, options)
-    if _GLOB_CHARS.search(path) or _is_manifest(fs, path) or next(_subfolders(fs, path), None) is None:
+    if _GLOB_CHARS.search(path) or _is_manifest(fs, path):
+        yield ListingPart()
+        return
+    root_subfolders = _subfolders(fs, path)
+    first = next(root_subfolders, None)
+    if first is None:
         yield ListingPart()
         return
     level = [path]
@@ -317,7 +323,9 @@ def listing_parts(
         streaming = False
         for folder in level:
             yield ListingPart(folder, recursive=False)
-            for sub in _subfolders(fs, folder):
+            # The root's folders are listed once: the peek above goes on here.
+            subfolders = itertools.chain([first], root_subfolders) if folder == path and depth == 1 else _subfolders(fs, folder)
+            for sub in subfolders:
                 if streaming:
                     yield ListingPart(sub)
                     continue
