@@ -197,26 +197,35 @@ def _walk_s3(fs, key_stem: str) -> Iterator[tuple[str, dict]]:
 
 
 def _walk_local(directory: str, key_stem: str) -> Iterator[tuple[str, dict]]:
+    base = directory.replace(os.sep, "/").rstrip("/") + "/"
+    for name in _local_names(directory):
+        path = base + name.rstrip("/")
+        if name.endswith("/"):
+            if _may_contain(path + "/", key_stem):
+                yield from _walk_local(path, key_stem)
+        elif path.startswith(key_stem) and (info := _local_info(path)) is not None:
+            yield path, info
+
+
+def _local_names(directory: str) -> list[str]:
+    """The names in a local folder, sorted, folders with a trailing ``/`` (empty when it is not
+    a folder, or was removed since its parent was read)."""
     try:
         with os.scandir(directory) as it:
             # Sorting a directory's entries by name + "/" for folders reproduces the
             # lexicographic order of full paths (S3's order) across the whole tree. Only
             # names are kept: a folder of 50,000 files costs a few MB while it is walked.
-            names = sorted(e.name + "/" if _is_dir(e) else e.name for e in it)
+            return sorted(e.name + "/" if _is_dir(e) else e.name for e in it)
     except (NotADirectoryError, FileNotFoundError):
-        return  # not a folder, or removed since its parent was read
-    base = directory.replace(os.sep, "/").rstrip("/") + "/"
-    for name in names:
-        path = base + name.rstrip("/")
-        if name.endswith("/"):
-            if _may_contain(path + "/", key_stem):
-                yield from _walk_local(path, key_stem)
-        elif path.startswith(key_stem):
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue  # deleted (or a dangling link) since the directory was read
-            yield path, {"size": st.st_size, "mtime": st.st_mtime}
+        return []
+
+
+def _local_info(path: str) -> dict | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None  # deleted (or a dangling link) since the directory was read
+    return {"size": st.st_size, "mtime": st.st_mtime}
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
@@ -233,21 +242,26 @@ def _may_contain(directory: str, key_stem: str) -> bool:
 
 def _walk_generic(fs, directory: str, key_stem: str) -> Iterator[tuple[str, dict]]:
     # Other fsspec filesystems: one directory listing at a time.
+    for name, info in _generic_entries(fs, directory):
+        if name.endswith("/"):
+            if _may_contain(name, key_stem):
+                yield from _walk_generic(fs, name.rstrip("/"), key_stem)
+        elif name.startswith(key_stem):
+            yield name, info
+
+
+def _generic_entries(fs, directory: str) -> list[tuple[str, dict]]:
+    """(path, info) of what an fsspec folder holds, sorted as :func:`_local_names`: folders with
+    a trailing ``/``, the folder itself (some filesystems list it) left out."""
     try:
         listing = fs.ls(directory, detail=True)
     except FileNotFoundError:
-        return
+        return []
     entries = sorted(
         ((info["name"].rstrip("/") + ("/" if info.get("type") == "directory" else "")), info)
         for info in listing
     )
-    del listing
-    for name, info in entries:
-        if name.endswith("/"):
-            if name.rstrip("/") != directory and _may_contain(name, key_stem):
-                yield from _walk_generic(fs, name.rstrip("/"), key_stem)
-        elif name.startswith(key_stem):
-            yield name, info
+    return [(name, info) for name, info in entries if not (name.endswith("/") and name.rstrip("/") == directory.rstrip("/"))]
 
 
 def _source(fs, full: str, image_id: str, info: dict) -> SourceObject:
@@ -390,30 +404,15 @@ def _level(fs, folder: str) -> Iterator[tuple[str, dict | None]]:
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
     elif isinstance(fs, LocalFileSystem):
-        try:
-            with os.scandir(folder or "/") as it:
-                names = sorted(e.name + "/" if _is_dir(e) else e.name for e in it)
-        except (NotADirectoryError, FileNotFoundError):
-            return
         base = (folder or "/").replace(os.sep, "/").rstrip("/") + "/"
-        for name in names:
+        for name in _local_names(folder or "/"):
             if name.endswith("/"):
                 yield base + name.rstrip("/"), None
-                continue
-            try:
-                st = os.stat(base + name)
-            except FileNotFoundError:
-                continue  # deleted (or a dangling link) since the directory was read
-            yield base + name, {"size": st.st_size, "mtime": st.st_mtime}
+            elif (info := _local_info(base + name)) is not None:
+                yield base + name, info
     else:
-        try:
-            listing = fs.ls(folder, detail=True)
-        except FileNotFoundError:
-            return
-        for info in sorted(listing, key=lambda i: i["name"]):
-            name = info["name"].rstrip("/")
-            if name != folder.rstrip("/"):
-                yield name, (None if info.get("type") == "directory" else info)
+        for name, info in _generic_entries(fs, folder):
+            yield (name.rstrip("/"), None) if name.endswith("/") else (name, info)
 
 
 # --------------------------------------------------------------------------------- manifests
