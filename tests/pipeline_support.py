@@ -22,7 +22,8 @@ LABEL_SCRIPT = REPO_ROOT / "jobs" / "label.py"
 
 
 def start_local_ray(**init_options):
-    """A 2-CPU local Ray (the inference pool takes one CPU, decode/rows/write tasks the other);
+    """A 2-CPU local Ray (the inference pool takes one CPU, decode tasks the other; rows and writes
+    reserve none);
     ``init_options`` go to ``ray.init`` (a runtime env, say)."""
     import ray
 

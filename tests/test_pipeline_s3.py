@@ -97,3 +97,58 @@ def test_s3_input_and_output_end_to_end(ray_with_s3_credentials, s3_server, s3_b
     # A second run over the same bucket labels nothing new (incremental, on S3 too).
     again = run_labelling(config)
     assert (again.listed, again.seen, again.skipped) == (4, 0, 4)
+
+
+#: How long the test's S3 server holds back the read of the last image (the job's reads wait longer).
+HOLD_S = 90
+
+
+def test_a_shard_is_written_while_the_input_is_still_being_read(ray_with_s3_credentials, s3_server, s3_bucket,
+                                                                tiny_clip_config, tmp_path, monkeypatch):
+    """On this 2-CPU Ray the decode tasks and the inference actor take every CPU. The server holds
+    the read of the listing's last image until a shard of the run is in OUTPUT: a writer that
+    waits for the whole input to be decoded (what a 1-CPU writer did: a first run's first shard
+    came only after the last image was decoded) never sees the hold released by a shard."""
+    import dataclasses
+    import time
+
+    import numpy as np
+    from moto.s3.responses import S3Response
+    from PIL import Image
+
+    from clipdiy.pipeline.run import run_labelling
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    count = 48  # three listing blocks of 16 (decode batches of 2): the held image is in the last
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(corpus / f"img-{index:03d}.jpg")
+    keys = s3_server.upload_folder(corpus, s3_bucket, "photos")
+    held_key = keys[-1]
+    released: list[str] = []
+    answer = S3Response._key_response_get
+
+    def hold_last_image(self, query, key_name):
+        if self.bucket_name == s3_bucket and key_name == held_key and not released:
+            fs = s3_server.filesystem()
+            deadline = time.monotonic() + HOLD_S
+            while not released:
+                if fs.glob(f"{s3_bucket}/labels/runs/*/part-*.parquet"):
+                    released.append("by a shard")
+                elif time.monotonic() > deadline:
+                    released.append("by the time limit")
+                else:
+                    time.sleep(0.2)
+        return answer(self, query, key_name)
+
+    monkeypatch.setattr(S3Response, "_key_response_get", hold_last_image)
+    storage = dataclasses.replace(s3_server.options, read_timeout=HOLD_S + 60)
+    config = job_config(f"s3://{s3_bucket}/photos/", f"s3://{s3_bucket}/labels", segmenter_config(tiny_clip_config),
+                        storage=storage, decode_batch_size=2, inference_batch_size=8, rows_per_file=8)
+    config = dataclasses.replace(config, segmenter=dataclasses.replace(config.segmenter, method="naclip",
+                                                                       refine="none"))
+    summary = run_labelling(config)
+
+    assert (summary.seen, summary.ok) == (count, count)
+    assert released == ["by a shard"], f"the last image's read was released {released}: no shard before it"

@@ -183,6 +183,13 @@ class Progress:
             )
 
 
+def writer_tasks(placement: InferencePlacement) -> int:
+    """How many row-building and shard-writing tasks run at once: one per inference actor (each
+    turns what one actor gives out into shards), and at least two, so that a slow write to the
+    store does not hold the pool's output back."""
+    return max(2, placement.max_actors)
+
+
 def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, placement: InferencePlacement, health=None):
     """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
     rows -> shard stats.
@@ -251,7 +258,13 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         fn_kwargs={"context": context},
         batch_size=config.inference_batch_size,
         batch_format="pyarrow",
-        num_cpus=1,
+        # No CPU reserved, a bounded pool instead: Ray Data reserves each operator's minimum in
+        # pipeline order, so where decode and the actors take every CPU (a small cluster, a
+        # workstation) a 1-CPU writer would get none until the whole input was decoded, and a
+        # first run's first shard would wait for it. Building rows and writing cost less than
+        # decoding, whose CPUs they share.
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),
         udf_modifying_row_count=False,
     )
     return ds.map_batches(
@@ -259,7 +272,8 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         fn_kwargs={"target": target},
         batch_size=config.rows_per_file,
         batch_format="pyarrow",
-        num_cpus=1,
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),  # fused with the rows
         # One stats row per shard of up to rows_per_file label rows: no limit pushdown past it.
         udf_modifying_row_count=True,
     )
