@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 MAX_SPLITTERS = 255
 #: Most ids the sample holds.
 SAMPLE_SIZE = 65_536
+#: Rows whose buckets one binary search finds at once.
+_SEARCH_ROWS = 65_536
 
 
 class StrideSample:
@@ -199,7 +201,10 @@ class KeySpill:
         rows: dict[int, int] = {}
         try:
             for chunk in _chunks(part.batches(self.limit), self.limit):
-                buckets = bucket_of(chunk.column("image_id"), cuts)
+                ids = chunk.column("image_id").combine_chunks()
+                # In slices: each compare of the search materialises one cut per row.
+                buckets = np.concatenate([bucket_of(ids.slice(first, _SEARCH_ROWS), cuts)
+                                          for first in range(0, len(ids), _SEARCH_ROWS)])
                 order = np.argsort(buckets, kind="stable")  # keeps the rows' order inside a bucket
                 sorted_buckets = buckets[order]
                 bounds = np.flatnonzero(np.diff(sorted_buckets)) + 1
