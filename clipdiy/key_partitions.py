@@ -26,6 +26,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 import pyarrow as pa
@@ -137,7 +138,7 @@ class KeySpill:
         self._source = self._new_path()
         self._writer = pa.ipc.new_stream(self._source, schema)
 
-    def __enter__(self) -> KeySpill:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
