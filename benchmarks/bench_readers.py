@@ -18,8 +18,10 @@
 
 ``--key-pass`` measures the key pass alone (``build_row_index(..., sort_by_id=True)``) on synthetic
 keys (no Parquet: each shard's key table is built afresh when read, 1,000 rows a shard, run ``a``
-with N ids in a scrambled order, run ``b`` relabelling 1%), each size in its own process, held in
-memory (``max_keys_in_memory`` above N) and spilled to disk (``--max-keys``).
+with N ids in a scrambled order, run ``b`` relabelling 1%), each in its own process: held in
+memory (``max_keys_in_memory`` above N) and spilled to disk (``--max-keys``), with ``sort_by_id``
+(as ``LabelDataset`` and ``export_coco``: 8 bytes a row of result) and without (losers only, as
+the streaming readers).
 
 Run from the repository root. ``--code`` puts another checkout's ``clipdiy`` first on the child
 processes' path (e.g. the code before this change) to compare.
@@ -153,7 +155,7 @@ def child(reader: str, labels: str, scratch: str) -> dict:
             "peak_rss_mb": round(peak_rss_kb() / 1024, 1), "result": result}
 
 
-def key_pass_child(rows: int, max_keys: int) -> dict:
+def key_pass_child(rows: int, max_keys: int, sort_by_id: bool) -> dict:
     """``build_row_index`` over ``rows`` synthetic keys in this process; seconds and peak RSS."""
     import numpy as np
     import pyarrow as pa
@@ -178,9 +180,9 @@ def key_pass_child(rows: int, max_keys: int) -> dict:
                 shards=tuple(f"/{name}/part-001-{first:010d}.parquet" for first in range(0, len(numbers), SHARD_ROWS)))
             for name, (numbers, _) in plan.items()]
     start = time.perf_counter()
-    index = build_row_index(runs, sort_by_id=True, read=read, max_keys_in_memory=max_keys)
+    index = build_row_index(runs, sort_by_id=sort_by_id, read=read, max_keys_in_memory=max_keys)
     seconds = time.perf_counter() - start
-    assert len(index.sorted_positions) == rows and index.num_winners == rows
+    assert index.num_winners == rows and (not sort_by_id or len(index.sorted_positions) == rows)
     return {"rows": index.num_rows, "seconds": round(seconds, 2), "rows_per_s": round(index.num_rows / seconds),
             "peak_rss_mb": round(peak_rss_kb() / 1024, 1)}
 
@@ -194,9 +196,11 @@ def key_pass(sizes: list[int], max_keys: int) -> None:
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=True)
     print(f"baseline (imports only): peak RSS {int(done.stdout.split()[-1]) / 1024:.1f} MB", flush=True)
     for size in sizes:
-        for label, limit in (("in memory", 10**12), (f"spilled, max_keys_in_memory={max_keys}", max_keys)):
+        for label, limit, sort in (("in memory, sort_by_id", 10**12, "sort"),
+                                   (f"spilled ({max_keys} keys), sort_by_id", max_keys, "sort"),
+                                   (f"spilled ({max_keys} keys), losers only", max_keys, "")):
             done = subprocess.run([sys.executable, __file__, "--child", "keypass", "--labels", str(size), "--scratch",
-                                   str(limit)], capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=True)
+                                   f"{limit},{sort}"], capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"N={size:>9}  {label:<38} peak RSS {result['peak_rss_mb']:>7.1f} MB  {result['seconds']:>6.1f} s  "
                   f"{result['rows_per_s']:>8} rows/s (rows incl. the 1% relabelled)", flush=True)
@@ -238,7 +242,8 @@ def main() -> int:
     parser.add_argument("--max-keys", type=int, default=100_000, help="max_keys_in_memory of --key-pass's spilled runs")
     args = parser.parse_args()
     if args.child == "keypass":
-        print(json.dumps(key_pass_child(int(args.labels), int(args.scratch))))
+        limit, sort = args.scratch.split(",")
+        print(json.dumps(key_pass_child(int(args.labels), int(limit), bool(sort))))
         return 0
     if args.child:
         print(json.dumps(child(args.child, args.labels, args.scratch)))

@@ -168,27 +168,26 @@ def build_row_index(
         index = RowIndex(shards=shards, offsets=offsets)
         run_rank = np.zeros(len(code_of), dtype=np.int32)
         run_rank[np.array([code_of[name] for name in sorted(code_of)], dtype=np.int64)] = np.arange(len(code_of), dtype=np.int32)
-        losing: list[np.ndarray] = []
-        winning: list[np.ndarray] = []
+        found = _Outcome(int(offsets[-1]), sort_by_id)
         if spill is None:
             if offsets[-1] > 0:
-                _add(_resolve(pa.Table.from_batches(held, schema), run_rank), losing, winning)
+                found.add(*_resolve(pa.Table.from_batches(held, schema), run_rank))
             del held
         else:
             # Id-range partitions, in id order: their winners, concatenated, are in global id order.
             for part in spill.partitions():
                 if part.single_id and part.rows > limit:
-                    _add(_resolve_one_id(part.batches(limit), run_rank), losing, winning)
+                    found.add(*_resolve_one_id(part.batches(limit), run_rank))
                 else:
-                    _add(_resolve(part.read(), run_rank), losing, winning)
+                    found.add(*_resolve(part.read(), run_rank))
 
-    if losing:
-        lost = np.sort(np.concatenate(losing))
+    if found.losing:
+        lost = np.sort(np.concatenate(found.losing))
         shard_of = np.searchsorted(offsets, lost, side="right") - 1
         for number in np.unique(shard_of).tolist():
             index.losers[number] = lost[shard_of == number] - offsets[number]
     if sort_by_id:
-        index.sorted_positions = np.concatenate(winning) if winning else np.zeros(0, dtype=np.int64)
+        index.sorted_positions = found.sorted_positions()
     return index
 
 
@@ -275,9 +274,24 @@ def _resolve_one_id(batches: Iterator[pa.RecordBatch], run_rank: np.ndarray) -> 
     return every[every != best[3]], winner
 
 
-def _add(resolved: tuple[np.ndarray, np.ndarray], losing: list[np.ndarray], winning: list[np.ndarray]) -> None:
-    lost, won = resolved
-    if len(lost):
-        losing.append(lost)
-    if len(won):
-        winning.append(won)
+class _Outcome:
+    """What the partitions' resolutions add up to: losing positions (few, as chunks) and the
+    winners in id order, written into one buffer of a position per row (8 bytes a row, the size
+    of the result: concatenating chunks at the end would need twice that)."""
+
+    def __init__(self, rows: int, sort_by_id: bool):
+        self.losing: list[np.ndarray] = []
+        self._winners = np.empty(rows, dtype=np.int64) if sort_by_id else None
+        self._count = 0
+
+    def add(self, lost: np.ndarray, won: np.ndarray) -> None:
+        if len(lost):
+            self.losing.append(lost)
+        if self._winners is not None:
+            self._winners[self._count:self._count + len(won)] = won
+            self._count += len(won)
+
+    def sorted_positions(self) -> np.ndarray:
+        winners, self._winners = self._winners, None
+        winners.resize(self._count, refcheck=False)  # shrinks in place
+        return winners
