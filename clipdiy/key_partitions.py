@@ -208,16 +208,19 @@ class KeySpill:
                                           for first in range(0, len(ids), _SEARCH_ROWS)])
                 order = np.argsort(buckets, kind="stable")  # keeps the rows' order inside a bucket
                 sorted_buckets = buckets[order]
-                bounds = np.flatnonzero(np.diff(sorted_buckets)) + 1
-                for group in np.split(order, bounds):
-                    bucket = int(buckets[group[0]])
+                grouped = chunk.take(pa.array(order)).combine_chunks()  # one take; each bucket a slice of it
+                del chunk, ids
+                starts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_buckets)) + 1])
+                ends = np.append(starts[1:], len(order))
+                for start, end in zip(starts.tolist(), ends.tolist()):
+                    bucket = int(sorted_buckets[start])
                     if bucket not in writers:
                         paths[bucket] = self._new_path()
                         writers[bucket] = pa.ipc.new_stream(paths[bucket], self.schema)
                         rows[bucket] = 0
-                    for batch in chunk.take(pa.array(group)).to_batches():
-                        writers[bucket].write_batch(batch)
-                    rows[bucket] += len(group)
+                    writers[bucket].write_table(grouped.slice(start, end - start))
+                    rows[bucket] += end - start
+                del grouped
         finally:
             for writer in writers.values():
                 writer.close()
