@@ -161,7 +161,37 @@ def _synthetic(ids: list[str], shard_rows: int, runs: int = 3, seed: int = 0) ->
     return shards
 
 
-def test_the_partitioned_key_pass_holds_at_most_the_threshold(monkeypatch, tmp_path):
+class _Sizes(list):
+    def on_hold(self) -> None:
+        pass
+
+
+@pytest.fixture()
+def resolved_sizes(monkeypatch) -> list[int]:
+    """The rows of every key table (or batch of one id's rows) the resolution holds at once;
+    ``sizes.on_hold()`` is called at each."""
+    sizes = _Sizes()
+    resolve, resolve_one = row_index._resolve, row_index._resolve_one_id
+
+    def counted(keys, run_rank):
+        sizes.on_hold()
+        sizes.append(keys.num_rows)
+        return resolve(keys, run_rank)
+
+    def counted_one(batches, run_rank):
+        def each():
+            for batch in batches:
+                sizes.on_hold()
+                sizes.append(len(batch))
+                yield batch
+        return resolve_one(each(), run_rank)
+
+    monkeypatch.setattr(row_index, "_resolve", counted)
+    monkeypatch.setattr(row_index, "_resolve_one_id", counted_one)
+    return sizes
+
+
+def test_the_partitioned_key_pass_holds_at_most_the_threshold(tmp_path, resolved_sizes):
     ids = [f"s3://bucket/corpus/{i * 7919 % 40_000:06d}-{i % 13}.jpg" for i in range(20_000)]
     shards = _synthetic(ids, shard_rows=100)
     rows = sum(len(r) for _, _, r in shards)
@@ -169,53 +199,31 @@ def test_the_partitioned_key_pass_holds_at_most_the_threshold(monkeypatch, tmp_p
     limit = 500
     reads = SyntheticKeys(shards)
 
-    held = []  # the rows of every key table resolved at once
-    resolve, resolve_one = row_index._resolve, row_index._resolve_one_id
-
-    def counted(keys, run_rank):
-        reads.sample()
-        held.append(keys.num_rows)
-        return resolve(keys, run_rank)
-
-    def counted_one(batches, run_rank):
-        def each():
-            for batch in batches:
-                reads.sample()
-                held.append(len(batch))
-                yield batch
-        return resolve_one(each(), run_rank)
-
-    monkeypatch.setattr(row_index, "_resolve", counted)
-    monkeypatch.setattr(row_index, "_resolve_one_id", counted_one)
+    resolved_sizes.on_hold = reads.sample
     index = build_row_index(reads.runs, sort_by_id=True, read=reads, max_keys_in_memory=limit, spill_dir=str(tmp_path))
 
     assert_index(index, *brute_force(shards))
-    assert sum(held) == rows and len(held) >= rows / limit  # every row resolved, in many pieces
-    assert max(held) <= limit
+    assert sum(resolved_sizes) == rows and len(resolved_sizes) >= rows / limit  # every row resolved, in many pieces
+    assert max(resolved_sizes) <= limit
     # Arrow memory while it ran: a few thresholds' worth of keys, far from all the ids.
     assert reads.peak < id_bytes / 4, (reads.peak, id_bytes)
     assert os.listdir(tmp_path) == []
 
 
-def test_in_memory_key_pass_is_what_the_bound_above_would_catch(monkeypatch):
+def test_in_memory_key_pass_is_what_the_bound_above_would_catch(resolved_sizes):
     """The measure of the test above sees the keys when they are all held (below the threshold)."""
     ids = [f"s3://bucket/corpus/{i * 7919 % 40_000:06d}-{i % 13}.jpg" for i in range(20_000)]
     shards = _synthetic(ids, shard_rows=100)
     id_bytes = sum(len(r["image_id"]) + 4 for _, _, rs in shards for r in rs)
     reads = SyntheticKeys(shards)
-    resolve = row_index._resolve
-
-    def counted(keys, run_rank):
-        reads.sample()
-        return resolve(keys, run_rank)
-
-    monkeypatch.setattr(row_index, "_resolve", counted)
+    resolved_sizes.on_hold = reads.sample
     build_row_index(reads.runs, sort_by_id=True, read=reads, max_keys_in_memory=10**9)
+    assert resolved_sizes == [sum(len(r) for _, _, r in shards)]
     assert reads.peak >= id_bytes / 2
 
 
 @pytest.mark.parametrize("kind", ["long shared prefix", "one id", "few ids", "prefix runs"])
-def test_skewed_ids_resolve_exactly(kind, tmp_path):
+def test_skewed_ids_resolve_exactly(kind, tmp_path, resolved_sizes):
     prefix = "s3://bucket/" + "deep/" * 60
     ids = {
         "long shared prefix": [prefix + f"{i % 97:04d}.jpg" for i in range(600)],
@@ -227,8 +235,10 @@ def test_skewed_ids_resolve_exactly(kind, tmp_path):
     reads = SyntheticKeys(shards)
     expected = brute_force(shards)
     for limit in (7, 50, 10**9):
+        resolved_sizes.clear()
         index = build_row_index(reads.runs, sort_by_id=True, read=reads, max_keys_in_memory=limit, spill_dir=str(tmp_path))
         assert_index(index, *expected)
+        assert sum(resolved_sizes) == index.num_rows and max(resolved_sizes) <= limit
     assert os.listdir(tmp_path) == []
 
 
