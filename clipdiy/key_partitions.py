@@ -11,7 +11,7 @@ global id order.
 Partitioning is by id range, not by hash, so that the concatenation is globally sorted without a
 merge. Splitters are quantiles of the sample; each splitter value gets a partition of its own
 (ids ``< s0``, ``== s0``, between ``s0`` and ``s1``, ``== s1``...), which makes skew harmless: an
-id repeated more often than ``limit`` ends alone in an *single-id* partition (which the caller
+id repeated more often than ``limit`` ends alone in a *single-id* partition (which the caller
 reads batch by batch, :meth:`Partition.batches`), and a range partition still over ``limit`` is
 split again with a sample of its own rows (each split shrinks it: its splitters are ids it holds).
 Memory: one chunk of at most ``limit`` rows, the sample (at most ``sample_size`` ids) and the

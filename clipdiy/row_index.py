@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 KEY_COLUMNS = ("image_id", "run_id", "run_started_at")
 #: Rows whose keys the key pass holds in memory at most (about 200 bytes each at the peak of the
 #: sort, ids of ~40 characters: 2M rows ~ 435 MB; ``benchmarks/bench_readers.py --key-pass``);
-#: above it the keys go to local disk (about 60 bytes a row) and come back by id range.
+#: above it the keys go to local disk (about 70 bytes a row) and come back by id range.
 MAX_KEYS_IN_MEMORY = 2_000_000
 _ATTEMPT = re.compile(r"^part-(\d+)-")
 
