@@ -14,6 +14,14 @@
 
     python benchmarks/bench_readers.py                          # N = 20000 and 200000
     python benchmarks/bench_readers.py --sizes 20000 --code ../old-checkout   # another clipdiy's readers
+    python benchmarks/bench_readers.py --key-pass --sizes 200000 2000000 --max-keys 100000
+
+``--key-pass`` measures the key pass alone (``build_row_index(..., sort_by_id=True)``) on synthetic
+keys (no Parquet: each shard's key table is built afresh when read, 1,000 rows a shard, run ``a``
+with N ids in a scrambled order, run ``b`` relabelling 1%), each in its own process: held in
+memory (``max_keys_in_memory`` above N) and spilled to disk (``--max-keys``), with ``sort_by_id``
+(as ``LabelDataset`` and ``export_coco``: 8 bytes a row of result) and without (losers only, as
+the streaming readers).
 
 Run from the repository root. ``--code`` puts another checkout's ``clipdiy`` first on the child
 processes' path (e.g. the code before this change) to compare.
@@ -147,6 +155,62 @@ def child(reader: str, labels: str, scratch: str) -> dict:
             "peak_rss_mb": round(peak_rss_kb() / 1024, 1), "result": result}
 
 
+def key_pass_child(rows: int, max_keys: int, sort_by_id: bool) -> dict:
+    """``build_row_index`` over ``rows`` synthetic keys in this process; seconds and peak RSS."""
+    import numpy as np
+    import pyarrow as pa
+
+    from clipdiy.label_store import Run
+    from clipdiy.row_index import build_row_index
+
+    def ids(numbers: np.ndarray) -> pa.Array:
+        return pa.array(np.char.mod("s3://bucket/corpus/images/%010d.jpg", numbers))
+
+    relabelled = np.sort(np.random.default_rng(0).choice(rows, size=rows // 100, replace=False))
+    plan = {"a": (rows, 0), "b": (relabelled, 3_600_000_000)}  # run a: every id (not held: 8 bytes a row)
+
+    def read(run, shard, columns):
+        numbers, started = plan[run.run_id]
+        first = int(shard.rsplit("-", 1)[1].split(".")[0])
+        if isinstance(numbers, int):
+            chunk = np.arange(first, min(first + SHARD_ROWS, numbers))
+        else:
+            chunk = numbers[first:first + SHARD_ROWS]
+        chunk = chunk * 7919 % rows  # a bijection: ids in scrambled order
+        return pa.table({"image_id": ids(chunk), "run_id": pa.array([run.run_id] * len(chunk)),
+                         "run_started_at": pa.array(np.full(len(chunk), started, "datetime64[us]"))}).select(list(columns))
+
+    runs = [Run(run_id=name, path=f"/{name}", manifest={}, fs=None,
+                shards=tuple(f"/{name}/part-001-{first:010d}.parquet"
+                             for first in range(0, numbers if isinstance(numbers, int) else len(numbers), SHARD_ROWS)))
+            for name, (numbers, _) in plan.items()]
+    start = time.perf_counter()
+    index = build_row_index(runs, sort_by_id=sort_by_id, read=read, max_keys_in_memory=max_keys)
+    seconds = time.perf_counter() - start
+    assert index.num_winners == rows and (not sort_by_id or len(index.sorted_positions) == rows)
+    return {"rows": index.num_rows, "seconds": round(seconds, 2), "rows_per_s": round(index.num_rows / seconds),
+            "peak_rss_mb": round(peak_rss_kb() / 1024, 1)}
+
+
+def key_pass(sizes: list[int], max_keys: int) -> None:
+    """Each size held in memory and spilled, each in its own process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    imports_only = ("import sys; sys.path.insert(0, 'benchmarks'); import bench_readers as b; "
+                    "import clipdiy.row_index, clipdiy.label_store; print(b.peak_rss_kb())")
+    done = subprocess.run([sys.executable, "-c", imports_only],
+                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=True)
+    print(f"baseline (imports only): peak RSS {int(done.stdout.split()[-1]) / 1024:.1f} MB", flush=True)
+    for size in sizes:
+        for label, limit, sort in (("in memory, sort_by_id", 10**12, "sort"),
+                                   (f"spilled ({max_keys} keys), sort_by_id", max_keys, "sort"),
+                                   (f"spilled ({max_keys} keys), losers only", max_keys, "")):
+            done = subprocess.run([sys.executable, __file__, "--child", "keypass", "--labels", str(size), "--scratch",
+                                   f"{limit},{sort}"], capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=True)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"N={size:>9}  {label:<38} peak RSS {result['peak_rss_mb']:>7.1f} MB  {result['seconds']:>6.1f} s  "
+                  f"{result['rows_per_s']:>8} rows/s (rows incl. the 1% relabelled)", flush=True)
+
+
 def peak_rss_kb() -> int:
     """This process's peak RSS since it started (VmHWM: ``ru_maxrss`` would carry over the
     parent's peak through fork and exec)."""
@@ -179,9 +243,18 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--labels", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--key-pass", action="store_true", help="measure build_row_index alone on synthetic keys")
+    parser.add_argument("--max-keys", type=int, default=100_000, help="max_keys_in_memory of --key-pass's spilled runs")
     args = parser.parse_args()
+    if args.child == "keypass":
+        limit, sort = args.scratch.split(",")
+        print(json.dumps(key_pass_child(int(args.labels), int(limit), bool(sort))))
+        return 0
     if args.child:
         print(json.dumps(child(args.child, args.labels, args.scratch)))
+        return 0
+    if args.key_pass:
+        key_pass(args.sizes, args.max_keys)
         return 0
     work = Path(args.work)
     real = real_output(work)

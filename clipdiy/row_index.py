@@ -9,8 +9,11 @@ reader (the feed, exports, evaluation local and on Ray, previews) asks :func:`bu
 so they all pick the same row.
 
 The key pass reads only ``image_id``, ``run_started_at`` and ``run_id``, one shard at a time, into
-compact Arrow/numpy arrays (no Python object per row; about 16 bytes a row plus the ids while it
-runs, sorted once by Arrow) and keeps afterwards:
+compact Arrow/numpy keys (no Python object per row; about 24 bytes a row plus the id). Up to
+``max_keys_in_memory`` rows they are held and sorted once by Arrow; above it they go to local
+disk and come back as ``image_id`` ranges of at most that many rows
+(:mod:`clipdiy.key_partitions`), each sorted and resolved alone by the same code, so memory is
+bounded by the threshold, not by the output. Either way it keeps afterwards:
 
 - ``losers``: for the shards that hold losing rows only, their row numbers (none in the usual
   output, where every image has one row);
@@ -23,6 +26,7 @@ Rows themselves are read shard by shard by the readers, with :meth:`RowIndex.win
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -33,10 +37,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipdiy.key_partitions import KeySpill
+
 if TYPE_CHECKING:
     from clipdiy.label_store import Run
 
 KEY_COLUMNS = ("image_id", "run_id", "run_started_at")
+#: Rows whose keys the key pass holds in memory at most (about 200 bytes each at the peak of the
+#: sort, ids of ~40 characters: 2M rows ~ 435 MB; ``benchmarks/bench_readers.py --key-pass``);
+#: above it the keys go to local disk (about 70 bytes a row) and come back by id range.
+MAX_KEYS_IN_MEMORY = 2_000_000
 _ATTEMPT = re.compile(r"^part-(\d+)-")
 
 #: ``row_filter(table) -> bool array``: which rows of a shard (read with ``filter_columns``) to keep.
@@ -106,12 +116,19 @@ def build_row_index(
     row_filter: RowFilter | None = None,
     filter_columns: Sequence[str] = (),
     read: Callable[[Run, str, Sequence[str]], pa.Table] | None = None,
+    max_keys_in_memory: int | None = None,
+    spill_dir: str | None = None,
 ) -> RowIndex:
     """One key pass over the runs' shards (see the module docstring). ``row_filter`` (with the
-    extra ``filter_columns`` it reads) narrows ``sorted_positions`` to the rows it keeps. Raises
-    ``FileNotFoundError`` when the runs hold no shards."""
+    extra ``filter_columns`` it reads) narrows ``sorted_positions`` to the rows it keeps. Above
+    ``max_keys_in_memory`` rows (default :data:`MAX_KEYS_IN_MEMORY`) the keys go to local disk
+    (``spill_dir``, default the system's temporary folder) and are resolved id range by id range.
+    Raises ``FileNotFoundError`` when the runs hold no shards."""
     if read is None:
         from clipdiy.label_store import read_shard as read
+    limit = MAX_KEYS_IN_MEMORY if max_keys_in_memory is None else int(max_keys_in_memory)
+    if limit < 1:
+        raise ValueError(f"max_keys_in_memory must be at least 1, not {limit}")
     shards = tuple((run, shard) for run in runs for shard in run.shards)
     if not shards:
         raise FileNotFoundError("the labels output holds no shards")
@@ -123,58 +140,159 @@ def build_row_index(
         first += len(run.shards)
 
     columns = list(dict.fromkeys([*KEY_COLUMNS, *filter_columns]))
-    ids: list[pa.Array] = []
-    started: list[np.ndarray] = []
-    run_codes: list[np.ndarray] = []
-    writes: list[np.ndarray] = []
-    kept: list[np.ndarray] = []
+    schema = _key_schema(row_filter is not None)
     counts = np.zeros(len(shards), dtype=np.int64)
     code_of: dict[str, int] = {}
-    for number, (run, shard) in enumerate(shards):
-        table = read(run, shard, columns)
-        counts[number] = table.num_rows
-        ids.append(table.column("image_id").combine_chunks())
-        started.append(pc.cast(table.column("run_started_at"), pa.int64()).to_numpy(zero_copy_only=False))
-        encoded = table.column("run_id").combine_chunks().dictionary_encode()
-        lookup = np.array([code_of.setdefault(v, len(code_of)) for v in encoded.dictionary.to_pylist()], dtype=np.int32)
-        run_codes.append(lookup[encoded.indices.to_numpy(zero_copy_only=False)] if len(lookup) else np.zeros(0, np.int32))
-        writes.append(np.full(table.num_rows, write_rank[number], dtype=np.int32))
-        if row_filter is not None:
-            kept.append(np.asarray(row_filter(table), dtype=bool))
-        del table
-    offsets = np.zeros(len(shards) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    index = RowIndex(shards=shards, offsets=offsets)
-    if offsets[-1] == 0:
-        index.sorted_positions = np.zeros(0, dtype=np.int64) if sort_by_id else None
-        return index
+    held: list[pa.RecordBatch] = []  # the keys while they fit in memory
+    with contextlib.ExitStack() as cleanup:
+        spill: KeySpill | None = None
+        total = 0
+        for number, (run, shard) in enumerate(shards):
+            table = read(run, shard, columns)
+            batch = _key_batch(table, total, int(write_rank[number]), code_of, row_filter, schema)
+            counts[number] = table.num_rows
+            total += table.num_rows
+            del table
+            if spill is None and total > limit:
+                spill = cleanup.enter_context(KeySpill(schema, limit, directory=spill_dir))
+                for kept in held:
+                    spill.write(kept)
+                held = []
+            if spill is None:
+                held.append(batch)
+            else:
+                spill.write(batch)
+            del batch
 
-    run_rank = np.zeros(len(code_of), dtype=np.int32)
-    run_rank[np.array([code_of[name] for name in sorted(code_of)], dtype=np.int64)] = np.arange(len(code_of), dtype=np.int32)
-    keys = pa.table({
-        "image_id": pa.chunked_array(ids, type=pa.string()),
-        "started": np.concatenate(started),
-        "run": run_rank[np.concatenate(run_codes)],
-        "write": np.concatenate(writes),
+        offsets = np.zeros(len(shards) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        index = RowIndex(shards=shards, offsets=offsets)
+        run_rank = np.zeros(len(code_of), dtype=np.int32)
+        run_rank[np.array([code_of[name] for name in sorted(code_of)], dtype=np.int64)] = np.arange(len(code_of), dtype=np.int32)
+        found = _Outcome(int(offsets[-1]), sort_by_id)
+        if spill is None:
+            if offsets[-1] > 0:
+                found.add(*_resolve(pa.Table.from_batches(held, schema), run_rank))
+            del held
+        else:
+            # Id-range partitions, in id order: their winners, concatenated, are in global id order.
+            for part in spill.partitions():
+                if part.single_id and part.rows > limit:
+                    found.add(*_resolve_one_id(part.batches(limit), run_rank))
+                else:
+                    found.add(*_resolve(part.read(), run_rank))
+
+    if found.losing:
+        lost = np.sort(np.concatenate(found.losing))
+        shard_of = np.searchsorted(offsets, lost, side="right") - 1
+        for number in np.unique(shard_of).tolist():
+            index.losers[number] = lost[shard_of == number] - offsets[number]
+    if sort_by_id:
+        index.sorted_positions = found.sorted_positions()
+    return index
+
+
+def _key_schema(filtered: bool) -> pa.Schema:
+    """The keys of one row: its id, its run (start, then a code of ``run_id`` mapped to the rank
+    of the name at the end), its shard's write rank in the run, its global position and whether
+    the row filter keeps it."""
+    fields = [("image_id", pa.string()), ("started", pa.int64()), ("run", pa.int32()), ("write", pa.int32()),
+              ("position", pa.int64())]
+    return pa.schema(fields + ([("kept", pa.bool_())] if filtered else []))
+
+
+def _key_batch(table: pa.Table, first: int, write_rank: int, code_of: dict[str, int], row_filter: RowFilter | None,
+               schema: pa.Schema) -> pa.RecordBatch:
+    """The keys of one shard's rows (``first``: the global position of its first row)."""
+    encoded = table.column("run_id").combine_chunks().dictionary_encode()
+    lookup = np.array([code_of.setdefault(v, len(code_of)) for v in encoded.dictionary.to_pylist()], dtype=np.int32)
+    n = table.num_rows
+    columns = [
+        pc.cast(table.column("image_id"), pa.string()).combine_chunks(),
+        pc.cast(table.column("run_started_at"), pa.int64()).combine_chunks(),
+        lookup[encoded.indices.to_numpy(zero_copy_only=False)] if len(lookup) else np.zeros(0, np.int32),
+        np.full(n, write_rank, dtype=np.int32),
+        np.arange(first, first + n, dtype=np.int64),
+    ]
+    if row_filter is not None:
+        columns.append(np.asarray(row_filter(table), dtype=bool))
+    return pa.RecordBatch.from_arrays([pa.array(c) if isinstance(c, np.ndarray) else c for c in columns], schema=schema)
+
+
+#: The order that decides the winner: the last row of an id in this order wins.
+_RULE = ("image_id", "started", "run", "write", "position")
+
+
+def _resolve(keys: pa.Table, run_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(losing positions, winning positions in ``image_id`` order, those the filter drops left
+    out) of a key table holding every row of its ids. The one place the rule is applied: sorted
+    by id, then run start, run name, shard write rank and position (later row), the last row of
+    each id wins."""
+    positions = keys.column("position").to_numpy()
+    if len(positions) == 0:
+        return positions, positions
+    ordered = pa.table({
+        "image_id": keys.column("image_id"),
+        "started": keys.column("started"),
+        "run": run_rank[keys.column("run").to_numpy()],
+        "write": keys.column("write"),
+        "position": positions,
     })
-    del ids, started, run_codes, writes
-    # Stable sort: among equal keys (same image, run and shard) the later row stays last.
-    order = pc.sort_indices(keys, sort_keys=[("image_id", "ascending"), ("started", "ascending"),
-                                             ("run", "ascending"), ("write", "ascending")]).to_numpy()
-    sorted_ids = keys.column("image_id").take(order)
-    del keys
+    order = pc.sort_indices(ordered, sort_keys=[(name, "ascending") for name in _RULE]).to_numpy()
+    sorted_ids = ordered.column("image_id").take(order)
+    del ordered
     last = np.ones(len(order), dtype=bool)
     if len(order) > 1:
         last[:-1] = pc.not_equal(sorted_ids[:-1], sorted_ids[1:]).to_numpy(zero_copy_only=False)
     del sorted_ids
-    if not last.all():
-        losing = np.sort(order[~last].astype(np.int64))
-        shard_of = np.searchsorted(offsets, losing, side="right") - 1
-        for number in np.unique(shard_of).tolist():
-            index.losers[number] = losing[shard_of == number] - offsets[number]
-    if sort_by_id:
-        positions = order[last].astype(np.int64)
-        if row_filter is not None:
-            positions = positions[np.concatenate(kept)[positions]]
-        index.sorted_positions = positions
-    return index
+    won = order[last]
+    if "kept" in keys.column_names:
+        won = won[keys.column("kept").to_numpy()[won]]
+    return positions[order[~last]], positions[won]
+
+
+def _resolve_one_id(batches: Iterator[pa.RecordBatch], run_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_resolve` for the rows of one id read batch by batch (an id with more rows than fit
+    in memory): the winner is the lexicographic maximum of the rule's keys."""
+    best: tuple[int, int, int, int] | None = None
+    best_kept = True
+    positions: list[np.ndarray] = []
+    for batch in batches:
+        position = batch.column("position").to_numpy()
+        keys = (batch.column("started").to_numpy(), run_rank[batch.column("run").to_numpy()],
+                batch.column("write").to_numpy(), position)
+        top = int(np.lexsort(keys[::-1])[-1])
+        candidate = tuple(int(k[top]) for k in keys)
+        if best is None or candidate > best:
+            best = candidate
+            best_kept = "kept" not in batch.schema.names or bool(batch.column("kept")[top].as_py())
+        positions.append(position)
+    if best is None:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    every = np.concatenate(positions)
+    winner = np.array([best[3]] if best_kept else [], dtype=np.int64)
+    return every[every != best[3]], winner
+
+
+class _Outcome:
+    """What the partitions' resolutions add up to: losing positions (few, as chunks) and the
+    winners in id order, written into one buffer of a position per row (8 bytes a row, the size
+    of the result: concatenating chunks at the end would need twice that)."""
+
+    def __init__(self, rows: int, sort_by_id: bool):
+        self.losing: list[np.ndarray] = []
+        self._winners = np.empty(rows, dtype=np.int64) if sort_by_id else None
+        self._count = 0
+
+    def add(self, lost: np.ndarray, won: np.ndarray) -> None:
+        if len(lost):
+            self.losing.append(lost)
+        if self._winners is not None:
+            self._winners[self._count:self._count + len(won)] = won
+            self._count += len(won)
+
+    def sorted_positions(self) -> np.ndarray:
+        winners, self._winners = self._winners, None
+        winners.resize(self._count, refcheck=False)  # shrinks in place
+        return winners
