@@ -2,7 +2,7 @@
 
     python benchmarks/bench_methods.py --images 4
 
-On the sample COCO photos at their own size (../shared/data/coco-val2017-sample) with random-init
+On the sample COCO photos at their own size (tests/data/coco-val2017-sample) with random-init
 models of the real architectures (tests/model_factories.py; random weights cost exactly what real
 ones do), loaded through ``create_segmenter``, it runs in one process:
 

@@ -160,7 +160,7 @@ def start_two_node_cluster(threads: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, default=REPO_ROOT.parent / "shared/data/coco-val2017-sample/images")
+    parser.add_argument("--images", type=Path, default=REPO_ROOT / "tests/data/coco-val2017-sample/images")
     parser.add_argument("--repeat", type=int, default=1, help="copies of each photo (more images, steadier rates)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N photos")
     parser.add_argument("--clip-arch", default="ViT-B-32")

@@ -5,7 +5,7 @@
 (about 4 minutes for all 32 photos on a 2-core CPU, fp32 2.5 of them; ``--images 8`` for a quick
 look. On a shared machine run it under ``flock`` as above so it does not compete with others.)
 
-Runs the sample COCO photos (../shared/data/coco-val2017-sample) through ``create_segmenter``
+Runs the sample COCO photos (tests/data/coco-val2017-sample) through ``create_segmenter``
 twice: in float32 (faithful, SPEC 3.6) and in ``--precision`` (bf16 or fp16), with the same
 random-init, *discriminative* ViT-B-32 (SPEC 6, ``tests/model_factories.py``) and FOUND (the real
 head on a random-init ViT-S/8), every model, text embeddings included, in that precision, as a

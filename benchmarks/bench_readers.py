@@ -1,7 +1,7 @@
 """Readers over a large labels output: peak RSS and rows/s at two sizes (issue 10, "readers stream").
 
 1. A small real output: ``jobs/label.py`` with a tiny random CLIP (tests/model_factories.py),
-   ``--saliency none``, ``--vocabulary coco``, on the shared COCO sample photos scaled down to
+   ``--saliency none``, ``--vocabulary coco``, on the COCO sample photos (tests/data) scaled down to
    160 px (so reading the images does not dominate).
 2. Synthetic outputs of N rows built by copying those real rows with unique ids
    (``copies/<stem>-<j>.jpg``; the real rows keep their ids, so evaluation scores them): run
@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-COCO_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "coco-val2017-sample"
+COCO_SAMPLE = REPO_ROOT / "tests" / "data" / "coco-val2017-sample"
 READERS = ("baseline", "iterable", "dataset", "coco", "voc", "evaluate")
 SHARD_ROWS = 1000
 

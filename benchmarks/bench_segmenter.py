@@ -2,7 +2,7 @@
 
     python benchmarks/bench_segmenter.py --images 8 --reference-images 2
 
-Runs on the sample COCO photos (../shared/data/coco-val2017-sample) with a random-init,
+Runs on the sample COCO photos (tests/data/coco-val2017-sample) with a random-init,
 discriminative ViT-B-32 and FOUND (real head, random-init ViT-S/8), built by
 ``tests/model_factories.py`` and loaded through ``create_segmenter`` like a user's checkpoints.
 Random weights cost exactly what real ones do. For each device (CPU, and CUDA when present) it

@@ -52,7 +52,7 @@ def forward_seconds_per_image(config, images: list[Path], batch_size: int) -> fl
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, default=REPO_ROOT.parent / "shared/data/coco-val2017-sample/images")
+    parser.add_argument("--images", type=Path, default=REPO_ROOT / "tests/data/coco-val2017-sample/images")
     parser.add_argument("--repeat", type=int, default=4, help="copies of each photo")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--saliency", choices=("found", "none"), default="found")

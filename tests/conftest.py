@@ -1,4 +1,4 @@
-"""Fixtures shared by the whole suite: paths to ../shared and checkpoints of random-init models."""
+"""Fixtures shared by the whole suite: the repository's test data and checkpoints of random-init models."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / "shared"
-COCO_SAMPLE = SHARED / "data" / "coco-val2017-sample"
-FOUND_HEAD = SHARED / "weights" / "found_decoder.pt"
-
 # Tests import helper modules (model_factories, reference_clipdiy, ...) from this folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from data_paths import COCO_SAMPLE, FOUND_HEAD, REPO_ROOT  # noqa: E402
 
 # Nothing in the suite may reach a model hub: make any attempt fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def coco_sample() -> Path:
     """The 32 real COCO val2017 photos and their instances.json."""
     if not COCO_SAMPLE.is_dir():
-        pytest.fail(f"shared sample data missing at {COCO_SAMPLE}")
+        pytest.fail(f"the repository's test data is missing at {COCO_SAMPLE}")
     return COCO_SAMPLE
 
 

@@ -31,10 +31,7 @@ import torch.nn.functional as F
 
 from clipdiy.config import ClipConfig, SaliencyConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
-FOUND_HEAD = SHARED / "weights" / "found_decoder.pt"
-SAMPLE_IMAGES = SHARED / "data" / "coco-val2017-sample" / "images"
+from data_paths import FOUND_HEAD, REPO_ROOT, SAMPLE_IMAGES  # noqa: F401  (the suite's own data)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -86,7 +83,7 @@ def make_clip_config(tmp_path: str | os.PathLike, arch: str = "ViT-B-32", seed: 
 
 def make_saliency_config(tmp_path: str | os.PathLike, seed: int = 0) -> SaliencyConfig:
     """A ``SaliencyConfig`` for FOUND: a random-init DINO ViT-S/8 checkpoint saved in ``tmp_path``
-    plus the real FOUND head from ``../shared/weights/found_decoder.pt``."""
+    plus the real FOUND head from ``tests/data/weights/found_decoder.pt``."""
     import timm
 
     tmp_path = Path(tmp_path)
