@@ -27,7 +27,7 @@ import tracemalloc
 from pathlib import Path
 
 from clipdiy.pipeline.listing import iter_sources
-from clipdiy.pipeline.storage import StorageOptions
+from clipdiy.storage import StorageOptions
 
 PAYLOAD = b"\xff\xd8\xff\xd9"  # a 4-byte "jpeg": listing never reads it
 

@@ -34,9 +34,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from model_factories import SAMPLE_IMAGES, make_clip_config, make_saliency_config
 
-import clipdiy.refine
-from clipdiy.config import NaclipConfig, SaliencyConfig, SegmenterConfig
-from clipdiy.segmenter import create_segmenter
+import clipdiy.segmentation.refine
+from clipdiy.segmentation.config import NaclipConfig, SaliencyConfig, SegmenterConfig
+from clipdiy.segmentation.segmenter import create_segmenter
 
 
 class Meter:
@@ -88,8 +88,8 @@ def instrument(segmenter) -> list[Meter]:
 def random_text(config: SegmenterConfig, width: int) -> torch.Tensor:
     """Random unit text embeddings of the right count: the ViT-B/16 text tower over NACLIP's
     56 x 80 prompts takes minutes on a CPU, and the image side's cost does not depend on them."""
-    from clipdiy.methods.naclip import query_words
-    from clipdiy.vocabulary import load_vocabulary
+    from clipdiy.segmentation.methods.naclip import query_words
+    from clipdiy.segmentation.vocabulary import load_vocabulary
 
     vocabulary = load_vocabulary(config.vocabulary)
     rows = len(query_words(vocabulary)[0]) if config.method == "naclip" else len(vocabulary)
@@ -140,8 +140,8 @@ def main() -> None:
     images = load_images(args.images)
     sizes = sorted({image.shape[:2] for image in images})
     print(f"{len(images)} photos of sizes {sizes}, batch {args.batch}, {torch.get_num_threads()} CPU threads, device cpu")
-    pamr_meter = Meter(clipdiy.refine.pamr)
-    clipdiy.refine.pamr = pamr_meter  # the segmenter imports it at call time
+    pamr_meter = Meter(clipdiy.segmentation.refine.pamr)
+    clipdiy.segmentation.refine.pamr = pamr_meter  # the segmenter imports it at call time
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)

@@ -62,7 +62,7 @@ def make_corpus(source: Path, target: Path, repeat: int, limit: int | None = Non
 def segmenter_config(args, workdir: Path):
     from model_factories import make_clip_config, make_saliency_config
 
-    from clipdiy.config import SaliencyConfig, SegmenterConfig
+    from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 
     clip = make_clip_config(workdir / "clip", arch=args.clip_arch)
     saliency = make_saliency_config(workdir / "found") if args.saliency == "found" else SaliencyConfig(backend="none")
@@ -74,7 +74,7 @@ def run_loop(config, images: list[Path], batch_size: int, threads: int) -> tuple
     import torch
     from PIL import Image, ImageOps
 
-    from clipdiy.segmenter import create_segmenter
+    from clipdiy.segmentation.segmenter import create_segmenter
 
     torch.set_num_threads(threads)
     wall_start = time.perf_counter()

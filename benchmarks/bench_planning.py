@@ -99,10 +99,10 @@ def build(workdir: Path, n: int, runs: int, rows_per_shard: int) -> None:
 def plan_new(workdir: Path, rows_per_shard: int, num_cpus: int) -> dict:
     import ray
 
-    from clipdiy.pipeline.layout import OutputLayout
+    from clipdiy.output_layout import OutputLayout
     from clipdiy.pipeline.manifest import finished_run_ids
     from clipdiy.pipeline.planning import PlanTarget, plan_pending, remove_plans
-    from clipdiy.pipeline.storage import StorageOptions
+    from clipdiy.storage import StorageOptions
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     import ray.data
@@ -140,7 +140,7 @@ def plan_old(workdir: Path, rev: str) -> dict:
     sys.modules["old_incremental"] = old  # dataclasses look their module up
     spec.loader.exec_module(old)
 
-    from clipdiy.pipeline.layout import OutputLayout
+    from clipdiy.output_layout import OutputLayout
     from clipdiy.pipeline.listing import iter_sources
     from clipdiy.pipeline.manifest import finished_run_ids
 

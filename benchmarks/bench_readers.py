@@ -123,9 +123,9 @@ def posixpath_stem(image_id: str) -> str:
 
 def child(reader: str, labels: str, scratch: str) -> dict:
     """Run one reader in this process; its result, rows, seconds and peak RSS."""
-    from clipdiy.evaluation import evaluate
-    from clipdiy.feed import LabelDataset, LabelIterableDataset, export_coco, export_voc_masks
-    from clipdiy.ground_truth import CocoGroundTruth
+    from clipdiy.labels.evaluation import evaluate
+    from clipdiy.labels.feed import LabelDataset, LabelIterableDataset, export_coco, export_voc_masks
+    from clipdiy.labels.ground_truth import CocoGroundTruth
 
     start = time.perf_counter()
     if reader == "baseline":
@@ -160,8 +160,8 @@ def key_pass_child(rows: int, max_keys: int, sort_by_id: bool) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from clipdiy.label_store import Run
-    from clipdiy.row_index import build_row_index
+    from clipdiy.labels.store import Run
+    from clipdiy.labels.row_index import build_row_index
 
     def ids(numbers: np.ndarray) -> pa.Array:
         return pa.array(np.char.mod("s3://bucket/corpus/images/%010d.jpg", numbers))
@@ -196,7 +196,7 @@ def key_pass(sizes: list[int], max_keys: int) -> None:
     """Each size held in memory and spilled, each in its own process."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     imports_only = ("import sys; sys.path.insert(0, 'benchmarks'); import bench_readers as b; "
-                    "import clipdiy.row_index, clipdiy.label_store; print(b.peak_rss_kb())")
+                    "import clipdiy.labels.row_index, clipdiy.labels.store; print(b.peak_rss_kb())")
     done = subprocess.run([sys.executable, "-c", imports_only],
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=True)
     print(f"baseline (imports only): peak RSS {int(done.stdout.split()[-1]) / 1024:.1f} MB", flush=True)

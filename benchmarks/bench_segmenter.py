@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from model_factories import SAMPLE_IMAGES, make_clip_config, make_saliency_config
 from reference_clipdiy import reference_segment
 
-from clipdiy.config import SegmenterConfig
-from clipdiy.segmenter import create_segmenter
+from clipdiy.segmentation.config import SegmenterConfig
+from clipdiy.segmentation.segmenter import create_segmenter
 
 
 class Stopwatch:

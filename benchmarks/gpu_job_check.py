@@ -33,7 +33,7 @@ def forward_seconds_per_image(config, images: list[Path], batch_size: int) -> fl
     from bench_segmenter import ForwardTimers
     from PIL import Image, ImageOps
 
-    from clipdiy.segmenter import create_segmenter
+    from clipdiy.segmentation.segmenter import create_segmenter
 
     device = torch.device("cuda")
     segmenter = create_segmenter(replace(config, device="cuda"))
@@ -66,7 +66,7 @@ def main() -> int:
     from bench_pipeline_overhead import make_corpus
     from model_factories import make_clip_config, make_saliency_config
 
-    from clipdiy.config import SaliencyConfig, SegmenterConfig
+    from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
     from clipdiy.pipeline.config import LabelJobConfig
     from clipdiy.pipeline.run import run_labelling
 

@@ -23,9 +23,9 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
     sys.path.insert(0, str(_REPO_ROOT))
 
 from clipdiy.errors import ClipdiyError  # noqa: E402
-from clipdiy.evaluation import LOCAL_BELOW, SHORT_SIDE, evaluate  # noqa: E402
-from clipdiy.ground_truth import load_ground_truth  # noqa: E402
-from clipdiy.pipeline.storage import StorageOptions, read_uri  # noqa: E402
+from clipdiy.labels.evaluation import LOCAL_BELOW, SHORT_SIDE, evaluate  # noqa: E402
+from clipdiy.labels.ground_truth import load_ground_truth  # noqa: E402
+from clipdiy.storage import StorageOptions, read_uri  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         ground_truth = load_ground_truth(args.gt, args.gt_format, gt_classes, storage)
         class_names = None
         if args.vocabulary:
-            from clipdiy.vocabulary import load_vocabulary
+            from clipdiy.segmentation.vocabulary import load_vocabulary
 
             class_names = load_vocabulary(args.vocabulary).class_names
         use_ray = False if args.local else (True if args.ray else None)

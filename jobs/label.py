@@ -33,7 +33,7 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-from clipdiy.config import (
+from clipdiy.segmentation.config import (
     FOUND_HEAD_URL,
     NACLIP,
     PRECISIONS,
@@ -49,7 +49,7 @@ from clipdiy.config import (
 )
 from clipdiy.errors import ClipdiyError
 from clipdiy.pipeline.incremental import RETRY_ERRORS
-from clipdiy.samples import SAMPLES_INPUT, samples_manifest
+from clipdiy.segmentation.samples import SAMPLES_INPUT, samples_manifest
 from clipdiy.uris import RedactingFilter, redact_text
 
 PROG = "label.py"
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     """The :class:`LabelJobConfig` of parsed arguments (raises JobConfigError / ValueError)."""
     from clipdiy.pipeline.config import DEFAULT_MAX_PIXELS, LabelJobConfig
-    from clipdiy.pipeline.storage import StorageOptions
+    from clipdiy.storage import StorageOptions
 
     clip_defaults = default_clip_config(args.method)
     try:

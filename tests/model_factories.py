@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clipdiy.config import ClipConfig, SaliencyConfig
+from clipdiy.segmentation.config import ClipConfig, SaliencyConfig
 
 from data_paths import FOUND_HEAD, REPO_ROOT, SAMPLE_IMAGES  # noqa: F401  (the suite's own data)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipdiy.config import SaliencyConfig, SegmenterConfig
+from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 from clipdiy.pipeline.config import LabelJobConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +129,7 @@ def reference_label_maps(config, paths):
     import torch
     from PIL import Image
 
-    from clipdiy.segmenter import create_segmenter
+    from clipdiy.segmentation.segmenter import create_segmenter
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,8 +1,8 @@
 """A plain, per-image, per-crop transcription of CLIP-DIY (SPEC sections 1 and 3). Not a test module.
 
 Written the way the authors' reference code runs, one image and one crop at a time, to check the
-batched implementation against. It deliberately shares no code with ``clipdiy.dense`` or
-``clipdiy.preprocess``: OpenCV resizes the image, every crop becomes an 8-bit PIL image resized
+batched implementation against. It deliberately shares no code with ``clipdiy.segmentation.dense`` or
+``clipdiy.segmentation.preprocess``: OpenCV resizes the image, every crop becomes an 8-bit PIL image resized
 with PIL's bicubic, and every crop gets its own CLIP forward.
 """
 

@@ -1,7 +1,7 @@
 """A plain transcription of FOUND's saliency as CLIP-DIY runs it (SPEC 2). Not a test module.
 
 Written the way FOUND's and DINO's own code do it, sharing no code with
-``clipdiy.models.saliency.found``: the backbone is loaded straight from its checkpoint with timm,
+``clipdiy.segmentation.models.saliency.found``: the backbone is loaded straight from its checkpoint with timm,
 the head straight from ``found_decoder.pt``; DINO's ``prepare_tokens`` and
 ``interpolate_pos_encoding`` are transcribed; the whole last block runs with a hook on its qkv
 projection (as FOUND's ``get_last_selfattention`` hook does), the keys are cut out of the hooked

@@ -1,7 +1,7 @@
 """A plain, per-image transcription of NACLIP + PAMR (SPEC 8), written for obviousness, not speed.
 
-Used only by the tests to check the batched implementation (clipdiy.methods.naclip,
-clipdiy.models.naclip, clipdiy.refine). Nothing here imports those modules: the resize is
+Used only by the tests to check the batched implementation (clipdiy.segmentation.methods.naclip,
+clipdiy.segmentation.models.naclip, clipdiy.segmentation.refine). Nothing here imports those modules: the resize is
 OpenCV's with mmcv's size rule, blocks 1-11 are open_clip's own, the reduced last block is
 written out head by head, the neighbourhood bias is built pixel pair by pixel pair, the sliding
 window is two loops, and PAMR takes its neighbours one offset at a time with clamped indices.

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from clipdiy.pipeline.storage import StorageOptions
+from clipdiy.storage import StorageOptions
 
 DUMMY_KEY_ID = "AKIACLIPDIYTESTKEY01"
 DUMMY_SECRET = "clipdiy-dummy-secret-NEVER-LOG-ME-0123456789"

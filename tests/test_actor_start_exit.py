@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from pipeline_support import job_config, load_label_job, segmenter_config
 
-from clipdiy.config import ClipConfig
+from clipdiy.segmentation.config import ClipConfig
 from clipdiy.errors import ActorStartError
 from clipdiy.pipeline import run
 from clipdiy.pipeline.inference import ACTOR_START_REFUSED

@@ -14,16 +14,16 @@ import torch.nn.functional as F
 from PIL import Image
 from model_factories import CLIP_MEAN, CLIP_STD, TINY_CLIP_CONFIG, make_clip_config
 
-from clipdiy.config import ClipConfig, PromptConfig
+from clipdiy.segmentation.config import ClipConfig, PromptConfig
 from clipdiy.errors import WeightsNotFoundError
-from clipdiy.models.clip import create_clip_model, supports_class_token_forward
-from clipdiy.text_embeddings import (
+from clipdiy.segmentation.models.clip import create_clip_model, supports_class_token_forward
+from clipdiy.segmentation.text_embeddings import (
     class_text_embeddings,
     clear_memory_cache,
     compute_class_embeddings,
 )
-from clipdiy.vocabulary import Vocabulary, load_vocabulary
-from clipdiy.weights import sha256_file
+from clipdiy.segmentation.vocabulary import Vocabulary, load_vocabulary
+from clipdiy.segmentation.weights import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +226,8 @@ def test_text_embedding_disk_cache_on_fsspec(tiny_clip):
 
 def dense_label_maps(clip, text, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC 1 score maps of the sample photos with the library's DenseScorer: labels and top-2 gap."""
-    from clipdiy.dense import DenseScorer
-    from clipdiy.preprocess import resize_for_model
+    from clipdiy.segmentation.dense import DenseScorer
+    from clipdiy.segmentation.preprocess import resize_for_model
 
     scorer = DenseScorer(clip.encode_image, text, input_size=clip.image_size, mean=clip.mean, std=clip.std)
     batch = torch.from_numpy(np.stack([resize_for_model(image, "faithful") for image in images]))

@@ -1,4 +1,4 @@
-"""DenseScorer (clipdiy.dense) against the per-crop reference transcription (tests/reference_clipdiy.py)."""
+"""DenseScorer (clipdiy.segmentation.dense) against the per-crop reference transcription (tests/reference_clipdiy.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from reference_clipdiy import reference_scores
 
-from clipdiy.dense import CLIP_MEAN, CLIP_STD, DenseScorer, cut_crops
-from clipdiy.preprocess import resize_for_model
+from clipdiy.segmentation.dense import CLIP_MEAN, CLIP_STD, DenseScorer, cut_crops
+from clipdiy.segmentation.preprocess import resize_for_model
 
 
 class ProjectionEncoder:
@@ -109,7 +109,7 @@ def test_chunking_does_not_change_the_maps(coco_images):
 
 
 def test_chunking_does_not_change_the_maps_of_a_transformer(coco_images, tiny_clip_config):
-    from clipdiy.models.clip import create_clip_model
+    from clipdiy.segmentation.models.clip import create_clip_model
 
     clip = create_clip_model(tiny_clip_config)
     text = clip.encode_text(["a photo of a cat", "a photo of a dog", "a photo of a car"])
@@ -170,8 +170,8 @@ def test_stays_on_the_device_and_matches_cpu():
 @pytest.mark.slow
 def test_matches_per_crop_reference_with_random_vitb32(coco_images, vitb32_clip_config):
     """The real architecture, one CLIP forward per crop in the reference, batched here."""
-    from clipdiy.models.clip import create_clip_model
-    from clipdiy.vocabulary import load_vocabulary
+    from clipdiy.segmentation.models.clip import create_clip_model
+    from clipdiy.segmentation.vocabulary import load_vocabulary
 
     clip = create_clip_model(vitb32_clip_config)
     vocabulary = load_vocabulary("voc")

@@ -14,8 +14,8 @@ from labels_fixtures import VOC_NAMES, LabelItem, write_labels_output
 from s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 
 from clipdiy.errors import VocabularyError
-from clipdiy.evaluation import class_mapping, evaluate
-from clipdiy.ground_truth import (
+from clipdiy.labels.evaluation import class_mapping, evaluate
+from clipdiy.labels.ground_truth import (
     VOC_CLASS_NAMES,
     CocoGroundTruth,
     VocGroundTruth,
@@ -23,7 +23,7 @@ from clipdiy.ground_truth import (
     resize_nearest,
     short_side_size,
 )
-from clipdiy.palette import to_palette_image
+from clipdiy.labels.palette import to_palette_image
 
 CAT, DOG, PERSON = 8, 12, 15
 
@@ -288,8 +288,8 @@ def test_on_the_real_jobs_output(coco_sample, tiny_clip_config, tmp_path):
     previews and the feed."""
     from pipeline_support import cli_args
 
-    from clipdiy.feed import LabelDataset
-    from clipdiy.preview import PreviewConfig, render_output
+    from clipdiy.labels.feed import LabelDataset
+    from clipdiy.labels.preview import PreviewConfig, render_output
 
     output = tmp_path / "labels"
     job = subprocess.run(cli_args(coco_sample / "images", output, tiny_clip_config, "--vocabulary", "coco", "--limit", "4"),

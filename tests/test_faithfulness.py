@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from reference_clipdiy import reference_resize, reference_segment
 
-from clipdiy.config import SegmenterConfig
-from clipdiy.segmenter import Segmenter
+from clipdiy.segmentation.config import SegmenterConfig
+from clipdiy.segmentation.segmenter import Segmenter
 
 SCORE_TOLERANCE = 1e-4
 BATCH = 8  # images per segment() call
@@ -150,7 +150,7 @@ def run_both(segmenter: Segmenter, clip, saliency_model, images: list[np.ndarray
 
 @pytest.fixture(scope="module")
 def vitb32(vitb32_clip_config):
-    from clipdiy.models.clip import create_clip_model
+    from clipdiy.segmentation.models.clip import create_clip_model
 
     return create_clip_model(vitb32_clip_config)
 
@@ -158,7 +158,7 @@ def vitb32(vitb32_clip_config):
 @pytest.fixture(scope="module")
 def all_photos(coco_images, vitb32):
     """All 32 photos through the batched segmenter and through the reference."""
-    from clipdiy.vocabulary import load_vocabulary
+    from clipdiy.segmentation.vocabulary import load_vocabulary
 
     assert len(coco_images) == 32
     saliency = LuminanceSaliency()
@@ -241,8 +241,8 @@ def test_found_saliency_path_matches_the_reference(coco_images, vitb32, found_sa
     """
     from reference_found import ReferenceFound
 
-    from clipdiy.models.saliency import create_saliency_model
-    from clipdiy.vocabulary import load_vocabulary
+    from clipdiy.segmentation.models.saliency import create_saliency_model
+    from clipdiy.segmentation.vocabulary import load_vocabulary
 
     saliency = create_saliency_model(found_saliency_config)
     reference = ReferenceFound(

@@ -13,8 +13,8 @@ from labels_fixtures import VOC_NAMES, LabelItem, write_image, write_labels_outp
 from PIL import Image
 from s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 
-from clipdiy.feed import FeedFilter, LabelDataset, LabelIterableDataset, export_coco, export_voc_masks, read_labels
-from clipdiy.palette import voc_palette
+from clipdiy.labels.feed import FeedFilter, LabelDataset, LabelIterableDataset, export_coco, export_voc_masks, read_labels
+from clipdiy.labels.palette import voc_palette
 
 CAT, DOG, PERSON = 8, 12, 15
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

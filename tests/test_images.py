@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipdiy.config import SaliencyConfig, SegmenterConfig
+from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 from clipdiy.errors import InvalidImageError
-from clipdiy.images import to_rgb_uint8
-from clipdiy.segmenter import Segmenter
-from clipdiy.vocabulary import load_vocabulary
+from clipdiy.segmentation.images import to_rgb_uint8
+from clipdiy.segmentation.segmenter import Segmenter
+from clipdiy.segmentation.vocabulary import load_vocabulary
 from handcrafted_models import CLASS_NAMES, MeanColourClip, NotGreySaliency
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from clipdiy.config import SaliencyConfig, SegmenterConfig
-from clipdiy.segmenter import Segmenter
-from clipdiy.vocabulary import load_vocabulary
+from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
+from clipdiy.segmentation.segmenter import Segmenter
+from clipdiy.segmentation.vocabulary import load_vocabulary
 from handcrafted_models import CLASS_NAMES, COLOURS, GREY, MeanColourClip, NotGreySaliency
 
 

@@ -15,7 +15,7 @@ import pytest
 from pipeline_support import LABEL_SCRIPT
 
 from clipdiy.errors import ClipdiyError
-from clipdiy.pipeline.layout import OutputLayout
+from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.lock import LockInfo, LockLostError, OutputLock, OutputLockedError
 from clipdiy.pipeline.lock_store import ConditionalWriteConflict, S3LockStore, is_conflict
 

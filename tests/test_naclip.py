@@ -18,13 +18,13 @@ from reference_naclip import (
     reference_pamr,
 )
 
-from clipdiy.config import NaclipConfig, SegmenterConfig
-from clipdiy.methods.naclip import query_words, window_boxes
-from clipdiy.models.naclip import neighbourhood_bias
-from clipdiy.models.position_embedding import resize_position_embedding
-from clipdiy.refine import pamr
-from clipdiy.segmenter import Segmenter, prepare_input
-from clipdiy.vocabulary import load_vocabulary
+from clipdiy.segmentation.config import NaclipConfig, SegmenterConfig
+from clipdiy.segmentation.methods.naclip import query_words, window_boxes
+from clipdiy.segmentation.models.naclip import neighbourhood_bias
+from clipdiy.segmentation.models.position_embedding import resize_position_embedding
+from clipdiy.segmentation.refine import pamr
+from clipdiy.segmentation.segmenter import Segmenter, prepare_input
+from clipdiy.segmentation.vocabulary import load_vocabulary
 
 TOLERANCE = 1e-4
 #: Labels are compared where the reference's best class logit (a class's best query) beats the
@@ -44,7 +44,7 @@ def vitb16_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vitb16(vitb16_config):
-    from clipdiy.models.clip import create_clip_model
+    from clipdiy.segmentation.models.clip import create_clip_model
 
     return create_clip_model(vitb16_config)
 
@@ -258,7 +258,7 @@ def test_naclip_vocabularies_query_the_authors_words():
     assert len(coco) == 81 and coco.class_names[1:] == load_vocabulary("coco").class_names[1:]
     assert words.count("bed") == 1  # the class's, not also background's (see NACLIP_COCO_BACKGROUND_QUERIES)
     # A vocabulary file: every synonym is a query; background's synonyms replace the word itself.
-    from clipdiy.vocabulary import Vocabulary
+    from clipdiy.segmentation.vocabulary import Vocabulary
 
     custom = Vocabulary.from_names("mine", [("background", "sky", "grass"), ("cat", "kitten"), "dog"])
     assert query_words(custom) == (("sky", "grass", "cat", "kitten", "dog"), (0, 0, 1, 1, 2))
@@ -268,7 +268,7 @@ def test_naclip_vocabularies_query_the_authors_words():
 def test_query_embeddings_average_the_80_templates(tiny_clip_config):
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-    from clipdiy.models.clip import create_clip_model
+    from clipdiy.segmentation.models.clip import create_clip_model
 
     clip = create_clip_model(tiny_clip_config)
     vocabulary = load_vocabulary("naclip-voc21")
@@ -293,7 +293,7 @@ def test_naclip_defaults_and_options():
     assert SegmenterConfig(method="naclip", refine="none").refinement is None
     with pytest.raises(ValueError, match="refine"):
         SegmenterConfig(refine="crf")
-    from clipdiy.methods import method_entry
+    from clipdiy.segmentation.methods import method_entry
 
     with pytest.raises(ValueError, match="unknown segmentation method 'sam'.*clipdiy, naclip"):
         method_entry("sam")

@@ -19,7 +19,7 @@ from pipeline_support import (
     reference_label_maps,
 )
 
-from clipdiy.config import NaclipConfig, SaliencyConfig, SegmenterConfig
+from clipdiy.segmentation.config import NaclipConfig, SaliencyConfig, SegmenterConfig
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +52,10 @@ def test_label_job_with_naclip_records_the_method_and_refuses_a_resume_with_anot
 ):
     import ray
 
-    from clipdiy.pipeline.layout import OutputLayout
+    from clipdiy.output_layout import OutputLayout
     from clipdiy.pipeline.manifest import plan_run, write_run_state
-    from clipdiy.pipeline.storage import StorageOptions
-    from clipdiy.segmenter import Provenance
+    from clipdiy.storage import StorageOptions
+    from clipdiy.segmentation.segmenter import Provenance
 
     output = tmp_path / "labels"
     argv = cli_args(small_photos, output, tiny_clip_config, "--method", "naclip", "--batch-size", "1")[2:]
@@ -81,8 +81,8 @@ def test_label_job_with_naclip_records_the_method_and_refuses_a_resume_with_anot
     check_rows_match_library(rows, reference, segmenter)
 
     # The feed and the previews read NACLIP's rows like any others.
-    from clipdiy.feed import LabelDataset
-    from clipdiy.preview import render_output
+    from clipdiy.labels.feed import LabelDataset
+    from clipdiy.labels.preview import render_output
 
     dataset = LabelDataset(str(output))
     assert len(dataset) == 3 and tuple(dataset.class_names) == tuple(segmenter.class_names)

@@ -16,10 +16,10 @@ from handcrafted_models import CLASS_NAMES, COLOURS, GREY, MeanColourClip
 from PIL import Image, ImageDraw
 from reference_clipdiy import CLIP_MEAN, CLIP_STD, reference_resize, reference_scores
 
-from clipdiy.config import SaliencyConfig, SegmenterConfig
-from clipdiy.models.saliency import create_saliency_model
-from clipdiy.segmenter import Segmenter
-from clipdiy.vocabulary import Vocabulary, VocabularyClass
+from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
+from clipdiy.segmentation.models.saliency import create_saliency_model
+from clipdiy.segmentation.segmenter import Segmenter
+from clipdiy.segmentation.vocabulary import Vocabulary, VocabularyClass
 
 MARGIN = 1e-4
 
@@ -72,7 +72,7 @@ def test_background_wins_where_its_raw_score_is_highest(no_saliency_segmenter):
 
 def test_every_class_keeps_its_own_score_without_saliency():
     """fuse without saliency is softmax(S): background's channel is not zeroed."""
-    from clipdiy.segmenter import fuse
+    from clipdiy.segmentation.segmenter import fuse
 
     scores = torch.tensor([[[[0.9]], [[0.2]], [[0.3]]]])  # 1 x 3 x 1 x 1: background highest
     assert fuse(scores, None).argmax(dim=1).item() == 0

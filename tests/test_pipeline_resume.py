@@ -180,7 +180,7 @@ def test_reruns_label_only_new_and_changed_images(coco_images, tiny_clip_config,
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
-    from clipdiy.pipeline.layout import OutputLayout
+    from clipdiy.output_layout import OutputLayout
     from clipdiy.pipeline.lock import OutputLock, OutputLockedError
 
     layout = OutputLayout.open(str(tmp_path / "labels"))
@@ -219,7 +219,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
 def test_two_runs_racing_for_a_free_object_store_output_cannot_both_win(s3_server, s3_bucket):
     """S3: the lock is created with a conditional write, so the run that loses the race refuses
     even when it saw no lock a moment before (no pause needed to notice)."""
-    from clipdiy.pipeline.layout import OutputLayout
+    from clipdiy.output_layout import OutputLayout
     from clipdiy.pipeline.lock import OutputLock, OutputLockedError
 
     layout = OutputLayout.open(f"s3://{s3_bucket}/labels", s3_server.options)
@@ -263,7 +263,7 @@ def test_listing_blocks_cut_the_first_limit_sources_in_listing_order():
 
 
 def test_run_planning_resumes_the_unfinished_run_and_refuses_conflicts(tmp_path):
-    from clipdiy.pipeline.layout import OutputLayout
+    from clipdiy.output_layout import OutputLayout
     from clipdiy.pipeline.manifest import RunConflictError, plan_run, write_run_state
 
     layout = OutputLayout.open(str(tmp_path / "labels"))

@@ -61,7 +61,7 @@ def _output_with_history(output: str) -> None:
 
 def _plan(tmp_path, output, retry_errors, limit=None, block_rows=2, earlier=("run-a", "run-b")):
     from clipdiy.pipeline.planning import ROWS_PER_PARTITION, PlanTarget, plan_pending
-    from clipdiy.pipeline.storage import StorageOptions
+    from clipdiy.storage import StorageOptions
 
     manifest = _manifest(tmp_path / "in" / "manifest.parquet", [
         ("same.jpg", 1000), ("changed.jpg", 2000), ("read.jpg", 1000), ("corrupt.jpg", 1000), ("cured.jpg", 1000),
@@ -91,7 +91,7 @@ def test_plan_anti_joins_on_version_for_earlier_runs_and_on_id_for_this_run(
     ray_session, tmp_path, monkeypatch, retry_errors, todo, skipped, retried
 ):
     from clipdiy.pipeline.incremental import LISTING_SCHEMA
-    from clipdiy.pipeline.layout import OutputLayout
+    from clipdiy.output_layout import OutputLayout
 
     (tmp_path / "in").mkdir()
     output = str(tmp_path / "labels")
@@ -179,7 +179,7 @@ def _folder_input(root) -> list[str]:
 @pytest.mark.parametrize("labelled", [0, 4])
 def test_a_folder_is_listed_in_parts_by_several_tasks_each_image_once(ray_session, tmp_path, labelled):
     from clipdiy.pipeline.planning import ROWS_PER_PARTITION, PlanTarget, plan_pending
-    from clipdiy.pipeline.storage import StorageOptions
+    from clipdiy.storage import StorageOptions
 
     names = _folder_input(tmp_path / "in")
     output = str(tmp_path / "labels")
@@ -204,7 +204,7 @@ def test_a_folder_is_listed_in_parts_by_several_tasks_each_image_once(ray_sessio
 @pytest.mark.parametrize("labelled", [False, True])
 def test_a_manifest_listing_an_image_twice_gives_its_first_entry_once(ray_session, tmp_path, labelled):
     from clipdiy.pipeline.planning import PlanTarget, plan_pending
-    from clipdiy.pipeline.storage import StorageOptions
+    from clipdiy.storage import StorageOptions
 
     (tmp_path / "in").mkdir()
     manifest = _manifest(tmp_path / "in" / "manifest.parquet", [

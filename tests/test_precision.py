@@ -11,7 +11,7 @@ import pytest
 import torch
 from pipeline_support import LABEL_SCRIPT, job_config, read_all_rows, segmenter_config, start_local_ray
 
-from clipdiy.config import SegmenterConfig
+from clipdiy.segmentation.config import SegmenterConfig
 
 
 def test_float32_is_the_default_everywhere_and_auto_is_gone():
@@ -32,9 +32,9 @@ def test_float32_is_the_default_everywhere_and_auto_is_gone():
 def test_segmenter_records_its_precision_and_refuses_models_in_another(tiny_clip_config):
     from handcrafted_models import NotGreySaliency
 
-    from clipdiy.models.clip import create_clip_model
-    from clipdiy.segmenter import Segmenter
-    from clipdiy.vocabulary import load_vocabulary
+    from clipdiy.segmentation.models.clip import create_clip_model
+    from clipdiy.segmentation.segmenter import Segmenter
+    from clipdiy.segmentation.vocabulary import load_vocabulary
 
     vocabulary = load_vocabulary("voc")
     clip = create_clip_model(tiny_clip_config, dtype=torch.bfloat16)

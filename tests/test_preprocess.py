@@ -1,4 +1,4 @@
-"""The model-resolution resize (OpenCV) and the batched PIL-exact bicubic (clipdiy.preprocess)."""
+"""The model-resolution resize (OpenCV) and the batched PIL-exact bicubic (clipdiy.segmentation.preprocess)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipdiy.preprocess import (
+from clipdiy.segmentation.preprocess import (
     _MAX_SPLIT_TAPS,
     _max_taps,
     crop_grid,

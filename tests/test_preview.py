@@ -15,8 +15,8 @@ from labels_fixtures import VOC_NAMES, LabelItem, label_row, write_image, write_
 from PIL import Image
 from s3_server import s3_bucket, s3_server  # noqa: F401  (pytest fixtures)
 
-from clipdiy.palette import voc_palette
-from clipdiy.preview import CAPTION, GAP, PreviewConfig, preview_size, render_image, render_output
+from clipdiy.labels.palette import voc_palette
+from clipdiy.labels.preview import CAPTION, GAP, PreviewConfig, preview_size, render_image, render_output
 
 CAT, DOG = 8, 12
 GREY = 128

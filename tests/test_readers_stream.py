@@ -13,13 +13,13 @@ import pytest
 from labels_fixtures import VOC_NAMES, LabelItem, add_shard, write_image, write_labels_output
 from PIL import Image
 
-from clipdiy import evaluation, feed, label_store, preview
-from clipdiy.evaluation import evaluate
-from clipdiy.feed import LabelDataset, LabelIterableDataset, export_coco, export_voc_masks
-from clipdiy.ground_truth import VocGroundTruth
-from clipdiy.label_store import latest_rows, read_rows
-from clipdiy.palette import to_palette_image
-from clipdiy.preview import PreviewConfig, render_output
+from clipdiy.labels import evaluation, feed, preview, store
+from clipdiy.labels.evaluation import evaluate
+from clipdiy.labels.feed import LabelDataset, LabelIterableDataset, export_coco, export_voc_masks
+from clipdiy.labels.ground_truth import VocGroundTruth
+from clipdiy.labels.store import latest_rows, read_rows
+from clipdiy.labels.palette import to_palette_image
+from clipdiy.labels.preview import PreviewConfig, render_output
 
 CAT, DOG, PERSON = 8, 12, 15
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -51,7 +51,7 @@ def twice_in_one_run(tmp_path):
 
 
 def test_shard_write_order_is_the_attempt_then_the_name():
-    from clipdiy.row_index import shard_write_order
+    from clipdiy.labels.row_index import shard_write_order
 
     names = ["part-010-aa.parquet", "part-002-zz.parquet", "part-1000-00.parquet", "part-00000.parquet", "part-002-aa.parquet"]
     assert sorted(names, key=shard_write_order) == [
@@ -96,7 +96,7 @@ def test_every_local_reader_returns_the_latest_write_once(twice_in_one_run, tmp_
 def test_ray_readers_agree_with_local_ones(twice_in_one_run):
     import ray
 
-    from clipdiy.feed import read_labels
+    from clipdiy.labels.feed import read_labels
 
     output, gt = twice_in_one_run
     local = evaluate(output, gt, use_ray=False)
@@ -177,8 +177,8 @@ def _run_reader(name: str, output: str, gt, tmp_path):
                                     "evaluate", "preview"])
 def test_readers_hold_a_few_shards_at_most(reader, many_shards, tmp_path, monkeypatch):
     output, gt = many_shards
-    reads = _ShardReads(label_store.read_shard)
-    for module in (label_store, feed, preview, evaluation):
+    reads = _ShardReads(store.read_shard)
+    for module in (store, feed, preview, evaluation):
         monkeypatch.setattr(module, "read_shard", reads, raising=False)
     result = _run_reader(reader, output, gt, tmp_path)
     images = SHARDS * SHARD_ROWS

@@ -71,9 +71,9 @@ def test_redact_text_and_documents():
 
 
 def test_run_documents_and_options_hold_no_credential(tmp_path):
-    from clipdiy.config import ClipConfig, SegmenterConfig
+    from clipdiy.segmentation.config import ClipConfig, SegmenterConfig
     from clipdiy.pipeline.config import LabelJobConfig
-    from clipdiy.pipeline.layout import OutputLayout
+    from clipdiy.output_layout import OutputLayout
 
     config = LabelJobConfig(
         input=f"https://h/list.txt?X-Amz-Signature={SIG}",
@@ -109,7 +109,7 @@ def test_manifest_ids_of_presigned_urls_hold_no_signature_and_survive_re_signing
 
 def test_rows_hold_no_credential_in_uri_or_error():
     from clipdiy.pipeline.rows import RowContext, build_rows
-    from clipdiy.segmenter import Provenance
+    from clipdiy.segmentation.segmenter import Provenance
 
     signed = f"https://user:{PASSWORD}@h:1/x.jpg?X-Amz-Signature={SIG}&X-Amz-Credential={CRED}"
     batch = pa.table({
@@ -174,7 +174,7 @@ def test_a_job_on_presigned_urls_writes_and_logs_no_signature(http_images, tiny_
         f"{base}/missing.jpg?X-Amz-Security-Token={TOKEN}&X-Amz-Signature={SIG}\n"
     )
     # Weights behind signed URLs, already in the weights cache (the test never reaches a network).
-    from clipdiy.weights import cache_path
+    from clipdiy.segmentation.weights import cache_path
 
     cache = tmp_path / "cache"
     checkpoint = f"https://reader:{CKPT_PASSWORD}@weights.invalid/clip.pt?X-Amz-Signature={CKPT_SIG}"

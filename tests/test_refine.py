@@ -1,4 +1,4 @@
-"""PAMR's fast paths (clipdiy.refine) against independent computations (SPEC 8.8).
+"""PAMR's fast paths (clipdiy.segmentation.refine) against independent computations (SPEC 8.8).
 
 The sparse matrix against one filled in entry by entry with explicit loops; every way of running
 the iterations (all classes at once, chunks of classes, shifted sums; even and odd iteration
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-import clipdiy.refine as refine
-from clipdiy.refine import NEIGHBOUR_STEPS, pamr, pamr_affinity, pamr_matrix
+import clipdiy.segmentation.refine as refine
+from clipdiy.segmentation.refine import NEIGHBOUR_STEPS, pamr, pamr_affinity, pamr_matrix
 from reference_naclip import reference_pamr
 
 

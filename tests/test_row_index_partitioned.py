@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from labels_fixtures import LabelItem, add_shard, write_labels_output
 
-from clipdiy import key_partitions, row_index
-from clipdiy.label_store import Run, list_runs
-from clipdiy.row_index import build_row_index
+from clipdiy.labels import key_partitions, row_index
+from clipdiy.labels.store import Run, list_runs
+from clipdiy.labels.row_index import build_row_index
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 

@@ -16,7 +16,7 @@ from clipdiy.pipeline.inference import (
     is_out_of_memory,
     is_poisoning_error,
 )
-from clipdiy.pipeline.storage import StorageOptions, read_uri
+from clipdiy.storage import StorageOptions, read_uri
 
 
 def _error_of(call):

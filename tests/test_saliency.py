@@ -11,16 +11,16 @@ import torch
 import torch.nn.functional as F
 from model_factories import FOUND_HEAD
 
-from clipdiy.config import SaliencyConfig
-from clipdiy.models.position_embedding import resize_position_embedding
-from clipdiy.models.saliency import (
+from clipdiy.segmentation.config import SaliencyConfig
+from clipdiy.segmentation.models.position_embedding import resize_position_embedding
+from clipdiy.segmentation.models.saliency import (
     SaliencyModel,
     available_saliency_backends,
     create_saliency_model,
     register_saliency_backend,
 )
-from clipdiy.models.saliency.found import FoundSaliency
-from clipdiy.weights import sha256_file
+from clipdiy.segmentation.models.saliency.found import FoundSaliency
+from clipdiy.segmentation.weights import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_none_backend_and_registry():
 
 
 def test_a_new_backend_plugs_in_through_the_registry(monkeypatch):
-    import clipdiy.models.saliency as registry
+    import clipdiy.segmentation.models.saliency as registry
 
     monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))  # undone after the test
 

@@ -10,11 +10,11 @@ import pytest
 from handcrafted_models import CLASS_NAMES, COLOURS, GREY, MeanColourClip, NotGreySaliency
 from PIL import Image, ImageDraw
 
-from clipdiy.config import SaliencyConfig, SegmenterConfig
+from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 from clipdiy.pipeline.decode import decode_image
-from clipdiy.preprocess import resize_for_saliency, saliency_input_size
-from clipdiy.segmenter import Segmenter, prepare_image
-from clipdiy.vocabulary import Vocabulary, VocabularyClass
+from clipdiy.segmentation.preprocess import resize_for_saliency, saliency_input_size
+from clipdiy.segmentation.segmenter import Segmenter, prepare_image
+from clipdiy.segmentation.vocabulary import Vocabulary, VocabularyClass
 
 
 class RecordingSaliency(NotGreySaliency):
@@ -122,9 +122,9 @@ def test_decode_prepares_the_shrunk_input_on_the_cpu_worker(coco_images):
 def test_a_backend_that_reads_no_pixels_gets_no_pixels():
     """``none``: the CPU workers prepare a token saliency input, and the segmenter hands the model
     a placeholder at the model size instead of copying the image to the device."""
-    from clipdiy.config import MIN_SALIENCY_SIDE
-    from clipdiy.models.saliency import saliency_input_side
-    from clipdiy.models.saliency.none import NoSaliency
+    from clipdiy.segmentation.config import MIN_SALIENCY_SIDE
+    from clipdiy.segmentation.models.saliency import saliency_input_side
+    from clipdiy.segmentation.models.saliency.none import NoSaliency
 
     assert saliency_input_side(SaliencyConfig(backend="none", max_side=1024)) == MIN_SALIENCY_SIDE
     assert saliency_input_side(SaliencyConfig(backend="found")) is None
@@ -154,7 +154,7 @@ def test_a_backend_that_reads_no_pixels_gets_no_pixels():
 
 def test_the_inference_actor_warns_once_about_large_full_resolution_saliency(caplog):
     from clipdiy.pipeline.inference import SegmentBatch
-    from clipdiy.segmenter import PreparedImage
+    from clipdiy.segmentation.segmenter import PreparedImage
 
     def prepared(height: int, width: int) -> PreparedImage:
         rgb = np.zeros((height, width, 3), np.uint8)

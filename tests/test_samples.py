@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from clipdiy.samples import sample_photos, samples_manifest
+from clipdiy.segmentation.samples import sample_photos, samples_manifest
 
 
 def test_sample_photos_are_real_images():

@@ -27,7 +27,7 @@ from clipdiy.pipeline.listing import (
     iter_sources,
     listing_parts,
 )
-from clipdiy.pipeline.storage import (
+from clipdiy.storage import (
     StorageOptions,
     is_transient,
     open_filesystem,

@@ -9,9 +9,9 @@ import sys
 import fsspec
 import pytest
 
-from clipdiy.config import PromptConfig
+from clipdiy.segmentation.config import PromptConfig
 from clipdiy.errors import VocabularyError
-from clipdiy.vocabulary import (
+from clipdiy.segmentation.vocabulary import (
     COCO_CLASSES,
     Vocabulary,
     builtin_vocabularies,
@@ -120,7 +120,7 @@ def test_content_hash_is_canonical_and_stable(tmp_path):
     assert with_synonym.content_hash != voc.content_hash
     assert len(voc.content_hash) == 64 and int(voc.content_hash, 16) >= 0
     # Same in a fresh interpreter (no dependence on hash seeds or dict order).
-    code = "from clipdiy.vocabulary import load_vocabulary; print(load_vocabulary('voc').content_hash)"
+    code = "from clipdiy.segmentation.vocabulary import load_vocabulary; print(load_vocabulary('voc').content_hash)"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert other.stdout.strip() == voc.content_hash
     # Pinned: a change of the canonical form invalidates every cache and output row that stores it.

@@ -13,9 +13,9 @@ import pytest
 import torch
 from model_factories import FOUND_HEAD
 
-from clipdiy.config import ClipConfig, SaliencyConfig
+from clipdiy.segmentation.config import ClipConfig, SaliencyConfig
 from clipdiy.errors import WeightsNotFoundError
-from clipdiy.weights import (
+from clipdiy.segmentation.weights import (
     CLIP_WEIGHTS,
     DINO_WEIGHTS,
     FOUND_HEAD_WEIGHTS,
@@ -32,7 +32,7 @@ FAST_S = 30.0
 
 @pytest.fixture
 def offline(monkeypatch):
-    """The hub is off: HF_HUB_OFFLINE set, read at call time by clipdiy.weights."""
+    """The hub is off: HF_HUB_OFFLINE set, read at call time by clipdiy.segmentation.weights."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
@@ -143,7 +143,7 @@ def test_urls_are_not_fetched_offline_but_cached_copies_are_used(offline, tmp_pa
 def test_default_pretrained_clip_offline_fails_fast_and_says_what_to_pass(offline, tmp_path):
     import open_clip  # noqa: F401  (import time is not what is measured: a loaded CI box takes ~15 s)
 
-    from clipdiy.models.clip import create_clip_model
+    from clipdiy.segmentation.models.clip import create_clip_model
 
     start = time.monotonic()
     with pytest.raises(WeightsNotFoundError) as error:
@@ -158,7 +158,7 @@ def test_default_pretrained_clip_offline_fails_fast_and_says_what_to_pass(offlin
 def test_default_pretrained_clip_unreachable_hub_fails_fast(dead_hub, tmp_path):
     import open_clip  # noqa: F401  (import time is not what is measured: a loaded CI box takes ~15 s)
 
-    from clipdiy.models.clip import create_clip_model
+    from clipdiy.segmentation.models.clip import create_clip_model
 
     start = time.monotonic()
     with pytest.raises(WeightsNotFoundError, match="unreachable") as error:
@@ -170,7 +170,7 @@ def test_default_pretrained_clip_unreachable_hub_fails_fast(dead_hub, tmp_path):
 def test_default_dino_offline_fails_fast(offline):
     import timm  # noqa: F401  (import time is not what is measured)
 
-    from clipdiy.models.saliency import create_saliency_model
+    from clipdiy.segmentation.models.saliency import create_saliency_model
 
     start = time.monotonic()
     with pytest.raises(WeightsNotFoundError) as error:
@@ -182,7 +182,7 @@ def test_default_dino_offline_fails_fast(offline):
 
 
 def test_missing_found_head_fails_fast(tmp_path):
-    from clipdiy.models.saliency import create_saliency_model
+    from clipdiy.segmentation.models.saliency import create_saliency_model
 
     with pytest.raises(WeightsNotFoundError) as error:
         create_saliency_model(SaliencyConfig(head=str(tmp_path / "found_decoder.pt")))

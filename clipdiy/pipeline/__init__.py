@@ -1,1 +1,1 @@
-"""The Ray Data labelling job: storage, decoding, inference, writing, manifests."""
+"""The Ray Data labelling job: listing, planning, decoding, inference, writing, manifests, the lock."""

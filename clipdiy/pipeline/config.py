@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from clipdiy.config import SegmenterConfig
+from clipdiy.segmentation.config import SegmenterConfig
 from clipdiy.errors import ClipdiyError
 from clipdiy.pipeline.incremental import RETRY_ERRORS
 from clipdiy.pipeline.placement import DEVICES
-from clipdiy.pipeline.storage import StorageOptions
+from clipdiy.storage import StorageOptions
 from clipdiy.uris import redact_document, redact_uri
 
 #: Run ids become folder names under ``OUTPUT/runs/``: keep them path- and URL-safe.

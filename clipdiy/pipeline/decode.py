@@ -18,7 +18,7 @@ import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clipdiy.errors import InvalidImageError
-from clipdiy.segmenter import PreparedImage, prepare_image, prepare_input
+from clipdiy.segmentation.segmenter import PreparedImage, prepare_image, prepare_input
 from clipdiy.uris import redact_text, redact_uri
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def decode_image(
 ) -> DecodeResult:
     """Bytes -> :class:`PreparedImage` (EXIF applied, RGB, original size kept, model and saliency inputs).
 
-    ``config``: a :class:`~clipdiy.config.SegmenterConfig` whose method prepares the input
+    ``config``: a :class:`~clipdiy.segmentation.config.SegmenterConfig` whose method prepares the input
     (``mode`` and ``saliency_max_side`` are then unused); ``None``: CLIP-DIY's preparation.
     """
     try:
@@ -192,7 +192,7 @@ class DecodeBatch:
         self._filesystems: dict[str, Any] = {}
 
     def _read(self, uri: str) -> bytes:
-        from clipdiy.pipeline.storage import open_filesystem, read_bytes
+        from clipdiy.storage import open_filesystem, read_bytes
 
         protocol = uri.split("://", 1)[0] if "://" in uri else "file"
         fs = self._filesystems.get(protocol)

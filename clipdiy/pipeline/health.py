@@ -65,7 +65,7 @@ def _s3_code(error: BaseException) -> str | None:
 
 def classify_read_failure(error: BaseException) -> str:
     """The class (one of :data:`READ_FAILURE_CLASSES`) of an exception raised reading an object."""
-    from clipdiy.pipeline.storage import is_transient
+    from clipdiy.storage import is_transient
 
     for link in _chain(error):
         code = _s3_code(link)

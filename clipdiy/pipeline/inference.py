@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import numpy as np
 import pyarrow as pa
 
-from clipdiy.config import SegmenterConfig
+from clipdiy.segmentation.config import SegmenterConfig
 from clipdiy.errors import ActorStartError, ClipdiyError
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class SegmentBatch:
     ):
         import torch
 
-        from clipdiy.segmenter import create_segmenter
+        from clipdiy.segmentation.segmenter import create_segmenter
 
         if health is not None:  # first, so that a run stopped while this actor loads can end it
             import ray

@@ -47,7 +47,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
 from clipdiy.errors import InputError
-from clipdiy.pipeline.storage import (
+from clipdiy.storage import (
     StorageOptions,
     full_uri,
     is_s3,

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from typing import Self
 
 from clipdiy.errors import ClipdiyError
-from clipdiy.pipeline.layout import OutputLayout
+from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.lock_store import (
     ConditionalWriteConflict,
     LockStore,

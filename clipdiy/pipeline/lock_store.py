@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from clipdiy.pipeline.layout import OutputLayout
+from clipdiy.output_layout import OutputLayout
 from clipdiy.uris import redact_uri
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 import clipdiy
 from clipdiy.errors import ClipdiyError
-from clipdiy.pipeline.layout import OutputLayout
+from clipdiy.output_layout import OutputLayout
 from clipdiy.schema import LABEL_SCHEMA_VERSION, MANIFEST_SCHEMA_FILE, schema_document
 
 

@@ -48,7 +48,7 @@ from clipdiy.pipeline.incremental import (
     split_pending,
     with_source_key,
 )
-from clipdiy.pipeline.layout import OutputLayout
+from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.listing import (
     ListingPart,
     is_manifest_input,
@@ -57,7 +57,7 @@ from clipdiy.pipeline.listing import (
     listing_parts,
     manifest_entries_estimate,
 )
-from clipdiy.pipeline.storage import StorageOptions
+from clipdiy.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 

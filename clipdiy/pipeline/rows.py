@@ -18,7 +18,7 @@ import pyarrow as pa
 
 import clipdiy
 from clipdiy.schema import LABEL_SCHEMA_VERSION, label_schema
-from clipdiy.segmenter import ModelOutput, Provenance, finalize
+from clipdiy.segmentation.segmenter import ModelOutput, Provenance, finalize
 from clipdiy.uris import redact_text, redact_uri
 
 #: Longer side of the saliency preview PNG.

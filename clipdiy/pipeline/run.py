@@ -44,7 +44,7 @@ import numpy as np
 from clipdiy.pipeline.config import LabelJobConfig
 from clipdiy.pipeline.incremental import ListingCounts
 from clipdiy.pipeline.inference import actor_start_refusals
-from clipdiy.pipeline.layout import OutputLayout
+from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.listing import check_input_reachable
 from clipdiy.pipeline.lock import LockLostError, OutputLock
 from clipdiy.pipeline.manifest import (
@@ -62,7 +62,7 @@ from clipdiy.pipeline.writer import ShardTarget, write_shard
 from clipdiy.uris import redact_document, redact_uri
 
 if TYPE_CHECKING:
-    from clipdiy.segmenter import Provenance
+    from clipdiy.segmentation.segmenter import Provenance
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class DriverModels:
 def resolve_models(config: LabelJobConfig) -> DriverModels:
     """Load the models once in the driver (CPU): missing weights or a bad vocabulary fail here,
     before any work; the text embeddings computed here are the run's only ones."""
-    from clipdiy.segmenter import create_segmenter
+    from clipdiy.segmentation.segmenter import create_segmenter
 
     segmenter = create_segmenter(dataclasses.replace(config.segmenter, device="cpu"))
     models = DriverModels(
@@ -198,7 +198,7 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
     and of every actor a CUDA error poisons."""
     import ray.data
 
-    from clipdiy.models.saliency import saliency_input_side
+    from clipdiy.segmentation.models.saliency import saliency_input_side
 
     # Imported here, not at the top: refusals before the models load stay free of torch imports.
     from clipdiy.pipeline.decode import DecodeBatch

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from clipdiy.pipeline.layout import OutputLayout, shard_name
-from clipdiy.pipeline.storage import StorageOptions
+from clipdiy.output_layout import OutputLayout, shard_name
+from clipdiy.storage import StorageOptions
 from clipdiy.schema import label_schema
 
 SHARD_STATS_SCHEMA = pa.schema(

@@ -21,7 +21,7 @@ MODES = (FAITHFUL, ASPECT)
 
 #: Model precisions; the first is the default (SPEC 3.6).
 PRECISIONS = ("fp32", "fp16", "bf16")
-#: Segmentation methods (names in the ``clipdiy.methods`` registry; ``clipdiy`` is the paper's).
+#: Segmentation methods (names in the ``clipdiy.segmentation.methods`` registry; ``clipdiy`` is the paper's).
 CLIPDIY = "clipdiy"
 NACLIP = "naclip"
 #: ``SegmenterConfig.refine``: ``auto`` is the method's published setting (PAMR for NACLIP,

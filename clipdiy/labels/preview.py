@@ -25,17 +25,17 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
-from clipdiy.ground_truth import resize_nearest
-from clipdiy.label_store import (
+from clipdiy.labels.ground_truth import resize_nearest
+from clipdiy.labels.store import (
     decode_label_map,
     decode_saliency,
     list_runs,
     load_image,
     read_shard,
 )
-from clipdiy.palette import class_colour, colorize
-from clipdiy.pipeline.storage import StorageOptions, open_filesystem
-from clipdiy.row_index import RowIndex, build_row_index
+from clipdiy.labels.palette import class_colour, colorize
+from clipdiy.storage import StorageOptions, open_filesystem
+from clipdiy.labels.row_index import RowIndex, build_row_index
 
 GAP = 4
 LINE = 18

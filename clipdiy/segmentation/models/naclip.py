@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdiy.models.position_embedding import resize_position_embedding
+from clipdiy.segmentation.models.position_embedding import resize_position_embedding
 
 
 @functools.lru_cache(maxsize=64)

@@ -19,8 +19,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from clipdiy.config import PromptConfig
-from clipdiy.vocabulary import Vocabulary, class_prompts, vocabulary_hash
+from clipdiy.segmentation.config import PromptConfig
+from clipdiy.segmentation.vocabulary import Vocabulary, class_prompts, vocabulary_hash
 
 
 class TextEncoder(Protocol):

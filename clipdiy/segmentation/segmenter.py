@@ -1,5 +1,5 @@
 """The segmenter: owns pre- and post-processing, batching, refinement and summaries; the methods
-(``clipdiy.methods``: CLIP-DIY, NACLIP) and the models stay pure.
+(``clipdiy.segmentation.methods``: CLIP-DIY, NACLIP) and the models stay pure.
 
 Three stages, so a pipeline can put each where it belongs:
 
@@ -23,15 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdiy.config import CLIPDIY, PromptConfig, SegmenterConfig
-from clipdiy.images import ImageLike, to_rgb_uint8
-from clipdiy.preprocess import resize_for_model, resize_for_saliency
-from clipdiy.result import SegmentationResult
-from clipdiy.vocabulary import Vocabulary, vocabulary_hash
+from clipdiy.segmentation.config import CLIPDIY, PromptConfig, SegmenterConfig
+from clipdiy.segmentation.images import ImageLike, to_rgb_uint8
+from clipdiy.segmentation.preprocess import resize_for_model, resize_for_saliency
+from clipdiy.segmentation.result import SegmentationResult
+from clipdiy.segmentation.vocabulary import Vocabulary, vocabulary_hash
 
 
 class ImageTextEncoder(Protocol):
-    """What the segmenter needs of a CLIP model (``clipdiy.models.clip.ClipModel`` is one)."""
+    """What the segmenter needs of a CLIP model (``clipdiy.segmentation.models.clip.ClipModel`` is one)."""
 
     model_name: str
     weights_id: str
@@ -113,7 +113,7 @@ class ModelOutput:
 def prepare_image(image: ImageLike, mode: str = "faithful", saliency_max_side: int | None = None) -> PreparedImage:
     """CPU preprocessing of one image; raises :class:`~clipdiy.errors.InvalidImageError`.
 
-    ``saliency_max_side``: see :attr:`clipdiy.config.SaliencyConfig.max_side` (``None``: the
+    ``saliency_max_side``: see :attr:`clipdiy.segmentation.config.SaliencyConfig.max_side` (``None``: the
     saliency model sees the full resolution).
     """
     rgb = to_rgb_uint8(image)
@@ -129,7 +129,7 @@ def prepare_input(image: ImageLike, config: SegmenterConfig) -> PreparedImage:
 
     Raises :class:`~clipdiy.errors.InvalidImageError` for images that cannot be labelled.
     """
-    from clipdiy.methods import method_entry
+    from clipdiy.segmentation.methods import method_entry
 
     return method_entry(config.method).prepare(to_rgb_uint8(image), config)
 
@@ -198,7 +198,7 @@ class Segmenter:
         config: SegmenterConfig,
         text_embeddings: torch.Tensor | None = None,
     ):
-        from clipdiy.methods import method_entry
+        from clipdiy.segmentation.methods import method_entry
 
         _check_precision(config.precision, clip=clip, saliency=saliency)
         self.clip = clip
@@ -269,7 +269,7 @@ class Segmenter:
             forward = self.method.forward(self._to_device([p.model_input for p in group]), group)
             logits = forward.logits
             if self.refinement == "pamr":
-                from clipdiy.refine import pamr
+                from clipdiy.segmentation.refine import pamr
 
                 settings = self.config.pamr
                 logits = pamr(forward.guide, logits, settings.iterations, settings.dilations, settings.max_elements)
@@ -387,10 +387,10 @@ def create_segmenter(config: SegmenterConfig | None = None, *, text_embeddings: 
 
     Fails fast with :class:`~clipdiy.errors.WeightsNotFoundError` when weights are missing.
     """
-    from clipdiy.methods import method_entry
-    from clipdiy.models.clip import create_clip_model
-    from clipdiy.models.saliency import create_saliency_model
-    from clipdiy.vocabulary import load_vocabulary
+    from clipdiy.segmentation.methods import method_entry
+    from clipdiy.segmentation.models.clip import create_clip_model
+    from clipdiy.segmentation.models.saliency import create_saliency_model
+    from clipdiy.segmentation.vocabulary import load_vocabulary
 
     config = config or SegmenterConfig()
     entry = method_entry(config.method)  # an unknown method fails before any model loads

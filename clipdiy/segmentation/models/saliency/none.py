@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from clipdiy.config import SaliencyConfig
-from clipdiy.models.saliency import register_saliency_backend
-from clipdiy.models.saliency.base import SaliencyModel, check_images
+from clipdiy.segmentation.config import SaliencyConfig
+from clipdiy.segmentation.models.saliency import register_saliency_backend
+from clipdiy.segmentation.models.saliency.base import SaliencyModel, check_images
 
 
 class NoSaliency(SaliencyModel):

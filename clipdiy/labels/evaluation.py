@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipdiy.errors import VocabularyError
-from clipdiy.ground_truth import GroundTruth, resize_nearest, short_side_size
-from clipdiy.label_store import (
+from clipdiy.labels.ground_truth import GroundTruth, resize_nearest, short_side_size
+from clipdiy.labels.store import (
     Run,
     decode_label_map,
     decode_saliency,
@@ -48,9 +48,9 @@ from clipdiy.label_store import (
     stems,
     vocabulary_of,
 )
-from clipdiy.palette import IGNORE
-from clipdiy.pipeline.storage import StorageOptions
-from clipdiy.row_index import RowIndex, build_row_index
+from clipdiy.labels.palette import IGNORE
+from clipdiy.storage import StorageOptions
+from clipdiy.labels.row_index import RowIndex, build_row_index
 
 SHORT_SIDE = 448
 SALIENCY_THRESHOLD = 0.5
@@ -316,7 +316,7 @@ class EvaluationReport:
         return "\n".join(lines)
 
     def write_json(self, uri: str, storage: StorageOptions | None = None) -> None:
-        from clipdiy.pipeline.storage import open_filesystem
+        from clipdiy.storage import open_filesystem
 
         fs, path = open_filesystem(uri, storage)
         parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -432,7 +432,7 @@ def _score_locally(index: RowIndex, shards: set[int], context: EvalContext, keep
 
 
 def _score_on_ray(runs: Sequence[Run], index: RowIndex, context: EvalContext, keep: frozenset[str]) -> list[dict]:
-    from clipdiy.label_store import ray_dataset
+    from clipdiy.labels.store import ray_dataset
 
     dataset = ray_dataset(runs, index=index).map_batches(
         _ScoreArrow(context, keep), batch_format="pyarrow", batch_size=16, udf_modifying_row_count=True  # drops rows

@@ -1,4 +1,4 @@
-"""The interface between the :class:`~clipdiy.segmenter.Segmenter` and a segmentation method."""
+"""The interface between the :class:`~clipdiy.segmentation.segmenter.Segmenter` and a segmentation method."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from clipdiy.segmenter import PreparedImage
+    from clipdiy.segmentation.segmenter import PreparedImage
 
 
 @dataclass

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from clipdiy.config import MIN_SALIENCY_SIDE, SaliencyConfig
-from clipdiy.models.saliency.base import SaliencyModel
+from clipdiy.segmentation.config import MIN_SALIENCY_SIDE, SaliencyConfig
+from clipdiy.segmentation.models.saliency.base import SaliencyModel
 
 SaliencyFactory = Callable[[SaliencyConfig, torch.device, "torch.dtype | None"], SaliencyModel]
 
@@ -68,8 +68,8 @@ def create_saliency_model(
 
 
 # Built-in backends register themselves on import.
-from clipdiy.models.saliency import found as _found  # noqa: F401
-from clipdiy.models.saliency import none as _none  # noqa: F401
+from clipdiy.segmentation.models.saliency import found as _found  # noqa: F401
+from clipdiy.segmentation.models.saliency import none as _none  # noqa: F401
 
 __all__ = [
     "SaliencyModel",

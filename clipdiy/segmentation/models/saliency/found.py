@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdiy.config import SaliencyConfig
-from clipdiy.models.position_embedding import resize_position_embedding
-from clipdiy.models.saliency import register_saliency_backend
-from clipdiy.models.saliency.base import SaliencyModel, check_images
-from clipdiy.weights import (
+from clipdiy.segmentation.config import SaliencyConfig
+from clipdiy.segmentation.models.position_embedding import resize_position_embedding
+from clipdiy.segmentation.models.saliency import register_saliency_backend
+from clipdiy.segmentation.models.saliency.base import SaliencyModel, check_images
+from clipdiy.segmentation.weights import (
     DINO_WEIGHTS,
     FOUND_HEAD_WEIGHTS,
     load_state_dict,

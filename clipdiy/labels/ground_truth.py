@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 
 from clipdiy import rle
-from clipdiy.label_store import stem
-from clipdiy.palette import IGNORE, voc_palette
-from clipdiy.pipeline.storage import StorageOptions, open_filesystem, read_uri
+from clipdiy.labels.store import stem
+from clipdiy.labels.palette import IGNORE, voc_palette
+from clipdiy.storage import StorageOptions, open_filesystem, read_uri
 
 VOC_CLASS_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

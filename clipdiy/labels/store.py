@@ -6,11 +6,11 @@ unfinished. Every reader of labels (evaluation, previews, the training feed) goe
 so they agree on which rows count: the rows of the chosen runs, and for an ``image_id`` with
 several rows (a changed image relabelled by a later run) the latest write: the row of the latest
 run (``run_started_at``, then ``run_id``), inside one run the later attempt's
-(:mod:`clipdiy.row_index`, which decides it from the key columns alone). Readers read shard by
+(:mod:`clipdiy.labels.row_index`, which decides it from the key columns alone). Readers read shard by
 shard (:func:`iter_winning_shards`, :func:`ray_dataset`); :func:`read_rows` is for small outputs.
 
 Any fsspec URI works (local paths, ``s3://``, ``gs://``...); ``storage`` (a
-:class:`~clipdiy.pipeline.storage.StorageOptions`, non-secret settings; credentials come from the
+:class:`~clipdiy.storage.StorageOptions`, non-secret settings; credentials come from the
 environment) says how to reach object storage, as for the labelling job.
 """
 
@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from clipdiy import rle
-from clipdiy.palette import IGNORE
-from clipdiy.pipeline.storage import StorageOptions, open_filesystem, read_uri
-from clipdiy.row_index import RowIndex, build_row_index
+from clipdiy.labels.palette import IGNORE
+from clipdiy.storage import StorageOptions, open_filesystem, read_uri
+from clipdiy.labels.row_index import RowIndex, build_row_index
 
 MANIFEST_NAME = "_MANIFEST.json"
 RUNS_DIR = "runs"
@@ -149,7 +149,7 @@ def read_shard(run: Run, shard: str, columns: Sequence[str] | None = None) -> pa
 
 def latest_rows(table: pa.Table) -> pa.Table:
     """Keep one row per ``image_id``: the one of the latest run (``run_started_at``, then
-    ``run_id``), and among rows of one run the last in the table (see :mod:`clipdiy.row_index`)."""
+    ``run_id``), and among rows of one run the last in the table (see :mod:`clipdiy.labels.row_index`)."""
     if table.num_rows == 0:
         return table
     keys = pa.table({
@@ -266,7 +266,7 @@ MAX_READ_BLOCKS = 2000
 
 def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None, index: RowIndex | None = None) -> Any:
     """The rows of the runs as a ``ray.data.Dataset`` read in parallel, one per ``image_id``
-    (the latest write: the driver reads only the key columns to decide, :mod:`clipdiy.row_index`).
+    (the latest write: the driver reads only the key columns to decide, :mod:`clipdiy.labels.row_index`).
 
     Each read task gets its shards' paths and, only for a shard holding losing rows, their row
     numbers; nothing in a task grows with the output."""

@@ -1,7 +1,7 @@
 """Dense multi-scale CLIP scores (SPEC section 1), batched over crops and images.
 
 Every crop of every image in the batch is cut with strided views, resized to CLIP's input with
-the PIL-exact bicubic (:func:`clipdiy.preprocess.pil_bicubic_resize`), and goes through CLIP in
+the PIL-exact bicubic (:func:`clipdiy.segmentation.preprocess.pil_bicubic_resize`), and goes through CLIP in
 chunks of ``crop_batch_size``; the scores are laid out on each scale's crop grid, upsampled and
 averaged. No per-crop Python, no PIL, no host round trips: everything stays on the device of the
 input images.
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from clipdiy.preprocess import crop_grid, pil_bicubic_resize
+from clipdiy.segmentation.preprocess import crop_grid, pil_bicubic_resize
 
 #: CLIP's image normalisation (SPEC 1.3).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -28,7 +28,7 @@ def cut_crops(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """All ``patch_size`` square crops with stride ``patch_size // 2``, no padding (SPEC 1.2).
 
     images: B x 3 x H x W. Returns (B * g_h * g_w) x 3 x p x p, ordered image-major, then grid
-    row, then grid column, where (g_h, g_w) = :func:`clipdiy.preprocess.crop_grid`.
+    row, then grid column, where (g_h, g_w) = :func:`clipdiy.segmentation.preprocess.crop_grid`.
     """
     batch, channels, height, width = images.shape
     grid_h, grid_w = crop_grid(height, width, patch_size)

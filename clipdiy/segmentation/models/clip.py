@@ -3,7 +3,7 @@
 Weights come from ``ClipConfig.checkpoint`` (local path or fsspec URI; a plain state dict or
 ``{"state_dict": ...}``, read with ``torch.load(weights_only=True)`` or safetensors) or, failing
 that, the open_clip pretrained tag (``ViT-B-32`` / ``laion2b_s34b_b79k`` by default, as the paper),
-looked up in the local Hugging Face cache and then on the hub (:mod:`clipdiy.weights`). Missing
+looked up in the local Hugging Face cache and then on the hub (:mod:`clipdiy.segmentation.weights`). Missing
 weights raise :class:`~clipdiy.errors.WeightsNotFoundError`; a random model is never returned.
 """
 
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdiy.config import ClipConfig
-from clipdiy.weights import (
+from clipdiy.segmentation.config import ClipConfig
+from clipdiy.segmentation.weights import (
     CLIP_WEIGHTS,
     WeightsOption,
     load_state_dict,

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from clipdiy.config import PromptConfig
+from clipdiy.segmentation.config import PromptConfig
 from clipdiy.errors import VocabularyError
 
 BACKGROUND = "background"

@@ -13,31 +13,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdiy.config import CLIPDIY, SegmenterConfig
-from clipdiy.dense import DenseScorer
-from clipdiy.methods import MethodEntry, register_method
-from clipdiy.methods.base import MethodDecision, MethodLogits
-from clipdiy.vocabulary import Vocabulary
+from clipdiy.segmentation.config import CLIPDIY, SegmenterConfig
+from clipdiy.segmentation.dense import DenseScorer
+from clipdiy.segmentation.methods import MethodEntry, register_method
+from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
+from clipdiy.segmentation.vocabulary import Vocabulary
 
 
 def prepare_clipdiy(rgb: np.ndarray, config: SegmenterConfig):
     """CPU preprocessing (SPEC 1.1): the 256 x 256 (or aspect) model input and the saliency input
     (at ``config.saliency.max_side``)."""
-    from clipdiy.segmenter import prepare_image
+    from clipdiy.segmentation.segmenter import prepare_image
 
     return prepare_image(rgb, config.mode, config.saliency.max_side)
 
 
 class ClipDiyMethod:
-    """CLIP-DIY on a loaded CLIP and saliency model (see :class:`~clipdiy.methods.base.SegmentationMethod`)."""
+    """CLIP-DIY on a loaded CLIP and saliency model (see :class:`~clipdiy.segmentation.methods.base.SegmentationMethod`)."""
 
     name = CLIPDIY
 
     def __init__(self, clip, saliency, vocabulary: Vocabulary, config: SegmenterConfig, text_embeddings, device):
-        from clipdiy.segmenter import default_crop_batch_size
+        from clipdiy.segmentation.segmenter import default_crop_batch_size
 
         if text_embeddings is None:
-            from clipdiy.text_embeddings import class_text_embeddings
+            from clipdiy.segmentation.text_embeddings import class_text_embeddings
 
             text_embeddings = class_text_embeddings(clip, vocabulary, config.prompts, config.text_cache_dir)
         if text_embeddings.shape[0] != len(vocabulary):
@@ -66,7 +66,7 @@ class ClipDiyMethod:
 
     def forward(self, pixels: torch.Tensor, prepared: Sequence) -> MethodLogits:
         """Fused logits B x C x h x w at the model resolution (SPEC 1 and 3.2), saliency as foreground."""
-        from clipdiy.segmenter import fused_logits
+        from clipdiy.segmentation.segmenter import fused_logits
 
         scores = self.scorer(pixels)
         saliency = self._saliency([p.saliency_input for p in prepared], scores.shape[-2:])
@@ -81,7 +81,7 @@ class ClipDiyMethod:
 
     def _saliency(self, rgbs: Sequence[np.ndarray], size: torch.Size) -> torch.Tensor:
         """B x 1 x h x w soft saliency at the model resolution (SPEC 2 on the saliency inputs, then 3.1)."""
-        from clipdiy.segmenter import group_by_shape, to_device
+        from clipdiy.segmentation.segmenter import group_by_shape, to_device
 
         if not getattr(self.saliency, "needs_pixels", True):
             # A backend that never reads pixels (``none``) gets a placeholder: no host-device copy.

@@ -23,7 +23,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from clipdiy.pipeline.storage import StorageOptions, open_filesystem
+from clipdiy.storage import StorageOptions, open_filesystem
 from clipdiy.uris import redact_document
 
 RUNS_DIR = "runs"

@@ -4,7 +4,7 @@ An ``image_id`` may have several rows: one per run that labelled it (a changed i
 and, should an output somehow hold them, several inside one run. The row that counts (the
 *winner*) is the latest write: the row of the latest run (``run_started_at``, then ``run_id``);
 inside one run the later attempt (shard names ``part-AAA-<digest>``, see
-``clipdiy.pipeline.layout``), then the later shard name, then the later row of the shard. Every
+``clipdiy.output_layout``), then the later shard name, then the later row of the shard. Every
 reader (the feed, exports, evaluation local and on Ray, previews) asks :func:`build_row_index`,
 so they all pick the same row.
 
@@ -12,7 +12,7 @@ The key pass reads only ``image_id``, ``run_started_at`` and ``run_id``, one sha
 compact Arrow/numpy keys (no Python object per row; about 24 bytes a row plus the id). Up to
 ``max_keys_in_memory`` rows they are held and sorted once by Arrow; above it they go to local
 disk and come back as ``image_id`` ranges of at most that many rows
-(:mod:`clipdiy.key_partitions`), each sorted and resolved alone by the same code, so memory is
+(:mod:`clipdiy.labels.key_partitions`), each sorted and resolved alone by the same code, so memory is
 bounded by the threshold, not by the output. Either way it keeps afterwards:
 
 - ``losers``: for the shards that hold losing rows only, their row numbers (none in the usual
@@ -37,10 +37,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clipdiy.key_partitions import KeySpill
+from clipdiy.labels.key_partitions import KeySpill
 
 if TYPE_CHECKING:
-    from clipdiy.label_store import Run
+    from clipdiy.labels.store import Run
 
 KEY_COLUMNS = ("image_id", "run_id", "run_started_at")
 #: Rows whose keys the key pass holds in memory at most (about 200 bytes each at the peak of the
@@ -125,7 +125,7 @@ def build_row_index(
     (``spill_dir``, default the system's temporary folder) and are resolved id range by id range.
     Raises ``FileNotFoundError`` when the runs hold no shards."""
     if read is None:
-        from clipdiy.label_store import read_shard as read
+        from clipdiy.labels.store import read_shard as read
     limit = MAX_KEYS_IN_MEMORY if max_keys_in_memory is None else int(max_keys_in_memory)
     if limit < 1:
         raise ValueError(f"max_keys_in_memory must be at least 1, not {limit}")

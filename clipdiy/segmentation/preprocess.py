@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-from clipdiy.config import ASPECT, FAITHFUL
+from clipdiy.segmentation.config import ASPECT, FAITHFUL
 
 #: Side of the model-resolution image (the reference squashes to 256 x 256).
 MODEL_SIZE = 256

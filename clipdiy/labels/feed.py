@@ -3,7 +3,7 @@
 - :class:`LabelDataset` (map-style) and :class:`LabelIterableDataset` (streams shard by shard,
   split over DataLoader workers and distributed ranks) for PyTorch; :func:`read_labels` for Ray
   Data. All read one or more labels outputs; an ``image_id`` labelled by several runs comes from
-  the latest run (the latest write: :mod:`clipdiy.row_index`). None holds the rows: the
+  the latest run (the latest write: :mod:`clipdiy.labels.row_index`). None holds the rows: the
   map-style dataset keeps an index of 8 bytes a row, the others read shard by shard.
 - :func:`export_coco` writes a COCO instances JSON (one RLE annotation per class mask) and
   :func:`export_voc_masks` semantic PNGs in VOC palette form, for detectron2, mmsegmentation and
@@ -44,8 +44,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch.utils.data
 
-from clipdiy.evaluation import normalise_name
-from clipdiy.label_store import (
+from clipdiy.labels.evaluation import normalise_name
+from clipdiy.labels.store import (
     Run,
     decode_label_map,
     iter_rows,
@@ -55,9 +55,9 @@ from clipdiy.label_store import (
     read_shard,
     vocabulary_of,
 )
-from clipdiy.palette import IGNORE, palette_png_bytes
-from clipdiy.pipeline.storage import StorageOptions, open_filesystem
-from clipdiy.row_index import RowIndex, build_row_index
+from clipdiy.labels.palette import IGNORE, palette_png_bytes
+from clipdiy.storage import StorageOptions, open_filesystem
+from clipdiy.labels.row_index import RowIndex, build_row_index
 
 #: Columns the feed reads (the saliency PNG is left in the files).
 FEED_COLUMNS = ("image_id", "uri", "run_id", "run_started_at", "status", "width", "height", "masks",
@@ -159,7 +159,7 @@ def _kept_index(runs: Sequence[Run], selector: _Selector) -> RowIndex:
 
 
 class RowView(Sequence):
-    """The rows behind a :class:`~clipdiy.row_index.RowIndex`'s ``sorted_positions``, read on
+    """The rows behind a :class:`~clipdiy.labels.row_index.RowIndex`'s ``sorted_positions``, read on
     access (item ``i``: a dict of ``columns``); the last few shards read are cached, nothing else
     is held."""
 
@@ -223,7 +223,7 @@ def _pair(row: dict, selector: _Selector, storage: StorageOptions | None) -> tup
 class LabelDataset(torch.utils.data.Dataset):
     """Map-style dataset of (image, label map) pairs over labels outputs, in ``image_id`` order.
 
-    It holds a compact index (8 bytes a kept row: :mod:`clipdiy.row_index`), not the rows: item
+    It holds a compact index (8 bytes a kept row: :mod:`clipdiy.labels.row_index`), not the rows: item
     ``i`` reads its row from its shard (the last shards read are cached) and its image.
     ``records[i]`` is the row behind item ``i`` (read on access)."""
 
@@ -250,7 +250,7 @@ class LabelIterableDataset(torch.utils.data.IterableDataset):
     workers and over ``world_size`` ranks (pass ``rank``/``world_size`` for distributed
     training); ``shuffle`` shuffles shard order and rows within a shard, from ``seed`` + ``epoch``
     (call :meth:`set_epoch`). The driver reads only key columns up front, to pick the latest write
-    of each image; it keeps only the row numbers of losing rows (:mod:`clipdiy.row_index`)."""
+    of each image; it keeps only the row numbers of losing rows (:mod:`clipdiy.labels.row_index`)."""
 
     def __init__(self, outputs: str | Sequence[str], feed_filter: FeedFilter = FeedFilter(), *,
                  transform: Callable[[np.ndarray, np.ndarray], Any] | None = None,
@@ -319,7 +319,7 @@ def read_labels(outputs: str | Sequence[str], feed_filter: FeedFilter = FeedFilt
     """A ``ray.data.Dataset`` of the kept images: columns ``image_id``, ``uri``, ``run_id``,
     ``image`` (H x W x 3 uint8) and ``label`` (H x W uint8, 255 = ignore); shards are read and
     images decoded in parallel Ray tasks."""
-    from clipdiy.label_store import ray_dataset
+    from clipdiy.labels.store import ray_dataset
 
     runs = _runs(outputs, feed_filter, storage)
     selector = _Selector(tuple(class_names) if class_names is not None else vocabulary_of(runs), feed_filter)
@@ -378,7 +378,7 @@ def export_coco(outputs: str | Sequence[str], destination: str, feed_filter: Fee
 
     The rows are read shard by shard; each kept row's image entry and annotations go, as JSON
     text, to two local scratch files, and the document is assembled from them in ``image_id``
-    order (the index of :mod:`clipdiy.row_index` gives it), numbering images and annotations."""
+    order (the index of :mod:`clipdiy.labels.row_index` gives it), numbering images and annotations."""
     runs = _runs(outputs, feed_filter, storage)
     names = vocabulary_of(runs)
     selector = _Selector(names, feed_filter)

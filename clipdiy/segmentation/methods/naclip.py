@@ -1,7 +1,7 @@
 """``naclip``: NACLIP (Hajimiri et al., WACV 2025) as its authors' code runs it (SPEC 8).
 
 One CLIP ViT forward per image (or per 224-px window), made dense and local by the reduced last
-block (:class:`~clipdiy.models.naclip.NaclipEncoder`); cosine logits against one text embedding
+block (:class:`~clipdiy.segmentation.models.naclip.NaclipEncoder`); cosine logits against one text embedding
 per query word (80 templates each), upsampled to the original size; PAMR refines them (by
 default); probabilities are the softmax over queries at logit scale 40, a class's the max over
 its queries, and pixels whose best probability is under the threshold go to background.
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdiy.config import (
+from clipdiy.segmentation.config import (
     NACLIP,
     WINDOW_AUTO,
     WINDOW_SLIDE,
@@ -28,9 +28,9 @@ from clipdiy.config import (
     NaclipConfig,
     SegmenterConfig,
 )
-from clipdiy.methods import MethodEntry, register_method
-from clipdiy.methods.base import MethodDecision, MethodLogits
-from clipdiy.vocabulary import Vocabulary
+from clipdiy.segmentation.methods import MethodEntry, register_method
+from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
+from clipdiy.segmentation.vocabulary import Vocabulary
 
 #: The authors' normalisation of 0-255 RGB pixels (CLIP's mean and std x 255, rounded; SPEC 8.2).
 NACLIP_MEAN = (122.771, 116.746, 104.094)
@@ -56,7 +56,7 @@ def naclip_input_size(height: int, width: int, config: NaclipConfig) -> tuple[in
 
 def prepare_naclip(rgb: np.ndarray, config: SegmenterConfig):
     """CPU preprocessing (SPEC 8.2): the aspect-kept resize with OpenCV's bilinear, no saliency input."""
-    from clipdiy.segmenter import PreparedImage
+    from clipdiy.segmentation.segmenter import PreparedImage
 
     height, width = rgb.shape[:2]
     size = naclip_input_size(height, width, config.naclip)
@@ -99,24 +99,24 @@ def window_boxes(height: int, width: int, size: int, stride: int) -> tuple[tuple
 
 
 class NaclipMethod:
-    """NACLIP on a loaded CLIP (see :class:`~clipdiy.methods.base.SegmentationMethod`)."""
+    """NACLIP on a loaded CLIP (see :class:`~clipdiy.segmentation.methods.base.SegmentationMethod`)."""
 
     name = NACLIP
     saliency_backend = "none"
     saliency_weights = None
 
     def __init__(self, clip, vocabulary: Vocabulary, config: SegmenterConfig, text_embeddings, device):
-        from clipdiy.models.naclip import NaclipEncoder
-        from clipdiy.segmenter import default_crop_batch_size
+        from clipdiy.segmentation.models.naclip import NaclipEncoder
+        from clipdiy.segmentation.segmenter import default_crop_batch_size
 
         self.config = config.naclip
         self.device = device
         self.encoder = NaclipEncoder(clip.model.visual, sigma=self.config.sigma)
         words, owners = query_words(vocabulary)
         if text_embeddings is None:
-            from clipdiy.config import PromptConfig
-            from clipdiy.text_embeddings import query_text_embeddings
-            from clipdiy.vocabulary import prompt_templates
+            from clipdiy.segmentation.config import PromptConfig
+            from clipdiy.segmentation.text_embeddings import query_text_embeddings
+            from clipdiy.segmentation.vocabulary import prompt_templates
 
             templates = prompt_templates(PromptConfig(ensemble="imagenet"))
             text_embeddings = query_text_embeddings(clip, words, templates, config.text_cache_dir)

@@ -2,8 +2,8 @@
 
 A method is a module that registers a :class:`MethodEntry` with :func:`register_method`: how a
 CPU worker prepares an image for it (no model needed), whether it needs a saliency model, and a
-factory that builds the :class:`~clipdiy.methods.base.SegmentationMethod` from loaded models.
-The :class:`~clipdiy.segmenter.Segmenter` owns pre- and post-processing, batching, refinement
+factory that builds the :class:`~clipdiy.segmentation.methods.base.SegmentationMethod` from loaded models.
+The :class:`~clipdiy.segmentation.segmenter.Segmenter` owns pre- and post-processing, batching, refinement
 and summaries, and only ever goes through :func:`method_entry`. Built in: ``clipdiy`` (the
 paper, SPEC 1-3) and ``naclip`` (SPEC 8). A new method touches no existing method's code.
 """
@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipdiy.methods.base import MethodDecision, MethodLogits, SegmentationMethod
+from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits, SegmentationMethod
 
 if TYPE_CHECKING:
     import torch
 
-    from clipdiy.config import SegmenterConfig
-    from clipdiy.segmenter import PreparedImage
-    from clipdiy.vocabulary import Vocabulary
+    from clipdiy.segmentation.config import SegmenterConfig
+    from clipdiy.segmentation.segmenter import PreparedImage
+    from clipdiy.segmentation.vocabulary import Vocabulary
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class MethodEntry:
     prepare:        (H x W x 3 uint8 RGB, config) -> PreparedImage, on a CPU worker.
     build:          (clip, saliency or None, vocabulary, config, text_embeddings or None,
                     device) -> SegmentationMethod.
-    needs_saliency: whether :func:`clipdiy.segmenter.create_segmenter` loads the saliency model.
+    needs_saliency: whether :func:`clipdiy.segmentation.segmenter.create_segmenter` loads the saliency model.
     """
 
     name: str
@@ -65,8 +65,8 @@ def method_entry(name: str) -> MethodEntry:
 
 
 # Built-in methods register themselves on import.
-from clipdiy.methods import clipdiy as _clipdiy  # noqa: F401
-from clipdiy.methods import naclip as _naclip  # noqa: F401
+from clipdiy.segmentation.methods import clipdiy as _clipdiy  # noqa: F401
+from clipdiy.segmentation.methods import naclip as _naclip  # noqa: F401
 
 __all__ = [
     "MethodDecision",
