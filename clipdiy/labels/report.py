@@ -1,0 +1,598 @@
+"""The run report: one self-contained HTML page about every finished run of a labels output.
+
+A *night* is one finished run (runs are what a nightly schedule starts). For each night the page
+shows what the run did (images seen, labelled, errors by kind, skipped; wall time and images/s;
+method, precision and the model fingerprint), what it produced (each class's share of the
+labelled pixels and the images it wins, with the nights where a class moved by more than
+``ReportConfig.drift_threshold`` against the median of the previous nights called out), how sure
+the model was (histograms of mask scores, of each image's mean mask score and of the foreground
+fraction), and the lowest-scoring images with their overlays (the previews' rendering,
+:func:`clipdiy.labels.preview.render_image`). Plots are PNGs embedded as base64; the page needs nothing
+else.
+
+Memory is bounded by one shard, not by the output: each shard's columns are reduced with pyarrow
+and numpy to fixed-size aggregates (per-class sums, histogram counts, the K lowest-scoring rows
+so far) that are merged into the night's; no row outlives its shard. The per-night numbers count
+every row the run wrote (as its manifest does); the lowest-scoring images are chosen among the
+rows that count today (the latest write of each image, :mod:`clipdiy.labels.row_index`).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import html
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clipdiy.labels.row_index import build_row_index
+from clipdiy.labels.store import list_runs, load_image, read_shard
+from clipdiy.storage import StorageOptions
+
+#: The row columns that say which model wrote a row; their values, hashed, are its fingerprint.
+MODEL_COLUMNS = ("method", "clip_model", "clip_weights", "saliency_backend", "saliency_weights", "mode",
+                 "precision", "refine")
+#: Columns the aggregation reads (the saliency PNG and the RLE strings stay in the files).
+AGGREGATE_COLUMNS = ("status", "error_kind", "masks", "foreground_fraction", *MODEL_COLUMNS)
+#: Mask fields the aggregation reads.
+MASK_FIELDS = ("class_id", "area", "score")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """``drift_threshold``: a class is called out on a night when its pixel share or its share of
+    images won differs from the median of the previous nights by more than this (absolute, 0.05 =
+    5 percentage points); ``lowest``: how many lowest-scoring images get a thumbnail;
+    ``bins``: histogram bins over [0, 1]; ``classes_plotted``: the classes with the largest
+    overall pixel share drawn in the per-class plots (every class is in the tables);
+    ``thumbnail_size``: longer side of a thumbnail's panels (px)."""
+
+    drift_threshold: float = 0.05
+    lowest: int = 12
+    bins: int = 40
+    classes_plotted: int = 8
+    thumbnail_size: int = 160
+
+
+def model_fingerprint(values: dict) -> str:
+    """12 hex digits identifying a model configuration (the :data:`MODEL_COLUMNS` values of a row)."""
+    text = json.dumps({k: values.get(k) for k in MODEL_COLUMNS}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class NightStats:
+    """The aggregates of one night (run). Arrays are indexed by the run's class ids (``class_names``);
+    histograms count values in ``bins`` equal bins over [0, 1]."""
+
+    run_id: str
+    started_at: str
+    class_names: tuple[str, ...]
+    bins: int
+    manifest: dict
+    rows: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    models: dict[str, dict] = field(default_factory=dict)  # fingerprint -> model column values
+    model_rows: dict[str, int] = field(default_factory=dict)  # fingerprint -> rows
+    class_pixels: np.ndarray | None = None  # float64, pixels per class over ok rows
+    class_wins: np.ndarray | None = None  # int64, images each class wins
+    mask_score_hist: np.ndarray | None = None
+    image_score_hist: np.ndarray | None = None
+    foreground_hist: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.class_names)
+        self.class_pixels = np.zeros(n, np.float64)
+        self.class_wins = np.zeros(n, np.int64)
+        self.mask_score_hist = np.zeros(self.bins, np.int64)
+        self.image_score_hist = np.zeros(self.bins, np.int64)
+        self.foreground_hist = np.zeros(self.bins, np.int64)
+
+    @property
+    def counts(self) -> dict:
+        return self.manifest.get("counts", {})
+
+    @property
+    def timings(self) -> dict:
+        return self.manifest.get("timings", {})
+
+    @property
+    def model(self) -> str:
+        """The night's model fingerprint (several joined by '+' if its rows disagree)."""
+        return "+".join(sorted(self.models)) or "none"
+
+    def model_value(self, column: str) -> str:
+        values = sorted({str(v.get(column)) for v in self.models.values()})
+        return "/".join(values) if values else ""
+
+    @property
+    def pixel_share(self) -> np.ndarray:
+        total = self.class_pixels.sum()
+        return self.class_pixels / total if total else np.zeros_like(self.class_pixels)
+
+    @property
+    def win_share(self) -> np.ndarray:
+        total = self.class_wins.sum()
+        return self.class_wins / total if total else np.zeros(len(self.class_wins))
+
+
+def _histogram(values: np.ndarray, bins: int) -> np.ndarray:
+    values = values[np.isfinite(values)]
+    return np.histogram(np.clip(values, 0.0, 1.0), bins=bins, range=(0.0, 1.0))[0].astype(np.int64)
+
+
+@dataclass
+class _Lowest:
+    """The K rows with the lowest image score seen so far: (score, shard number, row number)."""
+
+    k: int
+    score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    shard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def offer(self, score: np.ndarray, shard: int, rows: np.ndarray) -> None:
+        if self.k <= 0 or score.size == 0:
+            return
+        score = np.concatenate([self.score, score])
+        shards = np.concatenate([self.shard, np.full(rows.size, shard, np.int64)])
+        rows = np.concatenate([self.row, rows])
+        if score.size > self.k:
+            keep = np.argpartition(score, self.k - 1)[: self.k]
+            score, shards, rows = score[keep], shards[keep], rows[keep]
+        order = np.lexsort((rows, shards, score))
+        self.score, self.shard, self.row = score[order], shards[order], rows[order]
+
+
+def mean_mask_scores(table: pa.Table) -> np.ndarray:
+    """Each row's image score: the area-weighted mean of its mask scores (float64, NaN for rows
+    without masks), from the ``masks`` column alone."""
+    masks = table.column("masks").combine_chunks()
+    flat = pc.list_flatten(masks)
+    parents = pc.list_parent_indices(masks).to_numpy(zero_copy_only=False).astype(np.int64)
+    area = pc.struct_field(flat, "area").to_numpy(zero_copy_only=False).astype(np.float64)
+    score = pc.cast(pc.struct_field(flat, "score"), pa.float64()).to_numpy(zero_copy_only=False)
+    weighted = np.bincount(parents, weights=score * area, minlength=table.num_rows)
+    total = np.bincount(parents, weights=area, minlength=table.num_rows)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, weighted / np.where(total > 0, total, 1), np.nan)
+
+
+def _aggregate_shard(night: NightStats, table: pa.Table) -> np.ndarray:
+    """Merge one shard's rows into ``night``; returns each row's image score (area-weighted mean
+    of its mask scores; NaN for rows without masks)."""
+    n = table.num_rows
+    night.rows += n
+    status = table.column("status")
+    is_ok = pc.equal(status, "ok").fill_null(False)
+    night.ok += int(pc.sum(is_ok).as_py() or 0)
+    kinds = pc.value_counts(table.filter(pc.invert(is_ok)).column("error_kind").fill_null("unknown"))
+    for entry in kinds.to_pylist():
+        night.errors[entry["values"]] = night.errors.get(entry["values"], 0) + int(entry["counts"])
+    present = [c for c in MODEL_COLUMNS if c in table.column_names]
+    models = table.select(present).group_by(present).aggregate([([], "count_all")])
+    for values in models.to_pylist():
+        count = values.pop("count_all")
+        fingerprint = model_fingerprint(values)
+        night.models.setdefault(fingerprint, values)
+        night.model_rows[fingerprint] = night.model_rows.get(fingerprint, 0) + int(count)
+
+    masks = table.column("masks").combine_chunks()
+    flat = pc.list_flatten(masks)
+    parents = pc.list_parent_indices(masks).to_numpy(zero_copy_only=False).astype(np.int64)
+    class_id = pc.struct_field(flat, "class_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    area = pc.struct_field(flat, "area").to_numpy(zero_copy_only=False).astype(np.float64)
+    score = pc.cast(pc.struct_field(flat, "score"), pa.float64()).to_numpy(zero_copy_only=False)
+    classes = len(night.class_names)
+    if class_id.size and int(class_id.max()) >= classes:
+        raise ValueError(f"run {night.run_id}: class id {int(class_id.max())} outside its vocabulary of {classes} classes")
+    night.class_pixels += np.bincount(class_id, weights=area, minlength=classes)
+    night.mask_score_hist += _histogram(score, night.bins)
+    if class_id.size:
+        # The winner of an image: its largest non-background mask; background (class 0) only wins
+        # images that hold nothing else. Sort by (row, rank key) and take each row's last mask.
+        key = np.where(class_id == 0, -1.0, area)
+        order = np.lexsort((key, parents))
+        last = np.ones(order.size, bool)
+        last[:-1] = parents[order][1:] != parents[order][:-1]
+        night.class_wins += np.bincount(class_id[order][last], minlength=classes)
+    image_score = mean_mask_scores(table)
+    night.image_score_hist += _histogram(image_score, night.bins)
+    fraction = pc.cast(table.column("foreground_fraction"), pa.float64()).to_numpy(zero_copy_only=False)
+    night.foreground_hist += _histogram(np.asarray(fraction, np.float64), night.bins)
+    return image_score
+
+
+@dataclass
+class Drift:
+    """A class that moved on a night: ``measure`` is "pixel share" or "images won";
+    ``value`` that night's share, ``median`` the median over the previous nights."""
+
+    night: int
+    run_id: str
+    class_name: str
+    measure: str
+    value: float
+    median: float
+    model_changed: bool
+
+
+def drifts(nights: Sequence[NightStats], class_names: Sequence[str], threshold: float) -> list[Drift]:
+    """Every (night, class, measure) whose share differs from the median of the previous nights'
+    shares by more than ``threshold``; night 0 has no previous nights and is never called out."""
+    found = []
+    for measure, shares in (("pixel share", _by_name(nights, class_names, "pixel_share")),
+                            ("images won", _by_name(nights, class_names, "win_share"))):
+        for i in range(1, len(nights)):
+            median = np.median(shares[:i], axis=0)
+            for c in np.flatnonzero(np.abs(shares[i] - median) > threshold).tolist():
+                found.append(Drift(i, nights[i].run_id, class_names[c], measure, float(shares[i, c]), float(median[c]),
+                                   nights[i].model != nights[i - 1].model))
+    return sorted(found, key=lambda d: (d.night, d.measure, -abs(d.value - d.median)))
+
+
+def _by_name(nights: Sequence[NightStats], class_names: Sequence[str], attribute: str) -> np.ndarray:
+    """nights x classes array of a per-class attribute, columns in ``class_names`` order (nights
+    with other vocabularies are matched by name; a class a night lacks counts 0)."""
+    column = {name: i for i, name in enumerate(class_names)}
+    out = np.zeros((len(nights), len(class_names)))
+    for i, night in enumerate(nights):
+        values = getattr(night, attribute)
+        for c, name in enumerate(night.class_names):
+            out[i, column[name]] += values[c]
+    return out
+
+
+@dataclass
+class ReportData:
+    """What the page shows: the nights in start order, the union vocabulary, the lowest-scoring
+    rows (dicts, with ``image_score``), drifts, and how long reading took."""
+
+    nights: list[NightStats]
+    class_names: tuple[str, ...]
+    lowest: list[dict]
+    drifts: list[Drift]
+    shards: int
+    rows: int
+    seconds: float
+
+
+def collect(outputs: str | Sequence[str], config: ReportConfig = ReportConfig(),
+            storage: StorageOptions | None = None) -> ReportData:
+    """Read every finished run of ``outputs``, shard by shard, into :class:`ReportData`."""
+    started = time.perf_counter()
+    runs = list_runs(outputs, storage=storage)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs in {outputs}")
+    index = build_row_index(runs)
+    nights: dict[int, NightStats] = {}
+    for run in runs:
+        if run.class_names is None:
+            raise ValueError(f"run {run.run_id}: its manifest names no vocabulary")
+        nights[id(run)] = NightStats(run.run_id, str(run.manifest.get("started_at", "")), run.class_names,
+                                     config.bins, run.manifest)
+    lowest = _Lowest(config.lowest)
+    rows = 0
+    for number, (run, shard) in enumerate(index.shards):
+        table = read_shard(run, shard, AGGREGATE_COLUMNS)
+        rows += table.num_rows
+        image_score = _aggregate_shard(nights[id(run)], table)
+        del table
+        candidates = np.isfinite(image_score)
+        winners = index.winners(number)
+        if winners is not None:
+            candidates &= winners
+        positions = np.flatnonzero(candidates)
+        lowest.offer(image_score[positions], number, positions)
+    ordered = sorted(nights.values(), key=lambda n: (n.started_at, n.run_id))
+    class_names = tuple(dict.fromkeys(name for night in ordered for name in night.class_names))
+    lowest_rows = []
+    for score, shard, row in zip(lowest.score.tolist(), lowest.shard.tolist(), lowest.row.tolist()):
+        run, path = index.shards[shard]
+        record = read_shard(run, path).slice(row, 1).to_pylist()[0]
+        record["image_score"] = score
+        lowest_rows.append(record)
+    return ReportData(ordered, class_names, lowest_rows, drifts(ordered, class_names, config.drift_threshold),
+                      len(index.shards), rows, time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------- plots
+
+def _figure(width: float = 5.4, height: float = 3.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height), dpi=100)
+
+
+def _png_data(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _night_axis(axis, nights: Sequence[NightStats]) -> None:
+    """Night labels on x, and a dashed line with the new fingerprint where the model changed."""
+    axis.set_xticks(range(len(nights)))
+    axis.set_xticklabels([_night_label(n) for n in nights], rotation=30, ha="right", fontsize=7)
+    for i in range(1, len(nights)):
+        if nights[i].model != nights[i - 1].model:
+            axis.axvline(i - 0.5, color="black", linestyle="--", linewidth=1)
+            axis.annotate(f"model {nights[i].model[:8]}", (i - 0.5, 1.0), xycoords=("data", "axes fraction"),
+                          fontsize=7, rotation=90, va="top", ha="right")
+
+
+def _night_label(night: NightStats) -> str:
+    return f"{night.started_at[:16].replace('T', ' ')}\n{night.run_id[-12:]}"
+
+
+def plot_images(nights: Sequence[NightStats]) -> str:
+    fig, ax = _figure()
+    x = np.arange(len(nights))
+    ok = np.array([n.ok for n in nights])
+    errors = np.array([n.rows - n.ok for n in nights])
+    skipped = np.array([int(n.counts.get("skipped", 0)) for n in nights])
+    ax.bar(x, ok, color="#4c72b0", label="labelled (ok)")
+    ax.bar(x, errors, bottom=ok, color="#c44e52", label="error rows")
+    ax.plot(x, skipped, "o-", color="#55a868", label="skipped (labelled before)")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=7, loc="upper left")
+    _night_axis(ax, nights)
+    return _png_data(fig)
+
+
+def plot_errors(nights: Sequence[NightStats]) -> str:
+    fig, ax = _figure()
+    kinds = sorted({k for n in nights for k in n.errors})
+    bottom = np.zeros(len(nights))
+    for kind in kinds:
+        values = np.array([n.errors.get(kind, 0) for n in nights], float)
+        ax.bar(np.arange(len(nights)), values, bottom=bottom, label=kind)
+        bottom += values
+    if not kinds:
+        ax.text(0.5, 0.5, "no errors", transform=ax.transAxes, ha="center")
+    else:
+        ax.legend(fontsize=7, loc="upper left")
+    ax.set_ylabel("error rows")
+    _night_axis(ax, nights)
+    return _png_data(fig)
+
+
+def plot_speed(nights: Sequence[NightStats]) -> str:
+    fig, ax = _figure()
+    x = np.arange(len(nights))
+    ax.plot(x, [float(n.timings.get("images_per_second", 0) or 0) for n in nights], "o-", color="#4c72b0")
+    ax.set_ylabel("images/s (labelling)", color="#4c72b0")
+    twin = ax.twinx()
+    twin.plot(x, [float(n.timings.get("total", 0) or 0) / 60 for n in nights], "s--", color="#dd8452")
+    twin.set_ylabel("wall time (min)", color="#dd8452")
+    _night_axis(ax, nights)
+    return _png_data(fig)
+
+
+def _plotted_classes(data: ReportData, config: ReportConfig) -> list[int]:
+    total = _by_name(data.nights, data.class_names, "class_pixels").sum(axis=0)
+    order = np.argsort(-total, kind="stable")[: config.classes_plotted]
+    return [int(c) for c in order if total[c] > 0]
+
+
+def plot_classes(data: ReportData, config: ReportConfig, attribute: str, measure: str, ylabel: str) -> str:
+    fig, ax = _figure(5.4, 3.2)
+    shares = _by_name(data.nights, data.class_names, attribute)
+    x = np.arange(len(data.nights))
+    called = {(d.night, d.class_name) for d in data.drifts if d.measure == measure}
+    for c in _plotted_classes(data, config):
+        name = data.class_names[c]
+        line, = ax.plot(x, 100 * shares[:, c], "o-", markersize=3, label=name)
+        marked = [i for i in range(len(x)) if (i, name) in called]
+        if marked:
+            ax.plot(marked, 100 * shares[marked, c], "o", markersize=10, markerfacecolor="none",
+                    markeredgecolor="red", markeredgewidth=1.5)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _night_axis(ax, data.nights)
+    return _png_data(fig)
+
+
+def plot_histogram(data: ReportData, attribute: str, xlabel: str) -> str:
+    """One line per model fingerprint (nights with the same model summed): a model change shows
+    as a second line."""
+    fig, ax = _figure(4.2, 2.6)
+    by_model: dict[str, np.ndarray] = {}
+    for night in data.nights:
+        by_model[night.model] = by_model.get(night.model, 0) + getattr(night, attribute)
+    edges = np.linspace(0, 1, data.nights[0].bins + 1)
+    drawn = False
+    for model, counts in by_model.items():
+        if counts.sum():
+            ax.stairs(counts, edges, label=f"model {model[:8]} ({int(counts.sum())})")
+            drawn = True
+    if drawn:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    return _png_data(fig)
+
+
+# ---------------------------------------------------------------- page
+
+def _thumbnail(row: dict, config: ReportConfig, storage: StorageOptions | None) -> str | None:
+    from clipdiy.labels.preview import PreviewConfig, render_image
+
+    try:
+        image = load_image(row["uri"], storage)
+    except (OSError, ValueError):
+        return None  # the source moved or broke since labelling: the entry says so
+    picture = render_image(row, image, PreviewConfig(size=config.thumbnail_size, legend_width=200))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+_STYLE = ("body{font-family:sans-serif;margin:1em;max-width:1100px}table{border-collapse:collapse;font-size:12px}"
+          "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}td.t{text-align:left}"
+          "p.m{color:#444;font-size:13px;margin:.2em 0 .8em}figure{margin:.5em 0}.drift{color:#b00}"
+          ".low{display:inline-block;margin:4px;vertical-align:top;font-size:11px}"
+          ".grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{width:500px}.grid img{max-width:100%}"
+          ".glance{font-size:16px;background:#f4f4f4;padding:.5em;border-left:4px solid #4c72b0}")
+
+# Says in the page how many embedded pictures the browser decoded (the browser test reads it).
+_SCRIPT = """window.addEventListener('load', () => {
+  const pictures = Array.from(document.querySelectorAll('img'));
+  const shown = pictures.filter(p => p.complete && p.naturalWidth > 0).length;
+  document.getElementById('shown').textContent = shown + ' of ' + pictures.length + ' pictures shown';
+});"""
+
+MEANINGS = {
+    "seen": "rows the run wrote (over all its attempts): ok + error rows.",
+    "ok": "images labelled: rows with status ok, each holding one mask per present class.",
+    "errors": "rows with status error, by kind (empty, truncated, corrupt, not_image, too_large, unreadable, "
+              "unsupported, model): one bad image costs one error row.",
+    "skipped": "listed images the run did not label because an earlier run had (incremental runs).",
+    "wall": "the run's wall time from start to manifest (minutes), over its last attempt.",
+    "speed": "images/s: rows written by the run's last attempt divided by its labelling time.",
+    "method": "segmentation method (clipdiy or naclip), and the precision the model ran in.",
+    "model": "model fingerprint: the first 12 hex digits of a hash of the model columns of the rows "
+             f"({', '.join(MODEL_COLUMNS)}); a change of model is a dashed line on the plots.",
+    "pixel share": "a class's pixels over all pixels of the night's ok images (background included).",
+    "images won": "share of the night's ok images whose largest non-background mask is the class "
+                  "(background wins an image with no other class).",
+    "drift": "a class is called out on a night when its share differs from the median of the previous "
+             "nights' shares by more than the threshold (percentage points).",
+    "mask score": "a mask's score: the mean class probability over the mask's pixels (model resolution).",
+    "image score": "an image's score: the area-weighted mean of its masks' scores; the lowest are shown below.",
+    "foreground": "foreground fraction: the mean of the soft foreground map (clipdiy: the saliency map; "
+                  "naclip: 1 - background probability).",
+}
+
+
+def _meaning(key: str) -> str:
+    return f'<p class="m"><b>{html.escape(key)}</b>: {html.escape(MEANINGS[key])}</p>'
+
+
+def _img(data: str, alt: str, *meanings: str) -> str:
+    """A plot with the lines saying what it shows (``meanings``: keys of :data:`MEANINGS` or text)."""
+    caption = "".join(_meaning(m) if m in MEANINGS else f'<p class="m">{html.escape(m)}</p>' for m in meanings)
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
+
+
+def _glance(data: ReportData, threshold: str) -> str:
+    """One line on the latest night, against the one before."""
+    last = data.nights[-1]
+    moves = [d for d in data.drifts if d.night == len(data.nights) - 1]
+    errors = last.rows - last.ok
+    text = (f"Latest night {last.run_id} ({last.started_at[:16].replace('T', ' ')}): {last.ok} images labelled, "
+            f"{errors} error rows ({100 * errors / max(1, last.rows):.1f}%), "
+            f"{last.timings.get('images_per_second', '?')} images/s, model {last.model}")
+    if len(data.nights) > 1 and last.model != data.nights[-2].model:
+        text += " (changed)"
+    text += f"; {len(moves)} class moves over {threshold} points."
+    return f'<p id="glance" class="glance">{html.escape(text)}</p>'
+
+
+def render_html(data: ReportData, config: ReportConfig = ReportConfig(), storage: StorageOptions | None = None,
+                source: str = "") -> str:
+    """The page (a string); thumbnails are read and rendered here."""
+    e = html.escape
+    nights = data.nights
+    head = ["night (started)", "run", "seen", "ok", "errors", "skipped", "wall (min)", "images/s", "method",
+            "precision", "model"]
+    keys = ["started", "run", "seen", "ok", "errors", "skipped", "wall", "speed", "method", "precision", "model"]
+    table_rows = []
+    for i, n in enumerate(nights):
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(n.errors.items())) or "0"
+        changed = i > 0 and n.model != nights[i - 1].model
+        cells = [n.started_at, n.run_id, n.rows, n.ok, errors, n.counts.get("skipped", ""),
+                 f"{float(n.timings.get('total', 0) or 0) / 60:.1f}", n.timings.get("images_per_second", ""),
+                 n.model_value("method"), n.model_value("precision"), n.model + (" (changed)" if changed else "")]
+        table_rows.append(f'<tr data-run="{e(n.run_id)}">' + "".join(
+            f'<td class="{"t" if j in (0, 1, 4, 8, 9, 10) else ""}" data-k="{keys[j]}">{e(str(c))}</td>'
+            for j, c in enumerate(cells)) + "</tr>")
+    night_table = (f'<table id="nights"><tr>{"".join(f"<th>{e(h)}</th>" for h in head)}</tr>{"".join(table_rows)}</table>'
+                   + "".join(_meaning(k) for k in ("seen", "ok", "errors", "skipped", "wall", "speed", "method", "model")))
+
+    shares = _by_name(nights, data.class_names, "pixel_share")
+    wins = _by_name(nights, data.class_names, "class_wins")
+    class_head = "<tr><th>class</th>" + "".join(f"<th>{e(_night_label(n))}</th>" for n in nights) + "</tr>"
+    class_rows = []
+    for c, name in enumerate(data.class_names):
+        if not shares[:, c].any() and not wins[:, c].any():
+            continue
+        class_rows.append(f'<tr data-class="{e(name)}"><td class="t">{e(name)}</td>' + "".join(
+            f'<td data-run="{e(nights[i].run_id)}">{100 * shares[i, c]:.2f}% / {int(wins[i, c])}</td>'
+            for i in range(len(nights))) + "</tr>")
+    drift_items = "".join(
+        f'<li class="drift" data-run="{e(d.run_id)}" data-class="{e(d.class_name)}" data-measure="{e(d.measure)}">{e(d.run_id)}: <b>{e(d.class_name)}</b> {e(d.measure)} {100 * d.value:.1f}% against '
+        f'a median of {100 * d.median:.1f}% over the previous nights{" (the model changed that night)" if d.model_changed else ""}</li>'
+        for d in data.drifts) or "<li>none</li>"
+
+    lows = []
+    for row in data.lowest:
+        picture = _thumbnail(row, config, storage)
+        body = (f'<img alt="{e(row["image_id"])}" src="data:image/png;base64,{picture}">' if picture
+                else "<i>source image unreadable now</i>")
+        lows.append(f'<div class="low" data-image-id="{e(row["image_id"])}">{body}<br>{e(row["image_id"])}<br>'
+                    f'score {row["image_score"]:.3f} · run {e(row["run_id"])}</div>')
+
+    threshold = f"{100 * config.drift_threshold:g}"
+    sections = [
+        f"<h1>clipdiy run report</h1><p>{e(source)}: {len(nights)} finished runs, {data.rows} rows in {data.shards} "
+        f'shards, read in <span id="seconds">{data.seconds:.1f}</span> s '
+        f"(generated {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}).</p>",
+        _glance(data, threshold),
+        "<h2>Nights</h2>", night_table,
+        '<div class="grid">',
+        _img(plot_images(nights), "images per night",
+             "Bars: ok and error rows each night; line: images skipped because earlier runs labelled them."),
+        _img(plot_errors(nights), "errors by kind", "errors"),
+        _img(plot_speed(nights), "speed", "speed", "wall"),
+        "</div><h2>Classes</h2><div class=\"grid\">",
+        _img(plot_classes(data, config, "pixel_share", "pixel share", "pixel share (%)"), "pixel share per class",
+             "pixel share"),
+        _img(plot_classes(data, config, "win_share", "images won", "images won (% of ok images)"), "images won per class",
+             "images won"),
+        "</div>",
+        f"<h3>Moved by more than {threshold} points (red circles)</h3><ul id=\"drifts\">{drift_items}</ul>", _meaning("drift"),
+        f'<table id="classes">{class_head}{"".join(class_rows)}</table>'
+        '<p class="m">Each cell: pixel share / images won that night.</p>',
+        "<h2>Scores</h2><div class=\"grid\">",
+        _img(plot_histogram(data, "mask_score_hist", "mask score"), "mask scores", "mask score"),
+        _img(plot_histogram(data, "image_score_hist", "image score"), "image scores", "image score"),
+        _img(plot_histogram(data, "foreground_hist", "foreground fraction"), "foreground fraction", "foreground"),
+        "</div>",
+        f"<h2>The {len(lows)} lowest-scoring images</h2>"
+        '<p class="m">Overlay | saliency | classes with mask score and area (the previews\' rendering); '
+        "lowest image score first, among the rows that count today (the latest write of each image).</p>",
+        f'<div id="lowest">{"".join(lows)}</div>',
+    ]
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>clipdiy run report</title>"
+            f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>{''.join(sections)}"
+            '<p id="shown"></p></body></html>\n')
+
+
+def write_report(outputs: str | Sequence[str], destination: str, config: ReportConfig = ReportConfig(),
+                 storage: StorageOptions | None = None) -> ReportData:
+    """Collect, render and write the page to ``destination`` (any fsspec URI). Returns the data."""
+    from clipdiy.storage import open_filesystem
+
+    data = collect(outputs, config, storage)
+    page = render_html(data, config, storage, source=outputs if isinstance(outputs, str) else ", ".join(outputs))
+    fs, path = open_filesystem(destination, storage)
+    fs.pipe_file(path, page.encode("utf-8"))
+    return data

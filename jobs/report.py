@@ -1,0 +1,63 @@
+"""Write the run report of a labels output: one self-contained HTML page with plots.
+
+    python jobs/report.py --output ./labels --html report.html
+    python jobs/report.py --output s3://bucket/labels --html s3://bucket/reports/latest.html
+
+Reads the shards and manifests of every finished run (a run = a night) shard by shard, in memory
+bounded by one shard: per night the images seen, labelled, errors by kind, skipped, wall time,
+images/s, method, precision and model fingerprint; per class its pixel share and the images it
+wins, with the nights where a class moved by more than --drift-threshold against the median of the
+previous nights called out; score histograms; the lowest-scoring images with their overlays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# Under `ray job submit --working-dir .` the script runs from the uploaded copy: use its package.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from clipdiy.errors import ClipdiyError  # noqa: E402
+from clipdiy.labels.report import ReportConfig, write_report  # noqa: E402
+from clipdiy.storage import StorageOptions  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = ReportConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", required=True, nargs="+", help="labels output(s): OUTPUT roots or run folders (any fsspec URI)")
+    parser.add_argument("--html", default="report.html", help="where to write the page (any fsspec URI)")
+    parser.add_argument("--drift-threshold", type=float, default=defaults.drift_threshold,
+                        help="call out a class whose share moved more than this (0.05 = 5 points) against the median of the previous nights")
+    parser.add_argument("--lowest", type=int, default=defaults.lowest, help="lowest-scoring images shown as thumbnails")
+    parser.add_argument("--bins", type=int, default=defaults.bins, help="histogram bins over [0, 1]")
+    parser.add_argument("--classes-plotted", type=int, default=defaults.classes_plotted, help="classes drawn in the per-class plots")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    parser.add_argument("--anon", action="store_true", default=None, help="anonymous (unsigned) object-storage access")
+    parser.add_argument("--profile", help="AWS profile for object storage (else AWS_PROFILE)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    storage = StorageOptions.from_env(endpoint_url=args.endpoint_url, anon=args.anon, profile=args.profile)
+    config = ReportConfig(drift_threshold=args.drift_threshold, lowest=args.lowest, bins=args.bins,
+                          classes_plotted=args.classes_plotted)
+    started = time.perf_counter()
+    try:
+        data = write_report(args.output if len(args.output) > 1 else args.output[0], args.html, config, storage)
+    except (ClipdiyError, FileNotFoundError, ValueError) as error:
+        print(f"report: error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {len(data.nights)} runs, {data.rows} rows in {data.shards} shards read in {data.seconds:.1f} s, "
+          f"{len(data.drifts)} class moves called out; page written in {time.perf_counter() - started:.1f} s -> {args.html}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
