@@ -20,6 +20,7 @@ from clipdiy.labels.ground_truth import VocGroundTruth
 from clipdiy.labels.store import latest_rows, read_rows
 from clipdiy.labels.palette import to_palette_image
 from clipdiy.labels.preview import PreviewConfig, render_output
+from clipdiy.labels.row_index import REVIEW_KEY_COLUMNS
 
 CAT, DOG, PERSON = 8, 12, 15
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -139,7 +140,7 @@ class _ShardReads:
     """Instrumented ``read_shard``: tracks the row columns (anything beyond keys and status) of
     the tables it returned that are still alive, and every row read."""
 
-    KEY_ONLY = {"image_id", "run_id", "run_started_at", "status"}
+    KEY_ONLY = {"image_id", "run_id", "run_started_at", "status", *REVIEW_KEY_COLUMNS}
 
     def __init__(self, real):
         self.real, self.live, self.peak_live, self.rows_read = real, {}, 0, 0

@@ -4,7 +4,13 @@ An ``image_id`` may have several rows: one per run that labelled it (a changed i
 and, should an output somehow hold them, several inside one run. The row that counts (the
 *winner*) is the latest write: the row of the latest run (``run_started_at``, then ``run_id``);
 inside one run the later attempt (shard names ``part-AAA-<digest>``, see
-``clipdiy.output_layout``), then the later shard name, then the later row of the shard. Every
+``clipdiy.output_layout``), then the later shard name, then the later row of the shard. One
+exception: a human correction (``source = human``, imported from Label Studio by
+``jobs/review.py``, in a run of its own) wins over the model rows of the image version it
+corrected: rows are compared first by the run that labelled the image version
+(``corrected_run_started_at`` for a human row, ``run_started_at`` for a model row), then human
+before model, then as above. A model row of a later run (the image changed and was labelled
+again) still wins over an older correction; nothing is overwritten. Every
 reader (the feed, exports, evaluation local and on Ray, previews) asks :func:`build_row_index`,
 so they all pick the same row.
 
@@ -43,6 +49,8 @@ if TYPE_CHECKING:
     from clipdiy.labels.store import Run
 
 KEY_COLUMNS = ("image_id", "run_id", "run_started_at")
+#: Keys of human corrections (absent from shards written before they existed: read as null).
+REVIEW_KEY_COLUMNS = ("source", "corrected_run_started_at")
 #: Rows whose keys the key pass holds in memory at most (about 200 bytes each at the peak of the
 #: sort, ids of ~40 characters: 2M rows ~ 435 MB; ``benchmarks/bench_readers.py --key-pass``);
 #: above it the keys go to local disk (about 70 bytes a row) and come back by id range.
@@ -123,9 +131,13 @@ def build_row_index(
     extra ``filter_columns`` it reads) narrows ``sorted_positions`` to the rows it keeps. Above
     ``max_keys_in_memory`` rows (default :data:`MAX_KEYS_IN_MEMORY`) the keys go to local disk
     (``spill_dir``, default the system's temporary folder) and are resolved id range by id range.
-    Raises ``FileNotFoundError`` when the runs hold no shards."""
+    Raises ``FileNotFoundError`` when the runs hold no shards. A custom ``read`` (synthetic
+    keys, in benchmarks and tests) is asked for :data:`KEY_COLUMNS` only: its rows are model rows."""
+    review_keys: tuple[str, ...] = ()
     if read is None:
         from clipdiy.labels.store import read_shard as read
+
+        review_keys = REVIEW_KEY_COLUMNS
     limit = MAX_KEYS_IN_MEMORY if max_keys_in_memory is None else int(max_keys_in_memory)
     if limit < 1:
         raise ValueError(f"max_keys_in_memory must be at least 1, not {limit}")
@@ -139,7 +151,7 @@ def build_row_index(
             write_rank[first + local] = rank
         first += len(run.shards)
 
-    columns = list(dict.fromkeys([*KEY_COLUMNS, *filter_columns]))
+    columns = list(dict.fromkeys([*KEY_COLUMNS, *review_keys, *filter_columns]))
     schema = _key_schema(row_filter is not None)
     counts = np.zeros(len(shards), dtype=np.int64)
     code_of: dict[str, int] = {}
@@ -196,8 +208,8 @@ def _key_schema(filtered: bool) -> pa.Schema:
     """The keys of one row: its id, its run (start, then a code of ``run_id`` mapped to the rank
     of the name at the end), its shard's write rank in the run, its global position and whether
     the row filter keeps it."""
-    fields = [("image_id", pa.string()), ("started", pa.int64()), ("run", pa.int32()), ("write", pa.int32()),
-              ("position", pa.int64())]
+    fields = [("image_id", pa.string()), ("basis", pa.int64()), ("human", pa.int8()), ("started", pa.int64()),
+              ("run", pa.int32()), ("write", pa.int32()), ("position", pa.int64())]
     return pa.schema(fields + ([("kept", pa.bool_())] if filtered else []))
 
 
@@ -207,9 +219,19 @@ def _key_batch(table: pa.Table, first: int, write_rank: int, code_of: dict[str, 
     encoded = table.column("run_id").combine_chunks().dictionary_encode()
     lookup = np.array([code_of.setdefault(v, len(code_of)) for v in encoded.dictionary.to_pylist()], dtype=np.int32)
     n = table.num_rows
+    started = pc.cast(table.column("run_started_at"), pa.int64()).combine_chunks()
+    if "source" in table.column_names:
+        human = pc.equal(table.column("source").combine_chunks(), "human").fill_null(False)
+        corrected = pc.cast(table.column("corrected_run_started_at").combine_chunks(), pa.int64())
+        # The run that labelled the image version: a human row's corrected run, else the row's own.
+        basis = pc.if_else(human, corrected, started).fill_null(started)
+    else:
+        human, basis = pa.array(np.zeros(n, dtype=bool)), started
     columns = [
         pc.cast(table.column("image_id"), pa.string()).combine_chunks(),
-        pc.cast(table.column("run_started_at"), pa.int64()).combine_chunks(),
+        basis,
+        pc.cast(human, pa.int8()),
+        started,
         lookup[encoded.indices.to_numpy(zero_copy_only=False)] if len(lookup) else np.zeros(0, np.int32),
         np.full(n, write_rank, dtype=np.int32),
         np.arange(first, first + n, dtype=np.int64),
@@ -220,19 +242,21 @@ def _key_batch(table: pa.Table, first: int, write_rank: int, code_of: dict[str, 
 
 
 #: The order that decides the winner: the last row of an id in this order wins.
-_RULE = ("image_id", "started", "run", "write", "position")
+_RULE = ("image_id", "basis", "human", "started", "run", "write", "position")
 
 
 def _resolve(keys: pa.Table, run_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(losing positions, winning positions in ``image_id`` order, those the filter drops left
     out) of a key table holding every row of its ids. The one place the rule is applied: sorted
-    by id, then run start, run name, shard write rank and position (later row), the last row of
-    each id wins."""
+    by id, then the image version's run start, human before model, run start, run name, shard
+    write rank and position (later row), the last row of each id wins."""
     positions = keys.column("position").to_numpy()
     if len(positions) == 0:
         return positions, positions
     ordered = pa.table({
         "image_id": keys.column("image_id"),
+        "basis": keys.column("basis"),
+        "human": keys.column("human"),
         "started": keys.column("started"),
         "run": run_rank[keys.column("run").to_numpy()],
         "write": keys.column("write"),
@@ -254,13 +278,13 @@ def _resolve(keys: pa.Table, run_rank: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def _resolve_one_id(batches: Iterator[pa.RecordBatch], run_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_resolve` for the rows of one id read batch by batch (an id with more rows than fit
     in memory): the winner is the lexicographic maximum of the rule's keys."""
-    best: tuple[int, int, int, int] | None = None
+    best: tuple[int, ...] | None = None
     best_kept = True
     positions: list[np.ndarray] = []
     for batch in batches:
         position = batch.column("position").to_numpy()
-        keys = (batch.column("started").to_numpy(), run_rank[batch.column("run").to_numpy()],
-                batch.column("write").to_numpy(), position)
+        keys = (batch.column("basis").to_numpy(), batch.column("human").to_numpy(), batch.column("started").to_numpy(),
+                run_rank[batch.column("run").to_numpy()], batch.column("write").to_numpy(), position)
         top = int(np.lexsort(keys[::-1])[-1])
         candidate = tuple(int(k[top]) for k in keys)
         if best is None or candidate > best:
@@ -271,8 +295,8 @@ def _resolve_one_id(batches: Iterator[pa.RecordBatch], run_rank: np.ndarray) -> 
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
     every = np.concatenate(positions)
-    winner = np.array([best[3]] if best_kept else [], dtype=np.int64)
-    return every[every != best[3]], winner
+    winner = np.array([best[-1]] if best_kept else [], dtype=np.int64)
+    return every[every != best[-1]], winner
 
 
 class _Outcome:

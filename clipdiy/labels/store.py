@@ -31,8 +31,9 @@ from PIL import Image, ImageOps
 
 from clipdiy import rle
 from clipdiy.labels.palette import IGNORE
-from clipdiy.storage import StorageOptions, open_filesystem, read_uri
 from clipdiy.labels.row_index import RowIndex, build_row_index
+from clipdiy.schema import label_schema
+from clipdiy.storage import StorageOptions, open_filesystem, read_uri
 
 MANIFEST_NAME = "_MANIFEST.json"
 RUNS_DIR = "runs"
@@ -142,9 +143,21 @@ def vocabulary_of(runs: Sequence[Run]) -> tuple[str, ...]:
 
 
 def read_shard(run: Run, shard: str, columns: Sequence[str] | None = None) -> pa.Table:
-    """One Parquet shard of a run as a table."""
+    """One Parquet shard of a run as a table. A column of the label schema that the shard
+    predates (``source``, say, in rows written before it existed) comes back all null."""
     with run.fs.open(shard, "rb") as file:
-        return pq.read_table(file, columns=list(columns) if columns else None)
+        if not columns:
+            return pq.read_table(file)
+        parquet = pq.ParquetFile(file)
+        present = set(parquet.schema_arrow.names)
+        table = parquet.read(columns=[c for c in columns if c in present])
+    for name in columns:
+        if name not in present:
+            schema = label_schema()
+            if name not in schema.names:
+                raise KeyError(f"{shard} has no column {name!r}, and the label schema has none either")
+            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+    return table.select(list(columns))
 
 
 def latest_rows(table: pa.Table) -> pa.Table:

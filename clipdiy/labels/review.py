@@ -1,0 +1,292 @@
+"""Doubtful images to Label Studio and corrections back (``jobs/review.py``).
+
+Export: the rows the feed would yield (:class:`~clipdiy.labels.feed.FeedFilter`), lowest mean mask score
+first (area-weighted, as the report's image score), ``count`` of them, become Label Studio tasks:
+``data`` holds the image URL and the row's identity (``image_id``, ``run_id``); ``predictions``
+holds one prediction per task, with the row's model fingerprint as ``model_version``, its mean
+mask score as ``score``, and one ``brushlabels`` result per class mask (Label Studio's brush RLE,
+:mod:`clipdiy.labels.brush`) scored with the mask's score. A labelling config (XML) names the
+vocabulary's classes.
+
+Import: Label Studio's JSON export becomes rows marked ``source = human`` (the annotator's id, the
+time the annotation was saved) in a run of its own under OUTPUT, written as the job writes runs
+(shards, then the manifest last, under the output's lock). Each row copies the identity of the
+row it corrects (uri, source size/etag/mtime, size, vocabulary, model columns) and records the
+image version corrected (``corrected_run_started_at``), so the readers (:mod:`clipdiy.labels.row_index`)
+prefer it over the model rows of that version; nothing the model wrote is touched. A corrected
+row's masks are the annotation's brush regions (score 1.0: a person drew them); pixels no region
+covers are in no mask, so the feed yields them as 255 (ignore); where regions overlap the later
+one wins.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import os
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clipdiy import rle
+from clipdiy.labels import brush
+from clipdiy.labels.feed import FeedFilter, _runs, _Selector
+from clipdiy.labels.palette import IGNORE, class_colour
+from clipdiy.labels.report import MODEL_COLUMNS, _Lowest, mean_mask_scores, model_fingerprint
+from clipdiy.labels.row_index import build_row_index
+from clipdiy.labels.store import Run, list_runs, read_shard, vocabulary_of
+from clipdiy.schema import LABEL_SCHEMA_VERSION, label_schema
+from clipdiy.storage import StorageOptions, open_filesystem
+
+#: The names of the config's tags, which every result refers to.
+FROM_NAME, TO_NAME = "label", "image"
+#: Mask score of a human-drawn mask.
+HUMAN_SCORE = 1.0
+
+
+# ---------------------------------------------------------------- export
+
+def labelling_config(class_names: Sequence[str]) -> str:
+    """Label Studio labelling config: the image and one brush label per class, in the palette's
+    colours (the previews' colours)."""
+    labels = "\n".join(
+        f'    <Label value="{html.escape(name, quote=True)}" background="#{"%02x%02x%02x" % class_colour(i)}"/>'
+        for i, name in enumerate(class_names))
+    return (f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n'
+            f'  <BrushLabels name="{FROM_NAME}" toName="{TO_NAME}">\n{labels}\n  </BrushLabels>\n</View>\n')
+
+
+def image_url(uri: str, local_files_root: str | None = None) -> str:
+    """The URL Label Studio shows for a row's image: under ``local_files_root`` (Label Studio's
+    ``LOCAL_FILES_DOCUMENT_ROOT``, with local file serving on) a ``/data/local-files/?d=`` URL; any
+    other URI as it is (``s3://`` and ``gs://`` are resolved by a cloud storage connected to the project)."""
+    if local_files_root:
+        root = os.path.abspath(local_files_root)
+        path = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+        if os.path.commonpath([root, path]) == root:
+            return "/data/local-files/?d=" + os.path.relpath(path, root).replace(os.sep, "/")
+    return uri
+
+
+def _mask_result(mask: dict, height: int, width: int) -> dict:
+    decoded = rle.decode({"size": [int(v) for v in mask["rle_size"]], "counts": mask["rle_counts"]})
+    return {
+        "id": f"class-{mask['class_id']}", "from_name": FROM_NAME, "to_name": TO_NAME, "type": "brushlabels",
+        "origin": "prediction", "original_width": width, "original_height": height, "image_rotation": 0,
+        "score": float(mask["score"]),
+        "value": {"format": "rle", "rle": brush.encode(decoded), "brushlabels": [mask["class_name"]]},
+    }
+
+
+def task_of(row: dict, score: float, local_files_root: str | None = None) -> dict:
+    """One Label Studio task with the row's masks as its prediction."""
+    height, width = int(row["height"]), int(row["width"])
+    started = row["run_started_at"]
+    return {
+        "data": {"image": image_url(row["uri"], local_files_root), "image_id": row["image_id"], "uri": row["uri"],
+                 "run_id": row["run_id"], "run_started_at": started.isoformat() if started else None},
+        "predictions": [{
+            "model_version": model_fingerprint(row), "score": float(score),
+            "result": [_mask_result(m, height, width) for m in row["masks"]],
+        }],
+    }
+
+
+def select_rows(runs: Sequence[Run], feed_filter: FeedFilter, count: int, class_names: Sequence[str]) -> list[tuple[dict, float]]:
+    """(row, mean mask score) of the ``count`` rows the feed keeps with the lowest mean mask
+    score, lowest first; shard by shard, holding ``count`` candidates at most."""
+    selector = _Selector(class_names, feed_filter)
+    index = build_row_index(runs)
+    lowest = _Lowest(count)
+    columns = list(dict.fromkeys([*selector.filter_columns, "masks"]))
+    for number, (run, shard) in enumerate(index.shards):
+        table = read_shard(run, shard, columns)
+        keep = selector.keep_table(table)
+        winners = index.winners(number)
+        if winners is not None:
+            keep &= winners
+        scores = mean_mask_scores(table)
+        positions = np.flatnonzero(keep & np.isfinite(scores))
+        lowest.offer(scores[positions], number, positions)
+    chosen = []
+    for score, shard, row in zip(lowest.score.tolist(), lowest.shard.tolist(), lowest.row.tolist()):
+        run, path = index.shards[shard]
+        chosen.append((read_shard(run, path).slice(row, 1).to_pylist()[0], score))
+    return chosen
+
+
+def export_tasks(outputs: str | Sequence[str], tasks_uri: str, config_uri: str, *, feed_filter: FeedFilter = FeedFilter(),
+                 count: int = 100, local_files_root: str | None = None, storage: StorageOptions | None = None) -> dict:
+    """Write the tasks JSON and the labelling config; returns a summary."""
+    runs = _runs(outputs, feed_filter, storage)
+    class_names = vocabulary_of(runs)
+    chosen = select_rows(runs, feed_filter, count, class_names)
+    tasks = [task_of(row, score, local_files_root) for row, score in chosen]
+    for uri, text in ((tasks_uri, json.dumps(tasks)), (config_uri, labelling_config(class_names))):
+        fs, path = open_filesystem(uri, storage)
+        fs.pipe_file(path, text.encode("utf-8"))
+    return {"tasks": len(tasks), "masks": sum(len(t["predictions"][0]["result"]) for t in tasks),
+            "lowest_score": chosen[0][1] if chosen else None, "highest_score": chosen[-1][1] if chosen else None}
+
+
+# ---------------------------------------------------------------- import
+
+@dataclass(frozen=True)
+class Correction:
+    """One annotation read from a Label Studio export: the row it corrects (``run_id`` and
+    ``image_id``), the annotator, when it was saved, and its brush results."""
+
+    image_id: str
+    run_id: str
+    annotator: str
+    annotated_at: dt.datetime
+    results: tuple[dict, ...]
+
+
+def _time(value: str | None) -> dt.datetime:
+    if not value:
+        return dt.datetime.now(dt.timezone.utc)
+    parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def corrections(export: list[dict]) -> list[Correction]:
+    """The latest submitted (not cancelled) annotation of every task that has one."""
+    found = []
+    for task in export:
+        annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        if not annotations:
+            continue
+        latest = max(annotations, key=lambda a: (_time(a.get("updated_at") or a.get("created_at")), a.get("id") or 0))
+        who = latest.get("completed_by")
+        annotator = who.get("id") if isinstance(who, dict) else who
+        data = task.get("data") or {}
+        if "image_id" not in data or "run_id" not in data:
+            raise ValueError(f"task {task.get('id')}: its data lacks image_id/run_id (not exported by jobs/review.py)")
+        found.append(Correction(data["image_id"], data["run_id"], f"label-studio:{annotator}",
+                                _time(latest.get("updated_at") or latest.get("created_at")),
+                                tuple(r for r in latest.get("result") or [] if r.get("type", "").lower() == "brushlabels")))
+    return found
+
+
+def corrected_label_map(correction: Correction, height: int, width: int, class_names: Sequence[str]) -> np.ndarray:
+    """H x W uint16 class ids of the annotation's brush regions (IGNORE where none); later
+    regions over earlier ones."""
+    index = {name: i for i, name in enumerate(class_names)}
+    label = np.full((height, width), IGNORE, np.uint16)
+    for result in correction.results:
+        value = result["value"]
+        names = value.get("brushlabels") or []
+        if len(names) != 1 or names[0] not in index:
+            raise ValueError(f"{correction.image_id}: a brush region labelled {names}, not one class of the vocabulary")
+        if (int(result["original_height"]), int(result["original_width"])) != (height, width):
+            raise ValueError(f"{correction.image_id}: annotated at {result['original_width']} x "
+                             f"{result['original_height']}, the row is {width} x {height}")
+        label[brush.decode(value["rle"], height, width)] = index[names[0]]
+    return label
+
+
+def human_row(row: dict, correction: Correction, label: np.ndarray, class_names: Sequence[str], run_id: str,
+              started: dt.datetime) -> dict:
+    """The human row correcting ``row``: its identity, the annotation's masks."""
+    masks = []
+    for class_id in np.unique(label[label != IGNORE]).tolist():
+        mask = label == class_id
+        encoded = rle.encode(mask)
+        masks.append({"class_id": class_id, "class_name": class_names[class_id], "rle_size": encoded["size"],
+                      "rle_counts": encoded["counts"], "area": int(mask.sum()), "bbox": rle.bbox_of_mask(mask),
+                      "score": HUMAN_SCORE})
+    basis = row.get("corrected_run_started_at") if row.get("source") == "human" else row["run_started_at"]
+    labelled = label != IGNORE
+    new = {name: row.get(name) for name in label_schema().names}
+    new.update(
+        schema_version=LABEL_SCHEMA_VERSION, run_id=run_id, run_started_at=started, status="ok", error_kind=None,
+        error=None, class_scores=None, masks=masks, saliency_png=None,
+        foreground_fraction=float((labelled & (label != 0)).sum() / max(1, labelled.sum())),
+        source="human", annotator=correction.annotator, annotated_at=correction.annotated_at,
+        corrected_run_started_at=basis,
+    )
+    return new
+
+
+def _corrected_rows(runs: Sequence[Run], wanted: dict[str, set[str]]) -> dict[tuple[str, str], tuple[dict, Run]]:
+    """The rows the corrections were made on, by (run_id, image_id), read from their runs' shards."""
+    found: dict[tuple[str, str], tuple[dict, Run]] = {}
+    for run in runs:
+        ids = wanted.get(run.run_id)
+        if not ids:
+            continue
+        for shard in run.shards:
+            id_column = read_shard(run, shard, ["image_id"]).column("image_id")
+            hits = np.flatnonzero(pc.is_in(id_column, value_set=pa.array(sorted(ids))).to_numpy(zero_copy_only=False))
+            if hits.size:
+                for row in read_shard(run, shard).take(pa.array(hits)).to_pylist():
+                    found[(run.run_id, row["image_id"])] = (row, run)
+    return found
+
+
+def import_corrections(export_uri: str, output: str, *, storage: StorageOptions | None = None,
+                       run_id: str | None = None) -> dict:
+    """Write the corrections of a Label Studio JSON export into ``output`` as a run of human rows.
+    Returns a summary (the run id, rows written, tasks without annotation)."""
+    from clipdiy.output_layout import OutputLayout
+    from clipdiy.pipeline.lock import OutputLock
+    from clipdiy.pipeline.manifest import RunPlan, build_manifest, new_run_id, utc_now, write_manifest
+    from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS, ShardTarget, write_shard
+
+    fs, path = open_filesystem(export_uri, storage)
+    with fs.open(path, "rb") as file:
+        export = json.load(file)
+    if not isinstance(export, list):
+        raise ValueError(f"{export_uri} is not a Label Studio JSON export (a list of tasks)")
+    found = corrections(export)
+    if not found:
+        raise ValueError(f"{export_uri} holds no submitted annotation")
+    runs = list_runs(output, storage=storage)
+    wanted: dict[str, set[str]] = {}
+    for c in found:
+        wanted.setdefault(c.run_id, set()).add(c.image_id)
+    rows = _corrected_rows(runs, wanted)
+    missing = [(c.run_id, c.image_id) for c in found if (c.run_id, c.image_id) not in rows]
+    if missing:
+        raise ValueError(f"{len(missing)} annotated rows are not in {output}'s finished runs, e.g. {missing[0]}")
+
+    vocabularies = {json.dumps(rows[(c.run_id, c.image_id)][1].manifest.get("vocabulary", {}), sort_keys=True)
+                    for c in found}
+    if len(vocabularies) > 1:
+        raise ValueError("the annotated rows come from runs with different vocabularies; import them separately")
+    vocabulary = json.loads(vocabularies.pop())
+    started = utc_now()
+    run_id = run_id or f"{new_run_id(started)}-human"
+    new_rows = []
+    for correction in found:
+        row, run = rows[(correction.run_id, correction.image_id)]
+        names = run.class_names or ()
+        label = corrected_label_map(correction, int(row["height"]), int(row["width"]), names)
+        new_rows.append(human_row(row, correction, label, names, run_id, started))
+    table = pa.Table.from_pylist(new_rows, schema=label_schema())
+    layout = OutputLayout.open(output, storage)
+    with OutputLock(layout, run_id, stale_after_s=60.0, heartbeat_s=10.0):
+        stats = write_shard(table, target=ShardTarget(output=output, storage=storage or StorageOptions(), run_id=run_id,
+                                                      attempt=1))
+        manifest = build_manifest(
+            plan=RunPlan(run_id=run_id, attempt=1, started_at=started, resumed=False),
+            input_uri=export_uri,
+            options={"source": "human", "tool": "label-studio", "export": export_uri,
+                     "model_columns": list(MODEL_COLUMNS)},
+            vocabulary=vocabulary,
+            counts={"listed": len(export), "skipped": len(export) - len(found), "retried": 0, "seen": table.num_rows,
+                    "ok": table.num_rows, "error": 0, "attempts": 1},
+            shards=[{k: v for k, v in record.items() if k in MANIFEST_SHARD_FIELDS} for record in stats.to_pylist()],
+            timings={"total": round((utc_now() - started).total_seconds(), 3), "listing": 0.0,
+                     "labelling": 0.0, "images_per_second": 0.0},
+        )
+        write_manifest(layout, manifest)
+    return {"run_id": run_id, "rows": table.num_rows, "tasks": len(export), "without_annotation": len(export) - len(found),
+            "path": posixpath.join(output, "runs", run_id)}
