@@ -8,6 +8,7 @@ VmHWM), beside ``baseline``: a process that only imports the report and matplotl
 
     python benchmarks/bench_report.py                       # N = 200000 and 2000000
     python benchmarks/bench_report.py --sizes 20000
+    python benchmarks/bench_report.py --max-keys 0 100000     # also with the key pass spilling above 100k rows
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 from bench_readers import peak_rss_kb, real_output, synthetic_output  # noqa: E402
 
 
-def child(labels: str, page: str) -> dict:
+def child(labels: str, page: str, max_keys: int | None) -> dict:
     import clipdiy.labels.report as report
 
     if labels == "baseline":
@@ -34,17 +35,18 @@ def child(labels: str, page: str) -> dict:
 
         return {"peak_rss_mb": round(peak_rss_kb() / 1024, 1)}
     start = time.perf_counter()
-    data = report.write_report(labels, page)
+    data = report.write_report(labels, page, report.ReportConfig(max_keys_in_memory=max_keys))
     seconds = time.perf_counter() - start
     return {"rows": data.rows, "shards": data.shards, "read_s": round(data.seconds, 1), "total_s": round(seconds, 1),
             "rows_per_s": round(data.rows / data.seconds), "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
             "page_kb": round(os.path.getsize(page) / 1024), "drifts": len(data.drifts)}
 
 
-def run_child(labels: str, page: str) -> dict:
+def run_child(labels: str, page: str, max_keys: int | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run([sys.executable, __file__, "--child", labels, "--page", page], capture_output=True, text=True,
-                          env=env, cwd=REPO_ROOT, check=True)
+    extra = ["--max-keys", str(max_keys)] if max_keys else []
+    done = subprocess.run([sys.executable, __file__, "--child", labels, "--page", page, *extra], capture_output=True,
+                          text=True, env=env, cwd=REPO_ROOT, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -54,19 +56,22 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/clipdiy-bench-report", help="cache of the outputs built")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--page", help=argparse.SUPPRESS)
+    parser.add_argument("--max-keys", type=int, nargs="+", default=[0],
+                        help="max_keys_in_memory of the latest-write pass (0: the readers' default, 2M)")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.page)))
+        print(json.dumps(child(args.child, args.page, args.max_keys[0] or None)))
         return 0
     work = Path(args.work)
     real = real_output(work)
     print(f"baseline (imports only): peak RSS {run_child('baseline', '')['peak_rss_mb']:.1f} MB", flush=True)
     for size in args.sizes:
         labels = synthetic_output(real, work, size)
-        result = run_child(str(labels), str(work / f"report-{size}.html"))
-        print(f"N={size:>8}  {result['rows']} rows in {result['shards']} shards: read {result['read_s']} s "
-              f"({result['rows_per_s']} rows/s), page written after {result['total_s']} s, "
-              f"peak RSS {result['peak_rss_mb']} MB, page {result['page_kb']} KB", flush=True)
+        for max_keys in args.max_keys:
+            result = run_child(str(labels), str(work / f"report-{size}.html"), max_keys or None)
+            print(f"N={size:>8}  max keys {max_keys or 'default':>7}  {result['rows']} rows in {result['shards']} shards: "
+                  f"read {result['read_s']} s ({result['rows_per_s']} rows/s), page written after {result['total_s']} s, "
+                  f"peak RSS {result['peak_rss_mb']} MB, page {result['page_kb']} KB", flush=True)
     return 0
 
 

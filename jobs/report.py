@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lowest", type=int, default=defaults.lowest, help="lowest-scoring images shown as thumbnails")
     parser.add_argument("--bins", type=int, default=defaults.bins, help="histogram bins over [0, 1]")
     parser.add_argument("--classes-plotted", type=int, default=defaults.classes_plotted, help="classes drawn in the per-class plots")
+    parser.add_argument("--max-keys-in-memory", type=int, help="rows of keys the latest-write pass holds before it spills "
+                        "to local disk (default: the readers' 2,000,000, about 435 MB at its peak)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     parser.add_argument("--anon", action="store_true", default=None, help="anonymous (unsigned) object-storage access")
     parser.add_argument("--profile", help="AWS profile for object storage (else AWS_PROFILE)")
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     storage = StorageOptions.from_env(endpoint_url=args.endpoint_url, anon=args.anon, profile=args.profile)
     config = ReportConfig(drift_threshold=args.drift_threshold, lowest=args.lowest, bins=args.bins,
-                          classes_plotted=args.classes_plotted)
+                          classes_plotted=args.classes_plotted, max_keys_in_memory=args.max_keys_in_memory)
     started = time.perf_counter()
     try:
         data = write_report(args.output if len(args.output) > 1 else args.output[0], args.html, config, storage)

@@ -53,13 +53,16 @@ class ReportConfig:
     5 percentage points); ``lowest``: how many lowest-scoring images get a thumbnail;
     ``bins``: histogram bins over [0, 1]; ``classes_plotted``: the classes with the largest
     overall pixel share drawn in the per-class plots (every class is in the tables);
-    ``thumbnail_size``: longer side of a thumbnail's panels (px)."""
+    ``thumbnail_size``: longer side of a thumbnail's panels (px); ``max_keys_in_memory``: see below."""
 
     drift_threshold: float = 0.05
     lowest: int = 12
     bins: int = 40
     classes_plotted: int = 8
     thumbnail_size: int = 160
+    #: Passed to :func:`~clipdiy.labels.row_index.build_row_index` (None: its default): the keys of
+    #: the latest-write pass, the report's largest holding, are bounded by this many rows.
+    max_keys_in_memory: int | None = None
 
 
 def model_fingerprint(values: dict) -> str:
@@ -272,7 +275,7 @@ def collect(outputs: str | Sequence[str], config: ReportConfig = ReportConfig(),
     runs = list_runs(outputs, storage=storage)
     if not runs:
         raise FileNotFoundError(f"no finished runs in {outputs}")
-    index = build_row_index(runs)
+    index = build_row_index(runs, max_keys_in_memory=config.max_keys_in_memory)
     nights: dict[int, NightStats] = {}
     for run in runs:
         if run.class_names is None:
