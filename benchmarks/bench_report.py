@@ -8,7 +8,7 @@ VmHWM), beside ``baseline``: a process that only imports the report and matplotl
 
     python benchmarks/bench_report.py                       # N = 200000 and 2000000
     python benchmarks/bench_report.py --sizes 20000
-    python benchmarks/bench_report.py --max-keys 0 100000     # also with the key pass spilling above 100k rows
+    python benchmarks/bench_report.py --max-keys 2000000 100000   # the readers' key limit and the report's
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def child(labels: str, page: str, max_keys: int | None) -> dict:
 
 def run_child(labels: str, page: str, max_keys: int | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    extra = ["--max-keys", str(max_keys)] if max_keys else []
+    extra = ["--max-keys", str(max_keys)] if max_keys is not None else []
     done = subprocess.run([sys.executable, __file__, "--child", labels, "--page", page, *extra], capture_output=True,
                           text=True, env=env, cwd=REPO_ROOT, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -56,11 +56,11 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/clipdiy-bench-report", help="cache of the outputs built")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--page", help=argparse.SUPPRESS)
-    parser.add_argument("--max-keys", type=int, nargs="+", default=[0],
-                        help="max_keys_in_memory of the latest-write pass (0: the readers' default, 2M)")
+    parser.add_argument("--max-keys", type=int, nargs="+", default=[100_000],
+                        help="max_keys_in_memory of the latest-write pass (the report's default: 100000)")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.page, args.max_keys[0] or None)))
+        print(json.dumps(child(args.child, args.page, args.max_keys[0])))
         return 0
     work = Path(args.work)
     real = real_output(work)
@@ -68,8 +68,8 @@ def main() -> int:
     for size in args.sizes:
         labels = synthetic_output(real, work, size)
         for max_keys in args.max_keys:
-            result = run_child(str(labels), str(work / f"report-{size}.html"), max_keys or None)
-            print(f"N={size:>8}  max keys {max_keys or 'default':>7}  {result['rows']} rows in {result['shards']} shards: "
+            result = run_child(str(labels), str(work / f"report-{size}.html"), max_keys)
+            print(f"N={size:>8}  max keys {max_keys:>7}  {result['rows']} rows in {result['shards']} shards: "
                   f"read {result['read_s']} s ({result['rows_per_s']} rows/s), page written after {result['total_s']} s, "
                   f"peak RSS {result['peak_rss_mb']} MB, page {result['page_kb']} KB", flush=True)
     return 0

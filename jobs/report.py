@@ -37,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lowest", type=int, default=defaults.lowest, help="lowest-scoring images shown as thumbnails")
     parser.add_argument("--bins", type=int, default=defaults.bins, help="histogram bins over [0, 1]")
     parser.add_argument("--classes-plotted", type=int, default=defaults.classes_plotted, help="classes drawn in the per-class plots")
-    parser.add_argument("--max-keys-in-memory", type=int, help="rows of keys the latest-write pass holds before it spills "
-                        "to local disk (default: the readers' 2,000,000, about 435 MB at its peak)")
+    parser.add_argument("--max-keys-in-memory", type=int, default=defaults.max_keys_in_memory,
+                        help="rows of keys the latest-write pass holds before it spills to local disk")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     parser.add_argument("--anon", action="store_true", default=None, help="anonymous (unsigned) object-storage access")
     parser.add_argument("--profile", help="AWS profile for object storage (else AWS_PROFILE)")

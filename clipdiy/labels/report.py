@@ -60,9 +60,11 @@ class ReportConfig:
     bins: int = 40
     classes_plotted: int = 8
     thumbnail_size: int = 160
-    #: Passed to :func:`~clipdiy.labels.row_index.build_row_index` (None: its default): the keys of
-    #: the latest-write pass, the report's largest holding, are bounded by this many rows.
-    max_keys_in_memory: int | None = None
+    #: Passed to :func:`~clipdiy.labels.row_index.build_row_index`: the keys of the latest-write
+    #: pass, the report's largest holding, spill to local disk above this many rows. The readers'
+    #: default (2M rows) peaks near 650 MB at 2M rows; 100k keeps the report near 230 MB at any
+    #: size (benchmarks/bench_report.py), for a few seconds more.
+    max_keys_in_memory: int | None = 100_000
 
 
 def model_fingerprint(values: dict) -> str:
