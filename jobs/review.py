@@ -26,7 +26,8 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
 
 from clipdiy.errors import ClipdiyError  # noqa: E402
 from clipdiy.labels.feed import FeedFilter  # noqa: E402
-from clipdiy.labels.review import export_tasks, import_corrections  # noqa: E402
+from clipdiy.labels.review import export_tasks  # noqa: E402
+from clipdiy.pipeline.corrections import import_corrections  # noqa: E402
 from clipdiy.storage import StorageOptions  # noqa: E402
 
 

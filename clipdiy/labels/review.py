@@ -8,7 +8,8 @@ mask score as ``score``, and one ``brushlabels`` result per class mask (Label St
 :mod:`clipdiy.labels.brush`) scored with the mask's score. A labelling config (XML) names the
 vocabulary's classes.
 
-Import: Label Studio's JSON export becomes rows marked ``source = human`` (the annotator's id, the
+Import (:func:`clipdiy.pipeline.corrections.import_corrections`, the writing half, with the job's
+run machinery): Label Studio's JSON export becomes rows marked ``source = human`` (the annotator's id, the
 time the annotation was saved) in a run of its own under OUTPUT, written as the job writes runs
 (shards, then the manifest last, under the output's lock). Each row copies the identity of the
 row it corrects (uri, source size/etag/mtime, size, vocabulary, model columns) and records the
@@ -25,10 +26,8 @@ import datetime as dt
 import html
 import json
 import os
-import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,9 +37,9 @@ from clipdiy import rle
 from clipdiy.labels import brush
 from clipdiy.labels.feed import FeedFilter, _runs, _Selector
 from clipdiy.labels.palette import IGNORE, class_colour
-from clipdiy.labels.report import MODEL_COLUMNS, _Lowest, mean_mask_scores, model_fingerprint
+from clipdiy.labels.report import _Lowest, mean_mask_scores, model_fingerprint
 from clipdiy.labels.row_index import build_row_index
-from clipdiy.labels.store import Run, list_runs, read_shard, vocabulary_of
+from clipdiy.labels.store import Run, read_shard, vocabulary_of
 from clipdiy.schema import LABEL_SCHEMA_VERSION, label_schema
 from clipdiy.storage import StorageOptions, open_filesystem
 
@@ -229,64 +228,3 @@ def _corrected_rows(runs: Sequence[Run], wanted: dict[str, set[str]]) -> dict[tu
                 for row in read_shard(run, shard).take(pa.array(hits)).to_pylist():
                     found[(run.run_id, row["image_id"])] = (row, run)
     return found
-
-
-def import_corrections(export_uri: str, output: str, *, storage: StorageOptions | None = None,
-                       run_id: str | None = None) -> dict:
-    """Write the corrections of a Label Studio JSON export into ``output`` as a run of human rows.
-    Returns a summary (the run id, rows written, tasks without annotation)."""
-    from clipdiy.output_layout import OutputLayout
-    from clipdiy.pipeline.lock import OutputLock
-    from clipdiy.pipeline.manifest import RunPlan, build_manifest, new_run_id, utc_now, write_manifest
-    from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS, ShardTarget, write_shard
-
-    fs, path = open_filesystem(export_uri, storage)
-    with fs.open(path, "rb") as file:
-        export = json.load(file)
-    if not isinstance(export, list):
-        raise ValueError(f"{export_uri} is not a Label Studio JSON export (a list of tasks)")
-    found = corrections(export)
-    if not found:
-        raise ValueError(f"{export_uri} holds no submitted annotation")
-    runs = list_runs(output, storage=storage)
-    wanted: dict[str, set[str]] = {}
-    for c in found:
-        wanted.setdefault(c.run_id, set()).add(c.image_id)
-    rows = _corrected_rows(runs, wanted)
-    missing = [(c.run_id, c.image_id) for c in found if (c.run_id, c.image_id) not in rows]
-    if missing:
-        raise ValueError(f"{len(missing)} annotated rows are not in {output}'s finished runs, e.g. {missing[0]}")
-
-    vocabularies = {json.dumps(rows[(c.run_id, c.image_id)][1].manifest.get("vocabulary", {}), sort_keys=True)
-                    for c in found}
-    if len(vocabularies) > 1:
-        raise ValueError("the annotated rows come from runs with different vocabularies; import them separately")
-    vocabulary = json.loads(vocabularies.pop())
-    started = utc_now()
-    run_id = run_id or f"{new_run_id(started)}-human"
-    new_rows = []
-    for correction in found:
-        row, run = rows[(correction.run_id, correction.image_id)]
-        names = run.class_names or ()
-        label = corrected_label_map(correction, int(row["height"]), int(row["width"]), names)
-        new_rows.append(human_row(row, correction, label, names, run_id, started))
-    table = pa.Table.from_pylist(new_rows, schema=label_schema())
-    layout = OutputLayout.open(output, storage)
-    with OutputLock(layout, run_id, stale_after_s=60.0, heartbeat_s=10.0):
-        stats = write_shard(table, target=ShardTarget(output=output, storage=storage or StorageOptions(), run_id=run_id,
-                                                      attempt=1))
-        manifest = build_manifest(
-            plan=RunPlan(run_id=run_id, attempt=1, started_at=started, resumed=False),
-            input_uri=export_uri,
-            options={"source": "human", "tool": "label-studio", "export": export_uri,
-                     "model_columns": list(MODEL_COLUMNS)},
-            vocabulary=vocabulary,
-            counts={"listed": len(export), "skipped": len(export) - len(found), "retried": 0, "seen": table.num_rows,
-                    "ok": table.num_rows, "error": 0, "attempts": 1},
-            shards=[{k: v for k, v in record.items() if k in MANIFEST_SHARD_FIELDS} for record in stats.to_pylist()],
-            timings={"total": round((utc_now() - started).total_seconds(), 3), "listing": 0.0,
-                     "labelling": 0.0, "images_per_second": 0.0},
-        )
-        write_manifest(layout, manifest)
-    return {"run_id": run_id, "rows": table.num_rows, "tasks": len(export), "without_annotation": len(export) - len(found),
-            "path": posixpath.join(output, "runs", run_id)}
