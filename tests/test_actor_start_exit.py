@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 from pipeline_support import job_config, load_label_job, segmenter_config
 
-from clipdiy.segmentation.config import ClipConfig
 from clipdiy.errors import ActorStartError
 from clipdiy.pipeline import run
 from clipdiy.pipeline.inference import ACTOR_START_REFUSED
+from clipdiy.segmentation.config import ClipConfig
 
 REFUSAL = "CLIP weights not found: /mnt/weights/clip.pt does not exist on this node (set --clip-checkpoint)"
 

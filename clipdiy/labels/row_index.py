@@ -31,16 +31,13 @@ import posixpath
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipdiy.labels.key_partitions import KeySpill
-
-if TYPE_CHECKING:
-    from clipdiy.labels.store import Run
+from clipdiy.labels.runs import Run, read_shard
 
 KEY_COLUMNS = ("image_id", "run_id", "run_started_at")
 #: Rows whose keys the key pass holds in memory at most (about 200 bytes each at the peak of the
@@ -124,8 +121,7 @@ def build_row_index(
     ``max_keys_in_memory`` rows (default :data:`MAX_KEYS_IN_MEMORY`) the keys go to local disk
     (``spill_dir``, default the system's temporary folder) and are resolved id range by id range.
     Raises ``FileNotFoundError`` when the runs hold no shards."""
-    if read is None:
-        from clipdiy.labels.store import read_shard as read
+    read = read or read_shard
     limit = MAX_KEYS_IN_MEMORY if max_keys_in_memory is None else int(max_keys_in_memory)
     if limit < 1:
         raise ValueError(f"max_keys_in_memory must be at least 1, not {limit}")

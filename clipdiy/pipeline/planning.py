@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.incremental import (
     EARLIER_RUNS,
     LISTING_SCHEMA,
@@ -48,7 +49,6 @@ from clipdiy.pipeline.incremental import (
     split_pending,
     with_source_key,
 )
-from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.listing import (
     ListingPart,
     is_manifest_input,

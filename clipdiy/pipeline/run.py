@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
+from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.config import LabelJobConfig
 from clipdiy.pipeline.incremental import ListingCounts
 from clipdiy.pipeline.inference import actor_start_refusals
-from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.listing import check_input_reachable
 from clipdiy.pipeline.lock import LockLostError, OutputLock
 from clipdiy.pipeline.manifest import (
