@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from model_factories import SAMPLE_IMAGES, make_clip_config, make_saliency_config
 
 from clipdiy.segmentation.config import SegmenterConfig
-from clipdiy.segmentation.segmenter import create_segmenter, prepare_image
+from clipdiy.segmentation.prepared import prepare_image
+from clipdiy.segmentation.segmenter import create_segmenter
 
 
 def run(config: SegmenterConfig, prepared: list, batch: int) -> tuple[np.ndarray, np.ndarray, float]:

@@ -160,7 +160,7 @@ def key_pass_child(rows: int, max_keys: int, sort_by_id: bool) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from clipdiy.labels.store import Run
+    from clipdiy.labels.runs import Run
     from clipdiy.labels.row_index import build_row_index
 
     def ids(numbers: np.ndarray) -> pa.Array:

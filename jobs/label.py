@@ -33,6 +33,8 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
+from clipdiy.errors import ClipdiyError
+from clipdiy.pipeline.incremental import RETRY_ERRORS
 from clipdiy.segmentation.config import (
     FOUND_HEAD_URL,
     NACLIP,
@@ -47,8 +49,6 @@ from clipdiy.segmentation.config import (
     SegmenterConfig,
     default_clip_config,
 )
-from clipdiy.errors import ClipdiyError
-from clipdiy.pipeline.incremental import RETRY_ERRORS
 from clipdiy.segmentation.samples import SAMPLES_INPUT, samples_manifest
 from clipdiy.uris import RedactingFilter, redact_text
 

@@ -22,8 +22,8 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
     sys.path.insert(0, str(_REPO_ROOT))
 
 from clipdiy.errors import ClipdiyError  # noqa: E402
-from clipdiy.storage import StorageOptions, read_uri  # noqa: E402
 from clipdiy.labels.preview import PreviewConfig, render_output  # noqa: E402
+from clipdiy.storage import StorageOptions, read_uri  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 from clipdiy.pipeline.config import LabelJobConfig
+from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LABEL_SCRIPT = REPO_ROOT / "jobs" / "label.py"

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 from pipeline_support import job_config, load_label_job, segmenter_config
 
-from clipdiy.segmentation.config import ClipConfig
 from clipdiy.errors import ActorStartError
 from clipdiy.pipeline import run
 from clipdiy.pipeline.inference import ACTOR_START_REFUSED
+from clipdiy.segmentation.config import ClipConfig
 
 REFUSAL = "CLIP weights not found: /mnt/weights/clip.pt does not exist on this node (set --clip-checkpoint)"
 
@@ -52,9 +52,9 @@ def test_actor_start_failure_exits_2_before_any_shard_and_1_after(shards_before,
     monkeypatch.setattr(run, "build_dataset", lambda config, *args, health: _ShardStats(shards_before))
     monkeypatch.setattr(health, "start_run_health", lambda stop_after_failed_reads: "health-actor")
     monkeypatch.setattr(ray, "kill", lambda actor: None)
-    monkeypatch.setattr(run, "_free_resources", dict)
-    monkeypatch.setattr(run, "_stop_actors", lambda health: None)
-    monkeypatch.setattr(run, "_wait_for_release", lambda *args: True)
+    monkeypatch.setattr(run, "free_resources", dict)
+    monkeypatch.setattr(run, "stop_actors", lambda health: None)
+    monkeypatch.setattr(run, "wait_for_release", lambda *args: True)
     config = job_config("photos/", "labels/", segmenter_config(ClipConfig(model="ViT-B-16", checkpoint="x.pt")))
     written: dict[str, dict] = {}
     progress = run.Progress(None, interval=3600.0)  # not started: no progress thread

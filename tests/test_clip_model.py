@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from model_factories import CLIP_MEAN, CLIP_STD, TINY_CLIP_CONFIG, make_clip_config
 
-from clipdiy.segmentation.config import ClipConfig, PromptConfig
 from clipdiy.errors import WeightsNotFoundError
+from clipdiy.segmentation.config import ClipConfig, PromptConfig
 from clipdiy.segmentation.models.clip import create_clip_model, supports_class_token_forward
 from clipdiy.segmentation.text_embeddings import (
     class_text_embeddings,

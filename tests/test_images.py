@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 from clipdiy.errors import InvalidImageError
+from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 from clipdiy.segmentation.images import to_rgb_uint8
 from clipdiy.segmentation.segmenter import Segmenter
 from clipdiy.segmentation.vocabulary import load_vocabulary

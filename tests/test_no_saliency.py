@@ -72,7 +72,7 @@ def test_background_wins_where_its_raw_score_is_highest(no_saliency_segmenter):
 
 def test_every_class_keeps_its_own_score_without_saliency():
     """fuse without saliency is softmax(S): background's channel is not zeroed."""
-    from clipdiy.segmentation.segmenter import fuse
+    from clipdiy.segmentation.methods.clipdiy import fuse
 
     scores = torch.tensor([[[[0.9]], [[0.2]], [[0.3]]]])  # 1 x 3 x 1 x 1: background highest
     assert fuse(scores, None).argmax(dim=1).item() == 0

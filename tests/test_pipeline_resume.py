@@ -251,7 +251,7 @@ def test_listing_blocks_cut_the_first_limit_sources_in_listing_order():
     import datetime as dt
 
     from clipdiy.pipeline.incremental import LISTING_SCHEMA, listing_blocks
-    from clipdiy.pipeline.listing import SourceObject
+    from clipdiy.pipeline.sources import SourceObject
 
     when = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)
     sources = [SourceObject(f"file:///in/{i}.jpg", f"{i}.jpg", 100 + i, None, when) for i in range(10)]

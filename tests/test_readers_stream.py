@@ -17,10 +17,10 @@ from clipdiy.labels import evaluation, feed, preview, store
 from clipdiy.labels.evaluation import evaluate
 from clipdiy.labels.feed import LabelDataset, LabelIterableDataset, export_coco, export_voc_masks
 from clipdiy.labels.ground_truth import VocGroundTruth
-from clipdiy.labels.store import latest_rows, read_rows
 from clipdiy.labels.palette import to_palette_image
 from clipdiy.labels.preview import PreviewConfig, render_output
 from clipdiy.labels.row_index import REVIEW_KEY_COLUMNS
+from clipdiy.labels.store import latest_rows, read_rows
 
 CAT, DOG, PERSON = 8, 12, 15
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

@@ -16,8 +16,8 @@ import pytest
 from labels_fixtures import LabelItem, add_shard, write_labels_output
 
 from clipdiy.labels import key_partitions, row_index
-from clipdiy.labels.store import Run, list_runs
 from clipdiy.labels.row_index import build_row_index
+from clipdiy.labels.runs import Run, list_runs
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 

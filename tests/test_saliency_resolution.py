@@ -10,10 +10,11 @@ import pytest
 from handcrafted_models import CLASS_NAMES, COLOURS, GREY, MeanColourClip, NotGreySaliency
 from PIL import Image, ImageDraw
 
-from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 from clipdiy.pipeline.decode import decode_image
+from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
+from clipdiy.segmentation.prepared import prepare_image
 from clipdiy.segmentation.preprocess import resize_for_saliency, saliency_input_size
-from clipdiy.segmentation.segmenter import Segmenter, prepare_image
+from clipdiy.segmentation.segmenter import Segmenter
 from clipdiy.segmentation.vocabulary import Vocabulary, VocabularyClass
 
 
@@ -154,7 +155,7 @@ def test_a_backend_that_reads_no_pixels_gets_no_pixels():
 
 def test_the_inference_actor_warns_once_about_large_full_resolution_saliency(caplog):
     from clipdiy.pipeline.inference import SegmentBatch
-    from clipdiy.segmentation.segmenter import PreparedImage
+    from clipdiy.segmentation.prepared import PreparedImage
 
     def prepared(height: int, width: int) -> PreparedImage:
         rgb = np.zeros((height, width, 3), np.uint8)

@@ -18,15 +18,11 @@ import pytest
 from s3_server import DUMMY_KEY_ID, DUMMY_SECRET
 
 from clipdiy.errors import ClipdiyError, InputError
-from clipdiy.pipeline import listing
-from clipdiy.pipeline.listing import (
-    ListingPart,
-    SourceObject,
-    check_input_reachable,
-    iter_part_sources,
-    iter_sources,
-    listing_parts,
-)
+from clipdiy.pipeline import input_check, listing, walks
+from clipdiy.pipeline.input_check import check_input_reachable
+from clipdiy.pipeline.listing import iter_sources
+from clipdiy.pipeline.listing_parts import ListingPart, iter_part_sources, listing_parts
+from clipdiy.pipeline.sources import SourceObject
 from clipdiy.storage import (
     StorageOptions,
     is_transient,
@@ -130,7 +126,7 @@ def test_an_image_listed_twice_in_a_manifest_is_listed_once(tmp_path, caplog):
     root = make_tree(tmp_path / "in")
     manifest = root / "list.txt"
     manifest.write_text(f"a/x.jpg\ntop.webp\n{root / 'a' / 'x.jpg'}\n./a/x.jpg\ntop.webp\na/b/y.png\n")
-    with caplog.at_level("WARNING", logger="clipdiy.pipeline.listing"):
+    with caplog.at_level("WARNING", logger="clipdiy.pipeline.input_manifests"):
         ids = [s.image_id for s in iter_sources(str(manifest))]
     assert ids == ["a/x.jpg", "top.webp", "a/b/y.png"]
     assert "lists 3 entries more than once" in caplog.text
@@ -223,7 +219,7 @@ def test_listing_is_lazy_and_walks_one_directory_at_a_time(tmp_path, monkeypatch
         scanned.append(os.path.basename(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(listing.os, "scandir", counting_scandir)
+    monkeypatch.setattr(walks.os, "scandir", counting_scandir)
     sources = iter_sources(str(tmp_path / "in"))
     assert inspect.isgenerator(sources)
     assert scanned == []  # nothing listed before the first item is asked for
@@ -260,8 +256,8 @@ class FakeS3:
 def test_s3_listing_pages_through_the_bucket_one_request_at_a_time(monkeypatch):
     keys = [f"p/{i:04d}.jpg" for i in range(25)] + ["p/sub/", "q/0.jpg"]
     fake = FakeS3(keys)
-    monkeypatch.setattr(listing, "S3_PAGE_SIZE", 10)
-    walk = listing._walk_files(fake, "b/p", key_stem="b/p/")
+    monkeypatch.setattr(walks, "S3_PAGE_SIZE", 10)
+    walk = walks.walk_files(fake, "b/p", key_stem="b/p/")
     assert fake.requests == []
     assert next(walk)[0] == "b/p/0000.jpg"
     assert len(fake.requests) == 1  # only the first page was fetched
@@ -372,7 +368,7 @@ def test_check_input_reachable_fails_with_one_clear_line(tmp_path, make_input, m
 
 
 def test_check_input_reachable_is_bounded_in_time(monkeypatch):
-    monkeypatch.setattr(listing, "_first_source", lambda *a: time.sleep(30))
+    monkeypatch.setattr(input_check, "_first_source", lambda *a: time.sleep(30))
     start = time.monotonic()
     with pytest.raises(InputError, match="unreachable.*within 0.5 s"):
         check_input_reachable("/anything", timeout=0.5)
@@ -464,7 +460,7 @@ def test_s3_prefix_listing_matches_the_local_one(s3_server, s3_tree, caplog):
 
 
 def test_s3_listing_pages_on_a_real_server(s3_server, s3_tree, monkeypatch):
-    monkeypatch.setattr(listing, "S3_PAGE_SIZE", 2)
+    monkeypatch.setattr(walks, "S3_PAGE_SIZE", 2)
     assert ids(iter_sources(s3_tree, s3_server.options)) == IMAGE_IDS
 
 

@@ -9,8 +9,8 @@ import sys
 import fsspec
 import pytest
 
-from clipdiy.segmentation.config import PromptConfig
 from clipdiy.errors import VocabularyError
+from clipdiy.segmentation.config import PromptConfig
 from clipdiy.segmentation.vocabulary import (
     COCO_CLASSES,
     Vocabulary,

@@ -13,8 +13,8 @@ import pytest
 import torch
 from model_factories import FOUND_HEAD
 
-from clipdiy.segmentation.config import ClipConfig, SaliencyConfig
 from clipdiy.errors import WeightsNotFoundError
+from clipdiy.segmentation.config import ClipConfig, SaliencyConfig
 from clipdiy.segmentation.weights import (
     CLIP_WEIGHTS,
     DINO_WEIGHTS,

@@ -36,21 +36,18 @@ import pyarrow.compute as pc
 
 from clipdiy.errors import VocabularyError
 from clipdiy.labels.ground_truth import GroundTruth, resize_nearest, short_side_size
+from clipdiy.labels.palette import IGNORE
+from clipdiy.labels.row_index import RowIndex, build_row_index
+from clipdiy.labels.runs import Run, list_runs, read_shard, vocabulary_of
 from clipdiy.labels.store import (
-    Run,
     decode_label_map,
     decode_saliency,
     iter_rows,
     iter_winning_shards,
-    list_runs,
-    read_shard,
     stem,
     stems,
-    vocabulary_of,
 )
-from clipdiy.labels.palette import IGNORE
 from clipdiy.storage import StorageOptions
-from clipdiy.labels.row_index import RowIndex, build_row_index
 
 SHORT_SIDE = 448
 SALIENCY_THRESHOLD = 0.5

@@ -45,19 +45,11 @@ import pyarrow.compute as pc
 import torch.utils.data
 
 from clipdiy.labels.evaluation import normalise_name
-from clipdiy.labels.store import (
-    Run,
-    decode_label_map,
-    iter_rows,
-    iter_winning_shards,
-    list_runs,
-    load_image,
-    read_shard,
-    vocabulary_of,
-)
 from clipdiy.labels.palette import IGNORE, palette_png_bytes
-from clipdiy.storage import StorageOptions, open_filesystem
 from clipdiy.labels.row_index import RowIndex, build_row_index
+from clipdiy.labels.runs import Run, list_runs, read_shard, vocabulary_of
+from clipdiy.labels.store import decode_label_map, iter_rows, iter_winning_shards, load_image
+from clipdiy.storage import StorageOptions, open_filesystem
 
 #: Columns the feed reads (the saliency PNG is left in the files).
 FEED_COLUMNS = ("image_id", "uri", "run_id", "run_started_at", "status", "width", "height", "masks",

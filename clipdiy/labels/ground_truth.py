@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from clipdiy import rle
-from clipdiy.labels.store import stem
 from clipdiy.labels.palette import IGNORE, voc_palette
+from clipdiy.labels.store import stem
 from clipdiy.storage import StorageOptions, open_filesystem, read_uri
 
 VOC_CLASS_NAMES = (

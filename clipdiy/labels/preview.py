@@ -26,16 +26,11 @@ import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from clipdiy.labels.ground_truth import resize_nearest
-from clipdiy.labels.store import (
-    decode_label_map,
-    decode_saliency,
-    list_runs,
-    load_image,
-    read_shard,
-)
 from clipdiy.labels.palette import class_colour, colorize
-from clipdiy.storage import StorageOptions, open_filesystem
 from clipdiy.labels.row_index import RowIndex, build_row_index
+from clipdiy.labels.runs import list_runs, read_shard
+from clipdiy.labels.store import decode_label_map, decode_saliency, load_image
+from clipdiy.storage import StorageOptions, open_filesystem
 
 GAP = 4
 LINE = 18

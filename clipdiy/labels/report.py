@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipdiy.labels.row_index import build_row_index
-from clipdiy.labels.store import list_runs, load_image, read_shard
+from clipdiy.labels.runs import list_runs, read_shard
+from clipdiy.labels.store import load_image
 from clipdiy.storage import StorageOptions
 
 #: The row columns that say which model wrote a row; their values, hashed, are its fingerprint.

@@ -39,7 +39,7 @@ from clipdiy.labels.feed import FeedFilter, _runs, _Selector
 from clipdiy.labels.palette import IGNORE, class_colour
 from clipdiy.labels.report import _Lowest, mean_mask_scores, model_fingerprint
 from clipdiy.labels.row_index import build_row_index
-from clipdiy.labels.store import Run, read_shard, vocabulary_of
+from clipdiy.labels.runs import Run, read_shard, vocabulary_of
 from clipdiy.schema import LABEL_SCHEMA_VERSION, label_schema
 from clipdiy.storage import StorageOptions, open_filesystem
 

@@ -37,16 +37,13 @@ import posixpath
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipdiy.labels.key_partitions import KeySpill
-
-if TYPE_CHECKING:
-    from clipdiy.labels.store import Run
+from clipdiy.labels.runs import Run, read_shard
 
 KEY_COLUMNS = ("image_id", "run_id", "run_started_at")
 #: Keys of human corrections (absent from shards written before they existed: read as null).
@@ -135,8 +132,7 @@ def build_row_index(
     keys, in benchmarks and tests) is asked for :data:`KEY_COLUMNS` only: its rows are model rows."""
     review_keys: tuple[str, ...] = ()
     if read is None:
-        from clipdiy.labels.store import read_shard as read
-
+        read = read_shard
         review_keys = REVIEW_KEY_COLUMNS
     limit = MAX_KEYS_IN_MEMORY if max_keys_in_memory is None else int(max_keys_in_memory)
     if limit < 1:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from clipdiy.segmentation.config import SegmenterConfig
 from clipdiy.errors import ClipdiyError
 from clipdiy.pipeline.incremental import RETRY_ERRORS
 from clipdiy.pipeline.placement import DEVICES
+from clipdiy.segmentation.config import SegmenterConfig
 from clipdiy.storage import StorageOptions
 from clipdiy.uris import redact_document, redact_uri
 

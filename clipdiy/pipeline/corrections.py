@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from clipdiy.labels.report import MODEL_COLUMNS
 from clipdiy.labels.review import _corrected_rows, corrected_label_map, corrections, human_row
-from clipdiy.labels.store import list_runs
+from clipdiy.labels.runs import list_runs
 from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.lock import OutputLock
 from clipdiy.pipeline.manifest import RunPlan, build_manifest, new_run_id, utc_now, write_manifest

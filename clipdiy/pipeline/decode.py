@@ -18,7 +18,8 @@ import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clipdiy.errors import InvalidImageError
-from clipdiy.segmentation.segmenter import PreparedImage, prepare_image, prepare_input
+from clipdiy.segmentation.prepared import PreparedImage, prepare_image
+from clipdiy.segmentation.segmenter import prepare_input
 from clipdiy.uris import redact_text, redact_uri
 
 logger = logging.getLogger(__name__)

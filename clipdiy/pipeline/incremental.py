@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clipdiy.pipeline.listing import SourceObject
+from clipdiy.pipeline.sources import SourceObject
 
 logger = logging.getLogger(__name__)
 

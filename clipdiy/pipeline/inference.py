@@ -32,8 +32,8 @@ from contextlib import contextmanager
 import numpy as np
 import pyarrow as pa
 
-from clipdiy.segmentation.config import SegmenterConfig
 from clipdiy.errors import ActorStartError, ClipdiyError
+from clipdiy.segmentation.config import SegmenterConfig
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ Two shapes, both with driver memory that does not grow with the corpus:
   Time is linear in listed + labelled rows: every row is hashed once per join.
 
 The listing of a prefix is spread over the cluster: one task splits it into folders
-(:func:`~clipdiy.pipeline.listing.listing_parts`) and up to ``listing_tasks`` tasks list the parts at
+(:func:`~clipdiy.pipeline.listing_parts.listing_parts`) and up to ``listing_tasks`` tasks list the parts at
 once, so a bucket of 100M objects is not paged through by one client, one page after another.
 A ``limit`` (the first N in listing order) keeps one task listing in order.
 
@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.incremental import (
     EARLIER_RUNS,
     LISTING_SCHEMA,
@@ -48,15 +49,9 @@ from clipdiy.pipeline.incremental import (
     split_pending,
     with_source_key,
 )
-from clipdiy.output_layout import OutputLayout
-from clipdiy.pipeline.listing import (
-    ListingPart,
-    is_manifest_input,
-    iter_part_sources,
-    iter_sources,
-    listing_parts,
-    manifest_entries_estimate,
-)
+from clipdiy.pipeline.input_manifests import is_manifest_input, manifest_entries_estimate
+from clipdiy.pipeline.listing import iter_sources
+from clipdiy.pipeline.listing_parts import ListingPart, iter_part_sources, listing_parts
 from clipdiy.storage import StorageOptions
 
 logger = logging.getLogger(__name__)

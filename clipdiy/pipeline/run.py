@@ -19,6 +19,8 @@ Order of work (everything that can refuse the job does so before any image is to
 Calling it (for benchmarks and tests)::
 
     from clipdiy.pipeline.config import LabelJobConfig
+from clipdiy.pipeline.dataset import build_dataset
+from clipdiy.pipeline.driver_models import DriverModels, resolve_models
     from clipdiy.pipeline.run import run_labelling
     summary = run_labelling(LabelJobConfig(input="photos/", output="labels/", segmenter=...))
     print(summary.line())
@@ -33,19 +35,17 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
 
-import numpy as np
-
+from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.config import LabelJobConfig
+from clipdiy.pipeline.dataset import build_dataset
+from clipdiy.pipeline.driver_models import DriverModels, resolve_models
 from clipdiy.pipeline.incremental import ListingCounts
 from clipdiy.pipeline.inference import actor_start_refusals
-from clipdiy.output_layout import OutputLayout
-from clipdiy.pipeline.listing import check_input_reachable
+from clipdiy.pipeline.input_check import check_input_reachable
 from clipdiy.pipeline.lock import LockLostError, OutputLock
 from clipdiy.pipeline.manifest import (
     RunPlan,
@@ -58,11 +58,9 @@ from clipdiy.pipeline.manifest import (
 )
 from clipdiy.pipeline.placement import InferencePlacement, plan_placement
 from clipdiy.pipeline.planning import Plan, PlanTarget, plan_pending, remove_plans
-from clipdiy.pipeline.writer import ShardTarget, write_shard
+from clipdiy.pipeline.progress import Progress
+from clipdiy.pipeline.release import free_resources, stop_actors, wait_for_release
 from clipdiy.uris import redact_document, redact_uri
-
-if TYPE_CHECKING:
-    from clipdiy.segmentation.segmenter import Provenance
 
 logger = logging.getLogger(__name__)
 
@@ -103,30 +101,6 @@ class RunSummary:
         )
 
 
-@dataclass(frozen=True)
-class DriverModels:
-    """What the driver resolves from the models before any work: embeddings and provenance."""
-
-    text_embeddings: np.ndarray  # C x D float32, L2-normalised
-    provenance: Provenance
-    class_names: tuple[str, ...]
-
-
-def resolve_models(config: LabelJobConfig) -> DriverModels:
-    """Load the models once in the driver (CPU): missing weights or a bad vocabulary fail here,
-    before any work; the text embeddings computed here are the run's only ones."""
-    from clipdiy.segmentation.segmenter import create_segmenter
-
-    segmenter = create_segmenter(dataclasses.replace(config.segmenter, device="cpu"))
-    models = DriverModels(
-        text_embeddings=segmenter.text_embeddings.detach().cpu().numpy().astype(np.float32),
-        provenance=segmenter.provenance,
-        class_names=tuple(segmenter.class_names),
-    )
-    del segmenter
-    return models
-
-
 def connect_ray(config: LabelJobConfig) -> bool:
     """Connect to the cluster, or start an embedded local Ray. True when this call started it."""
     import ray
@@ -149,136 +123,6 @@ def inference_placement(config: LabelJobConfig) -> InferencePlacement:
     )
 
 
-class Progress:
-    """Counts written rows; a daemon thread logs one progress line every ``interval`` seconds."""
-
-    def __init__(self, total: int | None, interval: float):
-        self.total = total
-        self.interval = interval
-        self.rows = self.ok = self.error = self.shards = 0
-        self.started = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="clipdiy-progress", daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def add(self, record: dict) -> None:
-        self.rows += record["rows"]
-        self.ok += record["ok"]
-        self.error += record["error"]
-        self.shards += 1
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            elapsed = time.monotonic() - self.started
-            logger.info(
-                "progress: %d/%s images written (%d ok, %d errors) in %d shards, %.2f images/s",
-                self.rows, "?" if self.total is None else self.total, self.ok, self.error, self.shards, self.rows / max(elapsed, 1e-9),
-            )
-
-
-def writer_tasks(placement: InferencePlacement) -> int:
-    """How many row-building and shard-writing tasks run at once: one per inference actor (each
-    turns what one actor gives out into shards), and at least two, so that a slow write to the
-    store does not hold the pool's output back."""
-    return max(2, placement.max_actors)
-
-
-def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, placement: InferencePlacement, health=None):
-    """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
-    rows -> shard stats.
-
-    ``health``: the run's :class:`~clipdiy.pipeline.health.RunHealth` actor, told of every read
-    and of every actor a CUDA error poisons."""
-    import ray.data
-
-    from clipdiy.segmentation.models.saliency import saliency_input_side
-
-    # Imported here, not at the top: refusals before the models load stay free of torch imports.
-    from clipdiy.pipeline.decode import DecodeBatch
-    from clipdiy.pipeline.inference import SegmentBatch
-    from clipdiy.pipeline.rows import RowContext, build_rows
-
-    saliency_side = saliency_input_side(config.segmenter.saliency)
-    decode = DecodeBatch(
-        config.storage,
-        config.segmenter.mode,
-        config.max_pixels,
-        config.read_attempts,
-        saliency_max_side=saliency_side,
-        # The method prepares its own inputs on the CPU workers (CLIP-DIY: saliency input shrunk
-        # to what the backend reads).
-        segmenter_config=dataclasses.replace(
-            config.segmenter, saliency=dataclasses.replace(config.segmenter.saliency, max_side=saliency_side)
-        ),
-        health=health,
-    )
-    context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
-    target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
-    ds = pending.map_batches(
-        decode,
-        batch_size=config.decode_batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency),
-        num_cpus=1,
-        udf_modifying_row_count=False,
-    )
-    ds = ds.map_batches(
-        SegmentBatch,
-        fn_constructor_kwargs={
-            "segmenter_config": config.segmenter,
-            "text_embeddings": models.text_embeddings,
-            "num_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
-            "health": health,
-        },
-        batch_size=config.inference_batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(
-            min_size=config.min_actors, max_size=max(config.min_actors, placement.max_actors)
-        ),
-        num_cpus=config.cpus_per_actor,
-        num_gpus=placement.gpus_per_actor,
-        # The memory reservation also keeps Ray Data from fusing the decode tasks into the
-        # actors (fused, an accelerator would wait on reads and JPEG decoding).
-        memory=config.actor_memory_gb * 1024**3 if config.actor_memory_gb else None,
-        # Not passed: max_restarts=-1, max_task_retries=-1. Ray Data's actor pools default to them
-        # (a killed or poisoned actor is restarted and its batches retried, which exactly-once
-        # relies on; tests/test_pipeline_failures.py checks it), and **ray_remote_args is
-        # deprecated from Ray 2.60.
-        udf_modifying_row_count=False,
-    )
-    ds = ds.map_batches(
-        build_rows,
-        fn_kwargs={"context": context},
-        batch_size=config.inference_batch_size,
-        batch_format="pyarrow",
-        # No CPU reserved, a bounded pool instead: Ray Data reserves each operator's minimum in
-        # pipeline order, so where decode and the actors take every CPU (a small cluster, a
-        # workstation) a 1-CPU writer would get none until the whole input was decoded, and a
-        # first run's first shard would wait for it. Building rows and writing cost less than
-        # decoding, whose CPUs they share.
-        num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),
-        udf_modifying_row_count=False,
-    )
-    return ds.map_batches(
-        write_shard,
-        fn_kwargs={"target": target},
-        batch_size=config.rows_per_file,
-        batch_format="pyarrow",
-        num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),  # fused with the rows
-        # One stats row per shard of up to rows_per_file label rows: no limit pushdown past it.
-        udf_modifying_row_count=True,
-    )
-
-
 def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -> Plan:
     """The listing rows still to label, as a dataset (see ``planning.py``)."""
     target = PlanTarget(
@@ -294,79 +138,6 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
     )
     earlier = [r for r in finished_run_ids(layout) if r != plan.run_id]
     return plan_pending(target, earlier, estimated_rows_per_shard=config.rows_per_file)
-
-
-#: After a run left early (an error, the error budget, the lock lost), how long ``_label`` waits
-#: for the run's actors and tasks to give their CPUs/GPUs back, so that a next run in the same
-#: Ray (tests, benchmarks, a notebook) does not find them taken.
-RELEASE_WAIT_S = 60.0
-_RELEASED_RESOURCES = ("CPU", "GPU", "memory")
-
-
-def _free_resources() -> dict[str, float]:
-    """The cluster's free CPUs, GPUs and reservable memory now (Ray omits a resource at zero)."""
-    import ray
-
-    available = ray.available_resources()
-    return {name: float(available.get(name, 0.0)) for name in _RELEASED_RESOURCES}
-
-
-def _drop_frames(error: BaseException | None) -> None:
-    """Drop the local variables of the finished frames ``error`` (and its causes) went through.
-
-    An error raised out of the streaming execution carries the frames of Ray Data's scheduling
-    thread, and through them the executor, whose in-flight tasks hold the actor handles of the
-    pool: as long as the error lives (and after, in reference cycles only the garbage collector
-    breaks), Ray keeps those actors and their CPUs. A frame still running (that thread unwinding)
-    cannot be cleared yet, so this is repeated while waiting. The traceback stays printable.
-    """
-    import traceback
-
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        traceback.clear_frames(error.__traceback__)
-        error = error.__cause__ or error.__context__
-
-
-def _wait_for_release(before: dict[str, float], error: BaseException | None, timeout_s: float = RELEASE_WAIT_S) -> bool:
-    """Wait (bounded) until the free resources are back to ``before`` (capped at the cluster's
-    total, which may shrink), letting go of what ``error`` holds of the stopped execution.
-    True when they are back; a warning when the wait runs out."""
-    import gc
-
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        _drop_frames(error)
-        gc.collect()  # the stopped executor's own reference cycles, so that its actors go now
-        total = ray.cluster_resources()
-        free = _free_resources()
-        short = {
-            name: (free[name], want)
-            for name, want in before.items()
-            if free[name] < min(want, float(total.get(name, 0.0))) - 1e-6
-        }
-        if not short:
-            return True
-        if time.monotonic() >= deadline:
-            logger.warning("the stopped run's actors and tasks still hold %s after %.0f s", short, timeout_s)
-            return False
-        time.sleep(0.5)
-
-
-def _stop_actors(health) -> None:
-    """End the inference actors of a run stopped early (they registered with ``health``)."""
-    import ray
-
-    try:
-        actors = ray.get(health.actors.remote(), timeout=60)
-    except ray.exceptions.RayError as error:  # the wait for the resources (next) still bounds the stop
-        logger.warning("could not list the stopped run's inference actors: %s", str(error).splitlines()[0])
-        return
-    for actor in actors:
-        ray.kill(actor, no_restart=True)
 
 
 def _label(
@@ -391,7 +162,7 @@ def _label(
     from clipdiy.pipeline.health import ErrorBudget, start_run_health
     from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS
 
-    free_before = _free_resources()
+    free_before = free_resources()
     health = start_run_health(config.stop_after_failed_reads)
     budget = ErrorBudget(config.max_error_rate, config.error_window)
     stats = build_dataset(config, *dataset_args, health=health)
@@ -439,11 +210,11 @@ def _label(
             # Ray Data lets a stopped execution's actors go only when the last reference to their
             # handles does (the stopping error holds some): end them, then wait (bounded) until
             # their CPUs are free, so that the next run in this Ray gets them.
-            _stop_actors(health)
+            stop_actors(health)
         ray.kill(health)
         if not finished:
             del batches, stats
-            _wait_for_release(free_before, stopped_by)
+            wait_for_release(free_before, stopped_by)
         del stopped_by
     if over_budget:
         raise ErrorBudgetExceededError(

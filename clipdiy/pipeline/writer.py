@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipdiy.output_layout import OutputLayout, shard_name
-from clipdiy.storage import StorageOptions
 from clipdiy.schema import label_schema
+from clipdiy.storage import StorageOptions
 
 SHARD_STATS_SCHEMA = pa.schema(
     [

@@ -15,7 +15,6 @@ Three stages, so a pipeline can put each where it belongs:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -23,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipdiy.segmentation.batching import group_by_key, to_device
 from clipdiy.segmentation.config import CLIPDIY, PromptConfig, SegmenterConfig
 from clipdiy.segmentation.images import ImageLike, to_rgb_uint8
-from clipdiy.segmentation.preprocess import resize_for_model, resize_for_saliency
+from clipdiy.segmentation.prepared import PreparedImage
 from clipdiy.segmentation.result import SegmentationResult
 from clipdiy.segmentation.vocabulary import Vocabulary, vocabulary_hash
 
@@ -75,22 +75,6 @@ class Provenance:
 
 
 @dataclass
-class PreparedImage:
-    """What :meth:`Segmenter.predict` needs of one image, prepared on the CPU.
-
-    ``model_input``: h x w x 3 uint8 (256 x 256 faithful); ``saliency_input``: h' x w' x 3 uint8,
-    the saliency model's input (the original itself at full resolution, unless shrunk by
-    ``SaliencyConfig.max_side``), ``None`` for a method without saliency; ``original_size``:
-    (H, W) after EXIF orientation. The original is not kept: a pipeline ships only these to its
-    accelerators.
-    """
-
-    model_input: np.ndarray
-    saliency_input: np.ndarray | None
-    original_size: tuple[int, int]
-
-
-@dataclass
 class ModelOutput:
     """The segmenter's output for one image at the method's output resolution (h x w: 256 x 256
     for faithful CLIP-DIY, the original H x W for NACLIP).
@@ -108,20 +92,6 @@ class ModelOutput:
     saliency: np.ndarray
     original_size: tuple[int, int]
     probabilities: np.ndarray | None = None
-
-
-def prepare_image(image: ImageLike, mode: str = "faithful", saliency_max_side: int | None = None) -> PreparedImage:
-    """CPU preprocessing of one image; raises :class:`~clipdiy.errors.InvalidImageError`.
-
-    ``saliency_max_side``: see :attr:`clipdiy.segmentation.config.SaliencyConfig.max_side` (``None``: the
-    saliency model sees the full resolution).
-    """
-    rgb = to_rgb_uint8(image)
-    return PreparedImage(
-        model_input=resize_for_model(rgb, mode),
-        saliency_input=resize_for_saliency(rgb, saliency_max_side),
-        original_size=(int(rgb.shape[0]), int(rgb.shape[1])),
-    )
 
 
 def prepare_input(image: ImageLike, config: SegmenterConfig) -> PreparedImage:
@@ -161,24 +131,6 @@ def _nearest_source_indices(out_size: int, in_size: int) -> np.ndarray:
     scale = np.float32(in_size) / np.float32(out_size)
     source = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
     return np.minimum(source, in_size - 1)
-
-
-def fused_logits(scores: torch.Tensor, saliency: torch.Tensor | None) -> torch.Tensor:
-    """SPEC 3.2: the logits S * [1 - s, s, ..., s] of score maps weighted by a saliency map.
-
-    scores: B x C x h x w (class 0 = background); saliency: B x 1 x h x w in [0, 1], or ``None``
-    for no saliency (SPEC 3.5: no weighting, background competes with its own score: S itself).
-    """
-    if saliency is None:
-        return scores
-    weights = saliency.expand(-1, scores.shape[1], -1, -1).clone()
-    weights[:, 0] = 1.0 - saliency[:, 0]
-    return scores * weights
-
-
-def fuse(scores: torch.Tensor, saliency: torch.Tensor | None) -> torch.Tensor:
-    """SPEC 3.2: class probabilities B x C x h x w, the softmax over classes of :func:`fused_logits`."""
-    return torch.softmax(fused_logits(scores, saliency), dim=1)
 
 
 class Segmenter:
@@ -264,7 +216,7 @@ class Segmenter:
             return []
         outputs: list[ModelOutput | None] = [None] * len(prepared)
         keys = [self.method.batch_key(p) for p in prepared]
-        for indices in _group_by_key(keys):
+        for indices in group_by_key(keys):
             group = [prepared[i] for i in indices]
             forward = self.method.forward(self._to_device([p.model_input for p in group]), group)
             logits = forward.logits
@@ -323,39 +275,12 @@ class Segmenter:
         ]
 
 
-def to_device(arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
-    """B arrays of h x w x 3 uint8 -> B x 3 x h x w uint8 on ``device``, one transfer."""
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return batch.to(device, non_blocking=True).contiguous()
-
-
-def _group_by_key(keys: Sequence) -> list[list[int]]:
-    groups: dict = defaultdict(list)
-    for index, key in enumerate(keys):
-        groups[key].append(index)
-    return list(groups.values())
-
-
-def group_by_shape(shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:
-    """Indices grouped by equal shape, in first-seen order."""
-    return _group_by_key([tuple(shape) for shape in shapes])
-
-
 def _module_device(module: object) -> torch.device:
     parameters = getattr(module, "parameters", None)
     if parameters is not None:
         for parameter in parameters():
             return parameter.device
     return torch.device("cpu")
-
-
-def default_crop_batch_size(device: torch.device) -> int:
-    """Crops per CLIP forward when the config leaves it open.
-
-    On a GPU large forwards are where the speed is; on a CPU, ViT-B/32 runs fastest at 8-32 crops
-    (measured: ~12 crops/s at 8-32 against 10 at 236 on 2 cores), larger ones only cost memory.
-    """
-    return 256 if device.type == "cuda" else 32
 
 
 def select_device(requested: str | None = None) -> torch.device:

@@ -36,8 +36,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from clipdiy.segmentation.config import PromptConfig
 from clipdiy.errors import VocabularyError
+from clipdiy.segmentation.config import PromptConfig
 
 BACKGROUND = "background"
 

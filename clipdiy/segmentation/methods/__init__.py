@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from clipdiy.segmentation.config import SegmenterConfig
-    from clipdiy.segmentation.segmenter import PreparedImage
+    from clipdiy.segmentation.prepared import PreparedImage
     from clipdiy.segmentation.vocabulary import Vocabulary
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from clipdiy.segmentation.segmenter import PreparedImage
+    from clipdiy.segmentation.prepared import PreparedImage
 
 
 @dataclass

@@ -13,19 +13,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipdiy.segmentation.batching import default_crop_batch_size, group_by_shape, to_device
 from clipdiy.segmentation.config import CLIPDIY, SegmenterConfig
 from clipdiy.segmentation.dense import DenseScorer
 from clipdiy.segmentation.methods import MethodEntry, register_method
 from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
+from clipdiy.segmentation.prepared import prepare_image
 from clipdiy.segmentation.vocabulary import Vocabulary
 
 
 def prepare_clipdiy(rgb: np.ndarray, config: SegmenterConfig):
     """CPU preprocessing (SPEC 1.1): the 256 x 256 (or aspect) model input and the saliency input
     (at ``config.saliency.max_side``)."""
-    from clipdiy.segmentation.segmenter import prepare_image
-
     return prepare_image(rgb, config.mode, config.saliency.max_side)
+
+
+def fused_logits(scores: torch.Tensor, saliency: torch.Tensor | None) -> torch.Tensor:
+    """SPEC 3.2: the logits S * [1 - s, s, ..., s] of score maps weighted by a saliency map.
+
+    scores: B x C x h x w (class 0 = background); saliency: B x 1 x h x w in [0, 1], or ``None``
+    for no saliency (SPEC 3.5: no weighting, background competes with its own score: S itself).
+    """
+    if saliency is None:
+        return scores
+    weights = saliency.expand(-1, scores.shape[1], -1, -1).clone()
+    weights[:, 0] = 1.0 - saliency[:, 0]
+    return scores * weights
+
+
+def fuse(scores: torch.Tensor, saliency: torch.Tensor | None) -> torch.Tensor:
+    """SPEC 3.2: class probabilities B x C x h x w, the softmax over classes of :func:`fused_logits`."""
+    return torch.softmax(fused_logits(scores, saliency), dim=1)
 
 
 class ClipDiyMethod:
@@ -34,8 +52,6 @@ class ClipDiyMethod:
     name = CLIPDIY
 
     def __init__(self, clip, saliency, vocabulary: Vocabulary, config: SegmenterConfig, text_embeddings, device):
-        from clipdiy.segmentation.segmenter import default_crop_batch_size
-
         if text_embeddings is None:
             from clipdiy.segmentation.text_embeddings import class_text_embeddings
 
@@ -66,8 +82,6 @@ class ClipDiyMethod:
 
     def forward(self, pixels: torch.Tensor, prepared: Sequence) -> MethodLogits:
         """Fused logits B x C x h x w at the model resolution (SPEC 1 and 3.2), saliency as foreground."""
-        from clipdiy.segmentation.segmenter import fused_logits
-
         scores = self.scorer(pixels)
         saliency = self._saliency([p.saliency_input for p in prepared], scores.shape[-2:])
         # A backend standing for "no saliency" (``none``) leaves S unweighted (SPEC 3.5).
@@ -81,8 +95,6 @@ class ClipDiyMethod:
 
     def _saliency(self, rgbs: Sequence[np.ndarray], size: torch.Size) -> torch.Tensor:
         """B x 1 x h x w soft saliency at the model resolution (SPEC 2 on the saliency inputs, then 3.1)."""
-        from clipdiy.segmentation.segmenter import group_by_shape, to_device
-
         if not getattr(self.saliency, "needs_pixels", True):
             # A backend that never reads pixels (``none``) gets a placeholder: no host-device copy.
             placeholder = torch.zeros(len(rgbs), 3, *size, device=self.device)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipdiy.segmentation.batching import default_crop_batch_size
 from clipdiy.segmentation.config import (
     NACLIP,
     WINDOW_AUTO,
@@ -30,6 +31,7 @@ from clipdiy.segmentation.config import (
 )
 from clipdiy.segmentation.methods import MethodEntry, register_method
 from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
+from clipdiy.segmentation.prepared import PreparedImage
 from clipdiy.segmentation.vocabulary import Vocabulary
 
 #: The authors' normalisation of 0-255 RGB pixels (CLIP's mean and std x 255, rounded; SPEC 8.2).
@@ -56,8 +58,6 @@ def naclip_input_size(height: int, width: int, config: NaclipConfig) -> tuple[in
 
 def prepare_naclip(rgb: np.ndarray, config: SegmenterConfig):
     """CPU preprocessing (SPEC 8.2): the aspect-kept resize with OpenCV's bilinear, no saliency input."""
-    from clipdiy.segmentation.segmenter import PreparedImage
-
     height, width = rgb.shape[:2]
     size = naclip_input_size(height, width, config.naclip)
     resized = rgb if size == (height, width) else cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
@@ -107,7 +107,6 @@ class NaclipMethod:
 
     def __init__(self, clip, vocabulary: Vocabulary, config: SegmenterConfig, text_embeddings, device):
         from clipdiy.segmentation.models.naclip import NaclipEncoder
-        from clipdiy.segmentation.segmenter import default_crop_batch_size
 
         self.config = config.naclip
         self.device = device

@@ -1,0 +1,107 @@
+"""The run's Ray Data plan: pending listing rows -> decode -> predict -> label rows -> Parquet shards."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from clipdiy.pipeline.config import LabelJobConfig
+from clipdiy.pipeline.driver_models import DriverModels
+from clipdiy.pipeline.manifest import RunPlan
+from clipdiy.pipeline.placement import InferencePlacement
+from clipdiy.pipeline.writer import ShardTarget, write_shard
+
+
+def writer_tasks(placement: InferencePlacement) -> int:
+    """How many row-building and shard-writing tasks run at once: one per inference actor (each
+    turns what one actor gives out into shards), and at least two, so that a slow write to the
+    store does not hold the pool's output back."""
+    return max(2, placement.max_actors)
+
+
+def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, placement: InferencePlacement, health=None):
+    """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
+    rows -> shard stats.
+
+    ``health``: the run's :class:`~clipdiy.pipeline.health.RunHealth` actor, told of every read
+    and of every actor a CUDA error poisons."""
+    import ray.data
+
+    from clipdiy.segmentation.models.saliency import saliency_input_side
+
+    # Imported here, not at the top: refusals before the models load stay free of torch imports.
+    from clipdiy.pipeline.decode import DecodeBatch
+    from clipdiy.pipeline.inference import SegmentBatch
+    from clipdiy.pipeline.rows import RowContext, build_rows
+
+    saliency_side = saliency_input_side(config.segmenter.saliency)
+    decode = DecodeBatch(
+        config.storage,
+        config.segmenter.mode,
+        config.max_pixels,
+        config.read_attempts,
+        saliency_max_side=saliency_side,
+        # The method prepares its own inputs on the CPU workers (CLIP-DIY: saliency input shrunk
+        # to what the backend reads).
+        segmenter_config=dataclasses.replace(
+            config.segmenter, saliency=dataclasses.replace(config.segmenter.saliency, max_side=saliency_side)
+        ),
+        health=health,
+    )
+    context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
+    target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
+    ds = pending.map_batches(
+        decode,
+        batch_size=config.decode_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency),
+        num_cpus=1,
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        SegmentBatch,
+        fn_constructor_kwargs={
+            "segmenter_config": config.segmenter,
+            "text_embeddings": models.text_embeddings,
+            "num_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
+            "health": health,
+        },
+        batch_size=config.inference_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            min_size=config.min_actors, max_size=max(config.min_actors, placement.max_actors)
+        ),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=placement.gpus_per_actor,
+        # The memory reservation also keeps Ray Data from fusing the decode tasks into the
+        # actors (fused, an accelerator would wait on reads and JPEG decoding).
+        memory=config.actor_memory_gb * 1024**3 if config.actor_memory_gb else None,
+        # Not passed: max_restarts=-1, max_task_retries=-1. Ray Data's actor pools default to them
+        # (a killed or poisoned actor is restarted and its batches retried, which exactly-once
+        # relies on; tests/test_pipeline_failures.py checks it), and **ray_remote_args is
+        # deprecated from Ray 2.60.
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        build_rows,
+        fn_kwargs={"context": context},
+        batch_size=config.inference_batch_size,
+        batch_format="pyarrow",
+        # No CPU reserved, a bounded pool instead: Ray Data reserves each operator's minimum in
+        # pipeline order, so where decode and the actors take every CPU (a small cluster, a
+        # workstation) a 1-CPU writer would get none until the whole input was decoded, and a
+        # first run's first shard would wait for it. Building rows and writing cost less than
+        # decoding, whose CPUs they share.
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),
+        udf_modifying_row_count=False,
+    )
+    return ds.map_batches(
+        write_shard,
+        fn_kwargs={"target": target},
+        batch_size=config.rows_per_file,
+        batch_format="pyarrow",
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),  # fused with the rows
+        # One stats row per shard of up to rows_per_file label rows: no limit pushdown past it.
+        udf_modifying_row_count=True,
+    )

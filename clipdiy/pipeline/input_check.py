@@ -1,0 +1,107 @@
+"""The input's pre-flight check: fail fast, in one line, when the input cannot be labelled."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Callable, Collection
+from typing import Any
+
+from clipdiy.errors import InputError
+from clipdiy.pipeline.input_manifests import is_manifest
+from clipdiy.pipeline.listing import IMAGE_EXTENSIONS, glob_root, iter_sources
+from clipdiy.pipeline.sources import GLOB_CHARS, SourceObject
+from clipdiy.storage import StorageOptions, is_s3, is_transient, open_filesystem
+from clipdiy.uris import redact_uri
+
+
+def check_input_reachable(
+    input_uri: str,
+    options: StorageOptions | None = None,
+    *,
+    extensions: Collection[str] | None = IMAGE_EXTENSIONS,
+    timeout: float = 60.0,
+) -> SourceObject:
+    """Fail fast, with one clear line, when the input cannot be labelled; else its first object.
+
+    Raises :class:`InputError` when the bucket, prefix or manifest does not exist, access is
+    denied, the store does not answer within ``timeout`` seconds, or nothing (no image) is
+    there. Requests use short connect timeouts and few retries, and the whole check is bounded
+    by ``timeout``, so an unreachable endpoint never hangs the job.
+    """
+    options = options or StorageOptions()
+    quick = dataclasses.replace(
+        options,
+        connect_timeout=min(options.connect_timeout, 5.0),
+        read_timeout=min(options.read_timeout, max(timeout / 2, 1.0)),
+        max_attempts=min(options.max_attempts, 2),
+    )
+    where = redact_uri(input_uri)
+    endpoint = f" at {redact_uri(options.endpoint_url)}" if options.endpoint_url else ""
+    result = _run_bounded(lambda: _first_source(input_uri, quick, extensions), timeout)
+    if result is _TIMED_OUT:
+        raise InputError(f"input {where} is unreachable: no answer from the store{endpoint} within {timeout:g} s")
+    if isinstance(result, BaseException):
+        raise InputError(f"input {where}{endpoint}: {_explain(result)}") from result
+    first, manifest = result
+    if first is None:
+        if manifest:
+            raise InputError(f"manifest {where} lists no entries")
+        what = "no images (extensions: " + ", ".join(sorted(extensions)) + ")" if extensions else "no files"
+        raise InputError(f"input {where} holds {what}: check the path or pattern")
+    return first
+
+
+_TIMED_OUT = object()
+
+
+def _first_source(input_uri, options, extensions):
+    fs, path = open_filesystem(input_uri, options)
+    if GLOB_CHARS.search(path):
+        root, _ = glob_root(path)
+        if not is_s3(fs) and not fs.isdir(root):
+            raise FileNotFoundError(f"{root} does not exist")
+    else:
+        if is_s3(fs):
+            bucket = path.split("/", 1)[0]
+            if not bucket:
+                raise InputError("cannot list all of S3: name a bucket (s3://bucket/prefix)")
+            # Distinguishes a missing bucket from an empty prefix (raises FileNotFoundError).
+            fs.call_s3("head_bucket", Bucket=bucket)
+        elif not fs.exists(path):
+            raise FileNotFoundError(f"{input_uri} does not exist")
+    manifest = is_manifest(fs, path)
+    return next(iter_sources(input_uri, options, extensions=extensions), None), manifest
+
+
+def _run_bounded(call: Callable[[], Any], timeout: float) -> Any:
+    # A daemon thread, so a hung request cannot keep the process alive after we give up on it.
+    box: queue.Queue = queue.Queue(maxsize=1)
+
+    def target() -> None:
+        try:
+            box.put(call())
+        except Exception as exc:  # noqa: BLE001 (handed to the caller, raised there as an InputError)
+            box.put(exc)
+
+    threading.Thread(target=target, name="clipdiy-input-check", daemon=True).start()
+    try:
+        return box.get(timeout=timeout)
+    except queue.Empty:
+        return _TIMED_OUT
+
+
+def _explain(exc: BaseException) -> str:
+    if isinstance(exc, InputError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "does not exist (no such bucket, folder, object or manifest)"
+    if isinstance(exc, PermissionError):
+        return "access denied (check the credentials in the environment or profile, or --anon for public buckets)"
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    if type(exc).__name__ == "NoCredentialsError":
+        return "no credentials found (set AWS_* variables, a profile, a cloud role, or use anonymous access)"
+    if is_transient(exc):
+        return f"unreachable ({type(exc).__name__}: {detail})"
+    return f"cannot be read ({type(exc).__name__}: {detail})"

@@ -1,0 +1,106 @@
+"""A large prefix listed by several tasks at once: :func:`listing_parts` splits it into disjoint
+folders (the files directly in a folder, or everything below one), and :func:`iter_part_sources`
+lists one part with the same ids as :func:`~clipdiy.pipeline.listing.iter_sources`."""
+
+from __future__ import annotations
+
+import itertools
+import posixpath
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+
+from clipdiy.pipeline.input_manifests import is_manifest
+from clipdiy.pipeline.listing import IMAGE_EXTENSIONS, is_listed, iter_sources
+from clipdiy.pipeline.sources import GLOB_CHARS, SourceObject, source_object
+from clipdiy.pipeline.walks import folder_level, walk_files
+from clipdiy.storage import StorageOptions, open_filesystem
+
+
+@dataclass(frozen=True)
+class ListingPart:
+    """A piece of a prefix listing that one task lists (picklable).
+
+    ``folder``: None for the whole input, listed as :func:`iter_sources` lists it; else a folder
+    below the input's prefix (filesystem path, no trailing ``/``). ``recursive``: every file
+    below ``folder``, or only the files directly in it.
+    """
+
+    folder: str | None = None
+    recursive: bool = True
+
+
+def listing_parts(
+    input_uri: str, options: StorageOptions | None = None, *, min_parts: int = 64, max_depth: int = 3
+) -> Iterator[ListingPart]:
+    """Disjoint parts whose listings (:func:`iter_part_sources`) together give exactly
+    :func:`iter_sources`'s objects, with the same ids (in another order).
+
+    Only a prefix with sub-folders is split; a glob, a manifest, a single object or a folder
+    without sub-folders is one part, the whole input. The split goes breadth first, one folder
+    level at a time, until a level holds ``min_parts`` folders or ``max_depth`` levels are split:
+    each folder of the levels above gives a part of its own files (not recursive), each folder of
+    the last level a recursive part. At most ``min_parts`` folder names are held; beyond that the
+    parts stream. A generator: nothing is listed before the first part is asked for. On S3 each
+    split folder is listed with a delimiter, so its own files are listed twice (once here, once
+    by its part): corpora keep their files in the leaves, where nothing is listed twice.
+    """
+    fs, path = open_filesystem(input_uri, options)
+    if GLOB_CHARS.search(path) or is_manifest(fs, path):
+        yield ListingPart()
+        return
+    root_subfolders = _subfolders(fs, path)
+    first = next(root_subfolders, None)
+    if first is None:
+        yield ListingPart()
+        return
+    level = [path]
+    for depth in range(1, max_depth + 1):
+        children: list[str] = []
+        streaming = False
+        for folder in level:
+            yield ListingPart(folder, recursive=False)
+            # The root's folders are listed once: the peek above goes on here.
+            subfolders = itertools.chain([first], root_subfolders) if folder == path and depth == 1 else _subfolders(fs, folder)
+            for sub in subfolders:
+                if streaming:
+                    yield ListingPart(sub)
+                    continue
+                children.append(sub)
+                if depth == max_depth or len(children) >= min_parts:
+                    streaming = True
+                    yield from (ListingPart(child) for child in children)
+                    children.clear()
+        if streaming or not children:
+            return
+        level = children
+
+
+def iter_part_sources(
+    input_uri: str,
+    part: ListingPart,
+    options: StorageOptions | None = None,
+    *,
+    extensions: Collection[str] | None = IMAGE_EXTENSIONS,
+) -> Iterator[SourceObject]:
+    """The objects of one part of ``input_uri``'s listing (see :func:`listing_parts`), ids
+    relative to the input's prefix as :func:`iter_sources` gives them; lexicographic order."""
+    if part.folder is None:
+        yield from iter_sources(input_uri, options, extensions=extensions)
+        return
+    fs, root = open_filesystem(input_uri, options)
+    stem = root.rstrip("/") + "/" if root else ""
+    wanted = None if extensions is None else frozenset(e.lower() for e in extensions)
+    if part.recursive:
+        files = walk_files(fs, part.folder, key_stem=part.folder.rstrip("/") + "/")
+    else:
+        files = ((full, info) for full, info in folder_level(fs, part.folder) if info is not None)
+    for full, info in files:
+        if is_listed(full[len(stem):], wanted):
+            yield source_object(fs, full, full[len(stem):], info)
+
+
+def _subfolders(fs, folder: str) -> Iterator[str]:
+    """The folders directly in ``folder`` (not hidden), in lexicographic order."""
+    for full, info in folder_level(fs, folder):
+        if info is None and not posixpath.basename(full).startswith("."):
+            yield full
