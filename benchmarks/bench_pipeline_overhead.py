@@ -158,6 +158,252 @@ def start_two_node_cluster(threads: int):
     return cluster
 
 
+def bare_decode(paths: list[Path]) -> int:
+    """Read and decode ``paths`` (EXIF applied, RGB array), as a decode task does short of the
+    method's preparation; the pixel count, so that nothing is optimised away."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    pixels = 0
+    for path in paths:
+        with Image.open(io.BytesIO(path.read_bytes())) as image:
+            pixels += np.asarray(ImageOps.exif_transpose(image).convert("RGB")).size
+    return pixels
+
+
+def _timed_bare_decode(paths: list[Path]) -> float:
+    """CPU seconds (user + system) of this process decoding ``paths``."""
+    before = time.process_time()
+    bare_decode(paths)
+    return time.process_time() - before
+
+
+def run_bare_loop(images: list[Path], cores: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second) of ``cores`` processes reading and decoding their share
+    of ``images`` (forked and warmed up first: the rate is of the loop only)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        pool.map(bare_decode, [images[:4]] * cores)  # imports and first decode, not timed
+        shares = [images[i::cores] for i in range(cores)]
+        start = time.perf_counter()
+        cpu = sum(pool.map(_timed_bare_decode, shares))
+        return len(images) / (time.perf_counter() - start), len(images) / cpu
+
+
+class CpuAccount:
+    """CPU seconds (user + system) spent by this process and all its descendants (the local Ray:
+    raylet, GCS, workers, actors) while the block runs. Sampled every 0.2 s per process, so that
+    processes that end (an actor) count up to their last sample. On a machine shared with other
+    work, images per CPU-second compare where wall-clock rates cannot."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.first: dict[int, tuple[str, float]] = {}
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        """Reads /proc (Linux): the process tree under this one, with each process's CPU time."""
+        tick = os.sysconf("SC_CLK_TCK")
+        stats: dict[int, tuple[int, str, float]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+                title = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+            stats[int(entry)] = (int(fields[1]), title if title.startswith("ray::") else name,
+                                 (int(fields[11]) + int(fields[12])) / tick)
+        tree, grew = {os.getpid()}, True
+        while grew:
+            grew = False
+            for pid, (parent, _, _) in stats.items():
+                if parent in tree and pid not in tree:
+                    tree.add(pid)
+                    grew = True
+        for pid in tree:
+            _, name, used = stats[pid]
+            if pid not in self.first:
+                self.first[pid] = (name, used if self._started else 0.0)
+            self.last[pid] = used
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        self._started = True
+        self._sample()
+        self._started = False  # processes first seen from now on started inside the block
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def by_role(self) -> dict[str, float]:
+        from collections import Counter
+
+        roles: Counter = Counter()
+        for pid, (name, start) in self.first.items():
+            role = name.split("(")[-1].rstrip(")") if name.startswith("ray::") else name
+            roles[role] += self.last.get(pid, start) - start
+        return dict(roles)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.by_role().values())
+
+    def line(self) -> str:
+        roles = sorted(self.by_role().items(), key=lambda item: -item[1])
+        return f"{self.seconds:.1f} s: " + ", ".join(f"{role} {seconds:.1f}" for role, seconds in roles if seconds >= 0.05)
+
+
+class DatasetStats:
+    """Keeps the job's last Ray Data plan (``build_dataset``'s result) and its execution stats:
+    wall and CPU time per operator (decode, predict, rows + shards)."""
+
+    def __enter__(self):
+        import clipdiy.pipeline.run as run
+
+        self.run, self.original, self.datasets = run, run.build_dataset, []
+
+        def keep(*args, **kwargs):
+            dataset = self.original(*args, **kwargs)
+            self.datasets.append(dataset)
+            return dataset
+
+        run.build_dataset = keep
+        self.text = ""
+        return self
+
+    def __exit__(self, *exc_info):
+        self.run.build_dataset = self.original
+        if self.datasets:
+            self.text = self.datasets[-1].stats()
+
+
+class WorkerProfile:
+    """py-spy over this process and its children (the local Ray's workers) while a job runs:
+    a raw collapsed-stack file, summarised per function (own samples, and inclusive)."""
+
+    def __init__(self, folder: Path | None, name: str):
+        self.folder, self.name, self.process = folder, name, None
+
+    def __enter__(self):
+        import subprocess
+
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.raw = self.folder / f"{self.name}.txt"
+            self.process = subprocess.Popen(
+                ["py-spy", "record", "--subprocesses", "--nonblocking", "--rate", "50", "--format", "raw",
+                 "--output", str(self.raw), "--pid", str(os.getpid())],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc_info):
+        import signal
+
+        if self.process is not None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(timeout=60)
+            print(summarise_profile(self.raw), flush=True)
+
+
+def summarise_profile(raw: Path, top: int = 30) -> str:
+    """Samples per Ray process role and the functions they are spent in (inclusive shares)."""
+    from collections import Counter
+
+    by_role: Counter = Counter()
+    inclusive: Counter = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        # The first frame names the process: ``process PID:"ray::MapWorker(MapBatches(SegmentBatch))"``.
+        role = frames[0].split("ray::", 1)[1].rstrip('"') if "ray::" in frames[0] else "driver and Ray's own"
+        by_role[role] += int(count)
+        for frame in {f.split(" (")[0] for f in frames[1:]}:
+            inclusive[(role, frame)] += int(count)
+    total = sum(by_role.values()) or 1
+    out = [f"profile {raw}: {total} samples on CPU (py-spy, 50 Hz, idle threads left out)"]
+    out += [f"  {n / total:6.1%}  {role}" for role, n in by_role.most_common(10)]
+    out.append("  functions (inclusive share of all samples):")
+    out += [f"    {n / total:6.1%}  {role}: {frame}" for (role, frame), n in inclusive.most_common(top)]
+    return "\n".join(out)
+
+
+def run_free(args) -> None:
+    """The job with the free model (no model cost) against the bare read-and-decode loop."""
+    import ray
+    from free_method import FREE_CLIPDIY, FREE_NACLIP, ray_runtime_env, register
+    from model_factories import make_clip_config
+
+    from clipdiy.config import SaliencyConfig, SegmenterConfig
+    from clipdiy.pipeline.config import LabelJobConfig
+    from clipdiy.pipeline.run import run_labelling
+
+    register()
+    with tempfile.TemporaryDirectory(prefix="clipdiy-bench-free-") as tmp:
+        workdir = Path(tmp)
+        images = make_corpus(args.images, workdir / "corpus", args.repeat, args.limit)
+        make_corpus(workdir / "corpus", workdir / "one-batch", 1, args.batch_size)
+        n = len(images)
+        method = FREE_NACLIP if args.free == "naclip" else FREE_CLIPDIY
+        # The free model reads no saliency input: CLIP-DIY's preparation with saliency ``none`` ships
+        # a 32-pixel placeholder, with ``found`` the full-resolution photo, as the real method would.
+        segmenter = SegmenterConfig(
+            method=method, vocabulary=args.vocabulary, clip=make_clip_config(workdir / "clip", arch="tiny"),
+            saliency=SaliencyConfig(backend=args.saliency), device="cpu")
+        print(f"{n} images ({args.repeat} copies of {n // args.repeat} COCO photos), {method}, batch {args.batch_size}, "
+              f"{args.cores} cores, {os.cpu_count()} CPUs on the machine; {load_average()}", flush=True)
+
+        bare, bare_cpu = run_bare_loop(images, args.cores)
+        print(f"bare read+decode loop: {bare:.1f} images/s on {args.cores} processes = "
+              f"{bare / args.cores:.1f} images/s per core; {bare_cpu:.1f} images per CPU-second; {load_average()}",
+              flush=True)
+
+        ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env())
+        try:
+            def job(corpus: Path, output: Path):
+                config = LabelJobConfig(
+                    input=str(corpus), output=str(output), segmenter=segmenter, device="cpu",
+                    inference_batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
+                    # A GPU actor's CPU share: the free model needs none, decode gets the rest.
+                    cpus_per_actor=0.5, torch_threads=1, min_actors=1, max_actors=1,
+                    rows_per_file=args.rows_per_file, actor_memory_gb=0)
+                return run_labelling(config)
+
+            job(workdir / "one-batch", workdir / "warm-up")  # worker processes and imports, not timed
+            first = job(workdir / "one-batch", workdir / "labels-one-batch")
+            with WorkerProfile(args.profile, f"free-{args.free}"), CpuAccount() as cpu, DatasetStats() as stages:
+                summary = job(workdir / "corpus", workdir / "labels")
+            assert summary.seen == n and summary.ok == n, summary.line()
+        finally:
+            ray.shutdown()
+        print(stages.text, flush=True)
+        print(f"CPU time of the job: {cpu.line()}", flush=True)
+        print(f"job, by CPU time: {n / cpu.seconds:.1f} images per CPU-second (bare loop: {bare_cpu:.1f}) -> "
+              f"ratio {n / cpu.seconds / bare_cpu:.2f}", flush=True)
+        steady = (n - first.seen) / (summary.labelling_seconds - first.labelling_seconds)
+        print(f"job:  {summary.images_per_second:.1f} images/s labelling phase = "
+              f"{summary.images_per_second / args.cores:.1f} images/s per core ({summary.line()}); {load_average()}")
+        print(f"      {steady:.1f} images/s beyond the first batch (one-batch run: {first.labelling_seconds:.1f} s) "
+              f"= {steady / args.cores:.1f} images/s per core")
+        print(f"job / bare decode: {summary.images_per_second / bare:.2f} whole labelling phase, "
+              f"{steady / bare:.2f} beyond the first batch (goal >= 0.50)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=REPO_ROOT / "tests/data/coco-val2017-sample/images")
@@ -167,13 +413,24 @@ def main() -> None:
     parser.add_argument("--saliency", choices=("none", "found"), default="none")
     parser.add_argument("--vocabulary", default="voc")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--decode-batch-size", type=int, default=8, help="--free: images per decode task batch")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of the loop and CPUs of the job's inference actor")
     parser.add_argument("--order", choices=("loop-first", "job-first"), default="loop-first")
     parser.add_argument("--rows-per-file", type=int, default=1000)
+    parser.add_argument("--free", choices=("naclip", "clipdiy"), default=None,
+                        help="host-side mode (see FREE MODEL above): the job with the benchmark-only free-<method> "
+                             "against a bare read-and-decode loop on --cores processes")
+    parser.add_argument("--cores", type=int, default=2, help="--free: processes of the bare loop, CPUs of the local Ray")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="--free: py-spy the job's Ray workers (--subprocesses) into this folder (flame SVG "
+                             "and a top-functions text file)")
     parser.add_argument("--two-node", action="store_true",
                         help="run the job on a two-node local cluster whose worker declares a GPU (see above)")
     args = parser.parse_args()
+    if args.free:
+        run_free(args)
+        return
     cluster = start_two_node_cluster(args.threads) if args.two_node else None
     try:
         _run(args, cluster.address if cluster else None)
