@@ -35,19 +35,22 @@ def run_lengths(mask: np.ndarray) -> np.ndarray:
 
 
 def _pack(counts: np.ndarray) -> str:
-    out = []
-    for i, count in enumerate(counts.tolist()):
-        x = count - counts[i - 2] if i > 2 else count
-        x = int(x)
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
+    """pycocotools' ``rleToString``, vectorised over the counts: each count (after the third, its
+    difference to the count two before) in 5-bit groups, low first, 0x20 marking "more", until
+    the rest is the sign extension of the group's bit 0x10; each group written as chr(48 + group)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    values = counts.copy()
+    values[3:] -= counts[1:-2]
+    groups, active = [], np.ones(values.size, dtype=bool)
+    while active.any():
+        group = values & 0x1F
+        values = values >> 5  # arithmetic: negative differences stay negative
+        more = np.where(group & 0x10, values != -1, values != 0)
+        groups.append((np.where(more, group | 0x20, group) + 48, active.copy()))
+        active &= more
+    chars = np.stack([g for g, _ in groups], axis=1).astype(np.uint8)
+    written = np.stack([a for _, a in groups], axis=1)
+    return chars[written].tobytes().decode("ascii")  # row-major: each count's groups in order
 
 
 def _unpack(counts: str) -> np.ndarray:
@@ -76,6 +79,47 @@ def encode(mask: np.ndarray) -> Rle:
     """Compressed COCO RLE of a 2-D boolean mask (H x W)."""
     height, width = mask.shape[:2]
     return {"size": [int(height), int(width)], "counts": _pack(run_lengths(mask))}
+
+
+def encode_label_map(label_map: np.ndarray) -> list[tuple[int, Rle, int, list[float]]]:
+    """(class id, RLE, area, COCO bbox) of every class present in an H x W label map, by class id.
+
+    Equal to :func:`encode` / :func:`bbox_of_mask` of each ``label_map == class_id``, from one pass
+    over the map: its column-major runs of equal labels are found once; a class's mask runs are
+    its label runs, the gaps between them the mask's zero runs.
+    """
+    height, width = label_map.shape
+    if height == 0 or width == 0:
+        return []
+    flat = np.ascontiguousarray(np.asarray(label_map).T).ravel()  # column-major (Fortran) order
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    ends = np.concatenate((change, [flat.size]))
+    labels = flat[starts]
+    order = np.argsort(labels, kind="stable")  # grouped by class, in position order within each
+    classes, first = np.unique(labels[order], return_index=True)
+    bounds = np.append(first, order.size)
+    out = []
+    for index, class_id in enumerate(classes.tolist()):
+        runs = order[bounds[index]:bounds[index + 1]]
+        start, end = starts[runs], ends[runs]
+        counts = np.empty(2 * runs.size + 1, dtype=np.int64)
+        counts[0] = start[0]  # 0 when the mask starts with a 1-run, as pycocotools writes it
+        counts[1::2] = end - start
+        counts[2:-1:2] = start[1:] - end[:-1]
+        counts[-1] = flat.size - end[-1]
+        if counts[-1] == 0:
+            counts = counts[:-1]
+        # A run that crosses a column boundary covers the last row of one column and the first of the next.
+        first_col, last_col = start // height, (end - 1) // height
+        crosses = first_col != last_col
+        top = int(np.where(crosses, 0, start % height).min())
+        bottom = int(np.where(crosses, height - 1, (end - 1) % height).max())
+        left, right = int(first_col.min()), int(last_col.max())
+        rle: Rle = {"size": [int(height), int(width)], "counts": _pack(counts)}
+        bbox = [float(left), float(top), float(right - left + 1), float(bottom - top + 1)]
+        out.append((int(class_id), rle, int((end - start).sum()), bbox))
+    return out
 
 
 def decode(rle: Rle) -> np.ndarray:

@@ -54,3 +54,33 @@ def test_decode_rejects_counts_of_the_wrong_size():
 def test_encode_rejects_non_2d():
     with pytest.raises(ValueError, match="2-D"):
         rle.encode(np.zeros((2, 2, 2), bool))
+
+
+def _label_maps():
+    rng = np.random.default_rng(1)
+    yield np.zeros((1, 1), np.uint16)
+    yield np.full((4, 9), 7, np.uint16)
+    for _ in range(40):
+        height, width = rng.integers(1, 50, size=2)
+        classes = int(rng.integers(1, 8))
+        if rng.random() < 0.5:  # noisy labels: many short runs
+            yield rng.integers(0, classes, size=(height, width)).astype(np.uint16)
+        else:  # blocks, so that runs cross column boundaries
+            blocks = rng.integers(0, classes, size=(height // 6 + 1, width // 6 + 1))
+            yield np.kron(blocks, np.ones((6, 6), np.int64))[:height, :width].astype(np.uint16)
+    big = np.zeros((480, 640), np.uint16)  # long runs: multi-byte counts, negative deltas
+    big[100:400, 50:600] = 3
+    big[200:220, :] = 12
+    yield big
+
+
+@pytest.mark.parametrize("label_map", list(_label_maps()), ids=lambda m: f"{m.shape[0]}x{m.shape[1]}")
+def test_label_map_encoding_matches_pycocotools_per_class(label_map):
+    encoded = rle.encode_label_map(label_map)
+    assert [class_id for class_id, *_ in encoded] == np.unique(label_map).tolist()
+    for class_id, ours, area, bbox in encoded:
+        theirs = coco_mask.encode(np.asfortranarray((label_map == class_id).astype(np.uint8)))
+        assert ours["counts"] == theirs["counts"].decode("ascii")
+        assert ours["size"] == [int(v) for v in theirs["size"]]
+        assert area == int(coco_mask.area(theirs))
+        assert bbox == [float(v) for v in coco_mask.toBbox(theirs)]

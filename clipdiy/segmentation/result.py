@@ -62,17 +62,14 @@ class SegmentationResult:
 
     def masks(self) -> list[ClassMask]:
         """One :class:`ClassMask` per present class, by class id."""
-        out = []
-        for class_id in self.present_classes().tolist():
-            mask = self.label_map == class_id
-            out.append(
-                ClassMask(
-                    class_id=class_id,
-                    class_name=self.class_names[class_id],
-                    rle=rle.encode(mask),
-                    area=int(mask.sum()),
-                    bbox=rle.bbox_of_mask(mask),
-                    score=float(self.mask_scores[class_id]),
-                )
+        return [
+            ClassMask(
+                class_id=class_id,
+                class_name=self.class_names[class_id],
+                rle=encoded,
+                area=area,
+                bbox=bbox,
+                score=float(self.mask_scores[class_id]),
             )
-        return out
+            for class_id, encoded, area, bbox in rle.encode_label_map(self.label_map)
+        ]

@@ -108,9 +108,12 @@ def finalize(output: ModelOutput, class_names: Sequence[str]) -> SegmentationRes
     """Resize the label map to the original H x W (nearest, as the reference demo does)."""
     height, width = output.original_size
     h, w = output.label_map.shape
-    rows = _nearest_source_indices(height, h)
-    cols = _nearest_source_indices(width, w)
-    label_map = output.label_map[rows[:, None], cols[None, :]]
+    if (h, w) == (height, width):  # already at the original size (NACLIP): no copy
+        label_map = output.label_map
+    else:
+        rows = _nearest_source_indices(height, h)
+        cols = _nearest_source_indices(width, w)
+        label_map = output.label_map[rows[:, None], cols[None, :]]
     return SegmentationResult(
         label_map=label_map,
         class_scores=output.class_scores,
