@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, for a machine with CUDA (run from anywhere; about 5 minutes, at most 8):
+# GPU check, for a machine with CUDA (run from anywhere; about 6 minutes, at most 8):
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=/path/to/python to pick the interpreter
 #
@@ -8,9 +8,15 @@
 #    resolution (the paper's) and at --saliency-max-side 1024: images/s and the share of time
 #    outside the CLIP and DINO forwards;
 # 3. a short labelling job on GPU actors (one per GPU): images/s per GPU and the share of the
-#    actors' time outside the model forwards.
-# Without CUDA it stops at once with exit 2. Each step has its own time limit; the first failing
-# step ends the script with its status.
+#    actors' time outside the model forwards;
+# 4. NACLIP (random ViT-B/16) on mixed-size photos, whole image and sliding windows, each with and
+#    without PAMR: images/s per GPU, images per forward, share of time outside the forwards, GPU
+#    memory peak (benchmarks/gpu_naclip_check.py);
+# 5. the job with the benchmark-only free model (no model cost) on GPU actors: the host side's
+#    images/s per GPU against a bare read-and-decode loop on the machine's cores.
+# Without CUDA it stops at once with exit 2 and one line. Each step has its own time limit, and
+# every limit is cut to what is left of 470 s, so the whole check ends within 8 minutes; the first
+# failing step ends the script with its status.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,9 +30,16 @@ fi
 "$PYTHON" -c 'import torch; print(f"gpu_check.sh: torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")'
 started=$SECONDS
 
+budget=470  # seconds for all steps: under 8 minutes with the start and the imports
 step() {  # step NAME LIMIT_SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    local left=$((budget - (SECONDS - started)))
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    if [ "$limit" -le 0 ]; then
+        echo "gpu_check.sh: error: no time left for $name (budget ${budget} s)" >&2
+        exit 124
+    fi
     echo "== $name (limit ${limit} s, $((SECONDS - started)) s elapsed)"
     local status=0
     timeout --kill-after=10 "$limit" "$@" || status=$?
@@ -45,18 +58,21 @@ cuda_tests=(
     tests/test_clip_model.py::test_low_precision_keeps_float32_outputs
 )
 log=$(mktemp)
-step "CUDA tests" 150 bash -c '"$0" -m pytest -q -rs -p no:cacheprovider "${@}" 2>&1 | tee "'"$log"'"; exit "${PIPESTATUS[0]}"' "$PYTHON" "${cuda_tests[@]}"
+step "CUDA tests" 90 bash -c '"$0" -m pytest -q -rs -p no:cacheprovider "${@}" 2>&1 | tee "'"$log"'"; exit "${PIPESTATUS[0]}"' "$PYTHON" "${cuda_tests[@]}"
 if grep -q "SKIPPED" "$log"; then
     echo "gpu_check.sh: error: a CUDA test was skipped on a CUDA machine" >&2
     exit 1
 fi
 rm -f "$log"
 
-step "segmenter benchmark, CUDA, faithful, FOUND at full resolution" 120 \
+step "segmenter benchmark, CUDA, faithful, FOUND at full resolution" 75 \
     "$PYTHON" benchmarks/bench_segmenter.py --device cuda --saliency found --images 32 --reference-images 1
-step "segmenter benchmark, CUDA, faithful, FOUND at --saliency-max-side 1024" 120 \
+step "segmenter benchmark, CUDA, faithful, FOUND at --saliency-max-side 1024" 60 \
     "$PYTHON" benchmarks/bench_segmenter.py --device cuda --saliency found --saliency-max-side 1024 --images 32 --reference-images 1
 
-step "labelling job on GPU actors" 180 "$PYTHON" benchmarks/gpu_job_check.py --repeat 4
+step "labelling job on GPU actors" 100 "$PYTHON" benchmarks/gpu_job_check.py --repeat 4
+step "NACLIP on CUDA: whole, slide, with and without PAMR, mixed sizes" 90 \
+    "$PYTHON" benchmarks/gpu_naclip_check.py --batch-size 16
+step "free-model job on GPU actors (host side)" 55 "$PYTHON" benchmarks/gpu_job_check.py --free naclip --repeat 8
 
 echo "gpu_check.sh: done in $((SECONDS - started)) s"

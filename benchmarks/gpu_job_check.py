@@ -50,12 +50,57 @@ def forward_seconds_per_image(config, images: list[Path], batch_size: int) -> fl
     return timers.seconds / len(arrays)
 
 
+def free_job(args, gpus: int) -> int:
+    """The job with the free model on GPU actors: images/s per GPU against the bare decode rate."""
+    import os
+
+    import ray
+    import torch
+    from bench_pipeline_overhead import make_corpus, run_bare_loop
+    from free_method import FREE_CLIPDIY, FREE_NACLIP, ray_runtime_env, register
+    from model_factories import make_clip_config
+
+    from clipdiy.config import SaliencyConfig, SegmenterConfig
+    from clipdiy.pipeline.config import LabelJobConfig
+    from clipdiy.pipeline.run import run_labelling
+
+    register()
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="clipdiy-gpu-free-") as tmp:
+        workdir = Path(tmp)
+        images = make_corpus(args.images, workdir / "corpus", args.repeat)
+        bare, _ = run_bare_loop(images, cores)
+        method = FREE_NACLIP if args.free == "naclip" else FREE_CLIPDIY
+        config = SegmenterConfig(method=method, vocabulary="voc", clip=make_clip_config(workdir / "clip", arch="tiny"),
+                                 saliency=SaliencyConfig(backend="none"))
+        ray.init(include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env())
+        try:
+            job = LabelJobConfig(input=str(workdir / "corpus"), output=str(workdir / "labels"), segmenter=config,
+                                 device="gpu", inference_batch_size=args.batch_size, decode_batch_size=8,
+                                 cpus_per_actor=1.0, rows_per_file=256)
+            summary = run_labelling(job)
+        finally:
+            ray.shutdown()
+        if summary.ok != len(images):
+            print(f"gpu_job_check.py: error: {summary.line()}", file=sys.stderr)
+            return 1
+        print(f"free-model job ({method}) on {gpus} GPU actor(s) ({torch.cuda.get_device_name(0)}), {cores} CPUs: "
+              f"{summary.line()}")
+        print(f"free-model job: {summary.images_per_second / gpus:.1f} images/s per GPU (labelling phase, actor start "
+              f"included); bare read+decode on {cores} processes: {bare:.1f} images/s; "
+              f"job / bare: {summary.images_per_second / bare:.2f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=REPO_ROOT / "tests/data/coco-val2017-sample/images")
     parser.add_argument("--repeat", type=int, default=4, help="copies of each photo")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--saliency", choices=("found", "none"), default="found")
+    parser.add_argument("--free", choices=("naclip", "clipdiy"), default=None,
+                        help="the job with the benchmark-only free-<method> (no model cost: benchmarks/free_method.py) "
+                             "on GPU actors, against a bare read-and-decode loop on this machine's cores")
     args = parser.parse_args()
 
     import torch
@@ -71,6 +116,8 @@ def main() -> int:
     from clipdiy.pipeline.run import run_labelling
 
     gpus = torch.cuda.device_count()
+    if args.free:
+        return free_job(args, gpus)
     with tempfile.TemporaryDirectory(prefix="clipdiy-gpu-check-") as tmp:
         workdir = Path(tmp)
         images = make_corpus(args.images, workdir / "corpus", args.repeat)
