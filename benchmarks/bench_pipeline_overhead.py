@@ -348,6 +348,73 @@ def summarise_profile(raw: Path, top: int = 30) -> str:
     return "\n".join(out)
 
 
+def stage_costs(segmenter, images: list[Path], batch_size: int) -> str:
+    """CPU ms per image of each stage's function, called in this process on the same batches as
+    the job (no Ray): decode (read, decode, the method's preparation, payload), predict (the
+    actor's call; inside it ``Segmenter.predict``: on a GPU that part runs on the device), rows
+    (finalize, RLE, saliency preview), Parquet encoding. Every output size is seen once first."""
+    import dataclasses
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from clipdiy.models.saliency import saliency_input_side
+    from clipdiy.pipeline.config import LabelJobConfig
+    from clipdiy.pipeline.decode import DecodeBatch
+    from clipdiy.pipeline.inference import SegmentBatch
+    from clipdiy.pipeline.rows import RowContext, build_rows
+    from clipdiy.pipeline.run import resolve_models
+    from clipdiy.pipeline.writer import encode_shard
+
+    job = LabelJobConfig(input="unused", output="unused", segmenter=segmenter)
+    models = resolve_models(job)
+    side = saliency_input_side(segmenter.saliency)
+    decode = DecodeBatch(job.storage, segmenter.mode, job.max_pixels, 1, saliency_max_side=side,
+                         segmenter_config=dataclasses.replace(
+                             segmenter, saliency=dataclasses.replace(segmenter.saliency, max_side=side)))
+    predict = SegmentBatch(segmenter, models.text_embeddings, num_threads=1)
+    context = RowContext("bench", dt.datetime.now(dt.timezone.utc), models.provenance, models.class_names)
+    inner = {"seconds": 0.0}
+    segment = predict.segmenter.predict
+
+    def timed_predict(prepared, **kwargs):
+        started = time.process_time()
+        try:
+            return segment(prepared, **kwargs)
+        finally:
+            inner["seconds"] += time.process_time() - started
+
+    predict.segmenter.predict = timed_predict
+
+    def listing(paths: list[Path]) -> pa.Table:
+        return pa.table({"image_id": [p.name for p in paths], "uri": [str(p) for p in paths],
+                         "source_size": [p.stat().st_size for p in paths], "source_etag": [None] * len(paths),
+                         "source_mtime": [None] * len(paths)},
+                        schema=pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("source_size", pa.int64()),
+                                          ("source_etag", pa.string()), ("source_mtime", pa.timestamp("us", tz="UTC"))]))
+
+    stages = {"decode": decode, "predict": predict, "rows": lambda batch: build_rows(batch, context),
+              "parquet": encode_shard}
+    unique = {p.name.split("_", 1)[-1]: p for p in images}
+    warm = list(unique.values())
+    for first in range(0, len(warm), batch_size):  # warm-up: every output size once
+        batch = listing(warm[first:first + batch_size])
+        for function in stages.values():
+            batch = function(batch)
+    spent = dict.fromkeys(stages, 0.0)
+    inner["seconds"] = 0.0
+    for first in range(0, len(images), batch_size):
+        batch = listing(images[first:first + batch_size])
+        for name, function in stages.items():
+            started = time.process_time()
+            batch = function(batch)
+            spent[name] += time.process_time() - started
+    n = len(images)
+    parts = [f"{name} {seconds / n * 1000:.2f}" for name, seconds in spent.items()]
+    return (f"stage CPU ms/image in one process: {', '.join(parts)}; total {sum(spent.values()) / n * 1000:.2f} "
+            f"(of which Segmenter.predict, device work on a GPU: {inner['seconds'] / n * 1000:.2f})")
+
+
 def run_free(args) -> None:
     """The job with the free model (no model cost) against the bare read-and-decode loop."""
     import ray
@@ -373,6 +440,7 @@ def run_free(args) -> None:
         print(f"{n} images ({args.repeat} copies of {n // args.repeat} COCO photos), {method}, batch {args.batch_size}, "
               f"{args.cores} cores, {os.cpu_count()} CPUs on the machine; {load_average()}", flush=True)
 
+        print(stage_costs(segmenter, images, args.batch_size), flush=True)
         bare, bare_cpu = run_bare_loop(images, args.cores)
         print(f"bare read+decode loop: {bare:.1f} images/s on {args.cores} processes = "
               f"{bare / args.cores:.1f} images/s per core; {bare_cpu:.1f} images per CPU-second; {load_average()}",

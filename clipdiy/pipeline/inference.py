@@ -243,6 +243,8 @@ class SegmentBatch:
             torch.cuda.empty_cache()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from clipdiy.pipeline.rows import saliency_preview
+
         if self._exit_before_next:
             self._exit()
         status = batch.column("status").to_pylist()
@@ -262,6 +264,8 @@ class SegmentBatch:
                 error_kind[i] = "model"
                 error[i] = f"{type(output).__name__}: {output}".splitlines()[0]
             else:
+                # Rows keep only a 64-px preview of the saliency map: ship that, not the full map.
+                output.saliency = saliency_preview(output.saliency, output.original_size)
                 new_payload[i] = pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL)
         columns = {
             "status": pa.array(status, pa.string()),

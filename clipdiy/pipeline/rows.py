@@ -35,13 +35,25 @@ class RowContext:
     class_names: tuple[str, ...]
 
 
-def saliency_png(saliency: np.ndarray, original_size: tuple[int, int]) -> bytes:
-    """8-bit grayscale PNG of an h x w saliency map in [0, 1], at the original aspect ratio,
-    longer side :data:`SALIENCY_PREVIEW_SIDE`."""
+def saliency_preview(saliency: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+    """The h x w saliency map area-resized to the preview's size (original aspect ratio, longer
+    side :data:`SALIENCY_PREVIEW_SIDE`), float32; a map already at that size is returned as is.
+
+    The inference actors apply it before shipping outputs (a 64-px map instead of one at the model
+    input size: 600 KB a photo for NACLIP), :func:`saliency_png` again, to the same result."""
     height, width = original_size
     scale = SALIENCY_PREVIEW_SIDE / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))  # cv2 takes (w, h)
-    preview = cv2.resize(np.asarray(saliency, dtype=np.float32), size, interpolation=cv2.INTER_AREA)
+    saliency = np.asarray(saliency, dtype=np.float32)
+    if saliency.shape == (size[1], size[0]):
+        return saliency
+    return cv2.resize(saliency, size, interpolation=cv2.INTER_AREA)
+
+
+def saliency_png(saliency: np.ndarray, original_size: tuple[int, int]) -> bytes:
+    """8-bit grayscale PNG of an h x w saliency map in [0, 1], at the original aspect ratio,
+    longer side :data:`SALIENCY_PREVIEW_SIDE`."""
+    preview = saliency_preview(saliency, original_size)
     ok, encoded = cv2.imencode(".png", np.clip(np.rint(preview * 255.0), 0, 255).astype(np.uint8))
     if not ok:
         raise RuntimeError("PNG encoding of the saliency preview failed")
