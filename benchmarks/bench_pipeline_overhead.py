@@ -441,6 +441,8 @@ def run_free(args) -> None:
               f"{args.cores} cores, {os.cpu_count()} CPUs on the machine; {load_average()}", flush=True)
 
         print(stage_costs(segmenter, images, args.batch_size), flush=True)
+        if args.stages_only:
+            return
         bare, bare_cpu = run_bare_loop(images, args.cores)
         print(f"bare read+decode loop: {bare:.1f} images/s on {args.cores} processes = "
               f"{bare / args.cores:.1f} images/s per core; {bare_cpu:.1f} images per CPU-second; {load_average()}",
@@ -501,6 +503,7 @@ def main() -> None:
     parser.add_argument("--free", choices=("naclip", "clipdiy"), default=None,
                         help="host-side mode (see FREE MODEL above): the job with the benchmark-only free-<method> "
                              "against a bare read-and-decode loop on --cores processes")
+    parser.add_argument("--stages-only", action="store_true", help="--free: only the in-process stage costs (no Ray)")
     parser.add_argument("--cores", type=int, default=2, help="--free: processes of the bare loop, CPUs of the local Ray")
     parser.add_argument("--profile", type=Path, default=None,
                         help="--free: py-spy the job's Ray workers (--subprocesses) into this folder (flame SVG "
