@@ -358,7 +358,7 @@ def stage_costs(segmenter, images: list[Path], batch_size: int) -> str:
 
     import pyarrow as pa
 
-    from clipdiy.models.saliency import saliency_input_side
+    from clipdiy.segmentation.models.saliency import saliency_input_side
     from clipdiy.pipeline.config import LabelJobConfig
     from clipdiy.pipeline.decode import DecodeBatch
     from clipdiy.pipeline.inference import SegmentBatch
@@ -421,7 +421,7 @@ def run_free(args) -> None:
     from free_method import FREE_CLIPDIY, FREE_NACLIP, ray_runtime_env, register
     from model_factories import make_clip_config
 
-    from clipdiy.config import SaliencyConfig, SegmenterConfig
+    from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
     from clipdiy.pipeline.config import LabelJobConfig
     from clipdiy.pipeline.run import run_labelling
 

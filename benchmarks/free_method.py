@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipdiy.config import SegmenterConfig
-from clipdiy.methods import MethodEntry, available_methods, register_method
-from clipdiy.methods.base import MethodDecision, MethodLogits
-from clipdiy.methods.naclip import prepare_naclip
+from clipdiy.segmentation.config import SegmenterConfig
+from clipdiy.segmentation.methods import MethodEntry, available_methods, register_method
+from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
+from clipdiy.segmentation.methods.naclip import prepare_naclip
 
 FREE_NACLIP = "free-naclip"
 FREE_CLIPDIY = "free-clipdiy"
@@ -47,7 +47,7 @@ def fixed_labels(height: int, width: int, classes: int) -> np.ndarray:
 
 
 class FreeMethod:
-    """A :class:`~clipdiy.methods.base.SegmentationMethod` whose forward and decision are fixed
+    """A :class:`~clipdiy.segmentation.methods.base.SegmentationMethod` whose forward and decision are fixed
     tensors, cached per output size (h x w) and expanded over the batch (no copy per image)."""
 
     saliency_backend = "none"
@@ -101,7 +101,7 @@ class FreeMethod:
 
 
 def _prepare_clipdiy(rgb: np.ndarray, config: SegmenterConfig):
-    from clipdiy.methods.clipdiy import prepare_clipdiy
+    from clipdiy.segmentation.methods.clipdiy import prepare_clipdiy
 
     return prepare_clipdiy(rgb, config)
 

@@ -60,7 +60,7 @@ def free_job(args, gpus: int) -> int:
     from free_method import FREE_CLIPDIY, FREE_NACLIP, ray_runtime_env, register
     from model_factories import make_clip_config
 
-    from clipdiy.config import SaliencyConfig, SegmenterConfig
+    from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
     from clipdiy.pipeline.config import LabelJobConfig
     from clipdiy.pipeline.run import run_labelling
 

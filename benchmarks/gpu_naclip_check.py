@@ -87,10 +87,10 @@ class EncoderMeter:
 def run_setting(name: str, window: str, refine: str, clip, photos, args) -> str:
     import torch
 
-    from clipdiy.config import NaclipConfig, PamrConfig, SegmenterConfig
-    from clipdiy.methods.naclip import query_words
-    from clipdiy.segmenter import create_segmenter
-    from clipdiy.vocabulary import load_vocabulary
+    from clipdiy.segmentation.config import NaclipConfig, PamrConfig, SegmenterConfig
+    from clipdiy.segmentation.methods.naclip import query_words
+    from clipdiy.segmentation.segmenter import create_segmenter
+    from clipdiy.segmentation.vocabulary import load_vocabulary
 
     device = torch.device(args.device)
     pamr = PamrConfig(iterations=2 if args.dry else 10)

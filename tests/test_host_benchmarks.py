@@ -34,7 +34,7 @@ def free_methods():
         free_method.register()
         yield free_method
     finally:
-        from clipdiy import methods
+        from clipdiy.segmentation import methods
 
         for entry in free_method.ENTRIES:
             methods._METHODS.pop(entry.name, None)
@@ -59,8 +59,8 @@ def _expected_labels(height: int, width: int, classes: int) -> np.ndarray:
 
 
 def test_free_model_gives_its_fixed_labels_at_each_methods_output_size(free_methods, tiny_clip_config):
-    from clipdiy.config import SaliencyConfig, SegmenterConfig
-    from clipdiy.segmenter import create_segmenter
+    from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
+    from clipdiy.segmentation.segmenter import create_segmenter
 
     rng = np.random.default_rng(0)
     photos = [rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8), rng.integers(0, 256, size=(24, 56, 3), dtype=np.uint8)]
@@ -87,7 +87,7 @@ def test_free_model_is_never_reachable_from_the_cli(free_methods):
     # The CLI's process (its module and the job it runs) knows only the built-in methods.
     probe = (f"import runpy, sys\nsys.argv = ['label.py', '--help']\n"
              f"try:\n    runpy.run_path({str(LABEL_SCRIPT)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
-             "import clipdiy.pipeline.run\nfrom clipdiy.methods import available_methods\nprint(available_methods())")
+             "import clipdiy.pipeline.run\nfrom clipdiy.segmentation.methods import available_methods\nprint(available_methods())")
     listed = _run([sys.executable, "-c", probe])
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert listed.stdout.strip().splitlines()[-1] == "('clipdiy', 'naclip')"

@@ -8,12 +8,12 @@ import pickle
 import numpy as np
 import pyarrow as pa
 
-from clipdiy.config import SaliencyConfig, SegmenterConfig
+from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 from clipdiy.pipeline.decode import DecodeBatch
 from clipdiy.pipeline.inference import SegmentBatch
 from clipdiy.pipeline.rows import SALIENCY_PREVIEW_SIDE, RowContext, build_rows, label_fields
-from clipdiy.pipeline.storage import StorageOptions
-from clipdiy.segmenter import create_segmenter
+from clipdiy.storage import StorageOptions
+from clipdiy.segmentation.segmenter import create_segmenter
 
 
 def test_actor_ships_the_saliency_preview_and_the_rows_are_unchanged(tiny_clip_config, coco_images):
