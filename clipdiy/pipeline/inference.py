@@ -244,6 +244,7 @@ class SegmentBatch:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from clipdiy.pipeline.rows import saliency_preview
+        from clipdiy.segmentation.segmenter import ModelOutput
 
         if self._exit_before_next:
             self._exit()
@@ -264,8 +265,9 @@ class SegmentBatch:
                 error_kind[i] = "model"
                 error[i] = f"{type(output).__name__}: {output}".splitlines()[0]
             else:
-                # Rows keep only a 64-px preview of the saliency map: ship that, not the full map.
-                output.saliency = saliency_preview(output.saliency, output.original_size)
+                if isinstance(output, ModelOutput):  # (the tests' stand-in segmenters give other objects)
+                    # Rows keep only a 64-px preview of the saliency map: ship that, not the full map.
+                    output.saliency = saliency_preview(output.saliency, output.original_size)
                 new_payload[i] = pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL)
         columns = {
             "status": pa.array(status, pa.string()),
