@@ -58,21 +58,21 @@ cuda_tests=(
     tests/test_clip_model.py::test_low_precision_keeps_float32_outputs
 )
 log=$(mktemp)
-step "CUDA tests" 90 bash -c '"$0" -m pytest -q -rs -p no:cacheprovider "${@}" 2>&1 | tee "'"$log"'"; exit "${PIPESTATUS[0]}"' "$PYTHON" "${cuda_tests[@]}"
+step "CUDA tests" 80 bash -c '"$0" -m pytest -q -rs -p no:cacheprovider "${@}" 2>&1 | tee "'"$log"'"; exit "${PIPESTATUS[0]}"' "$PYTHON" "${cuda_tests[@]}"
 if grep -q "SKIPPED" "$log"; then
     echo "gpu_check.sh: error: a CUDA test was skipped on a CUDA machine" >&2
     exit 1
 fi
 rm -f "$log"
 
-step "segmenter benchmark, CUDA, faithful, FOUND at full resolution" 75 \
+step "segmenter benchmark, CUDA, faithful, FOUND at full resolution" 70 \
     "$PYTHON" benchmarks/bench_segmenter.py --device cuda --saliency found --images 32 --reference-images 1
-step "segmenter benchmark, CUDA, faithful, FOUND at --saliency-max-side 1024" 60 \
+step "segmenter benchmark, CUDA, faithful, FOUND at --saliency-max-side 1024" 55 \
     "$PYTHON" benchmarks/bench_segmenter.py --device cuda --saliency found --saliency-max-side 1024 --images 32 --reference-images 1
 
 step "labelling job on GPU actors" 100 "$PYTHON" benchmarks/gpu_job_check.py --repeat 4
 step "NACLIP on CUDA: whole, slide, with and without PAMR, mixed sizes" 90 \
     "$PYTHON" benchmarks/gpu_naclip_check.py --batch-size 16
-step "free-model job on GPU actors (host side)" 55 "$PYTHON" benchmarks/gpu_job_check.py --free naclip --repeat 8
+step "free-model job on GPU actors (host side)" 75 "$PYTHON" benchmarks/gpu_job_check.py --free naclip --repeat 8
 
 echo "gpu_check.sh: done in $((SECONDS - started)) s"
