@@ -24,6 +24,19 @@ or ``found`` (random-init ViT-S/8 + the real FOUND head).
 that declares one GPU (no CUDA needed: its actor runs the models on CPU) and ``--threads`` CPUs;
 the job's defaults put its inference actor there. Also reported: seconds from the job's start to
 its first Parquet shard (set ``--rows-per-file`` below the corpus size to see more than one).
+
+FREE MODEL (``--free naclip`` or ``--free clipdiy``): the host side alone. The job runs the
+benchmark-only ``free-<method>`` (``benchmarks/free_method.py``: the method's own input
+preparation and output shapes, a fixed pattern instead of a forward; registered here and, through
+Ray's ``worker_process_setup_hook``, in the workers) on a local Ray of ``--cores`` CPUs, against a
+bare read-and-decode loop of the same files on ``--cores`` processes. Printed: each stage's CPU
+ms per image with the stage functions called in this process (``--stages-only`` stops there),
+Ray Data's per-operator stats, the CPU time of the whole local Ray (``/proc``; a one-batch run
+differenced out), images per CPU-second against the bare loop's, and the wall-clock rates.
+``--profile DIR`` adds a py-spy record of the Ray workers.
+
+    python benchmarks/bench_pipeline_overhead.py --free naclip --repeat 32 --batch-size 16 \
+        --decode-batch-size 16 --rows-per-file 128
 """
 
 from __future__ import annotations
