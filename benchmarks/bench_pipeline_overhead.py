@@ -376,7 +376,7 @@ def stage_costs(segmenter, images: list[Path], batch_size: int) -> str:
     from clipdiy.pipeline.decode import DecodeBatch
     from clipdiy.pipeline.inference import SegmentBatch
     from clipdiy.pipeline.rows import RowContext, build_rows
-    from clipdiy.pipeline.run import resolve_models
+    from clipdiy.pipeline.driver_models import resolve_models
     from clipdiy.pipeline.writer import encode_shard
 
     job = LabelJobConfig(input="unused", output="unused", segmenter=segmenter)
