@@ -90,8 +90,8 @@ def _rows(plan) -> list[dict]:
 def test_plan_anti_joins_on_version_for_earlier_runs_and_on_id_for_this_run(
     ray_session, tmp_path, monkeypatch, retry_errors, todo, skipped, retried
 ):
-    from clipdiy.pipeline.incremental import LISTING_SCHEMA
     from clipdiy.output_layout import OutputLayout
+    from clipdiy.pipeline.incremental import PLANNED_SCHEMA
 
     (tmp_path / "in").mkdir()
     output = str(tmp_path / "labels")
@@ -109,7 +109,7 @@ def test_plan_anti_joins_on_version_for_earlier_runs_and_on_id_for_this_run(
     assert [row["image_id"] for row in rows] == sorted(todo)
     assert {row["image_id"]: row["source_size"] for row in rows}.get("changed.jpg") == 2000
     assert all(row["uri"] == f"file://{tmp_path}/in/{row['image_id']}" for row in rows)
-    assert plan.dataset.schema().base_schema.equals(LISTING_SCHEMA)
+    assert plan.dataset.schema().base_schema.equals(PLANNED_SCHEMA)
     counts = plan.counts
     # over.jpg (overwritten between this run's attempts) and err.jpg are this run's: resumed.
     assert (counts.listed, counts.skipped, counts.resumed, counts.todo, counts.retried) == (
@@ -154,6 +154,7 @@ def test_split_pending_rules_on_one_joined_block():
     listing = pa.table({
         "uri": [f"u{i}" for i in range(5)], "image_id": [f"{i}.jpg" for i in range(5)],
         "source_size": [1, 2, 3, 4, 5], "source_etag": [None] * 5, "source_mtime": [STARTED] * 5,
+        "listing_entry": [None] * 5, "signed_uri": [None] * 5,
     }, schema=LISTING_SCHEMA)
     joined = listing.append_column(EARLIER_RUNS, pa.array([DONE, RETRY, RETRY, None, DONE], pa.int8()))
     joined = joined.append_column(THIS_RUN, pa.array([True, True, None, None, None]))

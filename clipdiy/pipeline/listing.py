@@ -40,7 +40,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -55,7 +55,7 @@ from clipdiy.storage import (
     open_filesystem,
     with_retries,
 )
-from clipdiy.uris import redact_uri
+from clipdiy.uris import UnparsableUriError, public_uri, redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +76,17 @@ S3_PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
 class SourceObject:
     """One input object: where it is, its stable id, and what identifies its content version.
 
-    ``uri``: full URI (``s3://bucket/key``, ``file:///abs/path``); ``image_id``: the path relative
-    to the input root with ``/`` separators (or the URI itself, see the module docstring);
+    ``uri``: full URI (``s3://bucket/key``, ``file:///abs/path``) without any credential (see
+    :func:`clipdiy.uris.public_uri`): what rows and logs show; ``image_id``: the path relative
+    to the input root with ``/`` separators (or the public URI itself, see the module docstring);
     ``size`` in bytes, ``etag`` (quotes stripped), ``mtime`` (UTC) where the store reports them
     (None for manifest entries without those columns: such an entry's version is unknown, so a
     later run treats it as labelled once any row has its id; :func:`describe_source` stats one).
+    ``listing_entry``: the entry's number in a manifest (0-based, blank lines and comments not
+    counted, repeats counted); None for prefixes and globs.
+    ``signed_uri``: the entry as listed when it carries a credential (a presigned query, a
+    ``user:password@``), the only way to read it; None when ``uri`` reads the object. Never
+    written or logged (not in the repr): it goes from the listing to the read and nowhere else.
     """
 
     uri: str
@@ -88,12 +94,13 @@ class SourceObject:
     size: int | None = None
     etag: str | None = None
     mtime: dt.datetime | None = None
+    listing_entry: int | None = None
+    signed_uri: str | None = field(default=None, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"uri": self.uri, "image_id": self.image_id, "size": self.size,
-                "etag": self.etag, "mtime": self.mtime}
-
-
+    @property
+    def readable_uri(self) -> str:
+        """The location to read the object from (may hold a credential: never show it)."""
+        return self.signed_uri or self.uri
 
 
 # --------------------------------------------------------------------------------- listing
@@ -428,10 +435,14 @@ def _iter_manifest(fs, manifest_path: str, options: StorageOptions, unique: bool
     # 16-byte digests of the ids seen: a repeated entry is dropped; ~70 bytes per entry in memory.
     seen: set[bytes] = set()
     repeated = 0
-    for entry, size, etag, mtime in entries:
-        uri = _resolve_entry(fs, entry, base_dir)
+    for number, (entry, size, etag, mtime) in enumerate(entries):
+        location = _resolve_entry(fs, entry, base_dir)
+        try:
+            uri = public_uri(location)
+        except UnparsableUriError:
+            uri = redact_uri(location)  # the decode stage gives it an error row (invalid_uri)
         # The id never holds a credential, and a URL signed anew each night keeps its id.
-        image_id = redact_uri(uri).removeprefix(base_uri.rstrip("/") + "/")
+        image_id = uri.removeprefix(base_uri.rstrip("/") + "/")
         if unique:
             digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=16).digest()
             if digest in seen:
@@ -440,7 +451,8 @@ def _iter_manifest(fs, manifest_path: str, options: StorageOptions, unique: bool
             seen.add(digest)
         yield SourceObject(uri=uri, image_id=image_id, size=size,
                            etag=etag.strip('"') if isinstance(etag, str) else None,
-                           mtime=_as_utc(mtime))
+                           mtime=_as_utc(mtime), listing_entry=number,
+                           signed_uri=None if location == uri else location)
     if repeated:
         logger.warning("manifest %s lists %d entries more than once; each image is labelled once",
                        redact_uri(full_uri(fs, manifest_path)), repeated)
@@ -494,10 +506,10 @@ def describe_source(source: SourceObject, options: StorageOptions | None = None,
 
     Raises FileNotFoundError / PermissionError like :func:`read_bytes`.
     """
-    fs, path = open_filesystem(source.uri, options)
+    fs, path = open_filesystem(source.readable_uri, options)
     info = with_retries(lambda: fs.info(path), what=f"stat {source.uri}", **retry)
     fresh = _source(fs, path, source.image_id, info)
-    return dataclasses.replace(fresh, uri=source.uri)
+    return dataclasses.replace(source, size=fresh.size, etag=fresh.etag, mtime=fresh.mtime)
 
 
 
