@@ -291,7 +291,7 @@ class OutputWatch:
     def scan(self):
         import pyarrow.parquet as pq
 
-        from clipdiy.pipeline.layout import TEMP_PREFIX
+        from clipdiy.output_layout import TEMP_PREFIX
 
         for path in sorted(self.root.rglob("*")):
             try:
