@@ -251,13 +251,14 @@ def with_retries(
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str, *, attempts: int = 4, backoff: float = 0.5,
-               max_backoff: float = 10.0) -> bytes:
+               max_backoff: float = 10.0, what: str | None = None) -> bytes:
     """The whole object at ``path``, retrying transient errors (see :func:`is_transient`).
 
     FileNotFoundError, PermissionError and other permanent errors raise on the first attempt.
+    ``what``: how retries are logged (default ``read <path>``; the job names the public URI).
     """
     return with_retries(lambda: fs.cat_file(path), attempts=attempts, backoff=backoff,
-                        max_backoff=max_backoff, what=f"read {path}")
+                        max_backoff=max_backoff, what=what or f"read {path}")
 
 
 def read_uri(uri: str, options: StorageOptions | None = None, **retry: Any) -> bytes:

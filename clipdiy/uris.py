@@ -1,27 +1,37 @@
 """URIs as the job shows them: no credential in anything it writes or logs.
 
 A URI can carry a secret in two places: its userinfo (``https://user:password@host/...``) and
-the query string of a presigned or token URL (S3 ``X-Amz-Signature``/``X-Amz-Credential``/
-``X-Amz-Security-Token``, GCS ``X-Goog-Signature``, Azure SAS ``sig``, CloudFront
-``Signature``/``Key-Pair-Id``, ``token``, ``access_token``, ``api_key``, ...).
-
-:func:`redact_uri` is the one place that removes them. The rule:
+the query string (or fragment) of a presigned or token URL. :func:`public_uri` is the one place
+that removes them, and it keeps everything else, so two different objects never get the same
+public URI (an image id is derived from it: merging two would drop one image as a repeat):
 
 - userinfo is dropped whole (not masked), so ``https://host/x.jpg`` stays fetchable when the
   store needs no credentials;
-- when any query (or fragment) parameter's *name* looks like a credential (it contains ``sig``,
-  ``token``, ``credential``, ``secret``, ``passw``, ``pwd``, ``key``, ``auth``, ``policy``,
-  ``session`` or ``security``), the whole query string (and fragment) is dropped: the other
-  parameters of a signing scheme (expiry, signed headers, ...) are worthless without the
-  signature, and dropping all of them leaves no half of an unknown scheme behind. A query with
-  no such parameter (``?versionId=3``, ``?w=640``) is kept, so such a URI still fetches.
+- query and fragment parameters are dropped **by name** (case-insensitive), the others kept in
+  their order and spelling: every ``X-Amz-*`` and ``X-Goog-*`` parameter (AWS SigV4 and GCS V4
+  signing: the signature, the credential, the session token, and the date, expiry, algorithm and
+  signed headers, which change each time the URL is signed again, so that a URL signed anew each
+  night keeps its id), and the names in :data:`CREDENTIAL_PARAMETERS` (AWS SigV2, GCS V2,
+  CloudFront, bearer tokens, API keys, passwords). An Azure SAS (a query with ``sig``) loses
+  its SAS fields too (:data:`AZURE_SAS_PARAMETERS`: version, permissions, start and expiry...).
+  ``?id=1&resourcekey=K`` and ``?id=2&resourcekey=K`` stay two images; ``?versionId=3`` stays.
+  A parameter named exactly ``key`` is taken for an API key (Google's convention) and dropped.
 
-:func:`redact_text` applies it to every URI inside a free text (an error message, a log line)
-and masks ``name=value`` pairs of well-known signature parameters that appear without a URI;
-:func:`redact_document` applies that to every string of a JSON-able document. The boundaries
-that call them: label rows (``uri``, ``error``), ``_RUN.json`` / ``_MANIFEST.json`` (through
-``OutputLayout.write_json_atomic``), the run fingerprint, log lines of the job (a logging
-filter) and its one-line refusals. All three functions are idempotent.
+:func:`public_uri` raises :class:`UnparsableUriError` for a URI that cannot be parsed (an
+unbalanced ``[`` in the host, a port that is not a number): the job gives such a manifest entry
+an error row (``invalid_uri``). :func:`redact_uri` never raises (for log lines and options): it
+applies the same rule, by text when the URI does not parse.
+
+Inside the job the readable location of an image (a presigned URL, as listed) travels in one
+column only, ``signed_uri``, from the listing to the read (:mod:`clipdiy.pipeline.decode`), and
+nowhere else: rows, plan files and logs carry the public ``uri`` and the ``image_id``.
+
+:func:`redact_text` applies :func:`redact_uri` to every URI inside a free text (an error message
+from a library, a log line) and masks ``name=value`` pairs of well-known signature parameters that
+appear without a URI; :func:`redact_document` applies that to every string of a JSON-able
+document. The boundaries that call them: the ``error`` column of label rows, ``_RUN.json`` /
+``_MANIFEST.json`` (through ``OutputLayout.write_json_atomic``), the run fingerprint, log lines of
+the job (a logging filter) and its one-line refusals. All of them are idempotent.
 """
 
 from __future__ import annotations
@@ -29,10 +39,30 @@ from __future__ import annotations
 import logging
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
-#: A query parameter whose name matches this (case-insensitive) makes the query secret.
-SECRET_PARAMETER = re.compile(r"sig|token|credential|secret|passw|pwd|key|auth|policy|session|security", re.IGNORECASE)
+#: Query (and fragment) parameters that carry a credential or change whenever a URL is signed:
+#: dropped by name (lower case; compared case-insensitively). Every ``x-amz-*`` and ``x-goog-*``
+#: parameter is dropped as well (:data:`SIGNING_PREFIXES`).
+CREDENTIAL_PARAMETERS = frozenset({
+    # AWS Signature V2 query authentication (also S3-compatible stores), GCS V2 signed URLs
+    "awsaccesskeyid", "signature", "expires", "googleaccessid",
+    # CloudFront signed URLs
+    "policy", "key-pair-id",
+    # Azure SAS signature (its other fields: AZURE_SAS_PARAMETERS)
+    "sig",
+    # bearer tokens, API keys, passwords
+    "token", "access_token", "id_token", "refresh_token", "auth", "authorization", "api_key", "apikey",
+    "api-key", "key", "client_secret", "secret", "password", "passwd", "pwd", "security_token",
+})
+#: Parameter name prefixes of AWS SigV4 and GCS V4 signing (``X-Amz-Signature``, ``X-Goog-Date``...).
+SIGNING_PREFIXES = ("x-amz-", "x-goog-")
+#: The fields of an Azure shared access signature, dropped when the query also holds ``sig``
+#: (alone, short names such as ``sp`` or ``st`` may mean something else, and are kept).
+AZURE_SAS_PARAMETERS = frozenset({
+    "sv", "ss", "srt", "sp", "se", "st", "spr", "sip", "sr", "si", "sdd", "ses", "skoid", "sktid", "skt",
+    "ske", "sks", "skv", "saoid", "suoid", "scid",
+})
 
 # A URI inside free text: scheme://, then everything up to white space or a closing delimiter.
 _URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>()\[\]{}]+")
@@ -43,31 +73,75 @@ _BARE_SECRET_PAIR = re.compile(
 REDACTED = "***"
 
 
-def redact_uri(uri: str | None) -> str | None:
-    """``uri`` without userinfo, and without its query string when that carries a credential.
+class UnparsableUriError(ValueError):
+    """A URI that ``urllib.parse`` cannot split (its message shows the URI redacted)."""
 
-    Local paths and URIs without secrets come back unchanged; None and "" too.
+
+def _is_credential(name: str, sas: bool) -> bool:
+    name = unquote_plus(name).strip().lower()
+    return (name in CREDENTIAL_PARAMETERS or name.startswith(SIGNING_PREFIXES)
+            or (sas and name in AZURE_SAS_PARAMETERS))
+
+
+def _without_credentials(parameters: str) -> str:
+    """``parameters`` (a query string or fragment) without the credential parameters, by text:
+    the others keep their order and spelling. A fragment that is not ``name=value`` pairs stays."""
+    if not parameters or "=" not in parameters:
+        return parameters
+    pairs = parameters.split("&")
+    names = [pair.split("=", 1)[0] for pair in pairs]
+    sas = any(unquote_plus(name).strip().lower() == "sig" for name in names)
+    return "&".join(pair for pair, name in zip(pairs, names, strict=True) if not _is_credential(name, sas))
+
+
+def has_scheme(uri: str | None) -> bool:
+    """True for ``scheme://...`` (not for local paths, which are never redacted)."""
+    return bool(uri) and "://" in uri
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` without userinfo and without credential parameters (see the module docstring).
+
+    Local paths, ``file://`` URIs and URIs without secrets come back unchanged. Raises
+    :class:`UnparsableUriError` when ``uri`` cannot be parsed.
     """
-    if not uri or "://" not in uri:
+    if not has_scheme(uri) or uri.startswith("file://"):
         return uri
     try:
         parts = urlsplit(uri)
-    except ValueError:  # e.g. an unbalanced [ in the host: show nothing after the scheme's host
-        return uri.split("://", 1)[0] + "://" + REDACTED
-    netloc = parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
-    query, fragment = parts.query, parts.fragment
-    if _has_secret_parameter(query) or _has_secret_parameter(fragment):
-        query = fragment = ""
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:  # its message may quote the authority, userinfo included: not shown
+        raise UnparsableUriError(f"cannot parse the URI {_redact_by_text(uri)}") from None
+    netloc = parts.netloc.rpartition("@")[2]
+    query, fragment = _without_credentials(parts.query), _without_credentials(parts.fragment)
     if (netloc, query, fragment) == (parts.netloc, parts.query, parts.fragment):
         return uri
     return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 
-def _has_secret_parameter(query: str) -> bool:
-    if not query:
-        return False
-    names = [name for name, _ in parse_qsl(query, keep_blank_values=True)] or [query]
-    return any(SECRET_PARAMETER.search(name) for name in names)
+def _redact_by_text(uri: str) -> str:
+    """:func:`public_uri`'s rule without parsing: userinfo cut from the authority by text."""
+    scheme, _, rest = uri.partition("://")
+    authority_end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    authority, rest = rest[:authority_end].rpartition("@")[2], rest[authority_end:]
+    rest, hash_, fragment = rest.partition("#")
+    path, question, query = rest.partition("?")
+    query, fragment = _without_credentials(query), _without_credentials(fragment)
+    return (f"{scheme}://{authority}{path}" + (question if query else "") + query
+            + (hash_ if fragment else "") + fragment)
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """:func:`public_uri` for showing a URI: never raises (an unparsable URI is redacted by text).
+
+    Local paths and URIs without secrets come back unchanged; None and "" too.
+    """
+    if not has_scheme(uri):
+        return uri
+    try:
+        return public_uri(uri)
+    except UnparsableUriError:
+        return _redact_by_text(uri)
 
 
 def redact_text(text: str | None) -> str | None:

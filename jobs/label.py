@@ -199,10 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "default 100 million")
     pipeline.add_argument("--retry-errors", choices=RETRY_ERRORS, default="transient",
                           help="which images with an error row from an earlier run to label again: transient "
-                               "(failed reads and model calls), all, or none")
+                               "(failed reads and model calls; a missing object, not_found, is an answer: read again when listed "
+                               "with another version), all (not_found included), or none")
     pipeline.add_argument("--stop-after-failed-reads", type=int, default=200, metavar="N",
                           help="end the run (exit 1) when N reads in a row, across the cluster, fail: credentials, "
-                               "permissions, a vanished bucket, an endpoint down, a manifest of missing objects")
+                               "permissions, a vanished bucket, an endpoint down, a manifest of missing objects (missing objects "
+                               "count only in a first attempt that has read nothing)")
     pipeline.add_argument("--max-error-rate", type=float, default=0.5, metavar="RATE",
                           help="error budget: stop the run (exit 3, resumable) when more than this share of the last "
                                "--error-window written images are error rows (1 never stops)")

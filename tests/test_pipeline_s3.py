@@ -152,3 +152,55 @@ def test_a_shard_is_written_while_the_input_is_still_being_read(ray_with_s3_cred
 
     assert (summary.seen, summary.ok) == (count, count)
     assert released == ["by a shard"], f"the last image's read was released {released}: no shard before it"
+
+
+def test_a_deleted_object_is_an_answer_read_again_only_as_a_new_version(ray_with_s3_credentials, s3_server,
+                                                                         s3_bucket, coco_images, tiny_clip_config):
+    """Issue 18 item 4 on S3: a Parquet manifest (an inventory: uri, size, etag) that lists a
+    deleted object and one that never existed: not_found rows; the next run reads neither again;
+    the deleted object uploaded anew (another size and ETag in the inventory) is labelled."""
+    from clipdiy.pipeline.run import run_labelling
+
+    fs = s3_server.filesystem()
+    names = ["a.jpg", "b.jpg", "c.jpg"]
+    for name, photo in zip(names, coco_images, strict=False):
+        s3_server.put_bytes(s3_bucket, f"photos/{name}", photo.read_bytes())
+
+    def inventory_entry(name: str) -> dict:
+        info = fs.info(f"{s3_bucket}/photos/{name}")
+        return {"uri": f"s3://{s3_bucket}/photos/{name}", "size": info["size"], "etag": info["ETag"].strip('"')}
+
+    def write_inventory(entries: list[dict]) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(entries), sink)
+        s3_server.put_bytes(s3_bucket, "inventory.parquet", sink.getvalue().to_pybytes())
+
+    entries = [inventory_entry(name) for name in names]
+    entries.append({"uri": f"s3://{s3_bucket}/photos/never.jpg", "size": 10, "etag": "0" * 32})
+    fs.rm(f"{s3_bucket}/photos/b.jpg")  # deleted after the inventory was taken
+    write_inventory(entries)
+    config = job_config(f"s3://{s3_bucket}/inventory.parquet", f"s3://{s3_bucket}/labels",
+                        segmenter_config(tiny_clip_config), storage=s3_server.options)
+
+    def rows_of(run_id: str) -> dict[str, dict]:
+        tables = []
+        for shard in fs.glob(f"{s3_bucket}/labels/runs/{run_id}/part-*.parquet"):
+            with fs.open(shard, "rb") as handle:
+                tables.append(pq.read_table(handle))
+        return {row["image_id"]: row for row in pa.concat_tables(tables).to_pylist()}
+
+    first = run_labelling(config)
+    kinds = {image_id: row["error_kind"] for image_id, row in rows_of(first.run_id).items()}
+    assert kinds == {"photos/a.jpg": None, "photos/b.jpg": "not_found", "photos/c.jpg": None,
+                     "photos/never.jpg": "not_found"}
+
+    second = run_labelling(config)  # nothing new: the missing objects are not read again
+    assert (second.listed, second.skipped, second.seen) == (4, 4, 0)
+
+    s3_server.put_bytes(s3_bucket, "photos/b.jpg", coco_images[3].read_bytes())  # b.jpg is back, another photo
+    entries[1] = inventory_entry("b.jpg")
+    write_inventory(entries)
+    third = run_labelling(config)
+    assert (third.listed, third.skipped, third.seen, third.ok) == (4, 3, 1, 1)
+    (row,) = rows_of(third.run_id).values()
+    assert (row["image_id"], row["status"], row["source_size"]) == ("photos/b.jpg", "ok", len(coco_images[3].read_bytes()))

@@ -90,8 +90,8 @@ def _rows(plan) -> list[dict]:
 def test_plan_anti_joins_on_version_for_earlier_runs_and_on_id_for_this_run(
     ray_session, tmp_path, monkeypatch, retry_errors, todo, skipped, retried
 ):
-    from clipdiy.pipeline.incremental import LISTING_SCHEMA
     from clipdiy.output_layout import OutputLayout
+    from clipdiy.pipeline.incremental import PLANNED_SCHEMA
 
     (tmp_path / "in").mkdir()
     output = str(tmp_path / "labels")
@@ -109,7 +109,7 @@ def test_plan_anti_joins_on_version_for_earlier_runs_and_on_id_for_this_run(
     assert [row["image_id"] for row in rows] == sorted(todo)
     assert {row["image_id"]: row["source_size"] for row in rows}.get("changed.jpg") == 2000
     assert all(row["uri"] == f"file://{tmp_path}/in/{row['image_id']}" for row in rows)
-    assert plan.dataset.schema().base_schema.equals(LISTING_SCHEMA)
+    assert plan.dataset.schema().base_schema.equals(PLANNED_SCHEMA)
     counts = plan.counts
     # over.jpg (overwritten between this run's attempts) and err.jpg are this run's: resumed.
     assert (counts.listed, counts.skipped, counts.resumed, counts.todo, counts.retried) == (
@@ -154,6 +154,7 @@ def test_split_pending_rules_on_one_joined_block():
     listing = pa.table({
         "uri": [f"u{i}" for i in range(5)], "image_id": [f"{i}.jpg" for i in range(5)],
         "source_size": [1, 2, 3, 4, 5], "source_etag": [None] * 5, "source_mtime": [STARTED] * 5,
+        "listing_entry": [None] * 5, "signed_uri": [None] * 5,
     }, schema=LISTING_SCHEMA)
     joined = listing.append_column(EARLIER_RUNS, pa.array([DONE, RETRY, RETRY, None, DONE], pa.int8()))
     joined = joined.append_column(THIS_RUN, pa.array([True, True, None, None, None]))
@@ -224,3 +225,37 @@ def test_a_manifest_listing_an_image_twice_gives_its_first_entry_once(ray_sessio
         assert (plan.counts.listed, plan.counts.skipped, plan.counts.todo) == (3, 1, 2)
     else:
         assert rows == [("a.jpg", 1000), ("b.jpg", 1000), ("c.jpg", 1000)]
+
+
+def test_plan_files_hold_no_signed_url_and_the_labelling_gets_it_back(ray_session, tmp_path):
+    """Issue 18 item 5: a plan file under OUTPUT stores the manifest entry's number, not its
+    presigned URL; the planned dataset joins the URL back from the manifest (an entry that no
+    longer lists the image gets none)."""
+    from pathlib import Path
+
+    from clipdiy.pipeline.planning import PlanTarget, plan_pending
+    from clipdiy.storage import StorageOptions
+
+    (tmp_path / "in").mkdir()
+    secret = "sigSECRETplan42"
+    signed = f"https://h.example.com/s.jpg?versionId=7&X-Amz-Signature={secret}"
+    manifest = tmp_path / "in" / "list.txt"
+    manifest.write_text(f"plain.jpg\n{signed}\n")
+    output = str(tmp_path / "labels")
+    write_labels_output(output, [LabelItem("x.jpg", "file:///in/x.jpg", np.zeros((4, 4), np.uint8))], run_id="run-a",
+                        started=STARTED)
+    target = PlanTarget(input_uri=str(manifest), output_uri=output, storage=StorageOptions(), run_id="run-b",
+                        attempt=1, retry_errors="transient", block_rows=2)
+    plan = plan_pending(target, ["run-a"], estimated_rows_per_shard=1)
+
+    files = sorted(Path(plan.plan_dir).rglob("*.parquet"))
+    assert files
+    for path in files:
+        assert secret.encode() not in path.read_bytes() and secret not in str(pq.read_table(path).to_pylist())
+    rows = [(row["image_id"], row["uri"], row["signed_uri"]) for row in _rows(plan)]
+    assert rows == [("https://h.example.com/s.jpg?versionId=7", "https://h.example.com/s.jpg?versionId=7", signed),
+                    ("plain.jpg", f"file://{tmp_path}/in/plain.jpg", None)]
+
+    manifest.write_text(f"plain.jpg\nother.jpg\n{signed}\n")  # rewritten before the labelling reads it
+    row = _rows(plan)[0]
+    assert (row["image_id"], row["signed_entry"], row["signed_uri"]) == ("https://h.example.com/s.jpg?versionId=7", 1, None)

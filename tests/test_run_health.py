@@ -57,14 +57,14 @@ def test_read_failures_are_classified_from_real_store_errors(s3_server, s3_bucke
 
 def test_reads_are_broken_after_n_failures_in_a_row_cluster_wide():
     health = RunHealth(stop_after_failed_reads=10)
-    assert health.record_reads(0, {"not_found": 4}, "s3://b/x.jpg: FileNotFoundError") is None
-    assert health.record_reads(3, {"not_found": 1}) is None  # the store answers: the streak restarts
-    assert health.record_reads(0, {"not_found": 6}) is None
-    assert health.record_reads(0, {"access_denied": 3}) is None  # 9 in a row
-    verdict = health.record_reads(0, {"not_found": 2}, "s3://b/y.jpg: FileNotFoundError: y")
+    assert health.record_reads(0, {"access_denied": 4}, "s3://b/x.jpg: PermissionError") is None
+    assert health.record_reads(3, {"access_denied": 1}) is None  # the store answers: the streak restarts
+    assert health.record_reads(0, {"access_denied": 6}) is None
+    assert health.record_reads(0, {"other": 3}) is None  # 9 in a row
+    verdict = health.record_reads(0, {"access_denied": 2}, "s3://b/y.jpg: PermissionError: y")
     assert verdict is not None and health.verdict() == verdict
-    assert "last 11 objects in a row" in verdict and "8 not_found, 3 access_denied" in verdict
-    assert "do not exist" in verdict and "after 3 good reads" in verdict and "s3://b/y.jpg" in verdict
+    assert "last 11 objects in a row" in verdict and "8 access_denied, 3 other" in verdict
+    assert "access is denied" in verdict and "after 3 good reads" in verdict and "s3://b/y.jpg" in verdict
     assert "\n" not in verdict
     assert health.record_reads(100, {}) == verdict  # once broken, stays broken
 
@@ -83,6 +83,55 @@ def test_reads_are_broken_after_n_failures_in_a_row_cluster_wide():
     deleted = RunHealth(stop_after_failed_reads=200)
     deleted.record_reads(0, {"not_found": 1})
     assert deleted.finish() is None  # a night whose only pending image was deleted: not a failure
+
+
+def test_missing_objects_stop_only_a_first_attempt_that_has_read_nothing():
+    """Issue 18 item 4: a manifest naming nothing that exists stops its first attempt loudly; a
+    missing object after one good read, or in a resumed attempt, is an answer (a not_found row)."""
+    nothing_exists = RunHealth(stop_after_failed_reads=10, first_attempt=True)
+    assert nothing_exists.record_reads(0, {"not_found": 6}, "s3://b/x.jpg: FileNotFoundError") is None
+    verdict = nothing_exists.record_reads(0, {"not_found": 4})
+    assert verdict is not None and "10 not_found" in verdict and "do not exist" in verdict
+
+    after_a_read = RunHealth(stop_after_failed_reads=10, first_attempt=True)
+    assert after_a_read.record_reads(1, {}) is None
+    assert all(after_a_read.record_reads(0, {"not_found": 50}) is None for _ in range(4))
+    assert after_a_read.finish() is None
+    # Other failures still stop it: missing objects neither count nor break their streak.
+    assert after_a_read.record_reads(0, {"access_denied": 6}) is None
+    assert after_a_read.record_reads(0, {"not_found": 50}) is None
+    assert "6 access_denied, 4 other" in after_a_read.record_reads(0, {"other": 4})
+
+    resumed = RunHealth(stop_after_failed_reads=10, first_attempt=False)
+    assert all(resumed.record_reads(0, {"not_found": 50}) is None for _ in range(4))
+    assert resumed.finish() is None
+    assert resumed.record_reads(0, {"credentials": 10}) is not None
+
+
+def test_a_missing_object_is_not_found_and_other_failed_reads_unreadable(s3_server, s3_bucket, tmp_path):
+    """The decode stage's error kind for a failed read, from real store errors: a local file, an
+    S3 key and an HTTP URL that do not exist are ``not_found``; a missing bucket, a refused
+    connection are ``unreadable``; an entry that is not a URI is ``invalid_uri``, not read."""
+    from clipdiy.pipeline.decode import DecodeBatch
+
+    s3_server.put_bytes(s3_bucket, "there.jpg", b"not an image")
+    down = f"http://127.0.0.1:{_free_port()}/x.jpg"
+    uris = {
+        "local": str(tmp_path / "nope.jpg"),
+        "s3": f"s3://{s3_bucket}/gone.jpg",
+        "http": f"{s3_server.endpoint_url}/{s3_bucket}/gone.jpg",  # moto answers 404
+        "bucket": "s3://no-such-bucket-clipdiy/a.jpg",
+        "down": down,
+        "there": f"s3://{s3_bucket}/there.jpg",
+        "bad": "http://[::1/x.jpg?X-Amz-Signature=sigSECRETq81z",
+    }
+    batch = pa.table({"image_id": list(uris), "uri": list(uris.values())})
+    decode = DecodeBatch(s3_server.options, "faithful", 100_000_000, read_attempts=1)
+    out = decode(batch).to_pylist()
+    kinds = {row["image_id"]: row["error_kind"] for row in out}
+    assert kinds == {"local": "not_found", "s3": "not_found", "http": "not_found", "bucket": "unreadable",
+                     "down": "unreadable", "there": "not_image", "bad": "invalid_uri"}
+    assert all("sigSECRET" not in row["error"] for row in out)
 
 
 def test_error_budget_judges_the_last_window_of_written_rows():

@@ -150,8 +150,8 @@ def test_parquet_manifest_reads_uri_and_optional_metadata(tmp_path):
     pq.write_table(table, root / "list.parquet", row_group_size=1)
     sources = list(iter_sources(str(root / "list.parquet")))
     assert sources == [
-        SourceObject(f"file://{root}/a/x.jpg", "a/x.jpg", 1, "abc", when),
-        SourceObject(f"file://{root}/a/b/y.png", "a/b/y.png", 2, None, None),
+        SourceObject(f"file://{root}/a/x.jpg", "a/x.jpg", 1, "abc", when, listing_entry=0),
+        SourceObject(f"file://{root}/a/b/y.png", "a/b/y.png", 2, None, None, listing_entry=1),  # the empty uri: no entry
     ]
     pq.write_table(pa.table({"path": ["a/x.jpg"]}), root / "bad.parquet")
     with pytest.raises(InputError, match="no 'uri' column"):

@@ -58,9 +58,10 @@ class LabelJobConfig:
     heartbeat_s:           how often the lock heartbeat and the progress log line are written.
     read_attempts:         tries per source read on transient storage errors.
     retry_errors:          which error rows of earlier runs are labelled again: ``transient``
-                           (failed reads and model calls), ``all`` or ``none``.
+                           (failed reads and model calls; not ``not_found``), ``all`` or ``none``.
     stop_after_failed_reads: this many failed reads in a row, across the cluster, end the run
-                           (exit 1): credentials, permissions, a vanished bucket, an endpoint down.
+                           (exit 1): credentials, permissions, a vanished bucket, an endpoint down
+                           (missing objects only in a first attempt that has read nothing).
     max_error_rate / error_window: the error budget; the run stops (exit 3, resumable) when more
                            than this share of the last ``error_window`` written images are errors
                            (1.0 never stops).

@@ -20,12 +20,15 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from clipdiy.errors import InvalidImageError
 from clipdiy.segmentation.prepared import PreparedImage, prepare_image
 from clipdiy.segmentation.segmenter import prepare_input
-from clipdiy.uris import redact_text, redact_uri
+from clipdiy.uris import UnparsableUriError, has_scheme, public_uri, redact_text
 
 logger = logging.getLogger(__name__)
 
-#: The error kinds of the label-row schema (``schemas/label_row.v1.json``).
-ERROR_KINDS = ("empty", "truncated", "corrupt", "not_image", "too_large", "unreadable", "unsupported", "model")
+#: The error kinds of the label-row schema (``schemas/label_row.v1.json``). ``not_found``: the
+#: object does not exist (an answer, not retried: see ``incremental.py``); ``unreadable``: any
+#: other failed read; ``invalid_uri``: a manifest entry that is not a URI one can read.
+ERROR_KINDS = ("empty", "truncated", "corrupt", "not_image", "too_large", "not_found", "unreadable", "invalid_uri",
+               "unsupported", "model")
 
 # Leading bytes of the formats Pillow reads: an object that starts like an image but will not
 # decode is "corrupt"; anything else is "not_image".
@@ -130,10 +133,18 @@ def decode_image(
         return DecodeResult(error_kind=_classify_decode_failure(error, data), error=f"{type(error).__name__}: {error}")
 
 
-def read_error(error: BaseException) -> tuple[str, str]:
-    """(kind, message) of a storage failure while reading a source object."""
+def read_error(error: BaseException, failure_class: str) -> tuple[str, str]:
+    """(kind, message) of a storage failure while reading a source object; ``failure_class``:
+    :func:`~clipdiy.pipeline.health.classify_read_failure`'s. A missing object (``not_found``:
+    local FileNotFoundError, S3 NoSuchKey/404, HTTP 404) is its own kind; a missing bucket, a
+    permission or a network failure is ``unreadable`` (a later run tries again)."""
     message = f"{type(error).__name__}: {error}".splitlines()[0]
-    return "unreadable", message
+    return ("not_found" if failure_class == "not_found" else "unreadable"), message
+
+
+#: Listing columns that may hold a credential or point at one: the decode stage reads them and
+#: drops them, so that nothing after the read carries them.
+_LOCATION_COLUMNS = ("signed_uri", "signed_entry", "listing_entry")
 
 
 #: Columns the decode stage adds to the listing columns.
@@ -192,17 +203,18 @@ class DecodeBatch:
         self.health = health  # the run's RunHealth actor (clipdiy.pipeline.health), or None
         self._filesystems: dict[str, Any] = {}
 
-    def _read(self, uri: str) -> bytes:
+    def _read(self, location: str, uri: str) -> bytes:
+        """The bytes at ``location`` (the readable, maybe signed URI); ``uri`` (public) names it."""
         from clipdiy.storage import open_filesystem, read_bytes
 
-        protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+        protocol = location.split("://", 1)[0] if "://" in location else "file"
         fs = self._filesystems.get(protocol)
         if fs is None:
-            fs, path = open_filesystem(uri, self.storage_options)
+            fs, path = open_filesystem(location, self.storage_options)
             self._filesystems[protocol] = fs
         else:
-            path = fs._strip_protocol(uri)
-        return read_bytes(fs, path, attempts=self.read_attempts)
+            path = fs._strip_protocol(location)
+        return read_bytes(fs, path, attempts=self.read_attempts, what=f"read {uri}")
 
     def _report_reads(self, ok: int, failed: dict[str, int], sample: str | None) -> None:
         """Tell the run's health actor; raise RunFailedError once reads are broken run-wide."""
@@ -224,15 +236,33 @@ class DecodeBatch:
 
         results = []
         reads_ok, failed, sample = 0, collections.Counter(), None
-        for uri in batch.column("uri").to_pylist():
+        names = batch.column_names
+        uris = batch.column("uri").to_pylist()
+        signed = batch.column("signed_uri").to_pylist() if "signed_uri" in names else [None] * len(uris)
+        entries = batch.column("signed_entry").to_pylist() if "signed_entry" in names else [None] * len(uris)
+        for uri, signed_uri, entry in zip(uris, signed, entries, strict=True):
+            location = signed_uri or uri
+            if signed_uri is None and entry is not None:
+                results.append(DecodeResult(error_kind="unreadable", error=(
+                    f"entry {entry} of the manifest no longer lists this image (the manifest changed during the "
+                    f"run): not read; the next run labels it")))
+                continue
+            if has_scheme(location):
+                try:
+                    public_uri(location)
+                except UnparsableUriError as error:
+                    results.append(DecodeResult(error_kind="invalid_uri", error=str(error)))
+                    continue
             try:
-                data = self._read(uri)
+                data = self._read(location, uri)
             except Exception as error:  # noqa: BLE001 - every storage failure becomes this image's error row
-                kind, message = read_error(error)
-                message = redact_text(message)
-                logger.warning("cannot read %s: %s", redact_uri(uri), message)
-                failed[classify_read_failure(error)] += 1
-                sample = sample or one_line(f"{redact_uri(uri)}: {message}")
+                failure = classify_read_failure(error)
+                kind, message = read_error(error, failure)
+                # A library's message may quote the location: shown as the public URI.
+                message = redact_text(message.replace(location, uri))
+                logger.warning("cannot read %s: %s", uri, message)
+                failed[failure] += 1
+                sample = sample or one_line(f"{uri}: {message}")
                 results.append(DecodeResult(error_kind=kind, error=message))
                 continue
             reads_ok += 1
@@ -246,6 +276,7 @@ class DecodeBatch:
                 )
             )
         self._report_reads(reads_ok, dict(failed), sample)
+        batch = batch.drop_columns([name for name in _LOCATION_COLUMNS if name in names])
         for name, column in decoded_columns(results).items():
             batch = batch.append_column(name, column)
         return batch

@@ -9,6 +9,10 @@ the job instead of being laundered into rows. Each guard sits where it sees enou
   whole cluster, failed with no success in between (credentials, permissions, a vanished bucket,
   an endpoint down, a manifest of missing objects), the actor's verdict is set, the next decode
   batch raises :class:`~clipdiy.errors.RunFailedError` and the job ends with exit status 1.
+  A missing object (``not_found``) counts only in a run's first attempt, before its first
+  successful read: a manifest (or a prefix) that names nothing that exists stops loudly, but
+  once one read worked, or when the run is resumed after such a stop, a missing object is an
+  answer about that object (a ``not_found`` row, never read again), not a failure of the run.
   All-ok batches report without waiting for an answer, so a healthy run pays one asynchronous
   actor call per decode batch; a batch with failed reads waits for the verdict.
 - **Poisoned actors** (:func:`is_poisoning_error`): a CUDA error that leaves the device unusable
@@ -96,10 +100,13 @@ class RunHealth:
     """The run-wide read streak and poisoning counts (used as a Ray actor; plain class for tests).
 
     stop_after_failed_reads: this many failed reads in a row, cluster-wide, end the run.
+    first_attempt: whether this is the run's first attempt (missing objects count towards the
+    streak only then, and only until a read succeeds).
     """
 
-    def __init__(self, stop_after_failed_reads: int):
+    def __init__(self, stop_after_failed_reads: int, first_attempt: bool = True):
         self.stop_after = stop_after_failed_reads
+        self.first_attempt = first_attempt
         self.reads_ok = 0
         self.streak: collections.Counter[str] = collections.Counter()
         self.sample: str | None = None
@@ -120,6 +127,10 @@ class RunHealth:
             self.streak.clear()
             self.sample = None
             return None
+        if self.reads_ok or not self.first_attempt:
+            failed = {k: v for k, v in failed.items() if k != "not_found"}  # an answer about its object
+            if not any(failed.values()):
+                return None
         self.streak.update({k: v for k, v in failed.items() if v})
         if sample and self.sample is None:
             self.sample = sample
@@ -173,7 +184,7 @@ _READ_HINTS = {
 }
 
 
-def start_run_health(stop_after_failed_reads: int):
+def start_run_health(stop_after_failed_reads: int, first_attempt: bool = True):
     """Start the run's :class:`RunHealth` actor on the driver's node (which outlives worker nodes)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -188,7 +199,7 @@ def start_run_health(stop_after_failed_reads: int):
             max_restarts=-1,
             max_task_retries=-1,
         )
-        .remote(stop_after_failed_reads)
+        .remote(stop_after_failed_reads, first_attempt)
     )
 
 

@@ -13,6 +13,10 @@ Error rows of earlier runs count as labelled unless the run retries them (``retr
 ``transient`` (the default) retries the kinds a later attempt can cure, a read that failed
 after its retries (``unreadable``) and a failed model call (``model``, e.g. out of memory);
 ``all`` retries every error (after raising ``--max-pixels``, say); ``none`` retries nothing.
+A read that found no object (``not_found``) is an answer, not a failure: the object is read
+again when it is listed with another version (size, ETag, mtime: a new source key), or with
+``all``. (An entry of a manifest without version columns has one key whatever its object: once
+not found, it is read again only with ``all``.)
 An error that a later run cured (an ok row with the same key) stays done.
 
 Everything here works on one Arrow block at a time: the joins that bring an earlier run's rows
@@ -34,7 +38,9 @@ from clipdiy.pipeline.sources import SourceObject
 
 logger = logging.getLogger(__name__)
 
-#: The listing as it travels through the pipeline (names as in the label-row schema).
+#: The listing as it travels through the pipeline (names as in the label-row schema). ``uri``
+#: holds no credential; ``signed_uri`` (see ``SourceObject``) is the only column that may, and
+#: only the decode stage reads it; ``listing_entry``: the entry's number in a manifest.
 LISTING_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string()),
@@ -42,12 +48,23 @@ LISTING_SCHEMA = pa.schema(
         pa.field("source_size", pa.int64()),
         pa.field("source_etag", pa.string()),
         pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
+        pa.field("listing_entry", pa.int64()),
+        pa.field("signed_uri", pa.string()),
     ]
+)
+SIGNED_URI = "signed_uri"
+#: A planned row written to a scratch file under OUTPUT: the listing without ``signed_uri``; in
+#: its place ``signed_entry``, the number of the manifest entry that holds the row's readable
+#: location (null when ``uri`` reads the object), so that no file holds a credential.
+SIGNED_ENTRY = "signed_entry"
+PLANNED_SCHEMA = pa.schema(
+    [*(f for f in LISTING_SCHEMA if f.name not in ("listing_entry", SIGNED_URI)), pa.field(SIGNED_ENTRY, pa.int64())]
 )
 KEY_COLUMNS = ["image_id", "source_size", "source_etag", "source_mtime"]
 _SEPARATOR = "\x1f"
 
 #: Error kinds that a later run may cure: a failed read (after its retries), a failed model call.
+#: ``not_found`` (the object did not exist) is an answer: read again only as a new version.
 TRANSIENT_ERROR_KINDS = ("unreadable", "model")
 #: ``retry_errors`` choices: which error rows of earlier runs are labelled again.
 RETRY_ERRORS = ("none", "transient", "all")
@@ -101,7 +118,7 @@ def with_source_key(listing: pa.Table) -> pa.Table:
 def earlier_run_tags(shard: pa.Table, retry_errors: str) -> pa.Table:
     """(:data:`SOURCE_KEY`, ``tag``) per row of a finished run's shard (:data:`SHARD_COLUMNS`):
     :data:`RETRY` for an error row that ``retry_errors`` retries, else :data:`DONE`."""
-    keys = source_keys(shard.select(KEY_COLUMNS).cast(LISTING_SCHEMA.remove(LISTING_SCHEMA.get_field_index("uri"))))
+    keys = source_keys(shard.select(KEY_COLUMNS).cast(pa.schema([LISTING_SCHEMA.field(name) for name in KEY_COLUMNS])))
     tags = pc.if_else(retried_mask(shard, retry_errors), pa.scalar(RETRY, pa.int8()), pa.scalar(DONE, pa.int8()))
     return pa.table({SOURCE_KEY: keys, "tag": tags})
 
@@ -158,6 +175,14 @@ def split_pending(joined: pa.Table) -> tuple[pa.Table, ListingCounts]:
     return joined.filter(todo).select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA), counts
 
 
+def planned_rows(pending: pa.Table) -> pa.Table:
+    """Listing rows (:data:`LISTING_SCHEMA`) as a plan file stores them (:data:`PLANNED_SCHEMA`):
+    the signed location replaced by a pointer to its manifest entry."""
+    signed = pc.is_valid(pending.column(SIGNED_URI))
+    entry = pc.if_else(signed, pending.column("listing_entry"), pa.scalar(None, pa.int64()))
+    return pending.append_column(SIGNED_ENTRY, entry).select(PLANNED_SCHEMA.names).cast(PLANNED_SCHEMA)
+
+
 def listing_table(sources: list[SourceObject]) -> pa.Table:
     """Listing rows (:data:`LISTING_SCHEMA`) of ``sources``."""
     return pa.table(
@@ -167,6 +192,8 @@ def listing_table(sources: list[SourceObject]) -> pa.Table:
             "source_size": [s.size for s in sources],
             "source_etag": [s.etag for s in sources],
             "source_mtime": [s.mtime for s in sources],
+            "listing_entry": [s.listing_entry for s in sources],
+            SIGNED_URI: [s.signed_uri for s in sources],
         },
         schema=LISTING_SCHEMA,
     )

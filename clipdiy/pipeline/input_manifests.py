@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from clipdiy.errors import InputError
 from clipdiy.pipeline.sources import GLOB_CHARS, SourceObject, as_utc
 from clipdiy.storage import StorageOptions, full_uri, open_filesystem
-from clipdiy.uris import redact_uri
+from clipdiy.uris import UnparsableUriError, public_uri, redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +39,14 @@ def iter_manifest(fs, manifest_path: str, options: StorageOptions, unique: bool 
     # 16-byte digests of the ids seen: a repeated entry is dropped; ~70 bytes per entry in memory.
     seen: set[bytes] = set()
     repeated = 0
-    for entry, size, etag, mtime in entries:
-        uri = _resolve_entry(fs, entry, base_dir)
+    for number, (entry, size, etag, mtime) in enumerate(entries):
+        location = _resolve_entry(fs, entry, base_dir)
+        try:
+            uri = public_uri(location)
+        except UnparsableUriError:
+            uri = redact_uri(location)  # the decode stage gives it an error row (invalid_uri)
         # The id never holds a credential, and a URL signed anew each night keeps its id.
-        image_id = redact_uri(uri).removeprefix(base_uri.rstrip("/") + "/")
+        image_id = uri.removeprefix(base_uri.rstrip("/") + "/")
         if unique:
             digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=16).digest()
             if digest in seen:
@@ -51,7 +55,8 @@ def iter_manifest(fs, manifest_path: str, options: StorageOptions, unique: bool 
             seen.add(digest)
         yield SourceObject(uri=uri, image_id=image_id, size=size,
                            etag=etag.strip('"') if isinstance(etag, str) else None,
-                           mtime=as_utc(mtime))
+                           mtime=as_utc(mtime), listing_entry=number,
+                           signed_uri=None if location == uri else location)
     if repeated:
         logger.warning("manifest %s lists %d entries more than once; each image is labelled once",
                        redact_uri(full_uri(fs, manifest_path)), repeated)

@@ -124,7 +124,7 @@ def describe_source(source: SourceObject, options: StorageOptions | None = None,
 
     Raises FileNotFoundError / PermissionError like :func:`read_bytes`.
     """
-    fs, path = open_filesystem(source.uri, options)
+    fs, path = open_filesystem(source.readable_uri, options)
     info = with_retries(lambda: fs.info(path), what=f"stat {source.uri}", **retry)
     fresh = source_object(fs, path, source.image_id, info)
-    return dataclasses.replace(fresh, uri=source.uri)
+    return dataclasses.replace(source, size=fresh.size, etag=fresh.etag, mtime=fresh.mtime)

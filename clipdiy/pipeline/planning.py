@@ -24,6 +24,7 @@ Joins need the ``polars`` package on the workers (Ray Data's join kernel).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -32,8 +33,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipdiy.output_layout import OutputLayout
@@ -41,11 +42,14 @@ from clipdiy.pipeline.incremental import (
     EARLIER_RUNS,
     LISTING_SCHEMA,
     SHARD_COLUMNS,
+    SIGNED_ENTRY,
+    SIGNED_URI,
     SOURCE_KEY,
     THIS_RUN,
     ListingCounts,
     earlier_run_tags,
     listing_blocks,
+    planned_rows,
     split_pending,
     with_source_key,
 )
@@ -63,8 +67,8 @@ ROWS_PER_PARTITION = 250_000
 MAX_PARTITIONS = 1024
 #: Shard files read by one task of the labelled-rows dataset.
 SHARDS_PER_READ = 16
-#: Number of a manifest entry in the manifest, while repeated entries are dropped.
-LISTING_SEQ = "listing_seq"
+#: Number of a manifest entry in the manifest (``SourceObject.listing_entry``).
+LISTING_SEQ = "listing_entry"
 FIRST_SEQ = "first_listing_seq"
 #: Parts a prefix is split into per listing task (small folders finish early: balance the rest).
 PARTS_PER_LISTING_TASK = 4
@@ -109,12 +113,9 @@ def _list_input(
     batch: pa.Table, *, storage: StorageOptions, block_rows: int, limit: int | None, numbered: bool, keyed: bool
 ) -> Iterator[pa.Table]:
     for input_uri in batch.column("input").to_pylist():
-        listed = 0
-        # Numbered: a manifest's repeated entries stay, for _first_entries to drop on the cluster.
+        # Numbered: a manifest's repeated entries stay, for _first_entries to drop on the cluster
+        # (every manifest entry has its number, LISTING_SEQ, from the listing).
         for block in listing_blocks(iter_sources(input_uri, storage, unique=not numbered), block_rows, limit):
-            if numbered:
-                block = block.append_column(LISTING_SEQ, pa.array(np.arange(listed, listed + block.num_rows)))
-            listed += block.num_rows
             yield with_source_key(block) if keyed else block
 
 
@@ -159,17 +160,21 @@ def _mark_this_run(batch: pa.Table) -> pa.Table:
 
 def _write_pending(batch: pa.Table, *, target: PlanTarget) -> pa.Table:
     pending, counts = split_pending(batch)
+    # A plan file is under OUTPUT and outlives a crash: it holds no signed location, only the
+    # number of the manifest entry that has it (resolved again by pending_dataset).
+    planned = planned_rows(pending)
     path = ""
     if pending.num_rows:
         layout = OutputLayout.open(target.output_uri, target.storage)
         path = posixpath.join(target.plan_dir(layout), f"{PENDING_PREFIX}{uuid.uuid4().hex}.parquet")
         sink = pa.BufferOutputStream()
-        pq.write_table(pending, sink)
+        pq.write_table(planned, sink)
         layout.write_bytes_atomic(path, sink.getvalue().to_pybytes())
     return pa.table(
         {
             "path": [path],
             "todo": [pending.num_rows],
+            "signed": [planned.num_rows - planned.column(SIGNED_ENTRY).null_count],
             "listed": [counts.listed],
             "skipped": [counts.skipped],
             "resumed": [counts.resumed],
@@ -322,19 +327,34 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
     remove_plans(layout, target.run_id)
     counts = ListingCounts()
     files: list[dict] = []
+    signed = 0
     stats = joined.map_batches(_write_pending, fn_kwargs={"target": target}, batch_size=None, batch_format="pyarrow")
     for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
         for record in batch.to_pylist():
             counts.add(ListingCounts(record["listed"], record["skipped"], record["resumed"], record["retried"]))
+            signed += record["signed"]
             if record["todo"]:
                 files.append({"path": record["path"]})
     if not files:
         return Plan(dataset=None, counts=counts, plan_dir=plan_dir)
-    return Plan(dataset=pending_dataset(target, files), counts=counts, plan_dir=plan_dir)
+    dataset = pending_dataset(target, files, resolve_signed=signed > 0, partitions=_partitions(counts.listed))
+    return Plan(dataset=dataset, counts=counts, plan_dir=plan_dir)
 
 
-def pending_dataset(target: PlanTarget, files: list[dict]):
-    """The planned rows, read back a row group (``block_rows`` rows) at a time."""
+def _signed_locations(batch: pa.Table) -> pa.Table:
+    """(``signed_entry``, ``image_id``, ``signed_uri``) of the listing rows that hold a signed location."""
+    signed = batch.filter(pc.is_valid(batch.column(SIGNED_URI)))
+    return pa.table({SIGNED_ENTRY: signed.column(LISTING_SEQ), "image_id": signed.column("image_id"),
+                     SIGNED_URI: signed.column(SIGNED_URI)})
+
+
+def pending_dataset(target: PlanTarget, files: list[dict], *, resolve_signed: bool = False, partitions: int = 1):
+    """The planned rows, read back a row group (``block_rows`` rows) at a time.
+
+    ``resolve_signed``: some rows' readable locations are signed (a manifest of presigned URLs),
+    which no plan file holds: the manifest is listed again and joined on (entry number, image
+    id) to give them their ``signed_uri`` (null when the manifest no longer has that entry: the
+    decode stage then writes an error row)."""
     import ray.data
 
     pending = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
@@ -345,6 +365,11 @@ def pending_dataset(target: PlanTarget, files: list[dict]):
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=target.listing_tasks),
     )
+    if resolve_signed:
+        # Every entry, in manifest order, numbered as when planned (a limit counts unique ids).
+        listing = listing_dataset(dataclasses.replace(target, limit=None), JOIN_BLOCK_ROWS, numbered=True)
+        locations = listing.map_batches(_signed_locations, batch_format="pyarrow", num_cpus=0)
+        pending = pending.join(locations, "left_outer", partitions, on=(SIGNED_ENTRY, "image_id"))
     return pending.repartition(target_num_rows_per_block=target.block_rows)
 
 

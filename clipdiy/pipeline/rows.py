@@ -19,7 +19,7 @@ import pyarrow as pa
 import clipdiy
 from clipdiy.schema import LABEL_SCHEMA_VERSION, label_schema
 from clipdiy.segmentation.segmenter import ModelOutput, Provenance, finalize
-from clipdiy.uris import redact_text, redact_uri
+from clipdiy.uris import redact_text
 
 #: Longer side of the saliency preview PNG.
 SALIENCY_PREVIEW_SIDE = 64
@@ -109,8 +109,9 @@ def build_rows(batch: pa.Table, context: RowContext) -> pa.Table:
     rows = []
     for index, row in enumerate(columns):
         row.update(shared)
-        # No credential in any written row: a presigned URL's signature, a user:password@.
-        row["uri"], row["error"] = redact_uri(row["uri"]), redact_text(row["error"])
+        # ``uri`` holds no credential by construction (the listing's public URI); an error
+        # message is free text from libraries: redacted here, where every row is written.
+        row["error"] = redact_text(row["error"])
         row.update(masks=None, class_scores=None, foreground_fraction=None, saliency_png=None)
         if row["status"] == "ok":
             output: ModelOutput = pickle.loads(payloads[index].as_buffer())

@@ -163,7 +163,8 @@ def _label(
     from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS
 
     free_before = free_resources()
-    health = start_run_health(config.stop_after_failed_reads)
+    plan: RunPlan = dataset_args[2]
+    health = start_run_health(config.stop_after_failed_reads, first_attempt=plan.attempt == 1)
     budget = ErrorBudget(config.max_error_rate, config.error_window)
     stats = build_dataset(config, *dataset_args, health=health)
     batches = iter(stats.iter_batches(batch_size=None, batch_format="pyarrow"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from clipdiy.storage import full_uri
@@ -17,11 +17,17 @@ GLOB_CHARS = re.compile(r"[*?\[]")
 class SourceObject:
     """One input object: where it is, its stable id, and what identifies its content version.
 
-    ``uri``: full URI (``s3://bucket/key``, ``file:///abs/path``); ``image_id``: the path relative
-    to the input root with ``/`` separators (or the URI itself, see :mod:`clipdiy.pipeline.listing`);
+    ``uri``: full URI (``s3://bucket/key``, ``file:///abs/path``) without any credential (see
+    :func:`clipdiy.uris.public_uri`): what rows and logs show; ``image_id``: the path relative
+    to the input root with ``/`` separators (or the public URI itself, see :mod:`clipdiy.pipeline.listing`);
     ``size`` in bytes, ``etag`` (quotes stripped), ``mtime`` (UTC) where the store reports them
     (None for manifest entries without those columns: such an entry's version is unknown, so a
     later run treats it as labelled once any row has its id; :func:`~clipdiy.pipeline.listing.describe_source` stats one).
+    ``listing_entry``: the entry's number in a manifest (0-based, blank lines and comments not
+    counted, repeats counted); None for prefixes and globs.
+    ``signed_uri``: the entry as listed when it carries a credential (a presigned query, a
+    ``user:password@``), the only way to read it; None when ``uri`` reads the object. Never
+    written or logged (not in the repr): it goes from the listing to the read and nowhere else.
     """
 
     uri: str
@@ -29,10 +35,13 @@ class SourceObject:
     size: int | None = None
     etag: str | None = None
     mtime: dt.datetime | None = None
+    listing_entry: int | None = None
+    signed_uri: str | None = field(default=None, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"uri": self.uri, "image_id": self.image_id, "size": self.size,
-                "etag": self.etag, "mtime": self.mtime}
+    @property
+    def readable_uri(self) -> str:
+        """The location to read the object from (may hold a credential: never show it)."""
+        return self.signed_uri or self.uri
 
 
 def source_object(fs, full: str, image_id: str, info: dict) -> SourceObject:
