@@ -12,7 +12,8 @@ ones do), loaded through ``create_segmenter``, it runs in one process:
 
 For each it prints images/s of ``Segmenter.segment``, the share of the time inside the model
 forwards (CLIP/DINO, NACLIP's encoder), inside PAMR and everything else, and the FLOPs per image
-of the method's model forwards (torch's FlopCounterMode: matmuls, convolutions, attention).
+of the method's model forwards (torch's FlopCounterMode: matmuls, convolutions, attention),
+averaged over the photos (each counted alone; their range is printed too).
 """
 
 from __future__ import annotations
@@ -100,11 +101,17 @@ def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: i
     segmenter = create_segmenter(config, text_embeddings=random_text(config, 512))
     meters = instrument(segmenter)
     segmenter.segment(images[:1])  # warm-up: allocations, caches
+    # FLOPs of every image (their sizes differ, and so do the forwards), one image a call, in a
+    # pass of their own: the counter's overhead stays out of the timed pass below.
     for meter in meters:
         meter.counting = True
-        meter.reset()
-    segmenter.segment(images[:1])
-    flops = sum(meter.flops for meter in meters)
+    per_image = []
+    for image in images:
+        for meter in meters:
+            meter.reset()
+        segmenter.segment([image])
+        per_image.append(sum(meter.flops for meter in meters))
+    flops = sum(per_image) / len(per_image)
     for meter in meters:
         meter.counting = False
         meter.reset()
@@ -118,7 +125,8 @@ def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: i
     rest = total - forwards - refine
     print(
         f"{name:34s} {len(images) / total:7.3f} images/s  forwards {forwards / total:6.1%}  PAMR {refine / total:6.1%}  "
-        f"else {rest / total:6.1%}  forward FLOPs/image {flops / 1e9:7.1f} G",
+        f"else {rest / total:6.1%}  forward FLOPs/image {flops / 1e9:7.1f} G "
+        f"(mean of {len(per_image)}: {min(per_image) / 1e9:.1f} to {max(per_image) / 1e9:.1f} G)",
         flush=True,
     )
     return len(images) / total

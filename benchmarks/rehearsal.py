@@ -1,8 +1,10 @@
 """Scale rehearsal of the whole job: N generated small images through ``jobs/label.py`` (tiny
 random-init CLIP, ``--saliency none``), then ``--added`` new images and a second run.
 
-Per run it reports: wall time of the driver process, the job's own listing/planning and
-labelling times (from the run manifest's ``timings``), time from the driver's start to the first
+Per run it reports: wall time of the driver process, the job's own planning and labelling times
+(the run manifest's ``timings``: on a first run, with nothing in OUTPUT, ``planning_before_labelling_s``
+is only the building of the lazy listing dataset, as the listing streams into decoding and its
+time is inside ``labelling_s``; on later runs it is the listing and the anti-join), time from the driver's start to the first
 written shard (shard file mtimes), rows written, and the driver's peak RSS (``ru_maxrss`` of
 the ``jobs/label.py`` driver itself; the embedded Ray's workers are separate processes, not counted).
 
@@ -66,7 +68,7 @@ def run_job(corpus: Path, output: Path, clip, extra: list[str]) -> dict:
     first_shard = min((p.stat().st_mtime for p in new_shards), default=None)
     return {
         "wall_s": round(seconds, 1),
-        "listing_planning_s": manifest["timings"]["listing"],
+        "planning_before_labelling_s": manifest["timings"]["listing"],
         "labelling_s": manifest["timings"]["labelling"],
         "first_shard_after_s": None if first_shard is None else round(first_shard - started_wall, 1),
         "listed": manifest["counts"]["listed"],

@@ -100,15 +100,20 @@ class OutputLayout:
 
     def shard_paths(self, run_id: str) -> list[str]:
         """The committed shards of a run, sorted by name."""
+        return [path for path, _ in self.shard_sizes(run_id)]
+
+    def shard_sizes(self, run_id: str) -> list[tuple[str, int]]:
+        """(path, bytes) of the committed shards of a run, sorted by name: one listing, no
+        request per shard."""
         self.fs.invalidate_cache(self.run_dir(run_id))
         try:
-            names = self.fs.ls(self.run_dir(run_id), detail=False)
+            entries = self.fs.ls(self.run_dir(run_id), detail=True)
         except FileNotFoundError:
             return []
         return sorted(
-            name
-            for name in names
-            if posixpath.basename(name).startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX)
+            (entry["name"], int(entry.get("size") or 0))
+            for entry in entries
+            if posixpath.basename(entry["name"]).startswith(SHARD_PREFIX) and entry["name"].endswith(SHARD_SUFFIX)
         )
 
     def exists(self, path: str) -> bool:

@@ -200,8 +200,8 @@ def test_s3_listing_parts_match_the_sequential_listing(s3_server, tmp_path, s3_b
     s3_server.put_bytes(s3_bucket, "deep/d0/marker/", b"")  # a folder marker object
     s3_server.put_bytes(s3_bucket, "deep-other/x.jpg", b"not under deep/")
     uri = f"s3://{s3_bucket}/deep"
-    for min_parts, max_depth in [(2, 2), (100, 3)]:
-        parts, sources = _parts_listing(uri, s3_server.options, min_parts=min_parts, max_depth=max_depth)
+    for min_parts in (2, 100):  # key ranges: a stretch of more than 4 keys is split
+        parts, sources = _parts_listing(uri, s3_server.options, min_parts=min_parts, split_min_keys=4)
         assert sorted(sources, key=lambda s: s.image_id) == list(iter_sources(uri, s3_server.options))
         assert len(parts) > 1
 

@@ -39,6 +39,7 @@ from fsspec.utils import glob_translate
 
 from clipdiy.errors import InputError
 from clipdiy.pipeline.input_manifests import is_manifest, iter_manifest
+from clipdiy.pipeline.key_ranges import KeyRange
 from clipdiy.pipeline.sources import GLOB_CHARS, SourceObject, source_object
 from clipdiy.pipeline.walks import walk_files
 from clipdiy.storage import StorageOptions, is_s3, open_filesystem, with_retries
@@ -86,28 +87,35 @@ def is_listed(relative: str, wanted: frozenset[str] | None) -> bool:
     return wanted is None or posixpath.splitext(relative)[1].lower() in wanted
 
 
-def _iter_prefix(fs, root: str, wanted) -> Iterator[SourceObject]:
+def iter_key_range_sources(fs, path: str, wanted, key_range: KeyRange) -> Iterator[SourceObject]:
+    """The objects of the S3 prefix or glob ``path`` whose keys lie in ``key_range``, with the
+    ids :func:`iter_sources` gives them."""
+    walk = _iter_glob if GLOB_CHARS.search(path) else _iter_prefix
+    yield from walk(fs, path, wanted, key_range)
+
+
+def _iter_prefix(fs, root: str, wanted, key_range: KeyRange | None = None) -> Iterator[SourceObject]:
     emitted = False
     stem = root.rstrip("/") + "/" if root else ""
-    for full, info in walk_files(fs, root, key_stem=stem):
+    for full, info in walk_files(fs, root, key_stem=stem, key_range=key_range):
         emitted = True
         if is_listed(full[len(stem):], wanted):
             yield source_object(fs, full, full[len(stem):], info)
-    if not emitted and root and fs.isfile(root):
+    if not emitted and key_range is None and root and fs.isfile(root):
         # The input is a single object; its id is its name.
         info = fs.info(root)
         if is_listed(posixpath.basename(root), wanted):
             yield source_object(fs, root, posixpath.basename(root), info)
 
 
-def _iter_glob(fs, pattern: str, wanted) -> Iterator[SourceObject]:
+def _iter_glob(fs, pattern: str, wanted, key_range: KeyRange | None = None) -> Iterator[SourceObject]:
     root, stem = glob_root(pattern)
     if is_s3(fs) and "/" not in stem:
         raise InputError(f"wildcards in a bucket name are not supported: s3://{pattern}")
     matcher = re.compile(glob_translate(pattern))
     root_len = len(root.rstrip("/")) + 1
     # S3 takes the literal stem before the first wildcard as a server-side prefix filter.
-    for full, info in walk_files(fs, root, key_stem=stem):
+    for full, info in walk_files(fs, root, key_stem=stem, key_range=key_range):
         if matcher.match(full) and is_listed(full[root_len:], wanted):
             yield source_object(fs, full, full[root_len:], info)
 

@@ -1,6 +1,10 @@
 """A large prefix listed by several tasks at once: :func:`listing_parts` splits it into disjoint
-folders (the files directly in a folder, or everything below one), and :func:`iter_part_sources`
-lists one part with the same ids as :func:`~clipdiy.pipeline.listing.iter_sources`."""
+parts, and :func:`iter_part_sources` lists one part with the same ids as
+:func:`~clipdiy.pipeline.listing.iter_sources`. On S3 the parts are key ranges
+(:mod:`clipdiy.pipeline.key_ranges`), so a flat prefix (``images/<sha>.jpg``) or a glob over one
+splits as well as a folder tree, and keys with empty path segments (``a//x.jpg``) are listed
+once like any other; elsewhere they are folders (the files directly in a folder, or everything
+below one)."""
 
 from __future__ import annotations
 
@@ -10,42 +14,65 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from clipdiy.pipeline.input_manifests import is_manifest
-from clipdiy.pipeline.listing import IMAGE_EXTENSIONS, is_listed, iter_sources
+from clipdiy.pipeline.key_ranges import SPLIT_MIN_KEYS, KeyRange, S3KeyProbe, split_ranges
+from clipdiy.pipeline.listing import IMAGE_EXTENSIONS, glob_root, is_listed, iter_key_range_sources, iter_sources
 from clipdiy.pipeline.sources import GLOB_CHARS, SourceObject, source_object
 from clipdiy.pipeline.walks import folder_level, walk_files
-from clipdiy.storage import StorageOptions, open_filesystem
+from clipdiy.storage import StorageOptions, is_s3, open_filesystem
 
 
 @dataclass(frozen=True)
 class ListingPart:
     """A piece of a prefix listing that one task lists (picklable).
 
-    ``folder``: None for the whole input, listed as :func:`iter_sources` lists it; else a folder
-    below the input's prefix (filesystem path, no trailing ``/``). ``recursive``: every file
-    below ``folder``, or only the files directly in it.
+    ``folder``: None for the whole input, listed as :func:`iter_sources` lists it, restricted to
+    the S3 keys ``start_after < key <= end_at`` when either is set (a :class:`KeyRange`, full
+    keys without the bucket); else a local or other non-S3 folder below the input's prefix
+    (filesystem path, no trailing ``/``). ``recursive``: every file below ``folder``, or only
+    the files directly in it.
     """
 
     folder: str | None = None
     recursive: bool = True
+    start_after: str | None = None
+    end_at: str | None = None
+
+    @property
+    def key_range(self) -> KeyRange | None:
+        if self.start_after is None and self.end_at is None:
+            return None
+        return KeyRange(self.start_after, self.end_at)
 
 
 def listing_parts(
-    input_uri: str, options: StorageOptions | None = None, *, min_parts: int = 64, max_depth: int = 3
+    input_uri: str,
+    options: StorageOptions | None = None,
+    *,
+    min_parts: int = 64,
+    max_depth: int = 3,
+    split_min_keys: int = SPLIT_MIN_KEYS,
 ) -> Iterator[ListingPart]:
     """Disjoint parts whose listings (:func:`iter_part_sources`) together give exactly
     :func:`iter_sources`'s objects, with the same ids (in another order).
 
-    Only a prefix with sub-folders is split; a glob, a manifest, a single object or a folder
-    without sub-folders is one part, the whole input. The split goes breadth first, one folder
+    On S3 a prefix or glob is split into about ``min_parts`` key ranges (see
+    :mod:`clipdiy.pipeline.key_ranges`; a stretch of at most ``split_min_keys`` keys is not
+    split), whatever its folders. Elsewhere only a prefix with sub-folders is split; a glob, a
+    manifest, a single object or a folder without sub-folders is one part, the whole input.
+    The folder split goes breadth first, one folder
     level at a time, until a level holds ``min_parts`` folders or ``max_depth`` levels are split:
     each folder of the levels above gives a part of its own files (not recursive), each folder of
     the last level a recursive part. At most ``min_parts`` folder names are held; beyond that the
-    parts stream. A generator: nothing is listed before the first part is asked for. On S3 each
-    split folder is listed with a delimiter, so its own files are listed twice (once here, once
-    by its part): corpora keep their files in the leaves, where nothing is listed twice.
+    parts stream. A generator: nothing is listed before the first part is asked for.
     """
     fs, path = open_filesystem(input_uri, options)
-    if GLOB_CHARS.search(path) or is_manifest(fs, path):
+    if is_manifest(fs, path):
+        yield ListingPart()
+        return
+    if is_s3(fs):
+        yield from _key_range_parts(fs, path, min_parts, split_min_keys)
+        return
+    if GLOB_CHARS.search(path):
         yield ListingPart()
         return
     root_subfolders = _subfolders(fs, path)
@@ -75,6 +102,21 @@ def listing_parts(
         level = children
 
 
+def _key_range_parts(fs, path: str, parts: int, min_keys: int) -> Iterator[ListingPart]:
+    # The keys the whole listing pages through: below the prefix, or from the glob's literal stem.
+    key_stem = glob_root(path)[1] if GLOB_CHARS.search(path) else path.rstrip("/") + "/"
+    bucket, slash, prefix = key_stem.partition("/")
+    if not bucket or not slash:
+        yield ListingPart()  # a bucket-less or wildcard-bucket input: iter_sources says why
+        return
+    ranges = list(split_ranges(S3KeyProbe(fs, bucket, prefix), prefix, parts, min_keys=min_keys))
+    if len(ranges) == 1:
+        yield ListingPart()
+        return
+    for key_range in ranges:
+        yield ListingPart(start_after=key_range.start_after, end_at=key_range.end_at)
+
+
 def iter_part_sources(
     input_uri: str,
     part: ListingPart,
@@ -84,6 +126,11 @@ def iter_part_sources(
 ) -> Iterator[SourceObject]:
     """The objects of one part of ``input_uri``'s listing (see :func:`listing_parts`), ids
     relative to the input's prefix as :func:`iter_sources` gives them; lexicographic order."""
+    if part.folder is None and part.key_range is not None:
+        fs, path = open_filesystem(input_uri, options)
+        wanted = None if extensions is None else frozenset(e.lower() for e in extensions)
+        yield from iter_key_range_sources(fs, path, wanted, part.key_range)
+        return
     if part.folder is None:
         yield from iter_sources(input_uri, options, extensions=extensions)
         return

@@ -5,8 +5,10 @@ last). A run folder without a manifest is an unfinished run; the next start resu
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import importlib.metadata
+import math
 import os
 import platform
 import secrets
@@ -15,12 +17,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import clipdiy
 from clipdiy.errors import ClipdiyError
 from clipdiy.output_layout import OutputLayout
+from clipdiy.storage import StorageOptions
 from clipdiy.schema import LABEL_SCHEMA_VERSION, MANIFEST_SCHEMA_FILE, schema_document
 
 
@@ -122,21 +126,69 @@ def write_run_state(layout: OutputLayout, plan: RunPlan, fingerprint: dict[str, 
     layout.write_json_atomic(path, state)
 
 
-def shard_records(layout: OutputLayout, run_id: str, known: dict[str, dict]) -> list[dict]:
+#: Shards whose rows one stats task counts, :data:`READS_PER_STATS_TASK` at a time (each read
+#: waits on the store: a footer and a column). Few, large tasks: a task costs more to start than
+#: a shard costs to count.
+SHARDS_PER_STATS_TASK = 256
+READS_PER_STATS_TASK = 16
+
+
+def shard_records(
+    layout: OutputLayout, run_id: str, known: dict[str, dict], *, storage: StorageOptions | None = None, tasks: int = 16
+) -> list[dict]:
     """One record per committed shard of a run: path (relative), rows, ok, error, bytes.
 
-    ``known`` holds the records of shards this process wrote; others (earlier attempts) are read.
+    ``known`` holds the records of shards this process wrote. The others (earlier attempts of a
+    resumed run: up to one per 1,000 images) are counted on the cluster, by at most ``tasks``
+    Ray tasks at once, each reading the ``status`` column of up to :data:`SHARDS_PER_STATS_TASK`
+    shards, :data:`READS_PER_STATS_TASK` at a time; the driver only lists the run's folder
+    (sizes come with the listing) and collects the records, which the manifest holds anyway.
     """
+    listed = layout.shard_sizes(run_id)
+    unknown = [(path, size) for path, size in listed if layout.relative(path) not in known]
+    counted = {record["path"]: record for record in _count_shards_on_cluster(layout, unknown, storage, tasks)}
     records = []
-    for path in layout.shard_paths(run_id):
+    for path, _ in listed:
         relative = layout.relative(path)
-        record = known.get(relative)
-        if record is None:
-            status = pq.read_table(path, columns=["status"], filesystem=layout.fs).column("status")
-            ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
-            record = {"path": relative, "rows": len(status), "ok": ok, "error": len(status) - ok, "bytes": layout.fs.size(path)}
-        records.append(dict(record))
+        records.append(dict(known.get(relative) or counted[relative]))
     return records
+
+
+def _count_shards_on_cluster(
+    layout: OutputLayout, shards: list[tuple[str, int]], storage: StorageOptions | None, tasks: int
+) -> list[dict]:
+    if not shards:
+        return []
+    import ray.data
+
+    items = [{"path": path, "bytes": size} for path, size in shards]
+    stats = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / SHARDS_PER_STATS_TASK)).map_batches(
+        _count_shards,
+        fn_kwargs={"output_uri": layout.uri, "storage": storage},
+        batch_size=SHARDS_PER_STATS_TASK,
+        batch_format="pyarrow",
+        num_cpus=0,  # waits on the store; the pool below bounds how many run at once
+        compute=ray.data.TaskPoolStrategy(size=max(1, tasks)),
+    )
+    return [record for batch in stats.iter_batches(batch_format="pyarrow", batch_size=None) for record in batch.to_pylist()]
+
+
+def _count_shards(batch: pa.Table, *, output_uri: str, storage: StorageOptions | None) -> pa.Table:
+    layout = OutputLayout.open(output_uri, storage)
+
+    def count(path: str, size: int) -> dict:
+        status = pq.read_table(path, columns=["status"], filesystem=layout.fs).column("status")
+        ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+        return {"path": layout.relative(path), "rows": len(status), "ok": ok, "error": len(status) - ok, "bytes": size}
+
+    with concurrent.futures.ThreadPoolExecutor(READS_PER_STATS_TASK) as pool:
+        records = list(pool.map(count, batch.column("path").to_pylist(), batch.column("bytes").to_pylist()))
+    return pa.Table.from_pylist(records, schema=SHARD_RECORD_SCHEMA)
+
+
+SHARD_RECORD_SCHEMA = pa.schema(
+    [("path", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()), ("error", pa.int64()), ("bytes", pa.int64())]
+)
 
 
 def package_versions() -> dict[str, str]:

@@ -14,8 +14,9 @@ Two shapes, both with driver memory that does not grow with the corpus:
   small stats row per written file; the labelling reads the files back (:func:`pending_dataset`).
   Time is linear in listed + labelled rows: every row is hashed once per join.
 
-The listing of a prefix is spread over the cluster: one task splits it into folders
-(:func:`~clipdiy.pipeline.listing_parts.listing_parts`) and up to ``listing_tasks`` tasks list the parts at
+The listing of a prefix is spread over the cluster: one task splits it into parts (key ranges on
+S3, folders elsewhere: :func:`~clipdiy.pipeline.listing_parts.listing_parts`) and up to
+``listing_tasks`` tasks list the parts at
 once, so a bucket of 100M objects is not paged through by one client, one page after another.
 A ``limit`` (the first N in listing order) keeps one task listing in order.
 
@@ -54,6 +55,7 @@ from clipdiy.pipeline.incremental import (
     with_source_key,
 )
 from clipdiy.pipeline.input_manifests import is_manifest_input, manifest_entries_estimate
+from clipdiy.pipeline.key_ranges import SPLIT_MIN_KEYS
 from clipdiy.pipeline.listing import iter_sources
 from clipdiy.pipeline.listing_parts import ListingPart, iter_part_sources, listing_parts
 from clipdiy.storage import StorageOptions
@@ -91,6 +93,7 @@ class PlanTarget:
     block_rows: int  # listing rows per block handed to the labelling (decode tasks take whole blocks)
     limit: int | None = None
     listing_tasks: int = 16  # parts of a prefix listed at once (each task mostly waits on the store)
+    split_min_keys: int = SPLIT_MIN_KEYS  # S3 keys below which a key range is not split further
 
     def plan_dir(self, layout: OutputLayout) -> str:
         return layout.path("runs", self.run_id, PLAN_DIR, f"{self.attempt:03d}")
@@ -119,22 +122,26 @@ def _list_input(
             yield with_source_key(block) if keyed else block
 
 
-def _split_listing(batch: pa.Table, *, storage: StorageOptions, min_parts: int) -> Iterator[pa.Table]:
+def _split_listing(
+    batch: pa.Table, *, storage: StorageOptions, min_parts: int, split_min_keys: int = SPLIT_MIN_KEYS
+) -> Iterator[pa.Table]:
     for input_uri in batch.column("input").to_pylist():
-        parts = listing_parts(input_uri, storage, min_parts=min_parts)
+        parts = listing_parts(input_uri, storage, min_parts=min_parts, split_min_keys=split_min_keys)
         while chunk := list(itertools.islice(parts, PARTS_PER_BLOCK)):
             yield pa.table(
                 {
                     "input": pa.array([input_uri] * len(chunk), pa.string()),
                     "folder": pa.array([part.folder for part in chunk], pa.string()),
                     "recursive": pa.array([part.recursive for part in chunk], pa.bool_()),
+                    "start_after": pa.array([part.start_after for part in chunk], pa.string()),
+                    "end_at": pa.array([part.end_at for part in chunk], pa.string()),
                 }
             )
 
 
 def _list_parts(batch: pa.Table, *, storage: StorageOptions, block_rows: int, keyed: bool) -> Iterator[pa.Table]:
     for row in batch.to_pylist():
-        part = ListingPart(row["folder"], row["recursive"])
+        part = ListingPart(row["folder"], row["recursive"], row["start_after"], row["end_at"])
         for block in listing_blocks(iter_part_sources(row["input"], part, storage), block_rows):
             yield with_source_key(block) if keyed else block
 
@@ -218,7 +225,8 @@ def listing_dataset(target: PlanTarget, block_rows: int, *, numbered: bool = Fal
     else:
         parts = source.map_batches(
             _split_listing,
-            fn_kwargs={"storage": target.storage, "min_parts": PARTS_PER_LISTING_TASK * target.listing_tasks},
+            fn_kwargs={"storage": target.storage, "min_parts": PARTS_PER_LISTING_TASK * target.listing_tasks,
+                       "split_min_keys": target.split_min_keys},
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=0,

@@ -295,7 +295,8 @@ def _run_locked(
     if counts is None:  # the listing streamed: every listed image was labelled by this start
         counts = ListingCounts(listed=sum(r["rows"] for r in written.values()))
 
-    shards = shard_records(layout, plan.run_id, written)
+    # Earlier attempts' shards are counted by Ray tasks, not read one by one here.
+    shards = shard_records(layout, plan.run_id, written, storage=config.storage, tasks=config.listing_tasks)
     run_rows = sum(s["rows"] for s in shards)
     run_ok = sum(s["ok"] for s in shards)
     seen = sum(r["rows"] for r in written.values())

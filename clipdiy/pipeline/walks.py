@@ -13,33 +13,38 @@ from collections.abc import Iterator
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.errors import InputError
+from clipdiy.pipeline.key_ranges import KeyRange
 from clipdiy.storage import is_s3
 
 
 S3_PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
 
 
-def walk_files(fs, root: str, key_stem: str) -> Iterator[tuple[str, dict]]:
+def walk_files(fs, root: str, key_stem: str, key_range: KeyRange | None = None) -> Iterator[tuple[str, dict]]:
     """(full path, info) of every file below ``root`` whose path starts with ``key_stem``,
-    in lexicographic order of the full path."""
+    in lexicographic order of the full path; on S3 only the keys in ``key_range``."""
     if is_s3(fs):
-        yield from _walk_s3(fs, key_stem)
+        yield from _walk_s3(fs, key_stem, key_range or KeyRange())
     elif isinstance(fs, LocalFileSystem):
         yield from _walk_local(root or "/", key_stem)
     else:
         yield from _walk_generic(fs, root, key_stem)
 
 
-def _walk_s3(fs, key_stem: str) -> Iterator[tuple[str, dict]]:
+def _walk_s3(fs, key_stem: str, key_range: KeyRange) -> Iterator[tuple[str, dict]]:
     bucket, _, prefix = key_stem.partition("/")
     if not bucket:
         raise InputError("cannot list all of S3: name a bucket (s3://bucket/prefix)")
     request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": S3_PAGE_SIZE}
+    if key_range.start_after is not None:
+        request["StartAfter"] = key_range.start_after
     while True:
         # One page per request; the page is dropped before the next one is fetched.
         page = fs.call_s3("list_objects_v2", fs.req_kw, **request)
         for entry in page.get("Contents", ()):
             key = entry["Key"]
+            if key_range.past_end(key):
+                return
             if key.endswith("/"):
                 continue  # a folder marker object, not a file
             yield f"{bucket}/{key}", {"size": entry.get("Size"), "ETag": entry.get("ETag"),
@@ -119,24 +124,10 @@ def generic_entries(fs, directory: str) -> list[tuple[str, dict]]:
 
 def folder_level(fs, folder: str) -> Iterator[tuple[str, dict | None]]:
     """One folder level, in lexicographic order: (path, info) of each file directly in
-    ``folder``, and (path, None) of each folder in it. Paths without a trailing ``/``."""
-    if is_s3(fs):
-        bucket, _, prefix = folder.partition("/")
-        request = {"Bucket": bucket, "Prefix": prefix.rstrip("/") + "/" if prefix else "", "Delimiter": "/",
-                   "MaxKeys": S3_PAGE_SIZE}
-        while True:
-            page = fs.call_s3("list_objects_v2", fs.req_kw, **request)
-            entries = [(f"{bucket}/{c['Prefix'].rstrip('/')}", None) for c in page.get("CommonPrefixes", ())]
-            entries += [
-                (f"{bucket}/{e['Key']}", {"size": e.get("Size"), "ETag": e.get("ETag"), "LastModified": e.get("LastModified")})
-                for e in page.get("Contents", ())
-                if not e["Key"].endswith("/")  # a folder marker object, not a file
-            ]
-            yield from sorted(entries, key=lambda entry: entry[0])
-            if not page.get("IsTruncated"):
-                return
-            request["ContinuationToken"] = page["NextContinuationToken"]
-    elif isinstance(fs, LocalFileSystem):
+    ``folder``, and (path, None) of each folder in it. Paths without a trailing ``/``.
+    Not for S3 (split by key range): there a common prefix ``a//`` is a folder whose name,
+    without its trailing ``/``, is its parent's."""
+    if isinstance(fs, LocalFileSystem):
         base = (folder or "/").replace(os.sep, "/").rstrip("/") + "/"
         for name in local_names(folder or "/"):
             if name.endswith("/"):
