@@ -12,7 +12,9 @@ ones do), loaded through ``create_segmenter``, it runs in one process:
 
 For each it prints images/s of ``Segmenter.segment``, the share of the time inside the model
 forwards (CLIP/DINO, NACLIP's encoder), inside PAMR and everything else, and the FLOPs per image
-of the method's model forwards (torch's FlopCounterMode: matmuls, convolutions, attention).
+of the method's model forwards (torch's FlopCounterMode: matmuls, convolutions, attention); for
+NACLIP also the encoder forwards: images per forward (how much work one launch gets on a GPU) and
+rows per forward (images, or 224-px windows when sliding).
 """
 
 from __future__ import annotations
@@ -47,8 +49,20 @@ class Meter:
         self.seconds = 0.0
         self.flops = 0
         self.counting = False
+        self.calls = 0
+        self.items = 0  # batch rows of the first argument, over all calls
+
+    def _items(self, args) -> int:
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor):
+            return int(first.shape[0])
+        if isinstance(first, (list, tuple)):
+            return len(first)
+        return 0
 
     def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.items += self._items(args)
         start = time.perf_counter()
         if self.counting:
             with FlopCounterMode(display=False) as counter:
@@ -62,6 +76,8 @@ class Meter:
     def reset(self) -> None:
         self.seconds = 0.0
         self.flops = 0
+        self.calls = 0
+        self.items = 0
 
 
 def load_images(count: int) -> list[np.ndarray]:
@@ -116,11 +132,14 @@ def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: i
     forwards = sum(meter.seconds for meter in meters)
     refine = pamr_meter.seconds
     rest = total - forwards - refine
-    print(
+    line = (
         f"{name:34s} {len(images) / total:7.3f} images/s  forwards {forwards / total:6.1%}  PAMR {refine / total:6.1%}  "
-        f"else {rest / total:6.1%}  forward FLOPs/image {flops / 1e9:7.1f} G",
-        flush=True,
+        f"else {rest / total:6.1%}  forward FLOPs/image {flops / 1e9:7.1f} G"
     )
+    if segmenter.scorer is None:  # naclip: how much work each encoder forward gets
+        calls, rows = meters[0].calls, meters[0].items
+        line += f"  encoder forwards {calls}: images/forward {len(images) / calls:5.1f}, rows/forward {rows / calls:6.1f}"
+    print(line, flush=True)
     return len(images) / total
 
 
