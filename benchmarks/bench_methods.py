@@ -1,6 +1,7 @@
 """Images/s of each segmentation method on the same photos, and where the time goes, offline.
 
     python benchmarks/bench_methods.py --images 4
+    python benchmarks/bench_methods.py --images 32 --batch 32 --naclip-clip tiny --only naclip-whole-nopamr,naclip-slide-nopamr
 
 On the sample COCO photos at their own size (tests/data/coco-val2017-sample) with random-init
 models of the real architectures (tests/model_factories.py; random weights cost exactly what real
@@ -112,8 +113,8 @@ def random_text(config: SegmenterConfig, width: int) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(rows, width, generator=torch.Generator().manual_seed(0)), dim=-1)
 
 
-def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: int, pamr_meter: Meter) -> float:
-    segmenter = create_segmenter(config, text_embeddings=random_text(config, 512))
+def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: int, pamr_meter: Meter, width: int = 512) -> float:
+    segmenter = create_segmenter(config, text_embeddings=random_text(config, width))
     meters = instrument(segmenter)
     segmenter.segment(images[:1])  # warm-up: allocations, caches
     for meter in meters:
@@ -151,6 +152,12 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated names of runs to skip (e.g. clipdiy-found)")
     parser.add_argument("--only", default="", help="comma-separated names of the only runs to do (e.g. naclip-whole-pamr)")
     parser.add_argument("--workdir", default=None, help="where the random checkpoints go (default: a temp dir)")
+    parser.add_argument(
+        "--naclip-clip", choices=("ViT-B-16", "tiny"), default="ViT-B-16",
+        help="NACLIP's CLIP: the real architecture, or the tests' tiny one (two 64-wide layers, 32-px "
+        "patches: the model costs almost nothing, what is left is everything around it)",
+    )
+    parser.add_argument("--forward-tokens", type=int, default=None, help="NACLIP's max_forward_tokens (default: the device's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,7 +172,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         b32 = make_clip_config(workdir / "clip-b32", arch="ViT-B-32")
-        b16 = make_clip_config(workdir / "clip-b16", arch="ViT-B-16")
+        b16 = make_clip_config(workdir / f"clip-{args.naclip_clip}", arch=args.naclip_clip)
+        naclip_width = 64 if args.naclip_clip == "tiny" else 512
         found = make_saliency_config(workdir / "found")
         clipdiy_config = SegmenterConfig(vocabulary="voc", clip=b32, device="cpu")
         runs = {
@@ -174,16 +182,17 @@ def main() -> None:
             "clipdiy-none": replace(clipdiy_config, saliency=SaliencyConfig(backend="none")),
             "clipdiy-none-pamr": replace(clipdiy_config, saliency=SaliencyConfig(backend="none"), refine="pamr"),
         }
+        forward_tokens = {} if args.forward_tokens is None else {"max_forward_tokens": args.forward_tokens}
         for window in ("whole", "slide"):
             for refine in ("pamr", "none"):
                 runs[f"naclip-{window}-{'pamr' if refine == 'pamr' else 'nopamr'}"] = SegmenterConfig(
                     method="naclip", vocabulary="naclip-voc21", clip=b16, device="cpu",
-                    naclip=NaclipConfig(window=window), refine=refine,
+                    naclip=NaclipConfig(window=window, **forward_tokens), refine=refine,
                 )
         rates = {}
         for name, config in runs.items():
             if name not in skip and (not only or name in only):
-                rates[name] = bench(name, config, images, args.batch, pamr_meter)
+                rates[name] = bench(name, config, images, args.batch, pamr_meter, naclip_width if name.startswith("naclip") else 512)
         if "clipdiy-found" in rates and "naclip-whole-pamr" in rates:
             print(f"naclip whole (PAMR) / clipdiy faithful with FOUND: {rates['naclip-whole-pamr'] / rates['clipdiy-found']:.2f}x  (target >= 3x)")
 
