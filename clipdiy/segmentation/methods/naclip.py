@@ -105,6 +105,11 @@ def window_boxes(height: int, width: int, size: int, stride: int) -> tuple[tuple
     return tuple(boxes)
 
 
+#: Scaled logits per block of the decision (float32 elements: 16 MiB, two buffers; a block of
+#: pixels' queries stays in a CPU's cache between the steps).
+DECISION_BLOCK_ELEMENTS = 1 << 22
+
+
 def default_forward_tokens(device: torch.device) -> int:
     """Tokens per image-tower forward when the config leaves it open (see ``NaclipConfig``)."""
     return 32768 if device.type == "cuda" else 8192
@@ -130,6 +135,30 @@ def token_chunks(tokens: Sequence[int], budget: int, *, sort: bool) -> list[list
     if current:
         chunks.append(current)
     return chunks
+
+
+def class_runs(class_queries: Sequence[Sequence[int]]) -> list[tuple[int, int, int, int, bool]]:
+    """How to gather each class's best query from the query columns, in few slice operations.
+
+    class_queries: the (sorted) query columns of each class. Returns (first class, end class,
+    first query, end query, is_max) runs: a copy of query columns [first, end) into classes
+    [first, end) (consecutive one-query classes), or the max over query columns [first, end) into
+    one class (a class with several queries). A class's several queries must be contiguous (they
+    are unless some of them also belong to an earlier class: vocabulary files forbid that).
+    """
+    runs: list[tuple[int, int, int, int, bool]] = []
+    for c, columns in enumerate(class_queries):
+        if len(columns) == 1:
+            last = runs[-1] if runs else None
+            if last and not last[4] and last[1] == c and last[3] == columns[0]:
+                runs[-1] = (last[0], c + 1, last[2], columns[0] + 1, False)
+            else:
+                runs.append((c, c + 1, columns[0], columns[0] + 1, False))
+        elif list(columns) == list(range(columns[0], columns[-1] + 1)):
+            runs.append((c, c + 1, columns[0], columns[-1] + 1, True))
+        else:
+            raise ValueError(f"class {c}'s query columns {list(columns)} are not contiguous")
+    return runs
 
 
 def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -177,9 +206,9 @@ class NaclipMethod:
         self.query_embeddings = self.text_embeddings[[words.index(word) for word in unique]]
         multiplicity = torch.tensor([words.count(word) for word in unique], device=device, dtype=torch.float32)
         self.multiplicity = multiplicity if bool((multiplicity > 1).any()) else None
-        #: Each class's queries as columns of the unique words (a slice when contiguous).
+        #: Each class's queries as columns of the unique words.
         self.class_queries = [sorted({unique.index(w) for w, o in zip(words, owners) if o == c}) for c in range(len(vocabulary))]
-        self.first_queries = torch.tensor([columns[0] for columns in self.class_queries], device=device)
+        self.class_runs = class_runs(self.class_queries)
         self.mode = resolve_window(self.config, vocabulary.name)
         self.forward_tokens = self.config.max_forward_tokens or default_forward_tokens(torch.device(device))
         self.mean = torch.tensor(NACLIP_MEAN, device=device).view(1, 3, 1, 1)
@@ -274,34 +303,43 @@ class NaclipMethod:
         """SPEC 8.9: softmax over queries of 40 x logits, max per class, threshold to background.
 
         logits: B x U x H x W, one map per distinct query word (any layout; pixel-major is the
-        fast one). Pixel-major work: each step reads a pixel's queries (or classes) as one
-        contiguous run. The query probabilities are computed once (one scaled copy, one softmax);
-        a class with one query takes its column, a class with several the max over its columns.
-        Returns B x C x H x W probabilities (pixel-major), B x H x W labels, B x 1 x H x W
-        foreground.
+        fast one: a class-major input costs one transposing copy). Runs pixel-major, in blocks of
+        pixels whose scaled logits and query probabilities stay in two reused buffers (bounded
+        memory, no fresh pages per step): per block one scaled copy, one softmax, then each
+        class's best query by slice copies (runs of one-query classes) and slice maxima (classes
+        with several queries). Returns B x C x H x W probabilities (pixel-major), B x H x W
+        labels, B x 1 x H x W foreground.
         """
-        scaled = logits.permute(0, 2, 3, 1).mul(self.config.logit_scale)  # B x H x W x U, pixel-major
-        if self.multiplicity is not None:
-            scaled.add_(self.multiplicity.log())
-        query_probabilities = torch.softmax(scaled, dim=-1)
-        del scaled
-        if self.multiplicity is not None:
-            query_probabilities.div_(self.multiplicity)
-        if all(len(columns) == 1 for columns in self.class_queries) and query_probabilities.shape[-1] == self.num_classes:
-            best = query_probabilities
-        else:
-            best = query_probabilities.index_select(-1, self.first_queries)
-            for c, columns in enumerate(self.class_queries):
-                if len(columns) > 1:
-                    contiguous = columns == list(range(columns[0], columns[-1] + 1))
-                    mine = query_probabilities[..., columns[0] : columns[-1] + 1] if contiguous else query_probabilities[..., columns]
-                    best[..., c] = mine.amax(dim=-1)
-        del query_probabilities
+        batch, queries, height, width = logits.shape
+        flat = logits.permute(0, 2, 3, 1).reshape(-1, queries)  # a view when pixel-major
+        pixels = flat.shape[0]
+        best = flat.new_empty(pixels, self.num_classes)
+        rows = max(1, min(pixels, DECISION_BLOCK_ELEMENTS // queries))
+        scaled, probabilities = flat.new_empty(rows, queries), flat.new_empty(rows, queries)
+        log_multiplicity = None if self.multiplicity is None else self.multiplicity.log()
+        for start in range(0, pixels, rows):
+            part = flat[start : start + rows]
+            count = part.shape[0]
+            block = torch.mul(part, self.config.logit_scale, out=scaled[:count])
+            if log_multiplicity is not None:
+                block.add_(log_multiplicity)
+            query_probabilities = torch.softmax(block, dim=-1, out=probabilities[:count])
+            if self.multiplicity is not None:
+                query_probabilities.div_(self.multiplicity)
+            target = best[start : start + count]
+            for first_class, end_class, first_query, end_query, is_max in self.class_runs:
+                columns = query_probabilities[:, first_query:end_query]
+                if is_max:
+                    target[:, first_class] = columns.amax(dim=-1)  # (a strided out= is slow)
+                else:
+                    target[:, first_class:end_class] = columns
+        del scaled, probabilities
         top, labels = best.max(dim=-1)
         labels.masked_fill_(top < self.config.threshold, 0)
-        probabilities = best.div_(best.sum(dim=-1, keepdim=True)).permute(0, 3, 1, 2)  # the authors' class probabilities
-        foreground = 1.0 - probabilities[:, :1]
-        return MethodDecision(probabilities, labels, foreground)
+        best.div_(best.sum(dim=-1, keepdim=True))  # the authors' class probabilities, normalised
+        class_probabilities = best.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        foreground = 1.0 - class_probabilities[:, :1]
+        return MethodDecision(class_probabilities, labels.view(batch, height, width), foreground)
 
 
 register_method(
