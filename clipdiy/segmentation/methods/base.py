@@ -77,7 +77,7 @@ class SegmentationMethod(Protocol):
 
 def forward_by_key(method: SegmentationMethod, prepared: Sequence[PreparedImage], device) -> Iterator[tuple[list[int], MethodLogits]]:
     """One :meth:`SegmentationMethod.forward` per group of equal batch key, its inputs moved in one transfer."""
-    from clipdiy.segmenter import group_by_shape, to_device
+    from clipdiy.segmentation.batching import group_by_shape, to_device
 
     for indices in group_by_shape([method.batch_key(p) for p in prepared]):
         group = [prepared[i] for i in indices]
