@@ -144,6 +144,20 @@ def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: i
     return len(images) / total
 
 
+def forward_plan(images: list[np.ndarray], budget: int, window: str) -> str:
+    """Images (and rows) per ViT-B/16 forward NACLIP plans for these photos in one batch under a token budget."""
+    from clipdiy.segmentation.methods.naclip import naclip_input_size, token_chunks, window_boxes
+
+    config = NaclipConfig()
+    sizes = [naclip_input_size(*image.shape[:2], config) for image in images]
+    if window == "whole":
+        tokens = [1 + (h // 16) * (w // 16) for h, w in sizes]
+    else:
+        tokens = [1 + 14 * 14 for h, w in sizes for _ in window_boxes(h, w, config.window_size, config.window_stride)]
+    forwards = len(token_chunks(tokens, budget, sort=window == "whole"))
+    return f"{window}: {forwards} forwards, images/forward {len(images) / forwards:.1f}, rows/forward {len(tokens) / forwards:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4, help="photos per method (max 32)")
@@ -166,6 +180,9 @@ def main() -> None:
     images = load_images(args.images)
     sizes = sorted({image.shape[:2] for image in images})
     print(f"{len(images)} photos of sizes {sizes}, batch {args.batch}, {torch.get_num_threads()} CPU threads, device cpu")
+    for budget, device in ((8192, "CPU"), (32768, "CUDA")):
+        plans = "; ".join(forward_plan(images[: args.batch], budget, window) for window in ("whole", "slide"))
+        print(f"NACLIP ViT-B/16 forwards of the first batch at {budget} tokens ({device} default): {plans}")
     pamr_meter = Meter(clipdiy.segmentation.refine.pamr)
     clipdiy.segmentation.refine.pamr = pamr_meter  # the segmenter imports it at call time
 
