@@ -1,6 +1,7 @@
 """Images/s of each segmentation method on the same photos, and where the time goes, offline.
 
     python benchmarks/bench_methods.py --images 4
+    python benchmarks/bench_methods.py --images 32 --batch 32 --naclip-clip tiny --only naclip-whole-nopamr,naclip-slide-nopamr
 
 On the sample COCO photos at their own size (tests/data/coco-val2017-sample) with random-init
 models of the real architectures (tests/model_factories.py; random weights cost exactly what real
@@ -13,7 +14,9 @@ ones do), loaded through ``create_segmenter``, it runs in one process:
 For each it prints images/s of ``Segmenter.segment``, the share of the time inside the model
 forwards (CLIP/DINO, NACLIP's encoder), inside PAMR and everything else, and the FLOPs per image
 of the method's model forwards (torch's FlopCounterMode: matmuls, convolutions, attention),
-averaged over the photos (each counted alone; their range is printed too).
+averaged over the photos (each counted alone; their range is printed too); for NACLIP also the
+encoder forwards: images per forward (how much work one launch gets on a GPU) and rows per
+forward (images, or 224-px windows when sliding).
 """
 
 from __future__ import annotations
@@ -48,8 +51,20 @@ class Meter:
         self.seconds = 0.0
         self.flops = 0
         self.counting = False
+        self.calls = 0
+        self.items = 0  # batch rows of the first argument, over all calls
+
+    def _items(self, args) -> int:
+        first = args[0] if args else None
+        if isinstance(first, torch.Tensor):
+            return int(first.shape[0])
+        if isinstance(first, (list, tuple)):
+            return len(first)
+        return 0
 
     def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.items += self._items(args)
         start = time.perf_counter()
         if self.counting:
             with FlopCounterMode(display=False) as counter:
@@ -63,6 +78,8 @@ class Meter:
     def reset(self) -> None:
         self.seconds = 0.0
         self.flops = 0
+        self.calls = 0
+        self.items = 0
 
 
 def load_images(count: int) -> list[np.ndarray]:
@@ -97,8 +114,8 @@ def random_text(config: SegmenterConfig, width: int) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(rows, width, generator=torch.Generator().manual_seed(0)), dim=-1)
 
 
-def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: int, pamr_meter: Meter) -> float:
-    segmenter = create_segmenter(config, text_embeddings=random_text(config, 512))
+def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: int, pamr_meter: Meter, width: int = 512) -> float:
+    segmenter = create_segmenter(config, text_embeddings=random_text(config, width))
     meters = instrument(segmenter)
     segmenter.segment(images[:1])  # warm-up: allocations, caches
     # FLOPs of every image (their sizes differ, and so do the forwards), one image a call, in a
@@ -123,13 +140,30 @@ def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: i
     forwards = sum(meter.seconds for meter in meters)
     refine = pamr_meter.seconds
     rest = total - forwards - refine
-    print(
+    line = (
         f"{name:34s} {len(images) / total:7.3f} images/s  forwards {forwards / total:6.1%}  PAMR {refine / total:6.1%}  "
         f"else {rest / total:6.1%}  forward FLOPs/image {flops / 1e9:7.1f} G "
-        f"(mean of {len(per_image)}: {min(per_image) / 1e9:.1f} to {max(per_image) / 1e9:.1f} G)",
-        flush=True,
+        f"(mean of {len(per_image)}: {min(per_image) / 1e9:.1f} to {max(per_image) / 1e9:.1f} G)"
     )
+    if segmenter.scorer is None:  # naclip: how much work each encoder forward gets
+        calls, rows = meters[0].calls, meters[0].items
+        line += f"  encoder forwards {calls}: images/forward {len(images) / calls:5.1f}, rows/forward {rows / calls:6.1f}"
+    print(line, flush=True)
     return len(images) / total
+
+
+def forward_plan(images: list[np.ndarray], budget: int, window: str) -> str:
+    """Images (and rows) per ViT-B/16 forward NACLIP plans for these photos in one batch under a token budget."""
+    from clipdiy.segmentation.methods.naclip import naclip_input_size, token_chunks, window_boxes
+
+    config = NaclipConfig()
+    sizes = [naclip_input_size(*image.shape[:2], config) for image in images]
+    if window == "whole":
+        tokens = [1 + (h // 16) * (w // 16) for h, w in sizes]
+    else:
+        tokens = [1 + 14 * 14 for h, w in sizes for _ in window_boxes(h, w, config.window_size, config.window_stride)]
+    forwards = len(token_chunks(tokens, budget, sort=window == "whole"))
+    return f"{window}: {forwards} forwards, images/forward {len(images) / forwards:.1f}, rows/forward {len(tokens) / forwards:.1f}"
 
 
 def main() -> None:
@@ -140,6 +174,12 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated names of runs to skip (e.g. clipdiy-found)")
     parser.add_argument("--only", default="", help="comma-separated names of the only runs to do (e.g. naclip-whole-pamr)")
     parser.add_argument("--workdir", default=None, help="where the random checkpoints go (default: a temp dir)")
+    parser.add_argument(
+        "--naclip-clip", choices=("ViT-B-16", "tiny"), default="ViT-B-16",
+        help="NACLIP's CLIP: the real architecture, or the tests' tiny one (two 64-wide layers, 32-px "
+        "patches: the model costs almost nothing, what is left is everything around it)",
+    )
+    parser.add_argument("--forward-tokens", type=int, default=None, help="NACLIP's max_forward_tokens (default: the device's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,13 +188,17 @@ def main() -> None:
     images = load_images(args.images)
     sizes = sorted({image.shape[:2] for image in images})
     print(f"{len(images)} photos of sizes {sizes}, batch {args.batch}, {torch.get_num_threads()} CPU threads, device cpu")
+    for budget, device in ((8192, "CPU"), (32768, "CUDA")):
+        plans = "; ".join(forward_plan(images[: args.batch], budget, window) for window in ("whole", "slide"))
+        print(f"NACLIP ViT-B/16 forwards of the first batch at {budget} tokens ({device} default): {plans}")
     pamr_meter = Meter(clipdiy.segmentation.refine.pamr)
     clipdiy.segmentation.refine.pamr = pamr_meter  # the segmenter imports it at call time
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         b32 = make_clip_config(workdir / "clip-b32", arch="ViT-B-32")
-        b16 = make_clip_config(workdir / "clip-b16", arch="ViT-B-16")
+        b16 = make_clip_config(workdir / f"clip-{args.naclip_clip}", arch=args.naclip_clip)
+        naclip_width = 64 if args.naclip_clip == "tiny" else 512
         found = make_saliency_config(workdir / "found")
         clipdiy_config = SegmenterConfig(vocabulary="voc", clip=b32, device="cpu")
         runs = {
@@ -163,16 +207,17 @@ def main() -> None:
             "clipdiy-none": replace(clipdiy_config, saliency=SaliencyConfig(backend="none")),
             "clipdiy-none-pamr": replace(clipdiy_config, saliency=SaliencyConfig(backend="none"), refine="pamr"),
         }
+        forward_tokens = {} if args.forward_tokens is None else {"max_forward_tokens": args.forward_tokens}
         for window in ("whole", "slide"):
             for refine in ("pamr", "none"):
                 runs[f"naclip-{window}-{'pamr' if refine == 'pamr' else 'nopamr'}"] = SegmenterConfig(
                     method="naclip", vocabulary="naclip-voc21", clip=b16, device="cpu",
-                    naclip=NaclipConfig(window=window), refine=refine,
+                    naclip=NaclipConfig(window=window, **forward_tokens), refine=refine,
                 )
         rates = {}
         for name, config in runs.items():
             if name not in skip and (not only or name in only):
-                rates[name] = bench(name, config, images, args.batch, pamr_meter)
+                rates[name] = bench(name, config, images, args.batch, pamr_meter, naclip_width if name.startswith("naclip") else 512)
         if "clipdiy-found" in rates and "naclip-whole-pamr" in rates:
             print(f"naclip whole (PAMR) / clipdiy faithful with FOUND: {rates['naclip-whole-pamr'] / rates['clipdiy-found']:.2f}x  (target >= 3x)")
 

@@ -19,20 +19,113 @@ from reference_naclip import (
 )
 
 from clipdiy.segmentation.config import NaclipConfig, SegmenterConfig
-from clipdiy.segmentation.methods.naclip import query_words, window_boxes
+from clipdiy.segmentation.methods.naclip import query_words, token_chunks, window_boxes
 from clipdiy.segmentation.models.naclip import neighbourhood_bias
 from clipdiy.segmentation.models.position_embedding import resize_position_embedding
 from clipdiy.segmentation.refine import pamr
 from clipdiy.segmentation.segmenter import Segmenter, prepare_input
 from clipdiy.segmentation.vocabulary import load_vocabulary
 
-TOLERANCE = 1e-4
+#: Logits (cosines) of the batched path against the per-image transcription.
+TOLERANCE = 1e-5
+#: PAMR's refined logits (float32 products against the transcription's float64 loops).
+REFINED_TOLERANCE = 1e-4
 #: Labels are compared where the reference's best class logit (a class's best query) beats the
-#: second by more than twice the logits' tolerance, and its probability is off the threshold
-#: by more than this (the logits' tolerance times the logit scale 40, with room).
+#: second by more than this, and its probability is off the threshold by more than
+#: THRESHOLD_MARGIN (the logits' tolerance times the logit scale 40, with room).
+LABEL_MARGIN = 2e-4
 THRESHOLD_MARGIN = 1e-2
-#: (width, height) of the photos: not multiples of 16; the first two share a size (one forward).
-SIZES = ((229, 171), (229, 171), (157, 233))
+#: (width, height) of the photos: not multiples of 16, landscape, portrait and long;
+#: the first two share a size.
+SIZES = ((229, 171), (229, 171), (157, 233), (260, 150))
+#: Tokens per image-tower forward in the test: whole, all photos in one forward; sliding, 12
+#: windows of 197 tokens, so forwards hold windows of several photos and groups.
+FORWARD_TOKENS = {"whole": 8192, "slide": 12 * 197}
+
+#: The NACLIP authors' configs/cls_coco_object.txt (github.com/sinahmr/NACLIP), verbatim.
+COCO_OBJECT_CLASS_FILE = """
+sky, wall, tree, wood, grass, road, sea, river, mountain, sands, desk, bed, building, cloud, lamp, door, window, wardrobe, ceiling, shelf, curtain, stair, floor, hill, rail, fence
+person, person in shirt, person in jeans, person in dress, person in sweater, person in skirt, person in jacket, body
+bicycle
+car
+motorcycle
+airplane
+bus
+train
+truck
+boat
+traffic light
+fire hydrant
+stop sign
+parking meter
+bench
+bird
+cat
+dog
+horse
+sheep
+cow
+elephant
+bear
+zebra
+giraffe
+backpack
+umbrella
+handbag
+tie
+suitcase
+frisbee
+skis
+snowboard
+sports ball
+kite
+baseball bat
+baseball glove
+skateboard
+surfboard
+tennis racket
+bottle
+wine glass
+cup
+fork
+knife
+spoon
+bowl
+banana
+apple
+sandwich
+orange
+broccoli
+carrot
+hot dog
+pizza
+donut
+cake
+chair
+couch
+potted plant
+bed
+dining table
+toilet
+tv
+laptop
+mouse
+remote
+keyboard
+cell phone
+microwave
+oven
+toaster
+sink
+refrigerator
+book
+clock
+vase
+scissors
+teddy bear
+hair drier
+toothbrush
+"""
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +145,7 @@ def vitb16(vitb16_config):
 @pytest.fixture(scope="module")
 def photos(coco_images):
     out = []
-    for path, size in zip(coco_images[3:6], SIZES):
+    for path, size in zip(coco_images[3 : 3 + len(SIZES)], SIZES):
         with Image.open(path) as image:
             out.append(np.asarray(image.convert("RGB").resize(size, Image.BILINEAR)))
     return out
@@ -82,8 +175,23 @@ def text(vitb16, coco_images):
 
 
 def naclip_segmenter(clip, text, window: str, refine: str) -> Segmenter:
-    config = SegmenterConfig(method="naclip", vocabulary="naclip-voc21", naclip=NaclipConfig(window=window), refine=refine)
+    naclip = NaclipConfig(window=window, max_forward_tokens=FORWARD_TOKENS[window])
+    config = SegmenterConfig(method="naclip", vocabulary="naclip-voc21", naclip=naclip, refine=refine)
     return Segmenter(clip, None, load_vocabulary("naclip-voc21"), config, text_embeddings=text)
+
+
+def expected_forwards(photos, window: str) -> list[int]:
+    """Rows of each image-tower forward: every photo in one, or every window in 12s (SPEC 8.7's
+    window count, (side - 224 + 111) // 112 + 1 per axis of the 336-short-side input)."""
+    if window == "whole":
+        return [len(photos)]
+    windows = 0
+    for photo in photos:
+        height, width = photo.shape[:2]
+        scale = 336 / min(height, width)
+        h, w = int(height * scale + 0.5), int(width * scale + 0.5)
+        windows += ((h - 224 + 111) // 112 + 1) * ((w - 224 + 111) // 112 + 1)
+    return [12] * (windows // 12) + ([windows % 12] if windows % 12 else [])
 
 
 @pytest.mark.slow
@@ -95,22 +203,27 @@ def test_batched_naclip_matches_the_transcription(vitb16, text, photos, window):
     method = segmenter.method
     assert segmenter.provenance.method == "naclip" and segmenter.provenance.mode == window
 
-    # The batched forward: images of one size share it.
+    # The batched forwards: photos of every size share them; the rest runs per group of one size.
     prepared = [prepare_input(photo, segmenter.config) for photo in photos]
-    groups: dict = {}
-    for index, item in enumerate(prepared):
-        groups.setdefault(method.batch_key(item), []).append(index)
-    assert sorted(len(g) for g in groups.values()) == [1, 2]
+    assert len({p.model_input.shape for p in prepared}) == len(photos) - 1
+    rows_per_forward = []
+    encoder_forward = method.encoder.forward
+
+    def counted(pixels, *args, **kwargs):
+        rows_per_forward.append(pixels.shape[0])
+        return encoder_forward(pixels, *args, **kwargs)
+
+    method.encoder.forward = counted
     batched: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.inference_mode():
-        for indices in groups.values():
-            group = [prepared[i] for i in indices]
-            forward = method.forward(segmenter._to_device([p.model_input for p in group]), group)
+        for indices, forward in method.forward_groups(prepared):
             refined = pamr(forward.guide, forward.logits)
             plain = method.decide(forward.logits, forward)
             for offset, i in enumerate(indices):
                 batched[i] = (forward.logits[offset], refined[offset], plain.labels[offset])
+        assert rows_per_forward == expected_forwards(photos, window)
         outputs = segmenter.predict(prepared, return_probabilities=True)  # the whole path, PAMR on
+    assert sorted(batched) == list(range(len(photos)))
 
     decided_total = 0
     pixels_total = 0
@@ -121,7 +234,7 @@ def test_batched_naclip_matches_the_transcription(vitb16, text, photos, window):
         logits_b, refined_b, labels_b = batched[i]
         assert (logits_b - logits).abs().max().item() <= TOLERANCE
         refined = torch.from_numpy(reference_pamr(guide[0].numpy(), logits.numpy()))
-        assert (refined_b.double() - refined).abs().max().item() <= TOLERANCE
+        assert (refined_b.double() - refined).abs().max().item() <= REFINED_TOLERANCE
 
         for expected_logits, labels in ((logits, labels_b), (refined, torch.from_numpy(outputs[i].label_map.astype(np.int64)))):
             classes, expected = reference_decide(expected_logits, list(owners), len(vocabulary))
@@ -130,7 +243,7 @@ def test_batched_naclip_matches_the_transcription(vitb16, text, photos, window):
             )
             top2 = class_logits.topk(2, dim=0).values
             top = classes.amax(dim=0)
-            decided = (top2[0] - top2[1] > 2 * TOLERANCE) & ((top - 0.1).abs() > THRESHOLD_MARGIN)
+            decided = (top2[0] - top2[1] > LABEL_MARGIN) & ((top - 0.1).abs() > THRESHOLD_MARGIN)
             assert torch.equal(labels[decided], expected[decided])
             decided_total += int(decided.sum())
             pixels_total += decided.numel()
@@ -140,7 +253,7 @@ def test_batched_naclip_matches_the_transcription(vitb16, text, photos, window):
         assert np.abs(outputs[i].probabilities - expected_probabilities.numpy()).max() <= 1e-3
         assert outputs[i].label_map.shape == photo.shape[:2]
     # Not degenerate (SPEC 6): most pixels decided, background and several classes win.
-    assert decided_total / pixels_total > 0.85, decided_total / pixels_total
+    assert decided_total / pixels_total > 0.8, decided_total / pixels_total
     assert winners[0] > 0 and int((winners[1:] > 0).sum()) >= 2, winners.tolist()
     assert winners.max() < 0.95 * winners.sum()
 
@@ -229,6 +342,14 @@ def test_pamr_is_batched_and_chunked_without_changing_the_answer():
     assert np.abs(whole[1].double().numpy() - expected).max() < 1e-5
 
 
+def test_forwards_are_bounded_by_tokens_not_images():
+    # Sequence lengths: 336 x 500 inputs (652), 224 windows (197), a long photo (1300).
+    tokens = [652, 197, 652, 1300, 589, 197]
+    assert token_chunks(tokens, 1400, sort=True) == [[1, 5], [4, 0], [2], [3]]  # shortest first
+    assert token_chunks(tokens, 1200, sort=False) == [[0], [1], [2], [3], [4, 5]]  # in order; 1300 alone
+    assert token_chunks([197] * 7, 3 * 197, sort=False) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
 def test_windows_cover_the_image_as_the_reference_clamps_them():
     boxes = window_boxes(336, 450, 224, 112)
     assert len(boxes) == 2 * 4  # rows: (336 - 224 + 111) // 112 + 1; columns: (450 - 224 + 111) // 112 + 1
@@ -256,13 +377,52 @@ def test_naclip_vocabularies_query_the_authors_words():
     coco = load_vocabulary("naclip-coco-object")
     words, owners = query_words(coco)
     assert len(coco) == 81 and coco.class_names[1:] == load_vocabulary("coco").class_names[1:]
-    assert words.count("bed") == 1  # the class's, not also background's (see NACLIP_COCO_BACKGROUND_QUERIES)
+    # The authors' configs/cls_coco_object.txt, word for word: one class a line, queries comma-separated.
+    authors = [line.split(", ") for line in COCO_OBJECT_CLASS_FILE.strip().split("\n")]
+    assert [[w for w, o in zip(words, owners) if o == c] for c in range(len(coco))] == authors
+    corrected = load_vocabulary("naclip-coco-object-bed")
+    words_bed, owners_bed = query_words(corrected)
+    assert [[w for w, o in zip(words_bed, owners_bed) if o == c] for c in range(len(coco))] == (
+        [[w for w in authors[0] if w != "bed"]] + authors[1:]
+    )
     # A vocabulary file: every synonym is a query; background's synonyms replace the word itself.
     from clipdiy.segmentation.vocabulary import Vocabulary
 
     custom = Vocabulary.from_names("mine", [("background", "sky", "grass"), ("cat", "kitten"), "dog"])
     assert query_words(custom) == (("sky", "grass", "cat", "kitten", "dog"), (0, 0, 1, 1, 2))
     assert load_vocabulary("naclip-voc21").content_hash != load_vocabulary("voc").content_hash
+
+
+def test_coco_object_ties_bed_to_background_as_the_authors_list_does(tiny_clip_config):
+    """The authors' list queries "bed" for background and for the class bed: where it wins, the
+    two classes tie and the lower index (background) takes the pixel; the -bed variant lets bed win."""
+    from clipdiy.segmentation.models.clip import create_clip_model
+
+    clip = create_clip_model(tiny_clip_config)
+    generator = torch.Generator().manual_seed(0)
+    for name, bed_wins in (("naclip-coco-object", False), ("naclip-coco-object-bed", True)):
+        vocabulary = load_vocabulary(name)
+        words, owners = query_words(vocabulary)
+        text = torch.nn.functional.normalize(torch.randn(len(words), 64, generator=generator), dim=-1)
+        config = SegmenterConfig(method="naclip", vocabulary=name, clip=tiny_clip_config, refine="none")
+        method = Segmenter(clip, None, vocabulary, config, text_embeddings=text).method
+        # One map per listed word, as the authors' code has them (a word listed twice: two equal maps).
+        per_word = torch.rand(len(words), 6, 8, generator=generator, dtype=torch.float64) * 0.1
+        beds = [i for i, w in enumerate(words) if w == "bed"]
+        per_word[beds] = per_word[beds[0]].clone()  # one word, one map
+        per_word[beds, :, :4] = 0.5  # "bed" wins the left half
+        per_word[words.index("person in dress"), :, 4:] = 0.3
+        unique = list(dict.fromkeys(words))
+        per_unique = torch.stack([per_word[words.index(u)] for u in unique]).float()
+        with torch.inference_mode():
+            decision = method.decide(per_unique[None], None)
+        classes, expected = reference_decide(per_word, list(owners), len(vocabulary))
+        assert torch.equal(decision.labels[0], expected)
+        difference = (decision.probabilities[0].double() - classes / classes.sum(dim=0)).abs()
+        assert difference.max() < 1e-6, (difference.max(), difference.amax(dim=(1, 2)).argmax())
+        bed = vocabulary.class_names.index("bed")
+        assert (expected[:, :4] == (bed if bed_wins else 0)).all()
+        assert (expected[:, 4:] == vocabulary.class_names.index("person")).all()
 
 
 def test_query_embeddings_average_the_80_templates(tiny_clip_config):

@@ -57,13 +57,16 @@ def test_every_pamr_path_matches_the_transcription(monkeypatch, path, max_elemen
     for name in ("_pamr_sparse", "_pamr_shifted"):
         original = getattr(refine, name)
         monkeypatch.setattr(refine, name, lambda *args, _f=original, _n=name: taken.append((_n, args[-1])) or _f(*args))
-    # A channels-last input must not matter either.
-    refined = pamr(images, logits.contiguous(memory_format=torch.channels_last), iterations, (2, 4), max_elements)
-    if path == "shifted sums":
-        assert taken == [("_pamr_shifted", 1)]
-    else:
-        assert taken == [("_pamr_sparse", 8 if "chunks" in path else (128_000_000 - 2 * 37 * 45 * 16) // (2 * 2 * 37 * 45))]
-    assert refined.shape == logits.shape and refined.dtype == torch.float32 and refined.is_contiguous()
-    for b in range(2):
-        expected = reference_pamr(images[b].numpy(), logits[b].numpy(), iterations=iterations, dilations=(2, 4))
-        assert np.abs(refined[b].double().numpy() - expected).max() < 1e-5
+    expected = [reference_pamr(images[b].numpy(), logits[b].numpy(), iterations=iterations, dilations=(2, 4)) for b in range(2)]
+    # Either layout in, the same values out, in the layout that came in (pixel-major: channels-last).
+    for layout in (torch.contiguous_format, torch.channels_last):
+        taken.clear()
+        refined = pamr(images, logits.contiguous(memory_format=layout), iterations, (2, 4), max_elements)
+        if path == "shifted sums":
+            assert taken == [("_pamr_shifted", 1)]
+        else:
+            assert taken == [("_pamr_sparse", 8 if "chunks" in path else (128_000_000 - 2 * 37 * 45 * 16) // (2 * 2 * 37 * 45))]
+        assert refined.shape == logits.shape and refined.dtype == torch.float32
+        assert refined.is_contiguous(memory_format=layout)
+        for b in range(2):
+            assert np.abs(refined[b].double().numpy() - expected[b]).max() < 1e-5

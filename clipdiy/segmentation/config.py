@@ -137,6 +137,11 @@ class NaclipConfig:
     ``window``: ``whole`` (one forward of the resized image, their VOC21 setting), ``slide``
     (``window_size`` windows with ``window_stride``, their COCO-Object setting) or ``auto`` (the
     built-in vocabulary's published choice; ``whole`` for vocabulary files).
+    ``max_forward_tokens``: bound on one forward of the image tower, in tokens (images or
+    windows in it times the longest token sequence among them; a 336 x 500 input is 652 tokens,
+    a 224 window 197): images of all sizes share forwards up to it (``None``: 32768 on CUDA, 8192
+    on CPU, where larger forwards run no faster and cost memory). An image longer than the
+    bound runs alone.
     """
 
     window: str = WINDOW_AUTO
@@ -147,8 +152,11 @@ class NaclipConfig:
     sigma: float = 5.0
     logit_scale: float = 40.0
     threshold: float = 0.1
+    max_forward_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_forward_tokens is not None and self.max_forward_tokens < 1:
+            raise ValueError(f"NaclipConfig.max_forward_tokens must be >= 1, got {self.max_forward_tokens}")
         if self.window not in WINDOWS:
             raise ValueError(f"NaclipConfig.window must be one of {WINDOWS}, got {self.window!r}")
         if min(self.short_side, self.long_side, self.window_size, self.window_stride) < 16:
@@ -164,8 +172,9 @@ class SegmenterConfig:
     ``vocabulary`` is a built-in name (``voc``: the paper's spelling, ``voc-readable``, ``coco``) or
     a path to a vocabulary file.
     ``mode``: ``faithful`` squashes to 256 x 256 like the paper; ``aspect`` keeps the aspect
-    ratio (short side 256). ``crop_batch_size`` bounds the crops in one CLIP forward (``None``: 256 on
-    CUDA, 32 on CPU, where larger batches run no faster and use more memory).
+    ratio (short side 256). ``crop_batch_size`` bounds CLIP-DIY's crops in one CLIP forward (``None``:
+    256 on CUDA, 32 on CPU, where larger batches run no faster and use more memory; NACLIP's bound
+    is ``naclip.max_forward_tokens``).
     ``device``: ``None`` picks CUDA when present, else CPU. ``precision`` of every model:
     ``fp32`` (faithful, SPEC 3.6: the reference runs float32, on every device), or ``fp16`` /
     ``bf16`` when asked for explicitly (faster on GPUs; how far they move the labels: README).

@@ -81,7 +81,9 @@ def pamr(
     """Refined logits: ``iterations`` affinity-weighted neighbour sums of every class map.
 
     images: B x K x H x W guide (normalised image, same H x W); logits: B x C x H x W.
-    Returns B x C x H x W float32 on the logits' device.
+    Returns B x C x H x W float32 on the logits' device, in the logits' layout: pixel-major
+    (channels-last strides, what the sparse products work in) when the logits are, else
+    class-major (contiguous).
     """
     if images.ndim != 4 or logits.ndim != 4 or images.shape[0] != logits.shape[0] or images.shape[-2:] != logits.shape[-2:]:
         raise ValueError(f"PAMR needs B x K x H x W images and B x C x H x W logits, got {tuple(images.shape)}, {tuple(logits.shape)}")
@@ -141,25 +143,40 @@ def _pamr_sparse(
     """The iterations as products with the sparse (pixels x pixels) affinity matrix, ``chunk`` classes at a time.
 
     The products run pixel-major (B·H·W x classes, what a CSR product reads and writes fastest:
-    each neighbour's classes are one contiguous row); the result goes back to B x C x H x W
-    contiguous, the layout the methods' softmax over classes is fast on.
+    each neighbour's classes are one contiguous row). Pixel-major logits (channels-last strides)
+    get the result in place as it is; class-major ones get it transposed back to B x C x H x W
+    contiguous.
     """
     batch, classes, height, width = logits.shape
     pixels = batch * height * width
     matrix = pamr_matrix(affinity, dilations)
     del affinity
     chunk = min(chunk, classes)
+    pixel_major = _is_pixel_major(logits)
     # Two separate buffers: with one chunk, the spare one becomes the result and the other is freed.
     buffers = [torch.empty(pixels * chunk, device=logits.device, dtype=torch.float32) for _ in range(2)]
-    refined = None if chunk == classes else torch.empty(batch, classes, height, width, device=logits.device, dtype=torch.float32)
+    refined = None
+    if chunk < classes:
+        layout = torch.channels_last if pixel_major else torch.contiguous_format
+        refined = torch.empty(batch, classes, height, width, device=logits.device, dtype=torch.float32, memory_format=layout)
     for start in range(0, classes, chunk):
         part = logits[:, start : start + chunk]
         count = part.shape[1]
         result, spare = (buffer[: pixels * count].view(pixels, count) for buffer in buffers)
         _iterate(matrix, part.permute(0, 2, 3, 1), iterations, result, spare)
+        if pixel_major and refined is None:
+            return result.view(batch, height, width, classes).permute(0, 3, 1, 2)
+        if pixel_major:
+            refined.permute(0, 2, 3, 1)[..., start : start + count].copy_(result.view(batch, height, width, count))
+            continue
         target = spare.view(batch, count, height * width) if refined is None else refined[:, start : start + count].flatten(2)
         _to_class_major(result.view(batch, height * width, count), target)
     return spare.view(batch, classes, height, width) if refined is None else refined
+
+
+def _is_pixel_major(tensor: torch.Tensor) -> bool:
+    """True for a B x C x H x W tensor with channels-last strides (and C > 1: else both layouts agree)."""
+    return tensor.shape[1] > 1 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
 
 
 def _to_class_major(source: torch.Tensor, target: torch.Tensor, block: int = 4096) -> None:
@@ -200,7 +217,8 @@ def _pamr_shifted(
     largest = max(dilations)
     per_class = batch * ((height + 2 * largest) * (width + 2 * largest) + 2 * height * width)
     chunk = max(1, min(classes, max_elements // max(per_class, 1)))
-    refined = torch.empty(batch, classes, height, width, device=logits.device, dtype=torch.float32)
+    layout = torch.channels_last if _is_pixel_major(logits) else torch.contiguous_format
+    refined = torch.empty(batch, classes, height, width, device=logits.device, dtype=torch.float32, memory_format=layout)
     buffers = torch.empty(2, batch * chunk * height * width, device=logits.device, dtype=torch.float32)
     for start in range(0, classes, chunk):
         part = logits[:, start : start + chunk]

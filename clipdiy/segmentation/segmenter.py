@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdiy.segmentation.batching import group_by_key, to_device
+from clipdiy.segmentation.batching import to_device
 from clipdiy.segmentation.config import CLIPDIY, PromptConfig, SegmenterConfig
 from clipdiy.segmentation.images import ImageLike, to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage
@@ -212,16 +212,15 @@ class Segmenter:
     def predict(self, prepared: Sequence[PreparedImage], *, return_probabilities: bool = False) -> list[ModelOutput]:
         """Outputs for a batch of prepared images: the method's forward, refinement, labels, scores.
 
-        Images with the same batch key (CLIP-DIY: model input size; NACLIP: input and original
-        size) share every forward.
+        The method decides which images share forwards (CLIP-DIY: those of one model input size;
+        NACLIP: all, up to a token bound); refinement and decisions run per group of equal batch
+        key (CLIP-DIY: model input size; NACLIP: input and original size).
         """
         if not prepared:
             return []
         outputs: list[ModelOutput | None] = [None] * len(prepared)
-        keys = [self.method.batch_key(p) for p in prepared]
-        for indices in group_by_key(keys):
+        for indices, forward in self.method.forward_groups(prepared):
             group = [prepared[i] for i in indices]
-            forward = self.method.forward(self._to_device([p.model_input for p in group]), group)
             logits = forward.logits
             if self.refinement == "pamr":
                 from clipdiy.segmentation.refine import pamr

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,7 +17,8 @@ class MethodLogits:
     """What a method's forward gives for one batch (all on the device).
 
     logits:     B x Q x h x w float32, the maps a refinement (PAMR) works on; Q may exceed the
-                vocabulary's classes (NACLIP: one map per query word).
+                vocabulary's classes (NACLIP: one map per query word). Any memory layout
+                (NACLIP's are pixel-major: channels-last strides).
     guide:      B x 3 x h x w float, the normalised image at the logits' size (PAMR's guide).
     foreground: B x 1 x h' x w' in [0, 1] (CLIP-DIY: the saliency map) or None (derived from the
                 probabilities by :meth:`SegmentationMethod.decide`).
@@ -57,6 +58,14 @@ class SegmentationMethod(Protocol):
         """Images with equal keys share one :meth:`forward` (stacked into one batch)."""
         ...
 
+    def forward_groups(self, prepared: Sequence[PreparedImage]) -> Iterator[tuple[list[int], MethodLogits]]:
+        """The forwards of a whole batch: (indices, logits) per group of equal :meth:`batch_key`.
+
+        A method may share its model forwards across groups (NACLIP); :func:`forward_by_key` is
+        the plain way, one :meth:`forward` per group.
+        """
+        ...
+
     def forward(self, pixels: torch.Tensor, prepared: Sequence[PreparedImage]) -> MethodLogits:
         """pixels: B x 3 x h x w uint8 model inputs of one batch key, on the device."""
         ...
@@ -64,3 +73,12 @@ class SegmentationMethod(Protocol):
     def decide(self, logits: torch.Tensor, forward: MethodLogits) -> MethodDecision:
         """Probabilities and labels from (possibly refined) logits."""
         ...
+
+
+def forward_by_key(method: SegmentationMethod, prepared: Sequence[PreparedImage], device) -> Iterator[tuple[list[int], MethodLogits]]:
+    """One :meth:`SegmentationMethod.forward` per group of equal batch key, its inputs moved in one transfer."""
+    from clipdiy.segmentation.batching import group_by_shape, to_device
+
+    for indices in group_by_shape([method.batch_key(p) for p in prepared]):
+        group = [prepared[i] for i in indices]
+        yield indices, method.forward(to_device([p.model_input for p in group], device), group)

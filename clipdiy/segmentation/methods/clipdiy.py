@@ -7,7 +7,7 @@ those logits, guided by the model input normalised as CLIP's crops are.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from clipdiy.segmentation.batching import default_crop_batch_size, group_by_shap
 from clipdiy.segmentation.config import CLIPDIY, SegmenterConfig
 from clipdiy.segmentation.dense import DenseScorer
 from clipdiy.segmentation.methods import MethodEntry, register_method
-from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
+from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits, forward_by_key
 from clipdiy.segmentation.prepared import prepare_image
 from clipdiy.segmentation.vocabulary import Vocabulary
 
@@ -79,6 +79,9 @@ class ClipDiyMethod:
 
     def batch_key(self, prepared) -> Hashable:
         return tuple(prepared.model_input.shape)
+
+    def forward_groups(self, prepared: Sequence) -> Iterator[tuple[list[int], MethodLogits]]:
+        return forward_by_key(self, prepared, self.device)
 
     def forward(self, pixels: torch.Tensor, prepared: Sequence) -> MethodLogits:
         """Fused logits B x C x h x w at the model resolution (SPEC 1 and 3.2), saliency as foreground."""

@@ -6,13 +6,20 @@ per query word (80 templates each), upsampled to the original size; PAMR refines
 default); probabilities are the softmax over queries at logit scale 40, a class's the max over
 its queries, and pixels whose best probability is under the threshold go to background.
 
-Batching: images with the same model input size *and* original size share every step (the
-forward over their common input size, the upsampling to their common original size).
+Batching: images of every size share the image tower's forwards, up to
+``NaclipConfig.max_forward_tokens`` tokens each (whole images padded to the longest token
+sequence of their forward and masked, :class:`~clipdiy.segmentation.models.naclip.NaclipEncoder`; or, sliding,
+the 224-px windows of all the batch's images together). The logits, their upsampling, PAMR and
+the decision run per group of images with the same model input size *and* original size.
+
+Layout: the query logits and everything after them are pixel-major in memory (B x Q x H x W
+tensors with channels-last strides: the Q values of a pixel are contiguous), so the upsampling,
+PAMR's products and the softmax over queries each read a pixel's queries in one run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from functools import lru_cache
 
 import cv2
@@ -20,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipdiy.segmentation.batching import default_crop_batch_size
+from clipdiy.segmentation.batching import group_by_shape, to_device
 from clipdiy.segmentation.config import (
     NACLIP,
     WINDOW_AUTO,
@@ -40,7 +47,7 @@ NACLIP_STD = (68.501, 66.632, 70.323)
 
 #: The authors' inference setting per built-in vocabulary (SPEC 8.7); anything else slides, as
 #: their configurations for every other data set do.
-WINDOW_BY_VOCABULARY = {"naclip-voc21": WINDOW_WHOLE, "voc": WINDOW_WHOLE, "naclip-coco-object": WINDOW_SLIDE, "coco": WINDOW_SLIDE}
+WINDOW_BY_VOCABULARY = {"naclip-voc21": WINDOW_WHOLE, "voc": WINDOW_WHOLE, "naclip-coco-object": WINDOW_SLIDE, "naclip-coco-object-bed": WINDOW_SLIDE, "coco": WINDOW_SLIDE}
 
 
 def resolve_window(config: NaclipConfig, vocabulary_name: str) -> str:
@@ -98,6 +105,73 @@ def window_boxes(height: int, width: int, size: int, stride: int) -> tuple[tuple
     return tuple(boxes)
 
 
+#: Scaled logits per block of the decision (float32 elements: 16 MiB, two buffers; a block of
+#: pixels' queries stays in a CPU's cache between the steps).
+DECISION_BLOCK_ELEMENTS = 1 << 22
+
+
+def default_forward_tokens(device: torch.device) -> int:
+    """Tokens per image-tower forward when the config leaves it open (see ``NaclipConfig``)."""
+    return 32768 if device.type == "cuda" else 8192
+
+
+def token_chunks(tokens: Sequence[int], budget: int, *, sort: bool) -> list[list[int]]:
+    """Indices cut into runs whose length x longest sequence stays <= ``budget`` (one index at least).
+
+    ``sort``: ascending token count first (whole images: similar lengths share a forward, little
+    padding); else in order (windows: an image's windows stay together).
+    """
+    order = sorted(range(len(tokens)), key=tokens.__getitem__) if sort else list(range(len(tokens)))
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order:
+        candidate = max(longest, tokens[index])
+        if current and (len(current) + 1) * candidate > budget:
+            chunks.append(current)
+            current, candidate = [], tokens[index]
+        current.append(index)
+        longest = candidate
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def class_runs(class_queries: Sequence[Sequence[int]]) -> list[tuple[int, int, int, int, bool]]:
+    """How to gather each class's best query from the query columns, in few slice operations.
+
+    class_queries: the (sorted) query columns of each class. Returns (first class, end class,
+    first query, end query, is_max) runs: a copy of query columns [first, end) into classes
+    [first, end) (consecutive one-query classes), or the max over query columns [first, end) into
+    one class (a class with several queries). A class's several queries must be contiguous (they
+    are unless some of them also belong to an earlier class: vocabulary files forbid that).
+    """
+    runs: list[tuple[int, int, int, int, bool]] = []
+    for c, columns in enumerate(class_queries):
+        if len(columns) == 1:
+            last = runs[-1] if runs else None
+            if last and not last[4] and last[1] == c and last[3] == columns[0]:
+                runs[-1] = (last[0], c + 1, last[2], columns[0] + 1, False)
+            else:
+                runs.append((c, c + 1, columns[0], columns[0] + 1, False))
+        elif list(columns) == list(range(columns[0], columns[-1] + 1)):
+            runs.append((c, c + 1, columns[0], columns[-1] + 1, True))
+        else:
+            raise ValueError(f"class {c}'s query columns {list(columns)} are not contiguous")
+    return runs
+
+
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """n tensors 3 x h_i x w_i -> (n x 3 x max h x max w, each top-left, zeros elsewhere; the sizes)."""
+    sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+    if len(set(sizes)) == 1:
+        return torch.stack(list(images)), sizes
+    padded = images[0].new_zeros(len(images), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    for target, image, (height, width) in zip(padded, images, sizes):
+        target[:, :height, :width] = image
+    return padded, sizes
+
+
 class NaclipMethod:
     """NACLIP on a loaded CLIP (see :class:`~clipdiy.segmentation.methods.base.SegmentationMethod`)."""
 
@@ -123,64 +197,149 @@ class NaclipMethod:
             raise ValueError(f"{text_embeddings.shape[0]} text embeddings for {len(words)} NACLIP query words")
         self.text_embeddings = text_embeddings.to(device, torch.float32)
         self.num_classes = len(vocabulary)
-        # Queries of one class are contiguous: the class maximum is a max over a slice.
-        self.spans = [(owners.index(c), len(owners) - owners[::-1].index(c)) for c in range(len(vocabulary))]
+        # A word queried by two classes (the authors' COCO-Object list: "bed" in background and
+        # as the class bed) is one logit map, so the two classes tie exactly wherever it wins
+        # (argmax then picks the lower class, as the authors' code does with identical maps). The
+        # softmax over queries still counts it once per listing: its map is weighted by its
+        # multiplicity (an added log m before the softmax, a division by m after it).
+        unique = list(dict.fromkeys(words))
+        self.query_embeddings = self.text_embeddings[[words.index(word) for word in unique]]
+        multiplicity = torch.tensor([words.count(word) for word in unique], device=device, dtype=torch.float32)
+        self.multiplicity = multiplicity if bool((multiplicity > 1).any()) else None
+        #: Each class's queries as columns of the unique words.
+        self.class_queries = [sorted({unique.index(w) for w, o in zip(words, owners) if o == c}) for c in range(len(vocabulary))]
+        self.class_runs = class_runs(self.class_queries)
         self.mode = resolve_window(self.config, vocabulary.name)
-        self.window_batch = config.crop_batch_size or default_crop_batch_size(device)
+        self.forward_tokens = self.config.max_forward_tokens or default_forward_tokens(torch.device(device))
         self.mean = torch.tensor(NACLIP_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(NACLIP_STD, device=device).view(1, 3, 1, 1)
 
     def batch_key(self, prepared) -> Hashable:
+        """Images with equal keys share the upsampling, PAMR and the decision (not only the forwards)."""
         return tuple(prepared.model_input.shape), tuple(prepared.original_size)
 
+    def forward_groups(self, prepared: Sequence) -> Iterator[tuple[list[int], MethodLogits]]:
+        """(indices, logits and guide) per group of equal :meth:`batch_key`, all images' forwards shared.
+
+        Logits: B x Q x H x W at the original size, pixel-major (channels-last) float32; guide:
+        the normalised input resized to it, B x 3 x H x W. A group is yielded as soon as its
+        images' forwards are done (sliding: as its last window is), so only the groups in flight
+        hold input-size logits.
+        """
+        groups = group_by_shape([self.batch_key(p) for p in prepared])
+        inputs = [self._normalise(to_device([prepared[i].model_input for i in group], self.device)) for group in groups]
+        sizes = [tuple(prepared[group[0]].original_size) for group in groups]
+        logits = self._whole(inputs) if self.mode == WINDOW_WHOLE else self._slide(inputs)
+        for g, input_logits in logits:
+            yield groups[g], self._at_original_size(input_logits, inputs[g], sizes[g])
+            inputs[g] = None  # type: ignore[call-overload]  # done with: free it before the next group
+
     def forward(self, pixels: torch.Tensor, prepared: Sequence) -> MethodLogits:
-        """Query logits B x Q x H x W at the original size, guide = normalised input resized to it."""
-        size = tuple(prepared[0].original_size)
-        normalised = pixels.float().sub_(self.mean).div_(self.std)
-        if self.mode == WINDOW_WHOLE:
-            logits = self._logits(normalised)
-        else:
-            logits = self._slide(normalised)
+        """Query logits of one batch of equal :meth:`batch_key` (pixels: B x 3 x h x w uint8 on the device)."""
+        normalised = self._normalise(pixels)
+        ((_, logits),) = (self._whole if self.mode == WINDOW_WHOLE else self._slide)([normalised])
+        return self._at_original_size(logits, normalised, tuple(prepared[0].original_size))
+
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.float().sub_(self.mean).div_(self.std)
+
+    def _at_original_size(self, logits: torch.Tensor, normalised: torch.Tensor, size: tuple[int, int]) -> MethodLogits:
+        """Input-size logits (B x Q x h x w) and the normalised input, bilinearly to the original H x W."""
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         guide = F.interpolate(normalised, size=size, mode="bilinear", align_corners=False)
         return MethodLogits(logits=logits, guide=guide)
 
+    def _grid_logits(self, features: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """Cosine logits of n images' patch features (n x >= gh*gw x D) on their gh x gw grid, bilinearly
+        to the input size h x w: n x Q x h x w, pixel-major."""
+        count = grid[0] * grid[1]
+        logits = (features[:, :count] @ self.query_embeddings.T).view(-1, grid[0], grid[1], self.query_embeddings.shape[0])
+        return F.interpolate(logits.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
+
+    def _whole(self, inputs: Sequence[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(group, B x Q x h x w input-size logits) of each group: every image in one forward (SPEC 8.2-8.7)."""
+        images = [(g, b) for g, batch in enumerate(inputs) for b in range(batch.shape[0])]
+        tokens = [self.encoder.tokens(*inputs[g].shape[-2:]) for g, _ in images]
+        features: dict[tuple[int, int], torch.Tensor] = {}
+        for chunk in token_chunks(tokens, self.forward_tokens, sort=True):
+            pixels, sizes = pad_images([inputs[images[i][0]][images[i][1]] for i in chunk])
+            out = self.encoder(pixels, sizes)  # n x P x D
+            for row, i in enumerate(chunk):
+                features[images[i]] = out[row]
+        for g, batch in enumerate(inputs):
+            size = tuple(batch.shape[-2:])
+            stacked = torch.stack([features.pop((g, b)) for b in range(batch.shape[0])])
+            yield g, self._grid_logits(stacked, self.encoder.grid(*size), size)
+
+    def _slide(self, inputs: Sequence[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(group, B x Q x h x w input-size logits) of each group: window logits summed into place and
+        divided by the windows covering each pixel (SPEC 8.7); the windows of all images share forwards."""
+        size, stride = self.config.window_size, self.config.window_stride
+        boxes = [window_boxes(*batch.shape[-2:], size, stride) for batch in inputs]
+        windows = [(g, b, box) for g, batch in enumerate(inputs) for b in range(batch.shape[0]) for box in boxes[g]]
+        left = [batch.shape[0] * len(boxes[g]) for g, batch in enumerate(inputs)]
+        tokens = [self.encoder.tokens(y2 - y1, x2 - x1) for _, _, (y1, y2, x1, x2) in windows]
+        totals: dict[int, torch.Tensor] = {}
+        queries = self.query_embeddings.shape[0]
+        for chunk in token_chunks(tokens, self.forward_tokens, sort=False):
+            crops = [inputs[windows[i][0]][windows[i][1], :, y1:y2, x1:x2] for i in chunk for y1, y2, x1, x2 in [windows[i][2]]]
+            pixels, sizes = pad_images(crops)
+            out = self.encoder(pixels, sizes)  # n x P x D
+            for row, i in enumerate(chunk):
+                g, b, (y1, y2, x1, x2) = windows[i]
+                if g not in totals:
+                    batch, _, height, width = inputs[g].shape
+                    totals[g] = inputs[g].new_zeros(batch, height, width, queries).permute(0, 3, 1, 2)  # pixel-major
+                window = self._grid_logits(out[row : row + 1], self.encoder.grid(y2 - y1, x2 - x1), (y2 - y1, x2 - x1))
+                totals[g][b : b + 1, :, y1:y2, x1:x2] += window
+                left[g] -= 1
+                if left[g] == 0:
+                    count = inputs[g].new_zeros(1, 1, *inputs[g].shape[-2:])
+                    for wy1, wy2, wx1, wx2 in boxes[g]:
+                        count[:, :, wy1:wy2, wx1:wx2] += 1
+                    yield g, totals.pop(g).div_(count)
+
     def decide(self, logits: torch.Tensor, forward: MethodLogits) -> MethodDecision:
-        """SPEC 8.9: softmax over queries of 40 x logits, max per class, threshold to background."""
-        query_probabilities = torch.softmax(logits * self.config.logit_scale, dim=1)
-        if all(end - start == 1 for start, end in self.spans):
-            best = query_probabilities
-        else:
-            best = torch.stack([query_probabilities[:, s:e].amax(dim=1) for s, e in self.spans], dim=1)
-        del query_probabilities
-        top, labels = best.max(dim=1)
-        labels[top < self.config.threshold] = 0
-        probabilities = best.div_(best.sum(dim=1, keepdim=True))  # the authors' class probabilities
-        foreground = 1.0 - probabilities[:, :1]
-        return MethodDecision(probabilities, labels, foreground)
+        """SPEC 8.9: softmax over queries of 40 x logits, max per class, threshold to background.
 
-    def _logits(self, normalised: torch.Tensor) -> torch.Tensor:
-        """Cosine logits of a batch of inputs, B x Q x h x w (patch grid bilinearly to the input size)."""
-        features = self.encoder(normalised)  # B x gh x gw x D
-        grid = (features @ self.text_embeddings.T).permute(0, 3, 1, 2)
-        return F.interpolate(grid, size=tuple(normalised.shape[-2:]), mode="bilinear", align_corners=False)
-
-    def _slide(self, normalised: torch.Tensor) -> torch.Tensor:
-        """Window logits summed into place and divided by the windows covering each pixel (SPEC 8.7)."""
-        batch, _, height, width = normalised.shape
-        boxes = window_boxes(height, width, self.config.window_size, self.config.window_stride)
-        total = normalised.new_zeros(batch, self.text_embeddings.shape[0], height, width)
-        count = normalised.new_zeros(1, 1, height, width)
-        # Windows of every image in the batch go through the encoder together, ``window_batch`` at a time.
-        per_chunk = max(1, self.window_batch // batch)
-        for start in range(0, len(boxes), per_chunk):
-            chunk = boxes[start : start + per_chunk]
-            crops = torch.cat([normalised[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # window-major
-            logits = self._logits(crops).view(len(chunk), batch, -1, *crops.shape[-2:])
-            for (y1, y2, x1, x2), window in zip(chunk, logits):
-                total[:, :, y1:y2, x1:x2] += window
-                count[:, :, y1:y2, x1:x2] += 1
-        return total.div_(count)
+        logits: B x U x H x W, one map per distinct query word (any layout; pixel-major is the
+        fast one: a class-major input costs one transposing copy). Runs pixel-major, in blocks of
+        pixels whose scaled logits and query probabilities stay in two reused buffers (bounded
+        memory, no fresh pages per step): per block one scaled copy, one softmax, then each
+        class's best query by slice copies (runs of one-query classes) and slice maxima (classes
+        with several queries). Returns B x C x H x W probabilities (pixel-major), B x H x W
+        labels, B x 1 x H x W foreground.
+        """
+        batch, queries, height, width = logits.shape
+        flat = logits.permute(0, 2, 3, 1).reshape(-1, queries)  # a view when pixel-major
+        pixels = flat.shape[0]
+        best = flat.new_empty(pixels, self.num_classes)
+        rows = max(1, min(pixels, DECISION_BLOCK_ELEMENTS // queries))
+        scaled, probabilities = flat.new_empty(rows, queries), flat.new_empty(rows, queries)
+        log_multiplicity = None if self.multiplicity is None else self.multiplicity.log()
+        for start in range(0, pixels, rows):
+            part = flat[start : start + rows]
+            count = part.shape[0]
+            block = torch.mul(part, self.config.logit_scale, out=scaled[:count])
+            if log_multiplicity is not None:
+                block.add_(log_multiplicity)
+            query_probabilities = torch.softmax(block, dim=-1, out=probabilities[:count])
+            if self.multiplicity is not None:
+                query_probabilities.div_(self.multiplicity)
+            target = best[start : start + count]
+            for first_class, end_class, first_query, end_query, is_max in self.class_runs:
+                columns = query_probabilities[:, first_query:end_query]
+                if is_max:
+                    target[:, first_class] = columns.amax(dim=-1)  # (a strided out= is slow)
+                else:
+                    target[:, first_class:end_class] = columns
+        del scaled, probabilities
+        top, labels = best.max(dim=-1)
+        labels.masked_fill_(top < self.config.threshold, 0)
+        best.div_(best.sum(dim=-1, keepdim=True))  # the authors' class probabilities, normalised
+        class_probabilities = best.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        foreground = 1.0 - class_probabilities[:, :1]
+        return MethodDecision(class_probabilities, labels.view(batch, height, width), foreground)
 
 
 register_method(
