@@ -165,3 +165,39 @@ def test_a_model_failure_costs_only_the_failing_image(coco_images):
     assert (out[1]["error_kind"], out[3]["error_kind"]) == ("model", "empty")
     assert "cannot reshape" in out[1]["error"] and out[1]["payload"] is None
     assert pickle.loads(out[0]["payload"]) == {"size": results[0].prepared.original_size}
+
+
+def test_a_corrupt_exif_block_is_the_images_error_row(coco_images):
+    """Mutated EXIF bytes of a real photo make Pillow's exif_transpose raise struct.error (which
+    escaped the decode stage and failed the task): now a ``corrupt`` row saying what broke."""
+    import struct
+
+    from odd_images import corrupt_exif_jpeg, exif_photo, exif_transpose_error
+
+    intact, _, _ = exif_photo(coco_images[4])
+    assert exif_transpose_error(intact) is None
+    data = corrupt_exif_jpeg(coco_images[4])
+    assert isinstance(exif_transpose_error(data), struct.error)  # Pillow itself, not our code
+    result = decode_image(data, mode="faithful", max_pixels=100_000_000)
+    assert result.prepared is None and result.error_kind == "corrupt"
+    assert result.error.startswith("EXIF or mode conversion failed: error:"), result.error
+
+
+def test_any_exception_while_preparing_an_image_is_its_unsupported_row(coco_images, monkeypatch):
+    """An exception of any type from the method's preparation (here OpenCV's ``cv2.error``, which
+    NACLIP's resize raised on a 1 x 5000 strip) is the image's ``unsupported`` row."""
+    import cv2
+
+    from clipdiy.config import SegmenterConfig
+
+    def failing_resize(*args, **kwargs):
+        raise cv2.error("(-215:Assertion failed) inv_scale_x > 0 in function 'resize'")
+
+    monkeypatch.setattr(cv2, "resize", failing_resize)
+    result = decode_image(coco_images[0].read_bytes(), mode="faithful", max_pixels=100_000_000,
+                          config=SegmenterConfig(method="naclip"))
+    assert (result.prepared, result.error_kind) == (None, "unsupported")
+    with Image.open(coco_images[0]) as image:
+        width, height = image.size
+    assert result.error == (f"naclip cannot prepare a {width} x {height} image: "
+                            "error: (-215:Assertion failed) inv_scale_x > 0 in function 'resize'")

@@ -18,6 +18,7 @@ import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clipdiy.errors import InvalidImageError
+from clipdiy.segmentation.images import to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage, prepare_image
 from clipdiy.segmentation.segmenter import prepare_input
 from clipdiy.uris import redact_text, redact_uri
@@ -96,14 +97,24 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         kind = "corrupt" if _looks_like_image(data) else "not_image"
         what = "unreadable image header" if kind == "corrupt" else "not an image Pillow can read"
         raise ImageDecodeError(kind, f"{what} ({len(data)} bytes)") from error
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
-        # Pillow reports broken streams with these types; the message says which.
-        raise ImageDecodeError(_classify_decode_failure(error, data), f"{type(error).__name__}: {error}") from error
     except MemoryError as error:
         raise ImageDecodeError("too_large", "out of memory while decoding") from error
+    except Exception as error:  # noqa: BLE001 - any failure to decode these bytes is this image's row
+        # Pillow reports broken streams with many types (OSError, SyntaxError, struct.error, ...).
+        raise ImageDecodeError(_classify_decode_failure(error, data), _message(error)) from error
     finally:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = pillow_limit, pillow_truncated
     return image
+
+
+def _message(error: BaseException) -> str:
+    """A readable one-line message of an exception (its type and first line)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _invalid(error: InvalidImageError) -> DecodeResult:
+    return DecodeResult(error_kind=error.kind if error.kind in ERROR_KINDS else "unsupported", error=str(error))
 
 
 def decode_image(
@@ -113,21 +124,39 @@ def decode_image(
 
     ``config``: a :class:`~clipdiy.segmentation.config.SegmenterConfig` whose method prepares the input
     (``mode`` and ``saliency_max_side`` are then unused); ``None``: CLIP-DIY's preparation.
+
+    Never raises (but for ``KeyboardInterrupt``/``SystemExit``): whatever goes wrong is this
+    image's error row, named by the stage that failed. Bytes that do not decode, and a decoded
+    image whose EXIF or mode is malformed, are ``truncated``/``corrupt``/``not_image``; an image the
+    method cannot prepare is ``unsupported``; running out of memory is ``too_large``.
     """
     try:
         image = open_image(data, max_pixels)
-        # prepare_image/prepare_input apply the EXIF orientation and convert any mode to RGB.
-        if config is not None:
-            return DecodeResult(prepared=prepare_input(image, config))
-        return DecodeResult(prepared=prepare_image(image, mode, saliency_max_side))
     except ImageDecodeError as error:
         return DecodeResult(error_kind=error.kind, error=str(error))
+    try:
+        # EXIF orientation (a corrupt EXIF block raises struct.error, TypeError, ...) and any mode to RGB.
+        rgb = to_rgb_uint8(image)
     except InvalidImageError as error:
-        kind = error.kind if error.kind in ERROR_KINDS else "unsupported"
-        return DecodeResult(error_kind=kind, error=str(error))
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as error:
-        # Raised while applying EXIF or converting modes: the file decodes but is malformed.
-        return DecodeResult(error_kind=_classify_decode_failure(error, data), error=f"{type(error).__name__}: {error}")
+        return _invalid(error)
+    except MemoryError:
+        return DecodeResult(error_kind="too_large", error="out of memory while converting the image to RGB")
+    except Exception as error:  # noqa: BLE001 - the file decodes but its metadata or pixels are malformed
+        return DecodeResult(error_kind=_classify_decode_failure(error, data), error=f"EXIF or mode conversion failed: {_message(error)}")
+    try:
+        if config is not None:
+            return DecodeResult(prepared=prepare_input(rgb, config))
+        return DecodeResult(prepared=prepare_image(rgb, mode, saliency_max_side))
+    except InvalidImageError as error:
+        return _invalid(error)
+    except MemoryError:
+        return DecodeResult(error_kind="too_large", error="out of memory while preparing the model input")
+    except Exception as error:  # noqa: BLE001 - an image the method cannot take costs only its own row
+        method = config.method if config is not None else "clipdiy"
+        height, width = rgb.shape[:2]
+        return DecodeResult(
+            error_kind="unsupported", error=f"{method} cannot prepare a {width} x {height} image: {_message(error)}"
+        )
 
 
 def read_error(error: BaseException) -> tuple[str, str]:
