@@ -8,6 +8,7 @@ count from the header (``Image.open`` is lazy) before any pixel is decoded.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import logging
 import pickle
@@ -18,6 +19,7 @@ import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clipdiy.errors import InvalidImageError
+from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
 from clipdiy.segmentation.images import to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage, prepare_image
 from clipdiy.segmentation.segmenter import prepare_input
@@ -26,7 +28,9 @@ from clipdiy.uris import redact_text, redact_uri
 logger = logging.getLogger(__name__)
 
 #: The error kinds of the label-row schema (``schemas/label_row.v1.json``).
-ERROR_KINDS = ("empty", "truncated", "corrupt", "not_image", "too_large", "unreadable", "unsupported", "model")
+ERROR_KINDS = (
+    "empty", "truncated", "corrupt", "not_image", "too_large", "unreadable", "unsupported", "model", "worker_lost",
+)
 
 # Leading bytes of the formats Pillow reads: an object that starts like an image but will not
 # decode is "corrupt"; anything else is "not_image".
@@ -211,8 +215,12 @@ class DecodeBatch:
         saliency_max_side: int | None = None,
         health=None,
         segmenter_config=None,
+        max_image_bytes: int | None = None,
+        max_worker_deaths: int = DEFAULT_MAX_WORKER_DEATHS,
     ):
         self.segmenter_config = segmenter_config  # when given, its method prepares the inputs
+        self.max_image_bytes = max_image_bytes  # larger objects get a too_large row, unread
+        self.max_worker_deaths = max_worker_deaths
         self.storage_options = storage_options
         self.mode = mode
         self.max_pixels = max_pixels
@@ -231,7 +239,7 @@ class DecodeBatch:
             self._filesystems[protocol] = fs
         else:
             path = fs._strip_protocol(uri)
-        return read_bytes(fs, path, attempts=self.read_attempts)
+        return read_bytes(fs, path, attempts=self.read_attempts, max_bytes=self.max_image_bytes)
 
     def _report_reads(self, ok: int, failed: dict[str, int], sample: str | None) -> None:
         """Tell the run's health actor; raise RunFailedError once reads are broken run-wide."""
@@ -248,33 +256,64 @@ class DecodeBatch:
         if verdict is not None:
             raise RunFailedError(verdict)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def _decode_one(self, image_id: str, uri: str, size: int | None, reads: _Reads) -> DecodeResult:
+        """Read and decode one object: never raises but for the run's own errors."""
         from clipdiy.pipeline.health import classify_read_failure, one_line
+        from clipdiy.storage import ObjectTooLargeError
 
-        results = []
-        reads_ok, failed, sample = 0, collections.Counter(), None
-        for uri in batch.column("uri").to_pylist():
-            try:
-                data = self._read(uri)
-            except Exception as error:  # noqa: BLE001 - every storage failure becomes this image's error row
-                kind, message = read_error(error)
-                message = redact_text(message)
-                logger.warning("cannot read %s: %s", redact_uri(uri), message)
-                failed[classify_read_failure(error)] += 1
-                sample = sample or one_line(f"{redact_uri(uri)}: {message}")
-                results.append(DecodeResult(error_kind=kind, error=message))
-                continue
-            reads_ok += 1
-            results.append(
-                decode_image(
-                    data,
-                    mode=self.mode,
-                    max_pixels=self.max_pixels,
-                    saliency_max_side=self.saliency_max_side,
-                    config=self.segmenter_config,
-                )
+        if self.max_image_bytes is not None and size is not None and size > self.max_image_bytes:
+            reads.ok += 1  # the store answered (the listing): nothing read, nothing failed
+            return DecodeResult(
+                error_kind="too_large",
+                error=f"the object holds {size} bytes, more than --max-image-bytes {self.max_image_bytes}; not read",
             )
-        self._report_reads(reads_ok, dict(failed), sample)
+        try:
+            data = self._read(uri)
+        except ObjectTooLargeError as error:
+            reads.ok += 1
+            return DecodeResult(error_kind="too_large", error=f"{error}; not read further")
+        except Exception as error:  # noqa: BLE001 - every storage failure becomes this image's error row
+            kind, message = read_error(error)
+            message = redact_text(message)
+            logger.warning("cannot read %s: %s", redact_uri(uri), message)
+            reads.failed[classify_read_failure(error)] += 1
+            reads.sample = reads.sample or one_line(f"{redact_uri(uri)}: {message}")
+            return DecodeResult(error_kind=kind, error=message)
+        reads.ok += 1
+        return decode_image(
+            data,
+            mode=self.mode,
+            max_pixels=self.max_pixels,
+            saliency_max_side=self.saliency_max_side,
+            config=self.segmenter_config,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from clipdiy.pipeline.health import AttemptLedger
+
+        image_ids = batch.column("image_id").to_pylist()
+        # The listed size (LISTING_SCHEMA's source_size; None where the listing has none).
+        sizes = batch.column("source_size").to_pylist() if "source_size" in batch.column_names else [None] * batch.num_rows
+        attempt = AttemptLedger(self.health, "decode", self.max_worker_deaths).begin(image_ids)
+        results = []
+        reads = _Reads()
+        for image_id, uri, size in zip(image_ids, batch.column("uri").to_pylist(), sizes):
+            if image_id in attempt.lost:
+                results.append(DecodeResult(error_kind="worker_lost", error=attempt.lost_message()))
+                continue
+            attempt.start(image_id)
+            results.append(self._decode_one(image_id, uri, size, reads))
+        self._report_reads(reads.ok, dict(reads.failed), reads.sample)
+        attempt.end()
         for name, column in decoded_columns(results).items():
             batch = batch.append_column(name, column)
         return batch
+
+
+@dataclass
+class _Reads:
+    """A decode batch's read outcomes, for the run's health actor."""
+
+    ok: int = 0
+    failed: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    sample: str | None = None
