@@ -188,7 +188,7 @@ def test_any_exception_while_preparing_an_image_is_its_unsupported_row(coco_imag
     NACLIP's resize raised on a 1 x 5000 strip) is the image's ``unsupported`` row."""
     import cv2
 
-    from clipdiy.config import SegmenterConfig
+    from clipdiy.segmentation.config import SegmenterConfig
 
     def failing_resize(*args, **kwargs):
         raise cv2.error("(-215:Assertion failed) inv_scale_x > 0 in function 'resize'")
@@ -210,7 +210,7 @@ def test_objects_over_max_image_bytes_get_too_large_rows_without_being_read(coco
     import pyarrow as pa
 
     from clipdiy.pipeline.decode import DecodeBatch
-    from clipdiy.pipeline.storage import ObjectTooLargeError, open_filesystem, read_bytes
+    from clipdiy.storage import ObjectTooLargeError, open_filesystem, read_bytes
 
     photo = coco_images[0].read_bytes()
     bound = len(photo) + 10
