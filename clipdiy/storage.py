@@ -250,15 +250,28 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
+class ObjectTooLargeError(Exception):
+    """An object holds more bytes than the read allows (``max_bytes``); the store answered."""
+
+
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str, *, attempts: int = 4, backoff: float = 0.5,
-               max_backoff: float = 10.0, what: str | None = None) -> bytes:
+               max_backoff: float = 10.0, what: str | None = None, max_bytes: int | None = None) -> bytes:
     """The whole object at ``path``, retrying transient errors (see :func:`is_transient`).
 
+    ``max_bytes``: read at most ``max_bytes + 1`` bytes (a ranged read: a local file reads no
+    further, S3 and GCS send no more), and raise :class:`ObjectTooLargeError` if there were more,
+    so that a multi-GB object named ``.jpg`` never sits in memory.
     FileNotFoundError, PermissionError and other permanent errors raise on the first attempt.
     ``what``: how retries are logged (default ``read <path>``; the job names the public URI).
     """
-    return with_retries(lambda: fs.cat_file(path), attempts=attempts, backoff=backoff,
-                        max_backoff=max_backoff, what=what or f"read {path}")
+    if max_bytes is None:
+        read = lambda: fs.cat_file(path)  # noqa: E731
+    else:
+        read = lambda: fs.cat_file(path, start=0, end=max_bytes + 1)  # noqa: E731
+    data = with_retries(read, attempts=attempts, backoff=backoff, max_backoff=max_backoff, what=what or f"read {path}")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ObjectTooLargeError(f"the object holds more than {max_bytes} bytes (--max-image-bytes)")
+    return data
 
 
 def read_uri(uri: str, options: StorageOptions | None = None, **retry: Any) -> bytes:

@@ -84,6 +84,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clipdiy.pipeline.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_WORKER_DEATHS
+
     defaults_clip = ClipConfig()
     defaults_saliency = SaliencyConfig()
     parser = OneLineParser(
@@ -197,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--max-pixels", type=int, default=None,
                           help="images with more pixels (read from the header) get an error row (decompression-bomb guard); "
                                "default 100 million")
+    pipeline.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES, metavar="BYTES",
+                          help="objects larger than this (listed size, else while reading) get a too_large row "
+                               "without being read")
+    pipeline.add_argument("--max-worker-deaths", type=int, default=DEFAULT_MAX_WORKER_DEATHS, metavar="N",
+                          help="a batch whose decode task or inference actor died N times goes image by image; "
+                               "an image whose process still dies gets a worker_lost row")
     pipeline.add_argument("--retry-errors", choices=RETRY_ERRORS, default="transient",
                           help="which images with an error row from an earlier run to label again: transient "
                                "(failed reads and model calls; a missing object, not_found, is an answer: read again when listed "
@@ -272,6 +280,8 @@ def config_from_args(args: argparse.Namespace):
         decode_concurrency=args.decode_concurrency,
         rows_per_file=args.rows_per_file,
         max_pixels=args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS,
+        max_image_bytes=args.max_image_bytes,
+        max_worker_deaths=args.max_worker_deaths,
         limit=args.limit,
         listing_tasks=args.listing_tasks,
         run_id=args.run_id,

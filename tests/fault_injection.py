@@ -10,6 +10,11 @@ from a file at every batch (worker processes outlive one job). The first batch h
 - ``kill``: the actor's process is killed (SIGKILL);
 - ``hang``: the actor writes its node id to ``<marker>.node`` and waits (up to 2 minutes) for
   its node to be removed.
+
+:func:`set_killers` arms faults of another kind, which fire every time (no marker): the process
+that touches a named image is killed (SIGKILL), as the kernel's OOM killer ends a process that
+an image makes allocate too much. ``decode``: a decode task, as it starts on the image (any
+batch); ``inference``: an inference actor, as it predicts a batch holding the image.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ def runtime_env(spec_file: Path) -> dict:
 def set_fault(spec_file: Path, action: str, image_id: str, marker: Path) -> None:
     """Arm one fault for the next batch holding ``image_id`` (read at every batch)."""
     spec_file.write_text(json.dumps({"action": action, "image_id": image_id, "marker": str(marker)}))
+
+
+def set_killers(spec_file: Path, decode: str | None = None, inference: str | None = None) -> None:
+    """Kill the process that touches ``decode`` in a decode task, or ``inference`` in an actor,
+    every time (read at every image or batch)."""
+    spec_file.write_text(json.dumps({"action": "killers", "decode": decode, "inference": inference}))
 
 
 def _spec() -> dict | None:
@@ -72,17 +83,41 @@ def _fire(stage, spec: dict) -> None:
         raise ValueError(f"unknown fault {action!r}")
 
 
+def _killer(stage: str) -> str | None:
+    spec = _spec()
+    return spec.get(stage) if spec and spec["action"] == "killers" else None
+
+
 def install() -> None:
     if not os.environ.get(ENV):
         return
-    from clipdiy.pipeline import inference
+    from clipdiy.pipeline import decode, inference
 
     original = inference.SegmentBatch.__call__
 
     def with_fault(self, batch):
         spec = _spec()
-        if spec and spec["image_id"] in batch.column("image_id").to_pylist() and _claim(spec["marker"]):
+        if (spec and spec["action"] != "killers" and spec["image_id"] in batch.column("image_id").to_pylist()
+                and _claim(spec["marker"])):
             _fire(self, spec)
         return original(self, batch)
 
     inference.SegmentBatch.__call__ = with_fault
+
+    decode_one = decode.DecodeBatch._decode_one
+
+    def decode_or_die(self, image_id, *args, **kwargs):
+        if _killer("decode") == image_id:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return decode_one(self, image_id, *args, **kwargs)
+
+    decode.DecodeBatch._decode_one = decode_or_die
+
+    predict_images = inference.SegmentBatch._predict_images
+
+    def predict_or_die(self, image_ids, *args, **kwargs):
+        if _killer("inference") in image_ids:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return predict_images(self, image_ids, *args, **kwargs)
+
+    inference.SegmentBatch._predict_images = predict_or_die

@@ -165,3 +165,75 @@ def test_a_model_failure_costs_only_the_failing_image(coco_images):
     assert (out[1]["error_kind"], out[3]["error_kind"]) == ("model", "empty")
     assert "cannot reshape" in out[1]["error"] and out[1]["payload"] is None
     assert pickle.loads(out[0]["payload"]) == {"size": results[0].prepared.original_size}
+
+
+def test_a_corrupt_exif_block_is_the_images_error_row(coco_images):
+    """Mutated EXIF bytes of a real photo make Pillow's exif_transpose raise struct.error (which
+    escaped the decode stage and failed the task): now a ``corrupt`` row saying what broke."""
+    import struct
+
+    from odd_images import corrupt_exif_jpeg, exif_photo, exif_transpose_error
+
+    intact, _, _ = exif_photo(coco_images[4])
+    assert exif_transpose_error(intact) is None
+    data = corrupt_exif_jpeg(coco_images[4])
+    assert isinstance(exif_transpose_error(data), struct.error)  # Pillow itself, not our code
+    result = decode_image(data, mode="faithful", max_pixels=100_000_000)
+    assert result.prepared is None and result.error_kind == "corrupt"
+    assert result.error.startswith("EXIF or mode conversion failed: error:"), result.error
+
+
+def test_any_exception_while_preparing_an_image_is_its_unsupported_row(coco_images, monkeypatch):
+    """An exception of any type from the method's preparation (here OpenCV's ``cv2.error``, which
+    NACLIP's resize raised on a 1 x 5000 strip) is the image's ``unsupported`` row."""
+    import cv2
+
+    from clipdiy.segmentation.config import SegmenterConfig
+
+    def failing_resize(*args, **kwargs):
+        raise cv2.error("(-215:Assertion failed) inv_scale_x > 0 in function 'resize'")
+
+    monkeypatch.setattr(cv2, "resize", failing_resize)
+    result = decode_image(coco_images[0].read_bytes(), mode="faithful", max_pixels=100_000_000,
+                          config=SegmenterConfig(method="naclip"))
+    assert (result.prepared, result.error_kind) == (None, "unsupported")
+    with Image.open(coco_images[0]) as image:
+        width, height = image.size
+    assert result.error == (f"naclip cannot prepare a {width} x {height} image: "
+                            "error: (-215:Assertion failed) inv_scale_x > 0 in function 'resize'")
+
+
+def test_objects_over_max_image_bytes_get_too_large_rows_without_being_read(coco_images, tmp_path, s3_server, s3_bucket):
+    """The listed size is checked before reading (an object listed as larger is not read, even
+    though its bytes would decode); an object listed smaller, or not at all, is read only up to
+    the bound plus one byte, locally and on S3 (a ranged read)."""
+    import pyarrow as pa
+
+    from clipdiy.pipeline.decode import DecodeBatch
+    from clipdiy.storage import ObjectTooLargeError, open_filesystem, read_bytes
+
+    photo = coco_images[0].read_bytes()
+    bound = len(photo) + 10
+    big = photo + b"\0" * 1000  # decodes (JPEG ignores trailing bytes), but over the bound
+    (tmp_path / "photo.jpg").write_bytes(photo)
+    (tmp_path / "big.jpg").write_bytes(big)
+    s3_server.put_bytes(s3_bucket, "bound/photo.jpg", photo)
+    s3_server.put_bytes(s3_bucket, "bound/big.jpg", big)
+    uris = [f"file://{tmp_path}/photo.jpg", f"file://{tmp_path}/photo.jpg", f"file://{tmp_path}/big.jpg",
+            f"s3://{s3_bucket}/bound/photo.jpg", f"s3://{s3_bucket}/bound/big.jpg"]
+    listed = [len(photo), bound + 1, None, len(photo), len(photo)]  # the second and last are wrong listings
+    batch = pa.table({"uri": uris, "image_id": [f"{i}.jpg" for i in range(5)],
+                      "source_size": pa.array(listed, pa.int64())})
+    decode = DecodeBatch(s3_server.options, "faithful", 100_000_000, 1, max_image_bytes=bound)
+    rows = decode(batch).to_pylist()
+    assert [(r["status"], r["error_kind"]) for r in rows] == [
+        ("ok", None), ("error", "too_large"), ("error", "too_large"), ("ok", None), ("error", "too_large")]
+    assert rows[1]["error"] == f"the object holds {bound + 1} bytes, more than --max-image-bytes {bound}; not read"
+    assert rows[2]["error"] == rows[4]["error"] == (
+        f"the object holds more than {bound} bytes (--max-image-bytes); not read further")
+
+    # The reads themselves stop at the bound plus one byte.
+    fs, path = open_filesystem(f"s3://{s3_bucket}/bound/big.jpg", s3_server.options)
+    with pytest.raises(ObjectTooLargeError):
+        read_bytes(fs, path, max_bytes=bound)
+    assert read_bytes(fs, path, max_bytes=len(big)) == big

@@ -3,7 +3,9 @@
 - every read failing (a manifest of missing objects on S3) ends the job early, exit 1, one line;
 - the error budget stops a run (exit 3) and the next start resumes it to exactly once;
 - a CUDA error that poisons an actor restarts it, and the images it would have failed are labelled;
-- an actor killed mid-run loses no image and labels none twice.
+- an actor killed mid-run loses no image and labels none twice;
+- an image that kills its decode task or its inference actor every time costs one ``worker_lost``
+  row after ``--max-worker-deaths`` deaths of its batch, and the run exits 0.
 
 One local Ray for the module, whose workers run ``fault_injection.install`` (faults armed per
 test): a run stopped early gives its CPUs back before it returns, so the next run in the same
@@ -13,7 +15,7 @@ test): a run stopped early gives its CPUs back before it returns, so the next ru
 from __future__ import annotations
 
 import pytest
-from fault_injection import runtime_env, set_fault
+from fault_injection import runtime_env, set_fault, set_killers
 from pipeline_support import (
     cli_args,
     copy_images,
@@ -131,3 +133,27 @@ def test_an_actor_killed_mid_run_loses_no_image(ray_with_faults, fault_spec, coc
     assert marker.exists(), "the actor was killed"
     assert (summary.seen, summary.ok, summary.error) == (8, 8, 0)
     _exactly_once(tmp_path / "labels", names)
+
+
+def test_an_image_that_kills_its_process_costs_one_worker_lost_row(ray_with_faults, fault_spec, coco_images,
+                                                                  tiny_clip_config, tmp_path):
+    corpus = tmp_path / "corpus"
+    names = copy_images(corpus, coco_images, 8)
+    killed_in_decode, killed_in_inference = names[2], names[5]
+    set_killers(fault_spec, decode=killed_in_decode, inference=killed_in_inference)
+    output = tmp_path / "labels"
+    args = cli_args(corpus, output, tiny_clip_config, "--decode-batch-size", "4", "--batch-size", "4",
+                    "--rows-per-file", "4", "--max-worker-deaths", "1")[2:]
+    try:
+        assert label_main(args) == 0
+    finally:
+        fault_spec.write_text("{}")  # disarmed for the module's later tests
+    rows = {r["image_id"]: r for r in read_all_rows(output).to_pylist()}
+    _exactly_once(output, names)
+    for name in (killed_in_decode, killed_in_inference):
+        assert (rows[name]["status"], rows[name]["error_kind"]) == ("error", "worker_lost"), rows[name]["error"]
+        # One death on the whole batch (--max-worker-deaths 1), one on the image alone.
+        assert "died 2 times on this image's batch, the last time working on this image alone" in rows[name]["error"]
+    assert all(rows[n]["status"] == "ok" for n in names if n not in (killed_in_decode, killed_in_inference))
+    (run,) = manifests(output).values()
+    assert (run["counts"]["ok"], run["counts"]["error"]) == (6, 2)

@@ -17,6 +17,12 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 #: Default decompression-bomb guard: 100 megapixels (a 12,000 x 8,000 photo still passes).
 DEFAULT_MAX_PIXELS = 100_000_000
+#: Default bound of the bytes read per object: 256 MiB (a 100-megapixel JPEG is ~30-60 MB, a
+#: 16-bit TIFF of one 300 MB); larger objects get a ``too_large`` row without being read.
+DEFAULT_MAX_IMAGE_BYTES = 256 * 1024**2
+#: Default number of times a decode task or inference actor may die on one batch before the batch
+#: goes image by image and the image that still kills its process gets a ``worker_lost`` row.
+DEFAULT_MAX_WORKER_DEATHS = 3
 
 
 class JobConfigError(ClipdiyError, ValueError):
@@ -47,6 +53,11 @@ class LabelJobConfig:
     decode_concurrency:    at most this many decode tasks at once (None: as many as CPUs allow).
     rows_per_file:         upper bound of rows in one Parquet shard.
     max_pixels:            decompression-bomb guard, checked from the image header.
+    max_image_bytes:       objects larger than this (the listed size, else while reading) get a
+                           ``too_large`` row without being read whole.
+    max_worker_deaths:     a batch whose decode task or inference actor died this many times is
+                           retried image by image; an image whose process dies then gets a
+                           ``worker_lost`` row (see ``clipdiy.pipeline.attempts``).
     limit:                 only the first N listed images are considered (None: all); a limit
                            keeps the listing in one task, in listing order.
     listing_tasks:         folders of a prefix listed at once, by tasks spread over the cluster.
@@ -85,6 +96,8 @@ class LabelJobConfig:
     decode_concurrency: int | None = None
     rows_per_file: int = 1000
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_worker_deaths: int = DEFAULT_MAX_WORKER_DEATHS
     limit: int | None = None
     listing_tasks: int = 16
     run_id: str | None = None
@@ -112,6 +125,8 @@ class LabelJobConfig:
             "--decode-batch-size": self.decode_batch_size,
             "--rows-per-file": self.rows_per_file,
             "--max-pixels": self.max_pixels,
+            "--max-image-bytes": self.max_image_bytes,
+            "--max-worker-deaths": self.max_worker_deaths,
             "--min-actors": self.min_actors,
             "--max-actors": self.max_actors if self.max_actors is not None else 1,
             "--read-attempts": self.read_attempts,

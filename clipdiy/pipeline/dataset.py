@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from clipdiy.pipeline.config import LabelJobConfig
 from clipdiy.pipeline.driver_models import DriverModels
 from clipdiy.pipeline.manifest import RunPlan
 from clipdiy.pipeline.placement import InferencePlacement
 from clipdiy.pipeline.writer import ShardTarget, write_shard
+
+# Ray 2.60 deprecates passing max_retries / max_restarts / max_task_retries to map_batches as
+# **ray_remote_args, but has no named parameter for them yet; build_dataset must pass them.
+warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
 
 
 def writer_tasks(placement: InferencePlacement) -> int:
@@ -30,7 +35,9 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
 
     # Imported here, not at the top: refusals before the models load stay free of torch imports.
     from clipdiy.pipeline.decode import DecodeBatch
+    from clipdiy.pipeline.health import ACTOR_RESTARTS, ray_task_retries
     from clipdiy.pipeline.inference import SegmentBatch
+    from clipdiy.pipeline.run import LISTING_BATCHES_PER_BLOCK  # the caller's module, loaded
     from clipdiy.pipeline.rows import RowContext, build_rows
 
     saliency_side = saliency_input_side(config.segmenter.saliency)
@@ -46,7 +53,15 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
             config.segmenter, saliency=dataclasses.replace(config.segmenter.saliency, max_side=saliency_side)
         ),
         health=health,
+        max_image_bytes=config.max_image_bytes,
+        max_worker_deaths=config.max_worker_deaths,
     )
+    # Finite retries of a task and restarts of an actor (Ray Data's defaults are infinite), above
+    # what the run's attempt ledger needs (health.RunHealth): a process that dies on a batch is
+    # retried until, after --max-worker-deaths deaths, the batch goes image by image and the image
+    # that kills its process gets a worker_lost row.
+    decode_retries = ray_task_retries(config.max_worker_deaths, config.decode_batch_size, LISTING_BATCHES_PER_BLOCK)
+    inference_retries = ray_task_retries(config.max_worker_deaths, config.inference_batch_size, LISTING_BATCHES_PER_BLOCK)
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
     target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
     ds = pending.map_batches(
@@ -56,6 +71,7 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency),
         num_cpus=1,
         udf_modifying_row_count=False,
+        max_retries=decode_retries,
     )
     ds = ds.map_batches(
         SegmentBatch,
@@ -64,6 +80,7 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
             "text_embeddings": models.text_embeddings,
             "num_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
             "health": health,
+            "max_worker_deaths": config.max_worker_deaths,
         },
         batch_size=config.inference_batch_size,
         batch_format="pyarrow",
@@ -75,11 +92,11 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         # The memory reservation also keeps Ray Data from fusing the decode tasks into the
         # actors (fused, an accelerator would wait on reads and JPEG decoding).
         memory=config.actor_memory_gb * 1024**3 if config.actor_memory_gb else None,
-        # Not passed: max_restarts=-1, max_task_retries=-1. Ray Data's actor pools default to them
-        # (a killed or poisoned actor is restarted and its batches retried, which exactly-once
-        # relies on; tests/test_pipeline_failures.py checks it), and **ray_remote_args is
-        # deprecated from Ray 2.60.
         udf_modifying_row_count=False,
+        # A killed or poisoned actor is restarted and its batches retried (exactly-once relies on
+        # it; tests/test_pipeline_failures.py checks it), finitely (Ray Data's default: forever).
+        max_restarts=max(ACTOR_RESTARTS, inference_retries),
+        max_task_retries=inference_retries,
     )
     ds = ds.map_batches(
         build_rows,

@@ -8,6 +8,7 @@ count from the header (``Image.open`` is lazy) before any pixel is decoded.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import logging
 import pickle
@@ -18,6 +19,8 @@ import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clipdiy.errors import InvalidImageError
+from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
+from clipdiy.segmentation.images import to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage, prepare_image
 from clipdiy.segmentation.segmenter import prepare_input
 from clipdiy.uris import UnparsableUriError, has_scheme, public_uri, redact_text
@@ -26,9 +29,10 @@ logger = logging.getLogger(__name__)
 
 #: The error kinds of the label-row schema (``schemas/label_row.v1.json``). ``not_found``: the
 #: object does not exist (an answer, not retried: see ``incremental.py``); ``unreadable``: any
-#: other failed read; ``invalid_uri``: a manifest entry that is not a URI one can read.
+#: other failed read; ``invalid_uri``: a manifest entry that is not a URI one can read;
+#: ``worker_lost``: the image killed its process more often than ``--max-worker-deaths`` allows.
 ERROR_KINDS = ("empty", "truncated", "corrupt", "not_image", "too_large", "not_found", "unreadable", "invalid_uri",
-               "unsupported", "model")
+               "unsupported", "model", "worker_lost")
 
 # Leading bytes of the formats Pillow reads: an object that starts like an image but will not
 # decode is "corrupt"; anything else is "not_image".
@@ -99,14 +103,24 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         kind = "corrupt" if _looks_like_image(data) else "not_image"
         what = "unreadable image header" if kind == "corrupt" else "not an image Pillow can read"
         raise ImageDecodeError(kind, f"{what} ({len(data)} bytes)") from error
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
-        # Pillow reports broken streams with these types; the message says which.
-        raise ImageDecodeError(_classify_decode_failure(error, data), f"{type(error).__name__}: {error}") from error
     except MemoryError as error:
         raise ImageDecodeError("too_large", "out of memory while decoding") from error
+    except Exception as error:  # noqa: BLE001 - any failure to decode these bytes is this image's row
+        # Pillow reports broken streams with many types (OSError, SyntaxError, struct.error, ...).
+        raise ImageDecodeError(_classify_decode_failure(error, data), _message(error)) from error
     finally:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = pillow_limit, pillow_truncated
     return image
+
+
+def _message(error: BaseException) -> str:
+    """A readable one-line message of an exception (its type and first line)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _invalid(error: InvalidImageError) -> DecodeResult:
+    return DecodeResult(error_kind=error.kind if error.kind in ERROR_KINDS else "unsupported", error=str(error))
 
 
 def decode_image(
@@ -116,21 +130,39 @@ def decode_image(
 
     ``config``: a :class:`~clipdiy.segmentation.config.SegmenterConfig` whose method prepares the input
     (``mode`` and ``saliency_max_side`` are then unused); ``None``: CLIP-DIY's preparation.
+
+    Never raises (but for ``KeyboardInterrupt``/``SystemExit``): whatever goes wrong is this
+    image's error row, named by the stage that failed. Bytes that do not decode, and a decoded
+    image whose EXIF or mode is malformed, are ``truncated``/``corrupt``/``not_image``; an image the
+    method cannot prepare is ``unsupported``; running out of memory is ``too_large``.
     """
     try:
         image = open_image(data, max_pixels)
-        # prepare_image/prepare_input apply the EXIF orientation and convert any mode to RGB.
-        if config is not None:
-            return DecodeResult(prepared=prepare_input(image, config))
-        return DecodeResult(prepared=prepare_image(image, mode, saliency_max_side))
     except ImageDecodeError as error:
         return DecodeResult(error_kind=error.kind, error=str(error))
+    try:
+        # EXIF orientation (a corrupt EXIF block raises struct.error, TypeError, ...) and any mode to RGB.
+        rgb = to_rgb_uint8(image)
     except InvalidImageError as error:
-        kind = error.kind if error.kind in ERROR_KINDS else "unsupported"
-        return DecodeResult(error_kind=kind, error=str(error))
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as error:
-        # Raised while applying EXIF or converting modes: the file decodes but is malformed.
-        return DecodeResult(error_kind=_classify_decode_failure(error, data), error=f"{type(error).__name__}: {error}")
+        return _invalid(error)
+    except MemoryError:
+        return DecodeResult(error_kind="too_large", error="out of memory while converting the image to RGB")
+    except Exception as error:  # noqa: BLE001 - the file decodes but its metadata or pixels are malformed
+        return DecodeResult(error_kind=_classify_decode_failure(error, data), error=f"EXIF or mode conversion failed: {_message(error)}")
+    try:
+        if config is not None:
+            return DecodeResult(prepared=prepare_input(rgb, config))
+        return DecodeResult(prepared=prepare_image(rgb, mode, saliency_max_side))
+    except InvalidImageError as error:
+        return _invalid(error)
+    except MemoryError:
+        return DecodeResult(error_kind="too_large", error="out of memory while preparing the model input")
+    except Exception as error:  # noqa: BLE001 - an image the method cannot take costs only its own row
+        method = config.method if config is not None else "clipdiy"
+        height, width = rgb.shape[:2]
+        return DecodeResult(
+            error_kind="unsupported", error=f"{method} cannot prepare a {width} x {height} image: {_message(error)}"
+        )
 
 
 def read_error(error: BaseException, failure_class: str) -> tuple[str, str]:
@@ -193,8 +225,12 @@ class DecodeBatch:
         saliency_max_side: int | None = None,
         health=None,
         segmenter_config=None,
+        max_image_bytes: int | None = None,
+        max_worker_deaths: int = DEFAULT_MAX_WORKER_DEATHS,
     ):
         self.segmenter_config = segmenter_config  # when given, its method prepares the inputs
+        self.max_image_bytes = max_image_bytes  # larger objects get a too_large row, unread
+        self.max_worker_deaths = max_worker_deaths
         self.storage_options = storage_options
         self.mode = mode
         self.max_pixels = max_pixels
@@ -214,7 +250,7 @@ class DecodeBatch:
             self._filesystems[protocol] = fs
         else:
             path = fs._strip_protocol(location)
-        return read_bytes(fs, path, attempts=self.read_attempts, what=f"read {uri}")
+        return read_bytes(fs, path, attempts=self.read_attempts, what=f"read {uri}", max_bytes=self.max_image_bytes)
 
     def _report_reads(self, ok: int, failed: dict[str, int], sample: str | None) -> None:
         """Tell the run's health actor; raise RunFailedError once reads are broken run-wide."""
@@ -231,52 +267,87 @@ class DecodeBatch:
         if verdict is not None:
             raise RunFailedError(verdict)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def _decode_one(
+        self, image_id: str, uri: str, signed_uri: str | None, entry: int | None, size: int | None, reads: _Reads
+    ) -> DecodeResult:
+        """Read and decode one object: never raises but for the run's own errors. ``uri``: the
+        public location (what messages name); ``signed_uri``: the readable one where it is signed;
+        ``entry``: the manifest entry whose signed location the labelling looked up again."""
         from clipdiy.pipeline.health import classify_read_failure, one_line
+        from clipdiy.storage import ObjectTooLargeError
 
-        results = []
-        reads_ok, failed, sample = 0, collections.Counter(), None
-        names = batch.column_names
-        uris = batch.column("uri").to_pylist()
-        signed = batch.column("signed_uri").to_pylist() if "signed_uri" in names else [None] * len(uris)
-        entries = batch.column("signed_entry").to_pylist() if "signed_entry" in names else [None] * len(uris)
-        for uri, signed_uri, entry in zip(uris, signed, entries, strict=True):
-            location = signed_uri or uri
-            if signed_uri is None and entry is not None:
-                results.append(DecodeResult(error_kind="unreadable", error=(
-                    f"entry {entry} of the manifest no longer lists this image (the manifest changed during the "
-                    f"run): not read; the next run labels it")))
-                continue
-            if has_scheme(location):
-                try:
-                    public_uri(location)
-                except UnparsableUriError as error:
-                    results.append(DecodeResult(error_kind="invalid_uri", error=str(error)))
-                    continue
+        if signed_uri is None and entry is not None:
+            return DecodeResult(error_kind="unreadable", error=(
+                f"entry {entry} of the manifest no longer lists this image (the manifest changed during the "
+                f"run): not read; the next run labels it"))
+        location = signed_uri or uri
+        if has_scheme(location):
             try:
-                data = self._read(location, uri)
-            except Exception as error:  # noqa: BLE001 - every storage failure becomes this image's error row
-                failure = classify_read_failure(error)
-                kind, message = read_error(error, failure)
-                # A library's message may quote the location: shown as the public URI.
-                message = redact_text(message.replace(location, uri))
-                logger.warning("cannot read %s: %s", uri, message)
-                failed[failure] += 1
-                sample = sample or one_line(f"{uri}: {message}")
-                results.append(DecodeResult(error_kind=kind, error=message))
-                continue
-            reads_ok += 1
-            results.append(
-                decode_image(
-                    data,
-                    mode=self.mode,
-                    max_pixels=self.max_pixels,
-                    saliency_max_side=self.saliency_max_side,
-                    config=self.segmenter_config,
-                )
+                public_uri(location)
+            except UnparsableUriError as error:
+                return DecodeResult(error_kind="invalid_uri", error=str(error))
+        if self.max_image_bytes is not None and size is not None and size > self.max_image_bytes:
+            reads.ok += 1  # the store answered (the listing): nothing read, nothing failed
+            return DecodeResult(
+                error_kind="too_large",
+                error=f"the object holds {size} bytes, more than --max-image-bytes {self.max_image_bytes}; not read",
             )
-        self._report_reads(reads_ok, dict(failed), sample)
+        try:
+            data = self._read(location, uri)
+        except ObjectTooLargeError as error:
+            reads.ok += 1
+            return DecodeResult(error_kind="too_large", error=f"{error}; not read further")
+        except Exception as error:  # noqa: BLE001 - every storage failure becomes this image's error row
+            failure = classify_read_failure(error)
+            kind, message = read_error(error, failure)
+            # A library's message may quote the location: shown as the public URI.
+            message = redact_text(message.replace(location, uri))
+            logger.warning("cannot read %s: %s", uri, message)
+            reads.failed[failure] += 1
+            reads.sample = reads.sample or one_line(f"{uri}: {message}")
+            return DecodeResult(error_kind=kind, error=message)
+        reads.ok += 1
+        return decode_image(
+            data,
+            mode=self.mode,
+            max_pixels=self.max_pixels,
+            saliency_max_side=self.saliency_max_side,
+            config=self.segmenter_config,
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from clipdiy.pipeline.health import AttemptLedger
+
+        names = batch.column_names
+        rows = batch.num_rows
+        image_ids = batch.column("image_id").to_pylist()
+        # The listed size (LISTING_SCHEMA's source_size; None where the listing has none).
+        sizes = batch.column("source_size").to_pylist() if "source_size" in names else [None] * rows
+        signed = batch.column("signed_uri").to_pylist() if "signed_uri" in names else [None] * rows
+        entries = batch.column("signed_entry").to_pylist() if "signed_entry" in names else [None] * rows
+        attempt = AttemptLedger(self.health, "decode", self.max_worker_deaths).begin(image_ids)
+        results = []
+        reads = _Reads()
+        for image_id, uri, signed_uri, entry, size in zip(
+            image_ids, batch.column("uri").to_pylist(), signed, entries, sizes, strict=True
+        ):
+            if image_id in attempt.lost:
+                results.append(DecodeResult(error_kind="worker_lost", error=attempt.lost_message()))
+                continue
+            attempt.start(image_id)
+            results.append(self._decode_one(image_id, uri, signed_uri, entry, size, reads))
+        self._report_reads(reads.ok, dict(reads.failed), reads.sample)
+        attempt.end()
         batch = batch.drop_columns([name for name in _LOCATION_COLUMNS if name in names])
         for name, column in decoded_columns(results).items():
             batch = batch.append_column(name, column)
         return batch
+
+
+@dataclass
+class _Reads:
+    """A decode batch's read outcomes, for the run's health actor."""
+
+    ok: int = 0
+    failed: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    sample: str | None = None

@@ -19,6 +19,14 @@ the job instead of being laundered into rows. Each guard sits where it sees enou
   ends the actor's process so that Ray restarts it and retries its batch. :class:`RunHealth`
   counts these per batch, so a batch that poisons a fresh actor too becomes ``model`` error rows
   instead of restarting actors forever.
+- **Processes that die** (:class:`RunHealth`'s attempt ledger): a decode task or inference actor
+  killed on a batch (the kernel's OOM killer, a crash in native code) is retried by Ray. Every
+  attempt at a batch registers with the run's health actor before it works (one call per batch),
+  and ends its record when done, so the records outlive the dying process and hold only batches
+  in flight or dying. After ``max_worker_deaths`` deaths on one batch the next attempt goes image
+  by image, registering each image before it touches it; an image that was in progress when an
+  attempt died gets a ``worker_lost`` row instead of being processed again, and the rest of the
+  batch is labelled. Ray's own retry and restart limits are finite and larger, so this decides.
 - **The error budget** (:class:`ErrorBudget`, in the driver): the share of error rows among the
   last ``window`` written rows, from the per-shard stats the driver receives anyway (no extra
   calls). Above ``max_rate`` the run stops with exit status 3, naming the dominant error kind;
@@ -113,6 +121,7 @@ class RunHealth:
         self._verdict: str | None = None
         self._actors: list = []
         self._poisonings: dict[str, int] = {}
+        self._attempts: dict[str, _BatchAttempts] = {}
 
     def record_reads(self, ok: int, failed: Mapping[str, int], sample: str | None = None) -> str | None:
         """Add one decode batch's reads; return the verdict (a one-line reason) once reads are broken.
@@ -169,10 +178,123 @@ class RunHealth:
         """The handles of the run's inference actors (a restarted actor may appear twice)."""
         return list(self._actors)
 
+    def begin_batch(self, key: str) -> tuple[int, tuple[str, ...]]:
+        """Register an attempt at the batch ``key`` (a stage's name and :func:`batch_key`); return
+        (how many earlier attempts at it died, the image ids in progress when one died).
+
+        An attempt that finishes calls :meth:`end_batch`, so every earlier attempt still on
+        record died (Ray runs one attempt of a task at a time).
+        """
+        record = self._attempts.setdefault(key, _BatchAttempts())
+        deaths = record.started
+        record.started += 1
+        if record.current is not None:  # the image an attempt was working on when it died
+            record.lost.add(record.current)
+            record.current = None
+        return deaths, tuple(sorted(record.lost))
+
+    def begin_image(self, key: str, image_id: str) -> None:
+        """An attempt going image by image starts on ``image_id`` (and is done with the one before)."""
+        record = self._attempts.get(key)
+        if record is not None:
+            record.current = image_id
+
+    def end_batch(self, key: str) -> None:
+        """The attempt at ``key`` finished: forget the batch."""
+        self._attempts.pop(key, None)
+
+    def attempts_on_record(self) -> int:
+        """How many batches the ledger holds (in flight, or whose attempts died)."""
+        return len(self._attempts)
+
     def record_poisoning(self, batch_key: str) -> int:
         """Count one poisoned actor on the batch ``batch_key``; return how often it happened."""
         self._poisonings[batch_key] = self._poisonings.get(batch_key, 0) + 1
         return self._poisonings[batch_key]
+
+
+#: Retries of a task beyond what the attempt ledger needs: for node losses and the like.
+SPARE_RETRIES = 10
+#: Restarts of one inference actor in one run (each reloads the models): more means the cluster,
+#: not an image, is broken, and the run stops (exit 1) instead of restarting actors all night.
+ACTOR_RESTARTS = 100
+
+
+def ray_task_retries(max_deaths: int, images_per_batch: int, batches_per_task: int) -> int:
+    """Ray's retries of one decode task or inference actor task: finite, and enough for the
+    attempt ledger to reach a decision on every batch of the task (``max_deaths`` deaths, then one
+    more per image that kills its process), so that the ledger, not Ray, decides."""
+    return batches_per_task * (max_deaths + images_per_batch) + SPARE_RETRIES
+
+
+class _BatchAttempts:
+    """The ledger's record of one batch: attempts started, the image being worked on by the
+    current attempt going image by image, and images whose attempt died on them."""
+
+    __slots__ = ("started", "current", "lost")
+
+    def __init__(self):
+        self.started = 0
+        self.current: str | None = None
+        self.lost: set[str] = set()
+
+
+class WorkerLost(Exception):
+    """Stands for the output of an image whose worker process died on it (a ``worker_lost`` row)."""
+
+
+class AttemptLedger:
+    """One batch's side of :class:`RunHealth`'s attempt ledger, used inside a Ray task or actor.
+
+    ``health``: the run's RunHealth actor handle (None: no ledger, every batch is processed
+    whole, as in a plain library call). ``max_deaths``: deaths on one batch before it goes image
+    by image.
+    """
+
+    def __init__(self, health, stage: str, max_deaths: int):
+        self.health = health
+        self.stage = stage
+        self.max_deaths = max_deaths
+
+    def begin(self, image_ids: list[str]) -> BatchAttempt:
+        if self.health is None:
+            return BatchAttempt(None, "", 0, frozenset(), False)
+        import ray
+
+        from clipdiy.pipeline.inference import batch_key
+
+        key = f"{self.stage}:{batch_key(image_ids)}"
+        deaths, lost = ray.get(self.health.begin_batch.remote(key))
+        return BatchAttempt(self.health, key, deaths, frozenset(lost), deaths >= self.max_deaths)
+
+
+class BatchAttempt:
+    """One attempt at a batch. ``one_by_one``: earlier attempts died ``deaths`` times (at least
+    ``max_deaths``), so this one registers each image (:meth:`start`) before touching it;
+    ``lost``: images an earlier attempt died on, which get a ``worker_lost`` row instead."""
+
+    def __init__(self, health, key: str, deaths: int, lost: frozenset[str], one_by_one: bool):
+        self.health = health
+        self.key = key
+        self.deaths = deaths
+        self.lost = lost
+        self.one_by_one = one_by_one
+
+    def lost_message(self) -> str:
+        return (f"the worker process died {self.deaths} times on this image's batch, the last time working on "
+                "this image alone (killed by the out-of-memory killer, or a crash in native code)")
+
+    def start(self, image_id: str) -> None:
+        """Before touching ``image_id`` (only while going image by image): waits for the record."""
+        if self.health is not None and self.one_by_one:
+            import ray
+
+            ray.get(self.health.begin_image.remote(self.key, image_id))
+
+    def end(self) -> None:
+        """The attempt is done (no need to wait: a lost message only keeps a finished record)."""
+        if self.health is not None:
+            self.health.end_batch.remote(self.key)
 
 
 _READ_HINTS = {

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipdiy.errors import ActorStartError, ClipdiyError
+from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
 from clipdiy.segmentation.config import SegmenterConfig
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class SegmentBatch:
     health = None  # the run's RunHealth actor handle (None: counts kept in this process only)
     _exit_before_next = False  # a batch poisoned the device and got error rows: restart first
     _local_poisonings: dict[str, int] | None = None
+    max_worker_deaths = DEFAULT_MAX_WORKER_DEATHS  # deaths on a batch before it goes image by image
 
     def __init__(
         self,
@@ -127,6 +129,7 @@ class SegmentBatch:
         text_embeddings: np.ndarray,
         num_threads: int | None = None,
         health=None,
+        max_worker_deaths: int = DEFAULT_MAX_WORKER_DEATHS,
     ):
         import torch
 
@@ -146,6 +149,7 @@ class SegmentBatch:
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ActorStartError(ACTOR_START_REFUSED + first_line) from error
         self.health = health
+        self.max_worker_deaths = max_worker_deaths
         logger.info("segmenter loaded on %s", self.segmenter.device)
         self._warn_large = (
             getattr(self.segmenter, "saliency", None) is not None
@@ -242,25 +246,55 @@ class SegmentBatch:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _predict_images(self, image_ids: list[str], prepared: list, key: str) -> list:
+        """Outputs (or exceptions) of the images ``image_ids`` (one per prepared input)."""
+        return self._predict(prepared, key)
+
+    def _predict_one_by_one(self, image_ids: list[str], prepared: list, key: str, attempt) -> list:
+        """Earlier attempts at this batch died: each image on its own, registered before it is
+        touched; those an earlier attempt died on get a ``worker_lost`` row instead."""
+        from clipdiy.pipeline.health import WorkerLost
+
+        outputs: list = []
+        for image_id, item in zip(image_ids, prepared):
+            if image_id in attempt.lost:
+                outputs.append(WorkerLost(attempt.lost_message()))
+                continue
+            attempt.start(image_id)
+            outputs.extend(self._predict_images([image_id], [item], key))
+        return outputs
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from clipdiy.pipeline.health import AttemptLedger, WorkerLost
         from clipdiy.pipeline.rows import saliency_preview
         from clipdiy.segmentation.segmenter import ModelOutput
 
         if self._exit_before_next:
             self._exit()
+        image_ids = batch.column("image_id").to_pylist()
+        attempt = AttemptLedger(self.health, "inference", self.max_worker_deaths).begin(image_ids)
         status = batch.column("status").to_pylist()
         ok = [i for i, s in enumerate(status) if s == "ok"]
         payloads = batch.column("payload")
         prepared = [pickle.loads(payloads[i].as_buffer()) for i in ok]
         self._check_saliency_cost(prepared)
-        outputs: list = self._predict(prepared, batch_key(batch.column("image_id").to_pylist())) if prepared else []
+        ok_ids = [image_ids[i] for i in ok]
+        key = batch_key(image_ids)
+        if not prepared:
+            outputs: list = []
+        elif attempt.one_by_one:
+            outputs = self._predict_one_by_one(ok_ids, prepared, key, attempt)
+        else:
+            outputs = self._predict_images(ok_ids, prepared, key)
         del prepared
 
         new_payload: list[bytes | None] = [None] * batch.num_rows
         error_kind = batch.column("error_kind").to_pylist()
         error = batch.column("error").to_pylist()
         for i, output in zip(ok, outputs):
-            if isinstance(output, Exception):
+            if isinstance(output, WorkerLost):
+                status[i], error_kind[i], error[i] = "error", "worker_lost", str(output)
+            elif isinstance(output, Exception):
                 status[i] = "error"
                 error_kind[i] = "model"
                 error[i] = f"{type(output).__name__}: {output}".splitlines()[0]
@@ -277,5 +311,6 @@ class SegmentBatch:
         }
         for name, column in columns.items():
             batch = batch.set_column(batch.schema.get_field_index(name), name, column)
+        attempt.end()
         return batch
 

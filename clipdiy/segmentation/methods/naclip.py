@@ -57,10 +57,20 @@ def resolve_window(config: NaclipConfig, vocabulary_name: str) -> str:
     return WINDOW_BY_VOCABULARY.get(vocabulary_name, WINDOW_SLIDE)
 
 
+#: The least side of NACLIP's model input: one patch of the CLIP ViT with the largest patches
+#: (B/32), so that any model sees at least one patch row and column. SPEC 8.2's rescale gives a
+#: side under it only to images more elongated than 2048:32 (64:1); a 1 x 5000 strip would get a
+#: side of 0 pixels, which the reference cannot resize.
+NACLIP_MIN_INPUT_SIDE = 32
+
+
 def naclip_input_size(height: int, width: int, config: NaclipConfig) -> tuple[int, int]:
-    """(h, w) of the model input (SPEC 8.2, mmcv's rescale): short side 336, long side <= 2048."""
+    """(h, w) of the model input (SPEC 8.2, mmcv's rescale): short side 336, long side <= 2048;
+    each side at least :data:`NACLIP_MIN_INPUT_SIDE` (the image is then squashed that far), so
+    every image of at least 1 x 1 pixel is labelled."""
     scale = min(config.short_side / min(height, width), config.long_side / max(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return (max(NACLIP_MIN_INPUT_SIDE, int(height * scale + 0.5)),
+            max(NACLIP_MIN_INPUT_SIDE, int(width * scale + 0.5)))
 
 
 def prepare_naclip(rgb: np.ndarray, config: SegmenterConfig):
