@@ -84,7 +84,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clipdiy.pipeline.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_WORKER_DEATHS
+    from clipdiy.pipeline.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_MEMORY_GB, DEFAULT_MAX_WORKER_DEATHS
 
     defaults_clip = ClipConfig()
     defaults_saliency = SaliencyConfig()
@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES, metavar="BYTES",
                           help="objects larger than this (listed size, else while reading) get a too_large row "
                                "without being read")
+    pipeline.add_argument("--max-image-memory-gb", type=float, default=DEFAULT_MAX_IMAGE_MEMORY_GB, metavar="GB",
+                          help="an image whose method would hold more than this at once (its estimate: NACLIP's "
+                               "query maps at the original size, CLIP-DIY's saliency activations) gets a too_large "
+                               "row instead of being labelled")
     pipeline.add_argument("--max-worker-deaths", type=int, default=DEFAULT_MAX_WORKER_DEATHS, metavar="N",
                           help="a batch whose decode task or inference actor died N times goes image by image; "
                                "an image whose process still dies gets a worker_lost row")
@@ -282,6 +286,7 @@ def config_from_args(args: argparse.Namespace):
         max_pixels=args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS,
         max_image_bytes=args.max_image_bytes,
         max_worker_deaths=args.max_worker_deaths,
+        max_image_memory_gb=args.max_image_memory_gb,
         limit=args.limit,
         listing_tasks=args.listing_tasks,
         run_id=args.run_id,

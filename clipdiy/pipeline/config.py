@@ -23,6 +23,10 @@ DEFAULT_MAX_IMAGE_BYTES = 256 * 1024**2
 #: Default number of times a decode task or inference actor may die on one batch before the batch
 #: goes image by image and the image that still kills its process gets a ``worker_lost`` row.
 DEFAULT_MAX_WORKER_DEATHS = 3
+#: Default bound of one image's working memory in the inference actor (the method's estimate,
+#: ``SegmentationMethod.working_bytes``): 16 GiB lets NACLIP label a 12-megapixel photo with the
+#: authors' COCO-Object words (about 15.5 GB, 14.4 GiB) and refuses a 100-megapixel one.
+DEFAULT_MAX_IMAGE_MEMORY_GB = 16.0
 
 
 class JobConfigError(ClipdiyError, ValueError):
@@ -55,6 +59,10 @@ class LabelJobConfig:
     max_pixels:            decompression-bomb guard, checked from the image header.
     max_image_bytes:       objects larger than this (the listed size, else while reading) get a
                            ``too_large`` row without being read whole.
+    max_image_memory_gb:   an image whose method's working memory (its estimate, which grows with
+                           the pixel count) exceeds this gets a ``too_large`` row instead of being
+                           labelled: it would otherwise kill its actor (an OOM kill) and end as
+                           ``worker_lost`` after ``max_worker_deaths`` deaths.
     max_worker_deaths:     a batch whose decode task or inference actor died this many times is
                            retried image by image; an image whose process dies then gets a
                            ``worker_lost`` row (see ``clipdiy.pipeline.attempts``).
@@ -98,6 +106,7 @@ class LabelJobConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_worker_deaths: int = DEFAULT_MAX_WORKER_DEATHS
+    max_image_memory_gb: float = DEFAULT_MAX_IMAGE_MEMORY_GB
     limit: int | None = None
     listing_tasks: int = 16
     run_id: str | None = None
@@ -127,6 +136,7 @@ class LabelJobConfig:
             "--max-pixels": self.max_pixels,
             "--max-image-bytes": self.max_image_bytes,
             "--max-worker-deaths": self.max_worker_deaths,
+            "--max-image-memory-gb": self.max_image_memory_gb,
             "--min-actors": self.min_actors,
             "--max-actors": self.max_actors if self.max_actors is not None else 1,
             "--read-attempts": self.read_attempts,

@@ -81,6 +81,7 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
             "num_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
             "health": health,
             "max_worker_deaths": config.max_worker_deaths,
+            "max_image_bytes_in_memory": int(config.max_image_memory_gb * 1024**3),
         },
         batch_size=config.inference_batch_size,
         batch_format="pyarrow",

@@ -122,6 +122,7 @@ class SegmentBatch:
     _exit_before_next = False  # a batch poisoned the device and got error rows: restart first
     _local_poisonings: dict[str, int] | None = None
     max_worker_deaths = DEFAULT_MAX_WORKER_DEATHS  # deaths on a batch before it goes image by image
+    max_image_bytes_in_memory: int | None = None  # an image whose method needs more: a too_large row
 
     def __init__(
         self,
@@ -130,6 +131,7 @@ class SegmentBatch:
         num_threads: int | None = None,
         health=None,
         max_worker_deaths: int = DEFAULT_MAX_WORKER_DEATHS,
+        max_image_bytes_in_memory: int | None = None,
     ):
         import torch
 
@@ -150,6 +152,7 @@ class SegmentBatch:
             raise ActorStartError(ACTOR_START_REFUSED + first_line) from error
         self.health = health
         self.max_worker_deaths = max_worker_deaths
+        self.max_image_bytes_in_memory = max_image_bytes_in_memory
         logger.info("segmenter loaded on %s", self.segmenter.device)
         self._warn_large = (
             getattr(self.segmenter, "saliency", None) is not None
@@ -246,6 +249,23 @@ class SegmentBatch:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _too_large(self, prepared: list) -> list[str | None]:
+        """Per image, the ``too_large`` message when the method's working memory for it (its
+        estimate) exceeds the bound, else None."""
+        estimate = getattr(self.segmenter, "working_bytes", None)
+        if self.max_image_bytes_in_memory is None or estimate is None:
+            return [None] * len(prepared)
+        messages: list[str | None] = []
+        for item in prepared:
+            need = estimate(item)
+            height, width = item.original_size
+            messages.append(
+                None if need <= self.max_image_bytes_in_memory else
+                f"labelling this {width} x {height} image would hold about {need / 1024**3:.1f} GiB at once, "
+                f"more than --max-image-memory-gb {self.max_image_bytes_in_memory / 1024**3:g}; not labelled"
+            )
+        return messages
+
     def _predict_images(self, image_ids: list[str], prepared: list, key: str) -> list:
         """Outputs (or exceptions) of the images ``image_ids`` (one per prepared input)."""
         return self._predict(prepared, key)
@@ -277,6 +297,16 @@ class SegmentBatch:
         ok = [i for i, s in enumerate(status) if s == "ok"]
         payloads = batch.column("payload")
         prepared = [pickle.loads(payloads[i].as_buffer()) for i in ok]
+        error_kind = batch.column("error_kind").to_pylist()
+        error = batch.column("error").to_pylist()
+        # An image whose working memory would exceed the bound is refused before any work: an
+        # OOM kill would cost the actor, and the batch's other images their retries.
+        refused = self._too_large(prepared)
+        for i, message in zip(ok, refused):
+            if message is not None:
+                status[i], error_kind[i], error[i] = "error", "too_large", message
+        prepared = [item for item, message in zip(prepared, refused) if message is None]
+        ok = [i for i, message in zip(ok, refused) if message is None]
         self._check_saliency_cost(prepared)
         ok_ids = [image_ids[i] for i in ok]
         key = batch_key(image_ids)
@@ -289,8 +319,6 @@ class SegmentBatch:
         del prepared
 
         new_payload: list[bytes | None] = [None] * batch.num_rows
-        error_kind = batch.column("error_kind").to_pylist()
-        error = batch.column("error").to_pylist()
         for i, output in zip(ok, outputs):
             if isinstance(output, WorkerLost):
                 status[i], error_kind[i], error[i] = "error", "worker_lost", str(output)

@@ -208,6 +208,11 @@ class Segmenter:
         outputs = self.predict(prepared, return_probabilities=return_probabilities)
         return [finalize(output, self.class_names) for output in outputs]
 
+    def working_bytes(self, prepared: PreparedImage) -> int:
+        """About how many bytes labelling ``prepared`` holds at once beyond the weights (the
+        method's estimate, :meth:`SegmentationMethod.working_bytes`)."""
+        return int(self.method.working_bytes(prepared))
+
     @torch.inference_mode()
     def predict(self, prepared: Sequence[PreparedImage], *, return_probabilities: bool = False) -> list[ModelOutput]:
         """Outputs for a batch of prepared images: the method's forward, refinement, labels, scores.

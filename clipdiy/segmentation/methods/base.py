@@ -74,6 +74,12 @@ class SegmentationMethod(Protocol):
         """Probabilities and labels from (possibly refined) logits."""
         ...
 
+    def working_bytes(self, prepared: PreparedImage) -> int:
+        """About how many bytes labelling this one image holds at once beyond the model weights:
+        the buffers that grow with its pixel count (a pipeline refuses an image whose estimate
+        exceeds its bound rather than let it kill the process)."""
+        ...
+
 
 def forward_by_key(method: SegmentationMethod, prepared: Sequence[PreparedImage], device) -> Iterator[tuple[list[int], MethodLogits]]:
     """One :meth:`SegmentationMethod.forward` per group of equal batch key, its inputs moved in one transfer."""

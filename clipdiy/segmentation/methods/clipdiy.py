@@ -92,6 +92,20 @@ class ClipDiyMethod:
         guide = pixels.float().div_(255.0).sub_(self.mean).div_(self.std)
         return MethodLogits(logits=fused_logits(scores, weighting), guide=guide, foreground=saliency)
 
+    def working_bytes(self, prepared) -> int:
+        """What grows with the photo: the label map resized to the original H x W (uint16, with
+        int64 row and column indices: 10 bytes a pixel, bounded by ``--max-pixels``), and the
+        saliency model's activations at its input (DINO ViT-S/8: one 384-wide float32 token per
+        8 x 8 pixels, about a dozen such tensors alive at once; full resolution unless
+        ``SaliencyConfig.max_side`` shrinks it). Attention is counted as linear in the tokens, as
+        PyTorch's fused attention runs it."""
+        height, width = prepared.original_size
+        saliency = 0
+        if prepared.saliency_input is not None and self.saliency_backend != "none":
+            tokens = (prepared.saliency_input.shape[0] // 8 + 1) * (prepared.saliency_input.shape[1] // 8 + 1)
+            saliency = tokens * 384 * 4 * 12
+        return 10 * height * width + saliency
+
     def decide(self, logits: torch.Tensor, forward: MethodLogits) -> MethodDecision:
         probabilities = torch.softmax(logits, dim=1)
         return MethodDecision(probabilities, probabilities.argmax(dim=1), forward.foreground)

@@ -220,6 +220,7 @@ class NaclipMethod:
         self.class_queries = [sorted({unique.index(w) for w, o in zip(words, owners) if o == c}) for c in range(len(vocabulary))]
         self.class_runs = class_runs(self.class_queries)
         self.mode = resolve_window(self.config, vocabulary.name)
+        self.pamr_max_elements = config.pamr.max_elements if config.refinement else 0
         self.forward_tokens = self.config.max_forward_tokens or default_forward_tokens(torch.device(device))
         self.mean = torch.tensor(NACLIP_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(NACLIP_STD, device=device).view(1, 3, 1, 1)
@@ -308,6 +309,17 @@ class NaclipMethod:
                     for wy1, wy2, wx1, wx2 in boxes[g]:
                         count[:, :, wy1:wy2, wx1:wx2] += 1
                     yield g, totals.pop(g).div_(count)
+
+    def working_bytes(self, prepared) -> int:
+        """Float32 buffers at the original H x W, which grow with the photo while the forward does
+        not: the U query logits and PAMR's refined copy (2U), the guide (3), the class
+        probabilities of the decision (C) and its labels and top scores (4, as int64 + float32),
+        plus PAMR's own working set, bounded by ``PamrConfig.max_elements`` (section 8.8)."""
+        height, width = prepared.original_size
+        queries = int(self.query_embeddings.shape[0])
+        planes = 2 * queries + 3 + self.num_classes + 4
+        pamr = 4 * self.pamr_max_elements if self.pamr_max_elements else 0
+        return 4 * height * width * planes + pamr
 
     def decide(self, logits: torch.Tensor, forward: MethodLogits) -> MethodDecision:
         """SPEC 8.9: softmax over queries of 40 x logits, max per class, threshold to background.
