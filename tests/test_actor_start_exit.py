@@ -50,7 +50,7 @@ def test_actor_start_failure_exits_2_before_any_shard_and_1_after(shards_before,
     from clipdiy.pipeline import health
 
     monkeypatch.setattr(run, "build_dataset", lambda config, *args, health: _ShardStats(shards_before))
-    monkeypatch.setattr(health, "start_run_health", lambda stop_after_failed_reads: "health-actor")
+    monkeypatch.setattr(health, "start_run_health", lambda stop_after_failed_reads, first_attempt: "health-actor")
     monkeypatch.setattr(ray, "kill", lambda actor: None)
     monkeypatch.setattr(run, "free_resources", dict)
     monkeypatch.setattr(run, "stop_actors", lambda health: None)
@@ -60,7 +60,7 @@ def test_actor_start_failure_exits_2_before_any_shard_and_1_after(shards_before,
     progress = run.Progress(None, interval=3600.0)  # not started: no progress thread
 
     with pytest.raises(ActorStartError) as raised:
-        run._label(config, (), written, progress, _Lock())
+        run._label(config, (), written, progress, _Lock(), first_attempt=True)
 
     assert len(written) == shards_before
     assert load_label_job()._refuse(raised.value) == exit_status

@@ -141,9 +141,13 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
 
 
 def _label(
-    config: LabelJobConfig, dataset_args: tuple, written: dict, progress: Progress, lock: OutputLock
+    config: LabelJobConfig, dataset_args: tuple, written: dict, progress: Progress, lock: OutputLock,
+    *, first_attempt: bool,
 ) -> None:
     """Run the dataset, consuming its shard stats: progress, the error budget, the lock.
+
+    ``first_attempt``: this is the run's first start (missing objects then count towards the
+    failed-reads streak until one read succeeds; see :class:`~clipdiy.pipeline.health.RunHealth`).
 
     Raises :class:`~clipdiy.errors.RunFailedError` (reads broken run-wide, with the health
     actor's one-line reason) or :class:`~clipdiy.errors.ErrorBudgetExceededError`; either way the
@@ -163,8 +167,7 @@ def _label(
     from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS
 
     free_before = free_resources()
-    plan: RunPlan = dataset_args[2]
-    health = start_run_health(config.stop_after_failed_reads, first_attempt=plan.attempt == 1)
+    health = start_run_health(config.stop_after_failed_reads, first_attempt=first_attempt)
     budget = ErrorBudget(config.max_error_rate, config.error_window)
     stats = build_dataset(config, *dataset_args, health=health)
     batches = iter(stats.iter_batches(batch_size=None, batch_format="pyarrow"))
@@ -288,7 +291,8 @@ def _run_locked(
     written: dict[str, dict] = {}
     with Progress(counts.todo if counts else None, config.heartbeat_s) as progress:
         if pending.dataset is not None:
-            _label(config, (pending.dataset, models, plan, placement), written, progress, lock)
+            _label(config, (pending.dataset, models, plan, placement), written, progress, lock,
+                   first_attempt=plan.attempt == 1)
     labelling_seconds = time.monotonic() - labelling_started
     lock.check()
     remove_plans(layout, plan.run_id)
