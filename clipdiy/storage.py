@@ -278,3 +278,16 @@ def read_uri(uri: str, options: StorageOptions | None = None, **retry: Any) -> b
     """The whole object at a full URI (as in :attr:`SourceObject.uri`), with retries."""
     fs, path = open_filesystem(uri, options)
     return read_bytes(fs, path, **retry)
+
+
+def add_storage_arguments(parser) -> None:
+    """The object-storage options every reader CLI takes (``jobs/evaluate.py``, ``preview.py``,
+    ``report.py``, ``review.py``): credentials themselves come only from the environment."""
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    parser.add_argument("--anon", action="store_true", default=None, help="anonymous (unsigned) object-storage access")
+    parser.add_argument("--profile", help="AWS profile for object storage (else AWS_PROFILE)")
+
+
+def storage_from_arguments(args) -> StorageOptions:
+    """:class:`StorageOptions` from the arguments :func:`add_storage_arguments` added, and the environment."""
+    return StorageOptions.from_env(endpoint_url=args.endpoint_url, anon=args.anon, profile=args.profile)

@@ -25,7 +25,7 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
 from clipdiy.errors import ClipdiyError  # noqa: E402
 from clipdiy.labels.evaluation import LOCAL_BELOW, SHORT_SIDE, evaluate  # noqa: E402
 from clipdiy.labels.ground_truth import load_ground_truth  # noqa: E402
-from clipdiy.storage import StorageOptions, read_uri  # noqa: E402
+from clipdiy.storage import StorageOptions, add_storage_arguments, read_uri, storage_from_arguments  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,9 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local-below", type=int, default=LOCAL_BELOW,
                         help=f"without --local/--ray: score in-process below this many images (default {LOCAL_BELOW})")
     parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--endpoint-url", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    parser.add_argument("--anon", action="store_true", default=None, help="anonymous (unsigned) object-storage access")
-    parser.add_argument("--profile", help="AWS profile for object storage (else AWS_PROFILE)")
+    add_storage_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -74,7 +72,7 @@ def _class_map(uri: str | None, storage: StorageOptions) -> dict[str, str] | Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    storage = StorageOptions.from_env(endpoint_url=args.endpoint_url, anon=args.anon, profile=args.profile)
+    storage = storage_from_arguments(args)
     try:
         gt_classes = None
         if args.gt_classes:

@@ -23,7 +23,7 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
 
 from clipdiy.errors import ClipdiyError  # noqa: E402
 from clipdiy.labels.preview import PreviewConfig, render_output  # noqa: E402
-from clipdiy.storage import StorageOptions, read_uri  # noqa: E402
+from clipdiy.storage import add_storage_arguments, read_uri, storage_from_arguments  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,15 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=defaults.alpha, help="mask opacity over the photo")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the samples")
     parser.add_argument("--include-unfinished", action="store_true", help="also read runs that have no manifest yet")
-    parser.add_argument("--endpoint-url", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    parser.add_argument("--anon", action="store_true", default=None, help="anonymous (unsigned) object-storage access")
-    parser.add_argument("--profile", help="AWS profile for object storage (else AWS_PROFILE)")
+    add_storage_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    storage = StorageOptions.from_env(endpoint_url=args.endpoint_url, anon=args.anon, profile=args.profile)
+    storage = storage_from_arguments(args)
     config = PreviewConfig(size=args.size, alpha=args.alpha, sample=args.sample, limit=args.limit, seed=args.seed)
     try:
         report = json.loads(read_uri(args.report, storage)) if args.report else None

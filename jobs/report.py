@@ -24,7 +24,7 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
 
 from clipdiy.errors import ClipdiyError  # noqa: E402
 from clipdiy.labels.report import ReportConfig, write_report  # noqa: E402
-from clipdiy.storage import StorageOptions  # noqa: E402
+from clipdiy.storage import add_storage_arguments, storage_from_arguments  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,15 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes-plotted", type=int, default=defaults.classes_plotted, help="classes drawn in the per-class plots")
     parser.add_argument("--max-keys-in-memory", type=int, default=defaults.max_keys_in_memory,
                         help="rows of keys the latest-write pass holds before it spills to local disk")
-    parser.add_argument("--endpoint-url", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    parser.add_argument("--anon", action="store_true", default=None, help="anonymous (unsigned) object-storage access")
-    parser.add_argument("--profile", help="AWS profile for object storage (else AWS_PROFILE)")
+    add_storage_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    storage = StorageOptions.from_env(endpoint_url=args.endpoint_url, anon=args.anon, profile=args.profile)
+    storage = storage_from_arguments(args)
     config = ReportConfig(drift_threshold=args.drift_threshold, lowest=args.lowest, bins=args.bins,
                           classes_plotted=args.classes_plotted, max_keys_in_memory=args.max_keys_in_memory)
     started = time.perf_counter()

@@ -28,7 +28,7 @@ from clipdiy.errors import ClipdiyError  # noqa: E402
 from clipdiy.labels.feed import FeedFilter  # noqa: E402
 from clipdiy.labels.review import export_tasks  # noqa: E402
 from clipdiy.pipeline.corrections import import_corrections  # noqa: E402
-from clipdiy.storage import StorageOptions  # noqa: E402
+from clipdiy.storage import add_storage_arguments, storage_from_arguments  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,15 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     imported.add_argument("--from", dest="source", required=True, help="Label Studio JSON export (any fsspec URI)")
     imported.add_argument("--output", required=True, help="the labels output the tasks were exported from")
     for sub in (export, imported):
-        sub.add_argument("--endpoint-url", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-        sub.add_argument("--anon", action="store_true", default=None, help="anonymous (unsigned) object-storage access")
-        sub.add_argument("--profile", help="AWS profile for object storage (else AWS_PROFILE)")
+        add_storage_arguments(sub)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    storage = StorageOptions.from_env(endpoint_url=args.endpoint_url, anon=args.anon, profile=args.profile)
+    storage = storage_from_arguments(args)
     try:
         if args.command == "export":
             config = args.config or (args.to[:-5] if args.to.endswith(".json") else args.to) + ".xml"
