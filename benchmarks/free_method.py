@@ -25,7 +25,7 @@ import torch
 
 from clipdiy.segmentation.config import SegmenterConfig
 from clipdiy.segmentation.methods import MethodEntry, available_methods, register_method
-from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
+from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits, forward_by_key
 from clipdiy.segmentation.methods.naclip import prepare_naclip
 
 FREE_NACLIP = "free-naclip"
@@ -82,6 +82,15 @@ class FreeMethod:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         return self._cache[key]
+
+    def forward_groups(self, prepared: Sequence):
+        """One :meth:`forward` per batch key (the plain way, as CLIP-DIY)."""
+        return forward_by_key(self, prepared, self.device)
+
+    def working_bytes(self, prepared) -> int:
+        """Only the label map at the output size (uint16) and its indices: no model buffers."""
+        height, width = prepared.original_size
+        return 10 * height * width
 
     def forward(self, pixels: torch.Tensor, prepared: Sequence) -> MethodLogits:
         """Fixed logits B x C x h x w (expanded, not copied) at the method's output size."""
