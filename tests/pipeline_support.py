@@ -41,12 +41,17 @@ def local_ray(**init_options) -> Iterator:
         ray.shutdown()
 
 
-def load_label_job():
-    """``jobs/label.py`` imported as a module in this process (its ``main`` uses the test's Ray)."""
-    spec = importlib.util.spec_from_file_location("label_job", LABEL_SCRIPT)
+def load_job(name: str):
+    """``jobs/<name>.py`` imported as a module in this process (its ``main`` runs here, on the test's Ray)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_job", REPO_ROOT / "jobs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_label_job():
+    """``jobs/label.py`` imported as a module in this process (its ``main`` uses the test's Ray)."""
+    return load_job("label")
 
 
 def label_main(args: list[str]) -> int:

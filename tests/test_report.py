@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import html.parser
-import importlib.util
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO_ROOT
 from labels_fixtures import VOC_NAMES, LabelItem, write_image, write_labels_output
-from pipeline_support import cli_args
+from pipeline_support import cli_args, load_job
 
 CAT, DOG, PERSON = 8, 12, 15
 H, W = 20, 30
@@ -30,10 +29,7 @@ SCREENSHOT_ENV = "CLIPDIY_REPORT_SCREENSHOT"
 
 
 def load_report_job():
-    spec = importlib.util.spec_from_file_location("report_job", REPO_ROOT / "jobs" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_job("report")
 
 
 def _scene(cat: int = 0, dog: int = 0, person: int = 0) -> np.ndarray:
@@ -181,7 +177,7 @@ def check_numbers(page: _Page, expected: dict) -> None:
         assert float(shown["speed"] or 0) == manifest["timings"].get("images_per_second", 0)
         (model,) = run["models"]
         assert shown["precision"] == str(model[1]) and shown["method"] == str(model[2])
-        total_pixels, total_wins = sum(run["pixels"].values()), sum(run["wins"].values())
+        total_pixels = sum(run["pixels"].values())
         for name in set(run["pixels"]) | set(run["wins"]):
             assert page.classes[name][run_id] == f"{100 * run['pixels'][name] / total_pixels:.2f}% / {run['wins'][name]}", (name, run_id)
     # Classes no night has are left out of the table.

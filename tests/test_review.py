@@ -5,7 +5,6 @@ trip through a real Label Studio server."""
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO_ROOT
 from labels_fixtures import VOC_NAMES, LabelItem, write_image, write_labels_output
+from pipeline_support import load_job
 
 from clipdiy.labels import brush
 from clipdiy.labels.feed import LabelDataset, export_coco
@@ -34,10 +34,7 @@ LABEL_STUDIO_INSTALL = "python3 -m venv .venv-label-studio && .venv-label-studio
 
 
 def load_review_job():
-    spec = importlib.util.spec_from_file_location("review_job", REPO_ROOT / "jobs" / "review.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_job("review")
 
 
 def _label(cat_columns: int, dog_columns: int) -> np.ndarray:
