@@ -7,7 +7,7 @@ exactly once, three ways:
   tasks did for a flat prefix before it was split by key range);
 - ``threads``: :func:`listing_parts` (the split) then :func:`iter_part_sources` of the parts in a
   pool of N threads: the split and its parallelism without Ray's per-task overheads;
-- ``ray``: the job's own listing (:func:`clipdiy.pipeline.planning.listing_dataset`, as a first
+- ``ray``: the job's own listing (:func:`clipdiy.pipeline.planning.pending.listing_dataset`, as a first
   run streams it into the labelling) on a local Ray with ``--listing-tasks N``.
 
 Reported for each: wall time to the last key (the split included), parts, listing requests,
@@ -111,9 +111,9 @@ def main() -> int:
 
     import ray
 
-    from clipdiy.pipeline.listing import iter_sources
-    from clipdiy.pipeline.listing_parts import iter_part_sources, listing_parts
-    from clipdiy.pipeline.planning import PARTS_PER_LISTING_TASK, PlanTarget, listing_dataset
+    from clipdiy.pipeline.sources.listing import iter_sources
+    from clipdiy.pipeline.sources.listing_parts import iter_part_sources, listing_parts
+    from clipdiy.pipeline.planning.pending import PARTS_PER_LISTING_TASK, PlanTarget, listing_dataset
     from clipdiy.storage import StorageOptions
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

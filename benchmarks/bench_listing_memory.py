@@ -26,7 +26,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from clipdiy.pipeline.listing import iter_sources
+from clipdiy.pipeline.sources.listing import iter_sources
 from clipdiy.storage import StorageOptions
 
 PAYLOAD = b"\xff\xd8\xff\xd9"  # a 4-byte "jpeg": listing never reads it

@@ -7,7 +7,7 @@ gathered two ways, and checked equal:
 
 - ``driver``: what the job did before: the driver reads each shard's ``status`` column and
   asks its size, one shard after another (two requests a shard);
-- ``tasks``: :func:`clipdiy.pipeline.manifest.shard_records`: one listing of the run folder
+- ``tasks``: :func:`clipdiy.pipeline.planning.manifest.shard_records`: one listing of the run folder
   (sizes come with it), the counting done by at most ``--tasks`` Ray tasks (local Ray, 2 CPUs);
 - ``one task here``: what one of those tasks does (16 reads at a time), run in this process
   over all the shards: the concurrency without Ray's task starts.
@@ -86,7 +86,7 @@ def main() -> int:
     from moto.server import ThreadedMotoServer
 
     from clipdiy.output_layout import OutputLayout
-    from clipdiy.pipeline.manifest import _count_shards, shard_records
+    from clipdiy.pipeline.planning.manifest import _count_shards, shard_records
     from clipdiy.storage import StorageOptions
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

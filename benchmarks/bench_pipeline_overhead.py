@@ -137,7 +137,7 @@ class FirstShardWatch:
 
 def run_job(config, corpus: Path, output: Path, args, address: str | None = None):
     from clipdiy.pipeline.config import LabelJobConfig
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     on_cluster = {"address": address, "max_actors": None} if address else {"max_actors": 1}
     job = LabelJobConfig(
@@ -289,7 +289,7 @@ class DatasetStats:
     wall and CPU time per operator (decode, predict, rows + shards)."""
 
     def __enter__(self):
-        import clipdiy.pipeline.run as run
+        import clipdiy.pipeline.control.run as run
 
         self.run, self.original, self.datasets = run, run.build_dataset, []
 
@@ -373,11 +373,11 @@ def stage_costs(segmenter, images: list[Path], batch_size: int) -> str:
 
     from clipdiy.segmentation.models.saliency import saliency_input_side
     from clipdiy.pipeline.config import LabelJobConfig
-    from clipdiy.pipeline.decode import DecodeBatch
-    from clipdiy.pipeline.inference import SegmentBatch
-    from clipdiy.pipeline.rows import RowContext, build_rows
-    from clipdiy.pipeline.driver_models import resolve_models
-    from clipdiy.pipeline.writer import encode_shard
+    from clipdiy.pipeline.stages.decode import DecodeBatch
+    from clipdiy.pipeline.stages.inference import SegmentBatch
+    from clipdiy.pipeline.stages.rows import RowContext, build_rows
+    from clipdiy.pipeline.stages.driver_models import resolve_models
+    from clipdiy.pipeline.stages.writer import encode_shard
 
     job = LabelJobConfig(input="unused", output="unused", segmenter=segmenter)
     models = resolve_models(job)
@@ -436,7 +436,7 @@ def run_free(args) -> None:
 
     from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
     from clipdiy.pipeline.config import LabelJobConfig
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     register()
     with tempfile.TemporaryDirectory(prefix="clipdiy-bench-free-") as tmp:

@@ -100,8 +100,8 @@ def plan_new(workdir: Path, rows_per_shard: int, num_cpus: int) -> dict:
     import ray
 
     from clipdiy.output_layout import OutputLayout
-    from clipdiy.pipeline.manifest import finished_run_ids
-    from clipdiy.pipeline.planning import PlanTarget, plan_pending, remove_plans
+    from clipdiy.pipeline.planning.manifest import finished_run_ids
+    from clipdiy.pipeline.planning.pending import PlanTarget, plan_pending, remove_plans
     from clipdiy.storage import StorageOptions
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -131,7 +131,7 @@ def plan_old(workdir: Path, rev: str) -> dict:
 
     import ray
 
-    source = subprocess.run(["git", "show", f"{rev}:clipdiy/pipeline/incremental.py"], cwd=REPO_ROOT,
+    source = subprocess.run(["git", "show", f"{rev}:clipdiy/pipeline/planning/incremental.py"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout
     path = Path(tempfile.mkdtemp()) / "old_incremental.py"
     path.write_text(source)
@@ -141,8 +141,8 @@ def plan_old(workdir: Path, rev: str) -> dict:
     spec.loader.exec_module(old)
 
     from clipdiy.output_layout import OutputLayout
-    from clipdiy.pipeline.listing import iter_sources
-    from clipdiy.pipeline.manifest import finished_run_ids
+    from clipdiy.pipeline.sources.listing import iter_sources
+    from clipdiy.pipeline.planning.manifest import finished_run_ids
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     before = peak_rss_mb()

@@ -62,7 +62,7 @@ def free_job(args, gpus: int) -> int:
 
     from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
     from clipdiy.pipeline.config import LabelJobConfig
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     register()
     cores = os.cpu_count() or 1
@@ -113,7 +113,7 @@ def main() -> int:
 
     from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
     from clipdiy.pipeline.config import LabelJobConfig
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     gpus = torch.cuda.device_count()
     if args.free:

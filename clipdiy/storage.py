@@ -2,7 +2,7 @@
 
 Everything here goes through fsspec, so ``s3://``, ``gs://`` (with ``gcsfs`` installed), local
 paths and ``file://`` URIs behave alike. What the inputs are and how they are listed lives in
-:mod:`clipdiy.pipeline.listing`; this module opens filesystems and reads objects, retrying the
+:mod:`clipdiy.pipeline.sources.listing`; this module opens filesystems and reads objects, retrying the
 failures a later attempt can cure.
 
 Credentials are never handled here: they come from the environment or the cloud role chain

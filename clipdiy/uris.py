@@ -23,7 +23,7 @@ an error row (``invalid_uri``). :func:`redact_uri` never raises (for log lines a
 applies the same rule, by text when the URI does not parse.
 
 Inside the job the readable location of an image (a presigned URL, as listed) travels in one
-column only, ``signed_uri``, from the listing to the read (:mod:`clipdiy.pipeline.decode`), and
+column only, ``signed_uri``, from the listing to the read (:mod:`clipdiy.pipeline.stages.decode`), and
 nowhere else: rows, plan files and logs carry the public ``uri`` and the ``image_id``.
 
 :func:`redact_text` applies :func:`redact_uri` to every URI inside a free text (an error message

@@ -9,7 +9,7 @@ node; --device cpu for CPU actors):
     ray job submit --working-dir . -- python jobs/label.py --input s3://bucket/photos/ --output s3://bucket/labels/
 
 Programmatic use: build a ``clipdiy.pipeline.config.LabelJobConfig`` (see ``config_from_args``)
-and call ``clipdiy.pipeline.run.run_labelling``; ``main(argv)`` returns the exit status.
+and call ``clipdiy.pipeline.control.run.run_labelling``; ``main(argv)`` returns the exit status.
 Exit status (see EXIT_STATUS): 0 done; 2 refused before any work (bad option, unreachable or empty
 input, missing weights in the driver or in an inference actor at its start, no GPU the cluster can
 provide, OUTPUT locked by another run); 1 failed mid-run (e.g. reads failing run-wide, or the
@@ -34,7 +34,7 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
     sys.path.insert(0, str(_REPO_ROOT))
 
 from clipdiy.errors import ClipdiyError
-from clipdiy.pipeline.incremental import RETRY_ERRORS
+from clipdiy.pipeline.planning.incremental import RETRY_ERRORS
 from clipdiy.segmentation.config import (
     FOUND_HEAD_URL,
     NACLIP,
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as error:  # a config dataclass rejected an option value
         return _refuse(error)
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     try:
         summary = run_labelling(config, on_lock_lost=_exit_on_lock_loss)

@@ -27,7 +27,7 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
 from clipdiy.errors import ClipdiyError  # noqa: E402
 from clipdiy.labels.feed import FeedFilter  # noqa: E402
 from clipdiy.labels.review import export_tasks  # noqa: E402
-from clipdiy.pipeline.corrections import import_corrections  # noqa: E402
+from clipdiy.pipeline.control.corrections import import_corrections  # noqa: E402
 from clipdiy.storage import add_storage_arguments, storage_from_arguments  # noqa: E402
 
 

@@ -91,7 +91,7 @@ def _killer(stage: str) -> str | None:
 def install() -> None:
     if not os.environ.get(ENV):
         return
-    from clipdiy.pipeline import decode, inference
+    from clipdiy.pipeline.stages import decode, inference
 
     original = inference.SegmentBatch.__call__
 

@@ -14,8 +14,8 @@ import pytest
 from pipeline_support import job_config, load_label_job, segmenter_config
 
 from clipdiy.errors import ActorStartError
-from clipdiy.pipeline import run
-from clipdiy.pipeline.inference import ACTOR_START_REFUSED
+from clipdiy.pipeline.control import run
+from clipdiy.pipeline.stages.inference import ACTOR_START_REFUSED
 from clipdiy.segmentation.config import ClipConfig
 
 REFUSAL = "CLIP weights not found: /mnt/weights/clip.pt does not exist on this node (set --clip-checkpoint)"
@@ -47,7 +47,7 @@ class _Lock:
 def test_actor_start_failure_exits_2_before_any_shard_and_1_after(shards_before, exit_status, monkeypatch, capsys):
     import ray
 
-    from clipdiy.pipeline import health
+    from clipdiy.pipeline.stages import health
 
     monkeypatch.setattr(run, "build_dataset", lambda config, *args, health: _ShardStats(shards_before))
     monkeypatch.setattr(health, "start_run_health", lambda stop_after_failed_reads, first_attempt: "health-actor")

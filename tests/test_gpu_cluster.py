@@ -61,10 +61,10 @@ class _Seen(logging.Handler):
 
 
 def test_gpu_actors_by_default_when_the_gpu_node_joins_after_the_start(cpu_head_cluster, images, tiny_clip_config, tmp_path):
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     waiting = _Seen("waiting up to")
-    placement_logger = logging.getLogger("clipdiy.pipeline.placement")
+    placement_logger = logging.getLogger("clipdiy.pipeline.stages.placement")
     placement_logger.addHandler(waiting)
     placement_logger.setLevel(logging.INFO)
     config = job_config(images, tmp_path / "labels", segmenter_config(tiny_clip_config),
@@ -96,7 +96,7 @@ def test_gpu_actors_by_default_when_the_gpu_node_joins_after_the_start(cpu_head_
 
 
 def test_device_cpu_needs_no_gpu(cpu_head_cluster, images, tiny_clip_config, tmp_path):
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     # No GPU anywhere and a zero wait: an actor that asked for a GPU could never start.
     config = job_config(images, tmp_path / "labels", segmenter_config(tiny_clip_config),
@@ -111,7 +111,7 @@ def test_impossible_gpu_request_ends_with_one_line_within_the_wait(cpu_head_clus
     import time
 
     from clipdiy.errors import GpuUnavailableError
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     config = job_config(images, tmp_path / "labels", segmenter_config(tiny_clip_config),
                         address=cpu_head_cluster.address, max_actors=None, gpu_wait_s=3.0)
@@ -130,7 +130,7 @@ def test_cluster_file_without_gpu_type_is_refused_at_once(cpu_head_cluster, imag
     from test_gpu_placement import CLUSTER_YAML
 
     from clipdiy.errors import GpuUnavailableError
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     cluster_file = yaml.safe_load(CLUSTER_YAML.read_text())
     cluster_file["available_node_types"]["gpu_spot"]["resources"].pop("GPU")
@@ -148,7 +148,7 @@ def test_actor_that_cannot_load_the_weights_stops_the_job(cpu_head_cluster, imag
                                                          monkeypatch, capsys):
     from pipeline_support import cli_args, label_main
 
-    from clipdiy.pipeline import run
+    from clipdiy.pipeline.control import run
 
     # The driver loads the checkpoint (resolve_models), then it vanishes before the inference
     # actors start: a node without the weights, seen from the actor that must load them there.

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from clipdiy.pipeline.config import JobConfigError, LabelJobConfig
-from clipdiy.pipeline.placement import max_gpus_in_cluster_file, wait_for_gpus
+from clipdiy.pipeline.stages.placement import max_gpus_in_cluster_file, wait_for_gpus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO_ROOT / "ray_cluster.yaml"

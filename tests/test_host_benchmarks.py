@@ -87,7 +87,7 @@ def test_free_model_is_never_reachable_from_the_cli(free_methods):
     # The CLI's process (its module and the job it runs) knows only the built-in methods.
     probe = (f"import runpy, sys\nsys.argv = ['label.py', '--help']\n"
              f"try:\n    runpy.run_path({str(LABEL_SCRIPT)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
-             "import clipdiy.pipeline.run\nfrom clipdiy.segmentation.methods import available_methods\nprint(available_methods())")
+             "import clipdiy.pipeline.control.run\nfrom clipdiy.segmentation.methods import available_methods\nprint(available_methods())")
     listed = _run([sys.executable, "-c", probe])
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert listed.stdout.strip().splitlines()[-1] == "('clipdiy', 'naclip')"

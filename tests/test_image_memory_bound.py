@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from clipdiy.pipeline.decode import DecodeBatch
-from clipdiy.pipeline.inference import SegmentBatch
+from clipdiy.pipeline.stages.decode import DecodeBatch
+from clipdiy.pipeline.stages.inference import SegmentBatch
 from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 from clipdiy.segmentation.segmenter import create_segmenter
 from clipdiy.storage import StorageOptions

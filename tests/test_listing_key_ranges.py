@@ -10,9 +10,9 @@ import hashlib
 
 import pytest
 
-from clipdiy.pipeline.key_ranges import KeyRange, ranges_between, split_boundaries
-from clipdiy.pipeline.listing import iter_sources
-from clipdiy.pipeline.listing_parts import ListingPart, iter_part_sources, listing_parts
+from clipdiy.pipeline.sources.key_ranges import KeyRange, ranges_between, split_boundaries
+from clipdiy.pipeline.sources.listing import iter_sources
+from clipdiy.pipeline.sources.listing_parts import ListingPart, iter_part_sources, listing_parts
 
 
 def _put(s3_server, bucket: str, keys: list[str]) -> None:
@@ -124,7 +124,7 @@ def test_the_jobs_listing_tasks_get_the_key_ranges_and_list_each_key_once(s3_ser
     dataset calls them: the ranges travel as table columns."""
     import pyarrow as pa
 
-    from clipdiy.pipeline.planning import _list_parts, _split_listing
+    from clipdiy.pipeline.planning.pending import _list_parts, _split_listing
 
     names = _hash_names(60)
     _put(s3_server, s3_bucket, [f"flat/{name}" for name in names] + ["flat/a//b.jpg"])

@@ -16,8 +16,8 @@ from pipeline_support import LABEL_SCRIPT
 
 from clipdiy.errors import ClipdiyError
 from clipdiy.output_layout import OutputLayout
-from clipdiy.pipeline.lock import LockInfo, LockLostError, OutputLock, OutputLockedError
-from clipdiy.pipeline.lock_store import ConditionalWriteConflict, S3LockStore, is_conflict
+from clipdiy.pipeline.control.lock import LockInfo, LockLostError, OutputLock, OutputLockedError
+from clipdiy.pipeline.control.lock_store import ConditionalWriteConflict, S3LockStore, is_conflict
 
 STALE_S = 2.0
 BEAT_S = 0.2
@@ -255,7 +255,7 @@ def test_a_lost_lock_ends_the_job_with_exit_1_in_one_line(tmp_path, monkeypatch,
     spec = importlib.util.spec_from_file_location("label_job", LABEL_SCRIPT)
     label = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(label)
-    import clipdiy.pipeline.run as run
+    import clipdiy.pipeline.control.run as run
 
     def losing_run(config, **kwargs):
         assert callable(kwargs.get("on_lock_lost"))  # the CLI stops the driver as soon as it is lost

@@ -37,7 +37,7 @@ def _independent_records(output, run_id) -> dict[str, dict]:
 
 def test_a_resumed_runs_shard_records_are_counted_in_tasks_and_match_the_shards(ray_session, tmp_path, monkeypatch):
     from clipdiy.output_layout import OutputLayout
-    from clipdiy.pipeline.manifest import shard_records
+    from clipdiy.pipeline.planning.manifest import shard_records
 
     label = np.zeros((4, 4), np.uint8)
     errors = {"error_kind": "decode", "error": "cannot identify image file"}

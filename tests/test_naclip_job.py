@@ -53,7 +53,7 @@ def test_label_job_with_naclip_records_the_method_and_refuses_a_resume_with_anot
     import ray
 
     from clipdiy.output_layout import OutputLayout
-    from clipdiy.pipeline.manifest import plan_run, write_run_state
+    from clipdiy.pipeline.planning.manifest import plan_run, write_run_state
     from clipdiy.storage import StorageOptions
     from clipdiy.segmentation.segmenter import Provenance
 

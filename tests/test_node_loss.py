@@ -23,7 +23,7 @@ def test_a_worker_node_removed_mid_run_loses_no_image(coco_images, tiny_clip_con
     import ray
     from ray.cluster_utils import Cluster
 
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

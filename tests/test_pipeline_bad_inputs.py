@@ -24,7 +24,7 @@ from pipeline_support import (
     start_local_ray,
 )
 
-from clipdiy.pipeline.decode import ERROR_KINDS, decode_image
+from clipdiy.pipeline.stages.decode import ERROR_KINDS, decode_image
 
 EXPECTED_ERRORS = {
     "empty.jpg": "empty",
@@ -104,7 +104,7 @@ def test_decode_classifies_each_bad_input(coco_images, tmp_path):
 
 @pytest.mark.slow
 def test_job_completes_on_a_corpus_with_bad_inputs(coco_images, tiny_clip_config, tmp_path):
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     corpus = tmp_path / "corpus"
     make_corpus(corpus, coco_images)
@@ -143,8 +143,8 @@ def test_a_model_failure_costs_only_the_failing_image(coco_images):
 
     import pyarrow as pa
 
-    from clipdiy.pipeline.decode import decoded_columns
-    from clipdiy.pipeline.inference import SegmentBatch
+    from clipdiy.pipeline.stages.decode import decoded_columns
+    from clipdiy.pipeline.stages.inference import SegmentBatch
 
     results = [decode_image(path.read_bytes(), mode="faithful", max_pixels=100_000_000) for path in coco_images[:3]]
     results.append(decode_image(b"", mode="faithful", max_pixels=100_000_000))
@@ -209,7 +209,7 @@ def test_objects_over_max_image_bytes_get_too_large_rows_without_being_read(coco
     the bound plus one byte, locally and on S3 (a ranged read)."""
     import pyarrow as pa
 
-    from clipdiy.pipeline.decode import DecodeBatch
+    from clipdiy.pipeline.stages.decode import DecodeBatch
     from clipdiy.storage import ObjectTooLargeError, open_filesystem, read_bytes
 
     photo = coco_images[0].read_bytes()

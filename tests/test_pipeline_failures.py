@@ -85,7 +85,7 @@ def test_reads_failing_for_every_object_end_the_job_early(ray_with_faults, s3_se
 
 def test_the_error_budget_stops_the_run_and_the_next_start_resumes(ray_with_faults, coco_images, tiny_clip_config,
                                                                    tmp_path, capsys):
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     corpus = tmp_path / "corpus"
     good = copy_images(corpus, coco_images, 4)
@@ -111,7 +111,7 @@ def test_the_error_budget_stops_the_run_and_the_next_start_resumes(ray_with_faul
 
 def test_a_poisoned_actor_is_restarted_and_its_images_labelled(ray_with_faults, fault_spec, coco_images,
                                                               tiny_clip_config, tmp_path):
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     names = copy_images(tmp_path / "corpus", coco_images, 8)
     marker = tmp_path / "poisoned"
@@ -123,7 +123,7 @@ def test_a_poisoned_actor_is_restarted_and_its_images_labelled(ray_with_faults, 
 
 
 def test_an_actor_killed_mid_run_loses_no_image(ray_with_faults, fault_spec, coco_images, tiny_clip_config, tmp_path):
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     names = copy_images(tmp_path / "corpus", coco_images, 8)
     marker = tmp_path / "killed"

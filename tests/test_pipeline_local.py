@@ -34,7 +34,7 @@ def ray_local():
 
 
 def test_coco_sample_end_to_end(ray_local, coco_images, tiny_clip_config, tmp_path):
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     images_dir = coco_images[0].parent
     output = tmp_path / "labels"
@@ -108,7 +108,7 @@ def test_found_saliency_on_random_vit_s8(ray_local, coco_images, tiny_clip_confi
     full resolution and with the photos shrunk to 320 px for saliency."""
     import dataclasses
 
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     images_dir = coco_images[0].parent
     output = tmp_path / "labels"

@@ -80,8 +80,8 @@ def lock_holder(output: Path) -> dict | None:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_exactly_once_and_a_concurrent_run_refuses(coco_images, tiny_clip_config, tmp_path):
-    from clipdiy.pipeline.lock import OutputLockedError
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.lock import OutputLockedError
+    from clipdiy.pipeline.control.run import run_labelling
 
     corpus = tmp_path / "images"
     names = copy_corpus(corpus, coco_images, copies=3)
@@ -141,7 +141,7 @@ def test_sigkill_then_resume_is_exactly_once_and_a_concurrent_run_refuses(coco_i
 
 @pytest.mark.slow
 def test_reruns_label_only_new_and_changed_images(coco_images, tiny_clip_config, tmp_path):
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     corpus = tmp_path / "images"
     copy_images(corpus, coco_images, 5)
@@ -181,7 +181,7 @@ def test_reruns_label_only_new_and_changed_images(coco_images, tiny_clip_config,
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     from clipdiy.output_layout import OutputLayout
-    from clipdiy.pipeline.lock import OutputLock, OutputLockedError
+    from clipdiy.pipeline.control.lock import OutputLock, OutputLockedError
 
     layout = OutputLayout.open(str(tmp_path / "labels"))
     layout.ensure_dir(layout.root)
@@ -220,7 +220,7 @@ def test_two_runs_racing_for_a_free_object_store_output_cannot_both_win(s3_serve
     """S3: the lock is created with a conditional write, so the run that loses the race refuses
     even when it saw no lock a moment before (no pause needed to notice)."""
     from clipdiy.output_layout import OutputLayout
-    from clipdiy.pipeline.lock import OutputLock, OutputLockedError
+    from clipdiy.pipeline.control.lock import OutputLock, OutputLockedError
 
     layout = OutputLayout.open(f"s3://{s3_bucket}/labels", s3_server.options)
     winner = OutputLock(layout, "run-a", stale_after_s=60, heartbeat_s=1, settle_s=0)
@@ -250,8 +250,8 @@ def test_listing_blocks_cut_the_first_limit_sources_in_listing_order():
     """(The anti-join and retry rules are tested on the Ray Data planning in test_planning.py.)"""
     import datetime as dt
 
-    from clipdiy.pipeline.incremental import LISTING_SCHEMA, listing_blocks
-    from clipdiy.pipeline.sources import SourceObject
+    from clipdiy.pipeline.planning.incremental import LISTING_SCHEMA, listing_blocks
+    from clipdiy.pipeline.sources.objects import SourceObject
 
     when = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)
     sources = [SourceObject(f"file:///in/{i}.jpg", f"{i}.jpg", 100 + i, None, when) for i in range(10)]
@@ -264,7 +264,7 @@ def test_listing_blocks_cut_the_first_limit_sources_in_listing_order():
 
 def test_run_planning_resumes_the_unfinished_run_and_refuses_conflicts(tmp_path):
     from clipdiy.output_layout import OutputLayout
-    from clipdiy.pipeline.manifest import RunConflictError, plan_run, write_run_state
+    from clipdiy.pipeline.planning.manifest import RunConflictError, plan_run, write_run_state
 
     layout = OutputLayout.open(str(tmp_path / "labels"))
     fingerprint = {"input": "in/", "model": {"clip_weights": "sha256:1"}}
@@ -297,7 +297,7 @@ def test_later_runs_do_not_read_a_missing_object_again_and_retry_all_errors_on_r
     """A manifest entry whose object does not exist gets a not_found row, and later runs do not
     read it again (a text manifest knows no version: only retry_errors="all" does); an image over
     --max-pixels (too_large) is labelled again only with retry_errors="all"."""
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     corpus = tmp_path / "images"
     corpus.mkdir()
@@ -346,7 +346,7 @@ def test_later_runs_do_not_read_a_missing_object_again_and_retry_all_errors_on_r
 def test_an_object_overwritten_between_two_attempts_is_labelled_once_in_the_run(coco_images, tiny_clip_config, tmp_path):
     """Issue 11 item 5: this run's earlier attempts count by image id alone, so a resumed run
     never holds two rows for one image; earlier finished runs still count by source version."""
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     corpus = tmp_path / "images"
     copy_images(corpus, coco_images, 3)

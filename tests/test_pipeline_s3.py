@@ -37,7 +37,7 @@ def ray_with_s3_credentials(s3_server):
 
 def test_s3_input_and_output_end_to_end(ray_with_s3_credentials, s3_server, s3_bucket, coco_images,
                                         tiny_clip_config, tmp_path):
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     photos = coco_images[:3]
     corpus = tmp_path / "corpus"
@@ -116,7 +116,7 @@ def test_a_shard_is_written_while_the_input_is_still_being_read(ray_with_s3_cred
     from moto.s3.responses import S3Response
     from PIL import Image
 
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -159,7 +159,7 @@ def test_a_deleted_object_is_an_answer_read_again_only_as_a_new_version(ray_with
     """Issue 18 item 4 on S3: a Parquet manifest (an inventory: uri, size, etag) that lists a
     deleted object and one that never existed: not_found rows; the next run reads neither again;
     the deleted object uploaded anew (another size and ETag in the inventory) is labelled."""
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     fs = s3_server.filesystem()
     names = ["a.jpg", "b.jpg", "c.jpg"]

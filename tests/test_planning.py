@@ -60,7 +60,7 @@ def _output_with_history(output: str) -> None:
 
 
 def _plan(tmp_path, output, retry_errors, limit=None, block_rows=2, earlier=("run-a", "run-b")):
-    from clipdiy.pipeline.planning import ROWS_PER_PARTITION, PlanTarget, plan_pending
+    from clipdiy.pipeline.planning.pending import ROWS_PER_PARTITION, PlanTarget, plan_pending
     from clipdiy.storage import StorageOptions
 
     manifest = _manifest(tmp_path / "in" / "manifest.parquet", [
@@ -91,7 +91,7 @@ def test_plan_anti_joins_on_version_for_earlier_runs_and_on_id_for_this_run(
     ray_session, tmp_path, monkeypatch, retry_errors, todo, skipped, retried
 ):
     from clipdiy.output_layout import OutputLayout
-    from clipdiy.pipeline.incremental import PLANNED_SCHEMA
+    from clipdiy.pipeline.planning.incremental import PLANNED_SCHEMA
 
     (tmp_path / "in").mkdir()
     output = str(tmp_path / "labels")
@@ -142,7 +142,7 @@ def test_plan_with_nothing_left_to_label_has_no_dataset(ray_session, tmp_path):
 def test_split_pending_rules_on_one_joined_block():
     """The per-block rules, independent of Ray: done by an earlier run beats this run's attempts,
     which beat a retried error."""
-    from clipdiy.pipeline.incremental import (
+    from clipdiy.pipeline.planning.incremental import (
         DONE,
         EARLIER_RUNS,
         LISTING_SCHEMA,
@@ -179,7 +179,7 @@ def _folder_input(root) -> list[str]:
 
 @pytest.mark.parametrize("labelled", [0, 4])
 def test_a_folder_is_listed_in_parts_by_several_tasks_each_image_once(ray_session, tmp_path, labelled):
-    from clipdiy.pipeline.planning import ROWS_PER_PARTITION, PlanTarget, plan_pending
+    from clipdiy.pipeline.planning.pending import ROWS_PER_PARTITION, PlanTarget, plan_pending
     from clipdiy.storage import StorageOptions
 
     names = _folder_input(tmp_path / "in")
@@ -204,7 +204,7 @@ def test_a_folder_is_listed_in_parts_by_several_tasks_each_image_once(ray_sessio
 
 @pytest.mark.parametrize("labelled", [False, True])
 def test_a_manifest_listing_an_image_twice_gives_its_first_entry_once(ray_session, tmp_path, labelled):
-    from clipdiy.pipeline.planning import PlanTarget, plan_pending
+    from clipdiy.pipeline.planning.pending import PlanTarget, plan_pending
     from clipdiy.storage import StorageOptions
 
     (tmp_path / "in").mkdir()
@@ -233,7 +233,7 @@ def test_plan_files_hold_no_signed_url_and_the_labelling_gets_it_back(ray_sessio
     longer lists the image gets none)."""
     from pathlib import Path
 
-    from clipdiy.pipeline.planning import PlanTarget, plan_pending
+    from clipdiy.pipeline.planning.pending import PlanTarget, plan_pending
     from clipdiy.storage import StorageOptions
 
     (tmp_path / "in").mkdir()

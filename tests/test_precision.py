@@ -48,8 +48,8 @@ def test_segmenter_records_its_precision_and_refuses_models_in_another(tiny_clip
 def test_rows_and_fingerprint_carry_the_precision_and_a_resume_in_another_is_refused(
     coco_images, tiny_clip_config, tmp_path
 ):
-    from clipdiy.pipeline.manifest import RunConflictError
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.planning.manifest import RunConflictError
+    from clipdiy.pipeline.control.run import run_labelling
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -108,7 +108,7 @@ def test_run_documents_and_options_hold_no_credential(tmp_path):
 
 
 def test_manifest_ids_of_presigned_urls_hold_no_signature_and_survive_re_signing(tmp_path):
-    from clipdiy.pipeline.listing import iter_sources
+    from clipdiy.pipeline.sources.listing import iter_sources
 
     manifest = tmp_path / "list.txt"
     manifest.write_text(
@@ -126,7 +126,7 @@ def test_redaction_never_merges_two_images_and_an_unparsable_url_is_no_id(tmp_pa
     """Issue 18 item 5: ids of manifest entries that differ in a parameter that is not a
     credential stay two ids (today's rule dropped the whole query of a URL with any parameter
     whose name contained "key", "sig", "token"...); an unparsable URL keeps its path in its id."""
-    from clipdiy.pipeline.listing import iter_sources
+    from clipdiy.pipeline.sources.listing import iter_sources
 
     manifest = tmp_path / "list.txt"
     manifest.write_text(
@@ -149,7 +149,7 @@ def test_redaction_never_merges_two_images_and_an_unparsable_url_is_no_id(tmp_pa
 
 
 def test_rows_hold_no_credential_in_uri_or_error():
-    from clipdiy.pipeline.rows import RowContext, build_rows
+    from clipdiy.pipeline.stages.rows import RowContext, build_rows
     from clipdiy.segmentation.segmenter import Provenance
 
     signed = f"https://user:{PASSWORD}@h:1/x.jpg?X-Amz-Signature={SIG}&X-Amz-Credential={CRED}"

@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 
 from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
-from clipdiy.pipeline.decode import DecodeBatch
-from clipdiy.pipeline.inference import SegmentBatch
-from clipdiy.pipeline.rows import SALIENCY_PREVIEW_SIDE, RowContext, build_rows, label_fields
+from clipdiy.pipeline.stages.decode import DecodeBatch
+from clipdiy.pipeline.stages.inference import SegmentBatch
+from clipdiy.pipeline.stages.rows import SALIENCY_PREVIEW_SIDE, RowContext, build_rows, label_fields
 from clipdiy.storage import StorageOptions
 from clipdiy.segmentation.segmenter import create_segmenter
 

@@ -9,9 +9,9 @@ import socket
 import pyarrow as pa
 import pytest
 
-from clipdiy.pipeline.decode import decode_image, decoded_columns
-from clipdiy.pipeline.health import ErrorBudget, RunHealth, classify_read_failure
-from clipdiy.pipeline.inference import (
+from clipdiy.pipeline.stages.decode import decode_image, decoded_columns
+from clipdiy.pipeline.stages.health import ErrorBudget, RunHealth, classify_read_failure
+from clipdiy.pipeline.stages.inference import (
     SegmentBatch,
     is_out_of_memory,
     is_poisoning_error,
@@ -112,7 +112,7 @@ def test_a_missing_object_is_not_found_and_other_failed_reads_unreadable(s3_serv
     """The decode stage's error kind for a failed read, from real store errors: a local file, an
     S3 key and an HTTP URL that do not exist are ``not_found``; a missing bucket, a refused
     connection are ``unreadable``; an entry that is not a URI is ``invalid_uri``, not read."""
-    from clipdiy.pipeline.decode import DecodeBatch
+    from clipdiy.pipeline.stages.decode import DecodeBatch
 
     s3_server.put_bytes(s3_bucket, "there.jpg", b"not an image")
     down = f"http://127.0.0.1:{_free_port()}/x.jpg"
@@ -248,7 +248,7 @@ def test_the_attempt_ledger_counts_deaths_per_batch_and_names_the_image_a_death_
 def test_an_image_a_process_died_on_gets_a_worker_lost_row_and_the_rest_are_labelled(coco_images, monkeypatch):
     """Past --max-worker-deaths the actor goes image by image; an image an earlier attempt died on
     gets a worker_lost row without being touched, the others are predicted one at a time."""
-    from clipdiy.pipeline.health import AttemptLedger, BatchAttempt
+    from clipdiy.pipeline.stages.health import AttemptLedger, BatchAttempt
 
     results = [decode_image(path.read_bytes(), mode="faithful", max_pixels=100_000_000) for path in coco_images[:3]]
     batch = pa.table({"image_id": ["a.jpg", "b.jpg", "c.jpg"], **decoded_columns(results)})
@@ -266,14 +266,14 @@ def test_an_image_a_process_died_on_gets_a_worker_lost_row_and_the_rest_are_labe
 
     class LocalLedger(AttemptLedger):  # the plain RunHealth in this process instead of its actor
         def begin(self, image_ids):
-            from clipdiy.pipeline.inference import batch_key
+            from clipdiy.pipeline.stages.inference import batch_key
 
             key = f"{self.stage}:{batch_key(image_ids)}"
             deaths, lost = health.begin_batch(key)
             return BatchAttempt(None, key, deaths, frozenset(lost), deaths >= self.max_deaths)
 
-    from clipdiy.pipeline import health as health_module
-    from clipdiy.pipeline.inference import batch_key
+    from clipdiy.pipeline.stages import health as health_module
+    from clipdiy.pipeline.stages.inference import batch_key
 
     key = f"inference:{batch_key(['a.jpg', 'b.jpg', 'c.jpg'])}"
     health.begin_batch(key)  # an attempt on the whole batch died

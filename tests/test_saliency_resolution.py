@@ -10,7 +10,7 @@ import pytest
 from handcrafted_models import CLASS_NAMES, COLOURS, GREY, MeanColourClip, NotGreySaliency
 from PIL import Image, ImageDraw
 
-from clipdiy.pipeline.decode import decode_image
+from clipdiy.pipeline.stages.decode import decode_image
 from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 from clipdiy.segmentation.prepared import prepare_image
 from clipdiy.segmentation.preprocess import resize_for_saliency, saliency_input_size
@@ -154,7 +154,7 @@ def test_a_backend_that_reads_no_pixels_gets_no_pixels():
 
 
 def test_the_inference_actor_warns_once_about_large_full_resolution_saliency(caplog):
-    from clipdiy.pipeline.inference import SegmentBatch
+    from clipdiy.pipeline.stages.inference import SegmentBatch
     from clipdiy.segmentation.prepared import PreparedImage
 
     def prepared(height: int, width: int) -> PreparedImage:
@@ -163,7 +163,7 @@ def test_the_inference_actor_warns_once_about_large_full_resolution_saliency(cap
 
     stage = SegmentBatch.__new__(SegmentBatch)  # the check alone, without loading models
     stage._warn_large = True
-    with caplog.at_level("WARNING", logger="clipdiy.pipeline.inference"):
+    with caplog.at_level("WARNING", logger="clipdiy.pipeline.stages.inference"):
         stage._check_saliency_cost([prepared(480, 640)])
         assert not caplog.records
         stage._check_saliency_cost([prepared(480, 640), prepared(2000, 2600)])

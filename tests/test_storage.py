@@ -18,11 +18,11 @@ import pytest
 from s3_server import DUMMY_KEY_ID, DUMMY_SECRET
 
 from clipdiy.errors import ClipdiyError, InputError
-from clipdiy.pipeline import input_check, listing, walks
-from clipdiy.pipeline.input_check import check_input_reachable
-from clipdiy.pipeline.listing import iter_sources
-from clipdiy.pipeline.listing_parts import ListingPart, iter_part_sources, listing_parts
-from clipdiy.pipeline.sources import SourceObject
+from clipdiy.pipeline.sources import input_check, listing, walks
+from clipdiy.pipeline.sources.input_check import check_input_reachable
+from clipdiy.pipeline.sources.listing import iter_sources
+from clipdiy.pipeline.sources.listing_parts import ListingPart, iter_part_sources, listing_parts
+from clipdiy.pipeline.sources.objects import SourceObject
 from clipdiy.storage import (
     StorageOptions,
     is_transient,
@@ -126,7 +126,7 @@ def test_an_image_listed_twice_in_a_manifest_is_listed_once(tmp_path, caplog):
     root = make_tree(tmp_path / "in")
     manifest = root / "list.txt"
     manifest.write_text(f"a/x.jpg\ntop.webp\n{root / 'a' / 'x.jpg'}\n./a/x.jpg\ntop.webp\na/b/y.png\n")
-    with caplog.at_level("WARNING", logger="clipdiy.pipeline.input_manifests"):
+    with caplog.at_level("WARNING", logger="clipdiy.pipeline.sources.manifests"):
         ids = [s.image_id for s in iter_sources(str(manifest))]
     assert ids == ["a/x.jpg", "top.webp", "a/b/y.png"]
     assert "lists 3 entries more than once" in caplog.text

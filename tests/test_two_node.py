@@ -35,7 +35,7 @@ def two_node_cluster():
 def test_labelling_on_two_nodes(two_node_cluster, coco_images, tiny_clip_config, tmp_path):
     import ray
 
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
 
     _, worker = two_node_cluster
     alive = [n for n in ray.nodes() if n["Alive"]]

@@ -8,7 +8,7 @@ mask score as ``score``, and one ``brushlabels`` result per class mask (Label St
 :mod:`clipdiy.labels.brush`) scored with the mask's score. A labelling config (XML) names the
 vocabulary's classes.
 
-Import (:func:`clipdiy.pipeline.corrections.import_corrections`, the writing half, with the job's
+Import (:func:`clipdiy.pipeline.control.corrections.import_corrections`, the writing half, with the job's
 run machinery): Label Studio's JSON export becomes rows marked ``source = human`` (the annotator's id, the
 time the annotation was saved) in a run of its own under OUTPUT, written as the job writes runs
 (shards, then the manifest last, under the output's lock). Each row copies the identity of the

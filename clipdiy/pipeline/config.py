@@ -6,8 +6,8 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from clipdiy.errors import ClipdiyError
-from clipdiy.pipeline.incremental import RETRY_ERRORS
-from clipdiy.pipeline.placement import DEVICES
+from clipdiy.pipeline.planning.incremental import RETRY_ERRORS
+from clipdiy.pipeline.stages.placement import DEVICES
 from clipdiy.segmentation.config import SegmenterConfig
 from clipdiy.storage import StorageOptions
 from clipdiy.uris import redact_document, redact_uri
@@ -43,7 +43,7 @@ class LabelJobConfig:
     decode_batch_size:     images per batch of a CPU decode task.
     inference_batch_size:  images per ``Segmenter.predict`` call in an actor.
     min_actors/max_actors: bounds of the autoscaling inference actor pool; ``max_actors`` None =
-                           what the cluster can provide (see ``clipdiy.pipeline.placement``).
+                           what the cluster can provide (see ``clipdiy.pipeline.stages.placement``).
     device:                ``auto`` (GPU actors on a cluster; on a local Ray, GPU when present),
                            ``gpu`` or ``cpu``.
     gpus_per_actor:        GPUs per GPU actor (None: 1); 0 means CPU actors.

@@ -1,7 +1,7 @@
 """A large prefix listed by several tasks at once: :func:`listing_parts` splits it into disjoint
 parts, and :func:`iter_part_sources` lists one part with the same ids as
-:func:`~clipdiy.pipeline.listing.iter_sources`. On S3 the parts are key ranges
-(:mod:`clipdiy.pipeline.key_ranges`), so a flat prefix (``images/<sha>.jpg``) or a glob over one
+:func:`~clipdiy.pipeline.sources.listing.iter_sources`. On S3 the parts are key ranges
+(:mod:`clipdiy.pipeline.sources.key_ranges`), so a flat prefix (``images/<sha>.jpg``) or a glob over one
 splits as well as a folder tree, and keys with empty path segments (``a//x.jpg``) are listed
 once like any other; elsewhere they are folders (the files directly in a folder, or everything
 below one)."""
@@ -13,11 +13,11 @@ import posixpath
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
-from clipdiy.pipeline.input_manifests import is_manifest
-from clipdiy.pipeline.key_ranges import SPLIT_MIN_KEYS, KeyRange, S3KeyProbe, split_ranges
-from clipdiy.pipeline.listing import IMAGE_EXTENSIONS, glob_root, is_listed, iter_key_range_sources, iter_sources
-from clipdiy.pipeline.sources import GLOB_CHARS, SourceObject, source_object
-from clipdiy.pipeline.walks import folder_level, walk_files
+from clipdiy.pipeline.sources.manifests import is_manifest
+from clipdiy.pipeline.sources.key_ranges import SPLIT_MIN_KEYS, KeyRange, S3KeyProbe, split_ranges
+from clipdiy.pipeline.sources.listing import IMAGE_EXTENSIONS, glob_root, is_listed, iter_key_range_sources, iter_sources
+from clipdiy.pipeline.sources.objects import GLOB_CHARS, SourceObject, source_object
+from clipdiy.pipeline.sources.walks import folder_level, walk_files
 from clipdiy.storage import StorageOptions, is_s3, open_filesystem
 
 
@@ -56,7 +56,7 @@ def listing_parts(
     :func:`iter_sources`'s objects, with the same ids (in another order).
 
     On S3 a prefix or glob is split into about ``min_parts`` key ranges (see
-    :mod:`clipdiy.pipeline.key_ranges`; a stretch of at most ``split_min_keys`` keys is not
+    :mod:`clipdiy.pipeline.sources.key_ranges`; a stretch of at most ``split_min_keys`` keys is not
     split), whatever its folders. Elsewhere only a prefix with sub-folders is split; a glob, a
     manifest, a single object or a folder without sub-folders is one part, the whole input.
     The folder split goes breadth first, one folder

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clipdiy.pipeline.sources import SourceObject
+from clipdiy.pipeline.sources.objects import SourceObject
 
 logger = logging.getLogger(__name__)
 

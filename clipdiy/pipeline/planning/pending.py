@@ -9,13 +9,13 @@ Two shapes, both with driver memory that does not grow with the corpus:
   joins (``Dataset.join``, Ray >= 2.60, see pyproject.toml; ``left_outer`` on the source key against the finished
   runs' rows, deduplicated by a hash ``groupby``; ``left_outer`` on the image id against this
   run's earlier attempts), each of ``num_partitions`` partitions joined on its own; the rules of
-  :func:`~clipdiy.pipeline.incremental.split_pending` pick the rows still to label, which are
+  :func:`~clipdiy.pipeline.planning.incremental.split_pending` pick the rows still to label, which are
   written to ``OUTPUT/runs/<run_id>/_PLAN/<attempt>/pending-*.parquet``. The driver keeps one
   small stats row per written file; the labelling reads the files back (:func:`pending_dataset`).
   Time is linear in listed + labelled rows: every row is hashed once per join.
 
 The listing of a prefix is spread over the cluster: one task splits it into parts (key ranges on
-S3, folders elsewhere: :func:`~clipdiy.pipeline.listing_parts.listing_parts`) and up to
+S3, folders elsewhere: :func:`~clipdiy.pipeline.sources.listing_parts.listing_parts`) and up to
 ``listing_tasks`` tasks list the parts at
 once, so a bucket of 100M objects is not paged through by one client, one page after another.
 A ``limit`` (the first N in listing order) keeps one task listing in order.
@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipdiy.output_layout import OutputLayout
-from clipdiy.pipeline.incremental import (
+from clipdiy.pipeline.planning.incremental import (
     EARLIER_RUNS,
     LISTING_SCHEMA,
     SHARD_COLUMNS,
@@ -54,10 +54,10 @@ from clipdiy.pipeline.incremental import (
     split_pending,
     with_source_key,
 )
-from clipdiy.pipeline.input_manifests import is_manifest_input, manifest_entries_estimate
-from clipdiy.pipeline.key_ranges import SPLIT_MIN_KEYS
-from clipdiy.pipeline.listing import iter_sources
-from clipdiy.pipeline.listing_parts import ListingPart, iter_part_sources, listing_parts
+from clipdiy.pipeline.sources.manifests import is_manifest_input, manifest_entries_estimate
+from clipdiy.pipeline.sources.key_ranges import SPLIT_MIN_KEYS
+from clipdiy.pipeline.sources.listing import iter_sources
+from clipdiy.pipeline.sources.listing_parts import ListingPart, iter_part_sources, listing_parts
 from clipdiy.storage import StorageOptions
 
 logger = logging.getLogger(__name__)

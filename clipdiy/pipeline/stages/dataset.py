@@ -6,10 +6,10 @@ import dataclasses
 import warnings
 
 from clipdiy.pipeline.config import LabelJobConfig
-from clipdiy.pipeline.driver_models import DriverModels
-from clipdiy.pipeline.manifest import RunPlan
-from clipdiy.pipeline.placement import InferencePlacement
-from clipdiy.pipeline.writer import ShardTarget, write_shard
+from clipdiy.pipeline.stages.driver_models import DriverModels
+from clipdiy.pipeline.planning.manifest import RunPlan
+from clipdiy.pipeline.stages.placement import InferencePlacement
+from clipdiy.pipeline.stages.writer import ShardTarget, write_shard
 
 # Ray 2.60 deprecates passing max_retries / max_restarts / max_task_retries to map_batches as
 # **ray_remote_args, but has no named parameter for them yet; build_dataset must pass them.
@@ -27,18 +27,18 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
     """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
     rows -> shard stats.
 
-    ``health``: the run's :class:`~clipdiy.pipeline.health.RunHealth` actor, told of every read
+    ``health``: the run's :class:`~clipdiy.pipeline.stages.health.RunHealth` actor, told of every read
     and of every actor a CUDA error poisons."""
     import ray.data
 
     from clipdiy.segmentation.models.saliency import saliency_input_side
 
     # Imported here, not at the top: refusals before the models load stay free of torch imports.
-    from clipdiy.pipeline.decode import DecodeBatch
-    from clipdiy.pipeline.health import ACTOR_RESTARTS, ray_task_retries
-    from clipdiy.pipeline.inference import SegmentBatch
-    from clipdiy.pipeline.run import LISTING_BATCHES_PER_BLOCK  # the caller's module, loaded
-    from clipdiy.pipeline.rows import RowContext, build_rows
+    from clipdiy.pipeline.stages.decode import DecodeBatch
+    from clipdiy.pipeline.stages.health import ACTOR_RESTARTS, ray_task_retries
+    from clipdiy.pipeline.stages.inference import SegmentBatch
+    from clipdiy.pipeline.control.run import LISTING_BATCHES_PER_BLOCK  # the caller's module, loaded
+    from clipdiy.pipeline.stages.rows import RowContext, build_rows
 
     saliency_side = saliency_input_side(config.segmenter.saliency)
     decode = DecodeBatch(

@@ -6,10 +6,10 @@ Order of work (everything that can refuse the job does so before any image is to
 2. the models load in the driver (missing weights fail here) and the text embeddings are
    computed, once for the whole run;
 3. Ray: the cluster at ``config.address`` / ``RAY_ADDRESS``, else an embedded local Ray;
-   the inference pool's placement (``clipdiy.pipeline.placement``): GPU actors on a cluster,
+   the inference pool's placement (``clipdiy.pipeline.stages.placement``): GPU actors on a cluster,
    waiting a bounded time for a GPU node, refused when the cluster cannot have one;
 4. the OUTPUT lock is taken; the unfinished run is resumed, or a new run is planned;
-5. planning (``planning.py``): the listing streams from a Ray Data read task; when OUTPUT holds
+5. planning (``planning/pending.py``): the listing streams from a Ray Data read task; when OUTPUT holds
    rows that could count, it is anti-joined with them by Ray Data's hash-partitioned joins first;
 6. Ray Data: decode (CPU tasks) -> ``Segmenter.predict`` (actor pool; an actor that cannot
    load the models at its start stops the job) -> label rows (CPU tasks) -> Parquet shards
@@ -19,9 +19,7 @@ Order of work (everything that can refuse the job does so before any image is to
 Calling it (for benchmarks and tests)::
 
     from clipdiy.pipeline.config import LabelJobConfig
-from clipdiy.pipeline.dataset import build_dataset
-from clipdiy.pipeline.driver_models import DriverModels, resolve_models
-    from clipdiy.pipeline.run import run_labelling
+    from clipdiy.pipeline.control.run import run_labelling
     summary = run_labelling(LabelJobConfig(input="photos/", output="labels/", segmenter=...))
     print(summary.line())
 
@@ -41,13 +39,13 @@ from dataclasses import dataclass
 
 from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.config import LabelJobConfig
-from clipdiy.pipeline.dataset import build_dataset
-from clipdiy.pipeline.driver_models import DriverModels, resolve_models
-from clipdiy.pipeline.incremental import ListingCounts
-from clipdiy.pipeline.inference import actor_start_refusals
-from clipdiy.pipeline.input_check import check_input_reachable
-from clipdiy.pipeline.lock import LockLostError, OutputLock
-from clipdiy.pipeline.manifest import (
+from clipdiy.pipeline.stages.dataset import build_dataset
+from clipdiy.pipeline.stages.driver_models import DriverModels, resolve_models
+from clipdiy.pipeline.planning.incremental import ListingCounts
+from clipdiy.pipeline.stages.inference import actor_start_refusals
+from clipdiy.pipeline.sources.input_check import check_input_reachable
+from clipdiy.pipeline.control.lock import LockLostError, OutputLock
+from clipdiy.pipeline.planning.manifest import (
     RunPlan,
     build_manifest,
     finished_run_ids,
@@ -56,10 +54,10 @@ from clipdiy.pipeline.manifest import (
     write_manifest,
     write_run_state,
 )
-from clipdiy.pipeline.placement import InferencePlacement, plan_placement
-from clipdiy.pipeline.planning import Plan, PlanTarget, plan_pending, remove_plans
-from clipdiy.pipeline.progress import Progress
-from clipdiy.pipeline.release import free_resources, stop_actors, wait_for_release
+from clipdiy.pipeline.stages.placement import InferencePlacement, plan_placement
+from clipdiy.pipeline.planning.pending import Plan, PlanTarget, plan_pending, remove_plans
+from clipdiy.pipeline.control.progress import Progress
+from clipdiy.pipeline.control.release import free_resources, stop_actors, wait_for_release
 from clipdiy.uris import redact_document, redact_uri
 
 logger = logging.getLogger(__name__)
@@ -116,7 +114,7 @@ def connect_ray(config: LabelJobConfig) -> bool:
 
 
 def inference_placement(config: LabelJobConfig) -> InferencePlacement:
-    """GPU or CPU actors and the pool's upper bound (``clipdiy.pipeline.placement``); on a
+    """GPU or CPU actors and the pool's upper bound (``clipdiy.pipeline.stages.placement``); on a
     cluster, waits (bounded by ``config.gpu_wait_s``) for a GPU node. Raises GpuUnavailableError."""
     return plan_placement(
         config.device, config.gpus_per_actor, config.max_actors, config.address, config.gpu_wait_s, config.cluster_config
@@ -147,7 +145,7 @@ def _label(
     """Run the dataset, consuming its shard stats: progress, the error budget, the lock.
 
     ``first_attempt``: this is the run's first start (missing objects then count towards the
-    failed-reads streak until one read succeeds; see :class:`~clipdiy.pipeline.health.RunHealth`).
+    failed-reads streak until one read succeeds; see :class:`~clipdiy.pipeline.stages.health.RunHealth`).
 
     Raises :class:`~clipdiy.errors.RunFailedError` (reads broken run-wide, with the health
     actor's one-line reason) or :class:`~clipdiy.errors.ErrorBudgetExceededError`; either way the
@@ -163,8 +161,8 @@ def _label(
         ErrorBudgetExceededError,
         RunFailedError,
     )
-    from clipdiy.pipeline.health import ErrorBudget, start_run_health
-    from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS
+    from clipdiy.pipeline.stages.health import ErrorBudget, start_run_health
+    from clipdiy.pipeline.stages.writer import MANIFEST_SHARD_FIELDS
 
     free_before = free_resources()
     health = start_run_health(config.stop_after_failed_reads, first_attempt=first_attempt)
@@ -232,11 +230,11 @@ def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostErr
 
     ``on_lock_lost`` is called (from a daemon thread) if this run loses the OUTPUT lock while
     working; the CLI exits 1 there. Without it the run raises
-    :class:`~clipdiy.pipeline.lock.LockLostError` after the shard being written.
+    :class:`~clipdiy.pipeline.control.lock.LockLostError` after the shard being written.
 
     Raises before any work: :class:`~clipdiy.errors.InputError` (unreachable or empty input),
     :class:`~clipdiy.errors.WeightsNotFoundError`, :class:`~clipdiy.errors.VocabularyError`,
-    :class:`~clipdiy.pipeline.lock.OutputLockedError`, :class:`~clipdiy.pipeline.manifest.RunConflictError`.
+    :class:`~clipdiy.pipeline.control.lock.OutputLockedError`, :class:`~clipdiy.pipeline.planning.manifest.RunConflictError`.
     """
     started = time.monotonic()
     config.validate()

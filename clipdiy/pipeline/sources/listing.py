@@ -22,9 +22,9 @@ batch by batch. Order is deterministic: prefixes and globs yield objects in lexi
 of their full path (S3's own key order, which the local walk reproduces); manifests yield
 entries in file order.
 
-A large prefix is listed by several tasks at once (:mod:`clipdiy.pipeline.listing_parts`); the
-walks of each store are in :mod:`clipdiy.pipeline.walks`, manifests in
-:mod:`clipdiy.pipeline.input_manifests`, the pre-flight check in :mod:`clipdiy.pipeline.input_check`.
+A large prefix is listed by several tasks at once (:mod:`clipdiy.pipeline.sources.listing_parts`); the
+walks of each store are in :mod:`clipdiy.pipeline.sources.walks`, manifests in
+:mod:`clipdiy.pipeline.sources.manifests`, the pre-flight check in :mod:`clipdiy.pipeline.sources.input_check`.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from typing import Any
 from fsspec.utils import glob_translate
 
 from clipdiy.errors import InputError
-from clipdiy.pipeline.input_manifests import is_manifest, iter_manifest
-from clipdiy.pipeline.key_ranges import KeyRange
-from clipdiy.pipeline.sources import GLOB_CHARS, SourceObject, source_object
-from clipdiy.pipeline.walks import walk_files
+from clipdiy.pipeline.sources.manifests import is_manifest, iter_manifest
+from clipdiy.pipeline.sources.key_ranges import KeyRange
+from clipdiy.pipeline.sources.objects import GLOB_CHARS, SourceObject, source_object
+from clipdiy.pipeline.sources.walks import walk_files
 from clipdiy.storage import StorageOptions, is_s3, open_filesystem, with_retries
 
 

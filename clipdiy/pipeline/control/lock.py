@@ -6,7 +6,7 @@ once when it was taken on this host by a process that no longer exists (a killed
 when the file is empty or unreadable (a driver killed between create and write, by an older
 version or another tool), once the file is older than ``corrupt_grace_s``.
 
-Every write of the lock is a compare-and-swap on the store (:mod:`clipdiy.pipeline.lock_store`:
+Every write of the lock is a compare-and-swap on the store (:mod:`clipdiy.pipeline.control.lock_store`:
 S3 ``If-None-Match: *`` / ``If-Match: <ETag>``; local disk an ``os.link`` create and a
 ``flock``-guarded ``os.replace``): the first take-over of a stale lock wins and the others
 refuse; a heartbeat renews the lock only if it is still the version this run wrote. A refused
@@ -39,7 +39,7 @@ from typing import Self
 
 from clipdiy.errors import ClipdiyError
 from clipdiy.output_layout import OutputLayout
-from clipdiy.pipeline.lock_store import (
+from clipdiy.pipeline.control.lock_store import (
     ConditionalWriteConflict,
     LockStore,
     StoredLock,

@@ -261,7 +261,7 @@ class AttemptLedger:
             return BatchAttempt(None, "", 0, frozenset(), False)
         import ray
 
-        from clipdiy.pipeline.inference import batch_key
+        from clipdiy.pipeline.stages.inference import batch_key
 
         key = f"{self.stage}:{batch_key(image_ids)}"
         deaths, lost = ray.get(self.health.begin_batch.remote(key))

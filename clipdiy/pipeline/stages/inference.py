@@ -10,7 +10,7 @@ A CUDA error that poisons the actor (a device-side assert, an illegal address: e
 call on that device fails too), or an out-of-memory error that persists after halving the batch,
 is not about the images: the actor's process exits, Ray restarts the actor (Ray Data's actor pools
 default to ``max_restarts=-1``) and retries its batch on the fresh one. The run's
-:class:`~clipdiy.pipeline.health.RunHealth` counts poisonings per batch, so a batch that poisons
+:class:`~clipdiy.pipeline.stages.health.RunHealth` counts poisonings per batch, so a batch that poisons
 a fresh actor as well gets ``model`` error rows (and the actor restarts before its next batch)
 instead of restarting actors forever.
 
@@ -273,7 +273,7 @@ class SegmentBatch:
     def _predict_one_by_one(self, image_ids: list[str], prepared: list, key: str, attempt) -> list:
         """Earlier attempts at this batch died: each image on its own, registered before it is
         touched; those an earlier attempt died on get a ``worker_lost`` row instead."""
-        from clipdiy.pipeline.health import WorkerLost
+        from clipdiy.pipeline.stages.health import WorkerLost
 
         outputs: list = []
         for image_id, item in zip(image_ids, prepared):
@@ -285,8 +285,8 @@ class SegmentBatch:
         return outputs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from clipdiy.pipeline.health import AttemptLedger, WorkerLost
-        from clipdiy.pipeline.rows import saliency_preview
+        from clipdiy.pipeline.stages.health import AttemptLedger, WorkerLost
+        from clipdiy.pipeline.stages.rows import saliency_preview
         from clipdiy.segmentation.segmenter import ModelOutput
 
         if self._exit_before_next:

@@ -167,7 +167,7 @@ def decode_image(
 
 def read_error(error: BaseException, failure_class: str) -> tuple[str, str]:
     """(kind, message) of a storage failure while reading a source object; ``failure_class``:
-    :func:`~clipdiy.pipeline.health.classify_read_failure`'s. A missing object (``not_found``:
+    :func:`~clipdiy.pipeline.stages.health.classify_read_failure`'s. A missing object (``not_found``:
     local FileNotFoundError, S3 NoSuchKey/404, HTTP 404) is its own kind; a missing bucket, a
     permission or a network failure is ``unreadable`` (a later run tries again)."""
     message = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -236,7 +236,7 @@ class DecodeBatch:
         self.max_pixels = max_pixels
         self.read_attempts = read_attempts
         self.saliency_max_side = saliency_max_side
-        self.health = health  # the run's RunHealth actor (clipdiy.pipeline.health), or None
+        self.health = health  # the run's RunHealth actor (clipdiy.pipeline.stages.health), or None
         self._filesystems: dict[str, Any] = {}
 
     def _read(self, location: str, uri: str) -> bytes:
@@ -273,7 +273,7 @@ class DecodeBatch:
         """Read and decode one object: never raises but for the run's own errors. ``uri``: the
         public location (what messages name); ``signed_uri``: the readable one where it is signed;
         ``entry``: the manifest entry whose signed location the labelling looked up again."""
-        from clipdiy.pipeline.health import classify_read_failure, one_line
+        from clipdiy.pipeline.stages.health import classify_read_failure, one_line
         from clipdiy.storage import ObjectTooLargeError
 
         if signed_uri is None and entry is not None:
@@ -316,7 +316,7 @@ class DecodeBatch:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from clipdiy.pipeline.health import AttemptLedger
+        from clipdiy.pipeline.stages.health import AttemptLedger
 
         names = batch.column_names
         rows = batch.num_rows

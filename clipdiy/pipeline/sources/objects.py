@@ -19,10 +19,10 @@ class SourceObject:
 
     ``uri``: full URI (``s3://bucket/key``, ``file:///abs/path``) without any credential (see
     :func:`clipdiy.uris.public_uri`): what rows and logs show; ``image_id``: the path relative
-    to the input root with ``/`` separators (or the public URI itself, see :mod:`clipdiy.pipeline.listing`);
+    to the input root with ``/`` separators (or the public URI itself, see :mod:`clipdiy.pipeline.sources.listing`);
     ``size`` in bytes, ``etag`` (quotes stripped), ``mtime`` (UTC) where the store reports them
     (None for manifest entries without those columns: such an entry's version is unknown, so a
-    later run treats it as labelled once any row has its id; :func:`~clipdiy.pipeline.listing.describe_source` stats one).
+    later run treats it as labelled once any row has its id; :func:`~clipdiy.pipeline.sources.listing.describe_source` stats one).
     ``listing_entry``: the entry's number in a manifest (0-based, blank lines and comments not
     counted, repeats counted); None for prefixes and globs.
     ``signed_uri``: the entry as listed when it carries a credential (a presigned query, a

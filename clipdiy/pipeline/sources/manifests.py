@@ -1,7 +1,7 @@
 """Manifest inputs: a ``.txt``/``.lst`` file (one URI or path a line) or a ``.parquet``/``.pq`` file
 (a ``uri`` column, optional ``size``, ``etag``, ``mtime``), read line by line or batch by batch.
 
-Ids are relative to the manifest's folder (see :mod:`clipdiy.pipeline.listing`); an image listed
+Ids are relative to the manifest's folder (see :mod:`clipdiy.pipeline.sources.listing`); an image listed
 more than once is yielded once.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.errors import InputError
-from clipdiy.pipeline.sources import GLOB_CHARS, SourceObject, as_utc
+from clipdiy.pipeline.sources.objects import GLOB_CHARS, SourceObject, as_utc
 from clipdiy.storage import StorageOptions, full_uri, open_filesystem
 from clipdiy.uris import UnparsableUriError, public_uri, redact_uri
 

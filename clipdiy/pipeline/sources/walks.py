@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.errors import InputError
-from clipdiy.pipeline.key_ranges import KeyRange
+from clipdiy.pipeline.sources.key_ranges import KeyRange
 from clipdiy.storage import is_s3
 
 

@@ -13,9 +13,9 @@ from clipdiy.labels.report import MODEL_COLUMNS
 from clipdiy.labels.review import _corrected_rows, corrected_label_map, corrections, human_row
 from clipdiy.labels.runs import list_runs
 from clipdiy.output_layout import OutputLayout
-from clipdiy.pipeline.lock import OutputLock
-from clipdiy.pipeline.manifest import RunPlan, build_manifest, new_run_id, utc_now, write_manifest
-from clipdiy.pipeline.writer import MANIFEST_SHARD_FIELDS, ShardTarget, write_shard
+from clipdiy.pipeline.control.lock import OutputLock
+from clipdiy.pipeline.planning.manifest import RunPlan, build_manifest, new_run_id, utc_now, write_manifest
+from clipdiy.pipeline.stages.writer import MANIFEST_SHARD_FIELDS, ShardTarget, write_shard
 from clipdiy.schema import label_schema
 from clipdiy.storage import StorageOptions, open_filesystem
 

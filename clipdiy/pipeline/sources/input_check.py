@@ -9,9 +9,9 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from clipdiy.errors import InputError
-from clipdiy.pipeline.input_manifests import is_manifest
-from clipdiy.pipeline.listing import IMAGE_EXTENSIONS, glob_root, iter_sources
-from clipdiy.pipeline.sources import GLOB_CHARS, SourceObject
+from clipdiy.pipeline.sources.manifests import is_manifest
+from clipdiy.pipeline.sources.listing import IMAGE_EXTENSIONS, glob_root, iter_sources
+from clipdiy.pipeline.sources.objects import GLOB_CHARS, SourceObject
 from clipdiy.storage import StorageOptions, is_s3, is_transient, open_filesystem
 from clipdiy.uris import redact_uri
 
