@@ -266,14 +266,14 @@ def test_an_image_a_process_died_on_gets_a_worker_lost_row_and_the_rest_are_labe
 
     class LocalLedger(AttemptLedger):  # the plain RunHealth in this process instead of its actor
         def begin(self, image_ids):
-            from clipdiy.pipeline.stages.inference import batch_key
+            from clipdiy.pipeline.stages.health import batch_key
 
             key = f"{self.stage}:{batch_key(image_ids)}"
             deaths, lost = health.begin_batch(key)
             return BatchAttempt(None, key, deaths, frozenset(lost), deaths >= self.max_deaths)
 
     from clipdiy.pipeline.stages import health as health_module
-    from clipdiy.pipeline.stages.inference import batch_key
+    from clipdiy.pipeline.stages.health import batch_key
 
     key = f"inference:{batch_key(['a.jpg', 'b.jpg', 'c.jpg'])}"
     health.begin_batch(key)  # an attempt on the whole batch died

@@ -27,6 +27,11 @@ DEFAULT_MAX_WORKER_DEATHS = 3
 #: ``SegmentationMethod.working_bytes``): 16 GiB lets NACLIP label a 12-megapixel photo with the
 #: authors' COCO-Object words (about 15.5 GB, 14.4 GiB) and refuses a 100-megapixel one.
 DEFAULT_MAX_IMAGE_MEMORY_GB = 16.0
+#: Listing rows per block handed to the labelling, in decode batches. A decode task takes whole
+#: blocks, so blocks stay small enough for decode tasks to run in parallel; the listing streams
+#: them (a read task's generator, backpressured), so the driver only ever holds the refs of the
+#: blocks in flight, however large the bucket.
+LISTING_BATCHES_PER_BLOCK = 8
 
 
 class JobConfigError(ClipdiyError, ValueError):

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from clipdiy.output_layout import OutputLayout
-from clipdiy.pipeline.config import LabelJobConfig
+from clipdiy.pipeline.config import LISTING_BATCHES_PER_BLOCK, LabelJobConfig
 from clipdiy.pipeline.stages.dataset import build_dataset
 from clipdiy.pipeline.stages.driver_models import DriverModels, resolve_models
 from clipdiy.pipeline.planning.incremental import ListingCounts
@@ -61,13 +61,6 @@ from clipdiy.pipeline.control.release import free_resources, stop_actors, wait_f
 from clipdiy.uris import redact_document, redact_uri
 
 logger = logging.getLogger(__name__)
-
-#: Listing rows per block handed to the labelling, in decode batches. A decode task takes whole
-#: blocks, so blocks stay small enough for decode tasks to run in parallel; the listing streams
-#: them (a read task's generator, backpressured), so the driver only ever holds the refs of the
-#: blocks in flight, however large the bucket.
-LISTING_BATCHES_PER_BLOCK = 8
-
 
 @dataclass(frozen=True)
 class RunSummary:

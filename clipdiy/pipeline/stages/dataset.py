@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from clipdiy.pipeline.config import LabelJobConfig
+from clipdiy.pipeline.config import LISTING_BATCHES_PER_BLOCK, LabelJobConfig
 from clipdiy.pipeline.stages.driver_models import DriverModels
 from clipdiy.pipeline.planning.manifest import RunPlan
 from clipdiy.pipeline.stages.placement import InferencePlacement
@@ -37,7 +37,6 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
     from clipdiy.pipeline.stages.decode import DecodeBatch
     from clipdiy.pipeline.stages.health import ACTOR_RESTARTS, ray_task_retries
     from clipdiy.pipeline.stages.inference import SegmentBatch
-    from clipdiy.pipeline.control.run import LISTING_BATCHES_PER_BLOCK  # the caller's module, loaded
     from clipdiy.pipeline.stages.rows import RowContext, build_rows
 
     saliency_side = saliency_input_side(config.segmenter.saliency)

@@ -36,6 +36,7 @@ the job instead of being laundered into rows. Each guard sits where it sees enou
 from __future__ import annotations
 
 import collections
+import hashlib
 import re
 from collections.abc import Mapping
 
@@ -56,6 +57,11 @@ _CREDENTIAL_TYPES = frozenset(
      "DefaultCredentialsError", "RefreshError"}
 )
 _USERINFO = re.compile(r"//[^/@\s]+@")
+
+
+def batch_key(image_ids: list[str]) -> str:
+    """A short, stable name of a batch (its image ids), the same when Ray retries it."""
+    return hashlib.sha256("\n".join(image_ids).encode("utf-8")).hexdigest()[:20]
 
 
 def _chain(error: BaseException):
@@ -260,8 +266,6 @@ class AttemptLedger:
         if self.health is None:
             return BatchAttempt(None, "", 0, frozenset(), False)
         import ray
-
-        from clipdiy.pipeline.stages.inference import batch_key
 
         key = f"{self.stage}:{batch_key(image_ids)}"
         deaths, lost = ray.get(self.health.begin_batch.remote(key))

@@ -21,7 +21,6 @@ back into an :class:`~clipdiy.errors.ActorStartError`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -34,6 +33,7 @@ import pyarrow as pa
 
 from clipdiy.errors import ActorStartError, ClipdiyError
 from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
+from clipdiy.pipeline.stages import health
 from clipdiy.segmentation.config import SegmenterConfig
 
 logger = logging.getLogger(__name__)
@@ -103,11 +103,6 @@ def is_poisoning_error(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return any(marker in text for marker in _POISONING_MARKERS)
-
-
-def batch_key(image_ids: list[str]) -> str:
-    """A short, stable name of a batch (its image ids), the same when Ray retries it."""
-    return hashlib.sha256("\n".join(image_ids).encode("utf-8")).hexdigest()[:20]
 
 
 class SegmentBatch:
@@ -309,7 +304,7 @@ class SegmentBatch:
         ok = [i for i, message in zip(ok, refused) if message is None]
         self._check_saliency_cost(prepared)
         ok_ids = [image_ids[i] for i in ok]
-        key = batch_key(image_ids)
+        key = health.batch_key(image_ids)
         if not prepared:
             outputs: list = []
         elif attempt.one_by_one:
