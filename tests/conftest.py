@@ -16,6 +16,20 @@ from data_paths import COCO_SAMPLE, FOUND_HEAD, REPO_ROOT  # noqa: E402
 # Nothing in the suite may reach a model hub: make any attempt fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Property tests (Hypothesis): seeded and bounded, so a CI run is repeatable and its time known.
+# A test that drives Ray or a whole job sets a smaller max_examples with @settings of its own.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "clipdiy",
+    derandomize=True,
+    deadline=None,
+    max_examples=60,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "clipdiy"))
+
 
 @pytest.fixture(scope="session")
 def coco_sample() -> Path:
