@@ -194,7 +194,7 @@ def test_a_poisoned_device_restarts_the_actor_and_a_batch_that_poisons_twice_get
         second(batch)
 
 
-def test_out_of_memory_halves_the_batch_then_restarts_the_actor(coco_images):
+def test_out_of_memory_halves_the_batch_down_to_single_images(coco_images):
     import torch
 
     class NeedsHalves:
@@ -214,8 +214,10 @@ def test_out_of_memory_halves_the_batch_then_restarts_the_actor(coco_images):
     out = stage(batch).to_pylist()
     assert [r["status"] for r in out] == ["ok"] * 4 and stage.segmenter.sizes == [4, 2, 2]
 
-    with pytest.raises(_Exited):  # still out of memory at half the batch: a fresh process
-        _stage(NeedsHalves(fits=1))(batch)
+    # Still out of memory at half the batch: halved again, in the same process (issue 25).
+    single = _stage(NeedsHalves(fits=1))
+    assert [r["status"] for r in single(batch).to_pylist()] == ["ok"] * 4
+    assert single.segmenter.sizes == [4, 2, 1, 1, 2, 1, 1]
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert not is_poisoning_error(torch.OutOfMemoryError("CUDA out of memory"))
