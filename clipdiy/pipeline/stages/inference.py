@@ -39,6 +39,7 @@ import pyarrow as pa
 from clipdiy.errors import ActorStartError, ClipdiyError
 from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
 from clipdiy.pipeline.stages import health
+from clipdiy.pipeline.stages.attempts import AttemptLedger, WorkerLost
 from clipdiy.segmentation.config import SegmenterConfig
 
 logger = logging.getLogger(__name__)
@@ -109,8 +110,9 @@ def is_out_of_memory(error: BaseException) -> bool:
     return any(marker in text for marker in _OUT_OF_MEMORY_MARKERS)
 
 
-class OutOfMemoryAlone(Exception):
-    """Stands for the output of an image that ran out of memory on its own (a ``too_large`` row)."""
+class TooLarge(Exception):
+    """Stands for the output of an image too large for the worker's memory (a ``too_large`` row):
+    over the bound by its estimate, or out of memory on its own."""
 
 
 def one_line_error(error: BaseException) -> str:
@@ -235,7 +237,7 @@ class SegmentBatch:
     def _predict_halving(self, prepared: list, key: str) -> list:
         """Outputs of ``prepared`` (one predict call), in halves while it runs out of memory; an
         image out of memory on its own is tried once more after the cache is released, then it
-        is an :class:`OutOfMemoryAlone` (a ``too_large`` row), and the actor goes on. A failure
+        is an :class:`TooLarge` (a ``too_large`` row), and the actor goes on. A failure
         other than memory is retried image by image, so one bad image only costs itself."""
         try:
             return self.segmenter.predict(prepared)
@@ -270,7 +272,7 @@ class SegmentBatch:
                 return [again]
             height, width = item.original_size
             logger.warning("out of memory labelling a %d x %d image on its own: a too_large row", width, height)
-            return [OutOfMemoryAlone(
+            return [TooLarge(
                 f"labelling this {width} x {height} image ran out of memory on its own, twice "
                 f"({one_line_error(again)}); not labelled (a worker with more memory can label it)")]
 
@@ -347,22 +349,28 @@ class SegmentBatch:
         """Outputs (or exceptions) of the images ``image_ids`` (one per prepared input)."""
         return self._predict(prepared, key)
 
-    def _predict_one_by_one(self, image_ids: list[str], prepared: list, key: str, attempt) -> list:
+    def _predict_one_by_one(self, image_ids: list[str], payloads: list, key: str, attempt) -> list:
         """Earlier attempts at this batch died: each image on its own, registered before it is
-        touched; those an earlier attempt died on get a ``worker_lost`` row instead."""
-        from clipdiy.pipeline.stages.health import WorkerLost
-
+        unpickled and touched (and none after the last, so a death while packing the outputs falls
+        on no image); those counted deaths followed get a ``worker_lost`` row instead."""
         outputs: list = []
-        for image_id, item in zip(image_ids, prepared):
+        for image_id, payload in zip(image_ids, payloads):
             if image_id in attempt.lost:
-                outputs.append(WorkerLost(attempt.lost_message()))
+                outputs.append(WorkerLost(attempt.lost_message(image_id)))
                 continue
             attempt.start(image_id)
+            item = pickle.loads(payload.as_buffer())
+            refusal = self._too_large([item])[0]
+            if refusal is not None:
+                outputs.append(TooLarge(refusal))
+                continue
+            self._check_saliency_cost([item])
             outputs.extend(self._predict_images([image_id], [item], key))
+            del item
+        attempt.start(None)
         return outputs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from clipdiy.pipeline.stages.health import AttemptLedger, WorkerLost
         from clipdiy.pipeline.stages.rows import saliency_preview
         from clipdiy.segmentation.segmenter import ModelOutput
 
@@ -373,33 +381,32 @@ class SegmentBatch:
         status = batch.column("status").to_pylist()
         ok = [i for i, s in enumerate(status) if s == "ok"]
         payloads = batch.column("payload")
-        prepared = [pickle.loads(payloads[i].as_buffer()) for i in ok]
         error_kind = batch.column("error_kind").to_pylist()
         error = batch.column("error").to_pylist()
-        # An image whose working memory would exceed the bound is refused before any work: an
-        # OOM kill would cost the actor, and the batch's other images their retries.
-        refused = self._too_large(prepared)
-        for i, message in zip(ok, refused):
-            if message is not None:
-                status[i], error_kind[i], error[i] = "error", "too_large", message
-        prepared = [item for item, message in zip(prepared, refused) if message is None]
-        ok = [i for i, message in zip(ok, refused) if message is None]
-        self._check_saliency_cost(prepared)
-        ok_ids = [image_ids[i] for i in ok]
         key = health.batch_key(image_ids)
-        if not prepared:
-            outputs: list = []
-        elif attempt.one_by_one:
-            outputs = self._predict_one_by_one(ok_ids, prepared, key, attempt)
+        if attempt.one_by_one:
+            # Image by image from the start, unpickling included: the estimate's refusal
+            # (too_large) happens inside each image's turn.
+            outputs = self._predict_one_by_one([image_ids[i] for i in ok], [payloads[i] for i in ok], key, attempt)
         else:
-            outputs = self._predict_images(ok_ids, prepared, key)
-        del prepared
+            prepared = [pickle.loads(payloads[i].as_buffer()) for i in ok]
+            # An image whose working memory would exceed the bound is refused before any work: an
+            # OOM kill would cost the actor, and the batch's other images their retries.
+            refused = self._too_large(prepared)
+            for i, message in zip(ok, refused):
+                if message is not None:
+                    status[i], error_kind[i], error[i] = "error", "too_large", message
+            prepared = [item for item, message in zip(prepared, refused) if message is None]
+            ok = [i for i, message in zip(ok, refused) if message is None]
+            self._check_saliency_cost(prepared)
+            outputs = self._predict_images([image_ids[i] for i in ok], prepared, key) if prepared else []
+            del prepared
 
         new_payload: list[bytes | None] = [None] * batch.num_rows
         for i, output in zip(ok, outputs):
             if isinstance(output, WorkerLost):
                 status[i], error_kind[i], error[i] = "error", "worker_lost", str(output)
-            elif isinstance(output, OutOfMemoryAlone):
+            elif isinstance(output, TooLarge):
                 status[i], error_kind[i], error[i] = "error", "too_large", str(output)
             elif isinstance(output, Exception):
                 status[i] = "error"
