@@ -259,3 +259,41 @@ def test_plan_files_hold_no_signed_url_and_the_labelling_gets_it_back(ray_sessio
     manifest.write_text(f"plain.jpg\nother.jpg\n{signed}\n")  # rewritten before the labelling reads it
     row = _rows(plan)[0]
     assert (row["image_id"], row["signed_entry"], row["signed_uri"]) == ("https://h.example.com/s.jpg?versionId=7", 1, None)
+
+
+def test_worker_lost_is_retried_by_transient_in_a_bounded_number_of_runs():
+    """A worker_lost row (a process died twice on the image alone) is retried by later runs
+    with the default --retry-errors transient, until BOUNDED_ERROR_KINDS runs gave it one."""
+    from clipdiy.pipeline.planning.incremental import (
+        BOUNDED_ERROR_KINDS,
+        BOUNDED_ROWS,
+        DONE,
+        EARLIER_RUNS,
+        LISTING_SCHEMA,
+        RETRY,
+        earlier_run_tags,
+        split_pending,
+    )
+
+    shard = pa.table({
+        "image_id": ["a", "b", "c", "d"], "source_size": pa.array([1, 1, 1, 1], pa.int64()),
+        "source_etag": pa.nulls(4, pa.string()), "source_mtime": pa.array([STARTED] * 4, pa.timestamp("us", tz="UTC")),
+        "status": ["error", "error", "error", "ok"], "error_kind": ["worker_lost", "model", "corrupt", None],
+    })
+    tags = earlier_run_tags(shard, "transient")
+    assert tags.column("tag").to_pylist() == [RETRY, RETRY, DONE, DONE]
+    assert tags.column("bounded").to_pylist() == [1, 0, 0, 0]
+    assert earlier_run_tags(shard, "none").column("tag").to_pylist() == [DONE] * 4
+
+    limit = BOUNDED_ERROR_KINDS["worker_lost"]
+    assert limit == 3
+    listing = pa.table({
+        "uri": [f"u{i}" for i in range(4)], "image_id": [f"{i}.jpg" for i in range(4)],
+        "source_size": [1, 2, 3, 4], "source_etag": [None] * 4, "source_mtime": [STARTED] * 4,
+        "listing_entry": [None] * 4, "signed_uri": [None] * 4,
+    }, schema=LISTING_SCHEMA)
+    joined = listing.append_column(EARLIER_RUNS, pa.array([RETRY, RETRY, RETRY, DONE], pa.int8()))
+    joined = joined.append_column(BOUNDED_ROWS, pa.array([1, 2, 3, 3], pa.int64()))
+    pending, counts = split_pending(joined)
+    assert pending.column("image_id").to_pylist() == ["0.jpg", "1.jpg"]
+    assert (counts.skipped, counts.retried) == (2, 2)

@@ -13,6 +13,8 @@ Error rows of earlier runs count as labelled unless the run retries them (``retr
 ``transient`` (the default) retries the kinds a later attempt can cure, a read that failed
 after its retries (``unreadable``) and a failed model call (``model``, e.g. out of memory);
 ``all`` retries every error (after raising ``--max-pixels``, say); ``none`` retries nothing.
+``transient`` also retries ``worker_lost`` (a process that died on the image), in at most
+:data:`BOUNDED_ERROR_KINDS` runs of the image's version: a later run may have bigger workers.
 A read that found no object (``not_found``) is an answer, not a failure: the object is read
 again when it is listed with another version (size, ETag, mtime: a new source key), or with
 ``all``. (An entry of a manifest without version columns has one key whatever its object: once
@@ -66,6 +68,13 @@ _SEPARATOR = "\x1f"
 #: Error kinds that a later run may cure: a failed read (after its retries), a failed model call.
 #: ``not_found`` (the object did not exist) is an answer: read again only as a new version.
 TRANSIENT_ERROR_KINDS = ("unreadable", "model")
+#: Error kinds that ``transient`` retries a bounded number of runs: ``worker_lost`` (the image's
+#: process died twice while it alone was worked on, for causes Ray could not tell apart from
+#: the image's own: a later run, on bigger workers or a quieter node, may label it), retried
+#: until this many finished runs gave the image version that row, then left to ``all``.
+BOUNDED_ERROR_KINDS = {"worker_lost": 3}
+#: Joined column: how many finished runs gave the key a row of a :data:`BOUNDED_ERROR_KINDS` kind.
+BOUNDED_ROWS = "earlier_bounded_rows"
 #: ``retry_errors`` choices: which error rows of earlier runs are labelled again.
 RETRY_ERRORS = ("none", "transient", "all")
 
@@ -103,7 +112,8 @@ def retried_mask(table: pa.Table, retry_errors: str) -> pa.Array:
     if retry_errors == "all":
         mask = is_error
     elif retry_errors == "transient":
-        transient = pc.is_in(table.column("error_kind"), value_set=pa.array(TRANSIENT_ERROR_KINDS))
+        kinds = pa.array([*TRANSIENT_ERROR_KINDS, *BOUNDED_ERROR_KINDS])
+        transient = pc.is_in(table.column("error_kind"), value_set=kinds)
         mask = pc.and_(is_error, pc.fill_null(transient, False))
     else:
         mask = pc.and_(is_error, False)
@@ -116,11 +126,13 @@ def with_source_key(listing: pa.Table) -> pa.Table:
 
 
 def earlier_run_tags(shard: pa.Table, retry_errors: str) -> pa.Table:
-    """(:data:`SOURCE_KEY`, ``tag``) per row of a finished run's shard (:data:`SHARD_COLUMNS`):
-    :data:`RETRY` for an error row that ``retry_errors`` retries, else :data:`DONE`."""
+    """(:data:`SOURCE_KEY`, ``tag``, ``bounded``) per row of a finished run's shard
+    (:data:`SHARD_COLUMNS`): :data:`RETRY` for an error row that ``retry_errors`` retries, else
+    :data:`DONE`; ``bounded``: 1 for a row of a :data:`BOUNDED_ERROR_KINDS` kind (summed per key)."""
     keys = source_keys(shard.select(KEY_COLUMNS).cast(pa.schema([LISTING_SCHEMA.field(name) for name in KEY_COLUMNS])))
     tags = pc.if_else(retried_mask(shard, retry_errors), pa.scalar(RETRY, pa.int8()), pa.scalar(DONE, pa.int8()))
-    return pa.table({SOURCE_KEY: keys, "tag": tags})
+    bounded = pc.fill_null(pc.is_in(shard.column("error_kind"), value_set=pa.array(list(BOUNDED_ERROR_KINDS))), False)
+    return pa.table({SOURCE_KEY: keys, "tag": tags, "bounded": pc.cast(bounded, pa.int64())})
 
 
 @dataclass
@@ -163,6 +175,9 @@ def split_pending(joined: pa.Table) -> tuple[pa.Table, ListingCounts]:
         tag = joined.column(EARLIER_RUNS)
         done = pc.fill_null(pc.equal(tag, DONE), False)
         retry = pc.fill_null(pc.equal(tag, RETRY), False)
+        if BOUNDED_ROWS in joined.column_names:  # retried often enough: left to ``all``
+            spent = pc.fill_null(pc.greater_equal(joined.column(BOUNDED_ROWS), min(BOUNDED_ERROR_KINDS.values())), False)
+            done, retry = pc.or_(done, pc.and_(retry, spent)), pc.and_(retry, pc.invert(spent))
     else:
         done = retry = pa.array(np.zeros(rows, dtype=bool))
     if THIS_RUN in joined.column_names:

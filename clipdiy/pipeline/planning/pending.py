@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.planning.incremental import (
+    BOUNDED_ROWS,
     EARLIER_RUNS,
     LISTING_SCHEMA,
     SHARD_COLUMNS,
@@ -288,7 +289,7 @@ def _partitions(rows: int) -> int:
 def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_per_shard: int) -> Plan:
     """Plan ``target``'s run: see the module docstring. ``earlier_run_ids``: the finished runs
     whose rows count by source version; ``estimated_rows_per_shard`` sizes the join partitions."""
-    from ray.data.aggregate import Max
+    from ray.data.aggregate import Max, Sum
 
     layout = OutputLayout.open(target.output_uri, target.storage)
     earlier = shard_paths_dataset(target, earlier_run_ids) if earlier_run_ids else None
@@ -319,7 +320,8 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
             batch_format="pyarrow",
         )
         # One row per key (repeated error rows would repeat the listing row in the join).
-        tags = tags.groupby(SOURCE_KEY, num_partitions=partitions).aggregate(Max("tag", alias_name=EARLIER_RUNS))
+        tags = tags.groupby(SOURCE_KEY, num_partitions=partitions).aggregate(
+            Max("tag", alias_name=EARLIER_RUNS), Sum("bounded", alias_name=BOUNDED_ROWS))
         joined = joined.join(tags, "left_outer", partitions, on=(SOURCE_KEY,))
     if attempt_shards:
         ids = attempts.map_batches(
