@@ -54,9 +54,12 @@ def set_killers(spec_file: Path, decode: str | None = None, inference: str | Non
     spec_file.write_text(json.dumps({"action": "killers", "decode": decode, "inference": inference, "rows": rows}))
 
 
-def set_device_memory(spec_file: Path, capacity: int, log: Path) -> None:
-    """Inference actors' predict calls run out of memory above ``capacity`` bytes of estimates."""
-    spec_file.write_text(json.dumps({"action": "memory", "capacity": capacity, "log": str(log)}))
+def set_device_memory(spec_file: Path, capacity: int, log: Path, bytes_per_pixel: int | None = None) -> None:
+    """Inference actors' predict calls run out of memory above ``capacity`` bytes of estimates;
+    ``bytes_per_pixel``: the method's estimate replaced by this many bytes a pixel of the
+    original (small test photos then need what large ones do, against a bound of whole GB)."""
+    spec_file.write_text(json.dumps({"action": "memory", "capacity": capacity, "log": str(log),
+                                     "bytes_per_pixel": bytes_per_pixel}))
 
 
 def _with_device_memory(stage, spec: dict) -> None:
@@ -64,6 +67,8 @@ def _with_device_memory(stage, spec: dict) -> None:
     segmenter = stage.segmenter
     already = getattr(segmenter, "_fault_spec", None) is not None
     segmenter._fault_spec = spec
+    if spec.get("bytes_per_pixel"):
+        segmenter.working_bytes = lambda p: spec["bytes_per_pixel"] * p.original_size[0] * p.original_size[1]
     if already:
         return
     predict = segmenter.predict
