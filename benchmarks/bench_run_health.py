@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from clipdiy.pipeline.stages.attempts import AttemptLedger
-    from clipdiy.pipeline.stages.health import OK_READS_EVERY_S, report_reads, start_run_health
+    from clipdiy.pipeline.stages.health import (
+        OK_READS_EVERY_S,
+        report_reads,
+        start_run_health,
+    )
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:

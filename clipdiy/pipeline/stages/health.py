@@ -293,13 +293,13 @@ def start_run_health(stop_after_failed_reads: int, first_attempt: bool = True, l
     node = ray.get_runtime_context().get_node_id()
     if ledger_shards is None:
         ledger_shards = ledger_shards_for(ray.cluster_resources().get("CPU", 1))
-    options = dict(
-        num_cpus=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
+    options = {
+        "num_cpus": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True),
         # Restarted (saying so, and what was lost) rather than failing every task that calls it.
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
+        "max_restarts": -1,
+        "max_task_retries": -1,
+    }
     reads = ray.remote(RunHealth).options(**options).remote(stop_after_failed_reads, first_attempt)
     shards = tuple(ray.remote(LedgerShard).options(**options).remote() for _ in range(ledger_shards))
     return RunHealthHandles(reads, shards)

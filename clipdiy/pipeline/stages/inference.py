@@ -241,7 +241,7 @@ class SegmentBatch:
         other than memory is retried image by image, so one bad image only costs itself."""
         try:
             return self.segmenter.predict(prepared)
-        except Exception as error:  # noqa: BLE001 - judged here: poisoning, memory, or one image's fault
+        except Exception as error:
             if is_poisoning_error(error):
                 return self._poisoned(error, key, len(prepared))
             if not is_out_of_memory(error):
@@ -263,7 +263,7 @@ class SegmentBatch:
         fragmented heap is not the image's fault), else its row says so."""
         try:
             return self.segmenter.predict([item])
-        except Exception as again:  # noqa: BLE001 - judged below
+        except Exception as again:
             if is_poisoning_error(again):
                 return self._poisoned(again, key, 1)
             self._release_memory()

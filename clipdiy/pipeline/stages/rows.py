@@ -148,7 +148,7 @@ def build_rows(batch: pa.Table, context: RowContext, health=None, max_worker_dea
                 try:
                     output: ModelOutput = pickle.loads(payloads[index].as_buffer())
                     row.update(label_fields(output, context.class_names))
-                except Exception as error:  # noqa: BLE001 - this image's rows only: its error row
+                except Exception as error:
                     logger.exception("cannot build the label row of %s", row["image_id"])
                     row.update(_error_fields(error), **_NO_LABELS)
         rows.append(row)
