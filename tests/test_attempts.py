@@ -182,3 +182,34 @@ def test_the_rows_stage_counts_deaths_and_gives_worker_lost_rows(monkeypatch):
     out = build_rows(batch, _context(), health=health, max_worker_deaths=1).to_pylist()
     assert [(r["status"], r["error_kind"]) for r in out] == [("ok", None), ("error", "worker_lost")]
     assert "2 times working on this image alone" in out[1]["error"]
+
+
+def test_a_restarted_health_actor_says_so_and_never_turns_a_lost_count_into_a_false_stop(monkeypatch, caplog):
+    """Ray restarts the run's health actor (max_restarts=-1) with empty counts: it logs an error
+    naming what was lost, and takes missing objects as answers (it cannot know whether a read
+    succeeded before), so a first attempt's run is not stopped by counts it no longer has."""
+    import logging
+
+    import ray
+
+    from clipdiy.pipeline.stages import health
+
+    class Context:
+        was_current_actor_reconstructed = True
+
+        def get_actor_id(self):
+            return "ab" * 16
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context())
+    with caplog.at_level(logging.ERROR):
+        restarted = health.RunHealth(stop_after_failed_reads=5, first_attempt=True)
+        shard = LedgerShard()
+    assert restarted.was_restarted() and shard.was_restarted()
+    assert "read streak" in caplog.text and "death counts" in caplog.text
+    assert all(restarted.record_reads(0, {"not_found": 5}) is None for _ in range(3))
+    assert restarted.record_reads(0, {"credentials": 5}) is not None  # the store's own failures still stop it
+
+    monkeypatch.setattr(Context, "was_current_actor_reconstructed", False)
+    fresh = health.RunHealth(stop_after_failed_reads=5, first_attempt=True)
+    assert not fresh.was_restarted() and fresh.record_reads(0, {"not_found": 5}) is not None
