@@ -79,6 +79,7 @@ def _rows(plan) -> list[dict]:
     return sorted(plan.dataset.take_all(), key=lambda row: row["image_id"])
 
 
+@pytest.mark.slow  # starts Ray
 @pytest.mark.parametrize(
     ("retry_errors", "todo", "skipped", "retried"),
     [
@@ -117,6 +118,7 @@ def test_plan_anti_joins_on_version_for_earlier_runs_and_on_id_for_this_run(
     )
 
 
+@pytest.mark.slow  # starts Ray
 def test_plan_without_labelled_rows_streams_the_listing_and_honours_limit(ray_session, tmp_path):
     (tmp_path / "in").mkdir()
     output = str(tmp_path / "empty")
@@ -126,6 +128,7 @@ def test_plan_without_labelled_rows_streams_the_listing_and_honours_limit(ray_se
     assert ids == ["same.jpg", "changed.jpg", "read.jpg", "corrupt.jpg", "cured.jpg"]  # the first 5, in order
 
 
+@pytest.mark.slow  # starts Ray
 def test_plan_with_nothing_left_to_label_has_no_dataset(ray_session, tmp_path):
     (tmp_path / "in").mkdir()
     output = str(tmp_path / "labels")
@@ -177,6 +180,7 @@ def _folder_input(root) -> list[str]:
     return sorted(names)
 
 
+@pytest.mark.slow  # starts Ray
 @pytest.mark.parametrize("labelled", [0, 4])
 def test_a_folder_is_listed_in_parts_by_several_tasks_each_image_once(ray_session, tmp_path, labelled):
     from clipdiy.pipeline.planning.pending import ROWS_PER_PARTITION, PlanTarget, plan_pending
@@ -202,6 +206,7 @@ def test_a_folder_is_listed_in_parts_by_several_tasks_each_image_once(ray_sessio
         assert plan.counts is None
 
 
+@pytest.mark.slow  # starts Ray
 @pytest.mark.parametrize("labelled", [False, True])
 def test_a_manifest_listing_an_image_twice_gives_its_first_entry_once(ray_session, tmp_path, labelled):
     from clipdiy.pipeline.planning.pending import PlanTarget, plan_pending
@@ -227,6 +232,7 @@ def test_a_manifest_listing_an_image_twice_gives_its_first_entry_once(ray_sessio
         assert rows == [("a.jpg", 1000), ("b.jpg", 1000), ("c.jpg", 1000)]
 
 
+@pytest.mark.slow  # starts Ray
 def test_plan_files_hold_no_signed_url_and_the_labelling_gets_it_back(ray_session, tmp_path):
     """Issue 18 item 5: a plan file under OUTPUT stores the manifest entry's number, not its
     presigned URL; the planned dataset joins the URL back from the manifest (an entry that no
