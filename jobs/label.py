@@ -54,7 +54,7 @@ from clipdiy.uris import RedactingFilter, redact_text
 
 PROG = "label.py"
 
-#: The job's exit statuses (also in --help and the README).
+#: The job's exit statuses (also in --help and docs/job/failures.md).
 EXIT_STATUS = """exit status:
   0  done: every listed image has a row (ok or error) and the run manifest is written
   2  refused before any work: a bad option, unreachable or empty input, missing weights,
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--method", choices=("clipdiy", "naclip"), default="clipdiy",
                        help="segmentation method: clipdiy (the paper: 59 CLIP crops + FOUND saliency) or naclip "
-                            "(one CLIP ViT-B/16 forward per image + PAMR; see README)")
+                            "(one CLIP ViT-B/16 forward per image + PAMR; see docs/methods/naclip.md)")
     model.add_argument("--vocabulary", default=None,
                        help="class vocabulary: 'voc' (the paper's names, e.g. 'diningtable', 'tv/monitor'), 'voc-readable', 'coco', 'naclip-voc21', 'naclip-coco-object', or a "
                             ".txt/.yaml/.json file (class 0 is background); default: voc for clipdiy, "
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--article", action="store_true", help="write 'an' before vowels in prompts")
     model.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
                        help="model precision on every device: fp32 (the paper's; default), or fp16/bf16 "
-                            "(faster on GPUs, moves some labels: see the README)")
+                            "(faster on GPUs, moves some labels: see docs/methods/faithfulness.md)")
     model.add_argument("--refine", choices=REFINES, default="auto",
                        help="refine the method's logits with PAMR: auto = as published (on for naclip, off for clipdiy)")
     model.add_argument("--pamr-iterations", type=int, default=PamrConfig().iterations, help="PAMR iterations")
