@@ -349,17 +349,19 @@ def _read_async(fs, path: str, *, attempts: int, backoff: float, max_backoff: fl
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def bounded() -> bytes:
+    async def bounded() -> bytes | None:
         if deadline_s is None:
             return await attempt_all()
         try:
             return await asyncio.wait_for(attempt_all(), timeout=deadline_s)
         except TimeoutError:
-            raise ReadTimedOutError(
-                f"the read took longer than {deadline_s:g} s, retries included (--read-deadline-s): the store "
-                "stalled or sent too slowly; not read") from None
+            return None  # raised below: fsspec's sync() would turn a TimeoutError into its own
 
-    return sync(fs.loop, bounded)
+    data = sync(fs.loop, bounded)
+    if data is None:
+        raise ReadTimedOutError(f"the read took longer than {deadline_s:g} s, retries included (--read-deadline-s): "
+                                "the store stalled or sent too slowly; not read")
+    return data
 
 
 async def _read_once(fs, path: str, max_bytes: int | None) -> bytes:
@@ -409,10 +411,12 @@ async def _read_http(fs, url: str, max_bytes: int | None) -> bytes:
         headers["Range"] = f"bytes=0-{max_bytes}"
     session = await fs.set_session()
     async with session.get(fs.encode_url(url), headers=headers, **kw) as response:
-        if response.status == 404:
-            raise FileNotFoundError(errno.ENOENT, "HTTP 404")
-        if response.status in (401, 403):
-            raise PermissionError(errno.EACCES, f"HTTP {response.status}")
+        if response.status in (404, 410, 401, 403):
+            missing = response.status in (404, 410)
+            error = (FileNotFoundError if missing else PermissionError)(
+                errno.ENOENT if missing else errno.EACCES, f"HTTP {response.status}")
+            error.status = response.status  # what describe_error shows
+            raise error
         if response.status == 416 and max_bytes is not None:
             return b""  # a range of an empty body
         if response.status >= 400:
