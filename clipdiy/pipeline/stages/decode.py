@@ -287,6 +287,14 @@ class DecodeBatch:
         if verdict is not None:
             raise RunFailedError(verdict)
 
+    def _missing_are_answers(self, reads: _Reads) -> bool:
+        """Whether this batch's missing objects are answers (see :meth:`RunHealth.judge_not_found`)."""
+        if self.health is None:
+            return True
+        import ray
+
+        return ray.get(self.health.judge_not_found.remote(reads.ok, reads.failed["not_found"], reads.sample))
+
     def _decode_one(
         self, image_id: str, uri: str, signed_uri: str | None, entry: int | None, size: int | None, reads: _Reads
     ) -> DecodeResult:
@@ -357,12 +365,21 @@ class DecodeBatch:
                 continue
             attempt.start(image_id)
             results.append(self._decode_one(image_id, uri, signed_uri, entry, size, reads))
+        if reads.failed["not_found"] and not self._missing_are_answers(reads):
+            results = [_untrusted(result) if result.error_kind == "not_found" else result for result in results]
         self._report_reads(reads.ok, dict(reads.failed), reads.sample)
         attempt.end()
         batch = batch.drop_columns([name for name in _LOCATION_COLUMNS if name in names])
         for name, column in decoded_columns(results).items():
             batch = batch.append_column(name, column)
         return batch
+
+
+def _untrusted(result: DecodeResult) -> DecodeResult:
+    """A ``not_found`` row of a batch read while most reads found nothing: not an answer."""
+    return DecodeResult(error_kind="unreadable", error=(
+        f"{result.error}; not taken as an answer: most reads of this run found nothing (a wrong bucket, prefix or "
+        "endpoint?); the next run reads it again"))
 
 
 @dataclass
