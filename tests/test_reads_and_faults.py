@@ -14,7 +14,12 @@ import pyarrow as pa
 import pytest
 from http_faults import FaultServer
 
-from clipdiy.storage import ObjectTooLargeError, ReadTimedOutError, open_filesystem, read_bytes
+from clipdiy.storage import (
+    ObjectTooLargeError,
+    ReadTimedOutError,
+    open_filesystem,
+    read_bytes,
+)
 
 SIG = "sigSECRETz0q9"
 

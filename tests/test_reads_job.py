@@ -16,7 +16,14 @@ import time
 
 import pytest
 from http_faults import FaultServer
-from pipeline_support import cli_args, label_main, local_ray, manifests, read_all_rows, shard_files
+from pipeline_support import (
+    cli_args,
+    label_main,
+    local_ray,
+    manifests,
+    read_all_rows,
+    shard_files,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +103,12 @@ def test_a_manifest_of_mostly_missing_objects_stops_the_run_and_marks_nothing_de
     manifest = folder / "inputs.txt"
     manifest.write_text("".join(f"{p.name}\n" for p in coco_images[:3]) + "".join(f"gone/{i}.jpg\n" for i in range(300)))
     output = tmp_path / "labels"
-    args = cli_args(manifest, output, tiny_clip_config, "--batch-size", "2", "--decode-batch-size", "4")[2:]
+    args = cli_args(manifest, output, tiny_clip_config, "--batch-size", "2", "--decode-batch-size", "4",
+                    "--rows-per-file", "4")[2:]
     assert label_main(args) == 1
     assert "most reads find nothing" in capfd.readouterr().err.strip().splitlines()[-1]
-    rows = read_all_rows(output).to_pylist() if shard_files(output) else []  # stopped before a shard, or after
+    rows = read_all_rows(output).to_pylist() if shard_files(output) else []
     assert not [row for row in rows if row["error_kind"] == "not_found"]
+    missing = [row for row in rows if row["image_id"].startswith("gone/")]
+    assert all(row["error_kind"] == "unreadable" and "not taken as an answer" in row["error"] for row in missing)
+    print(f"{len(rows)} rows written before the stop, {len(missing)} of missing objects")

@@ -14,7 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipdiy.uris import CREDENTIAL_PARAMETERS, UnparsableUriError, public_uri, redact_uri
+from clipdiy.uris import (
+    CREDENTIAL_PARAMETERS,
+    UnparsableUriError,
+    public_uri,
+    redact_uri,
+)
 
 # Secret pieces are made of these markers: a leak of any piece names its marker.
 USER_MARK, PASSWORD_MARK, QUERY_MARK = "USRq", "PWDq", "QSGq"

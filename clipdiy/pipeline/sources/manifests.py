@@ -17,7 +17,13 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.errors import InputError
-from clipdiy.pipeline.sources.objects import GLOB_CHARS, SourceObject, as_size, as_text, as_utc
+from clipdiy.pipeline.sources.objects import (
+    GLOB_CHARS,
+    SourceObject,
+    as_size,
+    as_text,
+    as_utc,
+)
 from clipdiy.storage import StorageOptions, full_uri, open_filesystem
 from clipdiy.uris import UnparsableUriError, public_uri, redact_uri
 
