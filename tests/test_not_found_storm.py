@@ -8,6 +8,9 @@ decode stage drives it, under generated read sequences.
 
 from __future__ import annotations
 
+import types
+
+import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -62,3 +65,42 @@ def test_missing_objects_are_answers_in_a_healthy_run_and_a_storm_stops_it(first
         assert health.verdict() is not None
     if health.verdict() is not None:  # never a verdict on fewer missing objects than a storm
         assert sum(storm_missing) + sum(missing for _, missing in healthy) >= NOT_FOUND_STORM
+
+
+class _Direct:
+    """A RunHealth called as the decode stage calls its actor (``.remote``), in this process."""
+
+    def __init__(self, health: RunHealth):
+        self.health = health
+
+    def __getattr__(self, name):
+        return types.SimpleNamespace(remote=getattr(self.health, name))
+
+
+def _decode(tmp_path, health: RunHealth, photos: list, missing: int) -> list[dict]:
+    import shutil
+
+    from clipdiy.pipeline.stages.decode import DecodeBatch
+
+    names = []
+    for photo in photos:
+        shutil.copy(photo, tmp_path / photo.name)
+        names.append(photo.name)
+    names += [f"gone-{i}.jpg" for i in range(missing)]
+    batch = pa.table({"image_id": names, "uri": [f"file://{tmp_path}/{name}" for name in names]})
+    decode = DecodeBatch(None, "faithful", 10**8, 1, saliency_max_side=64, health=_Direct(health))
+    return decode(batch).drop_columns(["payload"]).to_pylist()
+
+
+def test_the_decode_stage_writes_missing_objects_of_a_storm_as_unreadable(tmp_path, coco_images, monkeypatch):
+    """Through the decode stage: a batch of 3 photos and 12 missing files gives no ``not_found``
+    row (the rows say why, and are read again); a batch of 12 photos and 2 missing files does."""
+    import ray
+
+    monkeypatch.setattr(ray, "get", lambda value, timeout=None: value)
+    storm = _decode(tmp_path, RunHealth(200, first_attempt=False), coco_images[:3], 12)
+    kinds = [row["error_kind"] for row in storm]
+    assert kinds == [None] * 3 + ["unreadable"] * 12
+    assert all("not taken as an answer" in row["error"] for row in storm[3:])
+    healthy = _decode(tmp_path, RunHealth(200, first_attempt=False), coco_images[:12], 2)
+    assert [row["error_kind"] for row in healthy] == [None] * 12 + ["not_found"] * 2
