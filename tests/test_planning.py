@@ -265,3 +265,40 @@ def test_plan_files_hold_no_signed_url_and_the_labelling_gets_it_back(ray_sessio
     manifest.write_text(f"plain.jpg\nother.jpg\n{signed}\n")  # rewritten before the labelling reads it
     row = _rows(plan)[0]
     assert (row["image_id"], row["signed_entry"], row["signed_uri"]) == ("https://h.example.com/s.jpg?versionId=7", 1, None)
+
+
+def test_a_timed_out_object_is_retried_by_a_bounded_number_of_runs():
+    """Issue 26, section 2: a read past --read-deadline-s is a timed_out row, retried by later
+    runs until this many finished runs hold one for its version; then the row stands (a store
+    that stalls on one object every night costs at most that many deadlines)."""
+    import pyarrow.compute as pc
+
+    from clipdiy.pipeline.planning.incremental import (
+        EARLIER_RUNS,
+        EARLIER_TIMEOUTS,
+        LISTING_SCHEMA,
+        RETRY,
+        TIMEOUTS,
+        earlier_run_tags,
+        split_pending,
+    )
+
+    shard = pa.table({"image_id": ["a.jpg", "b.jpg", "c.jpg"], "source_size": [1, 2, 3],
+                      "source_etag": [None] * 3, "source_mtime": [STARTED] * 3,
+                      "status": ["error"] * 3, "error_kind": ["timed_out", "unreadable", "not_found"]})
+    tags = earlier_run_tags(shard, "transient")
+    assert tags.column("tag").to_pylist() == [RETRY, RETRY, 2]
+    assert tags.column(TIMEOUTS).to_pylist() == [1, 0, 0]
+
+    listing = pa.table({
+        "uri": ["u0", "u1", "u2"], "image_id": ["0.jpg", "1.jpg", "2.jpg"], "source_size": [1, 2, 3],
+        "source_etag": [None] * 3, "source_mtime": [STARTED] * 3, "listing_entry": [None] * 3,
+        "signed_uri": [None] * 3,
+    }, schema=LISTING_SCHEMA)
+    joined = listing.append_column(EARLIER_RUNS, pa.array([RETRY, RETRY, RETRY], pa.int8()))
+    joined = joined.append_column(EARLIER_TIMEOUTS, pa.array([2, 3, 0], pa.int64()))
+    for nights, todo in ((3, ["0.jpg", "2.jpg"]), (2, ["2.jpg"]), (None, ["0.jpg", "1.jpg", "2.jpg"])):
+        pending, counts = split_pending(joined, nights)
+        assert pending.column("image_id").to_pylist() == todo
+        assert counts.skipped == 3 - len(todo) and counts.retried == len(todo)
+    assert pc.sum(tags.column(TIMEOUTS)).as_py() == 1

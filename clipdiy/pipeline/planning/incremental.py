@@ -63,9 +63,13 @@ PLANNED_SCHEMA = pa.schema(
 KEY_COLUMNS = ["image_id", "source_size", "source_etag", "source_mtime"]
 _SEPARATOR = "\x1f"
 
-#: Error kinds that a later run may cure: a failed read (after its retries), a failed model call.
+#: Error kinds that a later run may cure: a failed read (after its retries), a failed model call,
+#: a read past its time (``timed_out``: retried by ``timed_out_nights`` runs at most).
 #: ``not_found`` (the object did not exist) is an answer: read again only as a new version.
-TRANSIENT_ERROR_KINDS = ("unreadable", "model")
+TRANSIENT_ERROR_KINDS = ("unreadable", "model", "timed_out")
+#: The error kind whose retries are bounded (a store that stalls on one object every night
+#: would otherwise cost a deadline every night, forever).
+TIMED_OUT = "timed_out"
 #: ``retry_errors`` choices: which error rows of earlier runs are labelled again.
 RETRY_ERRORS = ("none", "transient", "all")
 
@@ -90,6 +94,10 @@ EARLIER_RUNS = "earlier_runs_tag"
 #: Joined column: non-null when an earlier attempt of this run holds a row with the image id.
 THIS_RUN = "this_run_rows"
 DONE, RETRY = 2, 1
+#: Per shard row: 1 for a ``timed_out`` row; joined (:data:`EARLIER_TIMEOUTS`) as their sum per key.
+TIMEOUTS = "timeouts"
+#: Joined column: how many ``timed_out`` rows the finished runs hold for the listing row's key.
+EARLIER_TIMEOUTS = "earlier_timeouts"
 #: Columns of a shard that the planning reads.
 SHARD_COLUMNS = [*KEY_COLUMNS, "status", "error_kind"]
 
@@ -116,11 +124,13 @@ def with_source_key(listing: pa.Table) -> pa.Table:
 
 
 def earlier_run_tags(shard: pa.Table, retry_errors: str) -> pa.Table:
-    """(:data:`SOURCE_KEY`, ``tag``) per row of a finished run's shard (:data:`SHARD_COLUMNS`):
-    :data:`RETRY` for an error row that ``retry_errors`` retries, else :data:`DONE`."""
+    """(:data:`SOURCE_KEY`, ``tag``, ``timeouts``) per row of a finished run's shard
+    (:data:`SHARD_COLUMNS`): :data:`RETRY` for an error row that ``retry_errors`` retries, else
+    :data:`DONE`; ``timeouts``: 1 for a ``timed_out`` row (summed per key: the runs it timed out in)."""
     keys = source_keys(shard.select(KEY_COLUMNS).cast(pa.schema([LISTING_SCHEMA.field(name) for name in KEY_COLUMNS])))
     tags = pc.if_else(retried_mask(shard, retry_errors), pa.scalar(RETRY, pa.int8()), pa.scalar(DONE, pa.int8()))
-    return pa.table({SOURCE_KEY: keys, "tag": tags})
+    timed_out = pc.fill_null(pc.and_(pc.equal(shard.column("status"), "error"), pc.equal(shard.column("error_kind"), TIMED_OUT)), False)
+    return pa.table({SOURCE_KEY: keys, "tag": tags, TIMEOUTS: pc.cast(timed_out, pa.int64())})
 
 
 @dataclass
@@ -149,13 +159,15 @@ def _count(mask: pa.Array) -> int:
     return int(pc.sum(mask).as_py() or 0)
 
 
-def split_pending(joined: pa.Table) -> tuple[pa.Table, ListingCounts]:
+def split_pending(joined: pa.Table, timed_out_nights: int | None = None) -> tuple[pa.Table, ListingCounts]:
     """The rows of a joined listing block that still need a label (:data:`LISTING_SCHEMA`), and
     the block's counts.
 
     ``joined``: listing rows with :data:`EARLIER_RUNS` and :data:`THIS_RUN` (either may be absent:
     no such rows in OUTPUT). A row done by an earlier run is skipped; else one that this run's
-    earlier attempts labelled is resumed; the rest are to do.
+    earlier attempts labelled is resumed; the rest are to do. ``timed_out_nights``: a row to
+    retry whose key timed out in this many finished runs is done (its ``timed_out`` row stands);
+    None: no bound.
     """
     rows = joined.num_rows
     joined = joined.combine_chunks()
@@ -163,6 +175,10 @@ def split_pending(joined: pa.Table) -> tuple[pa.Table, ListingCounts]:
         tag = joined.column(EARLIER_RUNS)
         done = pc.fill_null(pc.equal(tag, DONE), False)
         retry = pc.fill_null(pc.equal(tag, RETRY), False)
+        if timed_out_nights is not None and EARLIER_TIMEOUTS in joined.column_names:
+            spent = pc.fill_null(pc.greater_equal(joined.column(EARLIER_TIMEOUTS), timed_out_nights), False)
+            done = pc.or_(done, pc.and_(retry, spent))
+            retry = pc.and_(retry, pc.invert(spent))
     else:
         done = retry = pa.array(np.zeros(rows, dtype=bool))
     if THIS_RUN in joined.column_names:

@@ -41,11 +41,13 @@ import pyarrow.parquet as pq
 from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.planning.incremental import (
     EARLIER_RUNS,
+    EARLIER_TIMEOUTS,
     LISTING_SCHEMA,
     SHARD_COLUMNS,
     SIGNED_ENTRY,
     SIGNED_URI,
     SOURCE_KEY,
+    TIMEOUTS,
     THIS_RUN,
     ListingCounts,
     earlier_run_tags,
@@ -94,6 +96,7 @@ class PlanTarget:
     limit: int | None = None
     listing_tasks: int = 16  # parts of a prefix listed at once (each task mostly waits on the store)
     split_min_keys: int = SPLIT_MIN_KEYS  # S3 keys below which a key range is not split further
+    timed_out_nights: int | None = None  # finished runs with a timed_out row after which an object is not retried
 
     def plan_dir(self, layout: OutputLayout) -> str:
         return layout.path("runs", self.run_id, PLAN_DIR, f"{self.attempt:03d}")
@@ -166,7 +169,8 @@ def _mark_this_run(batch: pa.Table) -> pa.Table:
 
 
 def _write_pending(batch: pa.Table, *, target: PlanTarget) -> pa.Table:
-    pending, counts = split_pending(batch)
+    pending, counts = split_pending(
+        batch, target.timed_out_nights if target.retry_errors == "transient" else None)
     # A plan file is under OUTPUT and outlives a crash: it holds no signed location, only the
     # number of the manifest entry that has it (resolved again by pending_dataset).
     planned = planned_rows(pending)
@@ -288,7 +292,7 @@ def _partitions(rows: int) -> int:
 def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_per_shard: int) -> Plan:
     """Plan ``target``'s run: see the module docstring. ``earlier_run_ids``: the finished runs
     whose rows count by source version; ``estimated_rows_per_shard`` sizes the join partitions."""
-    from ray.data.aggregate import Max
+    from ray.data.aggregate import Max, Sum
 
     layout = OutputLayout.open(target.output_uri, target.storage)
     earlier = shard_paths_dataset(target, earlier_run_ids) if earlier_run_ids else None
@@ -319,7 +323,8 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
             batch_format="pyarrow",
         )
         # One row per key (repeated error rows would repeat the listing row in the join).
-        tags = tags.groupby(SOURCE_KEY, num_partitions=partitions).aggregate(Max("tag", alias_name=EARLIER_RUNS))
+        tags = tags.groupby(SOURCE_KEY, num_partitions=partitions).aggregate(
+            Max("tag", alias_name=EARLIER_RUNS), Sum(TIMEOUTS, alias_name=EARLIER_TIMEOUTS))
         joined = joined.join(tags, "left_outer", partitions, on=(SOURCE_KEY,))
     if attempt_shards:
         ids = attempts.map_batches(

@@ -42,6 +42,14 @@ from collections.abc import Mapping
 
 #: Read-failure classes, from "surely about the whole store" to "maybe about this object".
 READ_FAILURE_CLASSES = ("credentials", "no_bucket", "unreachable", "access_denied", "not_found", "other")
+#: Missing objects (``not_found``) are judged over at least this many of the run's last reads
+#: (:meth:`RunHealth.judge_not_found`)...
+NOT_FOUND_WINDOW = 200
+#: ...they are answers when at least as many reads of the window found their object, and at
+#: least this many (a handful of reads proves nothing about the routing)...
+NOT_FOUND_MIN_FOUND = 10
+#: ...and this many of them, more than the objects found, are a storm: the run stops (exit 1).
+NOT_FOUND_STORM = 50
 #: The classes never about one object.
 STORE_FAILURE_CLASSES = frozenset({"credentials", "no_bucket", "unreachable"})
 
@@ -128,6 +136,8 @@ class RunHealth:
         self._actors: list = []
         self._poisonings: dict[str, int] = {}
         self._attempts: dict[str, _BatchAttempts] = {}
+        self._not_found_total = 0
+        self._not_found_marks: list[tuple[int, int]] = []  # (reads found, missing) after each judged batch
 
     def record_reads(self, ok: int, failed: Mapping[str, int], sample: str | None = None) -> str | None:
         """Add one decode batch's reads; return the verdict (a one-line reason) once reads are broken.
@@ -159,6 +169,41 @@ class RunHealth:
                 f"(--stop-after-failed-reads {self.stop_after})"
             )
         return self._verdict
+
+    def judge_not_found(self, ok: int, not_found: int, sample: str | None = None) -> bool:
+        """Whether a decode batch's ``not_found`` reads are answers (True) or a symptom (False),
+        judged before its rows are built; sets the run's verdict on a storm of them.
+
+        ``ok`` and ``not_found``: the batch's successful reads and missing objects (its ``ok`` is
+        reported to :meth:`record_reads` afterwards). Over the run's last
+        :data:`NOT_FOUND_WINDOW` reads or more: missing objects are answers only when at least
+        as many reads found their object, and at least :data:`NOT_FOUND_MIN_FOUND`; a window with
+        :data:`NOT_FOUND_STORM` or more missing objects and more missing than found is a storm
+        (a manifest pointing at the wrong bucket or prefix, a mis-routed endpoint): the run
+        stops, exit 1. Rows judged a symptom are written ``unreadable`` (read again next run), so
+        a storm never marks objects deleted.
+        """
+        self._not_found_total += not_found
+        found_now = self.reads_ok + ok
+        base_found, base_missing = 0, 0
+        for index in range(len(self._not_found_marks) - 1, -1, -1):
+            found, missing = self._not_found_marks[index]
+            if (found_now - found) + (self._not_found_total - missing) >= NOT_FOUND_WINDOW:
+                base_found, base_missing = found, missing
+                del self._not_found_marks[:index]  # older marks are never a window's start again
+                break
+        self._not_found_marks.append((found_now, self._not_found_total))
+        recent_missing = self._not_found_total - base_missing
+        # Found reads leave no mark: those since the window's start are taken as the oldest of
+        # it, so at most the window's room beside its missing objects counts.
+        recent_found = min(found_now - base_found, max(0, NOT_FOUND_WINDOW - recent_missing))
+        if self._verdict is None and recent_missing >= NOT_FOUND_STORM and recent_missing > recent_found:
+            self._verdict = (
+                f"most reads find nothing: {recent_missing} of the last {recent_found + recent_missing} objects read do "
+                f"not exist ({_READ_HINTS['not_found']}; or the endpoint reaches another store); their rows are "
+                f"'unreadable', read again by the next run; e.g. {sample or 'no message'}"
+            )
+        return recent_found >= max(NOT_FOUND_MIN_FOUND, recent_missing)
 
     def verdict(self) -> str | None:
         return self._verdict
