@@ -27,7 +27,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.errors import InputError
-from clipdiy.uris import redact_text, redact_uri
+from clipdiy.uris import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -243,9 +243,8 @@ def with_retries(
             if attempt + 1 >= attempts or not is_transient(exc):
                 raise
             delay = min(max_backoff, backoff * (2**attempt)) * (0.5 + random.random() / 2)
-            # Logged on Ray workers too, where no log filter runs: redacted here.
-            logger.warning("%s failed (%s: %s); retry %d/%d in %.1fs",
-                           redact_text(what), type(exc).__name__, redact_text(str(exc)), attempt + 1, attempts - 1, delay)
+            # Logged on Ray workers too, where no log filter runs: the error described, never quoted.
+            logger.warning("%s failed (%s); retry %d/%d in %.1fs", what, describe_error(exc), attempt + 1, attempts - 1, delay)
             sleep(delay)
     raise AssertionError("unreachable")
 
@@ -254,24 +253,181 @@ class ObjectTooLargeError(Exception):
     """An object holds more bytes than the read allows (``max_bytes``); the store answered."""
 
 
-def read_bytes(fs: fsspec.AbstractFileSystem, path: str, *, attempts: int = 4, backoff: float = 0.5,
-               max_backoff: float = 10.0, what: str | None = None, max_bytes: int | None = None) -> bytes:
+class ReadTimedOutError(TimeoutError):
+    """Reading one object took longer than its whole time allowed (``deadline_s``, retries
+    included): a store that stalls or trickles bytes costs one bounded read, not a night."""
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-line account of a storage error that never quotes a library's own text (which may
+    hold the signed location, re-encoded beyond any pattern): the exception's type, then what is
+    structured on it and its causes, e.g. ``ClientResponseError (HTTP 503)``,
+    ``FileNotFoundError (S3 NoSuchKey, HTTP 404)``, ``ConnectionResetError (ECONNRESET)``.
+    The errors this module raises itself (:class:`ObjectTooLargeError`,
+    :class:`ReadTimedOutError`) keep their message, which it wrote."""
+    if isinstance(error, (ObjectTooLargeError, ReadTimedOutError)):
+        return str(error)
+    details: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        response = getattr(current, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            details += [f"S3 {code}"] if isinstance(code, str) and code.isalnum() else []
+            details += [f"HTTP {status}"] if isinstance(status, int) else []
+        status = getattr(current, "status", None)
+        if isinstance(status, int) and not isinstance(status, bool):
+            details.append(f"HTTP {status}")
+        number = getattr(current, "errno", None)
+        if isinstance(number, int) and number in errno.errorcode:
+            details.append(errno.errorcode[number])
+        if current is not error and type(current).__name__ not in details:
+            details.append(type(current).__name__)
+        current = current.__cause__ or current.__context__
+    unique = list(dict.fromkeys(details))
+    return type(error).__name__ + (f" ({', '.join(unique)})" if unique else "")
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str | bytes, *, attempts: int = 4, backoff: float = 0.5,
+               max_backoff: float = 10.0, what: str | None = None, max_bytes: int | None = None,
+               deadline_s: float | None = None) -> bytes:
     """The whole object at ``path``, retrying transient errors (see :func:`is_transient`).
 
-    ``max_bytes``: read at most ``max_bytes + 1`` bytes (a ranged read: a local file reads no
-    further, S3 and GCS send no more), and raise :class:`ObjectTooLargeError` if there were more,
-    so that a multi-GB object named ``.jpg`` never sits in memory.
+    ``max_bytes``: read at most ``max_bytes + 1`` bytes, and raise :class:`ObjectTooLargeError`
+    if there were more, so that a multi-GB object named ``.jpg`` never sits in memory: a local
+    file reads no further, S3 and GCS are asked for that range, and an HTTP(S) body is streamed
+    and cut there (a server may ignore the Range header and send all of it).
+    ``deadline_s``: the most seconds the read may take, all attempts and backoff included (on
+    async stores: S3, GCS, HTTP(S)); past it the read is cancelled, its connection closed, and
+    :class:`ReadTimedOutError` raised. A stalled or trickling server costs this much, once.
+    An empty object reads as ``b""`` (a range of an empty S3 object is answered 416).
     FileNotFoundError, PermissionError and other permanent errors raise on the first attempt.
     ``what``: how retries are logged (default ``read <path>``; the job names the public URI).
+    ``path`` may be bytes on a local filesystem (a file name that is not UTF-8).
     """
-    if max_bytes is None:
-        read = lambda: fs.cat_file(path)  # noqa: E731
+    what = what or f"read {redact_uri(path) if isinstance(path, str) else path!r}"
+    if isinstance(fs, LocalFileSystem):
+        data = with_retries(lambda: _read_local(path, max_bytes), attempts=attempts, backoff=backoff,
+                            max_backoff=max_backoff, what=what)
+    elif getattr(fs, "async_impl", False) and getattr(fs, "loop", None) is not None:
+        data = _read_async(fs, path, attempts=attempts, backoff=backoff, max_backoff=max_backoff, what=what,
+                           max_bytes=max_bytes, deadline_s=deadline_s)
     else:
-        read = lambda: fs.cat_file(path, start=0, end=max_bytes + 1)  # noqa: E731
-    data = with_retries(read, attempts=attempts, backoff=backoff, max_backoff=max_backoff, what=what or f"read {path}")
+        read = (lambda: fs.cat_file(path)) if max_bytes is None else (lambda: fs.cat_file(path, start=0, end=max_bytes + 1))
+        data = with_retries(read, attempts=attempts, backoff=backoff, max_backoff=max_backoff, what=what)
     if max_bytes is not None and len(data) > max_bytes:
         raise ObjectTooLargeError(f"the object holds more than {max_bytes} bytes (--max-image-bytes)")
     return data
+
+
+def _read_local(path: str | bytes, max_bytes: int | None) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+
+
+def _read_async(fs, path: str, *, attempts: int, backoff: float, max_backoff: float, what: str,
+                max_bytes: int | None, deadline_s: float | None) -> bytes:
+    """:func:`read_bytes` on an async fsspec store: the attempts run as one coroutine on the
+    store's event loop, under one ``asyncio`` timeout that cancels whatever is in flight."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    async def attempt_all() -> bytes:
+        for attempt in range(attempts):
+            try:
+                return await _read_once(fs, path, max_bytes)
+            except Exception as exc:
+                if attempt + 1 >= attempts or not is_transient(exc):
+                    raise
+                delay = min(max_backoff, backoff * (2**attempt)) * (0.5 + random.random() / 2)
+                logger.warning("%s failed (%s); retry %d/%d in %.1fs",
+                               what, describe_error(exc), attempt + 1, attempts - 1, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def bounded() -> bytes | None:
+        if deadline_s is None:
+            return await attempt_all()
+        try:
+            return await asyncio.wait_for(attempt_all(), timeout=deadline_s)
+        except TimeoutError:
+            return None  # raised below: fsspec's sync() would turn a TimeoutError into its own
+
+    data = sync(fs.loop, bounded)
+    if data is None:
+        raise ReadTimedOutError(f"the read took longer than {deadline_s:g} s, retries included (--read-deadline-s): "
+                                "the store stalled or sent too slowly; not read")
+    return data
+
+
+async def _read_once(fs, path: str, max_bytes: int | None) -> bytes:
+    """One attempt at reading ``path`` (at most ``max_bytes + 1`` bytes)."""
+    if _is_http(fs):
+        return await _read_http(fs, path, max_bytes)
+    try:
+        if max_bytes is None:
+            return await fs._cat_file(path)
+        return await fs._cat_file(path, start=0, end=max_bytes + 1)
+    except Exception as exc:
+        if max_bytes is not None and _is_empty_range(exc):
+            return b""  # S3 answers 416 to a range of an empty object
+        raise
+
+
+def _is_http(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "http" in protocols or "https" in protocols
+
+
+def _is_empty_range(exc: BaseException) -> bool:
+    for link in (exc, exc.__cause__, exc.__context__):
+        response = getattr(link, "response", None)
+        if isinstance(response, dict) and (
+            response.get("Error", {}).get("Code") == "InvalidRange"
+            or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416
+        ):
+            return True
+    return False
+
+
+class HTTPStatusError(OSError):
+    """An HTTP(S) answer that is not a success (its ``status``; transient when >= 500 or 429)."""
+
+    def __init__(self, status: int):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+async def _read_http(fs, url: str, max_bytes: int | None) -> bytes:
+    """One GET of ``url``, the body streamed and cut after ``max_bytes + 1`` bytes, whether or
+    not the server honoured the Range header (fsspec's own read takes the whole body first)."""
+    kw = fs.kwargs.copy()
+    headers = dict(kw.pop("headers", {}) or {})
+    if max_bytes is not None:
+        headers["Range"] = f"bytes=0-{max_bytes}"
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), headers=headers, **kw) as response:
+        if response.status in (404, 410, 401, 403):
+            missing = response.status in (404, 410)
+            error = (FileNotFoundError if missing else PermissionError)(
+                errno.ENOENT if missing else errno.EACCES, f"HTTP {response.status}")
+            error.status = response.status  # what describe_error shows
+            raise error
+        if response.status == 416 and max_bytes is not None:
+            return b""  # a range of an empty body
+        if response.status >= 400:
+            raise HTTPStatusError(response.status)
+        chunks, total = [], 0
+        async for chunk in response.content.iter_chunked(1 << 16):
+            chunks.append(chunk)
+            total += len(chunk)
+            if max_bytes is not None and total > max_bytes:
+                break  # leaving the block closes the connection: no more of the body is read
+        return b"".join(chunks)
 
 
 def read_uri(uri: str, options: StorageOptions | None = None, **retry: Any) -> bytes:

@@ -18,7 +18,8 @@ public URI (an image id is derived from it: merging two would drop one image as 
   A parameter named exactly ``key`` is taken for an API key (Google's convention) and dropped.
 
 :func:`public_uri` raises :class:`UnparsableUriError` for a URI that cannot be parsed (an
-unbalanced ``[`` in the host, a port that is not a number): the job gives such a manifest entry
+unbalanced ``[`` in the host, a port that is not a number, a password holding ``/ ? # @`` unencoded,
+see :func:`_ambiguous_userinfo_end`): the job gives such a manifest entry
 an error row (``invalid_uri``). :func:`redact_uri` never raises (for log lines and options): it
 applies the same rule, by text when the URI does not parse.
 
@@ -103,10 +104,15 @@ def public_uri(uri: str) -> str:
     """``uri`` without userinfo and without credential parameters (see the module docstring).
 
     Local paths, ``file://`` URIs and URIs without secrets come back unchanged. Raises
-    :class:`UnparsableUriError` when ``uri`` cannot be parsed.
+    :class:`UnparsableUriError` when ``uri`` cannot be parsed, or when its userinfo cannot be told
+    from its path (:func:`_ambiguous_userinfo_end`).
     """
     if not has_scheme(uri) or uri.startswith("file://"):
         return uri
+    if _ambiguous_userinfo_end(uri.partition("://")[2]) is not None:
+        raise UnparsableUriError(
+            f"cannot parse the URI {_redact_by_text(uri)}: its user name or password seems to hold '/', '?', '#' "
+            "or '@' (percent-encode them, %2F %3F %23 %40, or leave credentials to the environment)")
     try:
         parts = urlsplit(uri)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
@@ -119,10 +125,46 @@ def public_uri(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 
+_IPV6_LITERAL = re.compile(r"\[[^\]]*\]")
+
+
+def _authority_end(rest: str) -> int:
+    """Where the authority of ``rest`` (a URI after ``scheme://``) ends by RFC 3986: at the
+    first ``/``, ``?`` or ``#``."""
+    return min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+
+
+def _ambiguous_userinfo_end(rest: str) -> int | None:
+    """The index of the last ``@`` of ``rest`` (a URI after ``scheme://``) when a userinfo may
+    run past the RFC's authority, else None.
+
+    A password pasted unencoded may hold ``/``, ``?``, ``#`` or ``@``
+    (``https://AKIAX:wJalr/XUtn@h/x.jpg``, ``https://u:p@ss/w@h/x.jpg``): the RFC's parse then
+    ends the authority inside the password and shows the rest of it as a host, port, path or
+    query. Such a URI cannot be told by its text from one with a port, a userinfo or a ``:`` in
+    its path followed by an ``@`` (``https://h:8080/x@2x.png``, ``https://u:p@h/x@2x.png``), so
+    the rule errs on the side of the secret: when an ``@`` lies after the RFC's authority and a
+    ``:`` (outside an IPv6 literal's brackets) lies before it, everything up to the last ``@`` is
+    taken for userinfo and the URI is refused (``invalid_uri``; the user percent-encodes the
+    ``@`` of the path as ``%40``). An ``@`` with no ``:`` before it (``https://cdn/x@2x.png``)
+    stays in the path.
+    """
+    end = _authority_end(rest)
+    last_at = rest.rfind("@")
+    if last_at < end:
+        return None
+    # The text before the last "@", with the authority's own userinfo (RFC form) set aside.
+    before = _IPV6_LITERAL.sub("", rest[:last_at])
+    return last_at if ":" in before else None
+
+
 def _redact_by_text(uri: str) -> str:
     """:func:`public_uri`'s rule without parsing: userinfo cut from the authority by text."""
     scheme, _, rest = uri.partition("://")
-    authority_end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    ambiguous = _ambiguous_userinfo_end(rest)
+    if ambiguous is not None:
+        rest = rest[ambiguous + 1:]
+    authority_end = _authority_end(rest)
     authority, rest = rest[:authority_end].rpartition("@")[2], rest[authority_end:]
     rest, hash_, fragment = rest.partition("#")
     path, question, query = rest.partition("?")

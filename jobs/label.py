@@ -54,7 +54,7 @@ from clipdiy.uris import RedactingFilter, redact_text
 
 PROG = "label.py"
 
-#: The job's exit statuses (also in --help and the README).
+#: The job's exit statuses (also in --help and docs/job/failures.md).
 EXIT_STATUS = """exit status:
   0  done: every listed image has a row (ok or error) and the run manifest is written
   2  refused before any work: a bad option, unreachable or empty input, missing weights,
@@ -84,7 +84,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clipdiy.pipeline.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_MEMORY_GB, DEFAULT_MAX_WORKER_DEATHS
+    from clipdiy.pipeline.config import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_MEMORY_GB, DEFAULT_MAX_WORKER_DEATHS,
+                                         DEFAULT_READ_DEADLINE_S, DEFAULT_TIMED_OUT_NIGHTS)
 
     defaults_clip = ClipConfig()
     defaults_saliency = SaliencyConfig()
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--method", choices=("clipdiy", "naclip"), default="clipdiy",
                        help="segmentation method: clipdiy (the paper: 59 CLIP crops + FOUND saliency) or naclip "
-                            "(one CLIP ViT-B/16 forward per image + PAMR; see README)")
+                            "(one CLIP ViT-B/16 forward per image + PAMR; see docs/methods/naclip.md)")
     model.add_argument("--vocabulary", default=None,
                        help="class vocabulary: 'voc' (the paper's names, e.g. 'diningtable', 'tv/monitor'), 'voc-readable', 'coco', 'naclip-voc21', 'naclip-coco-object', or a "
                             ".txt/.yaml/.json file (class 0 is background); default: voc for clipdiy, "
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--article", action="store_true", help="write 'an' before vowels in prompts")
     model.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
                        help="model precision on every device: fp32 (the paper's; default), or fp16/bf16 "
-                            "(faster on GPUs, moves some labels: see the README)")
+                            "(faster on GPUs, moves some labels: see docs/methods/faithfulness.md)")
     model.add_argument("--refine", choices=REFINES, default="auto",
                        help="refine the method's logits with PAMR: auto = as published (on for naclip, off for clipdiy)")
     model.add_argument("--pamr-iterations", type=int, default=PamrConfig().iterations, help="PAMR iterations")
@@ -214,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="which images with an error row from an earlier run to label again: transient "
                                "(failed reads and model calls; a missing object, not_found, is an answer: read again when listed "
                                "with another version), all (not_found included), or none")
+    pipeline.add_argument("--read-deadline-s", type=float, default=DEFAULT_READ_DEADLINE_S, metavar="S",
+                          help="the most seconds one object's read may take, all its tries included (S3, GCS, "
+                               "HTTP(S)): a store that stalls or trickles costs this much per object, and the object "
+                               "gets a timed_out row")
+    pipeline.add_argument("--timed-out-nights", type=int, default=DEFAULT_TIMED_OUT_NIGHTS, metavar="N",
+                          help="runs that try an object whose read timed out before its timed_out row is kept as its "
+                               "answer (with --retry-errors transient)")
     pipeline.add_argument("--stop-after-failed-reads", type=int, default=200, metavar="N",
                           help="end the run (exit 1) when N reads in a row, across the cluster, fail: credentials, "
                                "permissions, a vanished bucket, an endpoint down, a manifest of missing objects (missing objects "
@@ -297,6 +305,8 @@ def config_from_args(args: argparse.Namespace):
         lock_stale_after_s=max(300.0, 4 * args.log_every),
         retry_errors=args.retry_errors,
         stop_after_failed_reads=args.stop_after_failed_reads,
+        read_deadline_s=args.read_deadline_s,
+        timed_out_nights=args.timed_out_nights,
         max_error_rate=args.max_error_rate,
         error_window=args.error_window,
     )

@@ -1,6 +1,6 @@
 """An inference actor that cannot load the models stops the job; its exit status says whether
 this start did work: 2 when no shard was written yet (refused before any work), 1 when shards
-were (failed mid-run: start again to resume), as --help and the README document.
+were (failed mid-run: start again to resume), as --help and docs/job/failures.md document.
 
 Unit level: ``run._label`` consumes a stand-in for the shard-stats dataset that yields some shard
 stats and then fails the way Ray reports an actor whose constructor raised; the CLI's own

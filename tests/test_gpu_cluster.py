@@ -166,7 +166,7 @@ def test_actor_that_cannot_load_the_weights_stops_the_job(cpu_head_cluster, imag
     clip = dataclasses.replace(tiny_clip_config, checkpoint=str(checkpoint))
     output = tmp_path / "labels"
     args = cli_args(images, output, clip, "--address", cpu_head_cluster.address, "--device", "cpu")[2:]
-    assert label_main(args) == 2  # refused before any work (README, --help)
+    assert label_main(args) == 2  # refused before any work (docs/job/failures.md, --help)
     assert not checkpoint.exists()
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("label.py: error: CLIP weights not found")

@@ -1,5 +1,5 @@
 """kuberay_cronjob.yaml: a KubeRay RayCronJob (ray.io/v1) whose fields are the ones KubeRay's
-types define, running the README's nightly entrypoint on the cluster shape of ray_cluster.yaml."""
+types define, running the documented nightly entrypoint (docs/operations/cluster.md) on the cluster shape of ray_cluster.yaml."""
 
 from __future__ import annotations
 
@@ -55,14 +55,14 @@ def test_kind_and_fields_are_kuberays(manifest):
     assert cluster["enableInTreeAutoscaling"] is True
 
 
-def test_same_entrypoint_as_the_readme_cron_line(manifest):
-    readme = (REPO_ROOT / "README.md").read_text()
-    cron = next(line for line in readme.splitlines() if line.startswith("0 2 * * *") and "jobs/label.py" in line)
-    readme_command = shlex.split(cron.split(" -- ", 1)[1])
+def test_same_entrypoint_as_the_documented_cron_line(manifest):
+    page = (REPO_ROOT / "docs" / "operations" / "cluster.md").read_text()
+    cron = next(line for line in page.splitlines() if line.startswith("0 2 * * *") and "jobs/label.py" in line)
+    cron_command = shlex.split(cron.split(" -- ", 1)[1])
     command = shlex.split(manifest["spec"]["jobTemplate"]["entrypoint"])
-    assert command[:len(readme_command)] == readme_command
+    assert command[:len(cron_command)] == cron_command
     # The only addition: the pool's bound, which KubeRay's autoscaler does not report to Ray.
-    assert command[len(readme_command):] == ["--max-actors", "8"]
+    assert command[len(cron_command):] == ["--max-actors", "8"]
 
 
 def test_cluster_shape_matches_ray_cluster_yaml(manifest):

@@ -35,6 +35,7 @@ def _independent_records(output, run_id) -> dict[str, dict]:
     return records
 
 
+@pytest.mark.slow  # starts Ray
 def test_a_resumed_runs_shard_records_are_counted_in_tasks_and_match_the_shards(ray_session, tmp_path, monkeypatch):
     from clipdiy.output_layout import OutputLayout
     from clipdiy.pipeline.planning.manifest import shard_records

@@ -79,6 +79,7 @@ def _rows(plan) -> list[dict]:
     return sorted(plan.dataset.take_all(), key=lambda row: row["image_id"])
 
 
+@pytest.mark.slow  # starts Ray
 @pytest.mark.parametrize(
     ("retry_errors", "todo", "skipped", "retried"),
     [
@@ -117,6 +118,7 @@ def test_plan_anti_joins_on_version_for_earlier_runs_and_on_id_for_this_run(
     )
 
 
+@pytest.mark.slow  # starts Ray
 def test_plan_without_labelled_rows_streams_the_listing_and_honours_limit(ray_session, tmp_path):
     (tmp_path / "in").mkdir()
     output = str(tmp_path / "empty")
@@ -126,6 +128,7 @@ def test_plan_without_labelled_rows_streams_the_listing_and_honours_limit(ray_se
     assert ids == ["same.jpg", "changed.jpg", "read.jpg", "corrupt.jpg", "cured.jpg"]  # the first 5, in order
 
 
+@pytest.mark.slow  # starts Ray
 def test_plan_with_nothing_left_to_label_has_no_dataset(ray_session, tmp_path):
     (tmp_path / "in").mkdir()
     output = str(tmp_path / "labels")
@@ -177,6 +180,7 @@ def _folder_input(root) -> list[str]:
     return sorted(names)
 
 
+@pytest.mark.slow  # starts Ray
 @pytest.mark.parametrize("labelled", [0, 4])
 def test_a_folder_is_listed_in_parts_by_several_tasks_each_image_once(ray_session, tmp_path, labelled):
     from clipdiy.pipeline.planning.pending import ROWS_PER_PARTITION, PlanTarget, plan_pending
@@ -202,6 +206,7 @@ def test_a_folder_is_listed_in_parts_by_several_tasks_each_image_once(ray_sessio
         assert plan.counts is None
 
 
+@pytest.mark.slow  # starts Ray
 @pytest.mark.parametrize("labelled", [False, True])
 def test_a_manifest_listing_an_image_twice_gives_its_first_entry_once(ray_session, tmp_path, labelled):
     from clipdiy.pipeline.planning.pending import PlanTarget, plan_pending
@@ -227,6 +232,7 @@ def test_a_manifest_listing_an_image_twice_gives_its_first_entry_once(ray_sessio
         assert rows == [("a.jpg", 1000), ("b.jpg", 1000), ("c.jpg", 1000)]
 
 
+@pytest.mark.slow  # starts Ray
 def test_plan_files_hold_no_signed_url_and_the_labelling_gets_it_back(ray_session, tmp_path):
     """Issue 18 item 5: a plan file under OUTPUT stores the manifest entry's number, not its
     presigned URL; the planned dataset joins the URL back from the manifest (an entry that no
@@ -261,16 +267,55 @@ def test_plan_files_hold_no_signed_url_and_the_labelling_gets_it_back(ray_sessio
     assert (row["image_id"], row["signed_entry"], row["signed_uri"]) == ("https://h.example.com/s.jpg?versionId=7", 1, None)
 
 
-def test_worker_lost_is_retried_by_transient_in_a_bounded_number_of_runs():
-    """A worker_lost row (a process died twice on the image alone) is retried by later runs
-    with the default --retry-errors transient, until BOUNDED_ERROR_KINDS runs gave it one."""
+def test_a_timed_out_object_is_retried_by_a_bounded_number_of_runs():
+    """Issue 26, section 2: a read past --read-deadline-s is a timed_out row, retried by later
+    runs until this many finished runs hold one for its version; then the row stands (a store
+    that stalls on one object every night costs at most that many deadlines)."""
+    import pyarrow.compute as pc
+
     from clipdiy.pipeline.planning.incremental import (
-        BOUNDED_ERROR_KINDS,
-        BOUNDED_ROWS,
-        DONE,
         EARLIER_RUNS,
+        EARLIER_TIMEOUTS,
         LISTING_SCHEMA,
         RETRY,
+        TIMEOUTS,
+        earlier_run_tags,
+        split_pending,
+    )
+
+    shard = pa.table({"image_id": ["a.jpg", "b.jpg", "c.jpg"], "source_size": [1, 2, 3],
+                      "source_etag": [None] * 3, "source_mtime": [STARTED] * 3,
+                      "status": ["error"] * 3, "error_kind": ["timed_out", "unreadable", "not_found"]})
+    tags = earlier_run_tags(shard, "transient")
+    assert tags.column("tag").to_pylist() == [RETRY, RETRY, 2]
+    assert tags.column(TIMEOUTS).to_pylist() == [1, 0, 0]
+
+    listing = pa.table({
+        "uri": ["u0", "u1", "u2"], "image_id": ["0.jpg", "1.jpg", "2.jpg"], "source_size": [1, 2, 3],
+        "source_etag": [None] * 3, "source_mtime": [STARTED] * 3, "listing_entry": [None] * 3,
+        "signed_uri": [None] * 3,
+    }, schema=LISTING_SCHEMA)
+    joined = listing.append_column(EARLIER_RUNS, pa.array([RETRY, RETRY, RETRY], pa.int8()))
+    joined = joined.append_column(EARLIER_TIMEOUTS, pa.array([2, 3, 0], pa.int64()))
+    for nights, todo in ((3, ["0.jpg", "2.jpg"]), (2, ["2.jpg"]), (None, ["0.jpg", "1.jpg", "2.jpg"])):
+        pending, counts = split_pending(joined, nights)
+        assert pending.column("image_id").to_pylist() == todo
+        assert counts.skipped == 3 - len(todo) and counts.retried == len(todo)
+    assert pc.sum(tags.column(TIMEOUTS)).as_py() == 1
+
+
+def test_worker_lost_is_retried_by_transient_in_a_bounded_number_of_runs():
+    """Issue 25: a worker_lost row (a process died twice on the image alone, for causes Ray could
+    not tell apart from the image's own) is retried by later runs with the default
+    --retry-errors transient, until WORKER_LOST_RUNS finished runs gave its version one."""
+    from clipdiy.pipeline.planning.incremental import (
+        DONE,
+        EARLIER_RUNS,
+        EARLIER_WORKER_LOST,
+        LISTING_SCHEMA,
+        RETRY,
+        WORKER_LOST,
+        WORKER_LOST_RUNS,
         earlier_run_tags,
         split_pending,
     )
@@ -282,18 +327,17 @@ def test_worker_lost_is_retried_by_transient_in_a_bounded_number_of_runs():
     })
     tags = earlier_run_tags(shard, "transient")
     assert tags.column("tag").to_pylist() == [RETRY, RETRY, DONE, DONE]
-    assert tags.column("bounded").to_pylist() == [1, 0, 0, 0]
+    assert tags.column(WORKER_LOST).to_pylist() == [1, 0, 0, 0]
     assert earlier_run_tags(shard, "none").column("tag").to_pylist() == [DONE] * 4
 
-    limit = BOUNDED_ERROR_KINDS["worker_lost"]
-    assert limit == 3
+    assert WORKER_LOST_RUNS == 3
     listing = pa.table({
         "uri": [f"u{i}" for i in range(4)], "image_id": [f"{i}.jpg" for i in range(4)],
         "source_size": [1, 2, 3, 4], "source_etag": [None] * 4, "source_mtime": [STARTED] * 4,
         "listing_entry": [None] * 4, "signed_uri": [None] * 4,
     }, schema=LISTING_SCHEMA)
     joined = listing.append_column(EARLIER_RUNS, pa.array([RETRY, RETRY, RETRY, DONE], pa.int8()))
-    joined = joined.append_column(BOUNDED_ROWS, pa.array([1, 2, 3, 3], pa.int64()))
+    joined = joined.append_column(EARLIER_WORKER_LOST, pa.array([1, 2, 3, 3], pa.int64()))
     pending, counts = split_pending(joined)
     assert pending.column("image_id").to_pylist() == ["0.jpg", "1.jpg"]
     assert (counts.skipped, counts.retried) == (2, 2)

@@ -469,7 +469,7 @@ MEANINGS = {
     "seen": "rows the run wrote (over all its attempts): ok + error rows.",
     "ok": "images labelled: rows with status ok, each holding one mask per present class.",
     "errors": "rows with status error, by kind (empty, truncated, corrupt, not_image, too_large, not_found, "
-              "unreadable, invalid_uri, unsupported, model, worker_lost; README: What a bad input costs): one bad image costs one error row.",
+              "unreadable, invalid_uri, unsupported, model, worker_lost; docs/job/failures.md: What a bad input costs): one bad image costs one error row.",
     "skipped": "listed images the run did not label because an earlier run had (incremental runs).",
     "wall": "the run's wall time from start to manifest (minutes), over its last attempt.",
     "speed": "images/s: rows written by the run's last attempt divided by its labelling time.",

@@ -20,6 +20,11 @@ DEFAULT_MAX_PIXELS = 100_000_000
 #: Default bound of the bytes read per object: 256 MiB (a 100-megapixel JPEG is ~30-60 MB, a
 #: 16-bit TIFF of one 300 MB); larger objects get a ``too_large`` row without being read.
 DEFAULT_MAX_IMAGE_BYTES = 256 * 1024**2
+#: The most seconds one object's read may take (retries included): a stalled store costs at most
+#: two minutes of one decode task per object (docs/job/reads-and-faults.md).
+DEFAULT_READ_DEADLINE_S = 120.0
+#: Runs that read an object whose read timed out, before its ``timed_out`` row is its answer.
+DEFAULT_TIMED_OUT_NIGHTS = 3
 #: Default number of times a decode task or inference actor may die on one batch before the batch
 #: goes image by image and the image that still kills its process gets a ``worker_lost`` row.
 DEFAULT_MAX_WORKER_DEATHS = 3
@@ -84,6 +89,10 @@ class LabelJobConfig:
     lock_stale_after_s:    a lock whose heartbeat is older than this is taken over.
     heartbeat_s:           how often the lock heartbeat and the progress log line are written.
     read_attempts:         tries per source read on transient storage errors.
+    read_deadline_s:       the most seconds one object's read may take, all its tries and waits
+                           included (S3, GCS, HTTP(S)); past it the object gets a ``timed_out`` row.
+    timed_out_nights:      how many runs read an object whose read timed out before its
+                           ``timed_out`` row stands as its answer (with ``retry_errors=transient``).
     retry_errors:          which error rows of earlier runs are labelled again: ``transient``
                            (failed reads and model calls; not ``not_found``), ``all`` or ``none``.
     stop_after_failed_reads: this many failed reads in a row, across the cluster, end the run
@@ -123,6 +132,8 @@ class LabelJobConfig:
     lock_stale_after_s: float = 300.0
     heartbeat_s: float = 30.0
     read_attempts: int = 4
+    read_deadline_s: float = DEFAULT_READ_DEADLINE_S
+    timed_out_nights: int = DEFAULT_TIMED_OUT_NIGHTS
     retry_errors: str = "transient"
     stop_after_failed_reads: int = 200
     max_error_rate: float = 0.5
@@ -148,6 +159,8 @@ class LabelJobConfig:
             "--min-actors": self.min_actors,
             "--max-actors": self.max_actors if self.max_actors is not None else 1,
             "--read-attempts": self.read_attempts,
+            "--read-deadline-s": self.read_deadline_s,
+            "--timed-out-nights": self.timed_out_nights,
             "--stop-after-failed-reads": self.stop_after_failed_reads,
             "--error-window": self.error_window,
         }

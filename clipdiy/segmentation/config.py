@@ -1,7 +1,7 @@
 """Typed configuration of the segmenter.
 
 One dataclass per concern; the segmenter, the Ray job and the command lines all build these and
-pass them down, never loose dicts. Defaults are the paper's faithful setting (../shared/SPEC.md).
+pass them down, never loose dicts. Defaults are the paper's faithful setting (docs/methods/clipdiy.md).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ class SegmenterConfig:
     is ``naclip.max_forward_tokens``).
     ``device``: ``None`` picks CUDA when present, else CPU. ``precision`` of every model:
     ``fp32`` (faithful, SPEC 3.6: the reference runs float32, on every device), or ``fp16`` /
-    ``bf16`` when asked for explicitly (faster on GPUs; how far they move the labels: README).
+    ``bf16`` when asked for explicitly (faster on GPUs; how far they move the labels: docs/methods/faithfulness.md).
     It is recorded in every row and in the run's fingerprint. ``text_cache_dir``: where text
     embeddings are cached on disk (``None``: memory only).
     ``method``: ``clipdiy`` (the paper, faithful) or ``naclip`` (SPEC 8; ``naclip`` settings).

@@ -126,6 +126,7 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
         block_rows=config.decode_batch_size * LISTING_BATCHES_PER_BLOCK,
         limit=config.limit,
         listing_tasks=config.listing_tasks,
+        timed_out_nights=config.timed_out_nights,
     )
     earlier = [r for r in finished_run_ids(layout) if r != plan.run_id]
     return plan_pending(target, earlier, estimated_rows_per_shard=config.rows_per_file)

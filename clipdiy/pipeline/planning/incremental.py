@@ -14,7 +14,7 @@ Error rows of earlier runs count as labelled unless the run retries them (``retr
 after its retries (``unreadable``) and a failed model call (``model``, e.g. out of memory);
 ``all`` retries every error (after raising ``--max-pixels``, say); ``none`` retries nothing.
 ``transient`` also retries ``worker_lost`` (a process that died on the image), in at most
-:data:`BOUNDED_ERROR_KINDS` runs of the image's version: a later run may have bigger workers.
+:data:`WORKER_LOST_RUNS` runs of the image's version: a later run may have bigger workers.
 A read that found no object (``not_found``) is an answer, not a failure: the object is read
 again when it is listed with another version (size, ETag, mtime: a new source key), or with
 ``all``. (An entry of a manifest without version columns has one key whatever its object: once
@@ -65,16 +65,18 @@ PLANNED_SCHEMA = pa.schema(
 KEY_COLUMNS = ["image_id", "source_size", "source_etag", "source_mtime"]
 _SEPARATOR = "\x1f"
 
-#: Error kinds that a later run may cure: a failed read (after its retries), a failed model call.
+#: Error kinds that a later run may cure: a failed read (after its retries), a failed model call,
+#: a read past its time (``timed_out``: retried by ``timed_out_nights`` runs at most).
 #: ``not_found`` (the object did not exist) is an answer: read again only as a new version.
-TRANSIENT_ERROR_KINDS = ("unreadable", "model")
-#: Error kinds that ``transient`` retries a bounded number of runs: ``worker_lost`` (the image's
-#: process died twice while it alone was worked on, for causes Ray could not tell apart from
-#: the image's own: a later run, on bigger workers or a quieter node, may label it), retried
-#: until this many finished runs gave the image version that row, then left to ``all``.
-BOUNDED_ERROR_KINDS = {"worker_lost": 3}
-#: Joined column: how many finished runs gave the key a row of a :data:`BOUNDED_ERROR_KINDS` kind.
-BOUNDED_ROWS = "earlier_bounded_rows"
+TRANSIENT_ERROR_KINDS = ("unreadable", "model", "timed_out")
+#: The error kind whose retries are bounded (a store that stalls on one object every night
+#: would otherwise cost a deadline every night, forever).
+TIMED_OUT = "timed_out"
+#: Runs of one image version that may give it ``worker_lost`` (its process died twice while it
+#: alone was worked on, for causes Ray could not tell apart from the image's own) before
+#: ``transient`` stops retrying it: a later run, on bigger workers or a quieter node, may label it.
+WORKER_LOST_RUNS = 3
+WORKER_LOST_KIND = "worker_lost"
 #: ``retry_errors`` choices: which error rows of earlier runs are labelled again.
 RETRY_ERRORS = ("none", "transient", "all")
 
@@ -99,6 +101,13 @@ EARLIER_RUNS = "earlier_runs_tag"
 #: Joined column: non-null when an earlier attempt of this run holds a row with the image id.
 THIS_RUN = "this_run_rows"
 DONE, RETRY = 2, 1
+#: Per shard row: 1 for a ``timed_out`` row; joined (:data:`EARLIER_TIMEOUTS`) as their sum per key.
+TIMEOUTS = "timeouts"
+#: Joined column: how many ``timed_out`` rows the finished runs hold for the listing row's key.
+EARLIER_TIMEOUTS = "earlier_timeouts"
+#: Per shard row: 1 for a ``worker_lost`` row; joined (:data:`EARLIER_WORKER_LOST`) as their sum per key.
+WORKER_LOST = "worker_lost"
+EARLIER_WORKER_LOST = "earlier_worker_lost"
 #: Columns of a shard that the planning reads.
 SHARD_COLUMNS = [*KEY_COLUMNS, "status", "error_kind"]
 
@@ -112,7 +121,7 @@ def retried_mask(table: pa.Table, retry_errors: str) -> pa.Array:
     if retry_errors == "all":
         mask = is_error
     elif retry_errors == "transient":
-        kinds = pa.array([*TRANSIENT_ERROR_KINDS, *BOUNDED_ERROR_KINDS])
+        kinds = pa.array([*TRANSIENT_ERROR_KINDS, WORKER_LOST_KIND])
         transient = pc.is_in(table.column("error_kind"), value_set=kinds)
         mask = pc.and_(is_error, pc.fill_null(transient, False))
     else:
@@ -126,13 +135,17 @@ def with_source_key(listing: pa.Table) -> pa.Table:
 
 
 def earlier_run_tags(shard: pa.Table, retry_errors: str) -> pa.Table:
-    """(:data:`SOURCE_KEY`, ``tag``, ``bounded``) per row of a finished run's shard
+    """(:data:`SOURCE_KEY`, ``tag``, ``timeouts``) per row of a finished run's shard
     (:data:`SHARD_COLUMNS`): :data:`RETRY` for an error row that ``retry_errors`` retries, else
-    :data:`DONE`; ``bounded``: 1 for a row of a :data:`BOUNDED_ERROR_KINDS` kind (summed per key)."""
+    :data:`DONE`; ``timeouts``: 1 for a ``timed_out`` row (summed per key: the runs it timed out in);
+    ``worker_lost``: 1 for a ``worker_lost`` row (likewise)."""
     keys = source_keys(shard.select(KEY_COLUMNS).cast(pa.schema([LISTING_SCHEMA.field(name) for name in KEY_COLUMNS])))
     tags = pc.if_else(retried_mask(shard, retry_errors), pa.scalar(RETRY, pa.int8()), pa.scalar(DONE, pa.int8()))
-    bounded = pc.fill_null(pc.is_in(shard.column("error_kind"), value_set=pa.array(list(BOUNDED_ERROR_KINDS))), False)
-    return pa.table({SOURCE_KEY: keys, "tag": tags, "bounded": pc.cast(bounded, pa.int64())})
+    timed_out = pc.fill_null(pc.and_(pc.equal(shard.column("status"), "error"), pc.equal(shard.column("error_kind"), TIMED_OUT)), False)
+    lost = pc.fill_null(pc.and_(pc.equal(shard.column("status"), "error"),
+                                pc.equal(shard.column("error_kind"), WORKER_LOST_KIND)), False)
+    return pa.table({SOURCE_KEY: keys, "tag": tags, TIMEOUTS: pc.cast(timed_out, pa.int64()),
+                     WORKER_LOST: pc.cast(lost, pa.int64())})
 
 
 @dataclass
@@ -161,13 +174,15 @@ def _count(mask: pa.Array) -> int:
     return int(pc.sum(mask).as_py() or 0)
 
 
-def split_pending(joined: pa.Table) -> tuple[pa.Table, ListingCounts]:
+def split_pending(joined: pa.Table, timed_out_nights: int | None = None) -> tuple[pa.Table, ListingCounts]:
     """The rows of a joined listing block that still need a label (:data:`LISTING_SCHEMA`), and
     the block's counts.
 
     ``joined``: listing rows with :data:`EARLIER_RUNS` and :data:`THIS_RUN` (either may be absent:
     no such rows in OUTPUT). A row done by an earlier run is skipped; else one that this run's
-    earlier attempts labelled is resumed; the rest are to do.
+    earlier attempts labelled is resumed; the rest are to do. ``timed_out_nights``: a row to
+    retry whose key timed out in this many finished runs is done (its ``timed_out`` row stands);
+    None: no bound.
     """
     rows = joined.num_rows
     joined = joined.combine_chunks()
@@ -175,9 +190,14 @@ def split_pending(joined: pa.Table) -> tuple[pa.Table, ListingCounts]:
         tag = joined.column(EARLIER_RUNS)
         done = pc.fill_null(pc.equal(tag, DONE), False)
         retry = pc.fill_null(pc.equal(tag, RETRY), False)
-        if BOUNDED_ROWS in joined.column_names:  # retried often enough: left to ``all``
-            spent = pc.fill_null(pc.greater_equal(joined.column(BOUNDED_ROWS), min(BOUNDED_ERROR_KINDS.values())), False)
-            done, retry = pc.or_(done, pc.and_(retry, spent)), pc.and_(retry, pc.invert(spent))
+        if timed_out_nights is not None and EARLIER_TIMEOUTS in joined.column_names:
+            spent = pc.fill_null(pc.greater_equal(joined.column(EARLIER_TIMEOUTS), timed_out_nights), False)
+            done = pc.or_(done, pc.and_(retry, spent))
+            retry = pc.and_(retry, pc.invert(spent))
+        if EARLIER_WORKER_LOST in joined.column_names:  # retried in WORKER_LOST_RUNS runs: left to ``all``
+            spent = pc.fill_null(pc.greater_equal(joined.column(EARLIER_WORKER_LOST), WORKER_LOST_RUNS), False)
+            done = pc.or_(done, pc.and_(retry, spent))
+            retry = pc.and_(retry, pc.invert(spent))
     else:
         done = retry = pa.array(np.zeros(rows, dtype=bool))
     if THIS_RUN in joined.column_names:

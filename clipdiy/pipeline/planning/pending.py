@@ -40,14 +40,17 @@ import pyarrow.parquet as pq
 
 from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.planning.incremental import (
-    BOUNDED_ROWS,
     EARLIER_RUNS,
+    EARLIER_TIMEOUTS,
+    EARLIER_WORKER_LOST,
     LISTING_SCHEMA,
     SHARD_COLUMNS,
     SIGNED_ENTRY,
     SIGNED_URI,
     SOURCE_KEY,
     THIS_RUN,
+    TIMEOUTS,
+    WORKER_LOST,
     ListingCounts,
     earlier_run_tags,
     listing_blocks,
@@ -55,10 +58,17 @@ from clipdiy.pipeline.planning.incremental import (
     split_pending,
     with_source_key,
 )
-from clipdiy.pipeline.sources.manifests import is_manifest_input, manifest_entries_estimate
 from clipdiy.pipeline.sources.key_ranges import SPLIT_MIN_KEYS
 from clipdiy.pipeline.sources.listing import iter_sources
-from clipdiy.pipeline.sources.listing_parts import ListingPart, iter_part_sources, listing_parts
+from clipdiy.pipeline.sources.listing_parts import (
+    ListingPart,
+    iter_part_sources,
+    listing_parts,
+)
+from clipdiy.pipeline.sources.manifests import (
+    is_manifest_input,
+    manifest_entries_estimate,
+)
 from clipdiy.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -95,6 +105,7 @@ class PlanTarget:
     limit: int | None = None
     listing_tasks: int = 16  # parts of a prefix listed at once (each task mostly waits on the store)
     split_min_keys: int = SPLIT_MIN_KEYS  # S3 keys below which a key range is not split further
+    timed_out_nights: int | None = None  # finished runs with a timed_out row after which an object is not retried
 
     def plan_dir(self, layout: OutputLayout) -> str:
         return layout.path("runs", self.run_id, PLAN_DIR, f"{self.attempt:03d}")
@@ -167,7 +178,8 @@ def _mark_this_run(batch: pa.Table) -> pa.Table:
 
 
 def _write_pending(batch: pa.Table, *, target: PlanTarget) -> pa.Table:
-    pending, counts = split_pending(batch)
+    pending, counts = split_pending(
+        batch, target.timed_out_nights if target.retry_errors == "transient" else None)
     # A plan file is under OUTPUT and outlives a crash: it holds no signed location, only the
     # number of the manifest entry that has it (resolved again by pending_dataset).
     planned = planned_rows(pending)
@@ -321,7 +333,8 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
         )
         # One row per key (repeated error rows would repeat the listing row in the join).
         tags = tags.groupby(SOURCE_KEY, num_partitions=partitions).aggregate(
-            Max("tag", alias_name=EARLIER_RUNS), Sum("bounded", alias_name=BOUNDED_ROWS))
+            Max("tag", alias_name=EARLIER_RUNS), Sum(TIMEOUTS, alias_name=EARLIER_TIMEOUTS),
+            Sum(WORKER_LOST, alias_name=EARLIER_WORKER_LOST))
         joined = joined.join(tags, "left_outer", partitions, on=(SOURCE_KEY,))
     if attempt_shards:
         ids = attempts.map_batches(

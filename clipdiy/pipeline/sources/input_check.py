@@ -12,7 +12,7 @@ from clipdiy.errors import InputError
 from clipdiy.pipeline.sources.manifests import is_manifest
 from clipdiy.pipeline.sources.listing import IMAGE_EXTENSIONS, glob_root, iter_sources
 from clipdiy.pipeline.sources.objects import GLOB_CHARS, SourceObject
-from clipdiy.storage import StorageOptions, is_s3, is_transient, open_filesystem
+from clipdiy.storage import StorageOptions, describe_error, is_s3, is_transient, open_filesystem
 from clipdiy.uris import redact_uri
 
 
@@ -99,9 +99,9 @@ def _explain(exc: BaseException) -> str:
         return "does not exist (no such bucket, folder, object or manifest)"
     if isinstance(exc, PermissionError):
         return "access denied (check the credentials in the environment or profile, or --anon for public buckets)"
-    detail = str(exc).splitlines()[0] if str(exc) else ""
     if type(exc).__name__ == "NoCredentialsError":
         return "no credentials found (set AWS_* variables, a profile, a cloud role, or use anonymous access)"
+    # Described from its type and codes, never its text (which may quote a signed location).
     if is_transient(exc):
-        return f"unreachable ({type(exc).__name__}: {detail})"
-    return f"cannot be read ({type(exc).__name__}: {detail})"
+        return f"unreachable ({describe_error(exc)})"
+    return f"cannot be read ({describe_error(exc)})"

@@ -13,10 +13,17 @@ import os
 import posixpath
 from collections.abc import Iterator
 
+import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.errors import InputError
-from clipdiy.pipeline.sources.objects import GLOB_CHARS, SourceObject, as_utc
+from clipdiy.pipeline.sources.objects import (
+    GLOB_CHARS,
+    SourceObject,
+    as_size,
+    as_text,
+    as_utc,
+)
 from clipdiy.storage import StorageOptions, full_uri, open_filesystem
 from clipdiy.uris import UnparsableUriError, public_uri, redact_uri
 
@@ -53,7 +60,7 @@ def iter_manifest(fs, manifest_path: str, options: StorageOptions, unique: bool 
                 repeated += 1
                 continue
             seen.add(digest)
-        yield SourceObject(uri=uri, image_id=image_id, size=size,
+        yield SourceObject(uri=uri, image_id=image_id, size=as_size(size),
                            etag=etag.strip('"') if isinstance(etag, str) else None,
                            mtime=as_utc(mtime), listing_entry=number,
                            signed_uri=None if location == uri else location)
@@ -70,17 +77,22 @@ def _resolve_entry(fs, entry: str, base_dir: str) -> str:
     if isinstance(fs, LocalFileSystem):
         path = entry if os.path.isabs(entry) else posixpath.join(base_dir, entry)
         return "file://" + LocalFileSystem._strip_protocol(posixpath.normpath(path))
+    # An object store's key is text, not a path: "a//x.jpg" and "a/../x.jpg" are keys of their
+    # own, so an entry is joined as written (no normpath, which would read another object and
+    # merge two ids); only a leading "./" (this folder) is dropped.
+    while entry.startswith("./"):
+        entry = entry[2:]
     if entry.startswith("/"):  # relative to the manifest's bucket
-        path = base_dir.split("/", 1)[0] + "/" + entry.lstrip("/")
-    else:
-        path = posixpath.join(base_dir, entry)
-    return full_uri(fs, posixpath.normpath(path))
+        return full_uri(fs, base_dir.split("/", 1)[0] + "/" + entry[1:])
+    return full_uri(fs, (base_dir + "/" if base_dir else "") + entry)
 
 
 def _text_manifest_entries(fs, path: str):
-    with fs.open(path, "rt", encoding="utf-8") as handle:
+    # Read as bytes: one line that is not UTF-8 is one entry (its bytes shown as \xNN by
+    # as_text), not an error of the whole manifest.
+    with fs.open(path, "rb") as handle:
         for line in handle:
-            entry = line.strip()
+            entry = as_text(line).strip()
             if entry and not entry.startswith("#"):
                 yield entry, None, None, None
 
@@ -88,21 +100,62 @@ def _text_manifest_entries(fs, path: str):
 def _parquet_manifest_entries(fs, path: str):
     import pyarrow.parquet as pq
 
+    where = redact_uri(full_uri(fs, path))
     with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
+        try:
+            parquet = pq.ParquetFile(handle)
+        except Exception as error:  # noqa: BLE001 - any file Arrow cannot open: one clear line
+            raise InputError(f"manifest {where} is not a Parquet file Arrow can read ({type(error).__name__})") from None
         names = set(parquet.schema_arrow.names)
         if "uri" not in names:
-            raise InputError(f"manifest {full_uri(fs, path)} has no 'uri' column (columns: {sorted(names)})")
+            raise InputError(f"manifest {where} has no 'uri' column (columns: {sorted(names)})")
         columns = ["uri"] + [c for c in ("size", "etag", "mtime") if c in names]
-        for batch in parquet.iter_batches(columns=columns, batch_size=8192):
-            data = batch.to_pydict()
+        batches = parquet.iter_batches(columns=columns, batch_size=8192)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as error:  # noqa: BLE001 - a cell Arrow cannot convert (a timestamp out of range)
+                raise InputError(f"manifest {where}: a row group cannot be read "
+                                 f"({type(error).__name__}: {str(error)[:200]})") from None
+            data = {name: _cells(batch.column(name)) for name in columns}
             for i, uri in enumerate(data["uri"]):
-                if uri is None or not str(uri).strip():
+                uri = _cell_text(uri)
+                if uri is None or not uri.strip():
                     continue
-                yield (str(uri).strip(),
+                yield (uri.strip(),
                        data["size"][i] if "size" in data else None,
                        data["etag"][i] if "etag" in data else None,
                        data["mtime"][i] if "mtime" in data else None)
+
+
+def _cells(column: pa.Array) -> list:
+    """The Python values of a manifest column, a cell that has none (a timestamp out of a
+    datetime's range) given as what :func:`as_utc` and :func:`as_size` take: a timestamp column
+    as seconds since the epoch, any other cell that cannot convert as None."""
+    if pa.types.is_timestamp(column.type):
+        per_second = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[column.type.unit]
+        return [None if value is None else value / per_second for value in column.cast(pa.int64()).to_pylist()]
+    try:
+        return column.to_pylist()
+    except Exception:  # noqa: BLE001 - one cell Arrow cannot give as Python: that cell is unknown
+        values = []
+        for i in range(len(column)):
+            try:
+                values.append(column[i].as_py())
+            except Exception:  # noqa: BLE001
+                values.append(None)
+        return values
+
+
+def _cell_text(value) -> str | None:
+    """A ``uri`` cell as text: bytes (a binary column) shown by :func:`as_text`, numbers as written."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return as_text(value)
+    return str(value)
 
 
 def is_manifest_input(input_uri: str, options: StorageOptions | None = None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,25 +48,65 @@ class SourceObject:
 def source_object(fs, full: str, image_id: str, info: dict) -> SourceObject:
     etag = info.get("ETag") or info.get("etag")
     return SourceObject(
-        uri=full_uri(fs, full),
-        image_id=image_id,
-        size=None if info.get("size") is None else int(info["size"]),
+        uri=full_uri(fs, as_text(full)),
+        image_id=as_text(image_id),
+        size=as_size(info.get("size")),
         etag=etag.strip('"') if isinstance(etag, str) else None,
         mtime=as_utc(info.get("LastModified") or info.get("mtime") or info.get("updated")
                       or info.get("last_modified") or info.get("created")),
     )
 
 
+#: The largest size a listing keeps (the listing's ``source_size`` is an int64).
+_MAX_SIZE = 2**63 - 1
+
+
 def as_utc(value: Any) -> dt.datetime | None:
-    if value is None:
+    """A listed modification time as an aware UTC datetime: a datetime, seconds since the epoch
+    or ISO 8601 text; None for anything else, or out of the range of a datetime (a manifest's
+    ``mtime`` of 10**18): a version left unknown, never an error of the listing."""
+    if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, dt.datetime):
-        return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
-    if isinstance(value, (int, float)):
-        return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, dt.datetime):
+            return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+        if isinstance(value, (int, float)):
+            return dt.datetime.fromtimestamp(float(value), tz=dt.timezone.utc)
+        if isinstance(value, str):
             return as_utc(dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
-        except ValueError:
-            return None
+    except (ValueError, OverflowError, OSError):
+        return None
     return None
+
+
+def as_size(value: Any) -> int | None:
+    """A listed size in bytes: a whole number from 0 to 2**63 - 1 (an int, an integral float or
+    decimal digits); None for anything else (negative, fractional, text, out of range)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        value = int(value.strip())
+    return value if isinstance(value, int) and 0 <= value <= _MAX_SIZE else None
+
+
+def as_text(name: str | bytes) -> str:
+    """A path or name as UTF-8 text. A name that is not UTF-8 (a local file name in Latin-1,
+    which Python holds with surrogate escapes, or raw bytes from a manifest) shows each byte
+    that is not UTF-8 as ``\\xNN``: unique, stable, writable; :func:`as_os_path` reverses it
+    for the read."""
+    raw = name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def as_os_path(path: str) -> str | bytes:
+    """The local path that :func:`as_text` made ``path`` from: bytes when it holds escaped bytes
+    that are not UTF-8 (``\\x80``-``\\xff``) and no file has the escaped name itself."""
+    if not _ESCAPED_BYTE.search(path) or os.path.lexists(path):
+        return path
+    parts = _ESCAPED_BYTE.split(path)
+    return b"".join(bytes([int(part, 16)]) if i % 2 else part.encode("utf-8") for i, part in enumerate(parts))

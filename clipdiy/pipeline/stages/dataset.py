@@ -56,6 +56,7 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         health=health,
         max_image_bytes=config.max_image_bytes,
         max_worker_deaths=config.max_worker_deaths,
+        read_deadline_s=config.read_deadline_s,
     )
     # Finite retries of a task and restarts of an actor (Ray Data's defaults are infinite), above
     # what the run's attempt ledger needs (health.RunHealth): a process that dies on a batch is

@@ -23,16 +23,18 @@ from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
 from clipdiy.segmentation.images import to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage, prepare_image
 from clipdiy.segmentation.segmenter import prepare_input
-from clipdiy.uris import UnparsableUriError, has_scheme, public_uri, redact_text
+from clipdiy.uris import UnparsableUriError, has_scheme, public_uri
 
 logger = logging.getLogger(__name__)
 
 #: The error kinds of the label-row schema (``schemas/label_row.v1.json``). ``not_found``: the
-#: object does not exist (an answer, not retried: see ``incremental.py``); ``unreadable``: any
-#: other failed read; ``invalid_uri``: a manifest entry that is not a URI one can read;
-#: ``worker_lost``: the image killed its process more often than ``--max-worker-deaths`` allows.
-ERROR_KINDS = ("empty", "truncated", "corrupt", "not_image", "too_large", "not_found", "unreadable", "invalid_uri",
-               "unsupported", "model", "worker_lost")
+#: object does not exist (an answer, not retried: see ``incremental.py``); ``timed_out``: its
+#: read took longer than ``--read-deadline-s`` (a stalled or trickling store; later runs try it
+#: again a bounded number of times); ``unreadable``: any other failed read; ``invalid_uri``: a
+#: manifest entry that is not a URI one can read; ``worker_lost``: the image killed its process
+#: more often than ``--max-worker-deaths`` allows.
+ERROR_KINDS = ("empty", "truncated", "corrupt", "not_image", "too_large", "not_found", "timed_out", "unreadable",
+               "invalid_uri", "unsupported", "model", "worker_lost")
 
 # Leading bytes of the formats Pillow reads: an object that starts like an image but will not
 # decode is "corrupt"; anything else is "not_image".
@@ -168,10 +170,20 @@ def decode_image(
 def read_error(error: BaseException, failure_class: str) -> tuple[str, str]:
     """(kind, message) of a storage failure while reading a source object; ``failure_class``:
     :func:`~clipdiy.pipeline.stages.health.classify_read_failure`'s. A missing object (``not_found``:
-    local FileNotFoundError, S3 NoSuchKey/404, HTTP 404) is its own kind; a missing bucket, a
-    permission or a network failure is ``unreadable`` (a later run tries again)."""
-    message = f"{type(error).__name__}: {error}".splitlines()[0]
-    return ("not_found" if failure_class == "not_found" else "unreadable"), message
+    local FileNotFoundError, S3 NoSuchKey/404, HTTP 404) is its own kind; a read past its time
+    (``timed_out``) too; a missing bucket, a permission or a network failure is ``unreadable``
+    (a later run tries again).
+
+    The message is built here from the error's type and structured fields
+    (:func:`~clipdiy.storage.describe_error`), never from a library's text, which may quote the
+    signed location in a form no pattern finds (re-encoded by aiohttp/yarl): the row names its
+    object by its ``uri`` column."""
+    from clipdiy.storage import ReadTimedOutError, describe_error
+
+    if isinstance(error, ReadTimedOutError):
+        return "timed_out", str(error)
+    kind = "not_found" if failure_class == "not_found" else "unreadable"
+    return kind, f"cannot read the object: {describe_error(error)}"
 
 
 #: Listing columns that may hold a credential or point at one: the decode stage reads them and
@@ -227,7 +239,9 @@ class DecodeBatch:
         segmenter_config=None,
         max_image_bytes: int | None = None,
         max_worker_deaths: int = DEFAULT_MAX_WORKER_DEATHS,
+        read_deadline_s: float | None = None,
     ):
+        self.read_deadline_s = read_deadline_s  # the most seconds one object's read takes, retries included
         self.segmenter_config = segmenter_config  # when given, its method prepares the inputs
         self.max_image_bytes = max_image_bytes  # larger objects get a too_large row, unread
         self.max_worker_deaths = max_worker_deaths
@@ -241,6 +255,9 @@ class DecodeBatch:
 
     def _read(self, location: str, uri: str) -> bytes:
         """The bytes at ``location`` (the readable, maybe signed URI); ``uri`` (public) names it."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        from clipdiy.pipeline.sources.objects import as_os_path
         from clipdiy.storage import open_filesystem, read_bytes
 
         protocol = location.split("://", 1)[0] if "://" in location else "file"
@@ -250,7 +267,10 @@ class DecodeBatch:
             self._filesystems[protocol] = fs
         else:
             path = fs._strip_protocol(location)
-        return read_bytes(fs, path, attempts=self.read_attempts, what=f"read {uri}", max_bytes=self.max_image_bytes)
+        if isinstance(fs, LocalFileSystem):
+            path = as_os_path(path)  # a listed name that is not UTF-8, back to its bytes
+        return read_bytes(fs, path, attempts=self.read_attempts, what=f"read {uri}", max_bytes=self.max_image_bytes,
+                          deadline_s=self.read_deadline_s)
 
     def _report_reads(self, ok: int, failed: dict[str, int], sample: str | None) -> None:
         """Tell the run's health actor; raise RunFailedError once reads are broken run-wide."""
@@ -262,6 +282,14 @@ class DecodeBatch:
         verdict = report_reads(self.health, ok, failed, sample)  # waits only when some failed
         if verdict is not None:
             raise RunFailedError(verdict)
+
+    def _missing_are_answers(self, reads: _Reads) -> bool:
+        """Whether this batch's missing objects are answers (see :meth:`RunHealth.judge_not_found`)."""
+        if self.health is None:
+            return True
+        import ray
+
+        return ray.get(self.health.judge_not_found.remote(reads.ok, reads.failed["not_found"], reads.sample))
 
     def _decode_one(
         self, image_id: str, uri: str, signed_uri: str | None, entry: int | None, size: int | None, reads: _Reads
@@ -282,6 +310,9 @@ class DecodeBatch:
                 public_uri(location)
             except UnparsableUriError as error:
                 return DecodeResult(error_kind="invalid_uri", error=str(error))
+        if size == 0:  # the listing says so: no read (a range of an empty S3 object is answered 416)
+            reads.ok += 1
+            return DecodeResult(error_kind="empty", error="the object is empty (0 bytes, as listed); not read")
         if self.max_image_bytes is not None and size is not None and size > self.max_image_bytes:
             reads.ok += 1  # the store answered (the listing): nothing read, nothing failed
             return DecodeResult(
@@ -296,8 +327,6 @@ class DecodeBatch:
         except Exception as error:  # noqa: BLE001 - every storage failure becomes this image's error row
             failure = classify_read_failure(error)
             kind, message = read_error(error, failure)
-            # A library's message may quote the location: shown as the public URI.
-            message = redact_text(message.replace(location, uri))
             logger.warning("cannot read %s: %s", uri, message)
             reads.failed[failure] += 1
             reads.sample = reads.sample or one_line(f"{uri}: {message}")
@@ -333,12 +362,21 @@ class DecodeBatch:
             attempt.start(image_id)
             results.append(self._decode_one(image_id, uri, signed_uri, entry, size, reads))
         attempt.start(None)  # done with the images: a death from here on falls on none
+        if reads.failed["not_found"] and not self._missing_are_answers(reads):
+            results = [_untrusted(result) if result.error_kind == "not_found" else result for result in results]
         self._report_reads(reads.ok, dict(reads.failed), reads.sample)
         attempt.end()
         batch = batch.drop_columns([name for name in _LOCATION_COLUMNS if name in names])
         for name, column in decoded_columns(results).items():
             batch = batch.append_column(name, column)
         return batch
+
+
+def _untrusted(result: DecodeResult) -> DecodeResult:
+    """A ``not_found`` row of a batch read while most reads found nothing: not an answer."""
+    return DecodeResult(error_kind="unreadable", error=(
+        f"{result.error}; not taken as an answer: most reads of this run found nothing (a wrong bucket, prefix or "
+        "endpoint?); the next run reads it again"))
 
 
 @dataclass

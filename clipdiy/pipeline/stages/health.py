@@ -13,9 +13,8 @@ the job instead of being laundered into rows. Each guard sits where it sees enou
   successful read: a manifest (or a prefix) that names nothing that exists stops loudly, but
   once one read worked, or when the run is resumed after such a stop, a missing object is an
   answer about that object (a ``not_found`` row, never read again), not a failure of the run.
-  All-ok batches report without waiting for an answer, their counts sent together at most every
-  :data:`OK_READS_EVERY_S` per process (:func:`report_reads`); a batch with failed reads waits
-  for the verdict.
+  All-ok batches report without waiting for an answer (:func:`report_reads`); a batch with
+  failed reads waits for the verdict.
 - **Poisoned actors** (:func:`is_poisoning_error`): a CUDA error that leaves the device unusable
   ends the actor's process so that Ray restarts it and retries its batch. :class:`RunHealth`
   counts these per batch, so a batch that poisons a fresh actor too becomes ``model`` error rows
@@ -44,13 +43,20 @@ import hashlib
 import logging
 import math
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 #: Read-failure classes, from "surely about the whole store" to "maybe about this object".
 READ_FAILURE_CLASSES = ("credentials", "no_bucket", "unreachable", "access_denied", "not_found", "other")
+#: Missing objects (``not_found``) are judged over at least this many of the run's last reads
+#: (:meth:`RunHealth.judge_not_found`)...
+NOT_FOUND_WINDOW = 200
+#: ...they are answers when at least as many reads of the window found their object, and at
+#: least this many (a handful of reads proves nothing about the routing)...
+NOT_FOUND_MIN_FOUND = 10
+#: ...and this many of them, more than the objects found, are a storm: the run stops (exit 1).
+NOT_FOUND_STORM = 50
 #: The classes never about one object.
 STORE_FAILURE_CLASSES = frozenset({"credentials", "no_bucket", "unreachable"})
 
@@ -136,6 +142,8 @@ class RunHealth:
         self._verdict: str | None = None
         self._actors: list = []
         self._poisonings: dict[str, int] = {}
+        self._not_found_total = 0
+        self._not_found_marks: list[tuple[int, int]] = []  # (reads found, missing) after each judged batch
         self.restarted = _restarted_actor("the run's health actor", "its read streak and poisoning counts")
         if self.restarted:
             # The reads before the restart are unknown: a missing object is an answer about it,
@@ -172,6 +180,41 @@ class RunHealth:
                 f"(--stop-after-failed-reads {self.stop_after})"
             )
         return self._verdict
+
+    def judge_not_found(self, ok: int, not_found: int, sample: str | None = None) -> bool:
+        """Whether a decode batch's ``not_found`` reads are answers (True) or a symptom (False),
+        judged before its rows are built; sets the run's verdict on a storm of them.
+
+        ``ok`` and ``not_found``: the batch's successful reads and missing objects (its ``ok`` is
+        reported to :meth:`record_reads` afterwards). Over the run's last
+        :data:`NOT_FOUND_WINDOW` reads or more: missing objects are answers only when at least
+        as many reads found their object, and at least :data:`NOT_FOUND_MIN_FOUND`; a window with
+        :data:`NOT_FOUND_STORM` or more missing objects and more missing than found is a storm
+        (a manifest pointing at the wrong bucket or prefix, a mis-routed endpoint): the run
+        stops, exit 1. Rows judged a symptom are written ``unreadable`` (read again next run), so
+        a storm never marks objects deleted.
+        """
+        self._not_found_total += not_found
+        found_now = self.reads_ok + ok
+        base_found, base_missing = 0, 0
+        for index in range(len(self._not_found_marks) - 1, -1, -1):
+            found, missing = self._not_found_marks[index]
+            if (found_now - found) + (self._not_found_total - missing) >= NOT_FOUND_WINDOW:
+                base_found, base_missing = found, missing
+                del self._not_found_marks[:index]  # older marks are never a window's start again
+                break
+        self._not_found_marks.append((found_now, self._not_found_total))
+        recent_missing = self._not_found_total - base_missing
+        # Found reads leave no mark: those since the window's start are taken as the oldest of
+        # it, so at most the window's room beside its missing objects counts.
+        recent_found = min(found_now - base_found, max(0, NOT_FOUND_WINDOW - recent_missing))
+        if self._verdict is None and recent_missing >= NOT_FOUND_STORM and recent_missing > recent_found:
+            self._verdict = (
+                f"most reads find nothing: {recent_missing} of the last {recent_found + recent_missing} objects read do "
+                f"not exist ({_READ_HINTS['not_found']}; or the endpoint reaches another store); their rows are "
+                f"'unreadable', read again by the next run; e.g. {sample or 'no message'}"
+            )
+        return recent_found >= max(NOT_FOUND_MIN_FOUND, recent_missing)
 
     def verdict(self) -> str | None:
         return self._verdict
@@ -305,32 +348,17 @@ def start_run_health(stop_after_failed_reads: int, first_attempt: bool = True, l
     return RunHealthHandles(reads, shards)
 
 
-#: A decode process sends its all-ok read counts at most this often (they only end a streak);
-#: failed reads go at once, with the counts not yet sent, and wait for the verdict.
-OK_READS_EVERY_S = 0.25
-_UNSENT_OK_READS: dict[str, list[float]] = {}
-
-
 def report_reads(health, ok: int, failed: Mapping[str, int], sample: str | None = None) -> str | None:
     """A decode batch's reads to the run's :class:`RunHealth` (through ``health``, its handles);
-    the verdict when reads are broken run-wide. All-ok batches wait for nothing and are sent
-    together, at most every :data:`OK_READS_EVERY_S` per process (the first at once); a batch
-    with failed reads sends the good reads this process has not sent yet first, in one call."""
+    the verdict when reads are broken run-wide. All-ok batches wait for nothing; a batch with
+    failed reads waits for the verdict. (Each batch's good reads are sent at once, not gathered:
+    :meth:`RunHealth.judge_not_found` weighs missing objects against the reads found so far.)"""
     import ray
 
-    actor = health.reads
-    pending = _UNSENT_OK_READS.setdefault(actor._actor_id.hex(), [0, 0.0])
-    pending[0] += ok
-    now = time.monotonic()
     if not failed:
-        if now - pending[1] >= OK_READS_EVERY_S:
-            actor.record_reads.remote(int(pending[0]), {})
-            pending[:] = [0, now]
+        health.reads.record_reads.remote(ok, {})
         return None
-    if pending[0]:  # earlier batches' good reads first (an actor runs one caller's calls in order)
-        actor.record_reads.remote(int(pending[0]), {})
-    pending[:] = [0, now]
-    return ray.get(actor.record_reads.remote(0, dict(failed), sample))
+    return ray.get(health.reads.record_reads.remote(ok, dict(failed), sample))
 
 
 class ErrorBudget:
