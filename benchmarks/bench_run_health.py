@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     from clipdiy.pipeline.stages.attempts import AttemptLedger
     from clipdiy.pipeline.stages.health import report_reads, start_run_health
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)  # never a running one
     try:
         health = start_run_health(200, ledger_shards=args.shards)
 

@@ -281,9 +281,10 @@ _READ_HINTS = {
 }
 
 
-#: Ledger shards per CPU of the cluster: one actor serves about 1,000-3,000 calls a second
-#: (``benchmarks/bench_run_health.py``), one call per batch per stage; a 64-CPU slice of the
-#: cluster registers well under that.
+#: CPUs of the cluster per ledger shard: one shard served 360-570 registrations a second on a
+#: shared, loaded 2-core box (``benchmarks/bench_run_health.py``; more on a free head-node core),
+#: one per batch and stage; the 11,600 images/s target with batches of 8 is 4,350 a second, and
+#: a cluster that fast has 500-1,000 CPUs: 8-16 shards.
 CPUS_PER_LEDGER_SHARD = 64
 #: At most this many ledger shards (actors on the driver's node, ``num_cpus=0``).
 MAX_LEDGER_SHARDS = 32
