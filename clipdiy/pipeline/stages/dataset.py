@@ -69,7 +69,7 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
 
         pending = pending.repartition(target_num_rows_per_block=1).map_batches(  # a shard per task
             ExpandShards(config.storage, config.input_format, config.decode_batch_size, config.max_image_bytes,
-                         config.image_column, config.id_column),
+                         config.image_column, config.id_column, health),
             batch_size=1,
             batch_format="pyarrow",
             # Waits on the store mostly (the decoding is the next stage's): no CPU reserved, a
