@@ -149,7 +149,7 @@ def test_a_run_killed_mid_shard_resumes_to_exactly_once(ray_with_s3_credentials,
 
     folder = tmp_path / "shards"
     folder.mkdir()
-    keys = write_img2dataset_shard(folder, 0, [p.read_bytes() for p in coco_images[:24]], failed=0)
+    keys = write_img2dataset_shard(folder, 0, [p.read_bytes() for p in coco_images] * 2, failed=0)
     output = tmp_path / "labels"
     args = cli_args(f"{folder}/{{00000..00001}}.tar", output, tiny_clip_config, "--batch-size", "1",
                     "--decode-batch-size", "1", "--rows-per-file", "2")
@@ -168,8 +168,15 @@ def test_a_run_killed_mid_shard_resumes_to_exactly_once(ray_with_s3_credentials,
             os.killpg(first.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # The embedded Ray's workers fate-share with the killed driver, a moment later: wait until
+    # no more rows appear before counting what the killed run left.
+    partial, settled = -1, time.monotonic()
+    while time.monotonic() - settled < 5:
+        count = len(read_all_rows(output))
+        if count != partial:
+            partial, settled = count, time.monotonic()
+        time.sleep(0.5)
     assert not manifests(output)
-    partial = len(read_all_rows(output))
     assert 0 < partial < len(keys), f"not killed mid-shard ({partial} rows of {len(keys)})"
 
     summary = run_labelling(job_config(f"{folder}/{{00000..00001}}.tar", output, segmenter_config(tiny_clip_config)))
