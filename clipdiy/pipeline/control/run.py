@@ -276,8 +276,8 @@ def _run_locked(
     elif config.input_format not in (None, "files"):
         # Shard inputs are planned per shard: these counts are shards, not samples.
         logger.info(
-            "listed %d shards: %d labelled whole by earlier runs, %d to read (%d of them for samples to retry or "
-            "resume, --retry-errors %s)",
+            "listed %d shards: %d labelled whole by earlier runs, %d to read (%d of them to retry some samples, "
+            "--retry-errors %s)",
             counts.listed, counts.skipped, counts.todo, counts.retried, config.retry_errors,
         )
     else:
