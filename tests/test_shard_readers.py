@@ -274,3 +274,14 @@ def test_the_expanding_stage_streams_a_shard_in_bounded_blocks_and_a_missing_one
     assert all(r["source_uri"] == r["uri"] and r["source_format"] == "webdataset" for r in rows)
 
 
+
+
+def test_a_manifest_of_shard_uris_is_a_webdataset_input(tmp_path):
+    (tmp_path / "s").mkdir()
+    for n in (0, 1):
+        write_img2dataset_shard(tmp_path / "s", n, [b"x"])
+    manifest = tmp_path / "shards.txt"
+    manifest.write_text("# two shards\ns/00001.tar\n" + f"file://{tmp_path}/s/00000.tar\n")
+    assert detect_input_format(str(manifest)) == "webdataset"
+    sources = list(iter_shard_sources(str(manifest), "webdataset"))
+    assert [s.image_id for s in sources] == ["s/00001.tar", "s/00000.tar"]
