@@ -9,6 +9,12 @@ whose blocks are not consumed. The decode stage then decodes the inline bytes in
 A row's listing columns are the shard's (``uri``, ``source_size/etag/mtime``: its version);
 its address columns (``source_*``, ``sample_key``, ``origin_url``) say where the bytes lie.
 A shard that cannot be opened costs one row (``image_id`` = the shard's id).
+
+Why not Ray Data's ``read_webdataset``/``read_parquet``: the rows must carry each image's
+address (the member's data offset in the tar; not in ``read_webdataset``'s output), a shard's
+damage must cost its rows rather than fail the read task, non-adjacent members of one key must
+be an error row (ray#44068), and planning is per shard against OUTPUT's rows, so the read
+takes the shard rows the planning left (with the samples to skip), not a path list.
 """
 
 from __future__ import annotations
