@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch.utils.data
 
+from clipdiy.image_address import ADDRESS_COLUMNS
 from clipdiy.labels.evaluation import normalise_name
 from clipdiy.labels.palette import IGNORE, palette_png_bytes
 from clipdiy.labels.row_index import RowIndex, build_row_index
@@ -51,7 +52,8 @@ from clipdiy.labels.runs import Run, list_runs, read_shard, vocabulary_of
 from clipdiy.labels.store import decode_label_map, iter_rows, iter_winning_shards, load_image
 from clipdiy.storage import StorageOptions, open_filesystem
 
-#: Columns the feed reads (the saliency PNG is left in the files).
+#: Columns the feed reads (the saliency PNG is left in the files), and where a shard has them
+#: the image's address (:data:`~clipdiy.image_address.ADDRESS_COLUMNS`).
 FEED_COLUMNS = ("image_id", "uri", "run_id", "run_started_at", "status", "width", "height", "masks",
                 "foreground_fraction", "class_scores")
 
@@ -167,7 +169,7 @@ class RowView(Sequence):
             self._cache.move_to_end(number)
         else:
             run, shard = self.index.shards[number]
-            self._cache[number] = read_shard(run, shard, self.columns)
+            self._cache[number] = read_shard(run, shard, self.columns, ADDRESS_COLUMNS if self.columns else ())
             while len(self._cache) > self.cached_shards:
                 self._cache.popitem(last=False)
         return self._cache[number]
@@ -199,13 +201,13 @@ def select_rows(
     rows: list[dict | None] = [None] * len(index.sorted_positions)
     for shard, row_numbers, slots in index.by_shard(index.sorted_positions):
         run, path = index.shards[shard]
-        for slot, row in zip(slots.tolist(), read_shard(run, path, FEED_COLUMNS).take(pa.array(row_numbers)).to_pylist()):
+        for slot, row in zip(slots.tolist(), read_shard(run, path, FEED_COLUMNS, ADDRESS_COLUMNS).take(pa.array(row_numbers)).to_pylist()):
             rows[slot] = row
     return rows, names
 
 
 def _pair(row: dict, selector: _Selector, storage: StorageOptions | None) -> tuple[np.ndarray, np.ndarray]:
-    image = load_image(row["uri"], storage)
+    image = load_image(row, storage)  # by the row's address: one ranged read
     if image.shape[:2] != (row["height"], row["width"]):
         raise ValueError(f"{row['uri']} is now {image.shape[1]} x {image.shape[0]}, its labels are "
                          f"{row['width']} x {row['height']}: the image changed since it was labelled; label it again")
@@ -269,7 +271,7 @@ class LabelIterableDataset(torch.utils.data.IterableDataset):
         part, parts = self.rank * workers + worker, self.world_size * workers
         for position in order[part::parts]:
             run, shard = self._index.shards[position]
-            table = read_shard(run, shard, FEED_COLUMNS)
+            table = read_shard(run, shard, FEED_COLUMNS, ADDRESS_COLUMNS)
             keep = self._selector.keep_table(table)
             winners = self._index.winners(position)
             rows = table.filter(pa.array(keep if winners is None else keep & winners)).to_pylist()
@@ -315,7 +317,7 @@ def read_labels(outputs: str | Sequence[str], feed_filter: FeedFilter = FeedFilt
 
     runs = _runs(outputs, feed_filter, storage)
     selector = _Selector(tuple(class_names) if class_names is not None else vocabulary_of(runs), feed_filter)
-    return ray_dataset(runs, columns=FEED_COLUMNS).map_batches(
+    return ray_dataset(runs, columns=FEED_COLUMNS, optional=ADDRESS_COLUMNS).map_batches(
         _PairBatch(selector, storage), batch_format="pyarrow", batch_size=16, udf_modifying_row_count=True  # drops rows
     )
 

@@ -23,9 +23,12 @@ one wins.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import html
+import io
 import json
 import os
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,7 +36,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from PIL import Image
+
 from clipdiy import rle
+from clipdiy.image_address import FILES, ImageAddress, fetch_image_bytes
 from clipdiy.labels import brush
 from clipdiy.labels.feed import FeedFilter, _runs, _Selector
 from clipdiy.labels.palette import IGNORE, class_colour
@@ -83,12 +89,13 @@ def _mask_result(mask: dict, height: int, width: int) -> dict:
     }
 
 
-def task_of(row: dict, score: float, local_files_root: str | None = None) -> dict:
-    """One Label Studio task with the row's masks as its prediction."""
+def task_of(row: dict, score: float, local_files_root: str | None = None, image: str | None = None) -> dict:
+    """One Label Studio task with the row's masks as its prediction. ``image``: where the
+    exported copy of a shard sample's image is (:func:`export_images`); None: the row's ``uri``."""
     height, width = int(row["height"]), int(row["width"])
     started = row["run_started_at"]
     return {
-        "data": {"image": image_url(row["uri"], local_files_root), "image_id": row["image_id"], "uri": row["uri"],
+        "data": {"image": image_url(image or row["uri"], local_files_root), "image_id": row["image_id"], "uri": row["uri"],
                  "run_id": row["run_id"], "run_started_at": started.isoformat() if started else None},
         "predictions": [{
             "model_version": model_fingerprint(row), "score": float(score),
@@ -120,17 +127,59 @@ def select_rows(runs: Sequence[Run], feed_filter: FeedFilter, count: int, class_
     return chosen
 
 
+def images_folder(tasks_uri: str) -> str:
+    """Where :func:`export_tasks` puts the images of shard samples by default: beside the tasks
+    JSON, ``<tasks without .json>_images/``."""
+    return (tasks_uri[:-5] if tasks_uri.endswith(".json") else tasks_uri).rstrip("/") + "_images"
+
+
+def export_images(rows: Sequence[dict], images_to: str, storage: StorageOptions | None = None) -> list[str | None]:
+    """For each row whose image lies inside a shard (a WebDataset member or a Parquet cell,
+    which Label Studio cannot open), its image fetched by the row's address (one ranged read,
+    :mod:`clipdiy.image_address`) and written to ``images_to/<hash of image_id>.<type>``; the
+    written URIs, None for a loose object (Label Studio opens its ``uri`` itself)."""
+    written: list[str | None] = []
+    fs = root = None
+    for row in rows:
+        address = ImageAddress.from_row(row)
+        if address.format == FILES:
+            written.append(None)
+            continue
+        if fs is None:
+            fs, root = open_filesystem(images_to, storage)
+            fs.makedirs(root, exist_ok=True)
+        data = fetch_image_bytes(address, storage)
+        name = hashlib.sha256(row["image_id"].encode("utf-8")).hexdigest()[:24] + _extension(data)
+        fs.pipe_file(posixpath.join(root, name), data)
+        written.append(images_to.rstrip("/") + "/" + name)
+    return written
+
+
+def _extension(data: bytes) -> str:
+    """``.jpg``, ``.png``... from the image's own header (a shard's member name is not kept)."""
+    try:
+        found = Image.open(io.BytesIO(data)).format
+    except Exception:  # noqa: BLE001 - not an image Pillow knows: no extension, the bytes as they are
+        return ""
+    return {"JPEG": ".jpg"}.get(found, f".{found.lower()}") if found else ""
+
+
 def export_tasks(outputs: str | Sequence[str], tasks_uri: str, config_uri: str, *, feed_filter: FeedFilter = FeedFilter(),
-                 count: int = 100, local_files_root: str | None = None, storage: StorageOptions | None = None) -> dict:
-    """Write the tasks JSON and the labelling config; returns a summary."""
+                 count: int = 100, local_files_root: str | None = None, storage: StorageOptions | None = None,
+                 images_to: str | None = None) -> dict:
+    """Write the tasks JSON and the labelling config; returns a summary. The images of shard
+    samples are fetched by address and written to ``images_to`` (default :func:`images_folder`),
+    which the tasks name."""
     runs = _runs(outputs, feed_filter, storage)
     class_names = vocabulary_of(runs)
     chosen = select_rows(runs, feed_filter, count, class_names)
-    tasks = [task_of(row, score, local_files_root) for row, score in chosen]
+    images = export_images([row for row, _ in chosen], images_to or images_folder(tasks_uri), storage)
+    tasks = [task_of(row, score, local_files_root, image) for (row, score), image in zip(chosen, images)]
     for uri, text in ((tasks_uri, json.dumps(tasks)), (config_uri, labelling_config(class_names))):
         fs, path = open_filesystem(uri, storage)
         fs.pipe_file(path, text.encode("utf-8"))
     return {"tasks": len(tasks), "masks": sum(len(t["predictions"][0]["result"]) for t in tasks),
+            "images_written": sum(image is not None for image in images),
             "lowest_score": chosen[0][1] if chosen else None, "highest_score": chosen[-1][1] if chosen else None}
 
 
