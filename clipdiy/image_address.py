@@ -438,21 +438,23 @@ def _image_column_range(address: ImageAddress, metadata: Any) -> tuple[str, int,
     """(the image column's name, the byte range of its chunk in the row group): the one binary
     column, or the one struct column with a binary ``bytes`` field (Hugging Face's image)."""
     schema = metadata.schema
-    candidates: dict[str, list[int]] = {}
+    leaves: dict[str, list[int]] = {}  # top-level column -> its leaf columns (a struct has several)
+    names = []
     for index in range(len(schema)):
         leaf = schema.column(index)
         parts = leaf.path.split(".")
-        if leaf.physical_type == "BYTE_ARRAY" and leaf.logical_type.type in ("NONE",):
-            if len(parts) == 1 or (len(parts) == 2 and parts[1] == "bytes"):
-                candidates.setdefault(parts[0], []).append(index)
-    names = sorted(candidates)
+        leaves.setdefault(parts[0], []).append(index)
+        if leaf.physical_type == "BYTE_ARRAY" and leaf.logical_type.type == "NONE" and (
+                len(parts) == 1 or (len(parts) == 2 and parts[1] == "bytes")):
+            names.append(parts[0])
+    names = sorted(set(names))
     if len(names) != 1:
         raise ImageFetchError(address.image_id, "not_image_column",
                               f"{address.uri} has {'no' if not names else 'more than one'} image column "
                               f"(a binary column or a {{bytes, path}} struct){': ' + ', '.join(names) if names else ''}")
     group = metadata.row_group(address.row_group)
     start, end = None, 0
-    for index in candidates[names[0]]:
+    for index in leaves[names[0]]:
         chunk = group.column(index)
         first = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
         start = first if start is None else min(start, first)
