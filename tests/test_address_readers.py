@@ -11,14 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from labels_fixtures import LabelItem, write_labels_output
 from PIL import Image
+from test_image_address import (
+    ROW_GROUP,
+    counted_requests,
+    jpeg,
+    write_parquet,
+    write_tar,
+)
 
 from clipdiy.labels.feed import LabelDataset, LabelIterableDataset
 from clipdiy.labels.preview import PreviewConfig, render_output
 from clipdiy.labels.report import ReportConfig, collect, render_html
 from clipdiy.labels.review import export_tasks
-from labels_fixtures import LabelItem, write_labels_output
-from test_image_address import ROW_GROUP, counted_requests, jpeg, write_parquet, write_tar
 
 COUNT = 6
 
@@ -73,7 +79,7 @@ def test_feed_yields_the_addressed_images(sources, tmp_path):
     dataset = LabelDataset(output)
     assert len(dataset) == len(expected)
     for index in range(len(dataset)):
-        image, label = dataset[index]
+        image, _ = dataset[index]
         want = decoded(expected[dataset.records[index]["image_id"]])
         assert image.shape == want.shape and np.array_equal(image, want)
     streamed = sorted(image.tobytes() for image, _ in LabelIterableDataset(output))  # in shard order
@@ -136,3 +142,25 @@ def test_on_s3_the_feed_reads_one_ranged_get_per_image(sources, tmp_path, s3_ser
     assert sorted(members) == sorted(f"bytes={o}-{o + n - 1}" for o, n in sources["ranges"].values())
     assert len(cells) <= COUNT + 1  # the footer once (if this process has not read it yet), one read per cell
     assert len(seen) == len(members) + len(cells)
+
+
+def test_ray_feed_functions_carry_the_address(sources, tmp_path):
+    """What ``read_labels`` runs in its Ray tasks (shard reader, then pairing), called here
+    without Ray: the address columns travel from the shard to the image read."""
+    import pyarrow as pa
+    from labels_fixtures import VOC_NAMES
+
+    from clipdiy.image_address import ADDRESS_COLUMNS
+    from clipdiy.labels.feed import FEED_COLUMNS, FeedFilter, _PairBatch, _Selector
+    from clipdiy.labels.runs import list_runs
+    from clipdiy.labels.store import _ReadWinners
+
+    output = str(tmp_path / "labels")
+    expected = write_output(output, sources, str(sources["root"] / "00000.tar"), str(sources["root"] / "train.parquet"))
+    (run,) = list_runs(output)
+    tasks = pa.Table.from_pylist([{"fs": 0, "path": shard, "losers": []} for shard in run.shards])
+    table = _ReadWinners([run.fs], FEED_COLUMNS, ADDRESS_COLUMNS)(tasks)
+    pairs = _PairBatch(_Selector(VOC_NAMES, FeedFilter()), None)(table)
+    assert sorted(pairs["image_id"]) == sorted(expected)
+    for image_id, image in zip(pairs["image_id"], pairs["image"]):
+        assert np.array_equal(image, decoded(expected[image_id]))

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from clipdiy import rle
-from clipdiy.image_address import ADDRESS_COLUMNS, DEFAULT_MAX_IMAGE_BYTES, ImageAddress, fetch_image_bytes
+from clipdiy.image_address import DEFAULT_MAX_IMAGE_BYTES, ImageAddress, fetch_image_bytes
 from clipdiy.labels.palette import IGNORE
 from clipdiy.labels.row_index import RowIndex, build_row_index
 from clipdiy.labels.runs import Run, list_runs, read_shard
