@@ -21,7 +21,7 @@ from test_image_address import (
     write_tar,
 )
 
-from clipdiy.labels.feed import LabelDataset, LabelIterableDataset
+from clipdiy.labels.feed import LabelDataset, LabelIterableDataset, export_coco, export_voc_masks
 from clipdiy.labels.preview import PreviewConfig, render_output
 from clipdiy.labels.report import ReportConfig, collect, render_html
 from clipdiy.labels.review import export_tasks
@@ -105,8 +105,25 @@ def test_label_studio_export_writes_the_addressed_images(sources, tmp_path):
 
     for task in json.loads((tmp_path / "tasks.json").read_text()):
         path = Path(task["data"]["image"])
-        assert path.parent == tmp_path / "tasks_images" and path.suffix == ".jpg"
+        assert path == tmp_path / "tasks_images" / (task["data"]["image_id"] + ".jpg")
         assert path.read_bytes() == expected[task["data"]["image_id"]]
+
+
+def test_coco_and_voc_exports_copy_the_addressed_images(sources, tmp_path):
+    import json
+
+    output = str(tmp_path / "labels")
+    expected = write_output(output, sources, str(sources["root"] / "00000.tar"), str(sources["root"] / "train.parquet"))
+    counts = export_coco(output, str(tmp_path / "coco.json"), images_to=str(tmp_path / "images"))
+    document = json.loads((tmp_path / "coco.json").read_text())
+    assert counts["images"] == len(expected) == len(document["images"])
+    for entry in document["images"]:
+        image_id = entry["file_name"].removesuffix(".jpg")
+        assert (tmp_path / "images" / entry["file_name"]).read_bytes() == expected[image_id]
+    export_voc_masks(output, str(tmp_path / "voc" / "SegmentationClass"), images_to=str(tmp_path / "voc" / "JPEGImages"))
+    for image_id, data in expected.items():
+        assert (tmp_path / "voc" / "JPEGImages" / f"{image_id}.jpg").read_bytes() == data
+        assert (tmp_path / "voc" / "SegmentationClass" / f"{image_id}.png").is_file()
 
 
 def test_a_changed_shard_costs_its_images_only(sources, tmp_path):

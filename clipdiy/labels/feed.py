@@ -46,6 +46,7 @@ import torch.utils.data
 
 from clipdiy.image_address import ADDRESS_COLUMNS
 from clipdiy.labels.evaluation import normalise_name
+from clipdiy.labels.image_copies import relative_path, write_copy
 from clipdiy.labels.palette import IGNORE, palette_png_bytes
 from clipdiy.labels.row_index import RowIndex, build_row_index
 from clipdiy.labels.runs import Run, list_runs, read_shard, vocabulary_of
@@ -366,9 +367,14 @@ def _json_tail(value: dict) -> str:
 
 
 def export_coco(outputs: str | Sequence[str], destination: str, feed_filter: FeedFilter = FeedFilter(), *,
-                include_background: bool = False, storage: StorageOptions | None = None) -> dict[str, int]:
+                include_background: bool = False, storage: StorageOptions | None = None,
+                images_to: str | None = None) -> dict[str, int]:
     """Write the kept labels as a COCO instances JSON at ``destination`` (any fsspec URI): the
     document :func:`coco_document` builds, byte for byte, written without holding it.
+
+    ``images_to``: also write a copy of each kept image there, fetched by its row's address (a
+    sample of a WebDataset shard or a Parquet file is no file a framework can open;
+    :mod:`clipdiy.labels.image_copies`), and make each ``file_name`` the copy's path below it.
 
     The rows are read shard by shard; each kept row's image entry and annotations go, as JSON
     text, to two local scratch files, and the document is assembled from them in ``image_id``
@@ -380,13 +386,14 @@ def export_coco(outputs: str | Sequence[str], destination: str, feed_filter: Fee
     fs, path = open_filesystem(destination, storage)
     if posixpath.dirname(path):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    copies = open_filesystem(images_to, storage) if images_to else None
     # Per row (by position in the shards): where its text starts in the scratch files, -1 = not kept.
     image_at = np.full(index.num_rows, -1, dtype=np.int64)
     annotations_at = np.zeros(index.num_rows, dtype=np.int64)
     with tempfile.TemporaryDirectory(prefix="clipdiy-coco-") as scratch:
         image_file, annotation_file = os.path.join(scratch, "images"), os.path.join(scratch, "annotations")
         with open(image_file, "wb") as images_out, open(annotation_file, "wb") as annotations_out:
-            for number, table in iter_winning_shards(runs, index, FEED_COLUMNS):
+            for number, table in iter_winning_shards(runs, index, FEED_COLUMNS, ADDRESS_COLUMNS if images_to else ()):
                 positions = np.arange(index.offsets[number], index.offsets[number + 1])
                 winners = index.winners(number)
                 if winners is not None:
@@ -394,7 +401,10 @@ def export_coco(outputs: str | Sequence[str], destination: str, feed_filter: Fee
                 keep = selector.keep_table(table)
                 for position, row in zip(positions[keep].tolist(), table.filter(pa.array(keep)).to_pylist()):
                     image_at[position] = images_out.tell()
-                    images_out.write((_json_tail(_coco_image(row)) + "\n").encode())
+                    entry = _coco_image(row)
+                    if copies is not None:
+                        entry["file_name"] = write_copy(row, *copies, storage)
+                    images_out.write((_json_tail(entry) + "\n").encode())
                     annotations_at[position] = annotations_out.tell()
                     tails = [_json_tail(a) for a in _coco_annotations(row, selector, include_background)]
                     annotations_out.write((json.dumps(len(tails)) + "\n" + "".join(t + "\n" for t in tails)).encode())
@@ -421,22 +431,26 @@ def export_coco(outputs: str | Sequence[str], destination: str, feed_filter: Fee
 
 
 def export_voc_masks(outputs: str | Sequence[str], destination: str, feed_filter: FeedFilter = FeedFilter(), *,
-                     storage: StorageOptions | None = None) -> dict[str, int]:
+                     storage: StorageOptions | None = None, images_to: str | None = None) -> dict[str, int]:
     """Write one VOC palette PNG per kept image at ``destination/<image_id without extension>.png``
     (255 = ignore), plus ``class_names.txt`` (one name a line, index = pixel value). Reads shard
-    by shard."""
+    by shard. ``images_to``: also a copy of each kept image there, fetched by its row's address
+    (:mod:`clipdiy.labels.image_copies`), at its image id's path."""
     runs = _runs(outputs, feed_filter, storage)
     names = vocabulary_of(runs)
     selector = _Selector(names, feed_filter)
     fs, root = open_filesystem(destination, storage)
     fs.makedirs(root, exist_ok=True)
+    copies = open_filesystem(images_to, storage) if images_to else None
     written = 0
-    for _, table in iter_winning_shards(runs, columns=FEED_COLUMNS):
+    for _, table in iter_winning_shards(runs, columns=FEED_COLUMNS, optional=ADDRESS_COLUMNS if images_to else ()):
         for row in table.filter(pa.array(selector.keep_table(table))).to_pylist():
-            image_id = row["image_id"].replace("\\", "/").split("://", 1)[-1]  # a manifest input's ids are URIs
-            relative = posixpath.splitext(image_id.lstrip("/"))[0] + ".png"
-            if ".." in relative.split("/"):
-                raise ValueError(f"image id {row['image_id']!r} would write outside {destination}")
+            try:
+                relative = posixpath.splitext(relative_path(row["image_id"]))[0] + ".png"
+            except ValueError:
+                raise ValueError(f"image id {row['image_id']!r} would write outside {destination}") from None
+            if copies is not None:
+                write_copy(row, *copies, storage)
             path = posixpath.join(root, relative)
             if posixpath.dirname(path):
                 fs.makedirs(posixpath.dirname(path), exist_ok=True)

@@ -2,7 +2,9 @@
 
 Export: the rows the feed would yield (:class:`~clipdiy.labels.feed.FeedFilter`), lowest mean mask score
 first (area-weighted, as the report's image score), ``count`` of them, become Label Studio tasks:
-``data`` holds the image URL and the row's identity (``image_id``, ``run_id``); ``predictions``
+``data`` holds the image URL (for a sample inside a WebDataset shard or a Parquet file, which
+Label Studio cannot open, a copy fetched by the row's address, :func:`export_images`) and the
+row's identity (``image_id``, ``run_id``); ``predictions``
 holds one prediction per task, with the row's model fingerprint as ``model_version``, its mean
 mask score as ``score``, and one ``brushlabels`` result per class mask (Label Studio's brush RLE,
 :mod:`clipdiy.labels.brush`) scored with the mask's score. A labelling config (XML) names the
@@ -23,12 +25,9 @@ one wins.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import html
-import io
 import json
 import os
-import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,12 +35,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from PIL import Image
-
 from clipdiy import rle
-from clipdiy.image_address import FILES, ImageAddress, fetch_image_bytes
+from clipdiy.image_address import FILES, ImageAddress
 from clipdiy.labels import brush
 from clipdiy.labels.feed import FeedFilter, _runs, _Selector
+from clipdiy.labels.image_copies import write_copy
 from clipdiy.labels.palette import IGNORE, class_colour
 from clipdiy.labels.report import _Lowest, mean_mask_scores, model_fingerprint
 from clipdiy.labels.row_index import build_row_index
@@ -135,33 +133,19 @@ def images_folder(tasks_uri: str) -> str:
 
 def export_images(rows: Sequence[dict], images_to: str, storage: StorageOptions | None = None) -> list[str | None]:
     """For each row whose image lies inside a shard (a WebDataset member or a Parquet cell,
-    which Label Studio cannot open), its image fetched by the row's address (one ranged read,
-    :mod:`clipdiy.image_address`) and written to ``images_to/<hash of image_id>.<type>``; the
-    written URIs, None for a loose object (Label Studio opens its ``uri`` itself)."""
+    which Label Studio cannot open), a copy of its image fetched by the row's address (one
+    ranged read, :mod:`clipdiy.labels.image_copies`) under ``images_to``; the copies' URIs, None
+    for a loose object (Label Studio opens its ``uri`` itself)."""
     written: list[str | None] = []
     fs = root = None
     for row in rows:
-        address = ImageAddress.from_row(row)
-        if address.format == FILES:
+        if ImageAddress.from_row(row).format == FILES:
             written.append(None)
             continue
         if fs is None:
             fs, root = open_filesystem(images_to, storage)
-            fs.makedirs(root, exist_ok=True)
-        data = fetch_image_bytes(address, storage)
-        name = hashlib.sha256(row["image_id"].encode("utf-8")).hexdigest()[:24] + _extension(data)
-        fs.pipe_file(posixpath.join(root, name), data)
-        written.append(images_to.rstrip("/") + "/" + name)
+        written.append(images_to.rstrip("/") + "/" + write_copy(row, fs, root, storage))
     return written
-
-
-def _extension(data: bytes) -> str:
-    """``.jpg``, ``.png``... from the image's own header (a shard's member name is not kept)."""
-    try:
-        found = Image.open(io.BytesIO(data)).format
-    except Exception:  # noqa: BLE001 - not an image Pillow knows: no extension, the bytes as they are
-        return ""
-    return {"JPEG": ".jpg"}.get(found, f".{found.lower()}") if found else ""
 
 
 def export_tasks(outputs: str | Sequence[str], tasks_uri: str, config_uri: str, *, feed_filter: FeedFilter = FeedFilter(),
