@@ -436,7 +436,10 @@ class _SparseFile(io.RawIOBase):
 
 def _image_column_range(address: ImageAddress, metadata: Any) -> tuple[str, int, int]:
     """(the image column's name, the byte range of its chunk in the row group): the one binary
-    column, or the one struct column with a binary ``bytes`` field (Hugging Face's image)."""
+    column, or the one struct column with a binary ``bytes`` field (Hugging Face's image); where
+    there are several, the one named ``image`` (the job's ``--image-column`` default). The rows do
+    not record another ``--image-column``: a file with several such columns none named ``image``
+    is refused (``not_image_column``)."""
     schema = metadata.schema
     leaves: dict[str, list[int]] = {}  # top-level column -> its leaf columns (a struct has several)
     names = []
@@ -448,6 +451,8 @@ def _image_column_range(address: ImageAddress, metadata: Any) -> tuple[str, int,
                 len(parts) == 1 or (len(parts) == 2 and parts[1] == "bytes")):
             names.append(parts[0])
     names = sorted(set(names))
+    if len(names) > 1 and "image" in names:
+        names = ["image"]  # the job's --image-column default
     if len(names) != 1:
         raise ImageFetchError(address.image_id, "not_image_column",
                               f"{address.uri} has {'no' if not names else 'more than one'} image column "

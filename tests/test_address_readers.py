@@ -21,7 +21,12 @@ from test_image_address import (
     write_tar,
 )
 
-from clipdiy.labels.feed import LabelDataset, LabelIterableDataset, export_coco, export_voc_masks
+from clipdiy.labels.feed import (
+    LabelDataset,
+    LabelIterableDataset,
+    export_coco,
+    export_voc_masks,
+)
 from clipdiy.labels.preview import PreviewConfig, render_output
 from clipdiy.labels.report import ReportConfig, collect, render_html
 from clipdiy.labels.review import export_tasks

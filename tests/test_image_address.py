@@ -182,10 +182,12 @@ def test_a_shard_changed_since_labelling_is_refused(corpus, tmp_path):
 
 def test_a_parquet_file_without_one_image_column_is_refused(tmp_path):
     path = tmp_path / "two.parquet"
-    pq.write_table(pa.table({"a": pa.array([b"x"]), "b": pa.array([b"y"])}), path)
+    pq.write_table(pa.table({"a": pa.array([b"x"]), "b": pa.array([b"y"]), "c": ["text"]}), path)
     with pytest.raises(ImageFetchError) as caught:
         ImageFetcher().fetch(ImageAddress("two/0", "parquet", str(path), row_group=0, row=0))
     assert caught.value.reason == "not_image_column" and "'two/0'" in str(caught.value)
+    pq.write_table(pa.table({"thumb": pa.array([b"x"]), "image": pa.array([b"y"])}), path)
+    assert ImageFetcher().fetch(ImageAddress("two/0", "parquet", str(path), row_group=0, row=0)) == b"y"
 
 
 def test_a_loose_object_is_read_whole_within_the_bound(tmp_path):
