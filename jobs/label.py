@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Pseudo-label images with open-vocabulary segmentation masks (CLIP-DIY: multi-scale CLIP crops "
             "+ FOUND saliency) as a Ray Data job. Writes OUTPUT/runs/<run_id>/part-*.parquet (one row per "
-            "image: COCO RLE masks, class scores; schema in schemas/label_row.v1.json) and, last, "
+            "image: COCO RLE masks, class scores; schema in schemas/label_row.v2.json) and, last, "
             "OUTPUT/runs/<run_id>/_MANIFEST.json. Re-runs label only new or changed images; a killed run "
             "resumes when started again."
         ),
@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images to label: a folder or prefix (s3://bucket/photos/), a glob (s3://b/**/*.jpg), a "
                          "manifest (.txt with one URI per line, or .parquet with a 'uri' column), or 'samples' for "
                          "the few real photos that installing clipdiy brings (quick start)")
+    io.add_argument("--input-format", choices=("files", "webdataset", "parquet"), default=None,
+                    help="how the input stores its images: loose files, WebDataset .tar shards (a prefix, glob, "
+                         "manifest, or brace pattern s3://b/{00000..00009}.tar; img2dataset output folders too), or "
+                         "Parquet files with image bytes; default: detected from the input (docs/job/corpora.md)")
+    io.add_argument("--image-column", default="image", metavar="NAME",
+                    help="parquet input: the column of image bytes, binary or a {bytes, path} struct (default image)")
+    io.add_argument("--id-column", default=None, metavar="NAME",
+                    help="parquet input: the column of sample ids (default: the row's number in its file)")
     io.add_argument("--output", required=True, metavar="URI", help="labels folder or prefix (local path, s3://, gs://)")
     io.add_argument("--limit", type=int, default=None, metavar="N", help="only consider the first N listed images")
     io.add_argument("--listing-tasks", type=int, default=16, metavar="N",
@@ -268,6 +276,9 @@ def config_from_args(args: argparse.Namespace):
     return LabelJobConfig(
         input=samples_manifest() if args.input == SAMPLES_INPUT else args.input,
         output=args.output,
+        input_format=args.input_format,
+        image_column=args.image_column,
+        id_column=args.id_column,
         segmenter=segmenter,
         storage=storage,
         decode_batch_size=args.decode_batch_size,

@@ -43,7 +43,12 @@ class JobConfigError(ClipdiyError, ValueError):
 class LabelJobConfig:
     """Everything one run of the labelling job needs.
 
-    input / output:        fsspec URIs or local paths (prefix, glob or manifest for the input).
+    input / output:        fsspec URIs or local paths (prefix, glob or manifest for the input;
+                           for shards also a brace pattern, ``{00000..00009}.tar``).
+    input_format:          ``files``, ``webdataset`` or ``parquet`` (None: detected from the input,
+                           ``clipdiy.pipeline.sources.formats``); see docs/job/corpora.md.
+    image_column:          ``parquet``: the column of image bytes (binary, or a ``{bytes, path}`` struct).
+    id_column:             ``parquet``: the column of sample ids (None: the row's number in its file).
     segmenter:             the model side (vocabulary, CLIP, saliency, mode, crop batch size).
     storage:               object-storage settings, never credentials.
     decode_batch_size:     images per batch of a CPU decode task.
@@ -94,6 +99,9 @@ class LabelJobConfig:
 
     input: str
     output: str
+    input_format: str | None = None
+    image_column: str = "image"
+    id_column: str | None = None
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
     decode_batch_size: int = 8
@@ -178,6 +186,8 @@ class LabelJobConfig:
             raise JobConfigError(
                 f"--run-id {self.run_id!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
+        if self.input_format is not None and self.input_format not in ("files", "webdataset", "parquet"):
+            raise JobConfigError(f"--input-format must be files, webdataset or parquet, got {self.input_format!r}")
         if self.retry_errors not in RETRY_ERRORS:
             raise JobConfigError(f"--retry-errors must be one of {', '.join(RETRY_ERRORS)}, got {self.retry_errors!r}")
         if not 0.0 <= self.max_error_rate <= 1.0:

@@ -43,7 +43,7 @@ from clipdiy.pipeline.stages.dataset import build_dataset
 from clipdiy.pipeline.stages.driver_models import DriverModels, resolve_models
 from clipdiy.pipeline.planning.incremental import ListingCounts
 from clipdiy.pipeline.stages.inference import actor_start_refusals
-from clipdiy.pipeline.sources.input_check import check_input_reachable
+from clipdiy.pipeline.sources.input_check import check_input_format
 from clipdiy.pipeline.control.lock import LockLostError, OutputLock
 from clipdiy.pipeline.planning.manifest import (
     RunPlan,
@@ -126,6 +126,7 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
         block_rows=config.decode_batch_size * LISTING_BATCHES_PER_BLOCK,
         limit=config.limit,
         listing_tasks=config.listing_tasks,
+        input_format=config.input_format or "files",
     )
     earlier = [r for r in finished_run_ids(layout) if r != plan.run_id]
     return plan_pending(target, earlier, estimated_rows_per_shard=config.rows_per_file)
@@ -232,7 +233,8 @@ def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostErr
     started = time.monotonic()
     config.validate()
     input_uri = redact_uri(config.input)
-    check_input_reachable(config.input, config.storage)
+    # The format (files, webdataset, parquet) is fixed before the run: detected once, recorded.
+    config = dataclasses.replace(config, input_format=check_input_format(config.input, config.storage, config.input_format))
     layout = OutputLayout.open(config.output, config.storage)
     layout.ensure_dir(layout.root)
     lock = OutputLock(layout, config.run_id or "starting", stale_after_s=config.lock_stale_after_s,

@@ -63,6 +63,21 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
     inference_retries = ray_task_retries(config.max_worker_deaths, config.inference_batch_size, LISTING_BATCHES_PER_BLOCK)
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
     target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
+    if (config.input_format or "files") != "files":
+        # One task per shard streams it (stages/expand.py): samples leave in decode-sized blocks.
+        from clipdiy.pipeline.stages.expand import ExpandShards
+
+        pending = pending.repartition(target_num_rows_per_block=1).map_batches(  # a shard per task
+            ExpandShards(config.storage, config.input_format, config.decode_batch_size, config.max_image_bytes,
+                         config.image_column, config.id_column),
+            batch_size=1,
+            batch_format="pyarrow",
+            # Waits on the store mostly (the decoding is the next stage's): no CPU reserved, a
+            # bounded pool instead, so that a paused stream does not hold a CPU decode needs.
+            num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=max(2, config.decode_concurrency or 2)),
+            udf_modifying_row_count=True,
+        )
     ds = pending.map_batches(
         decode,
         batch_size=config.decode_batch_size,

@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clipdiy.errors import InvalidImageError
 from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
+from clipdiy.pipeline.stages.expand import IMAGE_BYTES, PRESET_ERROR, PRESET_KIND
 from clipdiy.segmentation.images import to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage, prepare_image
 from clipdiy.segmentation.segmenter import prepare_input
@@ -27,12 +28,12 @@ from clipdiy.uris import UnparsableUriError, has_scheme, public_uri, redact_text
 
 logger = logging.getLogger(__name__)
 
-#: The error kinds of the label-row schema (``schemas/label_row.v1.json``). ``not_found``: the
+#: The error kinds of the label-row schema (``schemas/label_row.v2.json``). ``not_found``: the
 #: object does not exist (an answer, not retried: see ``incremental.py``); ``unreadable``: any
 #: other failed read; ``invalid_uri``: a manifest entry that is not a URI one can read;
 #: ``worker_lost``: the image killed its process more often than ``--max-worker-deaths`` allows.
 ERROR_KINDS = ("empty", "truncated", "corrupt", "not_image", "too_large", "not_found", "unreadable", "invalid_uri",
-               "unsupported", "model", "worker_lost")
+               "unsupported", "model", "worker_lost", "duplicate")
 
 # Leading bytes of the formats Pillow reads: an object that starts like an image but will not
 # decode is "corrupt"; anything else is "not_image".
@@ -177,6 +178,8 @@ def read_error(error: BaseException, failure_class: str) -> tuple[str, str]:
 #: Listing columns that may hold a credential or point at one: the decode stage reads them and
 #: drops them, so that nothing after the read carries them.
 _LOCATION_COLUMNS = ("signed_uri", "signed_entry", "listing_entry")
+#: A shard sample's inline bytes and preset error (stages/expand.py): consumed here.
+_INLINE_COLUMNS = (IMAGE_BYTES, PRESET_KIND, PRESET_ERROR)
 
 
 #: Columns the decode stage adds to the listing columns.
@@ -268,14 +271,23 @@ class DecodeBatch:
             raise RunFailedError(verdict)
 
     def _decode_one(
-        self, image_id: str, uri: str, signed_uri: str | None, entry: int | None, size: int | None, reads: _Reads
+        self, image_id: str, uri: str, signed_uri: str | None, entry: int | None, size: int | None, reads: _Reads,
+        inline: tuple[bytes | None, str | None, str | None] | None = None,
     ) -> DecodeResult:
         """Read and decode one object: never raises but for the run's own errors. ``uri``: the
         public location (what messages name); ``signed_uri``: the readable one where it is signed;
-        ``entry``: the manifest entry whose signed location the labelling looked up again."""
+        ``entry``: the manifest entry whose signed location the labelling looked up again.
+        ``inline``: (bytes, error kind, error) of a sample the shard-expanding stage read
+        (``clipdiy.pipeline.stages.expand``): decoded as is, nothing read here."""
         from clipdiy.pipeline.stages.health import classify_read_failure, one_line
         from clipdiy.storage import ObjectTooLargeError
 
+        if inline is not None:
+            data, preset_kind, preset_error = inline
+            if preset_kind is not None:
+                return DecodeResult(error_kind=preset_kind, error=preset_error)
+            return decode_image(data or b"", mode=self.mode, max_pixels=self.max_pixels,
+                                saliency_max_side=self.saliency_max_side, config=self.segmenter_config)
         if signed_uri is None and entry is not None:
             return DecodeResult(error_kind="unreadable", error=(
                 f"entry {entry} of the manifest no longer lists this image (the manifest changed during the "
@@ -325,20 +337,27 @@ class DecodeBatch:
         sizes = batch.column("source_size").to_pylist() if "source_size" in names else [None] * rows
         signed = batch.column("signed_uri").to_pylist() if "signed_uri" in names else [None] * rows
         entries = batch.column("signed_entry").to_pylist() if "signed_entry" in names else [None] * rows
+        # Samples of shards (stages/expand.py) carry their bytes, or the error found reading them.
+        if IMAGE_BYTES in names:
+            inline = list(zip(batch.column(IMAGE_BYTES).to_pylist(), batch.column(PRESET_KIND).to_pylist(),
+                              batch.column(PRESET_ERROR).to_pylist(), strict=True))
+            sizes = [None] * rows  # the listed size is the shard's
+        else:
+            inline = [None] * rows
         attempt = AttemptLedger(self.health, "decode", self.max_worker_deaths).begin(image_ids)
         results = []
         reads = _Reads()
-        for image_id, uri, signed_uri, entry, size in zip(
-            image_ids, batch.column("uri").to_pylist(), signed, entries, sizes, strict=True
+        for image_id, uri, signed_uri, entry, size, sample in zip(
+            image_ids, batch.column("uri").to_pylist(), signed, entries, sizes, inline, strict=True
         ):
             if image_id in attempt.lost:
                 results.append(DecodeResult(error_kind="worker_lost", error=attempt.lost_message()))
                 continue
             attempt.start(image_id)
-            results.append(self._decode_one(image_id, uri, signed_uri, entry, size, reads))
+            results.append(self._decode_one(image_id, uri, signed_uri, entry, size, reads, inline=sample))
         self._report_reads(reads.ok, dict(reads.failed), reads.sample)
         attempt.end()
-        batch = batch.drop_columns([name for name in _LOCATION_COLUMNS if name in names])
+        batch = batch.drop_columns([name for name in (*_LOCATION_COLUMNS, *_INLINE_COLUMNS) if name in names])
         for name, column in decoded_columns(results).items():
             batch = batch.append_column(name, column)
         return batch
