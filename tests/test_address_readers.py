@@ -186,3 +186,24 @@ def test_ray_feed_functions_carry_the_address(sources, tmp_path):
     assert sorted(pairs["image_id"]) == sorted(expected)
     for image_id, image in zip(pairs["image_id"], pairs["image"]):
         assert np.array_equal(image, decoded(expected[image_id]))
+
+
+@pytest.mark.parametrize("form", ["webdataset", "parquet"])
+def test_the_jobs_shard_rows_fetch_back_their_own_bytes(sources, form):
+    """The contract between the job's shard reader (pipeline/stages/expand) and the fetcher:
+    every address the reader writes reads back, by one ranged read, the bytes it labelled."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from clipdiy.image_address import ImageFetcher
+    from clipdiy.pipeline.stages.expand import IMAGE_BYTES, ExpandShards
+
+    path = sources["root"] / ("00000.tar" if form == "webdataset" else "train.parquet")
+    shard = {"image_id": path.name, "uri": f"file://{path}", "source_size": path.stat().st_size, "source_etag": None,
+             "source_mtime": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)}
+    rows = pa.concat_tables(ExpandShards(None, form, 4, None)(pa.Table.from_pylist([shard]))).to_pylist()
+    assert sorted(row[IMAGE_BYTES] for row in rows) == sorted(sources["images"].values())
+    fetcher = ImageFetcher()
+    for row in rows:
+        assert fetcher.fetch(row) == row[IMAGE_BYTES]
