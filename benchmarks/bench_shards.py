@@ -63,8 +63,9 @@ def load_average() -> str:
 # ---------------------------------------------------------------- corpus
 
 
-def small_jpegs(count: int, seed: int = 0) -> list[bytes]:
-    """``count`` JPEGs: random crops of the COCO sample photos, longer side 96-192 px, quality 85."""
+def small_jpegs(count: int, seed: int = 0, max_side: int = 192) -> list[bytes]:
+    """``count`` JPEGs: random crops of the COCO sample photos, longer side ``max_side / 2`` to
+    ``max_side`` px (96-192 by default: thumbnails as img2dataset writes them), quality 85."""
     from PIL import Image
 
     photos = [Image.open(p).convert("RGB") for p in sorted(PHOTOS.glob("*.jpg"))]
@@ -75,7 +76,7 @@ def small_jpegs(count: int, seed: int = 0) -> list[bytes]:
         width, height = photo.size
         w, h = rng.randint(width // 4, width), rng.randint(height // 4, height)
         x, y = rng.randint(0, width - w), rng.randint(0, height - h)
-        side = rng.randint(96, 192)
+        side = rng.randint(max_side // 2, max_side)
         crop = photo.crop((x, y, x + w, y + h))
         crop.thumbnail((side, side))
         buffer = io.BytesIO()
@@ -234,8 +235,8 @@ def _warm(_: int) -> None:
     import numpy as np  # noqa: F401
     from PIL import Image  # noqa: F401
 
-    import clipdiy.image_address  # noqa: F401
-    import clipdiy.pipeline.stages.expand  # noqa: F401
+    import clipdiy.image_address
+    import clipdiy.pipeline.stages.expand
     import clipdiy.storage  # noqa: F401
 
 
@@ -268,7 +269,7 @@ def part_reads(args) -> None:
     from clipdiy.storage import StorageOptions
 
     started = time.perf_counter()
-    images = small_jpegs(args.images)
+    images = small_jpegs(args.images, max_side=args.max_side)
     server_app = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server_app.start()
     try:
@@ -321,6 +322,8 @@ def bare_shard_loop(paths: list[Path]) -> tuple[int, float]:
 
 
 def part_job(args) -> None:
+    import tempfile
+
     import ray
     from bench_pipeline_overhead import CpuAccount, DatasetStats
     from free_method import FREE_CLIPDIY, FREE_NACLIP, ray_runtime_env, register
@@ -330,10 +333,8 @@ def part_job(args) -> None:
     from clipdiy.pipeline.control.run import run_labelling
     from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig
 
-    import tempfile
-
     register()
-    images = small_jpegs(args.images)
+    images = small_jpegs(args.images, max_side=args.max_side)
     with tempfile.TemporaryDirectory(prefix="clipdiy-bench-shards-") as tmp:
         workdir = Path(tmp)
         write_local_shards(workdir / "shards", images, args.shards)
@@ -390,6 +391,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("reads", "job"), default="reads")
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--shards", type=int, default=10)
+    parser.add_argument("--max-side", type=int, default=192, help="longer side of the largest JPEGs (px)")
     parser.add_argument("--cores", type=int, default=2, help="reading processes (reads), CPUs of the local Ray (job)")
     parser.add_argument("--threads", type=int, default=16, help="reads: threads per process (requests in flight)")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="reads: added to every request moto answers")

@@ -7,7 +7,9 @@ export: the rows the feed would yield (its filters: --classes, --min-class-score
 --min-foreground-fraction), lowest mean mask score first, --count of them, as Label Studio tasks
 with the pseudo-labels as predictions (brush RLE, one result per class mask; model version = the
 model fingerprint; score = the mask score), and the labelling config (--config, default next to
---to). Create a project with the config, import the tasks, correct, export as JSON.
+--to). An image inside a WebDataset shard or a Parquet file is fetched by its row's address and
+copied under --images-to (default next to --to), which its task names. Create a project with the
+config, import the tasks, correct, export as JSON.
 
 import: the export's annotations become rows marked source = human (annotator, time) in a run of
 their own; the feed and the exports prefer them over the model rows of the same image version.
