@@ -346,7 +346,12 @@ def _local_range(fs: Any, path: str, start: int, end: int | None) -> RangeRead:
 
 
 def _other_range(fs: Any, path: str, start: int, end: int | None) -> RangeRead:
-    # Any other fsspec store: its own ranged read; it reports no size, so no version check.
+    """Any other fsspec store: its own ranged read, which reports no size (no version check),
+    but for a suffix (a Parquet footer), where the size is needed to place the tail: asked first."""
+    if start < 0:
+        size = int(fs.size(path))
+        begin = max(0, size + start)
+        return RangeRead(fs.cat_file(path, start=begin, end=size), size, None)
     return RangeRead(fs.cat_file(path, start=start, end=end), None, None)
 
 

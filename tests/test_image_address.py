@@ -190,6 +190,27 @@ def test_a_parquet_file_without_one_image_column_is_refused(tmp_path):
     assert ImageFetcher().fetch(ImageAddress("two/0", "parquet", str(path), row_group=0, row=0)) == b"y"
 
 
+def test_other_fsspec_stores_read_by_address(corpus, tmp_path):
+    """A store that is neither S3 nor local (fsspec's memory store): its own ranged reads; a
+    Parquet file longer than the footer's first tail read too."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    big = [jpeg(1000 + i) for i in range(120)]
+    write_parquet(tmp_path / "big.parquet", big)
+    assert (tmp_path / "big.parquet").stat().st_size > 2 * 64 * 1024
+    for path in (corpus["root"] / "00000.tar", corpus["root"] / "train-0.parquet", tmp_path / "big.parquet"):
+        memory.pipe_file(f"/address-test/{path.name}", path.read_bytes())
+    fetcher = ImageFetcher()
+    for number, (key, data) in enumerate(corpus["images"].items()):
+        assert fetcher.fetch(tar_address(corpus, key, uri="memory://address-test/00000.tar")) == data
+        assert fetcher.fetch(parquet_address(corpus, number, uri="memory://address-test/train-0.parquet")) == data
+    for number in (0, 59, 119):
+        address = ImageAddress(f"big/{number}", "parquet", "memory://address-test/big.parquet",
+                               row_group=number // ROW_GROUP, row=number % ROW_GROUP)
+        assert fetcher.fetch(address) == big[number]
+
+
 def test_a_loose_object_is_read_whole_within_the_bound(tmp_path):
     path = tmp_path / "a.jpg"
     path.write_bytes(b"12345")
