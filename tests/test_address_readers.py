@@ -165,6 +165,15 @@ def test_on_s3_the_feed_reads_one_ranged_get_per_image(sources, tmp_path, s3_ser
     assert len(cells) <= COUNT + 1  # the footer once (if this process has not read it yet), one read per cell
     assert len(seen) == len(members) + len(cells)
 
+    # The Label Studio export: a copy of each image, by one ranged GET of its member or cell.
+    with counted_requests() as seen:
+        export_tasks(output, str(tmp_path / "tasks.json"), str(tmp_path / "tasks.xml"), count=2 * COUNT,
+                     storage=s3_server.options)
+    assert sorted(r for _, path, r in seen if path.endswith("00000.tar")) == sorted(members)
+    assert len([r for _, path, r in seen if path.endswith("train.parquet")]) == COUNT  # the footer is kept
+    for image_id, data in expected.items():
+        assert (tmp_path / "tasks_images" / f"{image_id}.jpg").read_bytes() == data
+
 
 def test_ray_feed_functions_carry_the_address(sources, tmp_path):
     """What ``read_labels`` runs in its Ray tasks (shard reader, then pairing), called here
