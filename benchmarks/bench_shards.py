@@ -356,11 +356,17 @@ def part_job(args) -> None:
         print(f"bare tarfile read+decode loop: {bare_images / bare_wall:.1f} images/s on {args.cores} processes, "
               f"{bare_rate:.1f} images per CPU-second; {load_average()}", flush=True)
 
+        if args.compare_loose:  # the same images as loose local files, for the job's per-image cost without shards
+            for folder, chosen in (("loose", images), ("one-batch", images[:args.batch_size])):
+                (workdir / folder).mkdir()
+                for number, data in enumerate(chosen):
+                    (workdir / folder / f"{key_of(number)}.jpg").write_bytes(data)
+
         ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env())
         try:
-            def job(corpus: Path, output: Path):
+            def job(corpus: Path, output: Path, input_format: str = "webdataset"):
                 config = LabelJobConfig(
-                    input=str(corpus), output=str(output), input_format="webdataset", segmenter=segmenter, device="cpu",
+                    input=str(corpus), output=str(output), input_format=input_format, segmenter=segmenter, device="cpu",
                     inference_batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
                     cpus_per_actor=0.5, torch_threads=1, min_actors=1, max_actors=1,
                     rows_per_file=args.rows_per_file, actor_memory_gb=0)
@@ -372,6 +378,12 @@ def part_job(args) -> None:
             with CpuAccount() as cpu, DatasetStats() as stages:
                 summary = job(workdir / "shards", workdir / "labels")
             assert summary.ok == len(images), summary.line()
+            if args.compare_loose:
+                with CpuAccount() as loose_first_cpu:
+                    loose_first = job(workdir / "one-batch", workdir / "labels-loose-one-batch", "files")
+                with CpuAccount() as loose_cpu:
+                    loose_summary = job(workdir / "loose", workdir / "labels-loose", "files")
+                assert loose_summary.ok == len(images), loose_summary.line()
         finally:
             ray.shutdown()
         print(stages.text, flush=True)
@@ -384,6 +396,12 @@ def part_job(args) -> None:
               f"{len(images) / cpu.seconds / bare_rate:.2f} (goal >= 0.50)", flush=True)
         print(f"job: {summary.images_per_second:.1f} images/s labelling phase ({summary.line()}); bare loop "
               f"{bare_images / bare_wall:.1f} images/s; {load_average()}", flush=True)
+        if args.compare_loose:
+            loose_marginal = (loose_cpu.seconds - loose_first_cpu.seconds) / (len(images) - loose_first.ok)
+            print(f"CPU time of the job over loose files: {loose_cpu.line()}", flush=True)
+            print(f"job over the same images as loose local files: {len(images) / loose_cpu.seconds:.1f} images per "
+                  f"CPU-second whole run, {1 / loose_marginal:.1f} beyond a one-batch run ({loose_marginal * 1000:.1f} "
+                  f"ms/image) -> shards / loose {loose_marginal / marginal:.2f} by CPU time; {load_average()}", flush=True)
 
 
 def main() -> None:
@@ -402,6 +420,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="job: inference batch (and the one-shard run's size)")
     parser.add_argument("--decode-batch-size", type=int, default=16)
     parser.add_argument("--rows-per-file", type=int, default=2048)
+    parser.add_argument("--compare-loose", action="store_true",
+                        help="job: also the job over the same images as loose local files")
     args = parser.parse_args()
     if args.part == "reads":
         part_reads(args)
