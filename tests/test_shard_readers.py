@@ -22,6 +22,7 @@ from shard_builders import (
 )
 
 from clipdiy.errors import InputError
+from clipdiy.storage import StorageOptions
 from clipdiy.pipeline.planning.incremental import (
     DONE,
     EARLIER_DONE_IDS,
@@ -253,3 +254,34 @@ def test_a_shard_is_done_when_every_sample_is_and_read_again_skipping_the_done_o
     assert pending.column("image_id").to_pylist() == ["1.tar", "2.tar"]
     assert pending.column(SKIP_IDS).to_pylist() == [["1.tar/a", "1.tar/b"], ["2.tar/x"]]
     assert (counts.listed, counts.skipped, counts.retried) == (3, 1, 1)
+
+
+def test_the_expanding_stage_streams_a_shard_in_bounded_blocks_and_a_missing_one_costs_one_row(tmp_path):
+    from clipdiy.pipeline.sources.formats import iter_shard_sources
+    from clipdiy.pipeline.planning.incremental import listing_table
+    from clipdiy.pipeline.stages.expand import SAMPLE_SCHEMA, ExpandShards
+
+    keys = write_img2dataset_shard(tmp_path, 0, [b"\xff\xd8\xff%d" % i for i in range(7)], failed=0)
+    write_img2dataset_shard(tmp_path, 1, [b"\xff\xd8\xff"], failed=0)
+    listing = listing_table(list(iter_shard_sources(str(tmp_path), "webdataset")))
+    (tmp_path / "00001.tar").unlink()  # gone between the listing and the read
+    listing = listing.append_column(SKIP_IDS, pa.array([[f"00000.tar/{keys[2]}"], []], pa.list_(pa.string())))
+    blocks = list(ExpandShards(StorageOptions(), "webdataset", 3, None)(listing))
+    assert all(b.schema == SAMPLE_SCHEMA and b.num_rows <= 3 for b in blocks)
+    rows = pa.concat_tables(blocks).to_pylist()
+    assert [r["image_id"] for r in rows] == [f"00000.tar/{k}" for k in keys if k != keys[2]] + ["00001.tar"]
+    assert rows[-1]["preset_error_kind"] == "not_found" and rows[-1]["sample_key"] is None
+    assert all(r["source_uri"] == r["uri"] and r["source_format"] == "webdataset" for r in rows)
+
+
+
+
+def test_a_manifest_of_shard_uris_is_a_webdataset_input(tmp_path):
+    (tmp_path / "s").mkdir()
+    for n in (0, 1):
+        write_img2dataset_shard(tmp_path / "s", n, [b"x"])
+    manifest = tmp_path / "shards.txt"
+    manifest.write_text("# two shards\ns/00001.tar\n" + f"file://{tmp_path}/s/00000.tar\n")
+    assert detect_input_format(str(manifest)) == "webdataset"
+    sources = list(iter_shard_sources(str(manifest), "webdataset"))
+    assert [s.image_id for s in sources] == ["s/00001.tar", "s/00000.tar"]

@@ -273,6 +273,13 @@ def _run_locked(
     listing_seconds = time.monotonic() - listing_started
     if counts is None:
         logger.info("nothing labelled in %s yet: the listing streams into the labelling", layout.uri)
+    elif config.input_format not in (None, "files"):
+        # Shard inputs are planned per shard: these counts are shards, not samples.
+        logger.info(
+            "listed %d shards: %d labelled whole by earlier runs, %d to read (%d of them to retry some samples, "
+            "--retry-errors %s)",
+            counts.listed, counts.skipped, counts.todo, counts.retried, config.retry_errors,
+        )
     else:
         logger.info(
             "listed %d images: %d labelled by earlier runs, %d by earlier attempts of this run, %d to label "

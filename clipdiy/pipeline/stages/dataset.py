@@ -23,6 +23,14 @@ def writer_tasks(placement: InferencePlacement) -> int:
     return max(2, placement.max_actors)
 
 
+def shard_streams() -> int:
+    """Shards read at once when ``--decode-concurrency`` is unset: one per CPU of the cluster
+    (a shard's stream feeds the decode tasks, which take one CPU each)."""
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 2))
+
+
 def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, placement: InferencePlacement, health=None):
     """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
     rows -> shard stats.
@@ -69,13 +77,14 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
 
         pending = pending.repartition(target_num_rows_per_block=1).map_batches(  # a shard per task
             ExpandShards(config.storage, config.input_format, config.decode_batch_size, config.max_image_bytes,
-                         config.image_column, config.id_column),
+                         config.image_column, config.id_column, health),
             batch_size=1,
             batch_format="pyarrow",
             # Waits on the store mostly (the decoding is the next stage's): no CPU reserved, a
             # bounded pool instead, so that a paused stream does not hold a CPU decode needs.
             num_cpus=0,
-            compute=ray.data.TaskPoolStrategy(size=max(2, config.decode_concurrency or 2)),
+            # As many shards streamed at once as decode tasks may run (one per CPU by default).
+            compute=ray.data.TaskPoolStrategy(size=max(2, config.decode_concurrency or shard_streams())),
             udf_modifying_row_count=True,
         )
     ds = pending.map_batches(

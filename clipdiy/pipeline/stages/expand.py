@@ -9,6 +9,12 @@ whose blocks are not consumed. The decode stage then decodes the inline bytes in
 A row's listing columns are the shard's (``uri``, ``source_size/etag/mtime``: its version);
 its address columns (``source_*``, ``sample_key``, ``origin_url``) say where the bytes lie.
 A shard that cannot be opened costs one row (``image_id`` = the shard's id).
+
+Why not Ray Data's ``read_webdataset``/``read_parquet``: the rows must carry each image's
+address (the member's data offset in the tar; not in ``read_webdataset``'s output), a shard's
+damage must cost its rows rather than fail the read task, non-adjacent members of one key must
+be an error row (ray#44068), and planning is per shard against OUTPUT's rows, so the read
+takes the shard rows the planning left (with the samples to skip), not a path list.
 """
 
 from __future__ import annotations
@@ -63,13 +69,31 @@ class ExpandShards:
     """``map_batches`` function: shard rows -> sample rows (:data:`SAMPLE_SCHEMA`), a generator."""
 
     def __init__(self, storage: StorageOptions, input_format: str, block_rows: int, max_image_bytes: int | None,
-                 image_column: str | None = None, id_column: str | None = None):
+                 image_column: str | None = None, id_column: str | None = None, health=None):
         self.storage = storage
         self.input_format = input_format
         self.block_rows = block_rows
         self.max_image_bytes = max_image_bytes
         self.image_column = image_column or "image"
         self.id_column = id_column
+        # The run's RunHealth actor: a shard read is a read like a loose object's, so a store
+        # that fails every shard stops the run (--stop-after-failed-reads) instead of writing a
+        # row per shard.
+        self.health = health
+
+    def _report(self, failure: str | None, sample: str | None = None) -> None:
+        if self.health is None:
+            return
+        if failure is None:
+            self.health.record_reads.remote(1, {})
+            return
+        import ray
+
+        from clipdiy.errors import RunFailedError
+
+        verdict = ray.get(self.health.record_reads.remote(0, {failure: 1}, sample))
+        if verdict is not None:
+            raise RunFailedError(verdict)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         names = batch.column_names
@@ -107,10 +131,13 @@ class ExpandShards:
     def _samples(self, shard: dict, skip: frozenset) -> Iterator[tuple[ShardSample, dict]]:
         shard_id, public = shard["image_id"], shard["uri"]
         location = shard.get("signed_uri") or public
+        opened = False  # a failure after the open is the shard's damage, not a failed read
         try:
             fs, path = open_filesystem(location, self.storage)
             if self.input_format == "parquet":
                 with fs.open(path, "rb") as handle:
+                    opened = True
+                    self._report(None)
                     for sample, group, row in self._parquet(handle, shard_id, skip):
                         yield sample, {"row_group": group, "row": row}
                 return
@@ -118,6 +145,8 @@ class ExpandShards:
             compressed = is_compressed_name(path)
             # A streamed read: fsspec's read-ahead cache fetches READ_BLOCK_BYTES per request.
             with fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead") as handle:
+                opened = True
+                self._report(None)
                 for sample in iter_shard_samples(handle, shard_id, max_image_bytes=self.max_image_bytes, skip_ids=skip,
                                                  sidecar=sidecar, compressed_name=compressed):
                     yield sample, {}
@@ -125,9 +154,12 @@ class ExpandShards:
             from clipdiy.pipeline.stages.decode import read_error
             from clipdiy.pipeline.stages.health import classify_read_failure
 
-            kind, message = read_error(error, classify_read_failure(error))
+            failure = classify_read_failure(error)
+            kind, message = read_error(error, failure)
             message = redact_text(message.replace(location, public))
             logger.warning("cannot read shard %s: %s", public, message)
+            if not opened:
+                self._report(failure, f"{public}: {message}")
             if shard_id not in skip:
                 yield ShardSample(shard_id, None, error_kind=kind, error=f"shard {public}: {message}"), {}
 
