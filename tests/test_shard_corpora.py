@@ -127,6 +127,8 @@ def test_hugging_face_parquet_on_s3(ray_with_s3_credentials, s3_server, s3_bucke
 
     folder = tmp_path / "hf" / "data"
     folder.mkdir(parents=True)
+    from clipdiy.image_address import fetch_image_bytes
+
     images = [p.read_bytes() for p in coco_images[:4]]
     parquet_images(folder / "train-00000.parquet", [images[0], None, images[1]], struct=True, row_group_size=2)
     parquet_images(folder / "train-00001.parquet", images[2:4], struct=False, ids=["cat", "dog"], row_group_size=1)
@@ -151,6 +153,7 @@ def test_hugging_face_parquet_on_s3(ray_with_s3_credentials, s3_server, s3_bucke
         cell = group.column("image")[row["source_row"]].as_py()
         assert (cell["bytes"] if isinstance(cell, dict) else cell) == data
         assert row["status"] == "ok" and row["source_format"] == "parquet"
+        assert fetch_image_bytes(row, s3_server.options) == data  # what the readers of labels do
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
