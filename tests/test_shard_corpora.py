@@ -93,6 +93,24 @@ def test_img2dataset_shards_on_s3_by_brace_pattern_then_a_second_night(
         blob = fs.cat_file(path)
         assert b"s3cret" not in blob and b"user:secret" not in blob and DUMMY_SECRET.encode() not in blob
 
+    # The feed fetches each labelled image back by its row's address (clipdiy.image_address).
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from clipdiy.image_address import fetch_image_bytes
+    from clipdiy.labels.feed import LabelDataset
+
+    feed = LabelDataset(f"s3://{s3_bucket}/labels", storage=s3_server.options)
+    fed = {feed.records[i]["image_id"]: i for i in range(len(feed))}
+    assert good <= set(fed)
+    for row in rows:
+        if row["image_id"] in good:
+            assert fetch_image_bytes(row, s3_server.options) == by_key[row["sample_key"]]
+            image, _ = feed[fed[row["image_id"]]]
+            assert np.array_equal(image, np.asarray(Image.open(io.BytesIO(by_key[row["sample_key"]])).convert("RGB")))
+
     # Night 2: one new shard; only its samples are labelled, the other shards are skipped whole.
     night2 = tmp_path / "night2"
     night2.mkdir()
@@ -109,6 +127,8 @@ def test_hugging_face_parquet_on_s3(ray_with_s3_credentials, s3_server, s3_bucke
 
     folder = tmp_path / "hf" / "data"
     folder.mkdir(parents=True)
+    from clipdiy.image_address import fetch_image_bytes
+
     images = [p.read_bytes() for p in coco_images[:4]]
     parquet_images(folder / "train-00000.parquet", [images[0], None, images[1]], struct=True, row_group_size=2)
     parquet_images(folder / "train-00001.parquet", images[2:4], struct=False, ids=["cat", "dog"], row_group_size=1)
@@ -133,6 +153,7 @@ def test_hugging_face_parquet_on_s3(ray_with_s3_credentials, s3_server, s3_bucke
         cell = group.column("image")[row["source_row"]].as_py()
         assert (cell["bytes"] if isinstance(cell, dict) else cell) == data
         assert row["status"] == "ok" and row["source_format"] == "parquet"
+        assert fetch_image_bytes(row, s3_server.options) == data  # what the readers of labels do
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:

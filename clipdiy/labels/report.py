@@ -442,7 +442,7 @@ def _thumbnail(row: dict, config: ReportConfig, storage: StorageOptions | None) 
     from clipdiy.labels.preview import PreviewConfig, render_image
 
     try:
-        image = load_image(row["uri"], storage)
+        image = load_image(row, storage)  # by the row's address: one ranged read
     except (OSError, ValueError):
         return None  # the source moved or broke since labelling: the entry says so
     picture = render_image(row, image, PreviewConfig(size=config.thumbnail_size, legend_width=200))

@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from clipdiy.errors import ClipdiyError
+from clipdiy.image_address import DEFAULT_MAX_IMAGE_BYTES
 from clipdiy.pipeline.planning.incremental import RETRY_ERRORS
 from clipdiy.pipeline.stages.placement import DEVICES
 from clipdiy.segmentation.config import SegmenterConfig
@@ -17,9 +18,9 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 #: Default decompression-bomb guard: 100 megapixels (a 12,000 x 8,000 photo still passes).
 DEFAULT_MAX_PIXELS = 100_000_000
-#: Default bound of the bytes read per object: 256 MiB (a 100-megapixel JPEG is ~30-60 MB, a
+#: Default bound of the bytes read per object (defined with the image fetcher the readers of
+#: labels share, :mod:`clipdiy.image_address`): 256 MiB (a 100-megapixel JPEG is ~30-60 MB, a
 #: 16-bit TIFF of one 300 MB); larger objects get a ``too_large`` row without being read.
-DEFAULT_MAX_IMAGE_BYTES = 256 * 1024**2
 #: The most seconds one object's read may take (retries included): a stalled store costs at most
 #: two minutes of one decode task per object (docs/job/reads-and-faults.md).
 DEFAULT_READ_DEADLINE_S = 120.0
