@@ -366,8 +366,9 @@ class NaclipMethod:
     def decide(self, logits: torch.Tensor, forward: MethodLogits) -> MethodDecision:
         """SPEC 8.9: softmax over queries of 40 x logits, max per class, threshold to background.
 
-        logits: B x U x H x W, one map per distinct query word (any layout; pixel-major is the
-        fast one: a class-major input costs one transposing copy). Runs pixel-major, in blocks of
+        logits: B x U x H x W, one map per distinct query word (any strides: pixel-major is the
+        fast one; a tile's interior, a view into its region, is read in blocks of whole rows in
+        place, :func:`_pixel_blocks`). Runs pixel-major, in blocks of
         pixels whose scaled logits and query probabilities stay in two reused buffers (bounded
         memory, no fresh pages per step): per block one scaled copy, one softmax, then each
         class's best query by slice copies (runs of one-query classes) and slice maxima (classes
