@@ -27,6 +27,7 @@ from clipdiy.segmentation.config import CLIPDIY, PromptConfig, SegmenterConfig
 from clipdiy.segmentation.images import ImageLike, to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage
 from clipdiy.segmentation.result import SegmentationResult
+from clipdiy.segmentation.tiles import area_bin_sizes, area_pool_region, bilinear_region
 from clipdiy.segmentation.vocabulary import Vocabulary, vocabulary_hash
 
 
@@ -251,7 +252,6 @@ class Segmenter:
         (sums in float64). Holds one tile's maps, the label maps and the preview sums.
         """
         from clipdiy.segmentation.refine import pamr
-        from clipdiy.segmentation.tiles import area_bin_sizes, area_pool_region, bilinear_region
 
         source, source_guide, size = forward.source, forward.source_guide, tuple(forward.size)
         batch, height, width = source.shape[0], size[0], size[1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -54,7 +55,7 @@ def axis_spans(size: int, side: int, halo: int) -> list[Span]:
         raise ValueError(f"a tile side of {side} leaves no interior inside a halo of {halo} on each side")
     count = math.ceil(size / interior)
     edges = [round(i * size / count) for i in range(count + 1)]
-    return [Span(a, b, max(0, a - halo), min(size, b + halo)) for a, b in zip(edges[:-1], edges[1:])]
+    return [Span(a, b, max(0, a - halo), min(size, b + halo)) for a, b in pairwise(edges)]
 
 
 def plan_tiles(height: int, width: int, side: int, halo: int) -> list[Tile]:
@@ -136,6 +137,6 @@ def _bin_edges(size: int, bins: int, device) -> tuple[torch.Tensor, torch.Tensor
 
 def area_bin_sizes(size: tuple[int, int], out_size: tuple[int, int], device) -> torch.Tensor:
     """h' x w' float64 pixel counts of adaptive pooling's bins (see :func:`area_pool_region`)."""
-    rows = [(high - low).double() for low, high in [_bin_edges(size[0], out_size[0], device)]][0]
-    cols = [(high - low).double() for low, high in [_bin_edges(size[1], out_size[1], device)]][0]
-    return rows.view(-1, 1) * cols.view(1, -1)
+    row_low, row_high = _bin_edges(size[0], out_size[0], device)
+    col_low, col_high = _bin_edges(size[1], out_size[1], device)
+    return (row_high - row_low).double().view(-1, 1) * (col_high - col_low).double().view(1, -1)
