@@ -142,6 +142,11 @@ class NaclipConfig:
     a 224 window 197): images of all sizes share forwards up to it (``None``: 32768 on CUDA, 8192
     on CPU, where larger forwards run no faster and cost memory). An image longer than the
     bound runs alone.
+    ``tile_side``: the steps after the forward (upsampling to the original size, PAMR, the
+    decision, the scores) run over tiles of the original image at most ``tile_side`` x
+    ``tile_side`` pixels, halo included (PAMR's reach, 176 px with its defaults), so their memory
+    is set by it, not by the photo; a photo that fits in one tile runs whole. Exact either way
+    (:mod:`clipdiy.segmentation.tiles`).
     """
 
     window: str = WINDOW_AUTO
@@ -153,8 +158,11 @@ class NaclipConfig:
     logit_scale: float = 40.0
     threshold: float = 0.1
     max_forward_tokens: int | None = None
+    tile_side: int = 1344
 
     def __post_init__(self) -> None:
+        if self.tile_side < 1:
+            raise ValueError(f"NaclipConfig.tile_side must be >= 1, got {self.tile_side}")
         if self.max_forward_tokens is not None and self.max_forward_tokens < 1:
             raise ValueError(f"NaclipConfig.max_forward_tokens must be >= 1, got {self.max_forward_tokens}")
         if self.window not in WINDOWS:
