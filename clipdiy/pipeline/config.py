@@ -30,8 +30,9 @@ DEFAULT_TIMED_OUT_NIGHTS = 3
 #: goes image by image and the image that still kills its process gets a ``worker_lost`` row.
 DEFAULT_MAX_WORKER_DEATHS = 3
 #: Default bound of one image's working memory in the inference actor (the method's estimate,
-#: ``SegmentationMethod.working_bytes``): 16 GiB lets NACLIP label a 12-megapixel photo with the
-#: authors' COCO-Object words (about 15.5 GB, 14.4 GiB) and refuses a 100-megapixel one.
+#: ``SegmentationMethod.working_bytes``). NACLIP works in tiles of the original photo after its
+#: forward, so its estimate follows the tile (about 2.6 GB at 100 megapixels with the authors'
+#: COCO-Object words and PAMR): with 16 GiB no photo under the decode guard is refused for memory.
 DEFAULT_MAX_IMAGE_MEMORY_GB = 16.0
 #: Listing rows per block handed to the labelling, in decode batches. A decode task takes whole
 #: blocks, so blocks stay small enough for decode tasks to run in parallel; the listing streams
