@@ -46,15 +46,15 @@ def dino_patch_features(dino: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 def dino_similarity_means(features: torch.Tensor, owners: torch.Tensor, images: int) -> torch.Tensor:
     """The mean DINO cosine similarity of each image over all its windows' token pairs (4.2.4).
 
-    features: B x D x gh x gw of B windows; owners: (B,) image index of each window. The mean of
-    a window's n x n cosine matrix is |sum of its unit vectors|^2 / n^2; an image's mean is the
-    average over its windows (all windows have the same n). Returns (images,) float32.
+    features: B x D x gh x gw of B windows; owners: (B,) image index of each window. An image's
+    mean is the average of its windows' n x n cosine means (all windows have the same n), the
+    authors' one mean over the whole window batch of one image. Returns (images,) in the
+    features' dtype.
     """
-    unit = F.normalize(features.flatten(2).float(), dim=1)  # B x D x n
-    tokens = unit.shape[-1]
-    window_means = unit.sum(dim=-1).square().sum(dim=-1) / tokens**2
-    sums = torch.zeros(images, device=features.device).index_add_(0, owners, window_means)
-    counts = torch.zeros(images, device=features.device).index_add_(0, owners, torch.ones_like(window_means))
+    unit = F.normalize(features.flatten(2), dim=1)  # B x D x n
+    window_means = (unit.transpose(1, 2) @ unit).mean(dim=(1, 2))
+    sums = window_means.new_zeros(images).index_add_(0, owners, window_means)
+    counts = window_means.new_zeros(images).index_add_(0, owners, torch.ones_like(window_means))
     return sums / counts
 
 
@@ -108,13 +108,16 @@ def sam_guided_weights(attention: torch.Tensor, values: torch.Tensor, cos_fac: f
     rows renormalised. Heads are accumulated one at a time (one N x N cosine in memory).
     """
     unit = F.normalize(values.float(), dim=-1)
-    heads = unit.shape[1]
-    # mean_j mean_k C_j[i, k] = mean_j (u_ji . mean_k u_jk): no N x N matrix needed for tau.
-    tau = cos_fac * torch.einsum("bjnd,bjd->bn", unit, unit.mean(dim=2)) / heads  # B x N
+    batch, heads, tokens, _ = unit.shape
+    # Two passes over the heads, one N x N cosine in memory at a time: tau, then the filter.
+    summed = torch.zeros(batch, tokens, tokens, device=unit.device)
+    for head in range(heads):
+        summed += unit[:, head] @ unit[:, head].transpose(-2, -1)
+    tau = cos_fac * (summed / heads).mean(dim=-1, keepdim=True)  # B x N x 1: mean over heads, then keys
     if not refine_neg_cos:
         tau = torch.where(tau < 0.0, torch.full_like(tau, 0.6), tau)
-    tau = tau.clamp(max=0.9).unsqueeze(-1)
-    weights = torch.zeros(unit.shape[0], unit.shape[2], unit.shape[2], device=unit.device)
+    tau = tau.clamp(max=0.9)
+    weights = summed.zero_()
     for head in range(heads):
         cosine = unit[:, head] @ unit[:, head].transpose(-2, -1)
         weights += torch.where(cosine > tau, attention[:, head].float(), 0.0)

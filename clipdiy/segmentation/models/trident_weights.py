@@ -29,11 +29,12 @@ def load_trident_dino(config: TridentConfig) -> tuple[nn.Module, str]:
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    model = timm.create_model(config.dino, pretrained=False, num_classes=0)
-    if config.dino_checkpoint:
+    if config.dino_checkpoint:  # resolved first: a missing file fails before any model is built
         path = resolve_file(config.dino_checkpoint, TRIDENT_DINO_WEIGHTS)
         provenance = weights_id(path)
+        model = timm.create_model(config.dino, pretrained=False, num_classes=0)
     else:
+        model = timm.create_model(config.dino, pretrained=False, num_classes=0)
         hub_id = model.pretrained_cfg.get("hf_hub_id")
         if not hub_id:
             raise TRIDENT_DINO_WEIGHTS.missing(f"timm has no hub location for {config.dino}")
