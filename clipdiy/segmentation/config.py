@@ -229,7 +229,8 @@ class SegmenterConfig:
     ``bf16`` when asked for explicitly (faster on GPUs; how far they move the labels: README).
     It is recorded in every row and in the run's fingerprint. ``text_cache_dir``: where text
     embeddings are cached on disk (``None``: memory only).
-    ``method``: ``clipdiy`` (the paper, faithful) or ``naclip`` (SPEC 8; ``naclip`` settings).
+    ``method``: ``clipdiy`` (the paper, faithful), ``naclip`` (SPEC 8; ``naclip`` settings) or
+    ``trident`` (``trident`` settings: its DINO and SAM weights, the published per-vocabulary values).
     Left at its default, ``clip`` becomes the method's published CLIP
     (:func:`default_clip_config`). ``refine``: ``auto`` (PAMR for NACLIP, none for CLIP-DIY, as
     published), ``pamr`` or ``none``; ``pamr`` holds its settings.
@@ -255,6 +256,8 @@ class SegmenterConfig:
             if self.refine == REFINE_SAM:
                 raise ValueError("refine='sam' (--refine sam, Trident's SAM refinement) is not implemented yet; use 'none'")
             raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
+        if self.method == TRIDENT and self.precision != "fp32":
+            raise ValueError(f"precision={self.precision!r} (--precision) is not implemented for Trident yet (the authors' fp16 casts); use fp32")
         if self.method == TRIDENT and self.refinement == REFINE_PAMR:
             raise ValueError("Trident is not refined with PAMR (refine='pamr'); use refine='none' or 'auto'")
         if self.method in (NACLIP, TRIDENT) and self.clip == ClipConfig():
