@@ -73,6 +73,7 @@ def text(models, coco_images):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three SAM ViT-B encoder passes at 1024 px per photo on a CPU: minutes on a loaded box
 def test_batched_trident_matches_the_transcription(models, photos, text, monkeypatch):
     from reference_trident import reference_decide, reference_logits
 
