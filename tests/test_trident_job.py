@@ -75,7 +75,8 @@ def test_label_job_with_trident_labels_a_folder(small_photos, tiny16_clip, tmp_p
     argv = cli_args(small_photos, output, tiny16_clip, "--method", "trident", "--vocabulary", str(vocabulary),
                     "--trident-dino-checkpoint", trident.dino_checkpoint, "--sam-checkpoint", trident.sam_checkpoint,
                     "--batch-size", "2")[2:]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a Ray of its own even where another is running on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert run_cli(argv) == 0
     finally:
