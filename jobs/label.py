@@ -40,6 +40,8 @@ from clipdiy.segmentation.config import (
     NACLIP,
     PRECISIONS,
     REFINES,
+    TRIDENT,
+    TRIDENT_SAM_URL,
     WINDOWS,
     ClipConfig,
     NaclipConfig,
@@ -47,6 +49,7 @@ from clipdiy.segmentation.config import (
     PromptConfig,
     SaliencyConfig,
     SegmenterConfig,
+    TridentConfig,
     default_clip_config,
 )
 from clipdiy.segmentation.samples import SAMPLES_INPUT, samples_manifest
@@ -131,19 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument("--region", default=None, help="bucket region; env AWS_REGION / AWS_DEFAULT_REGION")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--method", choices=("clipdiy", "naclip"), default="clipdiy",
-                       help="segmentation method: clipdiy (the paper: 59 CLIP crops + FOUND saliency) or naclip "
-                            "(one CLIP ViT-B/16 forward per image + PAMR; see docs/methods/naclip.md)")
+    model.add_argument("--method", choices=("clipdiy", "naclip", "trident"), default="clipdiy",
+                       help="segmentation method: clipdiy (the paper: 59 CLIP crops + FOUND saliency), naclip "
+                            "(one CLIP ViT-B/16 forward per image + PAMR; see docs/methods/naclip.md) or trident "
+                            "(CLIP ViT-B/16 + DINO ViT-B/16 + SAM ViT-B, about 12x NACLIP's cost; docs/methods/trident.md)")
     model.add_argument("--vocabulary", default=None,
-                       help="class vocabulary: 'voc' (the paper's names, e.g. 'diningtable', 'tv/monitor'), 'voc-readable', 'coco', 'naclip-voc21', 'naclip-coco-object', or a "
+                       help="class vocabulary: 'voc' (the paper's names, e.g. 'diningtable', 'tv/monitor'), 'voc-readable', 'coco', 'naclip-voc21', 'naclip-coco-object', 'trident-voc21', 'trident-coco-object', or a "
                             ".txt/.yaml/.json file (class 0 is background); default: voc for clipdiy, "
-                            "naclip-voc21 for naclip")
+                            "naclip-voc21 for naclip, trident-voc21 for trident")
     model.add_argument("--clip-model", default=None,
                        help=f"open_clip model name (default: {defaults_clip.model} for clipdiy, "
-                            f"{default_clip_config(NACLIP).model} for naclip)")
+                            f"{default_clip_config(NACLIP).model} for naclip and trident)")
     model.add_argument("--clip-pretrained", default=None,
                        help=f"open_clip pretrained tag, downloaded from the hub on first use (default: "
-                            f"{defaults_clip.pretrained} for clipdiy, {default_clip_config(NACLIP).pretrained} for naclip)")
+                            f"{defaults_clip.pretrained} for clipdiy, {default_clip_config(NACLIP).pretrained} for naclip and trident)")
     model.add_argument("--clip-checkpoint", default=None, metavar="PATH",
                        help="local path or URI of CLIP weights; wins over --clip-pretrained (the offline way)")
     model.add_argument("--clip-model-config", default=None, metavar="JSON",
@@ -168,10 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model precision on every device: fp32 (the paper's; default), or fp16/bf16 "
                             "(faster on GPUs, moves some labels: see docs/methods/faithfulness.md)")
     model.add_argument("--refine", choices=REFINES, default="auto",
-                       help="refine the method's logits with PAMR: auto = as published (on for naclip, off for clipdiy)")
+                       help="refine the method's logits with PAMR: auto = as published (on for naclip, off for clipdiy "
+                            "and for trident, whose SAM refinement is not implemented yet)")
     model.add_argument("--pamr-iterations", type=int, default=PamrConfig().iterations, help="PAMR iterations")
     model.add_argument("--pamr-dilations", default=",".join(str(d) for d in PamrConfig().dilations), metavar="D1,D2",
                        help="PAMR dilations, comma-separated")
+    model.add_argument("--trident-dino-checkpoint", default=None, metavar="PATH",
+                       help="trident: DINO ViT-B/16 weights (timm vit_base_patch16_224.dino; local path or URI; "
+                            "default: the timm hub weights)")
+    model.add_argument("--sam-checkpoint", default=TRIDENT_SAM_URL, metavar="PATH",
+                       help="trident: SAM ViT-B weights sam_vit_b_01ec64.pth (local path, URI or URL)")
+    model.add_argument("--trident-prob-thd", type=float, default=None, metavar="P",
+                       help="trident: pixels whose best class probability is under P go to background "
+                            "(default: the vocabulary's published value, 0.2 trident-voc21, 0.25 trident-coco-object)")
     model.add_argument("--naclip-window", choices=WINDOWS, default="auto",
                        help="naclip: whole image in one forward, or 224-px sliding windows (stride 112); auto = the "
                             "authors' choice for the vocabulary (whole for VOC, slide otherwise)")
@@ -258,7 +271,7 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--pamr-dilations must be comma-separated integers, got {args.pamr_dilations!r}") from None
     segmenter = SegmenterConfig(
         method=args.method,
-        vocabulary=args.vocabulary or ("naclip-voc21" if args.method == NACLIP else "voc"),
+        vocabulary=args.vocabulary or {NACLIP: "naclip-voc21", TRIDENT: "trident-voc21"}.get(args.method, "voc"),
         clip=ClipConfig(
             model=args.clip_model or clip_defaults.model,
             pretrained=args.clip_pretrained if args.clip_pretrained is not None else clip_defaults.pretrained,
@@ -268,6 +281,9 @@ def config_from_args(args: argparse.Namespace):
         refine=args.refine,
         pamr=PamrConfig(iterations=args.pamr_iterations, dilations=dilations),
         naclip=NaclipConfig(window=args.naclip_window),
+        trident=TridentConfig(
+            dino_checkpoint=args.trident_dino_checkpoint, sam_checkpoint=args.sam_checkpoint, prob_thd=args.trident_prob_thd
+        ),
         saliency=SaliencyConfig(
             backend=args.saliency,
             backbone=args.dino_model,
