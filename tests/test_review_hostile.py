@@ -98,12 +98,11 @@ def test_any_rle_decodes_to_the_rows_mask_or_raises_value_error_with_bounded_mem
     assert peak["bytes"] < 256 * 1024 + 64 * 8 * len(rle)
 
 
-def test_two_tasks_for_one_row_give_one_human_row(tmp_path):
+def labels_and_export(tmp_path):
+    """A labels output of two photos (run model-1) and a Label Studio export correcting them, with
+    two tasks for the row of photos/a.png (the same row imported twice); returns both paths."""
     from labels_fixtures import LabelItem, write_image, write_labels_output
-    from pipeline_support import read_all_rows
     from test_review import H, W, _label
-
-    from clipdiy.pipeline.control.corrections import import_corrections
 
     items = []
     for name in ("a", "b"):
@@ -121,11 +120,20 @@ def test_two_tasks_for_one_row_give_one_human_row(tmp_path):
         return {"id": task_id, "data": {"image_id": image_id, "run_id": "model-1"},
                 "annotations": [{"id": task_id, "completed_by": task_id, "updated_at": updated, "result": [result]}]}
 
-    # The same row imported into Label Studio twice (two exports, or one import run twice).
     export = [task(1, "photos/a.png", 4, "2026-05-02T10:00:00Z"), task(2, "photos/a.png", 9, "2026-05-02T11:00:00Z"),
               task(3, "photos/b.png", 2, "2026-05-02T09:00:00Z")]
     source = tmp_path / "export.json"
     source.write_text(json.dumps(export))
+    return labels, source
+
+
+def test_two_tasks_for_one_row_give_one_human_row(tmp_path):
+    from pipeline_support import read_all_rows
+    from test_review import H
+
+    from clipdiy.pipeline.control.corrections import import_corrections
+
+    labels, source = labels_and_export(tmp_path)
     summary = import_corrections(str(source), str(labels), run_id="h-1")
     rows = read_all_rows(labels, "h-1").to_pylist()
     assert sorted(r["image_id"] for r in rows) == ["photos/a.png", "photos/b.png"]

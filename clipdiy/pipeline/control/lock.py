@@ -1,7 +1,10 @@
 """One live writer per OUTPUT: a lock file with the run id, host, pid, a token and a heartbeat.
 
 A second run on the same OUTPUT refuses with :class:`OutputLockedError` while the lock is live.
-A lock is stale (and may be taken over) when its heartbeat is older than ``stale_after_s``, at
+A lock is stale (and may be taken over) when its heartbeat is older than ``stale_after_s`` (the
+larger of the taker's and the holder's own, which the lock document records: a holder promises
+to stop writing before its own ``stale_after_s``, so a taker with a shorter setting, such as
+``jobs/review.py import``, must not judge it by that), at
 once when it was taken on this host by a process that no longer exists (a killed driver), and,
 when the file is empty or unreadable (a driver killed between create and write, by an older
 version or another tool), once the file is older than ``corrupt_grace_s``.
@@ -73,13 +76,20 @@ class LockInfo:
     token: str
     acquired_at: float
     heartbeat_at: float
+    #: After how long without a heartbeat the holder itself counts its lock stale (its watchdog
+    #: stops it writing before then). None in documents of older versions.
+    stale_after_s: float | None = None
 
     @classmethod
     def parse(cls, data: bytes) -> LockInfo | None:
         """The lock document in ``data``, or None when it is empty or not a lock document."""
         try:
             document = json.loads(data.decode("utf-8"))
-            return cls(**{name: document[name] for name in cls.__dataclass_fields__})
+            fields = cls.__dataclass_fields__
+            info = cls(**{name: document[name] for name in fields if name in document or name != "stale_after_s"})
+            if info.stale_after_s is not None:
+                info.stale_after_s = float(info.stale_after_s)
+            return info
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -132,7 +142,7 @@ class OutputLock:
         self.on_lost = on_lost
         self.store = store if store is not None else open_lock_store(layout)
         now = time.time()
-        self.info = LockInfo(run_id, socket.gethostname(), os.getpid(), uuid.uuid4().hex, now, now)
+        self.info = LockInfo(run_id, socket.gethostname(), os.getpid(), uuid.uuid4().hex, now, now, stale_after_s)
         self.lost = False
         self.lost_reason: str | None = None
         self._version: str | None = None  # the version of the lock file this run last wrote
@@ -154,11 +164,18 @@ class OutputLock:
     def stale_reason(self, info: LockInfo) -> str | None:
         """Why a lock may be taken over, or None while its holder looks alive."""
         age = time.time() - info.heartbeat_at
-        if age > self.stale_after_s:
-            return f"its heartbeat is {age:.0f} s old"
+        stale_after_s = self.stale_after(info)
+        if age > stale_after_s:
+            return f"its heartbeat is {age:.0f} s old (stale after {stale_after_s:.0f} s)"
         if info.host == socket.gethostname() and not _pid_alive(info.pid):
             return f"its process {info.pid} on this host is gone"
         return None
+
+    def stale_after(self, info: LockInfo) -> float:
+        """Seconds without a heartbeat after which ``info``'s lock is stale: this run's setting or
+        the holder's own, whichever is longer (a NaN, negative or missing value counts as none)."""
+        holder = info.stale_after_s
+        return max(self.stale_after_s, holder) if holder is not None and holder == holder and holder > 0 else self.stale_after_s
 
     # ------------------------------------------------------------------ taking the lock
 
