@@ -48,6 +48,7 @@ from clipdiy.pipeline.control.lock_store import (
     StoredLock,
     open_lock_store,
 )
+from clipdiy.pipeline.control.failure import one_line
 from clipdiy.uris import redact_uri
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,11 @@ class LockInfo:
 
     def encode(self) -> bytes:
         return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+
+#: Tokens of the locks this process holds now: a lock document naming this process with another
+#: token was left by a run of this process that ended without deleting it (a read-only store).
+_HELD_HERE: set[str] = set()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -169,6 +175,8 @@ class OutputLock:
             return f"its heartbeat is {age:.0f} s old (stale after {stale_after_s:.0f} s)"
         if info.host == socket.gethostname() and not _pid_alive(info.pid):
             return f"its process {info.pid} on this host is gone"
+        if info.host == socket.gethostname() and info.pid == os.getpid() and info.token not in _HELD_HERE:
+            return "its run, in this process, has ended"
         return None
 
     def stale_after(self, info: LockInfo) -> float:
@@ -238,6 +246,7 @@ class OutputLock:
     # ------------------------------------------------------------------ holding it
 
     def _start_threads(self) -> None:
+        _HELD_HERE.add(self.info.token)
         self._stop.clear()
         self._threads = [
             threading.Thread(target=self._beat, name="clipdiy-lock-heartbeat", daemon=True),
@@ -319,15 +328,23 @@ class OutputLock:
             raise self._lost_error()
 
     def release(self) -> None:
+        """Stop the heartbeat and delete the lock file. A store that refuses the delete (full,
+        read-only, unreachable: often the very fault that ended the run) leaves the file, which
+        the next run takes over (this process gone, or its heartbeat stale); the refusal is
+        logged, not raised, so it never hides the error that ended the run."""
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
+        _HELD_HERE.discard(self.info.token)
         if self.lost or self._version is None:
             return
         try:
             self.store.delete(self._version)
         except ConditionalWriteConflict:
             logger.warning("the lock of %s is no longer this run's; left in place", self.where)
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            logger.warning("could not delete the lock of %s (%s); the next run takes it over", self.where,
+                           one_line(f"{type(error).__name__}: {error}"))
         self._version = None
 
     def __enter__(self) -> Self:
