@@ -5,7 +5,8 @@ whose own text is the task's name in terminal colours (``\\x1b[36mray::MapBatche
 MapBatches(write_shard)()\\x1b[39m (pid=..., ip=...)``), the real exception (``OSError: [Errno 28]
 No space left on device: '<OUTPUT>/runs/<run>/part-...parquet'``) two links down its cause
 chain. :func:`describe_failure` walks that chain (Ray's ``cause``, ``__cause__``, ``__context__``)
-to the root: the innermost ``OSError`` when there is one (a full or read-only disk, a store that
+to the root: clipdiy's own error where there is one (``OutputWriteError`` names the file), else
+the innermost ``OSError`` when there is one (a full or read-only disk, a store that
 refuses: a fault of the output or the network, with the path it concerns), else the innermost
 exception that is not a Ray wrapper; its text without colour codes, on one line, redacted.
 """
@@ -44,8 +45,15 @@ def cause_chain(error: BaseException) -> list[BaseException]:
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """The exception that says what went wrong (see the module docstring)."""
+    """The exception that says what went wrong (see the module docstring): clipdiy's own error
+    nearest the top (its message was written for this line, e.g. the OUTPUT file a write failed
+    on), else the innermost ``OSError``, else the innermost exception that is not a Ray wrapper."""
+    from clipdiy.errors import ClipdiyError
+
     chain = cause_chain(error)
+    for candidate in chain:
+        if isinstance(candidate, ClipdiyError) and not _is_wrapper(candidate):
+            return candidate
     for candidate in reversed(chain):
         if isinstance(candidate, OSError):
             return candidate
