@@ -6,8 +6,7 @@
   the OUTPUT path), with no terminal colour codes and no Ray wrapper as the message; nothing a
   reader would take as finished is left (no run manifest); with the space back, the next start
   resumes and every image has exactly one row;
-- write tasks killed (SIGKILL) at generated points (which shard, before its file is written or
-  after it was renamed into place): the run ends by itself with exit 0 and every image exactly once.
+- (write tasks killed at generated points are in ``test_job_invariants.py``, with the invariants.)
 
 One local Ray for the module, whose workers run ``fault_injection.install``. The tmpfs needs root
 (``mount -t tmpfs``); where it cannot be mounted the two file-system tests are skipped, saying so.
@@ -17,13 +16,17 @@ from __future__ import annotations
 
 import re
 import subprocess
-import uuid
 
 import pytest
-from fault_injection import fill_file_system, runtime_env, set_output_fault, set_writer_killer
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from pipeline_support import cli_args, copy_images, label_main, local_ray, manifests, read_all_rows
+from fault_injection import fill_file_system, runtime_env, set_output_fault
+from pipeline_support import (
+    cli_args,
+    copy_images,
+    label_main,
+    local_ray,
+    manifests,
+    read_all_rows,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -104,23 +107,6 @@ def test_output_filling_up_or_turning_read_only_stops_loudly_and_the_next_start_
     else:
         subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
     assert label_main(args) == 0, capsys.readouterr().err[-3000:]
-    _exactly_once(output, names)
-
-
-@settings(max_examples=3)
-@given(nth=st.integers(1, IMAGES // 2), phase=st.sampled_from(["before", "after"]))
-def test_write_tasks_killed_at_generated_points_lose_and_duplicate_nothing(
-        nth, phase, ray_with_faults, fault_spec, corpus, tiny_clip_config, tmp_path_factory):
-    folder, names = corpus
-    work = tmp_path_factory.mktemp(f"killed-writer-{uuid.uuid4().hex[:6]}")
-    output = work / "labels"
-    set_writer_killer(fault_spec, nth, phase, work / "writes")
-    try:
-        status = label_main(cli_args(folder, output, tiny_clip_config, *JOB_OPTIONS)[2:])
-    finally:
-        fault_spec.write_text("{}")
-    assert (work / "writes.fired").exists(), "the writer was killed"
-    assert status == 0
     _exactly_once(output, names)
 
 

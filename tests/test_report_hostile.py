@@ -17,15 +17,23 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from labels_fixtures import VOC_NAMES, LabelItem, write_image, write_labels_output
-from test_report import CAT, DOG, H, PERSON, W, _Page, _scene, _set_manifest, load_report_job
+from labels_fixtures import LabelItem, write_image, write_labels_output
+from test_report import (
+    CAT,
+    DOG,
+    H,
+    W,
+    _Page,
+    _scene,
+    _set_manifest,
+    load_report_job,
+)
 
 from clipdiy.labels.report import ReportConfig, collect, render_html
 
-day = lambda d: dt.datetime(2026, 3, d, 2, 0, tzinfo=dt.timezone.utc)  # noqa: E731
+day = lambda d: dt.datetime(2026, 3, d, 2, 0, tzinfo=dt.timezone.utc)
 
 
 def _two_nights(tmp_path: Path) -> tuple[Path, str]:
