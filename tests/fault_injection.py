@@ -161,7 +161,7 @@ def install() -> None:
 
     def with_fault(self, batch):
         spec = _spec()
-        if (spec and spec["action"] != "killers" and spec["image_id"] in batch.column("image_id").to_pylist()
+        if (spec and spec["action"] in ("cuda", "kill", "hang") and spec["image_id"] in batch.column("image_id").to_pylist()
                 and _claim(spec["marker"])):
             _fire(self, spec)
         return original(self, batch)

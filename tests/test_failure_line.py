@@ -65,3 +65,10 @@ def test_a_credential_in_the_cause_is_redacted():
     error = OSError(errno.EIO, "I/O error", "s3://AKIAEXAMPLE:wJalrXUtn@bucket/labels/x.parquet")
     line = describe_failure(_as_ray_delivers(error))
     assert "wJalrXUtn" not in line and "[Errno 5] I/O error" in line
+
+
+def test_ray_datas_retry_note_is_not_the_message():
+    note = ("\nFailed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\nTo change retry attempts, "
+            "configure `ray.data.DataContext.get_current()` if you believe this to be transient.")
+    assert describe_failure(KeyError("image_id" + note)) == "KeyError: 'image_id'"
+    assert describe_failure(ValueError("bad value" + note)) == "ValueError: bad value"

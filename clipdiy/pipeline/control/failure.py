@@ -63,9 +63,15 @@ def root_cause(error: BaseException) -> BaseException:
     return chain[-1]
 
 
+#: The retry note Ray Data appends to a task's exception message ("\nFailed to apply UDF transform
+#: after 1/1 attempts ..."), also inside a repr (a KeyError's text), where the newline is "\\n".
+_RAY_RETRY_NOTE = re.compile(r"(?:\n|\\n)Failed to .*? after \d+/\d+ attempts.*?(?=['\"]?\Z)", re.S)
+
+
 def one_line(text: str) -> str:
-    """``text`` without terminal escape codes, its first non-empty line, redacted."""
-    clean = _ANSI.sub("", text)
+    """``text`` without terminal escape codes or Ray Data's retry note, its first non-empty
+    line, redacted."""
+    clean = _RAY_RETRY_NOTE.sub("", _ANSI.sub("", text))
     lines = [line.strip() for line in clean.splitlines() if line.strip()]
     return redact_text(lines[0]) if lines else ""
 
