@@ -65,7 +65,7 @@ def _bits(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
 
 
 #: The most values :func:`decode_values` accepts from a header when the caller names no size: a
-#: 16384 x 16384 RGBA mask (1 GiB would be the header's own word for it otherwise: 2**32 - 1).
+#: 16384 x 16384 RGBA mask, 1 GiB (the header's 32-bit count alone could ask for 4 GiB).
 MAX_VALUES = 16384 * 16384 * 4
 
 
