@@ -340,8 +340,11 @@ def config_from_args(args: argparse.Namespace):
 
 def _refuse(error: BaseException) -> int:
     """One error line (no credentials); exit 2, or the error's own ``exit_status`` (1 or 3 when work was done)."""
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    print(f"{PROG}: error: {redact_text(message)}", file=sys.stderr, flush=True)
+    from clipdiy.pipeline.control.failure import one_line, root_cause
+
+    # root_cause: an error raised in a Ray task arrives inside Ray's wrapper, whose text is not the message.
+    message = one_line(str(root_cause(error))) or type(error).__name__
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     return getattr(error, "exit_status", 2)
 
 
@@ -378,10 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         # Refusals (input, weights, vocabulary, lock) and stopped runs are one line; tracebacks are for bugs.
         return _refuse(error)
     except Exception as error:  # logged with its traceback, reported as "failed mid-run"
+        from clipdiy.pipeline.control.failure import describe_failure
+
         logging.getLogger(PROG).exception("the run failed")
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(f"{PROG}: error: the run failed mid-run ({type(error).__name__}: {redact_text(detail)}); start again to resume",
-              file=sys.stderr)
+        # The root cause (a full disk and its path), not the Ray task wrapper that carried it.
+        print(f"{PROG}: error: the run failed mid-run ({describe_failure(error)}); start again to resume",
+              file=sys.stderr, flush=True)
         return 1
     print(f"{PROG}: {summary.line()}", flush=True)
     return 0

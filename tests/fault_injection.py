@@ -15,6 +15,16 @@ from a file at every batch (worker processes outlive one job). The first batch h
 that touches a named image is killed (SIGKILL), as the kernel's OOM killer ends a process that
 an image makes allocate too much. ``decode``: a decode task, as it starts on the image (any
 batch); ``inference``: an inference actor, as it predicts a batch holding the image.
+
+Faults of the output side (:func:`set_output_fault`), once (the first process to create
+``marker`` fires it), as a decode task starts on a named image:
+
+- ``fill``: the file system of a folder fills up (a file is written there until ENOSPC);
+- ``readonly``: the file system mounted at a folder is remounted read-only (needs root);
+
+and :func:`set_writer_killer`: the process writing the ``nth`` shard of a run (counted across the
+cluster) is killed (SIGKILL), ``before`` it writes the file or ``after`` it was renamed into place
+(before the task returns its stats).
 """
 
 from __future__ import annotations
@@ -46,6 +56,60 @@ def set_killers(spec_file: Path, decode: str | None = None, inference: str | Non
     """Kill the process that touches ``decode`` in a decode task, or ``inference`` in an actor,
     every time (read at every image or batch)."""
     spec_file.write_text(json.dumps({"action": "killers", "decode": decode, "inference": inference}))
+
+
+def set_output_fault(spec_file: Path, action: str, image_id: str, folder: Path, marker: Path) -> None:
+    """Arm ``fill`` or ``readonly`` of ``folder``'s file system for when a decode task reaches ``image_id``."""
+    spec_file.write_text(json.dumps({"action": action, "image_id": image_id, "folder": str(folder),
+                                     "marker": str(marker)}))
+
+
+def set_writer_killer(spec_file: Path, nth: int, phase: str, counter: Path) -> None:
+    """Kill the process writing the ``nth`` shard (1-based, counted in ``counter``), once."""
+    spec_file.write_text(json.dumps({"action": "kill_writer", "nth": nth, "phase": phase, "counter": str(counter)}))
+
+
+def fill_file_system(folder: str) -> None:
+    """Write a file in ``folder`` until its file system is full."""
+    block = b"\0" * (64 * 1024)
+    with open(os.path.join(folder, "filler.bin"), "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(block)
+        except OSError:
+            pass
+    # Leave less than a page: small writes fail too (tmpfs allocates by page).
+    for i in range(4096):
+        try:
+            with open(os.path.join(folder, f"filler-{i}.bin"), "wb", buffering=0) as handle:
+                handle.write(b"\0" * 1024)
+        except OSError:
+            break
+
+
+def _output_fault(image_id: str) -> None:
+    spec = _spec()
+    if not spec or spec["action"] not in ("fill", "readonly") or spec["image_id"] != image_id:
+        return
+    if not _claim(spec["marker"]):
+        return
+    if spec["action"] == "fill":
+        fill_file_system(spec["folder"])
+    else:
+        import subprocess
+
+        subprocess.run(["mount", "-o", "remount,ro", spec["folder"]], check=True, capture_output=True)
+
+
+def _writer_killer(phase: str) -> None:
+    spec = _spec()
+    if not spec or spec["action"] != "kill_writer":
+        return
+    counter = spec["counter"] + "." + phase
+    with open(counter, "a") as handle:  # one byte per shard write started (O_APPEND: atomic)
+        handle.write("x")
+    if os.path.getsize(counter) == spec["nth"] and spec["phase"] == phase and _claim(spec["counter"] + ".fired"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _spec() -> dict | None:
@@ -97,7 +161,7 @@ def install() -> None:
 
     def with_fault(self, batch):
         spec = _spec()
-        if (spec and spec["action"] != "killers" and spec["image_id"] in batch.column("image_id").to_pylist()
+        if (spec and spec["action"] in ("cuda", "kill", "hang") and spec["image_id"] in batch.column("image_id").to_pylist()
                 and _claim(spec["marker"])):
             _fire(self, spec)
         return original(self, batch)
@@ -107,6 +171,7 @@ def install() -> None:
     decode_one = decode.DecodeBatch._decode_one
 
     def decode_or_die(self, image_id, *args, **kwargs):
+        _output_fault(image_id)
         if _killer("decode") == image_id:
             os.kill(os.getpid(), signal.SIGKILL)
         return decode_one(self, image_id, *args, **kwargs)
@@ -121,3 +186,17 @@ def install() -> None:
         return predict_images(self, image_ids, *args, **kwargs)
 
     inference.SegmentBatch._predict_images = predict_or_die
+
+    from clipdiy.output_layout import SHARD_PREFIX, OutputLayout
+
+    write_atomic = OutputLayout.write_bytes_atomic
+
+    def write_or_die(self, path, data):
+        shard = os.path.basename(path).startswith(SHARD_PREFIX)
+        if shard:
+            _writer_killer("before")
+        write_atomic(self, path, data)
+        if shard:
+            _writer_killer("after")
+
+    OutputLayout.write_bytes_atomic = write_or_die

@@ -28,6 +28,7 @@ import datetime as dt
 import html
 import json
 import os
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,13 +68,16 @@ def labelling_config(class_names: Sequence[str]) -> str:
 
 def image_url(uri: str, local_files_root: str | None = None) -> str:
     """The URL Label Studio shows for a row's image: under ``local_files_root`` (Label Studio's
-    ``LOCAL_FILES_DOCUMENT_ROOT``, with local file serving on) a ``/data/local-files/?d=`` URL; any
-    other URI as it is (``s3://`` and ``gs://`` are resolved by a cloud storage connected to the project)."""
+    ``LOCAL_FILES_DOCUMENT_ROOT``, with local file serving on) a ``/data/local-files/?d=`` URL, the
+    relative path percent-encoded (``&``, ``#``, ``+``, ``%``, spaces and non-ASCII in a file name would
+    otherwise end or change the query; a name that is not UTF-8 keeps its bytes); any other URI as
+    it is (``s3://`` and ``gs://`` are resolved by a cloud storage connected to the project)."""
     if local_files_root:
         root = os.path.abspath(local_files_root)
         path = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
         if os.path.commonpath([root, path]) == root:
-            return "/data/local-files/?d=" + os.path.relpath(path, root).replace(os.sep, "/")
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            return "/data/local-files/?d=" + urllib.parse.quote(relative, safe="/", errors="surrogateescape")
     return uri
 
 
@@ -205,6 +209,25 @@ def corrections(export: list[dict]) -> list[Correction]:
                                 _time(latest.get("updated_at") or latest.get("created_at")),
                                 tuple(r for r in latest.get("result") or [] if r.get("type", "").lower() == "brushlabels")))
     return found
+
+
+def latest_per_image(found: Sequence[Correction], rows: dict[tuple[str, str], tuple[dict, object]]) -> list[Correction]:
+    """One correction per image: a row exported twice (two Label Studio tasks, one import run
+    twice, or two exports of one image from different runs) would otherwise give two human rows
+    for one image in one run. The correction of the newest image version wins (the version a
+    human row corrects: see :func:`human_row`), then the latest saved annotation, then the later
+    task in the export."""
+    def version(c: Correction):
+        row = rows[(c.run_id, c.image_id)][0]
+        basis = row.get("corrected_run_started_at") if row.get("source") == "human" else row.get("run_started_at")
+        return basis or dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+
+    chosen: dict[str, tuple[tuple, Correction]] = {}
+    for order, c in enumerate(found):
+        key = (version(c), c.annotated_at, order)
+        if c.image_id not in chosen or key > chosen[c.image_id][0]:
+            chosen[c.image_id] = (key, c)
+    return [c for _, c in chosen.values()]
 
 
 def corrected_label_map(correction: Correction, height: int, width: int, class_names: Sequence[str]) -> np.ndarray:

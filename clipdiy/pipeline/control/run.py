@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.config import LISTING_BATCHES_PER_BLOCK, LabelJobConfig
-from clipdiy.pipeline.stages.dataset import build_dataset
+from clipdiy.pipeline.stages.dataset import build_dataset, keep_task_exceptions
 from clipdiy.pipeline.stages.driver_models import DriverModels, resolve_models
 from clipdiy.pipeline.planning.incremental import ListingCounts
 from clipdiy.pipeline.stages.inference import actor_start_refusals
@@ -154,8 +154,10 @@ def _label(
         ActorStartError,
         ClipdiyError,
         ErrorBudgetExceededError,
+        OutputWriteError,
         RunFailedError,
     )
+    from clipdiy.pipeline.control.failure import one_line, root_cause
     from clipdiy.pipeline.stages.health import ErrorBudget, start_run_health
     from clipdiy.pipeline.stages.writer import MANIFEST_SHARD_FIELDS
 
@@ -191,6 +193,10 @@ def _label(
         ) from error
     except ClipdiyError as error:
         stopped_by = error
+        root = root_cause(error)
+        if isinstance(root, OutputWriteError):  # a task's write: its Ray wrapper is no message
+            raise RunFailedError(f"{one_line(str(root))}; stopped after {progress.rows} images, "
+                                 f"start again to resume") from error
         raise
     except Exception as error:
         try:
@@ -268,6 +274,7 @@ def _run_locked(
         placement.gpus_per_actor, max(config.min_actors, placement.max_actors), placement.max_source,
     )
 
+    keep_task_exceptions()
     listing_started = time.monotonic()
     pending = _list_pending(config, layout, plan)
     counts = pending.counts

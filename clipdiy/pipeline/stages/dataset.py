@@ -16,6 +16,16 @@ from clipdiy.pipeline.stages.writer import ShardTarget, write_shard
 warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
 
 
+def keep_task_exceptions() -> None:
+    """Make a map task's exception reach the driver as itself (inside Ray's ``RayTaskError``),
+    not as a ``UserCodeException`` whose cause is lost on the way: the job's last line names the
+    real fault (``control/failure.py``), e.g. the OUTPUT file a full disk refused. Call before
+    any dataset of the run is created: a dataset keeps the context it was created under."""
+    import ray.data
+
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+
+
 def writer_tasks(placement: InferencePlacement) -> int:
     """How many row-building and shard-writing tasks run at once: one per inference actor (each
     turns what one actor gives out into shards), and at least two, so that a slow write to the
