@@ -168,25 +168,6 @@ def decode_image(
         )
 
 
-def read_error(error: BaseException, failure_class: str) -> tuple[str, str]:
-    """(kind, message) of a storage failure while reading a source object; ``failure_class``:
-    :func:`~clipdiy.pipeline.stages.health.classify_read_failure`'s. A missing object (``not_found``:
-    local FileNotFoundError, S3 NoSuchKey/404, HTTP 404) is its own kind; a read past its time
-    (``timed_out``) too; a missing bucket, a permission or a network failure is ``unreadable``
-    (a later run tries again).
-
-    The message is built here from the error's type and structured fields
-    (:func:`~clipdiy.storage.describe_error`), never from a library's text, which may quote the
-    signed location in a form no pattern finds (re-encoded by aiohttp/yarl): the row names its
-    object by its ``uri`` column."""
-    from clipdiy.storage import ReadTimedOutError, describe_error
-
-    if isinstance(error, ReadTimedOutError):
-        return "timed_out", str(error)
-    kind = "not_found" if failure_class == "not_found" else "unreadable"
-    return kind, f"cannot read the object: {describe_error(error)}"
-
-
 #: Listing columns that may hold a credential or point at one: the decode stage reads them and
 #: drops them, so that nothing after the read carries them.
 _LOCATION_COLUMNS = ("signed_uri", "signed_entry", "listing_entry")
@@ -307,7 +288,7 @@ class DecodeBatch:
         ``entry``: the manifest entry whose signed location the labelling looked up again.
         ``inline``: (bytes, error kind, error) of a sample the shard-expanding stage read
         (``clipdiy.pipeline.stages.expand``): decoded as is, nothing read here."""
-        from clipdiy.pipeline.stages.health import classify_read_failure, one_line
+        from clipdiy.pipeline.stages.health import classify_read_failure, one_line, read_error
         from clipdiy.storage import ObjectTooLargeError
 
         if inline is not None:

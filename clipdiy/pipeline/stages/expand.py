@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
+from clipdiy.pipeline.stages.health import classify_read_failure, read_error
 from clipdiy.pipeline.sources.webdataset import ShardSample, is_compressed_name, iter_shard_samples, read_sidecar
 from clipdiy.storage import StorageOptions, open_filesystem
 from clipdiy.uris import redact_text
@@ -151,9 +152,6 @@ class ExpandShards:
                                                  sidecar=sidecar, compressed_name=compressed):
                     yield sample, {}
         except Exception as error:  # noqa: BLE001 - a shard that does not read costs one row, naming it
-            from clipdiy.pipeline.stages.decode import read_error
-            from clipdiy.pipeline.stages.health import classify_read_failure
-
             failure = classify_read_failure(error)
             kind, message = read_error(error, failure)
             message = redact_text(message.replace(location, public))

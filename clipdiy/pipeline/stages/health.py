@@ -89,6 +89,25 @@ def _s3_code(error: BaseException) -> str | None:
     return None
 
 
+def read_error(error: BaseException, failure_class: str) -> tuple[str, str]:
+    """(kind, message) of a storage failure while reading a source object; ``failure_class``:
+    :func:`classify_read_failure`'s. A missing object (``not_found``:
+    local FileNotFoundError, S3 NoSuchKey/404, HTTP 404) is its own kind; a read past its time
+    (``timed_out``) too; a missing bucket, a permission or a network failure is ``unreadable``
+    (a later run tries again).
+
+    The message is built here from the error's type and structured fields
+    (:func:`~clipdiy.storage.describe_error`), never from a library's text, which may quote the
+    signed location in a form no pattern finds (re-encoded by aiohttp/yarl): the row names its
+    object by its ``uri`` column."""
+    from clipdiy.storage import ReadTimedOutError, describe_error
+
+    if isinstance(error, ReadTimedOutError):
+        return "timed_out", str(error)
+    kind = "not_found" if failure_class == "not_found" else "unreadable"
+    return kind, f"cannot read the object: {describe_error(error)}"
+
+
 def classify_read_failure(error: BaseException) -> str:
     """The class (one of :data:`READ_FAILURE_CLASSES`) of an exception raised reading an object."""
     from clipdiy.storage import is_transient
