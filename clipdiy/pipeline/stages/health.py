@@ -46,8 +46,9 @@ READ_FAILURE_CLASSES = ("credentials", "no_bucket", "unreachable", "access_denie
 #: (:meth:`RunHealth.judge_not_found`)...
 NOT_FOUND_WINDOW = 200
 #: ...they are answers when at least as many reads of the window found their object, and at
-#: least this many (a handful of reads proves nothing about the routing)...
-NOT_FOUND_MIN_FOUND = 10
+#: least this many: one object found shows the routing reaches the store, so a small night (a
+#: deleted photo among a few) takes its missing objects as answers, as a large one does...
+NOT_FOUND_MIN_FOUND = 1
 #: ...and this many of them, more than the objects found, are a storm: the run stops (exit 1).
 NOT_FOUND_STORM = 50
 #: The classes never about one object.
