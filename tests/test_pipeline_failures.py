@@ -65,8 +65,10 @@ def test_reads_failing_for_every_object_end_the_job_early(ray_with_faults, s3_se
     assert label_main(args) == 1
     assert _cpus_all_free(ray_with_faults), "the stopped run's inference actor still holds its CPU"
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("label.py: error: reading the input failed for the last")
-    assert "not_found" in message and "do not exist" in message and "--stop-after-failed-reads 40" in message
+    # Whichever rule sees it first: 40 failed reads in a row, or most reads finding nothing.
+    assert message.startswith(("label.py: error: reading the input failed for the last",
+                               "label.py: error: most reads find nothing")), message
+    assert "do not exist" in message
     written = read_all_rows(output).num_rows if shard_files(output) else 0
     assert written <= 100, f"{written} of {total} missing objects were written as error rows"
     assert not manifests(output)  # the run is unfinished: the next start resumes it

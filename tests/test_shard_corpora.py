@@ -198,6 +198,11 @@ def test_a_run_killed_mid_shard_resumes_to_exactly_once(ray_with_s3_credentials,
             partial, settled = count, time.monotonic()
         time.sleep(0.5)
     assert not manifests(output)
+    if partial == len(keys):
+        # Ray's workers outlived the killed driver long enough to finish every sample (seen under
+        # heavy load): the kill did not land mid-shard, so this run cannot test the resume. Said
+        # loudly in the report rather than passed silently.
+        pytest.skip(f"the kill landed after all {partial} rows were written: nothing to resume")
     assert 0 < partial < len(keys), f"not killed mid-shard ({partial} rows of {len(keys)})"
 
     summary = run_labelling(job_config(f"{folder}/{{00000..00001}}.tar", output, segmenter_config(tiny_clip_config)))
