@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "without being read")
     pipeline.add_argument("--max-image-memory-gb", type=float, default=DEFAULT_MAX_IMAGE_MEMORY_GB, metavar="GB",
                           help="an image whose method would hold more than this at once (its estimate: NACLIP's "
-                               "query maps at the original size, CLIP-DIY's saliency activations) gets a too_large "
-                               "row instead of being labelled")
+                               "maps of one tile of the original photo, CLIP-DIY's saliency activations) gets a "
+                               "too_large row instead of being labelled")
     pipeline.add_argument("--max-worker-deaths", type=int, default=DEFAULT_MAX_WORKER_DEATHS, metavar="N",
                           help="a batch whose decode task or inference actor died N times goes image by image; "
                                "an image whose process still dies gets a worker_lost row")
