@@ -9,7 +9,13 @@ ones do), loaded through ``create_segmenter``, it runs in one process:
 
 - clipdiy, faithful, saliency FOUND (random ViT-S/8 + the real head) and saliency none;
 - naclip (random ViT-B/16) with the whole image in one forward and with 224/112 sliding windows,
-  each with and without PAMR (vocabulary naclip-voc21: 56 query words).
+  each with and without PAMR (vocabulary naclip-voc21: 56 query words);
+- trident (random ViT-B/16, DINO ViT-B/16 and SAM ViT-B; vocabulary trident-voc21: 46 query
+  words; float32, no SAM refinement).
+
+``--gpu-tflops`` turns each method's FLOPs per image into a GPU estimate (images/s at that
+sustained rate; the default 100 TFLOP/s is about a quarter of an H100's dense fp16/bf16 tensor
+peak, or TF32's, the rate large ViT matmuls reach in practice).
 
 For each it prints images/s of ``Segmenter.segment``, the share of the time inside the model
 forwards (CLIP/DINO, NACLIP's encoder), inside PAMR and everything else, and the FLOPs per image
@@ -36,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from model_factories import SAMPLE_IMAGES, make_clip_config, make_saliency_config
+from model_factories import SAMPLE_IMAGES, make_clip_config, make_saliency_config, make_trident_config
 
 import clipdiy.segmentation.refine
 from clipdiy.segmentation.config import NaclipConfig, SaliencyConfig, SegmenterConfig
@@ -97,6 +103,11 @@ def instrument(segmenter) -> list[Meter]:
         if getattr(method.saliency, "needs_pixels", True):
             method.saliency = Meter(method.saliency)
             meters.append(method.saliency)
+    elif method.name == "trident":  # CLIP and DINO over the windows; SAM's encoder and the aggregation
+        method._window_values = Meter(method._window_values)
+        method._sam_weights = Meter(method._sam_weights)
+        method.encoder.aggregate = Meter(method.encoder.aggregate)
+        meters += [method._window_values, method._sam_weights, method.encoder.aggregate]
     else:  # naclip: the encoder (blocks 1-11 and the reduced last block)
         method.encoder.forward = Meter(method.encoder.forward)
         meters.append(method.encoder.forward)
@@ -110,11 +121,12 @@ def random_text(config: SegmenterConfig, width: int) -> torch.Tensor:
     from clipdiy.segmentation.vocabulary import load_vocabulary
 
     vocabulary = load_vocabulary(config.vocabulary)
-    rows = len(query_words(vocabulary)[0]) if config.method == "naclip" else len(vocabulary)
+    rows = len(query_words(vocabulary)[0]) if config.method in ("naclip", "trident") else len(vocabulary)
     return torch.nn.functional.normalize(torch.randn(rows, width, generator=torch.Generator().manual_seed(0)), dim=-1)
 
 
-def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: int, pamr_meter: Meter, width: int = 512) -> float:
+def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: int, pamr_meter: Meter, width: int = 512,
+          gpu_tflops: float = 100.0) -> float:
     segmenter = create_segmenter(config, text_embeddings=random_text(config, width))
     meters = instrument(segmenter)
     segmenter.segment(images[:1])  # warm-up: allocations, caches
@@ -144,8 +156,9 @@ def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: i
         f"{name:34s} {len(images) / total:7.3f} images/s  forwards {forwards / total:6.1%}  PAMR {refine / total:6.1%}  "
         f"else {rest / total:6.1%}  forward FLOPs/image {flops / 1e9:7.1f} G "
         f"(mean of {len(per_image)}: {min(per_image) / 1e9:.1f} to {max(per_image) / 1e9:.1f} G)"
+        f"  GPU estimate at {gpu_tflops:g} TFLOP/s: {gpu_tflops * 1e12 / flops:7.1f} images/s"
     )
-    if segmenter.scorer is None:  # naclip: how much work each encoder forward gets
+    if segmenter.scorer is None and segmenter.method.name == "naclip":  # naclip: how much work each encoder forward gets
         calls, rows = meters[0].calls, meters[0].items
         line += f"  encoder forwards {calls}: images/forward {len(images) / calls:5.1f}, rows/forward {rows / calls:6.1f}"
     print(line, flush=True)
@@ -180,6 +193,7 @@ def main() -> None:
         "patches: the model costs almost nothing, what is left is everything around it)",
     )
     parser.add_argument("--forward-tokens", type=int, default=None, help="NACLIP's max_forward_tokens (default: the device's)")
+    parser.add_argument("--gpu-tflops", type=float, default=100.0, help="sustained GPU rate for the FLOPs-based estimate")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -214,10 +228,17 @@ def main() -> None:
                     method="naclip", vocabulary="naclip-voc21", clip=b16, device="cpu",
                     naclip=NaclipConfig(window=window, **forward_tokens), refine=refine,
                 )
+        if (not only or "trident" in only) and "trident" not in skip:
+            vitb16 = b16 if args.naclip_clip == "ViT-B-16" else make_clip_config(workdir / "clip-ViT-B-16", arch="ViT-B-16")
+            runs["trident"] = SegmenterConfig(
+                method="trident", vocabulary="trident-voc21", clip=vitb16, device="cpu",
+                trident=make_trident_config(workdir / "trident"), refine="none",
+            )
         rates = {}
         for name, config in runs.items():
             if name not in skip and (not only or name in only):
-                rates[name] = bench(name, config, images, args.batch, pamr_meter, naclip_width if name.startswith("naclip") else 512)
+                width = naclip_width if name.startswith("naclip") else 512
+                rates[name] = bench(name, config, images, args.batch, pamr_meter, width, args.gpu_tflops)
         if "clipdiy-found" in rates and "naclip-whole-pamr" in rates:
             print(f"naclip whole (PAMR) / clipdiy faithful with FOUND: {rates['naclip-whole-pamr'] / rates['clipdiy-found']:.2f}x  (target >= 3x)")
 

@@ -71,3 +71,23 @@ class ActorStartError(ClipdiyError, RuntimeError):
     def __init__(self, message: str, *, after_work: bool = False):
         super().__init__(message)
         self.exit_status = 1 if after_work else 2
+
+
+class OutputWriteError(ClipdiyError, RuntimeError):
+    """Writing a file under OUTPUT failed: the store is full, read-only, refuses, or is gone. The
+    message names the file and the system's reason (``writing <OUTPUT>/runs/<run>/part-...parquet
+    failed: [Errno 28] No space left on device``). A fault of the output, not of one image: the
+    run stops (exit 1); what was written stays valid and the next start resumes.
+
+    One string argument on purpose: raised in a Ray task, it reaches the driver whole (Ray Data
+    appends its retry note to the first argument of an exception, which would become an
+    ``OSError``'s file name)."""
+
+    exit_status = 1
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+    def __reduce__(self):
+        return (type(self), (self.args[0] if self.args else "", self.errno))

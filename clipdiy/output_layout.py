@@ -13,6 +13,7 @@ on object stores a file appears in one PUT, so a killed writer never leaves a sh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -23,8 +24,9 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from clipdiy.errors import OutputWriteError
 from clipdiy.storage import StorageOptions, open_filesystem
-from clipdiy.uris import redact_document
+from clipdiy.uris import redact_document, redact_text, redact_uri
 
 RUNS_DIR = "runs"
 LOCK_FILE = "_LOCK.json"
@@ -39,6 +41,13 @@ def shard_name(attempt: int, digest: str) -> str:
     """Deterministic shard file name (attempt number, digest of the shard's image ids): a retried
     write task rewrites the same names."""
     return f"{SHARD_PREFIX}{attempt:03d}-{digest}{SHARD_SUFFIX}"
+
+
+def _write_failed(where: str, error: OSError) -> OutputWriteError:
+    """The error of a failed write under OUTPUT: where, and the system's reason (a failed
+    ``write()`` names no file of its own)."""
+    reason = f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else str(error)
+    return OutputWriteError(redact_text(f"writing {where} failed: {reason}"), error.errno)
 
 
 @dataclass
@@ -80,6 +89,13 @@ class OutputLayout:
 
     def relative(self, path: str) -> str:
         return posixpath.relpath(path, self.root)
+
+    def where(self, path: str) -> str:
+        """``path`` as a user names it in a message: a local path, or OUTPUT's URI joined with the
+        path under it (credentials redacted)."""
+        if self.is_local:
+            return path
+        return redact_uri(posixpath.join(self.uri.rstrip("/"), self.relative(path)))
 
     def ensure_dir(self, path: str) -> None:
         # Object stores have no folders (and makedirs could create a bucket): local only.
@@ -136,11 +152,17 @@ class OutputLayout:
                     handle.flush()
                     os.fsync(handle.fileno())
                 os.replace(temp, path)
+            except OSError as error:
+                raise _write_failed(path, error) from error
             finally:
-                if os.path.exists(temp):
-                    os.unlink(temp)
+                with contextlib.suppress(OSError):  # a read-only file system cannot unlink either
+                    if os.path.exists(temp):
+                        os.unlink(temp)
         else:
-            self.fs.pipe_file(path, data)
+            try:
+                self.fs.pipe_file(path, data)
+            except OSError as error:
+                raise _write_failed(self.where(path), error) from error
             self.fs.invalidate_cache(posixpath.dirname(path))
 
     def write_json_atomic(self, path: str, document: dict[str, Any]) -> None:

@@ -15,9 +15,13 @@ from typing import Any
 
 import pyarrow as pa
 
-LABEL_SCHEMA_VERSION = "1"
+#: Version 2 appends nullable columns (``source_format`` .. ``origin_url``: where a sample of a
+#: tar shard or Parquet file lies); rows of version 1 read with those columns null.
+LABEL_SCHEMA_VERSION = "2"
 LABEL_SCHEMA_FILE = f"label_row.v{LABEL_SCHEMA_VERSION}.json"
-MANIFEST_SCHEMA_FILE = f"run_manifest.v{LABEL_SCHEMA_VERSION}.json"
+#: The run manifest's schema is versioned on its own (unchanged by label-row version 2).
+MANIFEST_SCHEMA_VERSION = "1"
+MANIFEST_SCHEMA_FILE = f"run_manifest.v{MANIFEST_SCHEMA_VERSION}.json"
 
 _SCALARS = {
     "string": pa.string(),

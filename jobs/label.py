@@ -40,6 +40,8 @@ from clipdiy.segmentation.config import (
     NACLIP,
     PRECISIONS,
     REFINES,
+    TRIDENT,
+    TRIDENT_SAM_URL,
     WINDOWS,
     ClipConfig,
     NaclipConfig,
@@ -47,6 +49,7 @@ from clipdiy.segmentation.config import (
     PromptConfig,
     SaliencyConfig,
     SegmenterConfig,
+    TridentConfig,
     default_clip_config,
 )
 from clipdiy.segmentation.samples import SAMPLES_INPUT, samples_manifest
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Pseudo-label images with open-vocabulary segmentation masks (CLIP-DIY: multi-scale CLIP crops "
             "+ FOUND saliency) as a Ray Data job. Writes OUTPUT/runs/<run_id>/part-*.parquet (one row per "
-            "image: COCO RLE masks, class scores; schema in schemas/label_row.v1.json) and, last, "
+            "image: COCO RLE masks, class scores; schema in schemas/label_row.v2.json) and, last, "
             "OUTPUT/runs/<run_id>/_MANIFEST.json. Re-runs label only new or changed images; a killed run "
             "resumes when started again."
         ),
@@ -106,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images to label: a folder or prefix (s3://bucket/photos/), a glob (s3://b/**/*.jpg), a "
                          "manifest (.txt with one URI per line, or .parquet with a 'uri' column), or 'samples' for "
                          "the few real photos that installing clipdiy brings (quick start)")
+    io.add_argument("--input-format", choices=("files", "webdataset", "parquet"), default=None,
+                    help="how the input stores its images: loose files, WebDataset .tar shards (a prefix, glob, "
+                         "manifest, or brace pattern s3://b/{00000..00009}.tar; img2dataset output folders too), or "
+                         "Parquet files with image bytes; default: detected from the input (docs/job/corpora.md)")
+    io.add_argument("--image-column", default="image", metavar="NAME",
+                    help="parquet input: the column of image bytes, binary or a {bytes, path} struct (default image)")
+    io.add_argument("--id-column", default=None, metavar="NAME",
+                    help="parquet input: the column of sample ids (default: the row's number in its file)")
     io.add_argument("--output", required=True, metavar="URI", help="labels folder or prefix (local path, s3://, gs://)")
     io.add_argument("--limit", type=int, default=None, metavar="N", help="only consider the first N listed images")
     io.add_argument("--listing-tasks", type=int, default=16, metavar="N",
@@ -123,19 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument("--region", default=None, help="bucket region; env AWS_REGION / AWS_DEFAULT_REGION")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--method", choices=("clipdiy", "naclip"), default="clipdiy",
-                       help="segmentation method: clipdiy (the paper: 59 CLIP crops + FOUND saliency) or naclip "
-                            "(one CLIP ViT-B/16 forward per image + PAMR; see docs/methods/naclip.md)")
+    model.add_argument("--method", choices=("clipdiy", "naclip", "trident"), default="clipdiy",
+                       help="segmentation method: clipdiy (the paper: 59 CLIP crops + FOUND saliency), naclip "
+                            "(one CLIP ViT-B/16 forward per image + PAMR; see docs/methods/naclip.md) or trident "
+                            "(CLIP ViT-B/16 + DINO ViT-B/16 + SAM ViT-B, about 12x NACLIP's cost; docs/methods/trident.md)")
     model.add_argument("--vocabulary", default=None,
-                       help="class vocabulary: 'voc' (the paper's names, e.g. 'diningtable', 'tv/monitor'), 'voc-readable', 'coco', 'naclip-voc21', 'naclip-coco-object', or a "
+                       help="class vocabulary: 'voc' (the paper's names, e.g. 'diningtable', 'tv/monitor'), 'voc-readable', 'coco', 'naclip-voc21', 'naclip-coco-object', 'trident-voc21', 'trident-coco-object', or a "
                             ".txt/.yaml/.json file (class 0 is background); default: voc for clipdiy, "
-                            "naclip-voc21 for naclip")
+                            "naclip-voc21 for naclip, trident-voc21 for trident")
     model.add_argument("--clip-model", default=None,
                        help=f"open_clip model name (default: {defaults_clip.model} for clipdiy, "
-                            f"{default_clip_config(NACLIP).model} for naclip)")
+                            f"{default_clip_config(NACLIP).model} for naclip and trident)")
     model.add_argument("--clip-pretrained", default=None,
                        help=f"open_clip pretrained tag, downloaded from the hub on first use (default: "
-                            f"{defaults_clip.pretrained} for clipdiy, {default_clip_config(NACLIP).pretrained} for naclip)")
+                            f"{defaults_clip.pretrained} for clipdiy, {default_clip_config(NACLIP).pretrained} for naclip and trident)")
     model.add_argument("--clip-checkpoint", default=None, metavar="PATH",
                        help="local path or URI of CLIP weights; wins over --clip-pretrained (the offline way)")
     model.add_argument("--clip-model-config", default=None, metavar="JSON",
@@ -160,10 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model precision on every device: fp32 (the paper's; default), or fp16/bf16 "
                             "(faster on GPUs, moves some labels: see docs/methods/faithfulness.md)")
     model.add_argument("--refine", choices=REFINES, default="auto",
-                       help="refine the method's logits with PAMR: auto = as published (on for naclip, off for clipdiy)")
+                       help="refine the method's logits with PAMR: auto = as published (on for naclip, off for clipdiy "
+                            "and for trident, whose SAM refinement is not implemented yet)")
     model.add_argument("--pamr-iterations", type=int, default=PamrConfig().iterations, help="PAMR iterations")
     model.add_argument("--pamr-dilations", default=",".join(str(d) for d in PamrConfig().dilations), metavar="D1,D2",
                        help="PAMR dilations, comma-separated")
+    model.add_argument("--trident-dino-checkpoint", default=None, metavar="PATH",
+                       help="trident: DINO ViT-B/16 weights (timm vit_base_patch16_224.dino; local path or URI; "
+                            "default: the timm hub weights)")
+    model.add_argument("--sam-checkpoint", default=TRIDENT_SAM_URL, metavar="PATH",
+                       help="trident: SAM ViT-B weights sam_vit_b_01ec64.pth (local path, URI or URL)")
+    model.add_argument("--trident-prob-thd", type=float, default=None, metavar="P",
+                       help="trident: pixels whose best class probability is under P go to background "
+                            "(default: the vocabulary's published value, 0.2 trident-voc21, 0.25 trident-coco-object)")
     model.add_argument("--naclip-window", choices=WINDOWS, default="auto",
                        help="naclip: whole image in one forward, or 224-px sliding windows (stride 112); auto = the "
                             "authors' choice for the vocabulary (whole for VOC, slide otherwise)")
@@ -205,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "without being read")
     pipeline.add_argument("--max-image-memory-gb", type=float, default=DEFAULT_MAX_IMAGE_MEMORY_GB, metavar="GB",
                           help="an image whose method would hold more than this at once (its estimate: NACLIP's "
-                               "query maps at the original size, CLIP-DIY's saliency activations) gets a too_large "
-                               "row instead of being labelled; a batch runs in groups whose estimates fit it")
+                               "maps of one tile of the original photo, CLIP-DIY's saliency activations) gets a "
+                               "too_large row instead of being labelled; a batch runs in groups whose estimates fit it")
     pipeline.add_argument("--max-worker-deaths", type=int, default=DEFAULT_MAX_WORKER_DEATHS, metavar="N",
                           help="a batch whose decode task, inference actor or row task died N times (a lost node "
                                "or another process's memory pressure not counted) goes image by image; an image on "
@@ -251,7 +272,7 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--pamr-dilations must be comma-separated integers, got {args.pamr_dilations!r}") from None
     segmenter = SegmenterConfig(
         method=args.method,
-        vocabulary=args.vocabulary or ("naclip-voc21" if args.method == NACLIP else "voc"),
+        vocabulary=args.vocabulary or {NACLIP: "naclip-voc21", TRIDENT: "trident-voc21"}.get(args.method, "voc"),
         clip=ClipConfig(
             model=args.clip_model or clip_defaults.model,
             pretrained=args.clip_pretrained if args.clip_pretrained is not None else clip_defaults.pretrained,
@@ -261,6 +282,9 @@ def config_from_args(args: argparse.Namespace):
         refine=args.refine,
         pamr=PamrConfig(iterations=args.pamr_iterations, dilations=dilations),
         naclip=NaclipConfig(window=args.naclip_window),
+        trident=TridentConfig(
+            dino_checkpoint=args.trident_dino_checkpoint, sam_checkpoint=args.sam_checkpoint, prob_thd=args.trident_prob_thd
+        ),
         saliency=SaliencyConfig(
             backend=args.saliency,
             backbone=args.dino_model,
@@ -277,6 +301,9 @@ def config_from_args(args: argparse.Namespace):
     return LabelJobConfig(
         input=samples_manifest() if args.input == SAMPLES_INPUT else args.input,
         output=args.output,
+        input_format=args.input_format,
+        image_column=args.image_column,
+        id_column=args.id_column,
         segmenter=segmenter,
         storage=storage,
         decode_batch_size=args.decode_batch_size,
@@ -314,8 +341,11 @@ def config_from_args(args: argparse.Namespace):
 
 def _refuse(error: BaseException) -> int:
     """One error line (no credentials); exit 2, or the error's own ``exit_status`` (1 or 3 when work was done)."""
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    print(f"{PROG}: error: {redact_text(message)}", file=sys.stderr, flush=True)
+    from clipdiy.pipeline.control.failure import one_line, root_cause
+
+    # root_cause: an error raised in a Ray task arrives inside Ray's wrapper, whose text is not the message.
+    message = one_line(str(root_cause(error))) or type(error).__name__
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
     return getattr(error, "exit_status", 2)
 
 
@@ -352,10 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         # Refusals (input, weights, vocabulary, lock) and stopped runs are one line; tracebacks are for bugs.
         return _refuse(error)
     except Exception as error:  # logged with its traceback, reported as "failed mid-run"
+        from clipdiy.pipeline.control.failure import describe_failure
+
         logging.getLogger(PROG).exception("the run failed")
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(f"{PROG}: error: the run failed mid-run ({type(error).__name__}: {redact_text(detail)}); start again to resume",
-              file=sys.stderr)
+        # The root cause (a full disk and its path), not the Ray task wrapper that carried it.
+        print(f"{PROG}: error: the run failed mid-run ({describe_failure(error)}); start again to resume",
+              file=sys.stderr, flush=True)
         return 1
     print(f"{PROG}: {summary.line()}", flush=True)
     return 0

@@ -7,7 +7,9 @@ export: the rows the feed would yield (its filters: --classes, --min-class-score
 --min-foreground-fraction), lowest mean mask score first, --count of them, as Label Studio tasks
 with the pseudo-labels as predictions (brush RLE, one result per class mask; model version = the
 model fingerprint; score = the mask score), and the labelling config (--config, default next to
---to). Create a project with the config, import the tasks, correct, export as JSON.
+--to). An image inside a WebDataset shard or a Parquet file is fetched by its row's address and
+copied under --images-to (default next to --to), which its task names. Create a project with the
+config, import the tasks, correct, export as JSON.
 
 import: the export's annotations become rows marked source = human (annotator, time) in a run of
 their own; the feed and the exports prefer them over the model rows of the same image version.
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     export.add_argument("--classes", nargs="+", help="only images holding one of these classes (feed filter)")
     export.add_argument("--min-class-score", type=float, default=0.0, help="feed filter: a class mask scored at least this")
     export.add_argument("--min-foreground-fraction", type=float, default=0.0, help="feed filter")
+    export.add_argument("--images-to", help="where the images of shard samples (WebDataset, Parquet) are written for "
+                        "Label Studio, fetched by address (default: beside --to, <name>_images)")
     export.add_argument("--local-files-root", help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT: local images get /data/local-files URLs")
     imported = commands.add_parser("import", help="a Label Studio JSON export into the labels output as human rows")
     imported.add_argument("--from", dest="source", required=True, help="Label Studio JSON export (any fsspec URI)")
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                      min_foreground_fraction=args.min_foreground_fraction)
             summary = export_tasks(args.output if len(args.output) > 1 else args.output[0], args.to, config,
                                    feed_filter=feed_filter, count=args.count, local_files_root=args.local_files_root,
-                                   storage=storage)
+                                   storage=storage, images_to=args.images_to)
             print(f"review: {summary['tasks']} tasks ({summary['masks']} masks) -> {args.to}; labelling config -> {config}")
         else:
             summary = import_corrections(args.source, args.output, storage=storage)

@@ -20,6 +20,16 @@ row-building task, as it starts on the image's row (after registering it with th
 :func:`set_device_memory` gives every inference actor a device of ``capacity`` bytes: a
 ``predict`` whose images' estimates (``working_bytes``) sum above it raises
 ``torch.OutOfMemoryError``; each call is logged (images, bytes, raised) to a JSON-lines file.
+
+Faults of the output side (:func:`set_output_fault`), once (the first process to create
+``marker`` fires it), as a decode task starts on a named image:
+
+- ``fill``: the file system of a folder fills up (a file is written there until ENOSPC);
+- ``readonly``: the file system mounted at a folder is remounted read-only (needs root);
+
+and :func:`set_writer_killer`: the process writing the ``nth`` shard of a run (counted across the
+cluster) is killed (SIGKILL), ``before`` it writes the file or ``after`` it was renamed into place
+(before the task returns its stats).
 """
 
 from __future__ import annotations
@@ -88,6 +98,60 @@ def _with_device_memory(stage, spec: dict) -> None:
     segmenter.predict = on_small_device
 
 
+def set_output_fault(spec_file: Path, action: str, image_id: str, folder: Path, marker: Path) -> None:
+    """Arm ``fill`` or ``readonly`` of ``folder``'s file system for when a decode task reaches ``image_id``."""
+    spec_file.write_text(json.dumps({"action": action, "image_id": image_id, "folder": str(folder),
+                                     "marker": str(marker)}))
+
+
+def set_writer_killer(spec_file: Path, nth: int, phase: str, counter: Path) -> None:
+    """Kill the process writing the ``nth`` shard (1-based, counted in ``counter``), once."""
+    spec_file.write_text(json.dumps({"action": "kill_writer", "nth": nth, "phase": phase, "counter": str(counter)}))
+
+
+def fill_file_system(folder: str) -> None:
+    """Write a file in ``folder`` until its file system is full."""
+    block = b"\0" * (64 * 1024)
+    with open(os.path.join(folder, "filler.bin"), "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(block)
+        except OSError:
+            pass
+    # Leave less than a page: small writes fail too (tmpfs allocates by page).
+    for i in range(4096):
+        try:
+            with open(os.path.join(folder, f"filler-{i}.bin"), "wb", buffering=0) as handle:
+                handle.write(b"\0" * 1024)
+        except OSError:
+            break
+
+
+def _output_fault(image_id: str) -> None:
+    spec = _spec()
+    if not spec or spec["action"] not in ("fill", "readonly") or spec["image_id"] != image_id:
+        return
+    if not _claim(spec["marker"]):
+        return
+    if spec["action"] == "fill":
+        fill_file_system(spec["folder"])
+    else:
+        import subprocess
+
+        subprocess.run(["mount", "-o", "remount,ro", spec["folder"]], check=True, capture_output=True)
+
+
+def _writer_killer(phase: str) -> None:
+    spec = _spec()
+    if not spec or spec["action"] != "kill_writer":
+        return
+    counter = spec["counter"] + "." + phase
+    with open(counter, "a") as handle:  # one byte per shard write started (O_APPEND: atomic)
+        handle.write("x")
+    if os.path.getsize(counter) == spec["nth"] and spec["phase"] == phase and _claim(spec["counter"] + ".fired"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _spec() -> dict | None:
     try:
         return json.loads(Path(os.environ[ENV]).read_text())
@@ -139,7 +203,7 @@ def install() -> None:
         spec = _spec()
         if spec and spec["action"] == "memory":
             _with_device_memory(self, spec)
-        elif (spec and spec["action"] != "killers" and spec["image_id"] in batch.column("image_id").to_pylist()
+        elif (spec and spec["action"] in ("cuda", "kill", "hang") and spec["image_id"] in batch.column("image_id").to_pylist()
                 and _claim(spec["marker"])):
             _fire(self, spec)
         return original(self, batch)
@@ -149,6 +213,7 @@ def install() -> None:
     decode_one = decode.DecodeBatch._decode_one
 
     def decode_or_die(self, image_id, *args, **kwargs):
+        _output_fault(image_id)
         if _killer("decode") == image_id:
             os.kill(os.getpid(), signal.SIGKILL)
         return decode_one(self, image_id, *args, **kwargs)
@@ -174,3 +239,17 @@ def install() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     attempts.BatchAttempt.start = start_or_die
+
+    from clipdiy.output_layout import SHARD_PREFIX, OutputLayout
+
+    write_atomic = OutputLayout.write_bytes_atomic
+
+    def write_or_die(self, path, data):
+        shard = os.path.basename(path).startswith(SHARD_PREFIX)
+        if shard:
+            _writer_killer("before")
+        write_atomic(self, path, data)
+        if shard:
+            _writer_killer("after")
+
+    OutputLayout.write_bytes_atomic = write_or_die

@@ -93,18 +93,23 @@ def write_labels_output(
     finished: bool = True,
     rows_per_shard: int = 4,
     storage_options: dict | None = None,
+    columns: dict[str, dict] | None = None,
 ) -> str:
     """Write one run of ``items`` under ``output/runs/<run_id>/``; the manifest last (when
-    ``finished``). Returns the run folder URI."""
+    ``finished``). Returns the run folder URI. ``columns``: by image id, more column values of
+    its row (the image address columns, :data:`ADDRESS_FIELDS`, among them)."""
     started = started or dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     fs, root = fsspec.core.url_to_fs(output, **(storage_options or {}))
     run_dir = posixpath.join(root, "runs", run_id)
     fs.makedirs(run_dir, exist_ok=True)
     rows = [label_row(item, class_names, run_id, started) for item in items]
+    for row in rows:
+        row.update((columns or {}).get(row["image_id"], {}))
+    schema = rows_schema(rows)
     shards = []
     for index in range(0, len(rows), rows_per_shard):
         chunk = rows[index : index + rows_per_shard]
-        table = pa.Table.from_pylist(chunk, schema=label_schema())
+        table = pa.Table.from_pylist(chunk, schema=schema)
         relative = f"runs/{run_id}/part-{index // rows_per_shard:05d}.parquet"
         with fs.open(posixpath.join(root, relative), "wb") as file:
             pq.write_table(table, file)
@@ -122,6 +127,24 @@ def write_labels_output(
         with fs.open(posixpath.join(run_dir, "_MANIFEST.json"), "w") as file:
             json.dump(manifest, file)
     return run_dir
+
+
+#: The image address columns of a label row (schema v2: a shard sample's bytes inside its shard).
+ADDRESS_FIELDS = (
+    pa.field("source_format", pa.string()), pa.field("source_uri", pa.string()),
+    pa.field("source_offset", pa.int64()), pa.field("source_length", pa.int64()),
+    pa.field("source_row_group", pa.int32()), pa.field("source_row", pa.int64()),
+)
+
+
+def rows_schema(rows: list[dict]) -> pa.Schema:
+    """The label schema, plus the address columns the rows use that it does not have yet."""
+    schema = label_schema()
+    used = {key for row in rows for key in row}
+    for field in ADDRESS_FIELDS:
+        if field.name in used and field.name not in schema.names:
+            schema = schema.append(field)
+    return schema
 
 
 def write_image(path, rgb: np.ndarray) -> str:

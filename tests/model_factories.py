@@ -195,3 +195,35 @@ def _atomic_write_text(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_text(text)
     os.replace(partial, path)
+
+
+def make_trident_config(tmp_path: str | os.PathLike, seed: int = 0, **settings):
+    """A ``TridentConfig`` for random-init DINO ViT-B/16 (timm ``vit_base_patch16_224.dino``) and
+    SAM ViT-B (segment-anything) checkpoints saved in ``tmp_path``; ``settings`` go to the config.
+
+    SAM initialises its absolute and relative position tables to zero; they are randomised here so
+    that the tests exercise those paths (TRIDENT.md 10.7).
+    """
+    import timm
+    from segment_anything import sam_model_registry
+
+    from clipdiy.segmentation.config import TridentConfig
+
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    dino = tmp_path / f"dino-vitb16-random-seed{seed}.pt"
+    sam = tmp_path / f"sam-vitb-random-seed{seed}.pth"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if not dino.exists():
+            _atomic_save(timm.create_model("vit_base_patch16_224.dino", pretrained=False, num_classes=0).state_dict(), dino)
+        if not sam.exists():
+            model = sam_model_registry["vit_b"](checkpoint=None)
+            encoder = model.image_encoder
+            with torch.no_grad():
+                encoder.pos_embed.normal_(0.0, 0.02)
+                for block in encoder.blocks:
+                    block.attn.rel_pos_h.normal_(0.0, 0.02)
+                    block.attn.rel_pos_w.normal_(0.0, 0.02)
+            _atomic_save(model.state_dict(), sam)
+    return TridentConfig(dino_checkpoint=str(dino), sam_checkpoint=str(sam), **settings)

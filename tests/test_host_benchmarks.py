@@ -90,7 +90,7 @@ def test_free_model_is_never_reachable_from_the_cli(free_methods):
              "import clipdiy.pipeline.control.run\nfrom clipdiy.segmentation.methods import available_methods\nprint(available_methods())")
     listed = _run([sys.executable, "-c", probe])
     assert listed.returncode == 0, listed.stderr[-2000:]
-    assert listed.stdout.strip().splitlines()[-1] == "('clipdiy', 'naclip')"
+    assert listed.stdout.strip().splitlines()[-1] == "('clipdiy', 'naclip', 'trident')"  # the built-in three
     for folder in ("clipdiy", "jobs"):
         for path in (REPO_ROOT / folder).rglob("*.py"):
             assert "free_method" not in path.read_text(), path

@@ -69,22 +69,24 @@ def test_reads_failing_for_every_object_end_the_job_early(ray_with_faults, s3_se
     assert label_main(args) == 1
     assert _cpus_all_free(ray_with_faults), "the stopped run's inference actor still holds its CPU"
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("label.py: error: reading the input failed for the last")
-    assert "not_found" in message and "do not exist" in message and "--stop-after-failed-reads 40" in message
+    # Whichever rule sees it first: 40 failed reads in a row, or most reads finding nothing.
+    assert message.startswith(("label.py: error: reading the input failed for the last",
+                               "label.py: error: most reads find nothing")), message
+    assert "do not exist" in message
     written = read_all_rows(output).num_rows if shard_files(output) else 0
     assert written <= 100, f"{written} of {total} missing objects were written as error rows"
     assert not manifests(output)  # the run is unfinished: the next start resumes it
 
-    # Issue 18 item 4: the stop was loud once; started again, the run takes the missing objects
-    # as answers (one not_found row each) and ends, and later nights never read them again.
-    assert label_main(args) == 0, capsys.readouterr().err[-2000:]
-    rows = read_all_rows(output)
-    assert sorted(rows.column("image_id").to_pylist()) == [f"gone/{i:04d}.jpg" for i in range(total)]
-    assert set(rows.column("error_kind").to_pylist()) == {"not_found"}
-    assert label_main(args) == 0
-    (resumed, later) = sorted(manifests(output).values(), key=lambda m: m["started_at"])
-    assert (resumed["counts"]["seen"], resumed["counts"]["attempts"]) == (total, 2)
-    assert (later["counts"]["listed"], later["counts"]["skipped"], later["counts"]["seen"]) == (total, total, 0)
+    # Issue 26 finding 11: a night where most reads find nothing is systemic however it starts;
+    # started again, the run stops again (most reads find nothing) and none of the missing
+    # objects becomes a not_found answer that later nights would trust.
+    assert label_main(args) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("label.py: error: ") and ("most reads find nothing" in message
+                                                        or "reading the input failed for the last" in message)
+    if shard_files(output):
+        assert "not_found" not in set(read_all_rows(output).column("error_kind").to_pylist())
+    assert not manifests(output)
 
 
 def test_the_error_budget_stops_the_run_and_the_next_start_resumes(ray_with_faults, coco_images, tiny_clip_config,

@@ -44,7 +44,7 @@ def test_coco_sample_end_to_end(ray_local, coco_images, tiny_clip_config, tmp_pa
     n = len(coco_images)
     assert (summary.listed, summary.seen, summary.ok, summary.error, summary.skipped) == (n, n, n, 0, 0)
 
-    # Exactly the schema of schemas/label_row.v1.json, shards bounded by rows_per_file.
+    # Exactly the schema of schemas/label_row.v2.json, shards bounded by rows_per_file.
     files = shard_files(output)
     assert len(files) >= n // 10
     import pyarrow.parquet as pq
@@ -52,7 +52,7 @@ def test_coco_sample_end_to_end(ray_local, coco_images, tiny_clip_config, tmp_pa
     for file in files:
         shard = pq.read_table(file)
         assert shard.schema.equals(label_schema(), check_metadata=False)
-        assert shard.schema.metadata[b"clipdiy.schema_version"] == b"1"
+        assert shard.schema.metadata[b"clipdiy.schema_version"] == b"2"
         assert 1 <= shard.num_rows <= 10
     table = read_all_rows(output)
     rows = table.to_pylist()

@@ -324,7 +324,8 @@ def test_later_runs_do_not_read_a_missing_object_again_and_retry_all_errors_on_r
         assert (first.listed, first.seen, first.ok) == (3, 3, 1)
         kinds = {i: r["error_kind"] for i, r in latest_rows().items()}
         assert kinds == {"small.jpg": None, "big.jpg": "too_large", "late.jpg": "not_found"}
-        assert "late.jpg" in latest_rows()["late.jpg"]["error"]
+        late_row = latest_rows()["late.jpg"]  # the row names its object by uri; the error says what failed
+        assert late_row["uri"].endswith("late.jpg") and "FileNotFoundError" in late_row["error"]
 
         late_image.save(corpus / "late.jpg", quality=95)  # the object arrives after all
         second = run(max_pixels=100_000)  # default (transient): a missing object is an answer

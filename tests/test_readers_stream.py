@@ -145,8 +145,8 @@ class _ShardReads:
     def __init__(self, real):
         self.real, self.live, self.peak_live, self.rows_read = real, {}, 0, 0
 
-    def __call__(self, run, shard, columns=None):
-        table = self.real(run, shard, columns)
+    def __call__(self, run, shard, columns=None, optional=()):
+        table = self.real(run, shard, columns, optional)
         if columns is not None and set(columns) <= self.KEY_ONLY:
             return table
         self.peak_live = max(self.peak_live, sum(self.live.values()))  # what was held when this read came

@@ -64,20 +64,38 @@ def _bits(values: np.ndarray, widths: np.ndarray) -> np.ndarray:
     return bits[shifts >= 0].astype(np.uint8)  # row-major: each value's bits in order
 
 
-def decode_values(rle: list[int] | bytes) -> np.ndarray:
-    """The flat byte values a brush RLE holds (H * W * 4 for a mask)."""
-    bits = np.unpackbits(np.frombuffer(bytes(bytearray(rle)), np.uint8)).astype(np.int64)
+#: The most values :func:`decode_values` accepts from a header when the caller names no size: a
+#: 16384 x 16384 RGBA mask, 1 GiB (the header's 32-bit count alone could ask for 4 GiB).
+MAX_VALUES = 16384 * 16384 * 4
+
+
+def decode_values(rle: list[int] | bytes, *, max_values: int = MAX_VALUES, expected: int | None = None) -> np.ndarray:
+    """The flat byte values a brush RLE holds (H * W * 4 for a mask).
+
+    The value count comes from the RLE's own header, which an export can set to anything: it is
+    checked (``expected`` when the caller knows the size, else at most ``max_values``) before
+    anything of that size is allocated, so a small hostile RLE cannot ask for gigabytes. Any
+    malformed stream (ends inside a token, a word wider than a byte holds) raises ValueError."""
+    try:
+        data = bytes(bytearray(rle))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"brush RLE is not a list of bytes ({error})") from None
+    bits = np.unpackbits(np.frombuffer(data, np.uint8))
     position = 0
 
     def read(count: int) -> int:
         nonlocal position
         if position + count > bits.size:
             raise ValueError("brush RLE ends inside a token")
-        chunk = bits[position:position + count]
+        chunk = bits[position:position + count].astype(np.int64)
         position += count
         return int(chunk @ (1 << np.arange(count - 1, -1, -1, dtype=np.int64))) if count else 0
 
     total = read(32)
+    if expected is not None and total != expected:
+        raise ValueError(f"brush RLE holds {total} values, expected {expected} (H x W x 4)")
+    if total > max_values:
+        raise ValueError(f"brush RLE holds {total} values, more than the {max_values} allowed")
     word = read(5) + 1
     run_bits = [read(4) + 1 for _ in range(4)]
     out = np.zeros(total, np.uint8)
@@ -85,17 +103,16 @@ def decode_values(rle: list[int] | bytes) -> np.ndarray:
     while i < total:
         repeated = read(1)
         j = min(total, i + 1 + read(run_bits[read(2)]))
-        if repeated:
-            out[i:j] = read(word)
-        else:
-            out[i:j] = [read(word) for _ in range(j - i)]
+        values = [read(word)] if repeated else [read(word) for _ in range(j - i)]
+        if max(values) > 255:
+            raise ValueError(f"brush RLE value {max(values)} does not fit a byte (word size {word} bits)")
+        out[i:j] = values[0] if repeated else values
         i = j
     return out
 
 
 def decode(rle: list[int] | bytes, height: int, width: int) -> np.ndarray:
-    """H x W bool mask of a brush RLE: pixels whose alpha is at least 128."""
-    values = decode_values(rle)
-    if values.size != height * width * 4:
-        raise ValueError(f"brush RLE holds {values.size} values, expected {height} x {width} x 4")
+    """H x W bool mask of a brush RLE: pixels whose alpha is at least 128. The RLE must hold
+    exactly H * W * 4 values (checked from its header before decoding)."""
+    values = decode_values(rle, expected=height * width * 4)
     return values.reshape(height, width, 4)[:, :, 3] >= IN_MASK

@@ -44,14 +44,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch.utils.data
 
+from clipdiy.image_address import ADDRESS_COLUMNS
 from clipdiy.labels.evaluation import normalise_name
+from clipdiy.labels.image_copies import relative_path, write_copy
 from clipdiy.labels.palette import IGNORE, palette_png_bytes
 from clipdiy.labels.row_index import RowIndex, build_row_index
 from clipdiy.labels.runs import Run, list_runs, read_shard, vocabulary_of
 from clipdiy.labels.store import decode_label_map, iter_rows, iter_winning_shards, load_image
 from clipdiy.storage import StorageOptions, open_filesystem
 
-#: Columns the feed reads (the saliency PNG is left in the files).
+#: Columns the feed reads (the saliency PNG is left in the files), and where a shard has them
+#: the image's address (:data:`~clipdiy.image_address.ADDRESS_COLUMNS`).
 FEED_COLUMNS = ("image_id", "uri", "run_id", "run_started_at", "status", "width", "height", "masks",
                 "foreground_fraction", "class_scores")
 
@@ -167,7 +170,7 @@ class RowView(Sequence):
             self._cache.move_to_end(number)
         else:
             run, shard = self.index.shards[number]
-            self._cache[number] = read_shard(run, shard, self.columns)
+            self._cache[number] = read_shard(run, shard, self.columns, ADDRESS_COLUMNS if self.columns else ())
             while len(self._cache) > self.cached_shards:
                 self._cache.popitem(last=False)
         return self._cache[number]
@@ -199,13 +202,13 @@ def select_rows(
     rows: list[dict | None] = [None] * len(index.sorted_positions)
     for shard, row_numbers, slots in index.by_shard(index.sorted_positions):
         run, path = index.shards[shard]
-        for slot, row in zip(slots.tolist(), read_shard(run, path, FEED_COLUMNS).take(pa.array(row_numbers)).to_pylist()):
+        for slot, row in zip(slots.tolist(), read_shard(run, path, FEED_COLUMNS, ADDRESS_COLUMNS).take(pa.array(row_numbers)).to_pylist()):
             rows[slot] = row
     return rows, names
 
 
 def _pair(row: dict, selector: _Selector, storage: StorageOptions | None) -> tuple[np.ndarray, np.ndarray]:
-    image = load_image(row["uri"], storage)
+    image = load_image(row, storage)  # by the row's address: one ranged read
     if image.shape[:2] != (row["height"], row["width"]):
         raise ValueError(f"{row['uri']} is now {image.shape[1]} x {image.shape[0]}, its labels are "
                          f"{row['width']} x {row['height']}: the image changed since it was labelled; label it again")
@@ -269,7 +272,7 @@ class LabelIterableDataset(torch.utils.data.IterableDataset):
         part, parts = self.rank * workers + worker, self.world_size * workers
         for position in order[part::parts]:
             run, shard = self._index.shards[position]
-            table = read_shard(run, shard, FEED_COLUMNS)
+            table = read_shard(run, shard, FEED_COLUMNS, ADDRESS_COLUMNS)
             keep = self._selector.keep_table(table)
             winners = self._index.winners(position)
             rows = table.filter(pa.array(keep if winners is None else keep & winners)).to_pylist()
@@ -315,7 +318,7 @@ def read_labels(outputs: str | Sequence[str], feed_filter: FeedFilter = FeedFilt
 
     runs = _runs(outputs, feed_filter, storage)
     selector = _Selector(tuple(class_names) if class_names is not None else vocabulary_of(runs), feed_filter)
-    return ray_dataset(runs, columns=FEED_COLUMNS).map_batches(
+    return ray_dataset(runs, columns=FEED_COLUMNS, optional=ADDRESS_COLUMNS).map_batches(
         _PairBatch(selector, storage), batch_format="pyarrow", batch_size=16, udf_modifying_row_count=True  # drops rows
     )
 
@@ -364,9 +367,14 @@ def _json_tail(value: dict) -> str:
 
 
 def export_coco(outputs: str | Sequence[str], destination: str, feed_filter: FeedFilter = FeedFilter(), *,
-                include_background: bool = False, storage: StorageOptions | None = None) -> dict[str, int]:
+                include_background: bool = False, storage: StorageOptions | None = None,
+                images_to: str | None = None) -> dict[str, int]:
     """Write the kept labels as a COCO instances JSON at ``destination`` (any fsspec URI): the
     document :func:`coco_document` builds, byte for byte, written without holding it.
+
+    ``images_to``: also write a copy of each kept image there, fetched by its row's address (a
+    sample of a WebDataset shard or a Parquet file is no file a framework can open;
+    :mod:`clipdiy.labels.image_copies`), and make each ``file_name`` the copy's path below it.
 
     The rows are read shard by shard; each kept row's image entry and annotations go, as JSON
     text, to two local scratch files, and the document is assembled from them in ``image_id``
@@ -378,13 +386,14 @@ def export_coco(outputs: str | Sequence[str], destination: str, feed_filter: Fee
     fs, path = open_filesystem(destination, storage)
     if posixpath.dirname(path):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    copies = open_filesystem(images_to, storage) if images_to else None
     # Per row (by position in the shards): where its text starts in the scratch files, -1 = not kept.
     image_at = np.full(index.num_rows, -1, dtype=np.int64)
     annotations_at = np.zeros(index.num_rows, dtype=np.int64)
     with tempfile.TemporaryDirectory(prefix="clipdiy-coco-") as scratch:
         image_file, annotation_file = os.path.join(scratch, "images"), os.path.join(scratch, "annotations")
         with open(image_file, "wb") as images_out, open(annotation_file, "wb") as annotations_out:
-            for number, table in iter_winning_shards(runs, index, FEED_COLUMNS):
+            for number, table in iter_winning_shards(runs, index, FEED_COLUMNS, ADDRESS_COLUMNS if images_to else ()):
                 positions = np.arange(index.offsets[number], index.offsets[number + 1])
                 winners = index.winners(number)
                 if winners is not None:
@@ -392,7 +401,10 @@ def export_coco(outputs: str | Sequence[str], destination: str, feed_filter: Fee
                 keep = selector.keep_table(table)
                 for position, row in zip(positions[keep].tolist(), table.filter(pa.array(keep)).to_pylist()):
                     image_at[position] = images_out.tell()
-                    images_out.write((_json_tail(_coco_image(row)) + "\n").encode())
+                    entry = _coco_image(row)
+                    if copies is not None:
+                        entry["file_name"] = write_copy(row, *copies, storage)
+                    images_out.write((_json_tail(entry) + "\n").encode())
                     annotations_at[position] = annotations_out.tell()
                     tails = [_json_tail(a) for a in _coco_annotations(row, selector, include_background)]
                     annotations_out.write((json.dumps(len(tails)) + "\n" + "".join(t + "\n" for t in tails)).encode())
@@ -419,22 +431,26 @@ def export_coco(outputs: str | Sequence[str], destination: str, feed_filter: Fee
 
 
 def export_voc_masks(outputs: str | Sequence[str], destination: str, feed_filter: FeedFilter = FeedFilter(), *,
-                     storage: StorageOptions | None = None) -> dict[str, int]:
+                     storage: StorageOptions | None = None, images_to: str | None = None) -> dict[str, int]:
     """Write one VOC palette PNG per kept image at ``destination/<image_id without extension>.png``
     (255 = ignore), plus ``class_names.txt`` (one name a line, index = pixel value). Reads shard
-    by shard."""
+    by shard. ``images_to``: also a copy of each kept image there, fetched by its row's address
+    (:mod:`clipdiy.labels.image_copies`), at its image id's path."""
     runs = _runs(outputs, feed_filter, storage)
     names = vocabulary_of(runs)
     selector = _Selector(names, feed_filter)
     fs, root = open_filesystem(destination, storage)
     fs.makedirs(root, exist_ok=True)
+    copies = open_filesystem(images_to, storage) if images_to else None
     written = 0
-    for _, table in iter_winning_shards(runs, columns=FEED_COLUMNS):
+    for _, table in iter_winning_shards(runs, columns=FEED_COLUMNS, optional=ADDRESS_COLUMNS if images_to else ()):
         for row in table.filter(pa.array(selector.keep_table(table))).to_pylist():
-            image_id = row["image_id"].replace("\\", "/").split("://", 1)[-1]  # a manifest input's ids are URIs
-            relative = posixpath.splitext(image_id.lstrip("/"))[0] + ".png"
-            if ".." in relative.split("/"):
-                raise ValueError(f"image id {row['image_id']!r} would write outside {destination}")
+            try:
+                relative = posixpath.splitext(relative_path(row["image_id"]))[0] + ".png"
+            except ValueError:
+                raise ValueError(f"image id {row['image_id']!r} would write outside {destination}") from None
+            if copies is not None:
+                write_copy(row, *copies, storage)
             path = posixpath.join(root, relative)
             if posixpath.dirname(path):
                 fs.makedirs(posixpath.dirname(path), exist_ok=True)

@@ -178,7 +178,7 @@ def render_output(
                  "miou": miou.get(row["image_id"]), "error": row.get("error") and f"{row.get('error_kind')}: {row['error']}"}
         if row["status"] == "ok":
             try:
-                image = load_image(row["uri"], storage)
+                image = load_image(row, storage)  # by the row's address: one ranged read
             except (OSError, ValueError) as error:  # the source moved or broke since labelling: show it, go on
                 entry["error"] = f"source image unreadable now: {error}"
             else:

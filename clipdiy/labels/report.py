@@ -1,6 +1,11 @@
 """The run report: one self-contained HTML page about every finished run of a labels output.
 
-A *night* is one finished run (runs are what a nightly schedule starts). For each night the page
+A *night* is one finished run of the labelling job (runs are what a nightly schedule starts); a
+run of human corrections (``jobs/review.py import``, manifest option ``source = human``) is not a
+night: its rows count among the lowest-scoring images' candidates (they win over the rows they
+correct), but it adds no point to the nightly plots, no drift and no model change. A night that
+labelled nothing (every image skipped) shows its counts and no model: it is no model change and
+moves no class (drift compares the nights that labelled something). For each night the page
 shows what the run did (images seen, labelled, errors by kind, skipped; wall time and images/s;
 method, precision and the model fingerprint), what it produced (each class's share of the
 labelled pixels and the images it wins, with the nights where a class moved by more than
@@ -12,7 +17,8 @@ else.
 
 Memory is bounded by one shard, not by the output: each shard's columns are reduced with pyarrow
 and numpy to fixed-size aggregates (per-class sums, histogram counts, the K lowest-scoring rows
-so far) that are merged into the night's; no row outlives its shard. The per-night numbers count
+so far) that are merged into the night's; no row outlives its shard, and a night keeps only the
+manifest fields the page shows (its counts and timings, not its list of shards). The per-night numbers count
 every row the run wrote (as its manifest does); the lowest-scoring images are chosen among the
 rows that count today (the latest write of each image, :mod:`clipdiy.labels.row_index`).
 """
@@ -25,6 +31,7 @@ import hashlib
 import html
 import io
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,9 +41,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipdiy.labels.row_index import build_row_index
-from clipdiy.labels.runs import list_runs, read_shard
+from clipdiy.labels.runs import Run, list_runs, read_shard
 from clipdiy.labels.store import load_image
 from clipdiy.storage import StorageOptions
+from clipdiy.uris import redact_text, redact_uri
+
+logger = logging.getLogger(__name__)
 
 #: The row columns that say which model wrote a row; their values, hashed, are its fingerprint.
 MODEL_COLUMNS = ("method", "clip_model", "clip_weights", "saliency_backend", "saliency_weights", "mode",
@@ -66,6 +76,9 @@ class ReportConfig:
     #: default (2M rows) peaks near 650 MB at 2M rows; 100k keeps the report near 230 MB at any
     #: size (benchmarks/bench_report.py), for a few seconds more.
     max_keys_in_memory: int | None = 100_000
+    #: A thumbnail's source is read only up to this many bytes (the job's --max-image-bytes
+    #: default); a larger source, like any source that cannot be read or decoded now, gets no thumbnail.
+    max_source_bytes: int = 256 * 1024**2
 
 
 def model_fingerprint(values: dict) -> str:
@@ -115,6 +128,11 @@ class NightStats:
     def model(self) -> str:
         """The night's model fingerprint (several joined by '+' if its rows disagree)."""
         return "+".join(sorted(self.models)) or "none"
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the night labelled any image (a night of skips only has no model, no shares)."""
+        return self.ok > 0
 
     def model_value(self, column: str) -> str:
         values = sorted({str(v.get(column)) for v in self.models.values()})
@@ -231,17 +249,32 @@ class Drift:
     model_changed: bool
 
 
+def model_changes(nights: Sequence[NightStats]) -> list[bool]:
+    """For each night: whether its model differs from that of the last earlier night that
+    labelled something (a night that labelled nothing has no model, and changes nothing)."""
+    changed, previous = [], None
+    for night in nights:
+        changed.append(night.labelled and previous is not None and night.model != previous)
+        if night.labelled:
+            previous = night.model
+    return changed
+
+
 def drifts(nights: Sequence[NightStats], class_names: Sequence[str], threshold: float) -> list[Drift]:
     """Every (night, class, measure) whose share differs from the median of the previous nights'
-    shares by more than ``threshold``; night 0 has no previous nights and is never called out."""
+    shares by more than ``threshold``; only nights that labelled something count, on both sides
+    (the first of them has no previous nights and is never called out)."""
     found = []
+    changed = model_changes(nights)
+    counted = [i for i, night in enumerate(nights) if night.labelled]
     for measure, shares in (("pixel share", _by_name(nights, class_names, "pixel_share")),
                             ("images won", _by_name(nights, class_names, "win_share"))):
-        for i in range(1, len(nights)):
-            median = np.median(shares[:i], axis=0)
+        for k in range(1, len(counted)):
+            i = counted[k]
+            median = np.median(shares[counted[:k]], axis=0)
             for c in np.flatnonzero(np.abs(shares[i] - median) > threshold).tolist():
                 found.append(Drift(i, nights[i].run_id, class_names[c], measure, float(shares[i, c]), float(median[c]),
-                                   nights[i].model != nights[i - 1].model))
+                                   changed[i]))
     return sorted(found, key=lambda d: (d.night, d.measure, -abs(d.value - d.median)))
 
 
@@ -269,6 +302,18 @@ class ReportData:
     shards: int
     rows: int
     seconds: float
+    #: Runs of human corrections read (their rows are candidates of ``lowest``; not nights).
+    corrections: int = 0
+
+
+def is_correction_run(run: Run) -> bool:
+    """A run written by ``jobs/review.py import`` (human corrections), not by the labelling job."""
+    return (run.manifest or {}).get("options", {}).get("source") == "human"
+
+
+#: The manifest fields a night keeps (what the page shows); the rest (its shard list: one entry
+#: per shard, 100k at 100M images) would make the report's memory grow with the history.
+NIGHT_MANIFEST_FIELDS = ("counts", "timings")
 
 
 def collect(outputs: str | Sequence[str], config: ReportConfig = ReportConfig(),
@@ -280,17 +325,28 @@ def collect(outputs: str | Sequence[str], config: ReportConfig = ReportConfig(),
         raise FileNotFoundError(f"no finished runs in {outputs}")
     index = build_row_index(runs, max_keys_in_memory=config.max_keys_in_memory)
     nights: dict[int, NightStats] = {}
+    corrections = 0
     for run in runs:
         if run.class_names is None:
             raise ValueError(f"run {run.run_id}: its manifest names no vocabulary")
+        if is_correction_run(run):
+            corrections += 1
+            continue
+        kept = {name: run.manifest[name] for name in NIGHT_MANIFEST_FIELDS if name in run.manifest}
         nights[id(run)] = NightStats(run.run_id, str(run.manifest.get("started_at", "")), run.class_names,
-                                     config.bins, run.manifest)
+                                     config.bins, kept)
+    if not nights:
+        raise FileNotFoundError(f"no finished runs of the labelling job in {outputs} (only corrections)")
     lowest = _Lowest(config.lowest)
     rows = 0
     for number, (run, shard) in enumerate(index.shards):
-        table = read_shard(run, shard, AGGREGATE_COLUMNS)
-        rows += table.num_rows
-        image_score = _aggregate_shard(nights[id(run)], table)
+        night = nights.get(id(run))
+        table = read_shard(run, shard, AGGREGATE_COLUMNS if night is not None else ["masks"])
+        if night is not None:
+            rows += table.num_rows
+            image_score = _aggregate_shard(night, table)
+        else:
+            image_score = mean_mask_scores(table)
         del table
         candidates = np.isfinite(image_score)
         winners = index.winners(number)
@@ -307,7 +363,7 @@ def collect(outputs: str | Sequence[str], config: ReportConfig = ReportConfig(),
         record["image_score"] = score
         lowest_rows.append(record)
     return ReportData(ordered, class_names, lowest_rows, drifts(ordered, class_names, config.drift_threshold),
-                      len(index.shards), rows, time.perf_counter() - started)
+                      len(index.shards), rows, time.perf_counter() - started, corrections)
 
 
 # ---------------------------------------------------------------- plots
@@ -334,12 +390,18 @@ def _png_data(figure) -> str:
 def _night_axis(axis, nights: Sequence[NightStats]) -> None:
     """Night labels on x, and a dashed line with the new fingerprint where the model changed."""
     axis.set_xticks(range(len(nights)))
-    axis.set_xticklabels([_night_label(n) for n in nights], rotation=30, ha="right", fontsize=7)
-    for i in range(1, len(nights)):
-        if nights[i].model != nights[i - 1].model:
+    axis.set_xticklabels([_plain(_night_label(n)) for n in nights], rotation=30, ha="right", fontsize=7)
+    for i, changed in enumerate(model_changes(nights)):
+        if changed:
             axis.axvline(i - 0.5, color="black", linestyle="--", linewidth=1)
             axis.annotate(f"model {nights[i].model[:8]}", (i - 0.5, 1.0), xycoords=("data", "axes fraction"),
                           fontsize=7, rotation=90, va="top", ha="right")
+
+
+def _plain(text: str) -> str:
+    """``text`` as matplotlib draws it literally: a ``$`` would start mathtext, which raises on
+    names like ``$\\foo$`` or ``a$_$b`` (class names come from the user's vocabulary)."""
+    return text.replace("$", r"\$")
 
 
 def _night_label(night: NightStats) -> str:
@@ -403,7 +465,7 @@ def plot_classes(data: ReportData, config: ReportConfig, attribute: str, measure
     called = {(d.night, d.class_name) for d in data.drifts if d.measure == measure}
     for c in _plotted_classes(data, config):
         name = data.class_names[c]
-        line, = ax.plot(x, 100 * shares[:, c], "o-", markersize=3, label=name)
+        line, = ax.plot(x, 100 * shares[:, c], "o-", markersize=3, label=_plain(name))
         marked = [i for i in range(len(x)) if (i, name) in called]
         if marked:
             ax.plot(marked, 100 * shares[marked, c], "o", markersize=10, markerfacecolor="none",
@@ -439,15 +501,21 @@ def plot_histogram(data: ReportData, attribute: str, xlabel: str) -> str:
 # ---------------------------------------------------------------- page
 
 def _thumbnail(row: dict, config: ReportConfig, storage: StorageOptions | None) -> str | None:
+    """The row's overlay as base64 PNG, or None when its source cannot be shown now. Whatever
+    the reason (moved, 403, over ``max_source_bytes``, a decompression bomb, a file that no longer
+    decodes), it costs this thumbnail only: the page is about the runs, not this one source."""
     from clipdiy.labels.preview import PreviewConfig, render_image
 
     try:
-        image = load_image(row["uri"], storage)
-    except (OSError, ValueError):
-        return None  # the source moved or broke since labelling: the entry says so
-    picture = render_image(row, image, PreviewConfig(size=config.thumbnail_size, legend_width=200))
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+        # By the row's address (one ranged read, bounded); PIL's bomb guard stays on in load_image.
+        image = load_image(row, storage, max_bytes=config.max_source_bytes)
+        picture = render_image(row, image, PreviewConfig(size=config.thumbnail_size, legend_width=200))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+    except Exception as error:  # noqa: BLE001 - see the docstring; said in the page and the log
+        logger.warning("no thumbnail for %s: %s", redact_uri(str(row.get("uri"))),
+                       redact_text(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+        return None
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -505,11 +573,23 @@ def _glance(data: ReportData, threshold: str) -> str:
     errors = last.rows - last.ok
     text = (f"Latest night {last.run_id} ({last.started_at[:16].replace('T', ' ')}): {last.ok} images labelled, "
             f"{errors} error rows ({100 * errors / max(1, last.rows):.1f}%), "
-            f"{last.timings.get('images_per_second', '?')} images/s, model {last.model}")
-    if len(data.nights) > 1 and last.model != data.nights[-2].model:
+            f"{last.timings.get('images_per_second', '?')} images/s, "
+            + (f"model {last.model}" if last.labelled else "no model (nothing labelled)"))
+    if model_changes(data.nights)[-1]:
         text += " (changed)"
     text += f"; {len(moves)} class moves over {threshold} points."
     return f'<p id="glance" class="glance">{html.escape(text)}</p>'
+
+
+def _redact_sources(source: str) -> str:
+    """The outputs as the page names them: each without credentials."""
+    return ", ".join(redact_uri(part.strip()) for part in source.split(",")) if source else source
+
+
+def _corrections_note(data: ReportData) -> str:
+    if not data.corrections:
+        return ""
+    return f" (and {data.corrections} human-correction run{'s' if data.corrections > 1 else ''}, not nights)"
 
 
 def render_html(data: ReportData, config: ReportConfig = ReportConfig(), storage: StorageOptions | None = None,
@@ -521,9 +601,10 @@ def render_html(data: ReportData, config: ReportConfig = ReportConfig(), storage
             "precision", "model"]
     keys = ["started", "run", "seen", "ok", "errors", "skipped", "wall", "speed", "method", "precision", "model"]
     table_rows = []
+    changes = model_changes(nights)
     for i, n in enumerate(nights):
         errors = ", ".join(f"{k} {v}" for k, v in sorted(n.errors.items())) or "0"
-        changed = i > 0 and n.model != nights[i - 1].model
+        changed = changes[i]
         cells = [n.started_at, n.run_id, n.rows, n.ok, errors, n.counts.get("skipped", ""),
                  f"{float(n.timings.get('total', 0) or 0) / 60:.1f}", n.timings.get("images_per_second", ""),
                  n.model_value("method"), n.model_value("precision"), n.model + (" (changed)" if changed else "")]
@@ -558,8 +639,8 @@ def render_html(data: ReportData, config: ReportConfig = ReportConfig(), storage
 
     threshold = f"{100 * config.drift_threshold:g}"
     sections = [
-        f"<h1>clipdiy run report</h1><p>{e(source)}: {len(nights)} finished runs, {data.rows} rows in {data.shards} "
-        f'shards, read in <span id="seconds">{data.seconds:.1f}</span> s '
+        f"<h1>clipdiy run report</h1><p>{e(_redact_sources(source))}: {len(nights)} finished runs, {data.rows} rows "
+        f"in {data.shards} shards{_corrections_note(data)}, read in <span id=\"seconds\">{data.seconds:.1f}</span> s "
         f"(generated {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}).</p>",
         _glance(data, threshold),
         "<h2>Nights</h2>", night_table,

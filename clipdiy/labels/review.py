@@ -2,7 +2,9 @@
 
 Export: the rows the feed would yield (:class:`~clipdiy.labels.feed.FeedFilter`), lowest mean mask score
 first (area-weighted, as the report's image score), ``count`` of them, become Label Studio tasks:
-``data`` holds the image URL and the row's identity (``image_id``, ``run_id``); ``predictions``
+``data`` holds the image URL (for a sample inside a WebDataset shard or a Parquet file, which
+Label Studio cannot open, a copy fetched by the row's address, :func:`export_images`) and the
+row's identity (``image_id``, ``run_id``); ``predictions``
 holds one prediction per task, with the row's model fingerprint as ``model_version``, its mean
 mask score as ``score``, and one ``brushlabels`` result per class mask (Label Studio's brush RLE,
 :mod:`clipdiy.labels.brush`) scored with the mask's score. A labelling config (XML) names the
@@ -26,6 +28,7 @@ import datetime as dt
 import html
 import json
 import os
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,8 +37,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipdiy import rle
+from clipdiy.image_address import FILES, ImageAddress
 from clipdiy.labels import brush
 from clipdiy.labels.feed import FeedFilter, _runs, _Selector
+from clipdiy.labels.image_copies import write_copy
 from clipdiy.labels.palette import IGNORE, class_colour
 from clipdiy.labels.report import _Lowest, mean_mask_scores, model_fingerprint
 from clipdiy.labels.row_index import build_row_index
@@ -63,13 +68,16 @@ def labelling_config(class_names: Sequence[str]) -> str:
 
 def image_url(uri: str, local_files_root: str | None = None) -> str:
     """The URL Label Studio shows for a row's image: under ``local_files_root`` (Label Studio's
-    ``LOCAL_FILES_DOCUMENT_ROOT``, with local file serving on) a ``/data/local-files/?d=`` URL; any
-    other URI as it is (``s3://`` and ``gs://`` are resolved by a cloud storage connected to the project)."""
+    ``LOCAL_FILES_DOCUMENT_ROOT``, with local file serving on) a ``/data/local-files/?d=`` URL, the
+    relative path percent-encoded (``&``, ``#``, ``+``, ``%``, spaces and non-ASCII in a file name would
+    otherwise end or change the query; a name that is not UTF-8 keeps its bytes); any other URI as
+    it is (``s3://`` and ``gs://`` are resolved by a cloud storage connected to the project)."""
     if local_files_root:
         root = os.path.abspath(local_files_root)
         path = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
         if os.path.commonpath([root, path]) == root:
-            return "/data/local-files/?d=" + os.path.relpath(path, root).replace(os.sep, "/")
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            return "/data/local-files/?d=" + urllib.parse.quote(relative, safe="/", errors="surrogateescape")
     return uri
 
 
@@ -83,12 +91,13 @@ def _mask_result(mask: dict, height: int, width: int) -> dict:
     }
 
 
-def task_of(row: dict, score: float, local_files_root: str | None = None) -> dict:
-    """One Label Studio task with the row's masks as its prediction."""
+def task_of(row: dict, score: float, local_files_root: str | None = None, image: str | None = None) -> dict:
+    """One Label Studio task with the row's masks as its prediction. ``image``: where the
+    exported copy of a shard sample's image is (:func:`export_images`); None: the row's ``uri``."""
     height, width = int(row["height"]), int(row["width"])
     started = row["run_started_at"]
     return {
-        "data": {"image": image_url(row["uri"], local_files_root), "image_id": row["image_id"], "uri": row["uri"],
+        "data": {"image": image_url(image or row["uri"], local_files_root), "image_id": row["image_id"], "uri": row["uri"],
                  "run_id": row["run_id"], "run_started_at": started.isoformat() if started else None},
         "predictions": [{
             "model_version": model_fingerprint(row), "score": float(score),
@@ -120,17 +129,45 @@ def select_rows(runs: Sequence[Run], feed_filter: FeedFilter, count: int, class_
     return chosen
 
 
+def images_folder(tasks_uri: str) -> str:
+    """Where :func:`export_tasks` puts the images of shard samples by default: beside the tasks
+    JSON, ``<tasks without .json>_images/``."""
+    return (tasks_uri[:-5] if tasks_uri.endswith(".json") else tasks_uri).rstrip("/") + "_images"
+
+
+def export_images(rows: Sequence[dict], images_to: str, storage: StorageOptions | None = None) -> list[str | None]:
+    """For each row whose image lies inside a shard (a WebDataset member or a Parquet cell,
+    which Label Studio cannot open), a copy of its image fetched by the row's address (one
+    ranged read, :mod:`clipdiy.labels.image_copies`) under ``images_to``; the copies' URIs, None
+    for a loose object (Label Studio opens its ``uri`` itself)."""
+    written: list[str | None] = []
+    fs = root = None
+    for row in rows:
+        if ImageAddress.from_row(row).format == FILES:
+            written.append(None)
+            continue
+        if fs is None:
+            fs, root = open_filesystem(images_to, storage)
+        written.append(images_to.rstrip("/") + "/" + write_copy(row, fs, root, storage))
+    return written
+
+
 def export_tasks(outputs: str | Sequence[str], tasks_uri: str, config_uri: str, *, feed_filter: FeedFilter = FeedFilter(),
-                 count: int = 100, local_files_root: str | None = None, storage: StorageOptions | None = None) -> dict:
-    """Write the tasks JSON and the labelling config; returns a summary."""
+                 count: int = 100, local_files_root: str | None = None, storage: StorageOptions | None = None,
+                 images_to: str | None = None) -> dict:
+    """Write the tasks JSON and the labelling config; returns a summary. The images of shard
+    samples are fetched by address and written to ``images_to`` (default :func:`images_folder`),
+    which the tasks name."""
     runs = _runs(outputs, feed_filter, storage)
     class_names = vocabulary_of(runs)
     chosen = select_rows(runs, feed_filter, count, class_names)
-    tasks = [task_of(row, score, local_files_root) for row, score in chosen]
+    images = export_images([row for row, _ in chosen], images_to or images_folder(tasks_uri), storage)
+    tasks = [task_of(row, score, local_files_root, image) for (row, score), image in zip(chosen, images)]
     for uri, text in ((tasks_uri, json.dumps(tasks)), (config_uri, labelling_config(class_names))):
         fs, path = open_filesystem(uri, storage)
         fs.pipe_file(path, text.encode("utf-8"))
     return {"tasks": len(tasks), "masks": sum(len(t["predictions"][0]["result"]) for t in tasks),
+            "images_written": sum(image is not None for image in images),
             "lowest_score": chosen[0][1] if chosen else None, "highest_score": chosen[-1][1] if chosen else None}
 
 
@@ -172,6 +209,25 @@ def corrections(export: list[dict]) -> list[Correction]:
                                 _time(latest.get("updated_at") or latest.get("created_at")),
                                 tuple(r for r in latest.get("result") or [] if r.get("type", "").lower() == "brushlabels")))
     return found
+
+
+def latest_per_image(found: Sequence[Correction], rows: dict[tuple[str, str], tuple[dict, object]]) -> list[Correction]:
+    """One correction per image: a row exported twice (two Label Studio tasks, one import run
+    twice, or two exports of one image from different runs) would otherwise give two human rows
+    for one image in one run. The correction of the newest image version wins (the version a
+    human row corrects: see :func:`human_row`), then the latest saved annotation, then the later
+    task in the export."""
+    def version(c: Correction):
+        row = rows[(c.run_id, c.image_id)][0]
+        basis = row.get("corrected_run_started_at") if row.get("source") == "human" else row.get("run_started_at")
+        return basis or dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+
+    chosen: dict[str, tuple[tuple, Correction]] = {}
+    for order, c in enumerate(found):
+        key = (version(c), c.annotated_at, order)
+        if c.image_id not in chosen or key > chosen[c.image_id][0]:
+            chosen[c.image_id] = (key, c)
+    return [c for _, c in chosen.values()]
 
 
 def corrected_label_map(correction: Correction, height: int, width: int, class_names: Sequence[str]) -> np.ndarray:

@@ -120,14 +120,19 @@ def vocabulary_of(runs: Sequence[Run]) -> tuple[str, ...]:
     return names.pop()
 
 
-def read_shard(run: Run, shard: str, columns: Sequence[str] | None = None) -> pa.Table:
+def read_shard(run: Run, shard: str, columns: Sequence[str] | None = None, optional: Sequence[str] = ()) -> pa.Table:
     """One Parquet shard of a run as a table. A column of the label schema that the shard
-    predates (``source``, say, in rows written before it existed) comes back all null."""
+    predates (``source``, say, in rows written before it existed) comes back all null.
+    ``optional`` columns (with ``columns``) come too where the shard or the label schema has
+    them, and are left out otherwise (the image address columns: a row without them is a loose
+    object at its ``uri``, :mod:`clipdiy.image_address`)."""
     with run.fs.open(shard, "rb") as file:
         if not columns:
             return pq.read_table(file)
         parquet = pq.ParquetFile(file)
         present = set(parquet.schema_arrow.names)
+        known = present | set(label_schema().names)
+        columns = list(dict.fromkeys([*columns, *(c for c in optional if c in known)]))
         table = parquet.read(columns=[c for c in columns if c in present])
     for name in columns:
         if name not in present:

@@ -28,10 +28,12 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from clipdiy import rle
+from clipdiy.image_address import DEFAULT_MAX_IMAGE_BYTES, ImageAddress, fetch_image_bytes
 from clipdiy.labels.palette import IGNORE
 from clipdiy.labels.row_index import RowIndex, build_row_index
 from clipdiy.labels.runs import Run, list_runs, read_shard
-from clipdiy.storage import StorageOptions, read_uri
+from clipdiy.schema import label_schema
+from clipdiy.storage import StorageOptions
 
 def latest_rows(table: pa.Table) -> pa.Table:
     """Keep one row per ``image_id``: the one of the latest run (``run_started_at``, then
@@ -52,12 +54,14 @@ def latest_rows(table: pa.Table) -> pa.Table:
 
 
 def iter_winning_shards(
-    runs: Sequence[Run], index: RowIndex | None = None, columns: Sequence[str] | None = None
+    runs: Sequence[Run], index: RowIndex | None = None, columns: Sequence[str] | None = None,
+    optional: Sequence[str] = (),
 ) -> Iterator[tuple[int, pa.Table]]:
-    """(shard number, the shard's winning rows) for every shard of the runs, one shard at a time."""
+    """(shard number, the shard's winning rows) for every shard of the runs, one shard at a time
+    (``optional``: see :func:`~clipdiy.labels.runs.read_shard`)."""
     index = index or build_row_index(runs)
     for number, (run, shard) in enumerate(index.shards):
-        table = read_shard(run, shard, columns)
+        table = read_shard(run, shard, columns, optional)
         mask = index.winners(number)
         yield number, table if mask is None else table.filter(pa.array(mask))
 
@@ -123,9 +127,17 @@ def decode_saliency(png: bytes | None, size: tuple[int, int] | None = None) -> n
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-def load_image(uri: str, storage: StorageOptions | None = None) -> np.ndarray:
-    """The source image of a row: H x W x 3 uint8 RGB, EXIF orientation applied (as the job reads it)."""
-    image = ImageOps.exif_transpose(Image.open(io.BytesIO(read_uri(uri, storage))))
+def load_image(source: ImageAddress | dict | str, storage: StorageOptions | None = None, *,
+               max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
+    """The source image of a row: H x W x 3 uint8 RGB, EXIF orientation applied (as the job reads it).
+
+    ``source``: the row itself (a dict with its ``uri`` and, for a shard's sample, its address
+    columns), an :class:`~clipdiy.image_address.ImageAddress`, or a loose object's URI. The bytes
+    come from one ranged read of the image's address (:mod:`clipdiy.image_address`), never from
+    reading its shard; :class:`~clipdiy.image_address.ImageFetchError` (a ``ValueError``) names
+    the image id when the address is stale or out of bounds."""
+    data = fetch_image_bytes(source, storage, max_bytes=max_bytes)
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
     return np.asarray(image.convert("RGB"))
 
 
@@ -150,7 +162,8 @@ def ok_rows(rows: Iterable[dict]) -> Iterator[dict]:
 MAX_READ_BLOCKS = 2000
 
 
-def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None, index: RowIndex | None = None) -> Any:
+def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None, index: RowIndex | None = None,
+                optional: Sequence[str] = ()) -> Any:
     """The rows of the runs as a ``ray.data.Dataset`` read in parallel, one per ``image_id``
     (the latest write: the driver reads only the key columns to decide, :mod:`clipdiy.labels.row_index`).
 
@@ -171,21 +184,32 @@ def ray_dataset(runs: Sequence[Run], *, columns: Sequence[str] | None = None, in
               "losers": index.losers.get(number, np.zeros(0, np.int64)).tolist()}
              for number, (run, shard) in enumerate(index.shards)]
     dataset = ray.data.from_items(tasks, override_num_blocks=min(len(tasks), MAX_READ_BLOCKS))
-    return dataset.map_batches(_ReadWinners(filesystems, columns), batch_format="pyarrow", batch_size=1,
+    return dataset.map_batches(_ReadWinners(filesystems, columns, optional), batch_format="pyarrow", batch_size=1,
                                udf_modifying_row_count=True)  # one shard in, its winning rows out
 
 
 class _ReadWinners:
     """``map_batches`` function: shard descriptors -> the shards' winning rows (picklable)."""
 
-    def __init__(self, filesystems: Sequence[Any], columns: Sequence[str] | None):
+    def __init__(self, filesystems: Sequence[Any], columns: Sequence[str] | None, optional: Sequence[str] = ()):
         self.filesystems, self.columns = list(filesystems), list(columns) if columns else None
+        self.optional = list(optional)
 
     def __call__(self, tasks: pa.Table) -> pa.Table:
         tables = []
         for task in tasks.to_pylist():
             with self.filesystems[task["fs"]].open(task["path"], "rb") as file:
-                table = pq.read_table(file, columns=self.columns)
+                parquet = pq.ParquetFile(file)
+                columns = self.columns
+                present = set(parquet.schema_arrow.names)
+                wanted = [c for c in self.optional if c not in (columns or ())]
+                if columns is not None:
+                    columns = columns + [c for c in wanted if c in present]
+                table = parquet.read(columns=columns)
+            schema = label_schema()
+            for name in wanted:  # a shard predating a column the schema has: nulls, as read_shard
+                if name not in present and name in schema.names:
+                    table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
             if task["losers"]:
                 mask = np.ones(table.num_rows, dtype=bool)
                 mask[np.asarray(task["losers"], dtype=np.int64)] = False

@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from clipdiy.errors import ClipdiyError
+from clipdiy.image_address import DEFAULT_MAX_IMAGE_BYTES
 from clipdiy.pipeline.planning.incremental import RETRY_ERRORS
 from clipdiy.pipeline.stages.placement import DEVICES
 from clipdiy.segmentation.config import SegmenterConfig
@@ -17,9 +18,9 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 #: Default decompression-bomb guard: 100 megapixels (a 12,000 x 8,000 photo still passes).
 DEFAULT_MAX_PIXELS = 100_000_000
-#: Default bound of the bytes read per object: 256 MiB (a 100-megapixel JPEG is ~30-60 MB, a
+#: Default bound of the bytes read per object (defined with the image fetcher the readers of
+#: labels share, :mod:`clipdiy.image_address`): 256 MiB (a 100-megapixel JPEG is ~30-60 MB, a
 #: 16-bit TIFF of one 300 MB); larger objects get a ``too_large`` row without being read.
-DEFAULT_MAX_IMAGE_BYTES = 256 * 1024**2
 #: The most seconds one object's read may take (retries included): a stalled store costs at most
 #: two minutes of one decode task per object (docs/job/reads-and-faults.md).
 DEFAULT_READ_DEADLINE_S = 120.0
@@ -29,8 +30,9 @@ DEFAULT_TIMED_OUT_NIGHTS = 3
 #: goes image by image and the image that still kills its process gets a ``worker_lost`` row.
 DEFAULT_MAX_WORKER_DEATHS = 3
 #: Default bound of one image's working memory in the inference actor (the method's estimate,
-#: ``SegmentationMethod.working_bytes``): 16 GiB lets NACLIP label a 12-megapixel photo with the
-#: authors' COCO-Object words (about 15.5 GB, 14.4 GiB) and refuses a 100-megapixel one.
+#: ``SegmentationMethod.working_bytes``). NACLIP works in tiles of the original photo after its
+#: forward, so its estimate follows the tile (about 2.6 GB at 100 megapixels with the authors'
+#: COCO-Object words and PAMR): with 16 GiB no photo under the decode guard is refused for memory.
 DEFAULT_MAX_IMAGE_MEMORY_GB = 16.0
 #: Listing rows per block handed to the labelling, in decode batches. A decode task takes whole
 #: blocks, so blocks stay small enough for decode tasks to run in parallel; the listing streams
@@ -47,7 +49,12 @@ class JobConfigError(ClipdiyError, ValueError):
 class LabelJobConfig:
     """Everything one run of the labelling job needs.
 
-    input / output:        fsspec URIs or local paths (prefix, glob or manifest for the input).
+    input / output:        fsspec URIs or local paths (prefix, glob or manifest for the input;
+                           for shards also a brace pattern, ``{00000..00009}.tar``).
+    input_format:          ``files``, ``webdataset`` or ``parquet`` (None: detected from the input,
+                           ``clipdiy.pipeline.sources.formats``); see docs/job/corpora.md.
+    image_column:          ``parquet``: the column of image bytes (binary, or a ``{bytes, path}`` struct).
+    id_column:             ``parquet``: the column of sample ids (None: the row's number in its file).
     segmenter:             the model side (vocabulary, CLIP, saliency, mode, crop batch size).
     storage:               object-storage settings, never credentials.
     decode_batch_size:     images per batch of a CPU decode task.
@@ -105,6 +112,9 @@ class LabelJobConfig:
 
     input: str
     output: str
+    input_format: str | None = None
+    image_column: str = "image"
+    id_column: str | None = None
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
     decode_batch_size: int = 8
@@ -193,6 +203,8 @@ class LabelJobConfig:
             raise JobConfigError(
                 f"--run-id {self.run_id!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
+        if self.input_format is not None and self.input_format not in ("files", "webdataset", "parquet"):
+            raise JobConfigError(f"--input-format must be files, webdataset or parquet, got {self.input_format!r}")
         if self.retry_errors not in RETRY_ERRORS:
             raise JobConfigError(f"--retry-errors must be one of {', '.join(RETRY_ERRORS)}, got {self.retry_errors!r}")
         if not 0.0 <= self.max_error_rate <= 1.0:

@@ -24,11 +24,14 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 #: Segmentation methods (names in the ``clipdiy.segmentation.methods`` registry; ``clipdiy`` is the paper's).
 CLIPDIY = "clipdiy"
 NACLIP = "naclip"
+TRIDENT = "trident"
 #: ``SegmenterConfig.refine``: ``auto`` is the method's published setting (PAMR for NACLIP,
 #: nothing for CLIP-DIY); ``pamr`` or ``none`` force it.
 REFINE_AUTO = "auto"
 REFINE_PAMR = "pamr"
 REFINE_NONE = "none"
+#: Trident's SAM refinement (TRIDENT.md section 7); not implemented yet: refused by the config.
+REFINE_SAM = "sam"
 REFINES = (REFINE_AUTO, REFINE_PAMR, REFINE_NONE)
 #: NACLIP's inference settings (SPEC 8.7): the whole resized image in one forward, or 224-px
 #: windows with stride 112; ``auto`` takes the built-in vocabulary's published choice.
@@ -104,8 +107,9 @@ NACLIP_CLIP = ClipConfig(model="ViT-B-16", pretrained="openai")
 
 
 def default_clip_config(method: str) -> ClipConfig:
-    """The CLIP a method is published with: ViT-B/32 LAION-2B for CLIP-DIY, ViT-B/16 OpenAI for NACLIP."""
-    return NACLIP_CLIP if method == NACLIP else ClipConfig()
+    """The CLIP a method is published with: ViT-B/32 LAION-2B for CLIP-DIY, ViT-B/16 OpenAI for
+    NACLIP and Trident (TRIDENT.md 1.1: the same QuickGELU OpenAI ViT-B/16)."""
+    return NACLIP_CLIP if method in (NACLIP, TRIDENT) else ClipConfig()
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,11 @@ class NaclipConfig:
     a 224 window 197): images of all sizes share forwards up to it (``None``: 32768 on CUDA, 8192
     on CPU, where larger forwards run no faster and cost memory). An image longer than the
     bound runs alone.
+    ``tile_side``: the steps after the forward (upsampling to the original size, PAMR, the
+    decision, the scores) run over tiles of the original image at most ``tile_side`` x
+    ``tile_side`` pixels, halo included (PAMR's reach, 176 px with its defaults), so their memory
+    is set by it, not by the photo; a photo that fits in one tile runs whole. Exact either way
+    (:mod:`clipdiy.segmentation.tiles`).
     """
 
     window: str = WINDOW_AUTO
@@ -153,8 +162,11 @@ class NaclipConfig:
     logit_scale: float = 40.0
     threshold: float = 0.1
     max_forward_tokens: int | None = None
+    tile_side: int = 1344
 
     def __post_init__(self) -> None:
+        if self.tile_side < 1:
+            raise ValueError(f"NaclipConfig.tile_side must be >= 1, got {self.tile_side}")
         if self.max_forward_tokens is not None and self.max_forward_tokens < 1:
             raise ValueError(f"NaclipConfig.max_forward_tokens must be >= 1, got {self.max_forward_tokens}")
         if self.window not in WINDOWS:
@@ -163,6 +175,51 @@ class NaclipConfig:
             raise ValueError("NACLIP sizes must be at least one 16-pixel patch")
         if self.sigma <= 0:
             raise ValueError(f"NaclipConfig.sigma must be > 0, got {self.sigma}")
+
+
+#: Trident's DINO (TRIDENT.md 1.2.7): timm's name for the DINO ViT-B/16 weights the authors load.
+TRIDENT_DINO = "vit_base_patch16_224.dino"
+#: SAM ViT-B (TRIDENT.md 1.3), the ``segment-anything`` package's checkpoint.
+TRIDENT_SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
+
+
+@dataclass(frozen=True)
+class TridentConfig:
+    """Trident's models and settings (TRIDENT.md); defaults are the authors'.
+
+    ``dino``: timm name of the DINO ViT-B/16; ``dino_checkpoint``: its weights (local path or
+    fsspec URI; ``None``: the timm pretrained tag from the Hugging Face hub). ``sam_checkpoint``:
+    SAM ViT-B's ``sam_vit_b_01ec64.pth`` (local path, fsspec URI or URL). ``prob_thd``,
+    ``slide_stride``, ``short_side``, ``cos_fac`` and ``refine_neg_cos``: ``None`` takes the built-in
+    vocabulary's published setting (TRIDENT.md 2.1; the base configuration for anything else).
+    ``max_forward_windows``: 336-px windows per CLIP/DINO forward (``None``: 64 on CUDA, 8 on
+    CPU); ``sam_batch_size``: images per SAM encoder forward (``None``: 8 on CUDA, 1 on CPU; a
+    global block holds 12 x 4096^2 attention weights per image).
+    """
+
+    dino: str = TRIDENT_DINO
+    dino_checkpoint: str | None = None
+    sam_checkpoint: str = TRIDENT_SAM_URL
+    prob_thd: float | None = None
+    slide_stride: int | None = None
+    short_side: int | None = None
+    cos_fac: float | None = None
+    refine_neg_cos: bool | None = None
+    long_side: int = 2048
+    slide_crop: int = 336
+    beta: float = 1.2
+    gamma: float = 3.0
+    logit_scale: float = 40.0
+    max_forward_windows: int | None = None
+    sam_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_forward_windows", "sam_batch_size", "slide_stride", "short_side"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TridentConfig.{name} must be >= 1, got {value}")
+        if self.slide_crop != 336:
+            raise ValueError("TridentConfig.slide_crop must be 336 (the authors' window; the DINO and CLIP grids must match)")
 
 
 @dataclass(frozen=True)
@@ -180,7 +237,8 @@ class SegmenterConfig:
     ``bf16`` when asked for explicitly (faster on GPUs; how far they move the labels: docs/methods/faithfulness.md).
     It is recorded in every row and in the run's fingerprint. ``text_cache_dir``: where text
     embeddings are cached on disk (``None``: memory only).
-    ``method``: ``clipdiy`` (the paper, faithful) or ``naclip`` (SPEC 8; ``naclip`` settings).
+    ``method``: ``clipdiy`` (the paper, faithful), ``naclip`` (SPEC 8; ``naclip`` settings) or
+    ``trident`` (``trident`` settings: its DINO and SAM weights, the published per-vocabulary values).
     Left at its default, ``clip`` becomes the method's published CLIP
     (:func:`default_clip_config`). ``refine``: ``auto`` (PAMR for NACLIP, none for CLIP-DIY, as
     published), ``pamr`` or ``none``; ``pamr`` holds its settings.
@@ -199,11 +257,18 @@ class SegmenterConfig:
     refine: str = REFINE_AUTO
     pamr: PamrConfig = field(default_factory=PamrConfig)
     naclip: NaclipConfig = field(default_factory=NaclipConfig)
+    trident: TridentConfig = field(default_factory=TridentConfig)
 
     def __post_init__(self) -> None:
         if self.refine not in REFINES:
+            if self.refine == REFINE_SAM:
+                raise ValueError("refine='sam' (--refine sam, Trident's SAM refinement) is not implemented yet; use 'none'")
             raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
-        if self.method == NACLIP and self.clip == ClipConfig():
+        if self.method == TRIDENT and self.precision != "fp32":
+            raise ValueError(f"precision={self.precision!r} (--precision) is not implemented for Trident yet (the authors' fp16 casts); use fp32")
+        if self.method == TRIDENT and self.refinement == REFINE_PAMR:
+            raise ValueError("Trident is not refined with PAMR (refine='pamr'); use refine='none' or 'auto'")
+        if self.method in (NACLIP, TRIDENT) and self.clip == ClipConfig():
             object.__setattr__(self, "clip", NACLIP_CLIP)  # the method's own CLIP, not CLIP-DIY's
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")

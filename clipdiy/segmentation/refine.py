@@ -30,39 +30,49 @@ import torch.nn.functional as F
 NEIGHBOUR_STEPS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
-def _shifted(padded: torch.Tensor, dilation: int, step: tuple[int, int], height: int, width: int) -> torch.Tensor:
-    """View of a replicate-padded map at offset ``dilation * step``: value of pixel (y + dy, x + dx)."""
-    top = dilation * (1 + step[0])
-    left = dilation * (1 + step[1])
+def _shifted(padded: torch.Tensor, margin: int, dilation: int, step: tuple[int, int], height: int, width: int) -> torch.Tensor:
+    """View of a map padded by ``margin`` on each side at offset ``dilation * step``: value of
+    pixel (y + dy, x + dx) for every pixel (y, x) of the H x W centre."""
+    top = margin + dilation * step[0]
+    left = margin + dilation * step[1]
     return padded[..., top : top + height, left : left + width]
 
 
-def pamr_affinity(images: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
+def pamr_affinity(images: torch.Tensor, dilations: Sequence[int], margins: tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
     """Neighbour weights of every pixel (SPEC 8.8).
 
-    images: B x K x H x W float (the normalised guide image). Returns B x P x H x W float32,
-    P = 8 * len(dilations), neighbours dilation-major in :data:`NEIGHBOUR_STEPS` order, summing to
-    1 over P: softmax over neighbours of the channel mean of -|I(x) - I(n)| / (1e-8 + 0.1 sigma(x)),
-    sigma the unbiased standard deviation, per channel, of all 9 * len(dilations) window values.
+    images: B x K x (H + top + bottom) x (W + left + right) float (the normalised guide image),
+    ``margins`` = (top, bottom, left, right) pixels of it around the H x W pixels whose weights
+    are wanted (a tile's guide carries the image around it, each margin at most max(dilations));
+    what a margin lacks is replicate padding (the image's true border). Returns B x P x H x W
+    float32, P = 8 * len(dilations), neighbours dilation-major in :data:`NEIGHBOUR_STEPS` order,
+    summing to 1 over P: softmax over neighbours of the channel mean of -|I(x) - I(n)| / (1e-8 +
+    0.1 sigma(x)), sigma the unbiased standard deviation, per channel, of all 9 * len(dilations)
+    window values.
     """
     images = images.float()
-    _, _, height, width = images.shape
-    padded = [F.pad(images, [d] * 4, mode="replicate") for d in dilations]
+    top, bottom, left, right = margins
+    largest = max(dilations)
+    if max(margins) > largest:
+        raise ValueError(f"guide margins {margins} exceed the largest dilation {largest}")
+    height = images.shape[-2] - top - bottom
+    width = images.shape[-1] - left - right
+    padded = F.pad(images, [largest - left, largest - right, largest - top, largest - bottom], mode="replicate")
     window = [(d, (dy, dx)) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    pads = dict(zip(dilations, padded))
+    centre = _shifted(padded, largest, 0, (0, 0), height, width)
     # Two-pass unbiased standard deviation over the window values, without stacking them.
-    mean = torch.zeros_like(images)
+    mean = torch.zeros_like(centre)
     for dilation, step in window:
-        mean += _shifted(pads[dilation], dilation, step, height, width)
+        mean += _shifted(padded, largest, dilation, step, height, width)
     mean /= len(window)
-    variance = torch.zeros_like(images)
+    variance = torch.zeros_like(centre)
     for dilation, step in window:
-        variance += (_shifted(pads[dilation], dilation, step, height, width) - mean).square_()
+        variance += (_shifted(padded, largest, dilation, step, height, width) - mean).square_()
     scale = variance.div_(len(window) - 1).sqrt_().mul_(0.1).add_(1e-8)
     del mean
     affinity = torch.stack(
         [
-            (images - _shifted(pads[dilation], dilation, step, height, width)).abs_().div_(scale).mean(dim=1).neg_()
+            (centre - _shifted(padded, largest, dilation, step, height, width)).abs_().div_(scale).mean(dim=1).neg_()
             for dilation in dilations
             for step in NEIGHBOUR_STEPS
         ],
@@ -71,27 +81,41 @@ def pamr_affinity(images: torch.Tensor, dilations: Sequence[int]) -> torch.Tenso
     return affinity.softmax(dim=1)
 
 
+def pamr_reach(iterations: int, dilations: Sequence[int]) -> tuple[int, int]:
+    """(logit halo, guide margin): how far PAMR's result at a pixel reads the logits (each
+    iteration reads neighbours up to max(dilations) away) and, beyond those, the guide (the
+    affinity of a pixel reads the guide up to max(dilations) away)."""
+    largest = max(int(d) for d in dilations)
+    return iterations * largest, largest
+
+
 def pamr(
     images: torch.Tensor,
     logits: torch.Tensor,
     iterations: int = 10,
     dilations: Sequence[int] = (8, 16),
     max_elements: int = 128_000_000,
+    guide_margins: tuple[int, int, int, int] = (0, 0, 0, 0),
 ) -> torch.Tensor:
     """Refined logits: ``iterations`` affinity-weighted neighbour sums of every class map.
 
-    images: B x K x H x W guide (normalised image, same H x W); logits: B x C x H x W.
+    images: B x K x H x W guide (normalised image, same H x W), or, with ``guide_margins`` =
+    (top, bottom, left, right), the guide with that many more pixels around the logits' H x W (a
+    tile's, see :func:`pamr_affinity`); logits: B x C x H x W. Beyond the given pixels the maps
+    are replicate-padded (the image border).
     Returns B x C x H x W float32 on the logits' device, in the logits' layout: pixel-major
     (channels-last strides, what the sparse products work in) when the logits are, else
     class-major (contiguous).
     """
-    if images.ndim != 4 or logits.ndim != 4 or images.shape[0] != logits.shape[0] or images.shape[-2:] != logits.shape[-2:]:
+    top, bottom, left, right = guide_margins
+    guide_size = (logits.shape[-2] + top + bottom, logits.shape[-1] + left + right) if logits.ndim == 4 else None
+    if images.ndim != 4 or logits.ndim != 4 or images.shape[0] != logits.shape[0] or tuple(images.shape[-2:]) != guide_size:
         raise ValueError(f"PAMR needs B x K x H x W images and B x C x H x W logits, got {tuple(images.shape)}, {tuple(logits.shape)}")
     batch, classes, height, width = logits.shape
     if classes == 0:
         return logits.float()
     dilations = tuple(int(d) for d in dilations)
-    affinity = pamr_affinity(images, dilations)  # B x P x H x W
+    affinity = pamr_affinity(images, dilations, guide_margins)  # B x P x H x W
     pixels = batch * height * width
     neighbours = affinity.shape[1]
     if pixels * neighbours <= max_elements // 2 and pixels * neighbours < 2**31:
@@ -229,7 +253,7 @@ def _pamr_shifted(
             for dilation, dilation_weights in zip(dilations, weights):
                 padded = F.pad(current, [dilation] * 4, mode="replicate")
                 for step, weight in zip(NEIGHBOUR_STEPS, dilation_weights):
-                    total.addcmul_(_shifted(padded, dilation, step, height, width), weight)
+                    total.addcmul_(_shifted(padded, dilation, dilation, step, height, width), weight)
                 del padded
             current, total = total, current
         refined[:, start : start + chunk] = current

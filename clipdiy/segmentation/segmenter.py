@@ -27,6 +27,7 @@ from clipdiy.segmentation.config import CLIPDIY, PromptConfig, SegmenterConfig
 from clipdiy.segmentation.images import ImageLike, to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage
 from clipdiy.segmentation.result import SegmentationResult
+from clipdiy.segmentation.tiles import area_bin_sizes, area_pool_region, bilinear_region
 from clipdiy.segmentation.vocabulary import Vocabulary, vocabulary_hash
 
 
@@ -226,6 +227,10 @@ class Segmenter:
         outputs: list[ModelOutput | None] = [None] * len(prepared)
         for indices, forward in self.method.forward_groups(prepared):
             group = [prepared[i] for i in indices]
+            if forward.logits is None:  # a photo larger than one tile (NACLIP)
+                for i, output in zip(indices, self._predict_tiled(forward, group, return_probabilities)):
+                    outputs[i] = output
+                continue
             logits = forward.logits
             if self.refinement == "pamr":
                 from clipdiy.segmentation.refine import pamr
@@ -238,6 +243,77 @@ class Segmenter:
                 output.original_size = prepared[i].original_size
                 outputs[i] = output
         return outputs  # type: ignore[return-value]
+
+    def _predict_tiled(self, forward, group: Sequence[PreparedImage], return_probabilities: bool) -> list[ModelOutput]:
+        """Outputs of one group whose upsampling the method deferred (``forward.logits`` is None),
+        run tile by tile (:meth:`plan_tiles` of the method): each tile's region resized from the
+        input-size maps, refined (PAMR over the region, its guide with PAMR's further margin),
+        decided on its interior, and summed into the same summaries :meth:`_summarise` gives
+        (sums in float64). Holds one tile's maps, the label maps and the preview sums.
+        """
+        from clipdiy.segmentation.refine import pamr
+
+        source, source_guide, size = forward.source, forward.source_guide, tuple(forward.size)
+        batch, height, width = source.shape[0], size[0], size[1]
+        classes = len(self.vocabulary)
+        device = source.device
+        model_size = tuple(group[0].model_input.shape[:2])
+        pool = height * width > model_size[0] * model_size[1]  # as _summarise: a preview no larger than the input
+        margin = self.method.guide_margin
+        labels_host = np.empty((batch, height, width), np.uint16)
+        probabilities_host = np.empty((batch, classes, height, width), np.float32) if return_probabilities else None
+        saliency_host = None if pool else np.empty((batch, height, width), np.float32)
+        totals = {name: torch.zeros(batch, classes, device=device, dtype=torch.float64) for name in ("scores", "won", "summed")}
+        foreground_total = torch.zeros(batch, device=device, dtype=torch.float64)
+        preview = torch.zeros(batch, 1, *model_size, device=device, dtype=torch.float64) if pool else None
+        for tile in self.method.plan_tiles(size):
+            rows = (tile.rows.region_start, tile.rows.region_end)
+            cols = (tile.cols.region_start, tile.cols.region_end)
+            logits = bilinear_region(source, size, rows, cols)  # B x U x region, pixel-major
+            if self.refinement == "pamr":
+                guide_rows = (max(0, rows[0] - margin), min(height, rows[1] + margin))
+                guide_cols = (max(0, cols[0] - margin), min(width, cols[1] + margin))
+                guide = bilinear_region(source_guide, size, guide_rows, guide_cols)
+                margins = (rows[0] - guide_rows[0], guide_rows[1] - rows[1], cols[0] - guide_cols[0], guide_cols[1] - cols[1])
+                settings = self.config.pamr
+                logits = pamr(guide, logits, settings.iterations, settings.dilations, settings.max_elements, guide_margins=margins)
+                del guide
+            decision = self.method.decide(logits[:, :, tile.rows.inner, tile.cols.inner], forward)
+            del logits
+            probabilities, labels = decision.probabilities, decision.labels
+            top = probabilities.gather(1, labels[:, None])[:, 0].view(batch, -1).to(torch.float64)
+            flat_labels = labels.view(batch, -1)
+            totals["scores"] += probabilities.sum(dim=(2, 3), dtype=torch.float64)
+            totals["won"].scatter_add_(1, flat_labels, torch.ones_like(top))
+            totals["summed"].scatter_add_(1, flat_labels, top)
+            foreground_total += decision.foreground.sum(dim=(1, 2, 3), dtype=torch.float64)
+            interior = (slice(None), slice(tile.rows.start, tile.rows.end), slice(tile.cols.start, tile.cols.end))
+            if pool:
+                preview += area_pool_region(decision.foreground, size, model_size, (tile.rows.start, tile.rows.end), (tile.cols.start, tile.cols.end))
+            else:
+                saliency_host[interior] = decision.foreground[:, 0].float().cpu().numpy()
+            labels_host[interior] = labels.to(torch.int32).cpu().numpy()
+            if probabilities_host is not None:
+                probabilities_host[(slice(None), slice(None)) + interior[1:]] = probabilities.float().cpu().numpy()
+            del decision, probabilities, labels, top
+        pixels = float(height * width)
+        class_scores = (totals["scores"] / pixels).float().cpu().numpy()
+        mask_scores = (totals["summed"] / totals["won"].clamp(min=1.0)).float().cpu().numpy()
+        foreground_fraction = (foreground_total / pixels).cpu().numpy()
+        if pool:
+            saliency_host = (preview / area_bin_sizes(size, model_size, device))[:, 0].float().cpu().numpy()
+        return [
+            ModelOutput(
+                label_map=labels_host[b],
+                class_scores=class_scores[b],
+                mask_scores=mask_scores[b],
+                foreground_fraction=float(foreground_fraction[b]),
+                saliency=saliency_host[b],
+                original_size=size,
+                probabilities=None if probabilities_host is None else probabilities_host[b],
+            )
+            for b in range(batch)
+        ]
 
     def _to_device(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """B arrays of h x w x 3 uint8 -> B x 3 x h x w uint8 on the device, one transfer."""

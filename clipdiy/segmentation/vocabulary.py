@@ -99,6 +99,21 @@ NACLIP_COCO_QUERIES = {"person": _NACLIP_PERSON + ("body",)}
 NACLIP_COCO_BACKGROUND_QUERIES = NACLIP_BACKGROUND_QUERIES
 NACLIP_COCO_BED_BACKGROUND_QUERIES = tuple(q for q in NACLIP_BACKGROUND_QUERIES if q != "bed")
 
+#: The Trident authors' background queries (TRIDENT.md 5.1): their ``cls_voc21.txt`` line 0 (the
+#: same 26 words as NACLIP's) and ``cls_coco_object.txt`` line 0 (17 words, "bed" among them).
+TRIDENT_VOC21_BACKGROUND_QUERIES = NACLIP_BACKGROUND_QUERIES
+TRIDENT_COCO_BACKGROUND_QUERIES = (
+    "sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands", "desk", "bed",
+    "building", "cloud", "floor", "hill", "rail",
+)  # fmt: skip
+#: Queries of the Trident authors' ``cls_voc21.txt`` where they differ from the readable names.
+TRIDENT_VOC21_QUERIES = {
+    "boat": ("ship",),
+    "dining table": ("table",),
+    "potted plant": ("pottedplant",),
+    "tv monitor": ("tvmonitor",),
+}
+
 _YAML_EXTENSIONS = (".yaml", ".yml")
 _JSON_EXTENSIONS = (".json",)
 
@@ -183,7 +198,7 @@ _BUILTINS = {"voc": VOC_CLASSES, "voc-readable": VOC_READABLE_CLASSES, "coco": C
 
 
 def builtin_vocabularies() -> tuple[str, ...]:
-    return tuple(_BUILTINS) + tuple(_NACLIP_BUILTINS)
+    return tuple(_BUILTINS) + tuple(_NACLIP_BUILTINS) + tuple(_TRIDENT_BUILTINS)
 
 
 def _with_queries(name: str, class_names: Sequence[str], background: tuple[str, ...], queries: Mapping[str, tuple[str, ...]]) -> Vocabulary:
@@ -200,6 +215,14 @@ _NACLIP_BUILTINS = {
 }
 
 
+# Trident's class files (TRIDENT.md 5.1): COCO-Object queries COCO's names themselves, so "bed"
+# is queried by background and by the class bed (as NACLIP's list does; see NACLIP_COCO_QUERIES).
+_TRIDENT_BUILTINS = {
+    "trident-voc21": (VOC_READABLE_CLASSES, TRIDENT_VOC21_BACKGROUND_QUERIES, TRIDENT_VOC21_QUERIES),
+    "trident-coco-object": (COCO_CLASSES, TRIDENT_COCO_BACKGROUND_QUERIES, {}),
+}
+
+
 def load_vocabulary(spec: str) -> Vocabulary:
     """A built-in name (:func:`builtin_vocabularies`) or a local path or fsspec URI of a ``.txt`` /
     ``.yaml`` / ``.yml`` / ``.json`` file."""
@@ -207,6 +230,8 @@ def load_vocabulary(spec: str) -> Vocabulary:
         return Vocabulary.from_names(spec, _BUILTINS[spec])
     if spec in _NACLIP_BUILTINS:
         return _with_queries(spec, *_NACLIP_BUILTINS[spec])
+    if spec in _TRIDENT_BUILTINS:
+        return _with_queries(spec, *_TRIDENT_BUILTINS[spec])
     text = _read_text(spec)
     name, extension = _stem_and_extension(spec)
     if extension in _YAML_EXTENSIONS or extension in _JSON_EXTENSIONS:

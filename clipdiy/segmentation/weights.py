@@ -59,6 +59,12 @@ DINO_WEIGHTS = WeightsOption(
     "DINO backbone weights", "SaliencyConfig.backbone_checkpoint", "--dino-checkpoint", _NO_SALIENCY
 )
 FOUND_HEAD_WEIGHTS = WeightsOption("FOUND head weights", "SaliencyConfig.head", "--found-head", _NO_SALIENCY)
+TRIDENT_DINO_WEIGHTS = WeightsOption(
+    "Trident's DINO ViT-B/16 weights (timm vit_base_patch16_224.dino)", "TridentConfig.dino_checkpoint", "--trident-dino-checkpoint"
+)
+TRIDENT_SAM_WEIGHTS = WeightsOption(
+    "Trident's SAM ViT-B weights (sam_vit_b_01ec64.pth)", "TridentConfig.sam_checkpoint", "--sam-checkpoint"
+)
 
 
 def default_cache_dir() -> Path:

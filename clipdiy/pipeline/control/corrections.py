@@ -10,7 +10,7 @@ import posixpath
 import pyarrow as pa
 
 from clipdiy.labels.report import MODEL_COLUMNS
-from clipdiy.labels.review import _corrected_rows, corrected_label_map, corrections, human_row
+from clipdiy.labels.review import _corrected_rows, corrected_label_map, corrections, human_row, latest_per_image
 from clipdiy.labels.runs import list_runs
 from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.control.lock import OutputLock
@@ -40,6 +40,8 @@ def import_corrections(export_uri: str, output: str, *, storage: StorageOptions 
     missing = [(c.run_id, c.image_id) for c in found if (c.run_id, c.image_id) not in rows]
     if missing:
         raise ValueError(f"{len(missing)} annotated rows are not in {output}'s finished runs, e.g. {missing[0]}")
+    annotated = len(found)  # tasks with an annotation; several may correct one image
+    found = latest_per_image(found, rows)
 
     vocabularies = {json.dumps(rows[(c.run_id, c.image_id)][1].manifest.get("vocabulary", {}), sort_keys=True)
                     for c in found}
@@ -65,12 +67,12 @@ def import_corrections(export_uri: str, output: str, *, storage: StorageOptions 
             options={"source": "human", "tool": "label-studio", "export": export_uri,
                      "model_columns": list(MODEL_COLUMNS)},
             vocabulary=vocabulary,
-            counts={"listed": len(export), "skipped": len(export) - len(found), "retried": 0, "seen": table.num_rows,
+            counts={"listed": len(export), "skipped": len(export) - annotated, "retried": 0, "seen": table.num_rows,
                     "ok": table.num_rows, "error": 0, "attempts": 1},
             shards=[{k: v for k, v in record.items() if k in MANIFEST_SHARD_FIELDS} for record in stats.to_pylist()],
             timings={"total": round((utc_now() - started).total_seconds(), 3), "listing": 0.0,
                      "labelling": 0.0, "images_per_second": 0.0},
         )
         write_manifest(layout, manifest)
-    return {"run_id": run_id, "rows": table.num_rows, "tasks": len(export), "without_annotation": len(export) - len(found),
+    return {"run_id": run_id, "rows": table.num_rows, "tasks": len(export), "without_annotation": len(export) - annotated,
             "path": posixpath.join(output, "runs", run_id)}

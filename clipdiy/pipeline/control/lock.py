@@ -1,7 +1,10 @@
 """One live writer per OUTPUT: a lock file with the run id, host, pid, a token and a heartbeat.
 
 A second run on the same OUTPUT refuses with :class:`OutputLockedError` while the lock is live.
-A lock is stale (and may be taken over) when its heartbeat is older than ``stale_after_s``, at
+A lock is stale (and may be taken over) when its heartbeat is older than ``stale_after_s`` (the
+larger of the taker's and the holder's own, which the lock document records: a holder promises
+to stop writing before its own ``stale_after_s``, so a taker with a shorter setting, such as
+``jobs/review.py import``, must not judge it by that), at
 once when it was taken on this host by a process that no longer exists (a killed driver), and,
 when the file is empty or unreadable (a driver killed between create and write, by an older
 version or another tool), once the file is older than ``corrupt_grace_s``.
@@ -45,6 +48,7 @@ from clipdiy.pipeline.control.lock_store import (
     StoredLock,
     open_lock_store,
 )
+from clipdiy.pipeline.control.failure import one_line
 from clipdiy.uris import redact_uri
 
 logger = logging.getLogger(__name__)
@@ -73,18 +77,30 @@ class LockInfo:
     token: str
     acquired_at: float
     heartbeat_at: float
+    #: After how long without a heartbeat the holder itself counts its lock stale (its watchdog
+    #: stops it writing before then). None in documents of older versions.
+    stale_after_s: float | None = None
 
     @classmethod
     def parse(cls, data: bytes) -> LockInfo | None:
         """The lock document in ``data``, or None when it is empty or not a lock document."""
         try:
             document = json.loads(data.decode("utf-8"))
-            return cls(**{name: document[name] for name in cls.__dataclass_fields__})
+            fields = cls.__dataclass_fields__
+            info = cls(**{name: document[name] for name in fields if name in document or name != "stale_after_s"})
+            if info.stale_after_s is not None:
+                info.stale_after_s = float(info.stale_after_s)
+            return info
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def encode(self) -> bytes:
         return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+
+#: Tokens of the locks this process holds now: a lock document naming this process with another
+#: token was left by a run of this process that ended without deleting it (a read-only store).
+_HELD_HERE: set[str] = set()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -132,7 +148,7 @@ class OutputLock:
         self.on_lost = on_lost
         self.store = store if store is not None else open_lock_store(layout)
         now = time.time()
-        self.info = LockInfo(run_id, socket.gethostname(), os.getpid(), uuid.uuid4().hex, now, now)
+        self.info = LockInfo(run_id, socket.gethostname(), os.getpid(), uuid.uuid4().hex, now, now, stale_after_s)
         self.lost = False
         self.lost_reason: str | None = None
         self._version: str | None = None  # the version of the lock file this run last wrote
@@ -154,11 +170,20 @@ class OutputLock:
     def stale_reason(self, info: LockInfo) -> str | None:
         """Why a lock may be taken over, or None while its holder looks alive."""
         age = time.time() - info.heartbeat_at
-        if age > self.stale_after_s:
-            return f"its heartbeat is {age:.0f} s old"
+        stale_after_s = self.stale_after(info)
+        if age > stale_after_s:
+            return f"its heartbeat is {age:.0f} s old (stale after {stale_after_s:.0f} s)"
         if info.host == socket.gethostname() and not _pid_alive(info.pid):
             return f"its process {info.pid} on this host is gone"
+        if info.host == socket.gethostname() and info.pid == os.getpid() and info.token not in _HELD_HERE:
+            return "its run, in this process, has ended"
         return None
+
+    def stale_after(self, info: LockInfo) -> float:
+        """Seconds without a heartbeat after which ``info``'s lock is stale: this run's setting or
+        the holder's own, whichever is longer (a NaN, negative or missing value counts as none)."""
+        holder = info.stale_after_s
+        return max(self.stale_after_s, holder) if holder is not None and holder == holder and holder > 0 else self.stale_after_s
 
     # ------------------------------------------------------------------ taking the lock
 
@@ -221,6 +246,7 @@ class OutputLock:
     # ------------------------------------------------------------------ holding it
 
     def _start_threads(self) -> None:
+        _HELD_HERE.add(self.info.token)
         self._stop.clear()
         self._threads = [
             threading.Thread(target=self._beat, name="clipdiy-lock-heartbeat", daemon=True),
@@ -302,15 +328,23 @@ class OutputLock:
             raise self._lost_error()
 
     def release(self) -> None:
+        """Stop the heartbeat and delete the lock file. A store that refuses the delete (full,
+        read-only, unreachable: often the very fault that ended the run) leaves the file, which
+        the next run takes over (this process gone, or its heartbeat stale); the refusal is
+        logged, not raised, so it never hides the error that ended the run."""
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
+        _HELD_HERE.discard(self.info.token)
         if self.lost or self._version is None:
             return
         try:
             self.store.delete(self._version)
         except ConditionalWriteConflict:
             logger.warning("the lock of %s is no longer this run's; left in place", self.where)
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            logger.warning("could not delete the lock of %s (%s); the next run takes it over", self.where,
+                           one_line(f"{type(error).__name__}: {error}"))
         self._version = None
 
     def __enter__(self) -> Self:

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 
 from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.config import LISTING_BATCHES_PER_BLOCK, LabelJobConfig
-from clipdiy.pipeline.stages.dataset import build_dataset
+from clipdiy.pipeline.stages.dataset import build_dataset, keep_task_exceptions
 from clipdiy.pipeline.stages.driver_models import DriverModels, resolve_models
 from clipdiy.pipeline.planning.incremental import ListingCounts
 from clipdiy.pipeline.stages.inference import actor_start_refusals
-from clipdiy.pipeline.sources.input_check import check_input_reachable
+from clipdiy.pipeline.sources.input_check import check_input_format
 from clipdiy.pipeline.control.lock import LockLostError, OutputLock
 from clipdiy.pipeline.planning.manifest import (
     RunPlan,
@@ -127,6 +127,7 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
         limit=config.limit,
         listing_tasks=config.listing_tasks,
         timed_out_nights=config.timed_out_nights,
+        input_format=config.input_format or "files",
     )
     earlier = [r for r in finished_run_ids(layout) if r != plan.run_id]
     return plan_pending(target, earlier, estimated_rows_per_shard=config.rows_per_file)
@@ -153,8 +154,10 @@ def _label(
         ActorStartError,
         ClipdiyError,
         ErrorBudgetExceededError,
+        OutputWriteError,
         RunFailedError,
     )
+    from clipdiy.pipeline.control.failure import one_line, root_cause
     from clipdiy.pipeline.stages.health import ErrorBudget, start_run_health
     from clipdiy.pipeline.stages.writer import MANIFEST_SHARD_FIELDS
 
@@ -193,6 +196,10 @@ def _label(
         ) from error
     except ClipdiyError as error:
         stopped_by = error
+        root = root_cause(error)
+        if isinstance(root, OutputWriteError):  # a task's write: its Ray wrapper is no message
+            raise RunFailedError(f"{one_line(str(root))}; stopped after {progress.rows} images, "
+                                 f"start again to resume") from error
         raise
     except Exception as error:
         try:
@@ -236,7 +243,8 @@ def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostErr
     started = time.monotonic()
     config.validate()
     input_uri = redact_uri(config.input)
-    check_input_reachable(config.input, config.storage)
+    # The format (files, webdataset, parquet) is fixed before the run: detected once, recorded.
+    config = dataclasses.replace(config, input_format=check_input_format(config.input, config.storage, config.input_format))
     layout = OutputLayout.open(config.output, config.storage)
     layout.ensure_dir(layout.root)
     lock = OutputLock(layout, config.run_id or "starting", stale_after_s=config.lock_stale_after_s,
@@ -269,12 +277,20 @@ def _run_locked(
         placement.gpus_per_actor, max(config.min_actors, placement.max_actors), placement.max_source,
     )
 
+    keep_task_exceptions()
     listing_started = time.monotonic()
     pending = _list_pending(config, layout, plan)
     counts = pending.counts
     listing_seconds = time.monotonic() - listing_started
     if counts is None:
         logger.info("nothing labelled in %s yet: the listing streams into the labelling", layout.uri)
+    elif config.input_format not in (None, "files"):
+        # Shard inputs are planned per shard: these counts are shards, not samples.
+        logger.info(
+            "listed %d shards: %d labelled whole by earlier runs, %d to read (%d of them to retry some samples, "
+            "--retry-errors %s)",
+            counts.listed, counts.skipped, counts.todo, counts.retried, config.retry_errors,
+        )
     else:
         logger.info(
             "listed %d images: %d labelled by earlier runs, %d by earlier attempts of this run, %d to label "

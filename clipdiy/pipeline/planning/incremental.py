@@ -81,9 +81,10 @@ WORKER_LOST_KIND = "worker_lost"
 RETRY_ERRORS = ("none", "transient", "all")
 
 
-def source_keys(table: pa.Table) -> pa.Array:
-    """One string per row identifying an image version: id, size, ETag, mtime (microseconds)."""
-    table = table.select(KEY_COLUMNS).combine_chunks()
+def source_keys(table: pa.Table, id_column: str = "image_id") -> pa.Array:
+    """One string per row identifying an image version: id, size, ETag, mtime (microseconds).
+    ``id_column``: ``uri`` for shard inputs, whose listing rows are shards named by URI."""
+    table = table.select([id_column, *KEY_COLUMNS[1:]]).rename_columns(KEY_COLUMNS).combine_chunks()
     size = pc.fill_null(pc.cast(table.column("source_size"), pa.string()), "")
     etag = pc.fill_null(table.column("source_etag"), "")
     mtime = pc.fill_null(pc.cast(pc.cast(table.column("source_mtime"), pa.int64()), pa.string()), "")
@@ -129,9 +130,9 @@ def retried_mask(table: pa.Table, retry_errors: str) -> pa.Array:
     return mask.combine_chunks() if isinstance(mask, pa.ChunkedArray) else mask
 
 
-def with_source_key(listing: pa.Table) -> pa.Table:
+def with_source_key(listing: pa.Table, id_column: str = "image_id") -> pa.Table:
     """Listing rows (:data:`LISTING_SCHEMA`) with their :data:`SOURCE_KEY` column appended."""
-    return listing.append_column(SOURCE_KEY, source_keys(listing))
+    return listing.append_column(SOURCE_KEY, source_keys(listing, id_column))
 
 
 def earlier_run_tags(shard: pa.Table, retry_errors: str) -> pa.Table:
@@ -212,10 +213,14 @@ def split_pending(joined: pa.Table, timed_out_nights: int | None = None) -> tupl
 
 def planned_rows(pending: pa.Table) -> pa.Table:
     """Listing rows (:data:`LISTING_SCHEMA`) as a plan file stores them (:data:`PLANNED_SCHEMA`):
-    the signed location replaced by a pointer to its manifest entry."""
+    the signed location replaced by a pointer to its manifest entry (shard inputs: and their
+    :data:`SKIP_IDS`)."""
     signed = pc.is_valid(pending.column(SIGNED_URI))
     entry = pc.if_else(signed, pending.column("listing_entry"), pa.scalar(None, pa.int64()))
-    return pending.append_column(SIGNED_ENTRY, entry).select(PLANNED_SCHEMA.names).cast(PLANNED_SCHEMA)
+    planned = pending.append_column(SIGNED_ENTRY, entry).select(PLANNED_SCHEMA.names).cast(PLANNED_SCHEMA)
+    if "skip_ids" in pending.column_names:
+        planned = planned.append_column("skip_ids", pending.column("skip_ids"))
+    return planned
 
 
 def listing_table(sources: list[SourceObject]) -> pa.Table:
@@ -247,3 +252,89 @@ def listing_blocks(sources: Iterator[SourceObject], block_rows: int, limit: int 
             buffer.clear()
     if buffer:
         yield listing_table(buffer)
+
+
+# ----------------------------------------------------------------------------- shard inputs
+#
+# A tar shard or Parquet file is one listing row and many label rows. Planning is per shard: a
+# shard is compared with the rows whose ``source_uri`` is its URI (rows of v1 and of loose
+# files have none). Per finished run's rows, a sample's tag is its strongest (an error a later
+# run cured is done); a shard is done when every sample row it has is done, else it is read
+# again, skipping the samples that are (``skip_ids``). Rows of this run's earlier attempts
+# count by image id alone, as for loose objects: a shard they touched is read again, skipping
+# the samples they wrote (a run killed mid-shard resumes to exactly once).
+
+#: Joined column of a shard: ids of its samples that finished runs labelled (tag DONE).
+EARLIER_DONE_IDS = "earlier_done_ids"
+#: Joined column of a shard: ids of its samples that this run's earlier attempts wrote.
+ATTEMPT_IDS = "attempt_ids"
+#: Planned column of a shard: image ids not to label again (read by stages/expand.py).
+SKIP_IDS = "skip_ids"
+#: Columns of a shard that the planning of shard inputs reads.
+SHARD_SAMPLE_COLUMNS = [*SHARD_COLUMNS, "uri", "source_uri"]
+
+
+def shard_uris(shard: pa.Table) -> pa.Array:
+    """The URI of the shard each row came from (``source_uri``; rows without one, none: null)."""
+    if "source_uri" not in shard.column_names:
+        return pa.nulls(shard.num_rows, pa.string())
+    return shard.column("source_uri").combine_chunks()
+
+
+def earlier_sample_tags(shard: pa.Table, retry_errors: str) -> pa.Table:
+    """(:data:`SOURCE_KEY` of the row's shard version, ``image_id``, ``tag``) per row of a finished
+    run's shard file that came from a shard input."""
+    uris = shard_uris(shard)
+    keyed = pa.table({"uri": uris, **{name: shard.column(name) for name in KEY_COLUMNS[1:]}})
+    keyed = keyed.cast(pa.schema([pa.field("uri", pa.string()), *(LISTING_SCHEMA.field(n) for n in KEY_COLUMNS[1:])]))
+    tags = pc.if_else(retried_mask(shard, retry_errors), pa.scalar(RETRY, pa.int8()), pa.scalar(DONE, pa.int8()))
+    table = pa.table({SOURCE_KEY: source_keys(keyed, "uri"), "image_id": shard.column("image_id"), "tag": tags})
+    return table.filter(pc.is_valid(uris))
+
+
+def shard_earlier_state(rows: pa.Table) -> pa.Table:
+    """One row for the sample rows of one shard version (``map_groups``): its tag (:data:`DONE`
+    when every sample is done, else :data:`RETRY`) and the ids of its done samples."""
+    best: dict[str, int] = {}
+    for image_id, tag in zip(rows.column("image_id").to_pylist(), rows.column("tag").to_pylist(), strict=True):
+        best[image_id] = max(tag, best.get(image_id, 0))
+    done = sorted(i for i, tag in best.items() if tag == DONE)
+    tag = DONE if len(done) == len(best) else RETRY
+    return pa.table({SOURCE_KEY: [rows.column(SOURCE_KEY)[0].as_py()], EARLIER_RUNS: pa.array([tag], pa.int8()),
+                     EARLIER_DONE_IDS: pa.array([done], pa.list_(pa.string()))})
+
+
+def attempt_sample_ids(shard: pa.Table) -> pa.Table:
+    """(``uri`` of the shard, ``image_id``) per row of this run's shard file from a shard input."""
+    uris = shard_uris(shard)
+    return pa.table({"uri": uris, "image_id": shard.column("image_id")}).filter(pc.is_valid(uris))
+
+
+def shard_attempt_state(rows: pa.Table) -> pa.Table:
+    """One row per shard URI (``map_groups``): the ids this run's earlier attempts wrote."""
+    ids = sorted(set(rows.column("image_id").to_pylist()))
+    return pa.table({"uri": [rows.column("uri")[0].as_py()], THIS_RUN: [True],
+                     ATTEMPT_IDS: pa.array([ids], pa.list_(pa.string()))})
+
+
+def split_pending_shards(joined: pa.Table) -> tuple[pa.Table, ListingCounts]:
+    """The shards of a joined listing block still to read (:data:`LISTING_SCHEMA` and
+    :data:`SKIP_IDS`), and the block's counts (in shards: ``skipped`` done by finished runs,
+    ``retried`` read again for some of their samples)."""
+    rows = joined.num_rows
+    joined = joined.combine_chunks()
+    names = joined.column_names
+    tags = joined.column(EARLIER_RUNS).to_pylist() if EARLIER_RUNS in names else [None] * rows
+    earlier = joined.column(EARLIER_DONE_IDS).to_pylist() if EARLIER_DONE_IDS in names else [None] * rows
+    attempts = joined.column(ATTEMPT_IDS).to_pylist() if ATTEMPT_IDS in names else [None] * rows
+    keep, skip_ids = [], []
+    counts = ListingCounts(listed=rows)
+    for index, (tag, done_ids, attempt_ids) in enumerate(zip(tags, earlier, attempts, strict=True)):
+        if tag == DONE:
+            counts.skipped += 1
+            continue
+        counts.retried += tag == RETRY
+        keep.append(index)
+        skip_ids.append(sorted(set(done_ids or ()) | set(attempt_ids or ())))
+    pending = joined.take(pa.array(keep, pa.int64())).select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA)
+    return pending.append_column(SKIP_IDS, pa.array(skip_ids, pa.list_(pa.string()))), counts

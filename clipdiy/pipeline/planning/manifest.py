@@ -25,7 +25,7 @@ import clipdiy
 from clipdiy.errors import ClipdiyError
 from clipdiy.output_layout import OutputLayout
 from clipdiy.storage import StorageOptions
-from clipdiy.schema import LABEL_SCHEMA_VERSION, MANIFEST_SCHEMA_FILE, schema_document
+from clipdiy.schema import LABEL_SCHEMA_VERSION, MANIFEST_SCHEMA_FILE, MANIFEST_SCHEMA_VERSION, schema_document
 
 
 class RunConflictError(ClipdiyError, ValueError):
@@ -213,7 +213,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The manifest document, with exactly the keys of ``schemas/run_manifest.v1.json``."""
     document = {
-        "schema_version": LABEL_SCHEMA_VERSION,
+        "schema_version": MANIFEST_SCHEMA_VERSION,
         "run_id": plan.run_id,
         "status": "finished",
         "started_at": plan.started_at.isoformat(),

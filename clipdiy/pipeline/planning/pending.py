@@ -48,17 +48,24 @@ from clipdiy.pipeline.planning.incremental import (
     SIGNED_ENTRY,
     SIGNED_URI,
     SOURCE_KEY,
+    SHARD_SAMPLE_COLUMNS,
     THIS_RUN,
     TIMEOUTS,
     WORKER_LOST,
     ListingCounts,
+    attempt_sample_ids,
     earlier_run_tags,
+    earlier_sample_tags,
+    shard_attempt_state,
+    shard_earlier_state,
+    split_pending_shards,
     listing_blocks,
     planned_rows,
     split_pending,
     with_source_key,
 )
 from clipdiy.pipeline.sources.key_ranges import SPLIT_MIN_KEYS
+from clipdiy.pipeline.sources.formats import iter_shard_sources
 from clipdiy.pipeline.sources.listing import iter_sources
 from clipdiy.pipeline.sources.listing_parts import (
     ListingPart,
@@ -104,8 +111,14 @@ class PlanTarget:
     block_rows: int  # listing rows per block handed to the labelling (decode tasks take whole blocks)
     limit: int | None = None
     listing_tasks: int = 16  # parts of a prefix listed at once (each task mostly waits on the store)
+    input_format: str = "files"  # files: a row per image; webdataset, parquet: a row per shard or file
     split_min_keys: int = SPLIT_MIN_KEYS  # S3 keys below which a key range is not split further
     timed_out_nights: int | None = None  # finished runs with a timed_out row after which an object is not retried
+
+    @property
+    def shards(self) -> bool:
+        """The listing rows are shards (tars, Parquet files), planned per shard."""
+        return self.input_format != "files"
 
     def plan_dir(self, layout: OutputLayout) -> str:
         return layout.path("runs", self.run_id, PLAN_DIR, f"{self.attempt:03d}")
@@ -125,9 +138,15 @@ class Plan:
 
 
 def _list_input(
-    batch: pa.Table, *, storage: StorageOptions, block_rows: int, limit: int | None, numbered: bool, keyed: bool
+    batch: pa.Table, *, storage: StorageOptions, block_rows: int, limit: int | None, numbered: bool, keyed: bool,
+    input_format: str = "files",
 ) -> Iterator[pa.Table]:
     for input_uri in batch.column("input").to_pylist():
+        if input_format != "files":
+            # Shards (10,000 for 100M images): one listing task, a row per shard, keyed by URI.
+            for block in listing_blocks(iter_shard_sources(input_uri, input_format, storage), block_rows, limit):
+                yield with_source_key(block, "uri") if keyed else block
+            continue
         # Numbered: a manifest's repeated entries stay, for _first_entries to drop on the cluster
         # (every manifest entry has its number, LISTING_SEQ, from the listing).
         for block in listing_blocks(iter_sources(input_uri, storage, unique=not numbered), block_rows, limit):
@@ -167,6 +186,30 @@ def _read_earlier_tags(batch: pa.Table, *, output_uri: str, storage: StorageOpti
     return pa.concat_tables(tables)
 
 
+def _read_present(path: str, fs, columns: list[str]) -> pa.Table:
+    """The ``columns`` of a shard file that it has (rows of schema v1 have no ``source_uri``)."""
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        present = set(parquet.schema_arrow.names)
+        return parquet.read(columns=[c for c in columns if c in present])
+
+
+def _read_earlier_sample_tags(batch: pa.Table, *, output_uri: str, storage: StorageOptions, retry_errors: str) -> pa.Table:
+    layout = OutputLayout.open(output_uri, storage)
+    tables = [
+        earlier_sample_tags(_read_present(path, layout.fs, SHARD_SAMPLE_COLUMNS), retry_errors)
+        for path in batch.column("path").to_pylist()
+    ]
+    return pa.concat_tables(tables)
+
+
+def _read_attempt_sample_ids(batch: pa.Table, *, output_uri: str, storage: StorageOptions) -> pa.Table:
+    layout = OutputLayout.open(output_uri, storage)
+    tables = [attempt_sample_ids(_read_present(path, layout.fs, ["image_id", "source_uri"]))
+              for path in batch.column("path").to_pylist()]
+    return pa.concat_tables(tables)
+
+
 def _read_image_ids(batch: pa.Table, *, output_uri: str, storage: StorageOptions) -> pa.Table:
     layout = OutputLayout.open(output_uri, storage)
     tables = [pq.read_table(path, columns=["image_id"], filesystem=layout.fs) for path in batch.column("path").to_pylist()]
@@ -178,8 +221,11 @@ def _mark_this_run(batch: pa.Table) -> pa.Table:
 
 
 def _write_pending(batch: pa.Table, *, target: PlanTarget) -> pa.Table:
-    pending, counts = split_pending(
-        batch, target.timed_out_nights if target.retry_errors == "transient" else None)
+    if target.shards:
+        pending, counts = split_pending_shards(batch)
+    else:
+        pending, counts = split_pending(
+            batch, target.timed_out_nights if target.retry_errors == "transient" else None)
     # A plan file is under OUTPUT and outlives a crash: it holds no signed location, only the
     # number of the manifest entry that has it (resolved again by pending_dataset).
     planned = planned_rows(pending)
@@ -226,11 +272,11 @@ def listing_dataset(target: PlanTarget, block_rows: int, *, numbered: bool = Fal
     source = ray.data.from_items([{"input": target.input_uri}])
     # No CPU reserved by the listing tasks: they wait on the store, and a CPU held by a listing
     # that backpressure pauses could starve the decode tasks that drain it.
-    if target.limit is not None or numbered:
+    if target.limit is not None or numbered or target.shards:
         listing = source.map_batches(
             _list_input,
             fn_kwargs={"storage": target.storage, "block_rows": block_rows, "limit": target.limit, "numbered": numbered,
-                       "keyed": keyed},
+                       "keyed": keyed, "input_format": target.input_format},
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=0,
@@ -309,7 +355,7 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
     earlier_shards = earlier.count() if earlier is not None else 0
     attempt_shards = attempts.count()
     # A manifest may list an image twice; without a limit its repeats are dropped on the cluster.
-    unique = is_manifest_input(target.input_uri, target.storage) and target.limit is None
+    unique = not target.shards and is_manifest_input(target.input_uri, target.storage) and target.limit is None
     listed = manifest_entries_estimate(target.input_uri, target.storage) if unique else 0
     # The listing of a prefix is not known before it is read: size the partitions by the
     # labelled side, which nightly runs over a growing corpus track closely.
@@ -324,7 +370,10 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
     joined = listing_dataset(target, JOIN_BLOCK_ROWS, numbered=unique, keyed=True)
     if unique:
         joined = _first_entries(joined, partitions)
-    if earlier_shards:
+    if target.shards:
+        joined = _join_shard_states(target, joined, earlier if earlier_shards else None,
+                                    attempts if attempt_shards else None, partitions)
+    if earlier_shards and not target.shards:
         tags = earlier.map_batches(
             _read_earlier_tags,
             fn_kwargs={"output_uri": target.output_uri, "storage": target.storage, "retry_errors": target.retry_errors},
@@ -336,7 +385,7 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
             Max("tag", alias_name=EARLIER_RUNS), Sum(TIMEOUTS, alias_name=EARLIER_TIMEOUTS),
             Sum(WORKER_LOST, alias_name=EARLIER_WORKER_LOST))
         joined = joined.join(tags, "left_outer", partitions, on=(SOURCE_KEY,))
-    if attempt_shards:
+    if attempt_shards and not target.shards:
         ids = attempts.map_batches(
             _read_image_ids,
             fn_kwargs={"output_uri": target.output_uri, "storage": target.storage},
@@ -362,6 +411,31 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
         return Plan(dataset=None, counts=counts, plan_dir=plan_dir)
     dataset = pending_dataset(target, files, resolve_signed=signed > 0, partitions=_partitions(counts.listed))
     return Plan(dataset=dataset, counts=counts, plan_dir=plan_dir)
+
+
+def _join_shard_states(target: PlanTarget, joined, earlier, attempts, partitions: int):
+    """The shard listing joined with, per shard, what finished runs (by shard version) and this
+    run's earlier attempts (by shard URI) labelled of it (``incremental``'s shard rules): one
+    row per shard on each side, grouped by a hash shuffle, never in one process."""
+    if earlier is not None:
+        tags = earlier.map_batches(
+            _read_earlier_sample_tags,
+            fn_kwargs={"output_uri": target.output_uri, "storage": target.storage, "retry_errors": target.retry_errors},
+            batch_size=SHARDS_PER_READ,
+            batch_format="pyarrow",
+        )
+        states = tags.groupby(SOURCE_KEY, num_partitions=partitions).map_groups(shard_earlier_state, batch_format="pyarrow")
+        joined = joined.join(states, "left_outer", partitions, on=(SOURCE_KEY,))
+    if attempts is not None:
+        ids = attempts.map_batches(
+            _read_attempt_sample_ids,
+            fn_kwargs={"output_uri": target.output_uri, "storage": target.storage},
+            batch_size=SHARDS_PER_READ,
+            batch_format="pyarrow",
+        )
+        states = ids.groupby("uri", num_partitions=partitions).map_groups(shard_attempt_state, batch_format="pyarrow")
+        joined = joined.join(states, "left_outer", partitions, on=("uri",))
+    return joined
 
 
 def _signed_locations(batch: pa.Table) -> pa.Table:

@@ -105,3 +105,43 @@ def _explain(exc: BaseException) -> str:
     if is_transient(exc):
         return f"unreachable ({describe_error(exc)})"
     return f"cannot be read ({describe_error(exc)})"
+
+
+def check_input_format(input_uri: str, options: StorageOptions | None = None, requested: str | None = None,
+                       *, timeout: float = 60.0) -> str:
+    """The input's format (``files``, ``webdataset``, ``parquet``: ``requested``, checked, else
+    detected; :mod:`clipdiy.pipeline.sources.formats`), after the pre-flight check of that
+    format: raises :class:`InputError` in one line when the guess is wrong, or when the input
+    holds no image (``files``), no ``.tar`` shard or no Parquet file."""
+    from clipdiy.pipeline.sources.formats import detect_input_format, iter_shard_sources
+
+    options = options or StorageOptions()
+    where = redact_uri(input_uri)
+    quick = dataclasses.replace(
+        options,
+        connect_timeout=min(options.connect_timeout, 5.0),
+        read_timeout=min(options.read_timeout, max(timeout / 2, 1.0)),
+        max_attempts=min(options.max_attempts, 2),
+    )
+    detected = _run_bounded(lambda: detect_input_format(input_uri, quick, requested), timeout)
+    if detected is _TIMED_OUT or (isinstance(detected, BaseException) and not isinstance(detected, InputError)):
+        if requested in (None, "files"):
+            # The store did not answer the detection: the files check says why, in its words.
+            check_input_reachable(input_uri, options, timeout=timeout)
+            return "files"
+        if detected is _TIMED_OUT:
+            raise InputError(f"input {where} is unreachable: no answer from the store within {timeout:g} s")
+    if isinstance(detected, BaseException):
+        raise InputError(f"input {where}: {_explain(detected)}") from detected
+    if detected == "files":
+        check_input_reachable(input_uri, options, timeout=timeout)
+        return detected
+    first = _run_bounded(lambda: next(iter_shard_sources(input_uri, detected, quick), None), timeout)
+    if first is _TIMED_OUT:
+        raise InputError(f"input {where} is unreachable: no answer from the store within {timeout:g} s")
+    if isinstance(first, BaseException):
+        raise InputError(f"input {where}: {_explain(first)}") from first
+    if first is None:
+        what = ".tar shards" if detected == "webdataset" else "Parquet files"
+        raise InputError(f"input {where} holds no {what}: check the path or pattern, or --input-format")
+    return detected

@@ -16,11 +16,29 @@ from clipdiy.pipeline.stages.writer import ShardTarget, write_shard
 warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
 
 
+def keep_task_exceptions() -> None:
+    """Make a map task's exception reach the driver as itself (inside Ray's ``RayTaskError``),
+    not as a ``UserCodeException`` whose cause is lost on the way: the job's last line names the
+    real fault (``control/failure.py``), e.g. the OUTPUT file a full disk refused. Call before
+    any dataset of the run is created: a dataset keeps the context it was created under."""
+    import ray.data
+
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+
+
 def writer_tasks(placement: InferencePlacement) -> int:
     """How many row-building and shard-writing tasks run at once: one per inference actor (each
     turns what one actor gives out into shards), and at least two, so that a slow write to the
     store does not hold the pool's output back."""
     return max(2, placement.max_actors)
+
+
+def shard_streams() -> int:
+    """Shards read at once when ``--decode-concurrency`` is unset: one per CPU of the cluster
+    (a shard's stream feeds the decode tasks, which take one CPU each)."""
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 2))
 
 
 def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, placement: InferencePlacement, health=None):
@@ -66,6 +84,22 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
     inference_retries = ray_task_retries(config.max_worker_deaths, config.inference_batch_size, LISTING_BATCHES_PER_BLOCK)
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
     target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
+    if (config.input_format or "files") != "files":
+        # One task per shard streams it (stages/expand.py): samples leave in decode-sized blocks.
+        from clipdiy.pipeline.stages.expand import ExpandShards
+
+        pending = pending.repartition(target_num_rows_per_block=1).map_batches(  # a shard per task
+            ExpandShards(config.storage, config.input_format, config.decode_batch_size, config.max_image_bytes,
+                         config.image_column, config.id_column, health),
+            batch_size=1,
+            batch_format="pyarrow",
+            # Waits on the store mostly (the decoding is the next stage's): no CPU reserved, a
+            # bounded pool instead, so that a paused stream does not hold a CPU decode needs.
+            num_cpus=0,
+            # As many shards streamed at once as decode tasks may run (one per CPU by default).
+            compute=ray.data.TaskPoolStrategy(size=max(2, config.decode_concurrency or shard_streams())),
+            udf_modifying_row_count=True,
+        )
     ds = pending.map_batches(
         decode,
         batch_size=config.decode_batch_size,

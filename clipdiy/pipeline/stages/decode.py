@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clipdiy.errors import InvalidImageError
 from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
+from clipdiy.pipeline.stages.expand import IMAGE_BYTES, PRESET_ERROR, PRESET_KIND
 from clipdiy.segmentation.images import to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage, prepare_image
 from clipdiy.segmentation.segmenter import prepare_input
@@ -27,14 +28,14 @@ from clipdiy.uris import UnparsableUriError, has_scheme, public_uri
 
 logger = logging.getLogger(__name__)
 
-#: The error kinds of the label-row schema (``schemas/label_row.v1.json``). ``not_found``: the
+#: The error kinds of the label-row schema (``schemas/label_row.v2.json``). ``not_found``: the
 #: object does not exist (an answer, not retried: see ``incremental.py``); ``timed_out``: its
 #: read took longer than ``--read-deadline-s`` (a stalled or trickling store; later runs try it
 #: again a bounded number of times); ``unreadable``: any other failed read; ``invalid_uri``: a
 #: manifest entry that is not a URI one can read; ``worker_lost``: the image killed its process
-#: more often than ``--max-worker-deaths`` allows.
+#: more often than ``--max-worker-deaths`` allows; ``duplicate``: a second sample of one key in a shard.
 ERROR_KINDS = ("empty", "truncated", "corrupt", "not_image", "too_large", "not_found", "timed_out", "unreadable",
-               "invalid_uri", "unsupported", "model", "worker_lost")
+               "invalid_uri", "unsupported", "model", "worker_lost", "duplicate")
 
 # Leading bytes of the formats Pillow reads: an object that starts like an image but will not
 # decode is "corrupt"; anything else is "not_image".
@@ -167,28 +168,11 @@ def decode_image(
         )
 
 
-def read_error(error: BaseException, failure_class: str) -> tuple[str, str]:
-    """(kind, message) of a storage failure while reading a source object; ``failure_class``:
-    :func:`~clipdiy.pipeline.stages.health.classify_read_failure`'s. A missing object (``not_found``:
-    local FileNotFoundError, S3 NoSuchKey/404, HTTP 404) is its own kind; a read past its time
-    (``timed_out``) too; a missing bucket, a permission or a network failure is ``unreadable``
-    (a later run tries again).
-
-    The message is built here from the error's type and structured fields
-    (:func:`~clipdiy.storage.describe_error`), never from a library's text, which may quote the
-    signed location in a form no pattern finds (re-encoded by aiohttp/yarl): the row names its
-    object by its ``uri`` column."""
-    from clipdiy.storage import ReadTimedOutError, describe_error
-
-    if isinstance(error, ReadTimedOutError):
-        return "timed_out", str(error)
-    kind = "not_found" if failure_class == "not_found" else "unreadable"
-    return kind, f"cannot read the object: {describe_error(error)}"
-
-
 #: Listing columns that may hold a credential or point at one: the decode stage reads them and
 #: drops them, so that nothing after the read carries them.
 _LOCATION_COLUMNS = ("signed_uri", "signed_entry", "listing_entry")
+#: A shard sample's inline bytes and preset error (stages/expand.py): consumed here.
+_INLINE_COLUMNS = (IMAGE_BYTES, PRESET_KIND, PRESET_ERROR)
 
 
 #: Columns the decode stage adds to the listing columns.
@@ -292,14 +276,23 @@ class DecodeBatch:
         return ray.get(self.health.judge_not_found.remote(reads.ok, reads.failed["not_found"], reads.sample))
 
     def _decode_one(
-        self, image_id: str, uri: str, signed_uri: str | None, entry: int | None, size: int | None, reads: _Reads
+        self, image_id: str, uri: str, signed_uri: str | None, entry: int | None, size: int | None, reads: _Reads,
+        inline: tuple[bytes | None, str | None, str | None] | None = None,
     ) -> DecodeResult:
         """Read and decode one object: never raises but for the run's own errors. ``uri``: the
         public location (what messages name); ``signed_uri``: the readable one where it is signed;
-        ``entry``: the manifest entry whose signed location the labelling looked up again."""
-        from clipdiy.pipeline.stages.health import classify_read_failure, one_line
+        ``entry``: the manifest entry whose signed location the labelling looked up again.
+        ``inline``: (bytes, error kind, error) of a sample the shard-expanding stage read
+        (``clipdiy.pipeline.stages.expand``): decoded as is, nothing read here."""
+        from clipdiy.pipeline.stages.health import classify_read_failure, one_line, read_error
         from clipdiy.storage import ObjectTooLargeError
 
+        if inline is not None:
+            data, preset_kind, preset_error = inline
+            if preset_kind is not None:
+                return DecodeResult(error_kind=preset_kind, error=preset_error)
+            return decode_image(data or b"", mode=self.mode, max_pixels=self.max_pixels,
+                                saliency_max_side=self.saliency_max_side, config=self.segmenter_config)
         if signed_uri is None and entry is not None:
             return DecodeResult(error_kind="unreadable", error=(
                 f"entry {entry} of the manifest no longer lists this image (the manifest changed during the "
@@ -350,23 +343,30 @@ class DecodeBatch:
         sizes = batch.column("source_size").to_pylist() if "source_size" in names else [None] * rows
         signed = batch.column("signed_uri").to_pylist() if "signed_uri" in names else [None] * rows
         entries = batch.column("signed_entry").to_pylist() if "signed_entry" in names else [None] * rows
+        # Samples of shards (stages/expand.py) carry their bytes, or the error found reading them.
+        if IMAGE_BYTES in names:
+            inline = list(zip(batch.column(IMAGE_BYTES).to_pylist(), batch.column(PRESET_KIND).to_pylist(),
+                              batch.column(PRESET_ERROR).to_pylist(), strict=True))
+            sizes = [None] * rows  # the listed size is the shard's
+        else:
+            inline = [None] * rows
         attempt = AttemptLedger(self.health, "decode", self.max_worker_deaths).begin(image_ids)
         results = []
         reads = _Reads()
-        for image_id, uri, signed_uri, entry, size in zip(
-            image_ids, batch.column("uri").to_pylist(), signed, entries, sizes, strict=True
+        for image_id, uri, signed_uri, entry, size, sample in zip(
+            image_ids, batch.column("uri").to_pylist(), signed, entries, sizes, inline, strict=True
         ):
             if image_id in attempt.lost:
                 results.append(DecodeResult(error_kind="worker_lost", error=attempt.lost_message(image_id)))
                 continue
             attempt.start(image_id)
-            results.append(self._decode_one(image_id, uri, signed_uri, entry, size, reads))
+            results.append(self._decode_one(image_id, uri, signed_uri, entry, size, reads, inline=sample))
         attempt.start(None)  # done with the images: a death from here on falls on none
         if reads.failed["not_found"] and not self._missing_are_answers(reads):
             results = [_untrusted(result) if result.error_kind == "not_found" else result for result in results]
         self._report_reads(reads.ok, dict(reads.failed), reads.sample)
         attempt.end()
-        batch = batch.drop_columns([name for name in _LOCATION_COLUMNS if name in names])
+        batch = batch.drop_columns([name for name in (*_LOCATION_COLUMNS, *_INLINE_COLUMNS) if name in names])
         for name, column in decoded_columns(results).items():
             batch = batch.append_column(name, column)
         return batch

@@ -53,8 +53,9 @@ READ_FAILURE_CLASSES = ("credentials", "no_bucket", "unreachable", "access_denie
 #: (:meth:`RunHealth.judge_not_found`)...
 NOT_FOUND_WINDOW = 200
 #: ...they are answers when at least as many reads of the window found their object, and at
-#: least this many (a handful of reads proves nothing about the routing)...
-NOT_FOUND_MIN_FOUND = 10
+#: least this many: one object found shows the routing reaches the store, so a small night (a
+#: deleted photo among a few) takes its missing objects as answers, as a large one does...
+NOT_FOUND_MIN_FOUND = 1
 #: ...and this many of them, more than the objects found, are a storm: the run stops (exit 1).
 NOT_FOUND_STORM = 50
 #: The classes never about one object.
@@ -94,6 +95,25 @@ def _s3_code(error: BaseException) -> str | None:
         code = response.get("Error", {}).get("Code")
         return str(code) if code else None
     return None
+
+
+def read_error(error: BaseException, failure_class: str) -> tuple[str, str]:
+    """(kind, message) of a storage failure while reading a source object; ``failure_class``:
+    :func:`classify_read_failure`'s. A missing object (``not_found``:
+    local FileNotFoundError, S3 NoSuchKey/404, HTTP 404) is its own kind; a read past its time
+    (``timed_out``) too; a missing bucket, a permission or a network failure is ``unreadable``
+    (a later run tries again).
+
+    The message is built here from the error's type and structured fields
+    (:func:`~clipdiy.storage.describe_error`), never from a library's text, which may quote the
+    signed location in a form no pattern finds (re-encoded by aiohttp/yarl): the row names its
+    object by its ``uri`` column."""
+    from clipdiy.storage import ReadTimedOutError, describe_error
+
+    if isinstance(error, ReadTimedOutError):
+        return "timed_out", str(error)
+    kind = "not_found" if failure_class == "not_found" else "unreadable"
+    return kind, f"cannot read the object: {describe_error(error)}"
 
 
 def classify_read_failure(error: BaseException) -> str:

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 import clipdiy
 from clipdiy.schema import LABEL_SCHEMA_VERSION, label_schema
+from clipdiy.pipeline.stages.expand import ADDRESS_FIELDS
 from clipdiy.segmentation.segmenter import ModelOutput, Provenance, finalize
 from clipdiy.uris import redact_text
 
@@ -129,6 +130,7 @@ def build_rows(batch: pa.Table, context: RowContext, health=None, max_worker_dea
     }
     columns = batch.select(
         ["image_id", "uri", "source_size", "source_etag", "source_mtime", "status", "error_kind", "error", "width", "height"]
+        + [f.name for f in ADDRESS_FIELDS if f.name in batch.column_names]
     ).to_pylist()
     attempt = AttemptLedger(health, "rows", max_worker_deaths or DEFAULT_MAX_WORKER_DEATHS).begin(
         [row["image_id"] for row in columns])
@@ -136,6 +138,8 @@ def build_rows(batch: pa.Table, context: RowContext, health=None, max_worker_dea
     rows = []
     for index, row in enumerate(columns):
         row.update(shared)
+        # Loose objects: no address columns in the batch (source_format "files", the rest null).
+        row.setdefault("source_format", "files")
         # ``uri`` holds no credential by construction (the listing's public URI); an error
         # message is free text from libraries: redacted here, where every row is written.
         row["error"] = redact_text(row["error"])

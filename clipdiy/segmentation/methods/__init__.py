@@ -5,7 +5,7 @@ CPU worker prepares an image for it (no model needed), whether it needs a salien
 factory that builds the :class:`~clipdiy.segmentation.methods.base.SegmentationMethod` from loaded models.
 The :class:`~clipdiy.segmentation.segmenter.Segmenter` owns pre- and post-processing, batching, refinement
 and summaries, and only ever goes through :func:`method_entry`. Built in: ``clipdiy`` (the
-paper, SPEC 1-3) and ``naclip`` (SPEC 8). A new method touches no existing method's code.
+paper, SPEC 1-3) and ``naclip`` (SPEC 8) and ``trident`` (TRIDENT.md). A new method touches no existing method's code.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def method_entry(name: str) -> MethodEntry:
 # Built-in methods register themselves on import.
 from clipdiy.segmentation.methods import clipdiy as _clipdiy  # noqa: F401
 from clipdiy.segmentation.methods import naclip as _naclip  # noqa: F401
+from clipdiy.segmentation.methods import trident as _trident  # noqa: F401
 
 __all__ = [
     "MethodDecision",

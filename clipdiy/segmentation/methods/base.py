@@ -22,11 +22,19 @@ class MethodLogits:
     guide:      B x 3 x h x w float, the normalised image at the logits' size (PAMR's guide).
     foreground: B x 1 x h' x w' in [0, 1] (CLIP-DIY: the saliency map) or None (derived from the
                 probabilities by :meth:`SegmentationMethod.decide`).
+
+    A method may instead defer the last resize (NACLIP on a photo larger than one tile):
+    ``logits`` and ``guide`` are then None and ``source`` (B x Q x h' x w'), ``source_guide``
+    (B x 3 x h' x w') are the maps that resize bilinearly (align_corners=False) to ``size``; the
+    segmenter resizes, refines and decides them tile by tile (:mod:`clipdiy.segmentation.tiles`).
     """
 
-    logits: torch.Tensor
-    guide: torch.Tensor
+    logits: torch.Tensor | None
+    guide: torch.Tensor | None
     foreground: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+    source_guide: torch.Tensor | None = None
+    size: tuple[int, int] | None = None
 
 
 @dataclass

@@ -12,6 +12,11 @@ sequence of their forward and masked, :class:`~clipdiy.segmentation.models.nacli
 the 224-px windows of all the batch's images together). The logits, their upsampling, PAMR and
 the decision run per group of images with the same model input size *and* original size.
 
+Large photos: the upsampling to the original size, PAMR and the decision run over tiles of at
+most ``NaclipConfig.tile_side`` pixels a side (halo included, :mod:`clipdiy.segmentation.tiles`):
+:meth:`NaclipMethod.forward_groups` then hands the segmenter the input-size logits and guide, and
+the segmenter resizes, refines and decides them tile by tile, exactly as the whole image.
+
 Layout: the query logits and everything after them are pixel-major in memory (B x Q x H x W
 tensors with channels-last strides: the Q values of a pixel are contiguous), so the upsampling,
 PAMR's products and the softmax over queries each read a pixel's queries in one run.
@@ -39,6 +44,8 @@ from clipdiy.segmentation.config import (
 from clipdiy.segmentation.methods import MethodEntry, register_method
 from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
 from clipdiy.segmentation.prepared import PreparedImage
+from clipdiy.segmentation.refine import pamr_reach
+from clipdiy.segmentation.tiles import ROW_BLOCK, Tile, axis_spans, plan_tiles
 from clipdiy.segmentation.vocabulary import Vocabulary
 
 #: The authors' normalisation of 0-255 RGB pixels (CLIP's mean and std x 255, rounded; SPEC 8.2).
@@ -221,6 +228,12 @@ class NaclipMethod:
         self.class_runs = class_runs(self.class_queries)
         self.mode = resolve_window(self.config, vocabulary.name)
         self.pamr_max_elements = config.pamr.max_elements if config.refinement else 0
+        #: Tiles of the original image (see ``NaclipConfig.tile_side``): PAMR's exact reach as the
+        #: halo of the logits, and its affinity's as the guide's further margin.
+        self.tile_side = self.config.tile_side
+        self.halo, self.guide_margin = pamr_reach(config.pamr.iterations, config.pamr.dilations) if config.refinement else (0, 0)
+        if self.tile_side <= 2 * self.halo:
+            raise ValueError(f"NaclipConfig.tile_side {self.tile_side} must exceed twice PAMR's reach ({self.halo} px)")
         self.forward_tokens = self.config.max_forward_tokens or default_forward_tokens(torch.device(device))
         self.mean = torch.tensor(NACLIP_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(NACLIP_STD, device=device).view(1, 3, 1, 1)
@@ -229,11 +242,20 @@ class NaclipMethod:
         """Images with equal keys share the upsampling, PAMR and the decision (not only the forwards)."""
         return tuple(prepared.model_input.shape), tuple(prepared.original_size)
 
+    def tiled(self, size: tuple[int, int]) -> bool:
+        """Whether a photo of this (H, W) takes more than one tile after the forward."""
+        return max(size) > self.tile_side
+
+    def plan_tiles(self, size: tuple[int, int]) -> list[Tile]:
+        """Tiles of an H x W original: regions at most ``tile_side`` a side, halo PAMR's reach."""
+        return plan_tiles(size[0], size[1], self.tile_side, self.halo)
+
     def forward_groups(self, prepared: Sequence) -> Iterator[tuple[list[int], MethodLogits]]:
         """(indices, logits and guide) per group of equal :meth:`batch_key`, all images' forwards shared.
 
         Logits: B x Q x H x W at the original size, pixel-major (channels-last) float32; guide:
-        the normalised input resized to it, B x 3 x H x W. A group is yielded as soon as its
+        the normalised input resized to it, B x 3 x H x W (for photos larger than one tile, the
+        input-size maps and the size instead: :class:`MethodLogits`). A group is yielded as soon as its
         images' forwards are done (sliding: as its last window is), so only the groups in flight
         hold input-size logits.
         """
@@ -255,7 +277,10 @@ class NaclipMethod:
         return pixels.float().sub_(self.mean).div_(self.std)
 
     def _at_original_size(self, logits: torch.Tensor, normalised: torch.Tensor, size: tuple[int, int]) -> MethodLogits:
-        """Input-size logits (B x Q x h x w) and the normalised input, bilinearly to the original H x W."""
+        """Input-size logits (B x Q x h x w) and the normalised input, bilinearly to the original H x W
+        (deferred, for the segmenter's tiles, when the photo is larger than one tile)."""
+        if self.tiled(size):
+            return MethodLogits(logits=None, guide=None, source=logits, source_guide=normalised, size=size)
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         guide = F.interpolate(normalised, size=size, mode="bilinear", align_corners=False)
         return MethodLogits(logits=logits, guide=guide)
@@ -314,18 +339,36 @@ class NaclipMethod:
         """Float32 buffers at the original H x W, which grow with the photo while the forward does
         not: the U query logits and PAMR's refined copy (2U), the guide (3), the class
         probabilities of the decision (C) and its labels and top scores (4, as int64 + float32),
-        plus PAMR's own working set, bounded by ``PamrConfig.max_elements`` (section 8.8)."""
+        plus PAMR's own working set, bounded by ``PamrConfig.max_elements`` (section 8.8).
+
+        A photo larger than one tile holds those buffers for one tile only: 2U + 3 planes over
+        its region (at most ``tile_side`` squared), C + 4 over its interior, the resize's row
+        blocks (2 x 64 rows of the region's width, U planes), PAMR's bound; plus what grows with
+        the photo: its label map (uint16) and the float64 preview sums (none larger than the
+        model input)."""
         height, width = prepared.original_size
         queries = int(self.query_embeddings.shape[0])
-        planes = 2 * queries + 3 + self.num_classes + 4
         pamr = 4 * self.pamr_max_elements if self.pamr_max_elements else 0
-        return 4 * height * width * planes + pamr
+        if not self.tiled((height, width)):
+            planes = 2 * queries + 3 + self.num_classes + 4
+            return 4 * height * width * planes + pamr
+        rows = axis_spans(height, self.tile_side, self.halo)
+        cols = axis_spans(width, self.tile_side, self.halo)
+        region_h = max(span.region_end - span.region_start for span in rows)
+        region_w = max(span.region_end - span.region_start for span in cols)
+        interior = max(span.end - span.start for span in rows) * max(span.end - span.start for span in cols)
+        guide = (region_h + 2 * self.guide_margin) * (region_w + 2 * self.guide_margin)
+        tile = 2 * queries * region_h * region_w + 3 * guide + (self.num_classes + 4) * interior
+        tile += 2 * ROW_BLOCK * region_w * queries
+        model_input = 8 * int(np.prod(prepared.model_input.shape[:2]))
+        return 4 * tile + pamr + 2 * height * width + model_input
 
     def decide(self, logits: torch.Tensor, forward: MethodLogits) -> MethodDecision:
         """SPEC 8.9: softmax over queries of 40 x logits, max per class, threshold to background.
 
-        logits: B x U x H x W, one map per distinct query word (any layout; pixel-major is the
-        fast one: a class-major input costs one transposing copy). Runs pixel-major, in blocks of
+        logits: B x U x H x W, one map per distinct query word (any strides: pixel-major is the
+        fast one; a tile's interior, a view into its region, is read in blocks of whole rows in
+        place, :func:`_pixel_blocks`). Runs pixel-major, in blocks of
         pixels whose scaled logits and query probabilities stay in two reused buffers (bounded
         memory, no fresh pages per step): per block one scaled copy, one softmax, then each
         class's best query by slice copies (runs of one-query classes) and slice maxima (classes
@@ -333,16 +376,14 @@ class NaclipMethod:
         labels, B x 1 x H x W foreground.
         """
         batch, queries, height, width = logits.shape
-        flat = logits.permute(0, 2, 3, 1).reshape(-1, queries)  # a view when pixel-major
-        pixels = flat.shape[0]
-        best = flat.new_empty(pixels, self.num_classes)
+        pixels = batch * height * width
+        best = logits.new_empty(pixels, self.num_classes, dtype=torch.float32)
         rows = max(1, min(pixels, DECISION_BLOCK_ELEMENTS // queries))
-        scaled, probabilities = flat.new_empty(rows, queries), flat.new_empty(rows, queries)
+        scaled, probabilities = best.new_empty(rows, queries), best.new_empty(rows, queries)
         log_multiplicity = None if self.multiplicity is None else self.multiplicity.log()
-        for start in range(0, pixels, rows):
-            part = flat[start : start + rows]
-            count = part.shape[0]
-            block = torch.mul(part, self.config.logit_scale, out=scaled[:count])
+        for start, part in _pixel_blocks(logits, rows):
+            count = part.numel() // queries
+            block = torch.mul(part, self.config.logit_scale, out=scaled[:count].view(part.shape)).view(count, queries)
             if log_multiplicity is not None:
                 block.add_(log_multiplicity)
             query_probabilities = torch.softmax(block, dim=-1, out=probabilities[:count])
@@ -362,6 +403,30 @@ class NaclipMethod:
         class_probabilities = best.view(batch, height, width, -1).permute(0, 3, 1, 2)
         foreground = 1.0 - class_probabilities[:, :1]
         return MethodDecision(class_probabilities, labels.view(batch, height, width), foreground)
+
+
+def _pixel_blocks(logits: torch.Tensor, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first pixel, ... x U view) blocks of at most ``rows`` pixels of B x U x H x W logits, in
+    pixel order (image, row, column).
+
+    Pixel-major logits are one (B·H·W) x U view, cut into runs of ``rows``; others (a tile's
+    interior, a crop of a larger map) are cut into runs of whole image rows, each read in place
+    (the block's scaled copy is the only copy).
+    """
+    batch, queries, height, width = logits.shape
+    pixel_major = logits.permute(0, 2, 3, 1)
+    try:
+        flat = pixel_major.view(-1, queries)
+    except RuntimeError:
+        flat = None
+    if flat is not None:
+        for start in range(0, flat.shape[0], rows):
+            yield start, flat[start : start + rows]
+        return
+    lines = max(1, rows // width)
+    for b in range(batch):
+        for y in range(0, height, lines):
+            yield (b * height + y) * width, pixel_major[b, y : y + lines]
 
 
 register_method(

@@ -1,0 +1,332 @@
+"""``trident``: Trident (Yu et al., ICCV 2025) as its authors' code runs it (TRIDENT.md).
+
+Per image: the aspect-kept resize (short side 448), a canvas whose sides are multiples of 16,
+336-px windows (stride 224); per window, DINO ViT-B/16 features and CLIP ViT-B/16 blocks 1-11,
+then CLIP's last block with attention taken from DINO's cosine similarities; the window values
+averaged into place on the canvas grid, resized to SAM's token grid, and aggregated there with
+the attention of SAM ViT-B's last encoder block, filtered by SAM's value cosines; CLIP's final
+norm and projection; cosine logits against one text embedding per query word (80 templates),
+bilinearly to the original size; the softmax over queries at logit scale 40, background the max
+of its queries, pixels under ``prob_thd`` to background (the decision is NACLIP's, SPEC 8.9).
+
+Batching (the authors' code takes one image, TRIDENT.md 10.1): the windows of all images of a
+batch share the CLIP and DINO forwards (up to ``max_forward_windows`` each); the SAM encoder runs
+on up to ``sam_batch_size`` images at a time; DINO's similarity mean stays per image (it couples
+an image's windows, never two images). The splice, the aggregation and everything after run per
+group of images with equal :meth:`TridentMethod.batch_key`.
+
+Not here yet: SAM refinement (TRIDENT.md 7, which the published numbers use), the fp16 casts of
+the authors' run, tiled post-processing of very large photos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipdiy.segmentation.batching import group_by_shape, to_device
+from clipdiy.segmentation.config import TRIDENT, SegmenterConfig, TridentConfig
+from clipdiy.segmentation.methods import MethodEntry, register_method
+from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
+from clipdiy.segmentation.methods.naclip import NACLIP_MEAN, NACLIP_STD, NaclipMethod, class_runs, query_words, window_boxes
+from clipdiy.segmentation.prepared import PreparedImage
+from clipdiy.segmentation.vocabulary import Vocabulary
+
+#: CLIP's and ImageNet's normalisation on [0, 1] RGB (TRIDENT.md 2.2): a window goes to DINO as
+#: Normalize_ImageNet(UnNormalize_CLIP(window)).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: SAM's normalisation of 0-255 RGB and its square input (TRIDENT.md 1.3.4, 3.4).
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+SAM_SIZE = 1024
+#: CLIP's and SAM's patch (both 16 px).
+PATCH = 16
+
+
+@dataclass(frozen=True)
+class TridentSetting:
+    """The settings one run uses, resolved from :class:`TridentConfig` and the vocabulary.
+
+    ``threshold`` is the authors' ``prob_thd``; ``logit_scale`` and ``threshold`` are the names
+    NACLIP's decision reads.
+    """
+
+    short_side: int
+    long_side: int
+    slide_crop: int
+    slide_stride: int
+    threshold: float
+    cos_fac: float
+    refine_neg_cos: bool
+    beta: float
+    gamma: float
+    logit_scale: float
+
+
+#: The authors' settings per built-in vocabulary (TRIDENT.md 2.1): (Resize short side,
+#: slide_stride, prob_thd, cos_fac, refine_neg_cos). Anything else: their base configuration with
+#: the VOC21/COCO-Object resize.
+PUBLISHED = {
+    "trident-voc21": (448, 224, 0.2, 1.2, True),
+    "trident-coco-object": (448, 224, 0.25, 1.2, True),
+}
+BASE = (448, 224, 0.0, 1.2, True)
+
+
+def resolve_setting(config: TridentConfig, vocabulary_name: str) -> TridentSetting:
+    """The published setting of ``vocabulary_name``, with any field ``config`` sets overriding it."""
+    short_side, stride, prob_thd, cos_fac, refine_neg_cos = PUBLISHED.get(vocabulary_name, BASE)
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return TridentSetting(
+        short_side=pick(config.short_side, short_side),
+        long_side=config.long_side,
+        slide_crop=config.slide_crop,
+        slide_stride=pick(config.slide_stride, stride),
+        threshold=pick(config.prob_thd, prob_thd),
+        cos_fac=pick(config.cos_fac, cos_fac),
+        refine_neg_cos=pick(config.refine_neg_cos, refine_neg_cos),
+        beta=config.beta,
+        gamma=config.gamma,
+        logit_scale=config.logit_scale,
+    )
+
+
+def resized_size(height: int, width: int, setting: TridentSetting) -> tuple[int, int]:
+    """mmcv's keep-ratio Resize to scale (long_side, short_side) (TRIDENT.md 2.1): (h, w), each >= 1."""
+    scale = min(setting.long_side / max(height, width), setting.short_side / min(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def _ceil16(side: int) -> int:
+    return -(-side // PATCH) * PATCH
+
+
+def canvas_size(height: int, width: int, crop: int) -> tuple[int, int]:
+    """CLIP's canvas (``preprocess_image``, TRIDENT.md 3.1): sides multiples of 16, each >= ``crop``.
+
+    Sides already multiples of 16 are kept, except (unlike the authors' code, which then crashes,
+    10.6) a side under ``crop``, which goes through the resize branch.
+    """
+    if height % PATCH == 0 and width % PATCH == 0 and min(height, width) >= crop:
+        return height, width
+    longer = max(height, width)
+    target = _ceil16(longer)
+    return max(_ceil16(int(height * target / longer)), crop), max(_ceil16(int(width * target / longer)), crop)
+
+
+def sam_input_size(height: int, width: int) -> tuple[int, int]:
+    """SAM's resized input for an H0 x W0 photo: ceil16 each side, then the longest side to 1024
+    (``get_preprocess_shape``: int(side * scale + 0.5)) (TRIDENT.md 3.4)."""
+    tmp_h, tmp_w = _ceil16(height), _ceil16(width)
+    scale = SAM_SIZE / max(tmp_h, tmp_w)
+    return int(tmp_h * scale + 0.5), int(tmp_w * scale + 0.5)
+
+
+def prepare_trident(rgb: np.ndarray, config: SegmenterConfig) -> PreparedImage:
+    """CPU preprocessing: path A (CLIP/DINO: mmcv's resize with OpenCV's bilinear) as the model
+    input, path B (SAM: OpenCV's bilinear to sides rounded up to 16, then PIL's bilinear to a
+    longest side of 1024) as the second input (TRIDENT.md 2.1, 3.4)."""
+    height, width = rgb.shape[:2]
+    setting = resolve_setting(config.trident, config.vocabulary)
+    size = resized_size(height, width, setting)
+    resized = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    stretched = cv2.resize(rgb, (_ceil16(width), _ceil16(height)), interpolation=cv2.INTER_LINEAR)
+    sam_h, sam_w = sam_input_size(height, width)
+    sam = np.asarray(Image.fromarray(stretched).resize((sam_w, sam_h), Image.BILINEAR))
+    return PreparedImage(
+        model_input=np.ascontiguousarray(resized),
+        saliency_input=np.ascontiguousarray(sam),
+        original_size=(int(height), int(width)),
+    )
+
+
+def default_forward_windows(device: torch.device) -> int:
+    return 64 if device.type == "cuda" else 8
+
+
+def default_sam_batch(device: torch.device) -> int:
+    return 8 if device.type == "cuda" else 1
+
+
+class TridentMethod:
+    """Trident on loaded CLIP, DINO and SAM (see :class:`~clipdiy.segmentation.methods.base.SegmentationMethod`).
+
+    ``dino``: timm ``vit_base_patch16_224.dino``; ``sam``: segment-anything's SAM ViT-B (only its
+    image encoder is used without refinement).
+    """
+
+    name = TRIDENT
+    saliency_backend = "none"
+    saliency_weights = None
+
+    def __init__(self, clip, dino, sam, vocabulary: Vocabulary, config: SegmenterConfig, text_embeddings, device, weights: str | None = None):
+        from clipdiy.segmentation.models.trident import TridentClipEncoder
+
+        self.device = torch.device(device)
+        self.config = resolve_setting(config.trident, vocabulary.name)
+        self.encoder = TridentClipEncoder(clip.model.visual)
+        self.dino = dino
+        self.sam_encoder = sam.image_encoder
+        #: Provenance of the DINO and SAM weights (the rows' ``saliency_weights`` field).
+        self.saliency_weights = weights
+        self.mode = f"slide:{self.config.slide_crop}/{self.config.slide_stride}"
+        words, owners = query_words(vocabulary)
+        if text_embeddings is None:
+            from clipdiy.segmentation.config import PromptConfig
+            from clipdiy.segmentation.text_embeddings import query_text_embeddings
+            from clipdiy.segmentation.vocabulary import prompt_templates
+
+            text_embeddings = query_text_embeddings(clip, words, prompt_templates(PromptConfig(ensemble="imagenet")), config.text_cache_dir)
+        if text_embeddings.shape[0] != len(words):
+            raise ValueError(f"{text_embeddings.shape[0]} text embeddings for {len(words)} Trident query words")
+        self.text_embeddings = text_embeddings.to(self.device, torch.float32)
+        self.num_classes = len(vocabulary)
+        # The authors' softmax runs over every listed query; a word listed twice ("bed" in
+        # COCO-Object) is one map weighted by its multiplicity, as NACLIP's decision does.
+        unique = list(dict.fromkeys(words))
+        self.query_embeddings = self.text_embeddings[[words.index(word) for word in unique]]
+        multiplicity = torch.tensor([words.count(word) for word in unique], device=self.device, dtype=torch.float32)
+        self.multiplicity = multiplicity if bool((multiplicity > 1).any()) else None
+        self.class_queries = [sorted({unique.index(w) for w, o in zip(words, owners) if o == c}) for c in range(len(vocabulary))]
+        self.class_runs = class_runs(self.class_queries)
+        trident = config.trident
+        self.forward_windows = trident.max_forward_windows or default_forward_windows(self.device)
+        self.sam_batch = trident.sam_batch_size or default_sam_batch(self.device)
+        as_column = lambda values: torch.tensor(values, device=self.device).view(1, 3, 1, 1)  # noqa: E731
+        self.mean, self.std = as_column(NACLIP_MEAN), as_column(NACLIP_STD)
+        self.clip_mean, self.clip_std = as_column(CLIP_MEAN), as_column(CLIP_STD)
+        self.imagenet_mean, self.imagenet_std = as_column(IMAGENET_MEAN), as_column(IMAGENET_STD)
+        self.sam_mean, self.sam_std = as_column(SAM_MEAN), as_column(SAM_STD)
+
+    def batch_key(self, prepared) -> Hashable:
+        """Equal keys: equal canvas, windows, SAM grid and original size."""
+        return tuple(prepared.model_input.shape), tuple(prepared.saliency_input.shape), tuple(prepared.original_size)
+
+    def forward(self, pixels: torch.Tensor, prepared: Sequence) -> MethodLogits:
+        """Query logits of one batch of equal :meth:`batch_key` (``pixels`` unused: Trident has two inputs)."""
+        ((_, logits),) = self.forward_groups(prepared)
+        return logits
+
+    def forward_groups(self, prepared: Sequence) -> Iterator[tuple[list[int], MethodLogits]]:
+        """(indices, logits) per group of equal :meth:`batch_key`: B x U x H0 x W0 float32 query
+        logits at the original size, pixel-major; the guide is the resized input (unused: no PAMR)."""
+        groups = group_by_shape([self.batch_key(p) for p in prepared])
+        canvases, boxes = [], []
+        for group in groups:
+            normalised = to_device([prepared[i].model_input for i in group], self.device).float().sub_(self.mean).div_(self.std)
+            size = canvas_size(*normalised.shape[-2:], self.config.slide_crop)
+            if size != tuple(normalised.shape[-2:]):
+                normalised = F.interpolate(normalised, size=size, mode="bilinear", align_corners=False)
+            canvases.append(normalised)
+            boxes.append(window_boxes(*size, self.config.slide_crop, self.config.slide_stride))
+        values = self._window_values(canvases, boxes)
+        for g, group in enumerate(groups):
+            spliced = self._splice(values[g], boxes[g], tuple(canvases[g].shape[-2:]))
+            values[g] = None  # type: ignore[call-overload]  # done with: free it before the next group
+            sam_pixels = [prepared[i].saliency_input for i in group]
+            grid = (sam_pixels[0].shape[0] // PATCH, sam_pixels[0].shape[1] // PATCH)
+            weights = self._sam_weights(sam_pixels, grid)
+            features = self.encoder.aggregate(spliced, weights, grid)  # b x N x E
+            del spliced, weights
+            logits = (features @ self.query_embeddings.T).view(len(group), *grid, -1).permute(0, 3, 1, 2)
+            size = tuple(prepared[group[0]].original_size)
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            yield group, MethodLogits(logits=logits, guide=canvases[g])
+            canvases[g] = None  # type: ignore[call-overload]
+
+    def _window_values(self, canvases: Sequence[torch.Tensor], boxes: Sequence[Sequence[tuple[int, int, int, int]]]) -> list[torch.Tensor]:
+        """Block-12 values of every window of every image (per group: (b * K) x W x g x g, image-major).
+
+        DINO runs first over all windows (its per-image similarity mean couples an image's
+        windows); then CLIP, both in forwards of at most ``forward_windows`` windows.
+        """
+        from clipdiy.segmentation.models.trident import dino_patch_features, dino_similarity_means
+
+        windows = [(g, b, box) for g, canvas in enumerate(canvases) for b in range(canvas.shape[0]) for box in boxes[g]]
+        image_ids: dict[tuple[int, int], int] = {}
+        owners = torch.tensor([image_ids.setdefault((g, b), len(image_ids)) for g, b, _ in windows], device=self.device)
+        chunks = [range(start, min(start + self.forward_windows, len(windows))) for start in range(0, len(windows), self.forward_windows)]
+
+        def crops(chunk: range) -> torch.Tensor:
+            return torch.stack([canvases[windows[i][0]][windows[i][1], :, y1:y2, x1:x2] for i in chunk for y1, y2, x1, x2 in [windows[i][2]]])
+
+        dino_features = []
+        for chunk in chunks:
+            pixels = crops(chunk).mul_(self.clip_std).add_(self.clip_mean).sub_(self.imagenet_mean).div_(self.imagenet_std)
+            dino_features.append(dino_patch_features(self.dino, pixels))
+        dino = torch.cat(dino_features)
+        means = dino_similarity_means(dino, owners, len(image_ids))[owners]
+        outputs = []
+        for chunk in chunks:
+            outputs.append(self.encoder.window_values(crops(chunk), dino[chunk.start : chunk.stop], means[chunk.start : chunk.stop], self.config.beta, self.config.gamma))
+        values = torch.cat(outputs)
+        per_group, start = [], 0
+        for g, canvas in enumerate(canvases):
+            count = canvas.shape[0] * len(boxes[g])
+            per_group.append(values[start : start + count])
+            start += count
+        return per_group
+
+    def _splice(self, values: torch.Tensor, boxes, size: tuple[int, int]) -> torch.Tensor:
+        from clipdiy.segmentation.models.trident import splice
+
+        return splice(values, boxes, (size[0] // PATCH, size[1] // PATCH), PATCH)
+
+    def _sam_weights(self, images: Sequence[np.ndarray], grid: tuple[int, int]) -> torch.Tensor:
+        """b x N x N SAM-guided weights of b equal-size SAM inputs (h x w x 3 uint8), in
+        encoder forwards of at most ``sam_batch`` images."""
+        from clipdiy.segmentation.models.trident import sam_guided_weights, sam_last_attention
+
+        out = []
+        for start in range(0, len(images), self.sam_batch):
+            pixels = to_device(list(images[start : start + self.sam_batch]), self.device).float().sub_(self.sam_mean).div_(self.sam_std)
+            height, width = pixels.shape[-2:]
+            pixels = F.pad(pixels, (0, SAM_SIZE - width, 0, SAM_SIZE - height))  # zeros after normalising
+            attention, values = sam_last_attention(self.sam_encoder, pixels, grid)
+            out.append(sam_guided_weights(attention, values, self.config.cos_fac, self.config.refine_neg_cos))
+            del attention, values
+        return torch.cat(out)
+
+    def working_bytes(self, prepared) -> int:
+        """Float32 buffers that grow with the photo: the U query logits at the original size, the
+        decision's C class probabilities and its labels and scores (4); SAM's N x N weights, cosine
+        and attention rows (N <= 4096), and one global block's 12 x 4096^2 attention (x2: softmax)."""
+        height, width = prepared.original_size
+        queries = int(self.query_embeddings.shape[0])
+        tokens = (prepared.saliency_input.shape[0] // PATCH) * (prepared.saliency_input.shape[1] // PATCH)
+        full = (SAM_SIZE // PATCH) ** 2
+        sam = 4 * (3 * tokens * tokens + 12 * tokens * full + 2 * 12 * full * full)
+        return 4 * height * width * (queries + self.num_classes + 4) + sam
+
+    def decide(self, logits: torch.Tensor, forward: MethodLogits) -> MethodDecision:
+        """The authors' ``postprocess_result`` (TRIDENT.md 6.4-6.6) is NACLIP's decision (SPEC 8.9):
+        softmax over queries at ``logit_scale``, a class's best query (only background has
+        several), ``prob_thd`` to background. Runs NACLIP's implementation on this method's
+        queries and setting."""
+        return NaclipMethod.decide(self, logits, forward)  # type: ignore[arg-type]
+
+
+def build_trident(clip, saliency, vocabulary: Vocabulary, config: SegmenterConfig, text_embeddings, device) -> TridentMethod:
+    """Load DINO and SAM as ``config.trident`` names them, on ``clip``'s device and dtype."""
+    from clipdiy.segmentation.models.trident_weights import load_sam, load_trident_dino
+
+    dtype = clip.dtype
+    dino, dino_id = load_trident_dino(config.trident)
+    sam, sam_id = load_sam(config.trident)
+    dino = dino.to(device=device, dtype=dtype)
+    sam.image_encoder.to(device=device, dtype=dtype)
+    return TridentMethod(clip, dino, sam, vocabulary, config, text_embeddings, device, weights=f"dino={dino_id};sam={sam_id}")
+
+
+register_method(MethodEntry(name=TRIDENT, prepare=prepare_trident, build=build_trident, needs_saliency=False))
+
+__all__ = ["TridentMethod", "TridentSetting", "canvas_size", "prepare_trident", "resolve_setting", "sam_input_size"]

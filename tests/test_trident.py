@@ -1,0 +1,223 @@
+"""Trident (TRIDENT.md): the batched implementation against the per-image transcription of the
+authors' code in tests/reference_trident.py, on two photos of two shapes with random models of
+the real architectures (CLIP ViT-B-16-quickgelu made discriminative, DINO ViT-B/16, SAM ViT-B),
+in float32 without SAM refinement; plus the pieces' batching and known answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipdiy.segmentation.config import SegmenterConfig, TridentConfig
+from clipdiy.segmentation.methods.naclip import query_words
+from clipdiy.segmentation.vocabulary import load_vocabulary
+
+#: Logits, and probabilities at the authors' logit scale 40, of the batched path against the
+#: transcription (the test-only scale 400 multiplies a logit's float32 rounding by ten more).
+TOLERANCE = 1e-5
+AUTHORS_LOGIT_SCALE = 40.0
+#: Labels are compared where the reference's top-2 class probabilities differ by more than this
+#: and its best probability is off the threshold by more than it.
+LABEL_MARGIN = 1e-4
+#: (width, height): landscape and portrait, neither a multiple of 16.
+SIZES = ((229, 171), (157, 233))
+#: A sharper logit scale than the authors' 40, test-only: on a random model every pixel's best
+#: probability would fall under the 0.25 threshold at 40 (the issue's note).
+TEST_LOGIT_SCALE = 400.0
+VOCABULARY = "trident-coco-object"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from model_factories import make_clip_config, make_trident_config
+
+    from clipdiy.segmentation.models.clip import create_clip_model
+    from clipdiy.segmentation.models.trident_weights import load_sam, load_trident_dino
+
+    root = tmp_path_factory.mktemp("trident-models")
+    clip_config = make_clip_config(root, arch="ViT-B-16-quickgelu")
+    trident = make_trident_config(root, logit_scale=TEST_LOGIT_SCALE, max_forward_windows=8)
+    clip = create_clip_model(clip_config)
+    dino, _ = load_trident_dino(trident)
+    sam, _ = load_sam(trident)
+    return clip_config, trident, clip, dino, sam
+
+
+@pytest.fixture(scope="module")
+def photos(coco_images):
+    out = []
+    for path, size in zip(coco_images[3 : 3 + len(SIZES)], SIZES):
+        with Image.open(path) as image:
+            out.append(np.asarray(image.convert("RGB").resize(size, Image.BILINEAR)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def text(models, coco_images):
+    """One embedding per listed query word (97, "bed" twice with one embedding) that competes over
+    real image content: CLIP patch features of another photo at seeded positions (the ViT-B/16
+    text tower over 97 x 80 prompts takes too long on a CPU; the text side is NACLIP's, tested there)."""
+    from reference_naclip import reference_features, reference_normalise, reference_resize
+
+    clip = models[2]
+    words, _ = query_words(load_vocabulary(VOCABULARY))
+    unique = list(dict.fromkeys(words))
+    with Image.open(coco_images[10]) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    with torch.no_grad():
+        features = reference_features(clip.model.visual, reference_normalise(reference_resize(rgb)))
+    flat = features.reshape(-1, features.shape[-1])
+    picks = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))[: len(unique)]
+    return flat[picks][[unique.index(w) for w in words]].clone()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # three SAM ViT-B encoder passes at 1024 px per photo on a CPU: minutes on a loaded box
+def test_batched_trident_matches_the_transcription(models, photos, text, monkeypatch):
+    from reference_trident import reference_decide, reference_logits
+
+    from clipdiy.segmentation.methods.trident import TridentMethod
+    from clipdiy.segmentation.segmenter import prepare_input
+
+    clip_config, trident, clip, dino, sam = models
+    vocabulary = load_vocabulary(VOCABULARY)
+    words, _ = query_words(vocabulary)
+    config = SegmenterConfig(method="trident", vocabulary=VOCABULARY, clip=clip_config, trident=trident, refine="none")
+    method = TridentMethod(clip, dino, sam, vocabulary, config, text, torch.device("cpu"))
+    assert method.config.threshold == 0.25 and method.config.slide_stride == 224
+
+    prepared = [prepare_input(photo, config) for photo in photos]
+    windows = []
+    from clipdiy.segmentation.models import trident as trident_models
+
+    original = trident_models.dino_patch_features
+
+    def counted(model, pixels):
+        windows.append(pixels.shape[0])
+        return original(model, pixels)
+
+    monkeypatch.setattr(trident_models, "dino_patch_features", counted)
+    batched = {}
+    sharp, authors = method.config, dataclasses.replace(method.config, logit_scale=AUTHORS_LOGIT_SCALE)
+    with torch.inference_mode():
+        for indices, forward in method.forward_groups(prepared):
+            decision = method.decide(forward.logits, forward)
+            method.config = authors
+            probabilities = method.decide(forward.logits, forward).probabilities
+            method.config = sharp
+            for offset, i in enumerate(indices):
+                batched[i] = (forward.logits[offset], probabilities[offset], decision.labels[offset])
+    # 6 windows each (2 x 3 and 3 x 2 on the 448-short-side canvases): both photos' windows share forwards of 8.
+    assert windows == [8, 4], windows
+
+    unique = list(dict.fromkeys(words))
+    columns = [words.index(u) for u in unique]
+    decided_total = pixels_total = 0
+    winners = torch.zeros(len(vocabulary), dtype=torch.long)
+    for i, photo in enumerate(photos):
+        logits = reference_logits(clip.model.visual, dino, sam.image_encoder, photo, text)
+        logits_b, probabilities_b, labels_b = batched[i]
+        assert logits_b.shape == (len(unique), *photo.shape[:2])
+        assert (logits_b - logits[columns]).abs().max().item() <= TOLERANCE
+        at_40, _ = reference_decide(logits, len(vocabulary), 0.25, AUTHORS_LOGIT_SCALE)
+        assert (probabilities_b - at_40 / at_40.sum(dim=0, keepdim=True)).abs().max().item() <= TOLERANCE
+        classes, expected = reference_decide(logits, len(vocabulary), 0.25, TEST_LOGIT_SCALE)
+        top2 = classes.topk(2, dim=0).values
+        decided = (top2[0] - top2[1] > LABEL_MARGIN) & ((top2[0] - 0.25).abs() > LABEL_MARGIN)
+        assert torch.equal(labels_b[decided], expected[decided])
+        decided_total += int(decided.sum())
+        pixels_total += decided.numel()
+        winners += torch.bincount(expected.flatten(), minlength=len(vocabulary))
+    # Not degenerate: most pixels decided, background and several classes win.
+    assert decided_total / pixels_total > 0.9, decided_total / pixels_total
+    assert int((winners > 0).sum()) >= 3, winners.nonzero().flatten().tolist()
+
+
+def test_pieces_batch_like_one_at_a_time():
+    from clipdiy.segmentation.models.trident import dino_similarity_means, sam_guided_weights, splice
+
+    generator = torch.Generator().manual_seed(0)
+    attention = torch.rand(3, 4, 30, 30, generator=generator).softmax(dim=-1)
+    values = torch.randn(3, 4, 30, 8, generator=generator)
+    for neg in (True, False):
+        together = sam_guided_weights(attention, values, 1.2, neg)
+        for b in range(3):
+            alone = sam_guided_weights(attention[b : b + 1], values[b : b + 1], 1.2, neg)
+            assert torch.allclose(together[b : b + 1], alone, atol=1e-7)
+            expected = _reference_sam_weights(attention[b : b + 1], values[b : b + 1], 1.2, neg)
+            assert torch.allclose(alone, expected, atol=1e-6)
+        assert torch.allclose(together.sum(dim=-1), torch.ones(3, 30), atol=1e-5)
+    features = torch.randn(5, 16, 3, 3, generator=generator)
+    owners = torch.tensor([0, 0, 1, 1, 1])
+    means = dino_similarity_means(features, owners, 2)
+    for image, rows in ((0, [0, 1]), (1, [2, 3, 4])):
+        unit = torch.nn.functional.normalize(features[rows].flatten(2), dim=1)
+        assert means[image].item() == pytest.approx(torch.einsum("bcm,bcn->bmn", unit, unit).mean().item(), abs=1e-6)
+    boxes = [(0, 32, 0, 32), (0, 32, 16, 48)]
+    window_values = torch.randn(2 * 2, 3, 2, 2, generator=generator)
+    spliced = splice(window_values, boxes, (2, 3), 16)
+    assert torch.allclose(spliced[1, :, :, 0], window_values[2, :, :, 0])
+    assert torch.allclose(spliced[1, :, :, 1], (window_values[2, :, :, 1] + window_values[3, :, :, 0]) / 2)
+    assert torch.allclose(spliced[0, :, :, 2], window_values[1, :, :, 1])
+
+
+def _reference_sam_weights(attention, values, cos_fac, refine_neg_cos):
+    from reference_trident import get_sam_sim
+
+    return get_sam_sim(values.unsqueeze(3), attention, cos_fac, 1, refine_neg_cos)[0]
+
+
+def test_sizes_follow_the_authors_formulas():
+    from clipdiy.segmentation.methods.trident import canvas_size, resized_size, resolve_setting, sam_input_size
+    from clipdiy.segmentation.methods.naclip import window_boxes
+
+    setting = resolve_setting(TridentConfig(), "trident-coco-object")
+    # TRIDENT.md 3.6: a 500 x 375 (W x H) photo.
+    assert resized_size(375, 500, setting) == (448, 597)
+    assert canvas_size(448, 597, 336) == (464, 608)
+    boxes = window_boxes(464, 608, 336, 224)
+    assert [(y1 // 16, x1 // 16, y2 // 16, x2 // 16) for y1, y2, x1, x2 in boxes] == [
+        (0, 0, 21, 21), (0, 14, 21, 35), (0, 17, 21, 38), (8, 0, 29, 21), (8, 14, 29, 35), (8, 17, 29, 38)
+    ]
+    assert sam_input_size(375, 500) == (768, 1024)
+    assert canvas_size(448, 608, 336) == (448, 608)  # multiples of 16: unchanged
+    assert canvas_size(160, 1024, 336) == (336, 1024)  # a side under a window: resized up (the authors crash)
+    assert resolve_setting(TridentConfig(), "trident-voc21").threshold == 0.2
+    assert resolve_setting(TridentConfig(prob_thd=0.5), "trident-voc21").threshold == 0.5
+    assert resolve_setting(TridentConfig(), "voc").threshold == 0.0
+
+
+def test_trident_vocabularies_are_the_authors_class_files():
+    voc = load_vocabulary("trident-voc21")
+    words, owners = query_words(voc)
+    assert len(voc) == 21 and len(words) == 46 and words[:3] == ("sky", "wall", "tree")
+    assert [words[i] for i, o in enumerate(owners) if o > 0] == [
+        "aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
+        "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    ]
+    coco = load_vocabulary("trident-coco-object")
+    words, owners = query_words(coco)
+    assert len(coco) == 81 and len(words) == 97 and words.count("bed") == 2
+    assert list(words[:17]) == "sky; wall; tree; wood; grass; road; sea; river; mountain; sands; desk; bed; building; cloud; floor; hill; rail".split("; ")
+    assert list(words[17:]) == list(load_vocabulary("coco").class_names[1:])
+
+
+def test_trident_options_fail_fast():
+    from clipdiy.errors import WeightsNotFoundError
+    from clipdiy.segmentation.models.trident_weights import load_sam, load_trident_dino
+
+    config = SegmenterConfig(method="trident")
+    assert (config.clip.model, config.clip.pretrained) == ("ViT-B-16", "openai") and config.refinement is None
+    with pytest.raises(ValueError, match="refine='sam'.*not implemented"):
+        SegmenterConfig(method="trident", refine="sam")
+    with pytest.raises(ValueError, match="PAMR"):
+        SegmenterConfig(method="trident", refine="pamr")
+    with pytest.raises(WeightsNotFoundError, match="--sam-checkpoint"):
+        load_sam(TridentConfig(sam_checkpoint="/nonexistent/sam_vit_b_01ec64.pth"))
+    with pytest.raises(WeightsNotFoundError, match="--trident-dino-checkpoint"):
+        load_trident_dino(TridentConfig(dino_checkpoint="/nonexistent/dino.pth"))
