@@ -255,13 +255,17 @@ def lowest_rows(summaries: Sequence[RunSummary], config: ReportConfig) -> tuple[
             candidates &= winners
         positions = np.flatnonzero(candidates)
         lowest.offer(image_score[positions], number, positions)
+    # Each shard holding some of them read once (the K rows, every column, for their thumbnails).
+    records: dict[tuple[int, int], dict] = {}
+    for shard in np.unique(lowest.shard).tolist():
+        run, path = index.shards[shard]
+        wanted = lowest.row[lowest.shard == shard]
+        for row, record in zip(wanted.tolist(), read_shard(run, path).take(pa.array(wanted)).to_pylist()):
+            records[(shard, row)] = record
     rows = []
     for score, shard, row in zip(lowest.score.tolist(), lowest.shard.tolist(), lowest.row.tolist()):
-        run, path = index.shards[shard]
-        record = read_shard(run, path).slice(row, 1).to_pylist()[0]
-        record["image_score"] = score
-        rows.append(record)
-    return rows, len(index.shards) + len(rows)
+        rows.append({**records[(shard, row)], "image_score": score})
+    return rows, len(index.shards) + len(np.unique(lowest.shard))
 
 
 # ---------------------------------------------------------------- plots
