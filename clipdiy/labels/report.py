@@ -2,8 +2,8 @@
 
 A *night* is one finished run of the labelling job (runs are what a nightly schedule starts); a
 run of human corrections (``jobs/review.py import``, manifest option ``source = human``) is not a
-night: its rows count among the lowest-scoring images' candidates (they win over the rows they
-correct), but it adds no point to the nightly plots, no drift and no model change. A night that
+night: its rows imported since the newest night count among the lowest-scoring images'
+candidates (they win over the rows they correct), but it adds no point to the nightly plots, no drift and no model change. A night that
 labelled nothing (every image skipped) shows its counts and no model: it is no model change and
 moves no class (drift compares the nights that labelled something). For each night the page
 shows what the run did (images seen, labelled, errors by kind, skipped; wall time and images/s;
@@ -15,12 +15,15 @@ fraction), and the lowest-scoring images with their overlays (the previews' rend
 :func:`clipdiy.labels.preview.render_image`). Plots are PNGs embedded as base64; the page needs nothing
 else.
 
-Memory is bounded by one shard, not by the output: each shard's columns are reduced with pyarrow
-and numpy to fixed-size aggregates (per-class sums, histogram counts, the K lowest-scoring rows
-so far) that are merged into the night's; no row outlives its shard, and a night keeps only the
-manifest fields the page shows (its counts and timings, not its list of shards). The per-night numbers count
-every row the run wrote (as its manifest does); the lowest-scoring images are chosen among the
-rows that count today (the latest write of each image, :mod:`clipdiy.labels.row_index`).
+Reads and memory follow the newest night, not the history. A run's numbers count every row it
+wrote (as its manifest does), so they never change once it is finished: each run is read once,
+shard by shard (its columns reduced with pyarrow and numpy to fixed-size per-class sums and
+histogram counts; no row outlives its shard), and its aggregates are kept under
+``OUTPUT/_report/`` (:mod:`clipdiy.labels.report_cache`, which says when a kept file is not
+trusted). Runs are taken one at a time; a night keeps only the manifest fields the page shows.
+The lowest-scoring images are the only rows read each time: those of the newest night that
+labelled something and of the runs after it, among the rows that count today (the latest write
+of each image, :mod:`clipdiy.labels.row_index`, exact over those runs), the K lowest kept so far.
 """
 
 from __future__ import annotations
@@ -543,7 +546,8 @@ def render_html(data: ReportData, config: ReportConfig = ReportConfig(), storage
     sections = [
         f"<h1>clipdiy run report</h1><p>{e(_redact_sources(source))}: {len(nights)} finished runs, {data.rows} rows "
         f"in {data.shards} shards{_corrections_note(data)}, read in <span id=\"seconds\">{data.seconds:.1f}</span> s "
-        f"(generated {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}).</p>",
+        f"({data.cached} runs from the cache under OUTPUT/_report, {data.shards_read} shards read; "
+        f"generated {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}).</p>",
         _glance(data, threshold),
         "<h2>Nights</h2>", night_table,
         '<div class="grid">',
