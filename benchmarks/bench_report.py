@@ -15,8 +15,8 @@ VmHWM), beside ``baseline``: a process that only imports the report and matplotl
 rows; rows copied from 200 rows of random scenes written by the tests' fixture), each reported
 twice, each report in its own process (the first fills the cache under OUTPUT/_report, the second
 is what every later night costs). Per report: the rows' and manifests' files opened and the bytes
-read (``/proc/self/io`` rchar) while collecting, the seconds, and the peak RSS (VmHWM, the page's
-plots included). ``--code`` runs another checkout's ``clipdiy`` (the code before the cache: its
+read (``/proc/self/io`` rchar) while collecting, the seconds, the peak RSS (VmHWM) after collecting
+and after the page (plots included), and the peak of Arrow's allocations while collecting. ``--code`` runs another checkout's ``clipdiy`` (the code before the cache: its
 second report reads everything again).
 
     python benchmarks/bench_report.py --history 10 100
@@ -145,6 +145,11 @@ def history_child(labels: str, page: str) -> dict:
     data = report.collect(labels, report.ReportConfig())
     read_mb, files = (_rchar() - before) / 2**20, list(opened)
     collect_s = time.perf_counter() - start
+    import pyarrow as pa
+
+    # Before the page's plots import matplotlib: the process's peak while collecting, and the
+    # peak of Arrow's allocations (the rows and keys read; none of the imports).
+    collect_rss_mb, arrow_peak_mb = peak_rss_kb() / 1024, pa.default_memory_pool().max_memory() / 2**20
     from clipdiy.storage import open_filesystem
 
     fs, path = open_filesystem(page)
@@ -154,6 +159,7 @@ def history_child(labels: str, page: str) -> dict:
             "parquet_opened": sum(f.endswith(".parquet") for f in files),
             "manifests_opened": sum(f.endswith("_MANIFEST.json") for f in files),
             "cache_opened": sum("/_report/" in f for f in files), "cached": getattr(data, "cached", None),
+            "collect_rss_mb": round(collect_rss_mb, 1), "arrow_peak_mb": round(arrow_peak_mb, 1),
             "peak_rss_mb": round(peak_rss_kb() / 1024, 1)}
 
 
@@ -173,8 +179,9 @@ def history(work: Path, nights_sizes: list[int], rows: int, code: Path) -> None:
             r = run_history_child(labels, work / f"report-history-{nights}.html", code)
             print(f"{nights:>4} nights ({r['rows']} rows) {which} report: read {r['read_mb']:>7.2f} MB, opened "
                   f"{r['parquet_opened']:>4} shards + {r['manifests_opened']:>3} manifests + {r['cache_opened']:>3} cache "
-                  f"files; collect {r['collect_s']:>5.2f} s, report {r['total_s']:>5.2f} s, peak RSS "
-                  f"{r['peak_rss_mb']:>6.1f} MB (runs from the cache: {r['cached']})", flush=True)
+                  f"files; collect {r['collect_s']:>5.2f} s (peak RSS {r['collect_rss_mb']:>6.1f} MB, Arrow peak "
+                  f"{r['arrow_peak_mb']:>5.1f} MB), report {r['total_s']:>5.2f} s (peak RSS {r['peak_rss_mb']:>6.1f} MB); "
+                  f"runs from the cache: {r['cached']}", flush=True)
         shutil.rmtree(labels / "_report", ignore_errors=True)
 
 
