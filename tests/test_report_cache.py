@@ -273,3 +273,30 @@ def test_the_cache_on_object_storage(s3_server, s3_bucket, tmp_path):
     fs.pipe_file(key, json.dumps(manifest).encode())
     third = collect(output, storage=s3_server.options)
     assert third.cached == 1 and third.nights[0].counts["skipped"] == 7
+
+
+def test_the_lowest_images_are_the_newest_nights_as_they_count_today(tmp_path):
+    """Among the newest night's rows and the corrections imported since: a correction of that
+    night's row replaces it; a correction of an older image version is left out (whether a
+    night between relabelled the image is not read); older nights' rows are not candidates."""
+    photo = write_image(tmp_path / "photo.png", np.full((H, W, 3), 128, np.uint8))
+    output = tmp_path / "labels"
+
+    def items(scores: dict[int, float]) -> list[LabelItem]:
+        return [LabelItem(f"img{i}.jpg", photo, _scene(cat=40, dog=100), mask_scores=dict.fromkeys(range(21), s))
+                for i, s in scores.items()]
+
+    write_labels_output(str(output), items({0: 0.3, 1: 0.4, 2: 0.5}), run_id="night-a", started=_day(1))
+    write_labels_output(str(output), items({2: 0.2, 3: 0.6, 4: 0.7}), run_id="night-b", started=_day(2))
+    human = {"img3.jpg": {"source": "human", "corrected_run_started_at": _day(2)},
+             "img0.jpg": {"source": "human", "corrected_run_started_at": _day(1)}}
+    run_dir = Path(write_labels_output(str(output), items({3: 0.9, 0: 0.95}), run_id="night-b-human", started=_day(3),
+                                       columns=human))
+    manifest = json.loads((run_dir / "_MANIFEST.json").read_text())
+    manifest["options"] = {"source": "human", "tool": "label-studio"}
+    (run_dir / "_MANIFEST.json").write_text(json.dumps(manifest))
+    for cache in (True, False, True):
+        data = collect(str(output), ReportConfig(lowest=10, cache=cache))
+        assert lowest_of(data) == [("night-b", "img2.jpg", 0.2), ("night-b", "img4.jpg", 0.7),
+                                   ("night-b-human", "img3.jpg", 0.9)]
+        assert [n.run_id for n in data.nights] == ["night-a", "night-b"] and data.corrections == 1
