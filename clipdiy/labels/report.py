@@ -219,7 +219,7 @@ def _microseconds(started_at: str) -> int | None:
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
-    return round(when.timestamp() * 1_000_000)
+    return (when - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
 
 
 def lowest_rows(summaries: Sequence[RunSummary], config: ReportConfig) -> tuple[list[dict], int]:
