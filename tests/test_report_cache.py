@@ -300,3 +300,18 @@ def test_the_lowest_images_are_the_newest_nights_as_they_count_today(tmp_path):
         assert lowest_of(data) == [("night-b", "img2.jpg", 0.2), ("night-b", "img4.jpg", 0.7),
                                    ("night-b-human", "img3.jpg", 0.9)]
         assert [n.run_id for n in data.nights] == ["night-a", "night-b"] and data.corrections == 1
+
+
+def test_the_command_line_keeps_the_cache_unless_told_not_to(tmp_path, capsys):
+    from test_report import load_report_job
+
+    output = _two_nights(tmp_path)
+    job = load_report_job()
+    assert job.main(["--output", str(output), "--html", str(tmp_path / "a.html"), "--no-cache"]) == 0
+    assert not (output / report_cache.CACHE_DIR).exists()
+    assert job.main(["--output", str(output), "--html", str(tmp_path / "b.html")]) == 0
+    assert job.main(["--output", str(output), "--html", str(tmp_path / "c.html")]) == 0
+    assert sorted(p.name for p in (output / report_cache.CACHE_DIR).iterdir()) == ["night-0.json", "night-1.json"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "(2 runs from the cache under OUTPUT/_report" in last
+    assert "2 runs from the cache under OUTPUT/_report" in (tmp_path / "c.html").read_text()
