@@ -569,9 +569,10 @@ def render_html(data: ReportData, config: ReportConfig = ReportConfig(), storage
         _img(plot_histogram(data, "image_score_hist", "image score"), "image scores", "image score"),
         _img(plot_histogram(data, "foreground_hist", "foreground fraction"), "foreground fraction", "foreground"),
         "</div>",
-        f"<h2>The {len(lows)} lowest-scoring images</h2>"
+        f"<h2>The {len(lows)} lowest-scoring images of the newest night</h2>"
         '<p class="m">Overlay | saliency | classes with mask score and area (the previews\' rendering); '
-        "lowest image score first, among the rows that count today (the latest write of each image).</p>",
+        "lowest image score first, among the rows of the newest night that labelled something (and of "
+        "the runs since) that count today (the latest write of each image).</p>",
         f'<div id="lowest">{"".join(lows)}</div>',
     ]
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>clipdiy run report</title>"
