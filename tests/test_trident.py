@@ -1,7 +1,8 @@
 """Trident (TRIDENT.md): the batched implementation against the per-image transcription of the
 authors' code in tests/reference_trident.py, on two photos of two shapes with random models of
 the real architectures (CLIP ViT-B-16-quickgelu made discriminative, DINO ViT-B/16, SAM ViT-B),
-in float32 without SAM refinement; plus the pieces' batching and known answers.
+in float32, without and with SAM refinement (one batched run, one reference per photo); plus the
+pieces' batching and known answers.
 """
 
 from __future__ import annotations
@@ -76,42 +77,78 @@ def text(models, coco_images):
     return flat[picks][[unique.index(w) for w in words]].clone()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # three SAM ViT-B encoder passes at 1024 px per photo on a CPU: minutes on a loaded box
-def test_batched_trident_matches_the_transcription(models, photos, text, monkeypatch):
-    from reference_trident import reference_decide, reference_logits
-
+@pytest.fixture(scope="module")
+def run(models, photos, text):
+    """The batched method (refine='sam') over both photos in one call, the windows of each DINO
+    forward, and per photo: the logits, the coarse decision at the test scale and at the
+    authors' 40, the refined decision and the refinement's raw scores R."""
+    from clipdiy.segmentation import sam_refine as refine_module
     from clipdiy.segmentation.methods.trident import TridentMethod
+    from clipdiy.segmentation.models import trident as trident_models
     from clipdiy.segmentation.segmenter import prepare_input
 
+    from model_factories import stretch_sam_iou_head
+
     clip_config, trident, clip, dino, sam = models
+    stretch_sam_iou_head(sam)
     vocabulary = load_vocabulary(VOCABULARY)
-    words, _ = query_words(vocabulary)
-    config = SegmenterConfig(method="trident", vocabulary=VOCABULARY, clip=clip_config, trident=trident, refine="none")
+    config = SegmenterConfig(method="trident", vocabulary=VOCABULARY, clip=clip_config, trident=trident, refine="sam")
     method = TridentMethod(clip, dino, sam, vocabulary, config, text, torch.device("cpu"))
-    assert method.config.threshold == 0.25 and method.config.slide_stride == 224
+    assert method.config.threshold == 0.25 and method.config.slide_stride == 224 and method.refine_setting.coarse_thresh == 0.25
 
     prepared = [prepare_input(photo, config) for photo in photos]
-    windows = []
-    from clipdiy.segmentation.models import trident as trident_models
-
-    original = trident_models.dino_patch_features
+    windows, raw = [], []
+    original, original_refine = trident_models.dino_patch_features, refine_module.sam_refine
 
     def counted(model, pixels):
         windows.append(pixels.shape[0])
         return original(model, pixels)
 
-    monkeypatch.setattr(trident_models, "dino_patch_features", counted)
-    batched = {}
+    def captured(*args, **kwargs):
+        out = original_refine(*args, **kwargs)
+        raw.append((args[2], out[1]))  # the coarse (unnormalised) probabilities in, the scores out
+        return out
+
+    trident_models.dino_patch_features, refine_module.sam_refine = counted, captured
+    results = {}
     sharp, authors = method.config, dataclasses.replace(method.config, logit_scale=AUTHORS_LOGIT_SCALE)
-    with torch.inference_mode():
-        for indices, forward in method.forward_groups(prepared):
-            decision = method.decide(forward.logits, forward)
-            method.config = authors
-            probabilities = method.decide(forward.logits, forward).probabilities
-            method.config = sharp
-            for offset, i in enumerate(indices):
-                batched[i] = (forward.logits[offset], probabilities[offset], decision.labels[offset])
+    try:
+        with torch.inference_mode():
+            for indices, forward in method.forward_groups(prepared):
+                refined = method.decide(forward.logits, forward)
+                method.refine = False
+                coarse = method.decide(forward.logits, forward)
+                method.config = authors
+                at_40 = method.decide(forward.logits, forward).probabilities
+                method.config, method.refine = sharp, True
+                for offset, i in enumerate(indices):
+                    results[i] = {
+                        "logits": forward.logits[offset], "probabilities_40": at_40[offset], "labels": coarse.labels[offset],
+                        "refined_probabilities": refined.probabilities[offset], "refined_labels": refined.labels[offset],
+                        "coarse": raw[-1][0][offset], "scores": raw[-1][1][offset],
+                    }
+    finally:
+        trident_models.dino_patch_features, refine_module.sam_refine = original, original_refine
+    return windows, results
+
+
+@pytest.fixture(scope="module")
+def reference(models, photos, text):
+    """Per photo: the transcription's logits and its SAM predictor state."""
+    from reference_trident import reference_logits
+
+    _, _, clip, dino, sam = models
+    return [reference_logits(clip.model.visual, dino, sam.image_encoder, photo, text, return_sam_state=True) for photo in photos]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # two SAM ViT-B encoder passes at 1024 px per photo on a CPU: minutes on a loaded box
+def test_batched_trident_matches_the_transcription(run, reference, photos):
+    from reference_trident import reference_decide
+
+    vocabulary = load_vocabulary(VOCABULARY)
+    words, _ = query_words(vocabulary)
+    windows, batched = run
     # 6 windows each (2 x 3 and 3 x 2 on the 448-short-side canvases): both photos' windows share forwards of 8.
     assert windows == [8, 4], windows
 
@@ -120,22 +157,62 @@ def test_batched_trident_matches_the_transcription(models, photos, text, monkeyp
     decided_total = pixels_total = 0
     winners = torch.zeros(len(vocabulary), dtype=torch.long)
     for i, photo in enumerate(photos):
-        logits = reference_logits(clip.model.visual, dino, sam.image_encoder, photo, text)
-        logits_b, probabilities_b, labels_b = batched[i]
-        assert logits_b.shape == (len(unique), *photo.shape[:2])
-        assert (logits_b - logits[columns]).abs().max().item() <= TOLERANCE
+        logits, _ = reference[i]
+        got = batched[i]
+        assert got["logits"].shape == (len(unique), *photo.shape[:2])
+        assert (got["logits"] - logits[columns]).abs().max().item() <= TOLERANCE
         at_40, _ = reference_decide(logits, len(vocabulary), 0.25, AUTHORS_LOGIT_SCALE)
-        assert (probabilities_b - at_40 / at_40.sum(dim=0, keepdim=True)).abs().max().item() <= TOLERANCE
+        assert (got["probabilities_40"] - at_40 / at_40.sum(dim=0, keepdim=True)).abs().max().item() <= TOLERANCE
         classes, expected = reference_decide(logits, len(vocabulary), 0.25, TEST_LOGIT_SCALE)
         top2 = classes.topk(2, dim=0).values
         decided = (top2[0] - top2[1] > LABEL_MARGIN) & ((top2[0] - 0.25).abs() > LABEL_MARGIN)
-        assert torch.equal(labels_b[decided], expected[decided])
+        assert torch.equal(got["labels"][decided], expected[decided])
         decided_total += int(decided.sum())
         pixels_total += decided.numel()
         winners += torch.bincount(expected.flatten(), minlength=len(vocabulary))
     # Not degenerate: most pixels decided, background and several classes win.
     assert decided_total / pixels_total > 0.9, decided_total / pixels_total
     assert int((winners > 0).sum()) >= 3, winners.nonzero().flatten().tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sam_refinement_matches_the_transcription(run, reference, photos, models):
+    """refine='sam' on SAM ViT-B's own prompt encoder and mask decoder, against the transcription
+    of the authors' ``sam_refinement`` given the transcription's coarse maps: the refined scores
+    R within 1e-5 beyond the difference the coarse probabilities bring in (R = sigmoid(l) * P with
+    sigmoid(l) <= 1; at the test's logit scale 400 the coarse probabilities themselves differ by
+    up to ten times their 1e-5 at 40), the returned probabilities R normalised (the coarse ones
+    where no class scores), labels equal where R's top-2 margin (the coarse margin where no class
+    scores) exceeds 1e-4."""
+    from reference_trident import reference_decide, reference_refine
+
+    sam = models[4]
+    vocabulary = load_vocabulary(VOCABULARY)
+    _, batched = run
+    kept_total = changed = 0
+    for i, photo in enumerate(photos):
+        logits, state = reference[i]
+        classes, coarse = reference_decide(logits, len(vocabulary), 0.25, TEST_LOGIT_SCALE)
+        scores, labels, kept = reference_refine(sam, state, photo, classes, coarse.clone(), len(vocabulary), 0.25)
+        got = batched[i]
+        assert got["coarse"].shape == classes.shape
+        carried = (got["coarse"] - classes).abs()
+        assert bool(((got["scores"] - scores).abs() <= TOLERANCE + carried).all()), ((got["scores"] - scores).abs() - carried).max()
+        own_total = got["scores"].sum(dim=0, keepdim=True)
+        coarse_normalised = got["coarse"] / got["coarse"].sum(dim=0, keepdim=True)
+        expected = torch.where(own_total > 0, got["scores"] / own_total.clamp(min=1e-30), coarse_normalised)
+        assert (got["refined_probabilities"] - expected).abs().max().item() <= 1e-6
+        total = scores.sum(dim=0, keepdim=True)
+        margin_of = lambda maps: (lambda top2: top2[0] - top2[1])(maps.topk(2, dim=0).values)  # noqa: E731
+        coarse_decided = (margin_of(classes) > LABEL_MARGIN) & ((classes.max(0).values - 0.25).abs() > LABEL_MARGIN)
+        decided = torch.where(total[0] > 0, margin_of(scores) > LABEL_MARGIN, coarse_decided)
+        assert torch.equal(got["refined_labels"][decided], labels[decided])
+        assert decided.float().mean().item() > 0.9
+        kept_total += kept
+        changed += int((labels != coarse).sum())
+    # Not vacuous: SAM kept masks and the refinement moved labels.
+    assert kept_total > 0 and changed > 0, (kept_total, changed)
 
 
 def test_pieces_batch_like_one_at_a_time():
@@ -212,9 +289,11 @@ def test_trident_options_fail_fast():
     from clipdiy.segmentation.models.trident_weights import load_sam, load_trident_dino
 
     config = SegmenterConfig(method="trident")
-    assert (config.clip.model, config.clip.pretrained) == ("ViT-B-16", "openai") and config.refinement is None
-    with pytest.raises(ValueError, match="refine='sam'.*not implemented"):
-        SegmenterConfig(method="trident", refine="sam")
+    assert (config.clip.model, config.clip.pretrained) == ("ViT-B-16", "openai") and config.refinement == "sam"
+    assert SegmenterConfig(method="trident", refine="none").refinement is None
+    for method in ("naclip", "clipdiy"):
+        with pytest.raises(ValueError, match="refine='sam'.*Trident"):
+            SegmenterConfig(method=method, refine="sam")
     with pytest.raises(ValueError, match="PAMR"):
         SegmenterConfig(method="trident", refine="pamr")
     with pytest.raises(WeightsNotFoundError, match="--sam-checkpoint"):
