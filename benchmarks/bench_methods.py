@@ -109,9 +109,15 @@ def instrument(segmenter) -> list[Meter]:
             meters.append(method.saliency)
     elif method.name == "trident":  # CLIP and DINO over the windows; SAM's encoder and the aggregation
         method._window_values = Meter(method._window_values)
-        method._sam_weights = Meter(method._sam_weights)
+        import clipdiy.segmentation.models.trident as trident_models  # _sam_stream imports these at call time
+
+        for name in ("sam_last_attention", "sam_guided_weights"):
+            meter = getattr(trident_models, name)
+            if not isinstance(meter, Meter):
+                setattr(trident_models, name, Meter(meter))
+            meters.append(getattr(trident_models, name))
         method.encoder.aggregate = Meter(method.encoder.aggregate)
-        meters += [method._window_values, method._sam_weights, method.encoder.aggregate]
+        meters += [method._window_values, method.encoder.aggregate]
     else:  # naclip: the encoder (blocks 1-11 and the reduced last block)
         method.encoder.forward = Meter(method.encoder.forward)
         meters.append(method.encoder.forward)

@@ -201,7 +201,7 @@ def test_sam_refinement_matches_the_transcription(run, reference, photos, models
         assert bool(((got["scores"] - scores).abs() <= TOLERANCE + carried).all()), ((got["scores"] - scores).abs() - carried).max()
         own_total = got["scores"].sum(dim=0, keepdim=True)
         coarse_normalised = got["coarse"] / got["coarse"].sum(dim=0, keepdim=True)
-        expected = torch.where(own_total > 0, got["scores"] / own_total.clamp(min=1e-30), coarse_normalised)
+        expected = torch.where(own_total > 0, got["scores"] / torch.where(own_total > 0, own_total, 1.0), coarse_normalised)
         assert (got["refined_probabilities"] - expected).abs().max().item() <= 1e-6
         total = scores.sum(dim=0, keepdim=True)
         margin_of = lambda maps: (lambda top2: top2[0] - top2[1])(maps.topk(2, dim=0).values)  # noqa: E731
@@ -300,3 +300,46 @@ def test_trident_options_fail_fast():
         load_sam(TridentConfig(sam_checkpoint="/nonexistent/sam_vit_b_01ec64.pth"))
     with pytest.raises(WeightsNotFoundError, match="--trident-dino-checkpoint"):
         load_trident_dino(TridentConfig(dino_checkpoint="/nonexistent/dino.pth"))
+
+
+def test_sam_encoder_batches_across_photo_sizes_like_one_at_a_time():
+    """SAM's encoder forwards take photos of different sizes together (all padded to 1024): the
+    weights and image embeddings each group gets equal those of encoding its photos one at a time,
+    for forwards of 1, 2 and 3 images, a group split across forwards or not, with refinement on."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from segment_anything.modeling import ImageEncoderViT
+
+    from clipdiy.segmentation.methods.trident import SAM_MEAN, SAM_STD, TridentMethod
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = ImageEncoderViT(depth=2, embed_dim=32, img_size=1024, mlp_ratio=2, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                                  num_heads=1, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(1,),
+                                  window_size=14, out_chans=16).eval()
+        with torch.no_grad():
+            encoder.pos_embed.normal_(0.0, 0.02)
+            for block in encoder.blocks:
+                block.attn.rel_pos_h.normal_(0.0, 0.02)
+                block.attn.rel_pos_w.normal_(0.0, 0.02)
+    generator = np.random.default_rng(0)
+    sizes = [[(160, 240), (160, 240)], [(240, 160)]]
+    groups = [[generator.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in group] for group in sizes]
+    column = lambda values: torch.tensor(values).view(1, 3, 1, 1)  # noqa: E731
+
+    def stream(batch: int):
+        method = SimpleNamespace(
+            sam_encoder=encoder, sam_batch=batch, device=torch.device("cpu"), refine=True, sam_mean=column(SAM_MEAN), sam_std=column(SAM_STD),
+            config=SimpleNamespace(cos_fac=1.2, refine_neg_cos=True),
+        )
+        with torch.inference_mode():
+            return list(TridentMethod._sam_stream(method, groups))
+
+    alone = stream(1)
+    assert [tuple(w.shape) for w, _ in alone] == [(2, 150, 150), (1, 150, 150)]
+    assert [tuple(e.shape) for _, e in alone] == [(2, 16, 64, 64), (1, 16, 64, 64)]
+    for batch in (2, 3):  # the second group shares a forward with the first, or the first is split
+        for (weights, embeddings), (weights_1, embeddings_1) in zip(stream(batch), alone, strict=True):
+            assert (weights - weights_1).abs().max().item() <= 1e-6
+            assert (embeddings - embeddings_1).abs().max().item() <= 1e-5

@@ -253,12 +253,13 @@ class TridentMethod:
             canvases.append(normalised)
             boxes.append(window_boxes(*size, self.config.slide_crop, self.config.slide_stride))
         values = self._window_values(canvases, boxes)
+        sam = self._sam_stream([[prepared[i].saliency_input for i in group] for group in groups])
         for g, group in enumerate(groups):
             spliced = self._splice(values[g], boxes[g], tuple(canvases[g].shape[-2:]))
             values[g] = None  # type: ignore[call-overload]  # done with: free it before the next group
             sam_pixels = [prepared[i].saliency_input for i in group]
             grid = (sam_pixels[0].shape[0] // PATCH, sam_pixels[0].shape[1] // PATCH)
-            weights, embeddings = self._sam_weights(sam_pixels, grid)
+            weights, embeddings = next(sam)
             features = self.encoder.aggregate(spliced, weights, grid)  # b x N x E
             del spliced, weights
             logits = (features @ self.query_embeddings.T).view(len(group), *grid, -1).permute(0, 3, 1, 2)
@@ -306,22 +307,57 @@ class TridentMethod:
 
         return splice(values, boxes, (size[0] // PATCH, size[1] // PATCH), PATCH)
 
-    def _sam_weights(self, images: Sequence[np.ndarray], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """b x N x N SAM-guided weights of b equal-size SAM inputs (h x w x 3 uint8), in
-        encoder forwards of at most ``sam_batch`` images; and, when refining, the encoder's
-        b x 256 x 64 x 64 image embeddings (else None)."""
+    def _sam_stream(self, groups: Sequence[Sequence[np.ndarray]]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per group, in order: b x N x N SAM-guided weights of its b SAM inputs (h x w x 3
+        uint8, one size per group) and, when refining, SAM's b x 256 x 64 x 64 image embeddings
+        (else None).
+
+        SAM's encoder runs on up to ``sam_batch`` images at a time *across* groups: every input
+        is zero-padded to the same 1024 x 1024, so photos of any size share its forwards (the
+        authors' code encodes one photo at a time, TRIDENT.md 10.1). Each forward computes the
+        attention rows and columns of the largest valid grid among its images, cropped per image;
+        a group is handed on as soon as its last image is encoded, so at most one forward's
+        results wait beyond the group in hand.
+        """
         from clipdiy.segmentation.models.trident import sam_guided_weights, sam_last_attention
 
-        out, embeddings = [], []
+        images = [(g, image) for g, group in enumerate(groups) for image in group]
+        pending: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {g: [] for g in range(len(groups))}
+        next_group = 0
         for start in range(0, len(images), self.sam_batch):
-            pixels = to_device(list(images[start : start + self.sam_batch]), self.device).float().sub_(self.sam_mean).div_(self.sam_std)
-            height, width = pixels.shape[-2:]
-            pixels = F.pad(pixels, (0, SAM_SIZE - width, 0, SAM_SIZE - height))  # zeros after normalising
-            attention, values, neck = sam_last_attention(self.sam_encoder, pixels, grid, embeddings=self.refine)
-            out.append(sam_guided_weights(attention, values, self.config.cos_fac, self.config.refine_neg_cos))
-            embeddings.append(neck)
-            del attention, values
-        return torch.cat(out), (torch.cat(embeddings) if self.refine else None)
+            chunk = images[start : start + self.sam_batch]
+            pixels = torch.stack([
+                F.pad(to_device([image], self.device)[0].float().sub_(self.sam_mean[0]).div_(self.sam_std[0]),
+                      (0, SAM_SIZE - image.shape[1], 0, SAM_SIZE - image.shape[0]))  # zeros after normalising
+                for _, image in chunk
+            ])
+            grids = [(image.shape[0] // PATCH, image.shape[1] // PATCH) for _, image in chunk]
+            union = (max(h for h, _ in grids), max(w for _, w in grids))
+            attention, values, neck = sam_last_attention(self.sam_encoder, pixels, union, embeddings=self.refine)
+            del pixels
+            heads, depth = values.shape[1], values.shape[-1]
+            first = 0
+            while first < len(chunk):  # runs of images of one group (one grid): one weights call each
+                g = chunk[first][0]
+                last = first
+                while last < len(chunk) and chunk[last][0] == g:
+                    last += 1
+                hs, ws = grids[first]
+                grid_attention = attention[first:last].view(last - first, heads, *union, *union)[:, :, :hs, :ws, :hs, :ws]
+                grid_values = values[first:last].view(last - first, heads, *union, depth)[:, :, :hs, :ws]
+                weights = sam_guided_weights(
+                    grid_attention.reshape(last - first, heads, hs * ws, hs * ws), grid_values.reshape(last - first, heads, hs * ws, depth),
+                    self.config.cos_fac, self.config.refine_neg_cos,
+                )
+                pending[g].append((weights, None if neck is None else neck[first:last]))
+                first = last
+            del attention, values, neck
+            end = start + len(chunk)
+            complete = images[end][0] if end < len(images) else len(groups)  # the groups before it are whole
+            while next_group < complete:
+                parts = pending.pop(next_group)
+                yield torch.cat([w for w, _ in parts]), (torch.cat([e for _, e in parts]) if self.refine else None)
+                next_group += 1
 
     def working_bytes(self, prepared) -> int:
         """Float32 buffers that grow with the photo: the U query logits at the original size, the
@@ -351,7 +387,7 @@ class TridentMethod:
         probabilities = coarse.probabilities.contiguous()
         labels, scores, _ = sam_refine(self.sam, context.embeddings, probabilities, coarse.labels, context.input_size, self.refine_setting)
         total = scores.sum(dim=1, keepdim=True)
-        normalised = torch.where(total > 0, scores / total.clamp(min=torch.finfo(scores.dtype).tiny), probabilities / probabilities.sum(dim=1, keepdim=True))
+        normalised = torch.where(total > 0, scores / torch.where(total > 0, total, 1.0), probabilities / probabilities.sum(dim=1, keepdim=True))
         return MethodDecision(normalised, labels, 1.0 - normalised[:, :1])
 
 
