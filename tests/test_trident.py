@@ -42,7 +42,8 @@ def models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trident-models")
     clip_config = make_clip_config(root, arch="ViT-B-16-quickgelu")
-    trident = make_trident_config(root, logit_scale=TEST_LOGIT_SCALE, max_forward_windows=8)
+    # Both photos (two sizes) in one SAM encoder forward, as their windows share CLIP/DINO forwards.
+    trident = make_trident_config(root, logit_scale=TEST_LOGIT_SCALE, max_forward_windows=8, sam_batch_size=2)
     clip = create_clip_model(clip_config)
     dino, _ = load_trident_dino(trident)
     sam, _ = load_sam(trident)
@@ -97,19 +98,23 @@ def run(models, photos, text):
     assert method.config.threshold == 0.25 and method.config.slide_stride == 224 and method.refine_setting.coarse_thresh == 0.25
 
     prepared = [prepare_input(photo, config) for photo in photos]
-    windows, raw = [], []
-    original, original_refine = trident_models.dino_patch_features, refine_module.sam_refine
+    windows, sam_forwards, raw = [], [], []
+    original, original_sam, original_refine = trident_models.dino_patch_features, trident_models.sam_last_attention, refine_module.sam_refine
 
     def counted(model, pixels):
         windows.append(pixels.shape[0])
         return original(model, pixels)
+
+    def counted_sam(encoder, pixels, *args, **kwargs):
+        sam_forwards.append(pixels.shape[0])
+        return original_sam(encoder, pixels, *args, **kwargs)
 
     def captured(*args, **kwargs):
         out = original_refine(*args, **kwargs)
         raw.append((args[2], out[1]))  # the coarse (unnormalised) probabilities in, the scores out
         return out
 
-    trident_models.dino_patch_features, refine_module.sam_refine = counted, captured
+    trident_models.dino_patch_features, trident_models.sam_last_attention, refine_module.sam_refine = counted, counted_sam, captured
     results = {}
     sharp, authors = method.config, dataclasses.replace(method.config, logit_scale=AUTHORS_LOGIT_SCALE)
     try:
@@ -128,8 +133,8 @@ def run(models, photos, text):
                         "coarse": raw[-1][0][offset], "scores": raw[-1][1][offset],
                     }
     finally:
-        trident_models.dino_patch_features, refine_module.sam_refine = original, original_refine
-    return windows, results
+        trident_models.dino_patch_features, trident_models.sam_last_attention, refine_module.sam_refine = original, original_sam, original_refine
+    return (windows, sam_forwards), results
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +153,10 @@ def test_batched_trident_matches_the_transcription(run, reference, photos):
 
     vocabulary = load_vocabulary(VOCABULARY)
     words, _ = query_words(vocabulary)
-    windows, batched = run
-    # 6 windows each (2 x 3 and 3 x 2 on the 448-short-side canvases): both photos' windows share forwards of 8.
-    assert windows == [8, 4], windows
+    (windows, sam_forwards), batched = run
+    # 6 windows each (2 x 3 and 3 x 2 on the 448-short-side canvases): both photos' windows share
+    # forwards of 8; both photos share one SAM encoder forward.
+    assert windows == [8, 4] and sam_forwards == [2], (windows, sam_forwards)
 
     unique = list(dict.fromkeys(words))
     columns = [words.index(u) for u in unique]
@@ -184,7 +190,14 @@ def test_sam_refinement_matches_the_transcription(run, reference, photos, models
     sigmoid(l) <= 1; at the test's logit scale 400 the coarse probabilities themselves differ by
     up to ten times their 1e-5 at 40), the returned probabilities R normalised (the coarse ones
     where no class scores), labels equal where R's top-2 margin (the coarse margin where no class
-    scores) exceeds 1e-4."""
+    scores) exceeds 1e-4.
+
+    One threshold in the refinement flips on rounding: a class scores only where one of its SAM
+    masks' logits is > 0 (7.6). Where a logit is 0 to rounding, one side scores about
+    sigmoid(0) * P = P / 2 and the other 0; those entries are told apart exactly so (one side 0,
+    the other within 1% of P / 2), are at most 0.1% of a photo's pixels, and their pixels are left
+    out of the label comparison. Anything else (a region, a prompt or a kept mask that differs)
+    fails."""
     from reference_trident import reference_decide, reference_refine
 
     sam = models[4]
@@ -198,7 +211,11 @@ def test_sam_refinement_matches_the_transcription(run, reference, photos, models
         got = batched[i]
         assert got["coarse"].shape == classes.shape
         carried = (got["coarse"] - classes).abs()
-        assert bool(((got["scores"] - scores).abs() <= TOLERANCE + carried).all()), ((got["scores"] - scores).abs() - carried).max()
+        off = (got["scores"] - scores).abs() > TOLERANCE + carried
+        flipped = (torch.minimum(got["scores"], scores) == 0) & ((torch.maximum(got["scores"], scores) - classes / 2).abs() <= 0.01 * classes / 2)
+        assert bool((flipped | ~off).all()), ((got["scores"] - scores).abs() - carried)[off & ~flipped].max()
+        gate_flips = off.any(dim=0)
+        assert gate_flips.float().mean().item() <= 1e-3, int(gate_flips.sum())
         own_total = got["scores"].sum(dim=0, keepdim=True)
         coarse_normalised = got["coarse"] / got["coarse"].sum(dim=0, keepdim=True)
         expected = torch.where(own_total > 0, got["scores"] / torch.where(own_total > 0, own_total, 1.0), coarse_normalised)
@@ -206,7 +223,7 @@ def test_sam_refinement_matches_the_transcription(run, reference, photos, models
         total = scores.sum(dim=0, keepdim=True)
         margin_of = lambda maps: (lambda top2: top2[0] - top2[1])(maps.topk(2, dim=0).values)  # noqa: E731
         coarse_decided = (margin_of(classes) > LABEL_MARGIN) & ((classes.max(0).values - 0.25).abs() > LABEL_MARGIN)
-        decided = torch.where(total[0] > 0, margin_of(scores) > LABEL_MARGIN, coarse_decided)
+        decided = torch.where(total[0] > 0, margin_of(scores) > LABEL_MARGIN, coarse_decided) & ~gate_flips
         assert torch.equal(got["refined_labels"][decided], labels[decided])
         assert decided.float().mean().item() > 0.9
         kept_total += kept
