@@ -221,7 +221,6 @@ def test_sam_refinement_matches_the_transcription(run, reference, photos, models
         expected = torch.where(own_total > 0, got["scores"] / torch.where(own_total > 0, own_total, 1.0), coarse_normalised)
         assert (got["refined_probabilities"] - expected).abs().max().item() <= 1e-6
         total = scores.sum(dim=0, keepdim=True)
-        margin_of = lambda maps: (lambda top2: top2[0] - top2[1])(maps.topk(2, dim=0).values)  # noqa: E731
         coarse_decided = (margin_of(classes) > LABEL_MARGIN) & ((classes.max(0).values - 0.25).abs() > LABEL_MARGIN)
         decided = torch.where(total[0] > 0, margin_of(scores) > LABEL_MARGIN, coarse_decided) & ~gate_flips
         assert torch.equal(got["refined_labels"][decided], labels[decided])
@@ -230,6 +229,12 @@ def test_sam_refinement_matches_the_transcription(run, reference, photos, models
         changed += int((labels != coarse).sum())
     # Not vacuous: SAM kept masks and the refinement moved labels.
     assert kept_total > 0 and changed > 0, (kept_total, changed)
+
+
+def margin_of(maps: torch.Tensor) -> torch.Tensor:
+    """C x H x W -> H x W: the best value minus the second best."""
+    top2 = maps.topk(2, dim=0).values
+    return top2[0] - top2[1]
 
 
 def test_pieces_batch_like_one_at_a_time():

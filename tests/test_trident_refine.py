@@ -20,7 +20,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipdiy.segmentation.sam_refine import SamRefineSetting, preprocess_shape, sam_refine
+from clipdiy.segmentation.sam_refine import (
+    SamRefineSetting,
+    preprocess_shape,
+    sam_refine,
+)
 
 TOLERANCE = 1e-5
 LABEL_MARGIN = 1e-4
@@ -28,7 +32,13 @@ WIDTH = 32
 
 
 def small_sam(seed: int = 0):
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -61,7 +71,10 @@ def sam():
 
 def _iou_probe(model) -> torch.Tensor:
     """The decoder's IoUs for a few random prompts on random embeddings."""
-    from clipdiy.segmentation.models.sam_decoder import decode_masks, mask_prompt_embeddings
+    from clipdiy.segmentation.models.sam_decoder import (
+        decode_masks,
+        mask_prompt_embeddings,
+    )
 
     generator = torch.Generator().manual_seed(5)
     embeddings = torch.randn(1, WIDTH, 64, 64, generator=generator)

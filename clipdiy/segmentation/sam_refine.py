@@ -149,27 +149,33 @@ def sam_refine(
     maps = F.pad(maps, (0, MASK_PROMPT_SIZE - prompt_w, 0, MASK_PROMPT_SIZE - prompt_h))
     maps = torch.where(maps > coarse, setting.mask_coefficient * maps, torch.zeros_like(maps))
 
-    from clipdiy.segmentation.models.sam_decoder import decode_masks, mask_prompt_embeddings, upsample_mask_logits
+    from clipdiy.segmentation.models.sam_decoder import (
+        decode_masks,
+        mask_prompt_embeddings,
+        upsample_mask_logits,
+    )
 
     dense = mask_prompt_embeddings(sam.prompt_encoder, maps.to(sam.prompt_encoder.no_mask_embed.weight.dtype))
     image_index = torch.tensor(regions.image, device=device)
     low_res, ious = decode_masks(sam, image_embeddings, image_index, points, boxes, dense, torch.tensor(regions.prompt, device=device))
     valid = (ious > setting.iou_thresh).cpu().numpy()
 
-    # Per (image, class): the max over its kept masks of the mask logit at H0 x W0 (7.6).
+    # Per (image, class) with kept masks: the max over them of the mask logit at H0 x W0 (7.6).
     stretched = (-(-height // 16) * 16, -(-width // 16) * 16)  # the image SAM was given (3.4.1)
-    best = torch.full((batch * classes, height * width), float("-inf"), device=device)
     kept = np.flatnonzero(valid)
-    targets = torch.tensor([regions.image[i] * classes + regions.klass[i] for i in kept], device=device, dtype=torch.long)
-    for start in range(0, kept.size, UPSAMPLE_CHUNK):
-        chunk = torch.as_tensor(kept[start : start + UPSAMPLE_CHUNK], device=device)
-        upsampled = upsample_mask_logits(low_res[chunk].float(), input_size, stretched, (height, width))
-        rows = targets[start : start + UPSAMPLE_CHUNK, None].expand(-1, height * width)
-        best.scatter_reduce_(0, rows, upsampled.flatten(1), "amax")
-    best = best.view(batch, classes, height, width)
-    # max_m(sigmoid(l_m) * P_c) = sigmoid(max_m l_m) * P_c (both monotone); gated by the union of masks.
-    scores = torch.where(best > 0, torch.sigmoid(best) * probabilities, torch.zeros_like(probabilities))
-    del best
+    scores = torch.zeros(probabilities.shape, dtype=probabilities.dtype, device=device)
+    if kept.size:
+        targets = torch.tensor([regions.image[i] * classes + regions.klass[i] for i in kept], device=device, dtype=torch.long)
+        scored, rows = torch.unique(targets, return_inverse=True)
+        best = torch.full((scored.numel(), height * width), float("-inf"), device=device)
+        for start in range(0, kept.size, UPSAMPLE_CHUNK):
+            chunk = torch.as_tensor(kept[start : start + UPSAMPLE_CHUNK], device=device)
+            upsampled = upsample_mask_logits(low_res[chunk].float(), input_size, stretched, (height, width))
+            best.scatter_reduce_(0, rows[start : start + UPSAMPLE_CHUNK, None].expand(-1, height * width), upsampled.flatten(1), "amax")
+        # max_m(sigmoid(l_m) * P_c) = sigmoid(max_m l_m) * P_c (both monotone); gated by the union of masks.
+        flat_probabilities = probabilities.reshape(batch * classes, height * width)[scored]
+        scores.view(batch * classes, height * width)[scored] = torch.where(best > 0, torch.sigmoid(best) * flat_probabilities, 0.0)
+        del best, flat_probabilities
     refined_labels = torch.where(scores.sum(dim=1) == 0, labels, scores.argmax(dim=1))
 
     # Regions whose masks were dropped (7.7): their pixels score at least the coarse probabilities.
