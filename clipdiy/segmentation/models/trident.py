@@ -7,7 +7,8 @@
   12 reduced to ``out_proj(A v)`` with the DINO-guided attention ``A`` (4.1-4.2); the splice of
   window values onto the image grid (4.3); the SAM-guided aggregation and projection (4.4-4.5).
 - :func:`sam_last_attention`: SAM ViT-B's image encoder up to its last (global) block, of which
-  only the softmax attention rows of the valid tokens and the values are computed (1.3.6, 3.4).
+  only the softmax attention rows of the valid tokens and the values are computed (1.3.6, 3.4);
+  or, for the SAM refinement, the whole encoder, whose neck output it returns as well.
 
 Every function takes a batch; images of different sizes are grouped by their callers.
 """
