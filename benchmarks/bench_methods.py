@@ -11,15 +11,18 @@ ones do), loaded through ``create_segmenter``, it runs in one process:
 - naclip (random ViT-B/16) with the whole image in one forward and with 224/112 sliding windows,
   each with and without PAMR (vocabulary naclip-voc21: 56 query words);
 - trident (random ViT-B/16, DINO ViT-B/16 and SAM ViT-B; vocabulary trident-voc21: 46 query
-  words; float32, no SAM refinement).
+  words; float32), without SAM refinement (``trident``) and with it (``trident-sam``; the random
+  decoder's IoU head is stretched around the 0.8 cut-off as the tests do, so that it keeps about
+  half the masks, as a trained one keeps its confident ones).
 
 ``--gpu-tflops`` turns each method's FLOPs per image into a GPU estimate (images/s at that
 sustained rate; the default 100 TFLOP/s is about a quarter of an H100's dense fp16/bf16 tensor
 peak, or TF32's, the rate large ViT matmuls reach in practice).
 
 For each it prints images/s of ``Segmenter.segment``, the share of the time inside the model
-forwards (CLIP/DINO, NACLIP's encoder), inside PAMR and everything else, and the FLOPs per image
-of the method's model forwards (torch's FlopCounterMode: matmuls, convolutions, attention),
+forwards (CLIP/DINO, NACLIP's encoder), inside the refinement (PAMR, or Trident's SAM refinement
+with its decoder) and everything else, and the FLOPs per image of the method's model forwards
+and refinement (torch's FlopCounterMode: matmuls, convolutions, attention),
 averaged over the photos (each counted alone; their range is printed too); for NACLIP also the
 encoder forwards: images per forward (how much work one launch gets on a GPU) and rows per
 forward (images, or 224-px windows when sliding).
@@ -42,9 +45,10 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from model_factories import SAMPLE_IMAGES, make_clip_config, make_saliency_config, make_trident_config
+from model_factories import SAMPLE_IMAGES, make_clip_config, make_saliency_config, make_trident_config, stretch_sam_iou_head
 
 import clipdiy.segmentation.refine
+import clipdiy.segmentation.sam_refine
 from clipdiy.segmentation.config import NaclipConfig, SaliencyConfig, SegmenterConfig
 from clipdiy.segmentation.segmenter import create_segmenter
 
@@ -105,9 +109,15 @@ def instrument(segmenter) -> list[Meter]:
             meters.append(method.saliency)
     elif method.name == "trident":  # CLIP and DINO over the windows; SAM's encoder and the aggregation
         method._window_values = Meter(method._window_values)
-        method._sam_weights = Meter(method._sam_weights)
+        import clipdiy.segmentation.models.trident as trident_models  # _sam_stream imports these at call time
+
+        for name in ("sam_last_attention", "sam_guided_weights"):
+            meter = getattr(trident_models, name)
+            if not isinstance(meter, Meter):
+                setattr(trident_models, name, Meter(meter))
+            meters.append(getattr(trident_models, name))
         method.encoder.aggregate = Meter(method.encoder.aggregate)
-        meters += [method._window_values, method._sam_weights, method.encoder.aggregate]
+        meters += [method._window_values, method.encoder.aggregate]
     else:  # naclip: the encoder (blocks 1-11 and the reduced last block)
         method.encoder.forward = Meter(method.encoder.forward)
         meters.append(method.encoder.forward)
@@ -126,35 +136,41 @@ def random_text(config: SegmenterConfig, width: int) -> torch.Tensor:
 
 
 def bench(name: str, config: SegmenterConfig, images: list[np.ndarray], batch: int, pamr_meter: Meter, width: int = 512,
-          gpu_tflops: float = 100.0) -> float:
+          gpu_tflops: float = 100.0, sam_meter: Meter | None = None) -> float:
     segmenter = create_segmenter(config, text_embeddings=random_text(config, width))
     meters = instrument(segmenter)
+    refine_meters = [pamr_meter]
+    if getattr(segmenter.method, "refine", False) is True:  # trident-sam: the refinement's FLOPs count too
+        stretch_sam_iou_head(segmenter.method.sam)
+        refine_meters.append(sam_meter)
+    flop_meters = meters + refine_meters[1:]
     segmenter.segment(images[:1])  # warm-up: allocations, caches
     # FLOPs of every image (their sizes differ, and so do the forwards), one image a call, in a
     # pass of their own: the counter's overhead stays out of the timed pass below.
-    for meter in meters:
+    for meter in flop_meters:
         meter.counting = True
     per_image = []
     for image in images:
-        for meter in meters:
+        for meter in flop_meters:
             meter.reset()
         segmenter.segment([image])
-        per_image.append(sum(meter.flops for meter in meters))
+        per_image.append(sum(meter.flops for meter in flop_meters))
     flops = sum(per_image) / len(per_image)
-    for meter in meters:
+    for meter in flop_meters:
         meter.counting = False
         meter.reset()
-    pamr_meter.reset()
+    for meter in refine_meters:
+        meter.reset()
     start = time.perf_counter()
     for first in range(0, len(images), batch):
         segmenter.segment(images[first : first + batch])
     total = time.perf_counter() - start
     forwards = sum(meter.seconds for meter in meters)
-    refine = pamr_meter.seconds
+    refine = sum(meter.seconds for meter in refine_meters)
     rest = total - forwards - refine
     line = (
-        f"{name:34s} {len(images) / total:7.3f} images/s  forwards {forwards / total:6.1%}  PAMR {refine / total:6.1%}  "
-        f"else {rest / total:6.1%}  forward FLOPs/image {flops / 1e9:7.1f} G "
+        f"{name:34s} {len(images) / total:7.3f} images/s  forwards {forwards / total:6.1%}  refine {refine / total:6.1%}  "
+        f"else {rest / total:6.1%}  forward+refine FLOPs/image {flops / 1e9:7.1f} G "
         f"(mean of {len(per_image)}: {min(per_image) / 1e9:.1f} to {max(per_image) / 1e9:.1f} G)"
         f"  GPU estimate at {gpu_tflops:g} TFLOP/s: {gpu_tflops * 1e12 / flops:7.1f} images/s"
     )
@@ -207,6 +223,8 @@ def main() -> None:
         print(f"NACLIP ViT-B/16 forwards of the first batch at {budget} tokens ({device} default): {plans}")
     pamr_meter = Meter(clipdiy.segmentation.refine.pamr)
     clipdiy.segmentation.refine.pamr = pamr_meter  # the segmenter imports it at call time
+    sam_meter = Meter(clipdiy.segmentation.sam_refine.sam_refine)
+    clipdiy.segmentation.sam_refine.sam_refine = sam_meter  # Trident's decide imports it at call time
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
@@ -228,17 +246,18 @@ def main() -> None:
                     method="naclip", vocabulary="naclip-voc21", clip=b16, device="cpu",
                     naclip=NaclipConfig(window=window, **forward_tokens), refine=refine,
                 )
-        if (not only or "trident" in only) and "trident" not in skip:
+        if (not only or {"trident", "trident-sam"} & only) and not {"trident", "trident-sam"} <= skip:
             vitb16 = b16 if args.naclip_clip == "ViT-B-16" else make_clip_config(workdir / "clip-ViT-B-16", arch="ViT-B-16")
-            runs["trident"] = SegmenterConfig(
-                method="trident", vocabulary="trident-voc21", clip=vitb16, device="cpu",
-                trident=make_trident_config(workdir / "trident"), refine="none",
-            )
+            for name, refine in (("trident", "none"), ("trident-sam", "sam")):
+                runs[name] = SegmenterConfig(
+                    method="trident", vocabulary="trident-voc21", clip=vitb16, device="cpu",
+                    trident=make_trident_config(workdir / "trident"), refine=refine,
+                )
         rates = {}
         for name, config in runs.items():
             if name not in skip and (not only or name in only):
                 width = naclip_width if name.startswith("naclip") else 512
-                rates[name] = bench(name, config, images, args.batch, pamr_meter, width, args.gpu_tflops)
+                rates[name] = bench(name, config, images, args.batch, pamr_meter, width, args.gpu_tflops, sam_meter)
         if "clipdiy-found" in rates and "naclip-whole-pamr" in rates:
             print(f"naclip whole (PAMR) / clipdiy faithful with FOUND: {rates['naclip-whole-pamr'] / rates['clipdiy-found']:.2f}x  (target >= 3x)")
 

@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model precision on every device: fp32 (the paper's; default), or fp16/bf16 "
                             "(faster on GPUs, moves some labels: see docs/methods/faithfulness.md)")
     model.add_argument("--refine", choices=REFINES, default="auto",
-                       help="refine the method's logits with PAMR: auto = as published (on for naclip, off for clipdiy "
-                            "and for trident, whose SAM refinement is not implemented yet)")
+                       help="refine the method's output: pamr (clipdiy, naclip), sam (trident: SAM ViT-B's mask decoder "
+                            "prompted by the coarse regions), none; auto = as published (pamr for naclip, sam for trident, "
+                            "none for clipdiy)")
     model.add_argument("--pamr-iterations", type=int, default=PamrConfig().iterations, help="PAMR iterations")
     model.add_argument("--pamr-dilations", default=",".join(str(d) for d in PamrConfig().dilations), metavar="D1,D2",
                        help="PAMR dilations, comma-separated")

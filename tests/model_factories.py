@@ -227,3 +227,21 @@ def make_trident_config(tmp_path: str | os.PathLike, seed: int = 0, **settings):
                     block.attn.rel_pos_w.normal_(0.0, 0.02)
             _atomic_save(model.state_dict(), sam)
     return TridentConfig(dino_checkpoint=str(dino), sam_checkpoint=str(sam), **settings)
+
+
+def stretch_sam_iou_head(sam) -> None:
+    """Random SAM decoders predict IoUs in a narrow band, all under the 0.8 cut-off: stretch the
+    IoU head's last layer and centre it on the cut-off (probed on random embeddings and prompts)
+    so that the refinement keeps some masks and drops others."""
+    from clipdiy.segmentation.models.sam_decoder import decode_masks, mask_prompt_embeddings
+
+    generator = torch.Generator().manual_seed(5)
+    last = sam.mask_decoder.iou_prediction_head.layers[-1]
+    with torch.no_grad():
+        last.weight.mul_(8.0)
+        points = torch.rand(6, 2, generator=generator) * 900
+        boxes = torch.cat([points - 60, points + 60], dim=1).clamp(0, 1023)
+        dense = mask_prompt_embeddings(sam.prompt_encoder, torch.rand(1, 256, 256, generator=generator) * 0.005)
+        index = torch.zeros(6, dtype=torch.long)
+        _, ious = decode_masks(sam, torch.randn(1, 256, 64, 64, generator=generator), index, points, boxes, dense, index)
+        last.bias.add_(0.8 - float(ious.median()))

@@ -197,7 +197,8 @@ def guidance_attn(attn_layer, x, win_sizes, dst_coords, dst_vh, dst_vw, sam_attn
 
 def sam_encoder_last(encoder, x):
     """The authors' patched ``ImageEncoderViT.forward``: last_attn (B*heads x 4096 x 4096) and
-    last_v (B x heads x 64 x 64 x d) of the last block (global), its ``Attention.forward`` written out."""
+    last_v (B x heads x 64 x 64 x d) of the last block (global), its ``Attention.forward`` written
+    out, and the encoder's output (the neck, ``predictor.features``)."""
     from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
     x = encoder.patch_embed(x)
@@ -215,11 +216,16 @@ def sam_encoder_last(encoder, x):
     if a.use_rel_pos:
         attn = add_decomposed_rel_pos(attn, q, a.rel_pos_h, a.rel_pos_w, (H, W), (H, W))
     attn = attn.softmax(dim=-1)
-    return attn, v.view(B, a.num_heads, H, W, -1)
+    out = (attn @ v).view(B, a.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+    x = x + a.proj(out)
+    x = x + blk.mlp(blk.norm2(x))
+    features = encoder.neck(x.permute(0, 3, 1, 2))
+    return attn, v.view(B, a.num_heads, H, W, -1), features
 
 
 def get_sam_feat(encoder, tmp_img):
-    """``SamPredictor.set_image`` + Trident's ``get_sam_feat``: (sam_attn 1 x 12 x N x N, sam_v, hs, ws)."""
+    """``SamPredictor.set_image`` + Trident's ``get_sam_feat``: (sam_attn 1 x 12 x N x N, sam_v, hs,
+    ws, and the predictor's state: features, input_size, original_size)."""
     from segment_anything.utils.transforms import ResizeLongestSide
 
     input_image = ResizeLongestSide(1024).apply_image(tmp_img)
@@ -227,18 +233,20 @@ def get_sam_feat(encoder, tmp_img):
     input_size = t.shape[-2:]
     t = (t - torch.tensor(SAM_MEAN).view(-1, 1, 1)) / torch.tensor(SAM_STD).view(-1, 1, 1)
     t = F.pad(t, (0, 1024 - t.shape[-1], 0, 1024 - t.shape[-2]))
-    last_attn, last_v = sam_encoder_last(encoder, t)
+    last_attn, last_v, features = sam_encoder_last(encoder, t)
     hs, ws = int(input_size[0] // 16), int(input_size[1] // 16)
     heads = last_v.shape[1]
     sam_attn = last_attn.view(1, heads, 64, 64, 64, 64)[:, :, :hs, :ws, :hs, :ws].flatten(2, 3).flatten(3, 4)
     sam_v = last_v[:, :, :hs, :ws, :]
-    return sam_attn, sam_v, hs, ws
+    state = {"features": features, "input_size": tuple(input_size), "original_size": tuple(tmp_img.shape[:2])}
+    return sam_attn, sam_v, hs, ws, state
 
 
 @torch.no_grad()
 def reference_logits(visual, dino, sam_encoder, rgb: np.ndarray, query_features: torch.Tensor, stride=224, cos_fac=1.2,
-                     refine_neg_cos=True, short_side=448, beta=1.2, gamma=3.0) -> torch.Tensor:
-    """``get_trident_seg`` for one H0 x W0 x 3 uint8 RGB photo: Q x H0 x W0 float32 logits."""
+                     refine_neg_cos=True, short_side=448, beta=1.2, gamma=3.0, return_sam_state=False):
+    """``get_trident_seg`` for one H0 x W0 x 3 uint8 RGB photo: Q x H0 x W0 float32 logits (and,
+    with ``return_sam_state``, the SAM predictor's state the refinement reads)."""
     h0, w0 = rgb.shape[:2]
     # Path B: SAM re-reads the original, stretches it to multiples of 16.
     tmp_h, tmp_w = h0, w0
@@ -247,7 +255,7 @@ def reference_logits(visual, dino, sam_encoder, rgb: np.ndarray, query_features:
     if tmp_w % 16 != 0:
         tmp_w = (tmp_w // 16 + 1) * 16
     tmp_img = cv2.resize(rgb, (tmp_w, tmp_h))
-    sam_attn, sam_v, hs, ws = get_sam_feat(sam_encoder, tmp_img)
+    sam_attn, sam_v, hs, ws, sam_state = get_sam_feat(sam_encoder, tmp_img)
     # Path A: mmseg's resize and normalisation.
     resized = mmcv_resize(rgb, (2048, short_side))
     inputs = torch.from_numpy(resized).permute(2, 0, 1)[None].float()
@@ -279,7 +287,8 @@ def reference_logits(visual, dino, sam_encoder, rgb: np.ndarray, query_features:
     clip_features = x / x.norm(dim=-1, keepdim=True)
     logits = clip_features @ query_features.T
     logits = logits.permute(0, 2, 1).reshape(-1, logits.shape[-1], hs, ws)
-    return F.interpolate(logits, size=(h0, w0), mode="bilinear")[0].float()
+    logits = F.interpolate(logits, size=(h0, w0), mode="bilinear")[0].float()
+    return (logits, sam_state) if return_sam_state else logits
 
 
 def reference_decide(logits: torch.Tensor, num_classes: int, prob_thd: float, logit_scale: float = 40.0):
@@ -292,3 +301,168 @@ def reference_decide(logits: torch.Tensor, num_classes: int, prob_thd: float, lo
     seg_pred = seg_logits.argmax(0, keepdim=True)
     seg_pred[seg_logits.max(0, keepdim=True)[0] < prob_thd] = 0
     return seg_logits, seg_pred[0]
+
+
+# --- SAM refinement: seg_utils/utils.py ``sam_refinement`` and its helpers, verbatim but for
+# skimage's ``measure.label`` (scipy's, 8-connectivity: the same components) and the predictor,
+# segment-anything's own ``SamPredictor`` given the state ``get_sam_feat`` computed.
+
+
+def _label_8(mask):
+    from scipy import ndimage
+
+    labeled, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+    return labeled
+
+
+def split_connected_regions(segmentation: np.ndarray, seg_logits, split_last=False, minimal_area=0, coarse_thresh=0.0):
+    from torchvision.ops import masks_to_boxes
+
+    C, H, W = segmentation.shape
+    regions, boxes, clip_box_score, points = {}, {}, {}, {}
+    for c in range(C):
+        if not split_last and c == C - 1:
+            continue
+        regions[c], points[c], clip_box_score[c], boxes[c] = [], [], [], []
+        class_mask = segmentation[c]
+        class_logit = seg_logits[c]
+        if class_logit.max() < coarse_thresh:
+            continue
+        labeled_mask = _label_8(class_mask)
+        num_regions = labeled_mask.max()
+        for region_label in range(1, num_regions + 1):
+            region_mask = (labeled_mask == region_label).astype(np.uint8)
+            if region_mask.sum() < minimal_area:
+                continue
+            region_score = class_logit[region_mask.astype(bool)].mean()
+            region_logit = class_logit * torch.tensor(region_mask).to(class_logit.device)
+            max_pos = torch.argmax(region_logit)
+            max_h, max_w = max_pos // class_logit.size(1), max_pos % class_logit.size(1)
+            points[c].append(torch.tensor([max_w, max_h]))
+            regions[c].append(region_mask)
+            clip_box_score[c].append(region_score)
+        if len(regions[c]):
+            regions[c] = torch.from_numpy(np.stack(regions[c]))
+        if regions[c] == []:
+            boxes[c] = regions[c]
+        else:
+            boxes[c] = masks_to_boxes(regions[c])
+    return regions, boxes, clip_box_score, points
+
+
+def map_refinement_coarse(refined_masks, refined_logits, coarse_boxes, seg_logits, img_shape):
+    refined_whole_logits = torch.zeros([len(coarse_boxes), img_shape[0], img_shape[1]], device=refined_masks.device)
+    cumsum = 0
+    for i in range(len(coarse_boxes)):
+        if coarse_boxes[i] == []:
+            continue
+        tmp_cls_num = coarse_boxes[i].shape[0]
+        tmp_cls_mask = refined_masks[cumsum : cumsum + tmp_cls_num, 0].sum(dim=0).bool()
+        tmp_cls_logit = (refined_logits[cumsum : cumsum + tmp_cls_num, 0] * seg_logits[i]).max(dim=0)
+        refined_whole_logits[i] = tmp_cls_logit.values * tmp_cls_mask
+        cumsum += tmp_cls_num
+    refined_whole_masks = refined_whole_logits.argmax(0, keepdim=True)
+    return refined_whole_masks, refined_whole_logits
+
+
+def map_failed_regions(refined_masks, refined_logits, failed_regions, seg_logits, segmentation):
+    failed_area = failed_regions.sum(dim=0, keepdim=True) != 0
+    failed_logit = failed_area * seg_logits
+    refined_logits = torch.where(failed_logit > refined_logits, failed_logit, refined_logits)
+    refined_masks = torch.where(failed_logit.max(dim=0, keepdim=True)[0] > refined_logits.max(dim=0, keepdim=True)[0], segmentation, refined_masks)
+    return refined_masks, refined_logits
+
+
+def make_predictor(sam, state):
+    """segment-anything's ``SamPredictor`` holding the image ``get_sam_feat`` encoded."""
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(sam)
+    predictor.features = state["features"]
+    predictor.input_size = state["input_size"]
+    predictor.original_size = state["original_size"]
+    predictor.is_image_set = True
+    return predictor
+
+
+def sam_refinement(img, segmentations, seg_logits, num_classes, predictor, coarse_thresh=0.0, minimal_area=0, sam_mask_coff=0.005, sam_iou_thresh=0.9):
+    """img: the H0 x W0 x 3 photo; segmentations: 1 x H0 x W0 labels; seg_logits: C x H0 x W0."""
+    down_ratio = 2
+    dh, dw = seg_logits.shape[-2] // down_ratio, seg_logits.shape[-1] // down_ratio
+    segmentations_down = F.interpolate(segmentations.unsqueeze(0).half(), [dh, dw], mode="nearest").squeeze(0).long()
+    seg_logits_down = F.interpolate(seg_logits.unsqueeze(0), [dh, dw], mode="bilinear", align_corners=False).squeeze(0)
+    if coarse_thresh > 0:
+        segmentations_down[seg_logits_down.max(0, keepdim=True)[0] < coarse_thresh] = num_classes
+        cls_pred = F.one_hot(segmentations_down.squeeze(0).long(), num_classes=num_classes + 1).permute(2, 0, 1).float()
+        split_last = False
+    else:
+        cls_pred = F.one_hot(segmentations_down.squeeze(0).long(), num_classes=num_classes).permute(2, 0, 1).float()
+        split_last = True
+    coarse_regions, coarse_boxes, coarse_boxes_score, coarse_points = split_connected_regions(
+        cls_pred.cpu().numpy(), seg_logits_down, split_last=split_last, minimal_area=minimal_area, coarse_thresh=coarse_thresh)
+    combined_boxes, combined_points = [], []
+    cls_wise_masks, cls_wise_scores, cls_wise_logits = [], [], []
+    failed_regions = []
+    predictor.features = predictor.features.float()
+    for i in range(num_classes):
+        tmp_r = coarse_regions.get(i, [])
+        tmp_b = coarse_boxes.get(i, [])
+        tmp_p = coarse_points.get(i, [])
+        if tmp_r == []:
+            continue
+        cls_wise_r = seg_logits_down[i].unsqueeze(0)
+        new_h, new_w = predictor.transform.get_preprocess_shape(img.shape[0], img.shape[1], 256)
+        cls_wise_r = F.interpolate(cls_wise_r.unsqueeze(0), [new_h, new_w], mode="bilinear", align_corners=False).squeeze(0)
+        cls_wise_r = F.pad(cls_wise_r, (0, 256 - new_w, 0, 256 - new_h), mode="constant", value=0)
+        cls_wise_r = torch.where(cls_wise_r > coarse_thresh, sam_mask_coff * cls_wise_r, torch.tensor(0.0).type_as(segmentations)).float()
+        cls_wise_b = predictor.transform.apply_boxes_torch(tmp_b.type_as(segmentations), [dh, dw]).float()
+        cls_wise_p = torch.stack(tmp_p).type_as(segmentations)
+        cls_wise_p = predictor.transform.apply_coords_torch(cls_wise_p, [dh, dw]).unsqueeze(1)
+        cls_wise_mask, cls_wise_score, cls_wise_logit = predictor.predict_torch(
+            point_coords=cls_wise_p.float(),
+            point_labels=torch.ones([cls_wise_p.shape[0], 1]).type_as(segmentations).float(),
+            boxes=cls_wise_b,
+            mask_input=cls_wise_r,
+            multimask_output=False,
+        )
+        valid_masks = (cls_wise_score > sam_iou_thresh).squeeze(-1)
+        if valid_masks.sum() != tmp_r.shape[0]:
+            failed_regions.append(tmp_r[~valid_masks.cpu()])
+        if valid_masks.sum() == 0:
+            coarse_boxes[i] = []
+            continue
+        cls_wise_masks.append(cls_wise_mask[valid_masks])
+        cls_wise_scores.append(cls_wise_score[valid_masks])
+        cls_wise_logits.append(cls_wise_logit[valid_masks])
+        tmp_p = torch.stack(tmp_p)
+        tmp_b = tmp_b[valid_masks.cpu()]
+        tmp_p = tmp_p[valid_masks.cpu()]
+        coarse_boxes[i] = coarse_boxes[i][valid_masks.cpu()]
+        combined_boxes.append(tmp_b)
+        combined_points.append(tmp_p)
+    if len(combined_boxes) == 0:
+        return segmentations, None, seg_logits, combined_boxes
+    combined_boxes = torch.cat(combined_boxes, dim=0)
+    masks, scores, logits = torch.cat(cls_wise_masks, dim=0), torch.cat(cls_wise_scores, dim=0), torch.cat(cls_wise_logits, dim=0)
+    logits = predictor.model.postprocess_masks(logits, predictor.input_size, predictor.original_size)
+    combined_boxes = combined_boxes * down_ratio
+    if logits.shape[-1] != img.shape[1] or logits.shape[-2] != img.shape[0]:
+        logits = F.interpolate(logits, img.shape[:2], mode="bilinear", align_corners=False)
+        masks = logits > predictor.model.mask_threshold
+    refined_masks, refined_logits = map_refinement_coarse(masks, logits.sigmoid(), coarse_boxes, seg_logits, img.shape)
+    refined_masks = torch.where(refined_logits.sum(dim=0, keepdim=True) == 0, segmentations, refined_masks)
+    if len(failed_regions):
+        failed_regions = torch.cat(failed_regions, dim=0)
+        failed_regions = F.interpolate(failed_regions.unsqueeze(0).float(), img.shape[:2], mode="nearest").squeeze(0).type_as(segmentations)
+        refined_masks, refined_logits = map_failed_regions(refined_masks, refined_logits, failed_regions, seg_logits, segmentations)
+    return refined_masks, scores, refined_logits, combined_boxes
+
+
+@torch.no_grad()
+def reference_refine(sam, sam_state, rgb, seg_logits, seg_pred, num_classes, coarse_thresh, minimal_area=225, sam_mask_coff=0.005, sam_iou_thresh=0.80):
+    """``postprocess_result``'s refinement step for one photo: (C x H0 x W0 refined scores, H0 x W0 labels,
+    the number of SAM masks kept (0: nothing refined))."""
+    predictor = make_predictor(sam, sam_state)
+    refined_masks, scores, refined_logits, _ = sam_refinement(
+        rgb, seg_pred[None], seg_logits, num_classes, predictor, coarse_thresh, minimal_area, sam_mask_coff, sam_iou_thresh)
+    return refined_logits, refined_masks[0], 0 if scores is None else int(scores.shape[0])

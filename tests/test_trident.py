@@ -1,7 +1,8 @@
 """Trident (TRIDENT.md): the batched implementation against the per-image transcription of the
 authors' code in tests/reference_trident.py, on two photos of two shapes with random models of
 the real architectures (CLIP ViT-B-16-quickgelu made discriminative, DINO ViT-B/16, SAM ViT-B),
-in float32 without SAM refinement; plus the pieces' batching and known answers.
+in float32, without and with SAM refinement (one batched run, one reference per photo); plus the
+pieces' batching and known answers.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trident-models")
     clip_config = make_clip_config(root, arch="ViT-B-16-quickgelu")
-    trident = make_trident_config(root, logit_scale=TEST_LOGIT_SCALE, max_forward_windows=8)
+    # Both photos (two sizes) in one SAM encoder forward, as their windows share CLIP/DINO forwards.
+    trident = make_trident_config(root, logit_scale=TEST_LOGIT_SCALE, max_forward_windows=8, sam_batch_size=2)
     clip = create_clip_model(clip_config)
     dino, _ = load_trident_dino(trident)
     sam, _ = load_sam(trident)
@@ -76,66 +78,176 @@ def text(models, coco_images):
     return flat[picks][[unique.index(w) for w in words]].clone()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # three SAM ViT-B encoder passes at 1024 px per photo on a CPU: minutes on a loaded box
-def test_batched_trident_matches_the_transcription(models, photos, text, monkeypatch):
-    from reference_trident import reference_decide, reference_logits
-
+@pytest.fixture(scope="module")
+def run(models, photos, text):
+    """The batched method (refine='sam') over both photos in one call, the windows of each DINO
+    forward, and per photo: the logits, the coarse decision at the test scale and at the
+    authors' 40, the refined decision and the refinement's raw scores R."""
+    from clipdiy.segmentation import sam_refine as refine_module
     from clipdiy.segmentation.methods.trident import TridentMethod
+    from clipdiy.segmentation.models import trident as trident_models
     from clipdiy.segmentation.segmenter import prepare_input
 
+    from model_factories import stretch_sam_iou_head
+
     clip_config, trident, clip, dino, sam = models
+    stretch_sam_iou_head(sam)
     vocabulary = load_vocabulary(VOCABULARY)
-    words, _ = query_words(vocabulary)
-    config = SegmenterConfig(method="trident", vocabulary=VOCABULARY, clip=clip_config, trident=trident, refine="none")
+    config = SegmenterConfig(method="trident", vocabulary=VOCABULARY, clip=clip_config, trident=trident, refine="sam")
     method = TridentMethod(clip, dino, sam, vocabulary, config, text, torch.device("cpu"))
-    assert method.config.threshold == 0.25 and method.config.slide_stride == 224
+    assert method.config.threshold == 0.25 and method.config.slide_stride == 224 and method.refine_setting.coarse_thresh == 0.25
 
     prepared = [prepare_input(photo, config) for photo in photos]
-    windows = []
-    from clipdiy.segmentation.models import trident as trident_models
-
-    original = trident_models.dino_patch_features
+    windows, sam_forwards, raw = [], [], []
+    original, original_sam, original_refine = trident_models.dino_patch_features, trident_models.sam_last_attention, refine_module.sam_refine
 
     def counted(model, pixels):
         windows.append(pixels.shape[0])
         return original(model, pixels)
 
-    monkeypatch.setattr(trident_models, "dino_patch_features", counted)
-    batched = {}
+    def counted_sam(encoder, pixels, *args, **kwargs):
+        sam_forwards.append(pixels.shape[0])
+        return original_sam(encoder, pixels, *args, **kwargs)
+
+    def captured(*args, **kwargs):
+        out = original_refine(*args, **kwargs)
+        raw.append((args[2], out[1]))  # the coarse (unnormalised) probabilities in, the scores out
+        return out
+
+    trident_models.dino_patch_features, trident_models.sam_last_attention, refine_module.sam_refine = counted, counted_sam, captured
+    results = {}
     sharp, authors = method.config, dataclasses.replace(method.config, logit_scale=AUTHORS_LOGIT_SCALE)
-    with torch.inference_mode():
-        for indices, forward in method.forward_groups(prepared):
-            decision = method.decide(forward.logits, forward)
-            method.config = authors
-            probabilities = method.decide(forward.logits, forward).probabilities
-            method.config = sharp
-            for offset, i in enumerate(indices):
-                batched[i] = (forward.logits[offset], probabilities[offset], decision.labels[offset])
-    # 6 windows each (2 x 3 and 3 x 2 on the 448-short-side canvases): both photos' windows share forwards of 8.
-    assert windows == [8, 4], windows
+    try:
+        with torch.inference_mode():
+            for indices, forward in method.forward_groups(prepared):
+                refined = method.decide(forward.logits, forward)
+                method.refine = False
+                coarse = method.decide(forward.logits, forward)
+                method.config = authors
+                at_40 = method.decide(forward.logits, forward).probabilities
+                method.config, method.refine = sharp, True
+                for offset, i in enumerate(indices):
+                    results[i] = {
+                        "logits": forward.logits[offset], "probabilities_40": at_40[offset], "labels": coarse.labels[offset],
+                        "refined_probabilities": refined.probabilities[offset], "refined_labels": refined.labels[offset],
+                        "coarse": raw[-1][0][offset], "scores": raw[-1][1][offset],
+                        "embeddings": forward.context.embeddings[offset : offset + 1],
+                    }
+    finally:
+        trident_models.dino_patch_features, trident_models.sam_last_attention, refine_module.sam_refine = original, original_sam, original_refine
+    return (windows, sam_forwards), results
+
+
+@pytest.fixture(scope="module")
+def reference(models, photos, text):
+    """Per photo: the transcription's logits and its SAM predictor state."""
+    from reference_trident import reference_logits
+
+    _, _, clip, dino, sam = models
+    return [reference_logits(clip.model.visual, dino, sam.image_encoder, photo, text, return_sam_state=True) for photo in photos]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # two SAM ViT-B encoder passes at 1024 px per photo on a CPU: minutes on a loaded box
+def test_batched_trident_matches_the_transcription(run, reference, photos):
+    from reference_trident import reference_decide
+
+    vocabulary = load_vocabulary(VOCABULARY)
+    words, _ = query_words(vocabulary)
+    (windows, sam_forwards), batched = run
+    # 6 windows each (2 x 3 and 3 x 2 on the 448-short-side canvases): both photos' windows share
+    # forwards of 8; both photos share one SAM encoder forward.
+    assert windows == [8, 4] and sam_forwards == [2], (windows, sam_forwards)
 
     unique = list(dict.fromkeys(words))
     columns = [words.index(u) for u in unique]
     decided_total = pixels_total = 0
     winners = torch.zeros(len(vocabulary), dtype=torch.long)
     for i, photo in enumerate(photos):
-        logits = reference_logits(clip.model.visual, dino, sam.image_encoder, photo, text)
-        logits_b, probabilities_b, labels_b = batched[i]
-        assert logits_b.shape == (len(unique), *photo.shape[:2])
-        assert (logits_b - logits[columns]).abs().max().item() <= TOLERANCE
+        logits, _ = reference[i]
+        got = batched[i]
+        assert got["logits"].shape == (len(unique), *photo.shape[:2])
+        assert (got["logits"] - logits[columns]).abs().max().item() <= TOLERANCE
         at_40, _ = reference_decide(logits, len(vocabulary), 0.25, AUTHORS_LOGIT_SCALE)
-        assert (probabilities_b - at_40 / at_40.sum(dim=0, keepdim=True)).abs().max().item() <= TOLERANCE
+        assert (got["probabilities_40"] - at_40 / at_40.sum(dim=0, keepdim=True)).abs().max().item() <= TOLERANCE
         classes, expected = reference_decide(logits, len(vocabulary), 0.25, TEST_LOGIT_SCALE)
         top2 = classes.topk(2, dim=0).values
         decided = (top2[0] - top2[1] > LABEL_MARGIN) & ((top2[0] - 0.25).abs() > LABEL_MARGIN)
-        assert torch.equal(labels_b[decided], expected[decided])
+        assert torch.equal(got["labels"][decided], expected[decided])
         decided_total += int(decided.sum())
         pixels_total += decided.numel()
         winners += torch.bincount(expected.flatten(), minlength=len(vocabulary))
     # Not degenerate: most pixels decided, background and several classes win.
     assert decided_total / pixels_total > 0.9, decided_total / pixels_total
     assert int((winners > 0).sum()) >= 3, winners.nonzero().flatten().tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sam_refinement_matches_the_transcription(run, reference, photos, models):
+    """refine='sam' with SAM ViT-B's own prompt encoder and mask decoder, against the
+    transcription of the authors' ``sam_refinement``, in two parts:
+
+    - SAM's image embeddings (the encoder pass that also gives the attention) against the
+      transcription's ``predictor.features``, within 1e-4 of their largest magnitude: the two
+      photos share one encoder forward here, and a random decoder turns the encoder's float32
+      batch rounding into mask-logit differences of about 1e-4;
+    - the refinement given the same inputs (these embeddings, the implementation's coarse
+      probabilities and labels): refined scores R within 1e-5, the returned probabilities R
+      normalised (the coarse ones where no class scores), labels equal where R's top-2 margin
+      (the coarse margin where no class scores) exceeds 1e-4.
+
+    One threshold flips on rounding: a class scores only where one of its SAM masks' logits is
+    > 0 (7.6). Where a logit is 0 to rounding one side scores about sigmoid(0) * P = P / 2 and
+    the other 0; such entries are told apart exactly so, are at most 0.1% of a photo's pixels,
+    and are left out of the label comparison. Anything else (a region, a prompt or a kept mask
+    that differs) fails. End to end against the transcription's own coarse maps and
+    embeddings, at least 99% of the refined labels agree.
+    """
+    from reference_trident import reference_decide, reference_refine
+
+    sam = models[4]
+    vocabulary = load_vocabulary(VOCABULARY)
+    _, batched = run
+    kept_total = changed = 0
+    for i, photo in enumerate(photos):
+        logits, state = reference[i]
+        got = batched[i]
+        features = state["features"]
+        assert got["embeddings"].shape == features.shape
+        assert (got["embeddings"] - features).abs().max().item() <= 1e-4 * features.abs().max().item()
+
+        own_state = dict(state, features=got["embeddings"])
+        coarse_p, coarse_labels = got["coarse"], got["labels"]
+        scores, labels, kept = reference_refine(sam, own_state, photo, coarse_p, coarse_labels.clone(), len(vocabulary), 0.25)
+        off = (got["scores"] - scores).abs() > TOLERANCE
+        flipped = (torch.minimum(got["scores"], scores) == 0) & ((torch.maximum(got["scores"], scores) - coarse_p / 2).abs() <= 0.01 * coarse_p / 2)
+        assert bool((flipped | ~off).all()), (got["scores"] - scores).abs()[off & ~flipped].max()
+        gate_flips = off.any(dim=0)
+        assert gate_flips.float().mean().item() <= 1e-3, int(gate_flips.sum())
+        total = scores.sum(dim=0, keepdim=True)
+        expected = torch.where(total > 0, scores / torch.where(total > 0, total, 1.0), coarse_p / coarse_p.sum(dim=0, keepdim=True))
+        # Normalising divides R's difference by R's sum (and adds the sum's): the bound scales with it.
+        bound = 2 * TOLERANCE / torch.where(total > 0, total, 1.0).clamp(max=1.0)
+        assert bool((((got["refined_probabilities"] - expected).abs() <= bound) | gate_flips).all())
+        coarse_decided = (margin_of(coarse_p) > LABEL_MARGIN) & ((coarse_p.max(0).values - 0.25).abs() > LABEL_MARGIN)
+        decided = torch.where(total[0] > 0, margin_of(scores) > LABEL_MARGIN, coarse_decided) & ~gate_flips
+        assert torch.equal(got["refined_labels"][decided], labels[decided])
+        assert decided.float().mean().item() > 0.9
+        kept_total += kept
+        changed += int((labels != coarse_labels).sum())
+
+        classes, coarse = reference_decide(logits, len(vocabulary), 0.25, TEST_LOGIT_SCALE)
+        _, independent, _ = reference_refine(sam, state, photo, classes, coarse.clone(), len(vocabulary), 0.25)
+        assert (got["refined_labels"] == independent).float().mean().item() >= 0.99
+    # Not vacuous: SAM kept masks and the refinement moved labels.
+    assert kept_total > 0 and changed > 0, (kept_total, changed)
+
+
+def margin_of(maps: torch.Tensor) -> torch.Tensor:
+    """C x H x W -> H x W: the best value minus the second best."""
+    top2 = maps.topk(2, dim=0).values
+    return top2[0] - top2[1]
 
 
 def test_pieces_batch_like_one_at_a_time():
@@ -212,12 +324,57 @@ def test_trident_options_fail_fast():
     from clipdiy.segmentation.models.trident_weights import load_sam, load_trident_dino
 
     config = SegmenterConfig(method="trident")
-    assert (config.clip.model, config.clip.pretrained) == ("ViT-B-16", "openai") and config.refinement is None
-    with pytest.raises(ValueError, match="refine='sam'.*not implemented"):
-        SegmenterConfig(method="trident", refine="sam")
+    assert (config.clip.model, config.clip.pretrained) == ("ViT-B-16", "openai") and config.refinement == "sam"
+    assert SegmenterConfig(method="trident", refine="none").refinement is None
+    for method in ("naclip", "clipdiy"):
+        with pytest.raises(ValueError, match="refine='sam'.*Trident"):
+            SegmenterConfig(method=method, refine="sam")
     with pytest.raises(ValueError, match="PAMR"):
         SegmenterConfig(method="trident", refine="pamr")
     with pytest.raises(WeightsNotFoundError, match="--sam-checkpoint"):
         load_sam(TridentConfig(sam_checkpoint="/nonexistent/sam_vit_b_01ec64.pth"))
     with pytest.raises(WeightsNotFoundError, match="--trident-dino-checkpoint"):
         load_trident_dino(TridentConfig(dino_checkpoint="/nonexistent/dino.pth"))
+
+
+def test_sam_encoder_batches_across_photo_sizes_like_one_at_a_time():
+    """SAM's encoder forwards take photos of different sizes together (all padded to 1024): the
+    weights and image embeddings each group gets equal those of encoding its photos one at a time,
+    for forwards of 1, 2 and 3 images, a group split across forwards or not, with refinement on."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from segment_anything.modeling import ImageEncoderViT
+
+    from clipdiy.segmentation.methods.trident import SAM_MEAN, SAM_STD, TridentMethod
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = ImageEncoderViT(depth=2, embed_dim=32, img_size=1024, mlp_ratio=2, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                                  num_heads=1, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(1,),
+                                  window_size=14, out_chans=16).eval()
+        with torch.no_grad():
+            encoder.pos_embed.normal_(0.0, 0.02)
+            for block in encoder.blocks:
+                block.attn.rel_pos_h.normal_(0.0, 0.02)
+                block.attn.rel_pos_w.normal_(0.0, 0.02)
+    generator = np.random.default_rng(0)
+    sizes = [[(160, 240), (160, 240)], [(240, 160)]]
+    groups = [[generator.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in group] for group in sizes]
+    column = lambda values: torch.tensor(values).view(1, 3, 1, 1)  # noqa: E731
+
+    def stream(batch: int):
+        method = SimpleNamespace(
+            sam_encoder=encoder, sam_batch=batch, device=torch.device("cpu"), refine=True, sam_mean=column(SAM_MEAN), sam_std=column(SAM_STD),
+            config=SimpleNamespace(cos_fac=1.2, refine_neg_cos=True),
+        )
+        with torch.inference_mode():
+            return list(TridentMethod._sam_stream(method, groups))
+
+    alone = stream(1)
+    assert [tuple(w.shape) for w, _ in alone] == [(2, 150, 150), (1, 150, 150)]
+    assert [tuple(e.shape) for _, e in alone] == [(2, 16, 64, 64), (1, 16, 64, 64)]
+    for batch in (2, 3):  # the second group shares a forward with the first, or the first is split
+        for (weights, embeddings), (weights_1, embeddings_1) in zip(stream(batch), alone, strict=True):
+            assert (weights - weights_1).abs().max().item() <= 1e-6
+            assert (embeddings - embeddings_1).abs().max().item() <= 1e-5

@@ -1,6 +1,6 @@
-"""``jobs/label.py --method trident`` end to end on two small photos through a local Ray.
+"""``jobs/label.py --method trident --refine sam`` end to end on two small photos through a local Ray.
 
-Rows record the method and its weights, and their masks decode to the label maps
+Rows record the method, its refinement and its weights, and their masks decode to the label maps
 ``Segmenter.segment`` gives for the same photos. DINO ViT-B/16 and SAM ViT-B are random models of
 the real architectures; CLIP is a tiny two-layer ViT with 16-px patches (its grid must match
 DINO's, as ViT-B/16's does) so that the driver's text embeddings take seconds, not minutes.
@@ -74,7 +74,7 @@ def test_label_job_with_trident_labels_a_folder(small_photos, tiny16_clip, tmp_p
     output = tmp_path / "labels"
     argv = cli_args(small_photos, output, tiny16_clip, "--method", "trident", "--vocabulary", str(vocabulary),
                     "--trident-dino-checkpoint", trident.dino_checkpoint, "--sam-checkpoint", trident.sam_checkpoint,
-                    "--batch-size", "2")[2:]
+                    "--refine", "sam", "--batch-size", "2")[2:]
     # address="local": a Ray of its own even where another is running on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -84,10 +84,12 @@ def test_label_job_with_trident_labels_a_folder(small_photos, tiny16_clip, tmp_p
 
     rows = read_all_rows(output).to_pylist()
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
-    assert {(r["method"], r["refine"], r["mode"], r["saliency_backend"]) for r in rows} == {("trident", None, "slide:336/224", "none")}
+    refine = "sam:vit_b:coarse=0.2:area=225:iou=0.8:mask=0.005"  # the base setting: a vocabulary file
+    assert {(r["method"], r["refine"], r["mode"], r["saliency_backend"]) for r in rows} == {("trident", refine, "slide:336/224", "none")}
     assert all(r["saliency_weights"].startswith("dino=sha256:") and ";sam=sha256:" in r["saliency_weights"] for r in rows)
     config = SegmenterConfig(
-        method="trident", vocabulary=str(vocabulary), clip=tiny16_clip, saliency=SaliencyConfig(backend="none"), trident=trident
+        method="trident", vocabulary=str(vocabulary), clip=tiny16_clip, saliency=SaliencyConfig(backend="none"), trident=trident,
+        refine="sam",
     )
     reference, segmenter = reference_label_maps(config, sorted(small_photos.glob("*.jpg")))
     check_rows_match_library(rows, reference, segmenter)

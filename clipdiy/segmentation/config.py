@@ -26,13 +26,13 @@ CLIPDIY = "clipdiy"
 NACLIP = "naclip"
 TRIDENT = "trident"
 #: ``SegmenterConfig.refine``: ``auto`` is the method's published setting (PAMR for NACLIP,
-#: nothing for CLIP-DIY); ``pamr`` or ``none`` force it.
+#: SAM for Trident, nothing for CLIP-DIY); ``pamr``, ``sam`` or ``none`` force it.
 REFINE_AUTO = "auto"
 REFINE_PAMR = "pamr"
 REFINE_NONE = "none"
-#: Trident's SAM refinement (TRIDENT.md section 7); not implemented yet: refused by the config.
+#: Trident's SAM refinement (TRIDENT.md section 7): SAM's mask decoder prompted per coarse region.
 REFINE_SAM = "sam"
-REFINES = (REFINE_AUTO, REFINE_PAMR, REFINE_NONE)
+REFINES = (REFINE_AUTO, REFINE_PAMR, REFINE_SAM, REFINE_NONE)
 #: NACLIP's inference settings (SPEC 8.7): the whole resized image in one forward, or 224-px
 #: windows with stride 112; ``auto`` takes the built-in vocabulary's published choice.
 WINDOW_AUTO = "auto"
@@ -192,6 +192,9 @@ class TridentConfig:
     SAM ViT-B's ``sam_vit_b_01ec64.pth`` (local path, fsspec URI or URL). ``prob_thd``,
     ``slide_stride``, ``short_side``, ``cos_fac`` and ``refine_neg_cos``: ``None`` takes the built-in
     vocabulary's published setting (TRIDENT.md 2.1; the base configuration for anything else).
+    ``coarse_thresh``: the SAM refinement's cut-off on the coarse class probabilities (``None``:
+    the published setting); ``minimal_area``, ``sam_iou_thresh`` and ``sam_mask_coefficient``: its
+    other settings, the authors' base configuration (TRIDENT.md 7).
     ``max_forward_windows``: 336-px windows per CLIP/DINO forward (``None``: 64 on CUDA, 8 on
     CPU); ``sam_batch_size``: images per SAM encoder forward (``None``: 8 on CUDA, 1 on CPU; a
     global block holds 12 x 4096^2 attention weights per image).
@@ -212,8 +215,14 @@ class TridentConfig:
     logit_scale: float = 40.0
     max_forward_windows: int | None = None
     sam_batch_size: int | None = None
+    coarse_thresh: float | None = None
+    minimal_area: int = 225
+    sam_iou_thresh: float = 0.80
+    sam_mask_coefficient: float = 0.005
 
     def __post_init__(self) -> None:
+        if self.minimal_area < 0:
+            raise ValueError(f"TridentConfig.minimal_area must be >= 0, got {self.minimal_area}")
         for name in ("max_forward_windows", "sam_batch_size", "slide_stride", "short_side"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -240,8 +249,9 @@ class SegmenterConfig:
     ``method``: ``clipdiy`` (the paper, faithful), ``naclip`` (SPEC 8; ``naclip`` settings) or
     ``trident`` (``trident`` settings: its DINO and SAM weights, the published per-vocabulary values).
     Left at its default, ``clip`` becomes the method's published CLIP
-    (:func:`default_clip_config`). ``refine``: ``auto`` (PAMR for NACLIP, none for CLIP-DIY, as
-    published), ``pamr`` or ``none``; ``pamr`` holds its settings.
+    (:func:`default_clip_config`). ``refine``: ``auto`` (PAMR for NACLIP, SAM for Trident, none
+    for CLIP-DIY, as published), ``pamr`` (not Trident), ``sam`` (Trident only) or ``none``;
+    ``pamr`` holds PAMR's settings, ``trident`` SAM's.
     """
 
     vocabulary: str = "voc"
@@ -261,13 +271,13 @@ class SegmenterConfig:
 
     def __post_init__(self) -> None:
         if self.refine not in REFINES:
-            if self.refine == REFINE_SAM:
-                raise ValueError("refine='sam' (--refine sam, Trident's SAM refinement) is not implemented yet; use 'none'")
             raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
+        if self.refine == REFINE_SAM and self.method != TRIDENT:
+            raise ValueError(f"refine='sam' (--refine sam) is Trident's refinement; method {self.method!r} takes 'pamr', 'none' or 'auto'")
         if self.method == TRIDENT and self.precision != "fp32":
             raise ValueError(f"precision={self.precision!r} (--precision) is not implemented for Trident yet (the authors' fp16 casts); use fp32")
         if self.method == TRIDENT and self.refinement == REFINE_PAMR:
-            raise ValueError("Trident is not refined with PAMR (refine='pamr'); use refine='none' or 'auto'")
+            raise ValueError("Trident is not refined with PAMR (refine='pamr'); use refine='sam', 'none' or 'auto'")
         if self.method in (NACLIP, TRIDENT) and self.clip == ClipConfig():
             object.__setattr__(self, "clip", NACLIP_CLIP)  # the method's own CLIP, not CLIP-DIY's
         if self.mode not in MODES:
@@ -279,7 +289,7 @@ class SegmenterConfig:
 
     @property
     def refinement(self) -> str | None:
-        """``"pamr"`` or ``None``: ``refine`` with ``auto`` resolved for the method."""
+        """``"pamr"``, ``"sam"`` or ``None``: ``refine`` with ``auto`` resolved for the method."""
         if self.refine == REFINE_AUTO:
-            return REFINE_PAMR if self.method == NACLIP else None
+            return {NACLIP: REFINE_PAMR, TRIDENT: REFINE_SAM}.get(self.method)
         return None if self.refine == REFINE_NONE else self.refine

@@ -189,6 +189,8 @@ class Segmenter:
         """Provenance of the refinement: its name and settings, e.g. ``pamr:10:8,16``."""
         if self.refinement is None:
             return None
+        if self.refinement == "sam":
+            return self.method.refine_id
         pamr = self.config.pamr
         return f"pamr:{pamr.iterations}:{','.join(str(d) for d in pamr.dilations)}"
 

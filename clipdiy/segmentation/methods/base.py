@@ -23,6 +23,9 @@ class MethodLogits:
     foreground: B x 1 x h' x w' in [0, 1] (CLIP-DIY: the saliency map) or None (derived from the
                 probabilities by :meth:`SegmentationMethod.decide`).
 
+    ``context``: what the method's own :meth:`SegmentationMethod.decide` needs beyond the
+    logits (Trident's SAM refinement: SAM's image embeddings), or None.
+
     A method may instead defer the last resize (NACLIP on a photo larger than one tile):
     ``logits`` and ``guide`` are then None and ``source`` (B x Q x h' x w'), ``source_guide``
     (B x 3 x h' x w') are the maps that resize bilinearly (align_corners=False) to ``size``; the
@@ -35,6 +38,7 @@ class MethodLogits:
     source: torch.Tensor | None = None
     source_guide: torch.Tensor | None = None
     size: tuple[int, int] | None = None
+    context: object | None = None
 
 
 @dataclass

@@ -363,7 +363,7 @@ class NaclipMethod:
         model_input = 8 * int(np.prod(prepared.model_input.shape[:2]))
         return 4 * tile + pamr + 2 * height * width + model_input
 
-    def decide(self, logits: torch.Tensor, forward: MethodLogits) -> MethodDecision:
+    def decide(self, logits: torch.Tensor, forward: MethodLogits, normalise: bool = True) -> MethodDecision:
         """SPEC 8.9: softmax over queries of 40 x logits, max per class, threshold to background.
 
         logits: B x U x H x W, one map per distinct query word (any strides: pixel-major is the
@@ -373,7 +373,9 @@ class NaclipMethod:
         memory, no fresh pages per step): per block one scaled copy, one softmax, then each
         class's best query by slice copies (runs of one-query classes) and slice maxima (classes
         with several queries). Returns B x C x H x W probabilities (pixel-major), B x H x W
-        labels, B x 1 x H x W foreground.
+        labels, B x 1 x H x W foreground. ``normalise=False`` leaves the class probabilities as
+        the authors' (a class's best query probability, not summing to 1 where a class has
+        several queries; Trident's SAM refinement works on those).
         """
         batch, queries, height, width = logits.shape
         pixels = batch * height * width
@@ -399,7 +401,8 @@ class NaclipMethod:
         del scaled, probabilities
         top, labels = best.max(dim=-1)
         labels.masked_fill_(top < self.config.threshold, 0)
-        best.div_(best.sum(dim=-1, keepdim=True))  # the authors' class probabilities, normalised
+        if normalise:
+            best.div_(best.sum(dim=-1, keepdim=True))  # the authors' class probabilities, normalised
         class_probabilities = best.view(batch, height, width, -1).permute(0, 3, 1, 2)
         foreground = 1.0 - class_probabilities[:, :1]
         return MethodDecision(class_probabilities, labels.view(batch, height, width), foreground)

@@ -15,8 +15,13 @@ on up to ``sam_batch_size`` images at a time; DINO's similarity mean stays per i
 an image's windows, never two images). The splice, the aggregation and everything after run per
 group of images with equal :meth:`TridentMethod.batch_key`.
 
-Not here yet: SAM refinement (TRIDENT.md 7, which the published numbers use), the fp16 casts of
-the authors' run, tiled post-processing of very large photos.
+SAM refinement (TRIDENT.md 7, which the published numbers use; ``refine="sam"``, the default
+through ``auto``): the SAM encoder pass also yields the image embeddings, and :meth:`decide`
+refines the coarse decision with SAM's mask decoder (:mod:`clipdiy.segmentation.sam_refine`),
+all regions of a group's images in one decoder batch. The class probabilities it returns are
+then the refined scores R normalised over classes where any class scores, else the coarse ones.
+
+Not here yet: the fp16 casts of the authors' run, tiled post-processing of very large photos.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipdiy.segmentation.batching import group_by_shape, to_device
-from clipdiy.segmentation.config import TRIDENT, SegmenterConfig, TridentConfig
+from clipdiy.segmentation.config import REFINE_SAM, TRIDENT, SegmenterConfig, TridentConfig
 from clipdiy.segmentation.methods import MethodEntry, register_method
 from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
 from clipdiy.segmentation.methods.naclip import NACLIP_MEAN, NACLIP_STD, NaclipMethod, class_runs, query_words, window_boxes
 from clipdiy.segmentation.prepared import PreparedImage
+from clipdiy.segmentation.sam_refine import SamRefineSetting
 from clipdiy.segmentation.vocabulary import Vocabulary
 
 #: CLIP's and ImageNet's normalisation on [0, 1] RGB (TRIDENT.md 2.2): a window goes to DINO as
@@ -70,21 +76,22 @@ class TridentSetting:
     beta: float
     gamma: float
     logit_scale: float
+    coarse_thresh: float = 0.2
 
 
 #: The authors' settings per built-in vocabulary (TRIDENT.md 2.1): (Resize short side,
-#: slide_stride, prob_thd, cos_fac, refine_neg_cos). Anything else: their base configuration with
-#: the VOC21/COCO-Object resize.
+#: slide_stride, prob_thd, cos_fac, refine_neg_cos, coarse_thresh). Anything else: their base
+#: configuration with the VOC21/COCO-Object resize.
 PUBLISHED = {
-    "trident-voc21": (448, 224, 0.2, 1.2, True),
-    "trident-coco-object": (448, 224, 0.25, 1.2, True),
+    "trident-voc21": (448, 224, 0.2, 1.2, True, 0.2),
+    "trident-coco-object": (448, 224, 0.25, 1.2, True, 0.25),
 }
-BASE = (448, 224, 0.0, 1.2, True)
+BASE = (448, 224, 0.0, 1.2, True, 0.2)
 
 
 def resolve_setting(config: TridentConfig, vocabulary_name: str) -> TridentSetting:
     """The published setting of ``vocabulary_name``, with any field ``config`` sets overriding it."""
-    short_side, stride, prob_thd, cos_fac, refine_neg_cos = PUBLISHED.get(vocabulary_name, BASE)
+    short_side, stride, prob_thd, cos_fac, refine_neg_cos, coarse_thresh = PUBLISHED.get(vocabulary_name, BASE)
     pick = lambda value, default: default if value is None else value  # noqa: E731
     return TridentSetting(
         short_side=pick(config.short_side, short_side),
@@ -97,6 +104,7 @@ def resolve_setting(config: TridentConfig, vocabulary_name: str) -> TridentSetti
         beta=config.beta,
         gamma=config.gamma,
         logit_scale=config.logit_scale,
+        coarse_thresh=pick(config.coarse_thresh, coarse_thresh),
     )
 
 
@@ -161,7 +169,7 @@ class TridentMethod:
     """Trident on loaded CLIP, DINO and SAM (see :class:`~clipdiy.segmentation.methods.base.SegmentationMethod`).
 
     ``dino``: timm ``vit_base_patch16_224.dino``; ``sam``: segment-anything's SAM ViT-B (only its
-    image encoder is used without refinement).
+    image encoder is used without refinement; its prompt encoder and mask decoder refine).
     """
 
     name = TRIDENT
@@ -175,7 +183,23 @@ class TridentMethod:
         self.config = resolve_setting(config.trident, vocabulary.name)
         self.encoder = TridentClipEncoder(clip.model.visual)
         self.dino = dino
+        self.sam = sam
         self.sam_encoder = sam.image_encoder
+        self.refine = config.refinement == REFINE_SAM
+        trident = config.trident
+        self.refine_setting = SamRefineSetting(
+            coarse_thresh=self.config.coarse_thresh,
+            minimal_area=trident.minimal_area,
+            iou_thresh=trident.sam_iou_thresh,
+            mask_coefficient=trident.sam_mask_coefficient,
+        )
+        #: The refinement's provenance (the rows' ``refine``), None without it.
+        self.refine_id = (
+            f"sam:vit_b:coarse={self.refine_setting.coarse_thresh:g}:area={self.refine_setting.minimal_area}"
+            f":iou={self.refine_setting.iou_thresh:g}:mask={self.refine_setting.mask_coefficient:g}"
+            if self.refine
+            else None
+        )
         #: Provenance of the DINO and SAM weights (the rows' ``saliency_weights`` field).
         self.saliency_weights = weights
         self.mode = f"slide:{self.config.slide_crop}/{self.config.slide_stride}"
@@ -229,18 +253,20 @@ class TridentMethod:
             canvases.append(normalised)
             boxes.append(window_boxes(*size, self.config.slide_crop, self.config.slide_stride))
         values = self._window_values(canvases, boxes)
+        sam = self._sam_stream([[prepared[i].saliency_input for i in group] for group in groups])
         for g, group in enumerate(groups):
             spliced = self._splice(values[g], boxes[g], tuple(canvases[g].shape[-2:]))
             values[g] = None  # type: ignore[call-overload]  # done with: free it before the next group
             sam_pixels = [prepared[i].saliency_input for i in group]
             grid = (sam_pixels[0].shape[0] // PATCH, sam_pixels[0].shape[1] // PATCH)
-            weights = self._sam_weights(sam_pixels, grid)
+            weights, embeddings = next(sam)
             features = self.encoder.aggregate(spliced, weights, grid)  # b x N x E
             del spliced, weights
             logits = (features @ self.query_embeddings.T).view(len(group), *grid, -1).permute(0, 3, 1, 2)
             size = tuple(prepared[group[0]].original_size)
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            yield group, MethodLogits(logits=logits, guide=canvases[g])
+            context = SamContext(embeddings, tuple(sam_pixels[0].shape[:2])) if self.refine else None
+            yield group, MethodLogits(logits=logits, guide=canvases[g], context=context)
             canvases[g] = None  # type: ignore[call-overload]
 
     def _window_values(self, canvases: Sequence[torch.Tensor], boxes: Sequence[Sequence[tuple[int, int, int, int]]]) -> list[torch.Tensor]:
@@ -281,20 +307,57 @@ class TridentMethod:
 
         return splice(values, boxes, (size[0] // PATCH, size[1] // PATCH), PATCH)
 
-    def _sam_weights(self, images: Sequence[np.ndarray], grid: tuple[int, int]) -> torch.Tensor:
-        """b x N x N SAM-guided weights of b equal-size SAM inputs (h x w x 3 uint8), in
-        encoder forwards of at most ``sam_batch`` images."""
+    def _sam_stream(self, groups: Sequence[Sequence[np.ndarray]]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per group, in order: b x N x N SAM-guided weights of its b SAM inputs (h x w x 3
+        uint8, one size per group) and, when refining, SAM's b x 256 x 64 x 64 image embeddings
+        (else None).
+
+        SAM's encoder runs on up to ``sam_batch`` images at a time *across* groups: every input
+        is zero-padded to the same 1024 x 1024, so photos of any size share its forwards (the
+        authors' code encodes one photo at a time, TRIDENT.md 10.1). Each forward computes the
+        attention rows and columns of the largest valid grid among its images, cropped per image;
+        a group is handed on as soon as its last image is encoded, so at most one forward's
+        results wait beyond the group in hand.
+        """
         from clipdiy.segmentation.models.trident import sam_guided_weights, sam_last_attention
 
-        out = []
+        images = [(g, image) for g, group in enumerate(groups) for image in group]
+        pending: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {g: [] for g in range(len(groups))}
+        next_group = 0
         for start in range(0, len(images), self.sam_batch):
-            pixels = to_device(list(images[start : start + self.sam_batch]), self.device).float().sub_(self.sam_mean).div_(self.sam_std)
-            height, width = pixels.shape[-2:]
-            pixels = F.pad(pixels, (0, SAM_SIZE - width, 0, SAM_SIZE - height))  # zeros after normalising
-            attention, values = sam_last_attention(self.sam_encoder, pixels, grid)
-            out.append(sam_guided_weights(attention, values, self.config.cos_fac, self.config.refine_neg_cos))
-            del attention, values
-        return torch.cat(out)
+            chunk = images[start : start + self.sam_batch]
+            pixels = torch.stack([
+                F.pad(to_device([image], self.device)[0].float().sub_(self.sam_mean[0]).div_(self.sam_std[0]),
+                      (0, SAM_SIZE - image.shape[1], 0, SAM_SIZE - image.shape[0]))  # zeros after normalising
+                for _, image in chunk
+            ])
+            grids = [(image.shape[0] // PATCH, image.shape[1] // PATCH) for _, image in chunk]
+            union = (max(h for h, _ in grids), max(w for _, w in grids))
+            attention, values, neck = sam_last_attention(self.sam_encoder, pixels, union, embeddings=self.refine)
+            del pixels
+            heads, depth = values.shape[1], values.shape[-1]
+            first = 0
+            while first < len(chunk):  # runs of images of one group (one grid): one weights call each
+                g = chunk[first][0]
+                last = first
+                while last < len(chunk) and chunk[last][0] == g:
+                    last += 1
+                hs, ws = grids[first]
+                grid_attention = attention[first:last].view(last - first, heads, *union, *union)[:, :, :hs, :ws, :hs, :ws]
+                grid_values = values[first:last].view(last - first, heads, *union, depth)[:, :, :hs, :ws]
+                weights = sam_guided_weights(
+                    grid_attention.reshape(last - first, heads, hs * ws, hs * ws), grid_values.reshape(last - first, heads, hs * ws, depth),
+                    self.config.cos_fac, self.config.refine_neg_cos,
+                )
+                pending[g].append((weights, None if neck is None else neck[first:last]))
+                first = last
+            del attention, values, neck
+            end = start + len(chunk)
+            complete = images[end][0] if end < len(images) else len(groups)  # the groups before it are whole
+            while next_group < complete:
+                parts = pending.pop(next_group)
+                yield torch.cat([w for w, _ in parts]), (torch.cat([e for _, e in parts]) if self.refine else None)
+                next_group += 1
 
     def working_bytes(self, prepared) -> int:
         """Float32 buffers that grow with the photo: the U query logits at the original size, the
@@ -305,14 +368,36 @@ class TridentMethod:
         tokens = (prepared.saliency_input.shape[0] // PATCH) * (prepared.saliency_input.shape[1] // PATCH)
         full = (SAM_SIZE // PATCH) ** 2
         sam = 4 * (3 * tokens * tokens + 12 * tokens * full + 2 * 12 * full * full)
-        return 4 * height * width * (queries + self.num_classes + 4) + sam
+        refine = 4 * height * width * 3 * self.num_classes if self.refine else 0  # R, the mask maxima, P
+        return 4 * height * width * (queries + self.num_classes + 4) + sam + refine
 
     def decide(self, logits: torch.Tensor, forward: MethodLogits) -> MethodDecision:
         """The authors' ``postprocess_result`` (TRIDENT.md 6.4-6.6) is NACLIP's decision (SPEC 8.9):
         softmax over queries at ``logit_scale``, a class's best query (only background has
         several), ``prob_thd`` to background. Runs NACLIP's implementation on this method's
-        queries and setting."""
-        return NaclipMethod.decide(self, logits, forward)  # type: ignore[arg-type]
+        queries and setting; then, when refining, the SAM refinement (7) on the authors'
+        unnormalised probabilities. Refined probabilities: the scores R normalised over classes
+        where any class scores, the coarse probabilities (normalised) elsewhere."""
+        if not self.refine:
+            return NaclipMethod.decide(self, logits, forward)  # type: ignore[arg-type]
+        from clipdiy.segmentation.sam_refine import sam_refine
+
+        coarse = NaclipMethod.decide(self, logits, forward, normalise=False)  # type: ignore[arg-type]
+        context: SamContext = forward.context  # type: ignore[assignment]
+        probabilities = coarse.probabilities.contiguous()
+        labels, scores, _ = sam_refine(self.sam, context.embeddings, probabilities, coarse.labels, context.input_size, self.refine_setting)
+        total = scores.sum(dim=1, keepdim=True)
+        normalised = torch.where(total > 0, scores / torch.where(total > 0, total, 1.0), probabilities / probabilities.sum(dim=1, keepdim=True))
+        return MethodDecision(normalised, labels, 1.0 - normalised[:, :1])
+
+
+@dataclass
+class SamContext:
+    """What the SAM refinement needs of a group's forward: SAM's b x 256 x 64 x 64 image
+    embeddings and the (h, w) of its resized input."""
+
+    embeddings: torch.Tensor
+    input_size: tuple[int, int]
 
 
 def build_trident(clip, saliency, vocabulary: Vocabulary, config: SegmenterConfig, text_embeddings, device) -> TridentMethod:
@@ -324,6 +409,9 @@ def build_trident(clip, saliency, vocabulary: Vocabulary, config: SegmenterConfi
     sam, sam_id = load_sam(config.trident)
     dino = dino.to(device=device, dtype=dtype)
     sam.image_encoder.to(device=device, dtype=dtype)
+    if config.refinement == REFINE_SAM:
+        sam.prompt_encoder.to(device=device, dtype=dtype)
+        sam.mask_decoder.to(device=device, dtype=dtype)
     return TridentMethod(clip, dino, sam, vocabulary, config, text_embeddings, device, weights=f"dino={dino_id};sam={sam_id}")
 
 

@@ -7,7 +7,8 @@
   12 reduced to ``out_proj(A v)`` with the DINO-guided attention ``A`` (4.1-4.2); the splice of
   window values onto the image grid (4.3); the SAM-guided aggregation and projection (4.4-4.5).
 - :func:`sam_last_attention`: SAM ViT-B's image encoder up to its last (global) block, of which
-  only the softmax attention rows of the valid tokens and the values are computed (1.3.6, 3.4).
+  only the softmax attention rows of the valid tokens and the values are computed (1.3.6, 3.4);
+  or, for the SAM refinement, the whole encoder, whose neck output it returns as well.
 
 Every function takes a batch; images of different sizes are grouped by their callers.
 """
@@ -58,14 +59,19 @@ def dino_similarity_means(features: torch.Tensor, owners: torch.Tensor, images: 
     return sums / counts
 
 
-def sam_last_attention(encoder: nn.Module, pixels: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's last-block attention and values on the valid token grid (TRIDENT.md 1.3.6, 3.4).
+def sam_last_attention(
+    encoder: nn.Module, pixels: torch.Tensor, grid: tuple[int, int], embeddings: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """SAM's last-block attention and values on the valid token grid (TRIDENT.md 1.3.6, 3.4), and
+    optionally the encoder's output (the image embeddings the SAM refinement prompts, 7).
 
     encoder: segment-anything's ``ImageEncoderViT`` (its last block global); pixels: B x 3 x S x S
     normalised and zero-padded (S = 1024); grid: (hs, ws), the valid tokens of every image of the
     batch. Returns attention B x heads x N x N (N = hs * ws: the softmax over all S/16 x S/16 keys,
-    padding included, then its rows and columns cropped to the valid tokens, not renormalised)
-    and values B x heads x N x d. Only the valid rows are computed.
+    padding included, then its rows and columns cropped to the valid tokens, not renormalised),
+    values B x heads x N x d, and, with ``embeddings``, the neck's B x 256 x S/16 x S/16 (else
+    None). Without ``embeddings`` only the valid query rows are computed; with them every row
+    (the rest of the last block needs them), as SAM's own forward does.
     """
     from segment_anything.modeling.image_encoder import get_rel_pos
 
@@ -82,22 +88,31 @@ def sam_last_attention(encoder: nn.Module, pixels: torch.Tensor, grid: tuple[int
     batch, height, width, _ = y.shape
     heads = attention.num_heads
     hs, ws = grid
+    rows = (height, width) if embeddings else (hs, ws)
     q, k, v = attention.qkv(y).reshape(batch, height, width, 3, heads, -1).permute(3, 0, 4, 1, 2, 5).unbind(0)
-    q = q[:, :, :hs, :ws]  # B x heads x hs x ws x d: the valid queries only
+    q = q[:, :, : rows[0], : rows[1]]  # B x heads x rows x d: the query rows needed
     keys = k.flatten(2, 3)  # B x heads x T x d
-    logits = (q.flatten(2, 3) * attention.scale) @ keys.transpose(-2, -1)  # B x heads x N x T
+    logits = (q.flatten(2, 3) * attention.scale) @ keys.transpose(-2, -1)  # B x heads x R x T
     if attention.use_rel_pos:
-        rel_h = get_rel_pos(height, height, attention.rel_pos_h)[:hs]  # hs x H x d
-        rel_w = get_rel_pos(width, width, attention.rel_pos_w)[:ws]  # ws x W x d
+        rel_h = get_rel_pos(height, height, attention.rel_pos_h)[: rows[0]]  # rows x H x d
+        rel_w = get_rel_pos(width, width, attention.rel_pos_w)[: rows[1]]  # rows x W x d
         bias_h = torch.einsum("bnhwc,hkc->bnhwk", q, rel_h)  # unscaled q, as SAM
         bias_w = torch.einsum("bnhwc,wkc->bnhwk", q, rel_w)
-        logits = logits.view(batch, heads, hs, ws, height, width)
+        logits = logits.view(batch, heads, rows[0], rows[1], height, width)
         logits = logits + bias_h[..., :, None] + bias_w[..., None, :]
-        logits = logits.view(batch, heads, hs * ws, height * width)
-    probabilities = logits.softmax(dim=-1).view(batch, heads, hs * ws, height, width)
-    attention_valid = probabilities[..., :hs, :ws].flatten(-2)  # B x heads x N x N
+        logits = logits.view(batch, heads, rows[0] * rows[1], height * width)
+    probabilities = logits.softmax(dim=-1)
+    del logits
+    neck = None
+    if embeddings:  # the rest of the last block, then the neck (SAM's Block and Attention forwards)
+        out = (probabilities @ v.flatten(2, 3)).view(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+        x = x + attention.proj(out)
+        x = x + last.mlp(last.norm2(x))
+        neck = encoder.neck(x.permute(0, 3, 1, 2))
+        probabilities = probabilities.view(batch, heads, height, width, height * width)[:, :, :hs, :ws].flatten(2, 3)
+    attention_valid = probabilities.view(batch, heads, hs * ws, height, width)[..., :hs, :ws].flatten(-2)  # B x heads x N x N
     values = v[:, :, :hs, :ws].flatten(2, 3)  # B x heads x N x d
-    return attention_valid, values
+    return attention_valid, values, neck
 
 
 def sam_guided_weights(attention: torch.Tensor, values: torch.Tensor, cos_fac: float, refine_neg_cos: bool) -> torch.Tensor:
