@@ -25,9 +25,12 @@ yours). Where the machine is shared the CPU figure is the one to compare.
 ``--part job``: the labelling job with the benchmark-only free model (``free_method.py``: the
 method's input preparation and output shapes, no forward) over the same shards written to a
 local folder, on a local Ray of ``--cores`` CPUs, against a bare loop reading the same shards
-with Python's ``tarfile`` and decoding on ``--cores`` processes. Reported: images per CPU-second
-of each (the job's CPU time from ``/proc`` over its process tree, a one-shard run differenced
-out as ``bench_pipeline_overhead.py --free`` does) and their ratio (goal >= 0.5).
+with Python's ``tarfile`` and decoding on ``--cores`` processes, and against a bare loop of the
+job's own work (``WorkLoop``: the job's shard reader, decode and the method's preparation, the
+free model, label rows and Parquet, called in ``--cores`` forked processes, no Ray). Reported:
+images per CPU-second of each (the job's CPU time from ``/proc`` over its process tree, a
+one-shard run differenced out as ``bench_pipeline_overhead.py --free`` does), the ratios (goal
+>= 0.5), and the job's processes per role (how many worker processes the run started).
 
     nice -n 10 python benchmarks/bench_shards.py --images 10000 --shards 10 --latency-ms 20
     python benchmarks/bench_shards.py --part job --images 10000 --shards 10 --free naclip
