@@ -482,7 +482,8 @@ def part_job(args) -> None:
               f"({1000 / bare_rate:.1f} ms/image) -> ratio {1 / marginal / bare_rate:.2f} whole-run "
               f"{len(images) / cpu.seconds / bare_rate:.2f} (goal >= 0.50)", flush=True)
         print(f"job over shards against the bare loop of the same work: {1 / marginal / work_rate:.2f} beyond a "
-              f"one-shard run, {len(images) / cpu.seconds / work_rate:.2f} whole run", flush=True)
+              f"one-shard run, {len(images) / cpu.seconds / work_rate:.2f} whole run; the job's CPU above that loop's: "
+              f"{(marginal - 1 / work_rate) * 1000:.2f} ms/image beyond a one-shard run", flush=True)
         print(f"processes of the job (count x CPU s): {role_processes(cpu)}", flush=True)
         print(f"job: {summary.images_per_second:.1f} images/s labelling phase ({summary.line()}); bare loop "
               f"{bare_images / bare_wall:.1f} images/s; {load_average()}", flush=True)
