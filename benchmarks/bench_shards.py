@@ -34,6 +34,7 @@ one-shard run differenced out as ``bench_pipeline_overhead.py --free`` does), th
 
     nice -n 10 python benchmarks/bench_shards.py --images 10000 --shards 10 --latency-ms 20
     python benchmarks/bench_shards.py --part job --images 10000 --shards 10 --free naclip
+    python benchmarks/bench_shards.py --part job --images 5000 --shards 10 --tenth   # two sizes 10x apart
 """
 
 from __future__ import annotations
@@ -413,6 +414,9 @@ def part_job(args) -> None:
         workdir = Path(tmp)
         write_local_shards(workdir / "shards", images, args.shards)
         write_local_shards(workdir / "one-shard", images[:args.batch_size], 1)
+        tenth = len(images) // 10
+        if args.tenth:  # the same number of shards, a tenth of the samples: differencing cancels each run's start-up
+            write_local_shards(workdir / "tenth", images[:tenth], args.shards)
         method = FREE_NACLIP if args.free == "naclip" else FREE_CLIPDIY
         segmenter = SegmenterConfig(method=method, vocabulary="voc", clip=make_clip_config(workdir / "clip", arch="tiny"),
                                     saliency=SaliencyConfig(backend="none"), device="cpu")
@@ -462,6 +466,10 @@ def part_job(args) -> None:
             job(workdir / "one-shard", workdir / "warm-up")  # worker processes and imports, not timed
             with CpuAccount() as first_cpu:
                 first = job(workdir / "one-shard", workdir / "labels-one-shard")
+            if args.tenth:
+                with CpuAccount() as tenth_cpu:
+                    tenth_summary = job(workdir / "tenth", workdir / "labels-tenth")
+                assert tenth_summary.ok == tenth, tenth_summary.line()
             with CpuAccount() as cpu, DatasetStats() as stages:
                 summary = job(workdir / "shards", workdir / "labels")
             assert summary.ok == len(images), summary.line()
@@ -485,6 +493,14 @@ def part_job(args) -> None:
               f"one-shard run, {len(images) / cpu.seconds / work_rate:.2f} whole run; the job's CPU above that loop's: "
               f"{(marginal - 1 / work_rate) * 1000:.2f} ms/image beyond a one-shard run", flush=True)
         print(f"processes of the job (count x CPU s): {role_processes(cpu)}", flush=True)
+        if args.tenth:
+            between = (cpu.seconds - tenth_cpu.seconds) / (len(images) - tenth)
+            print(f"CPU time of the job over {tenth} images in {args.shards} shards: {tenth_cpu.line()}", flush=True)
+            print(f"processes of that job (count x CPU s): {role_processes(tenth_cpu)}", flush=True)
+            print(f"job over shards between {tenth} and {len(images)} images (start-up cancelled): "
+                  f"{between * 1000:.2f} ms/image; bare loop of the same work {1000 / work_rate:.2f} ms/image -> ratio "
+                  f"{1 / between / work_rate:.2f}; above that loop: {(between - 1 / work_rate) * 1000:.2f} ms/image; "
+                  f"against the bare read+decode loop: {1 / between / bare_rate:.3f}; {load_average()}", flush=True)
         print(f"job: {summary.images_per_second:.1f} images/s labelling phase ({summary.line()}); bare loop "
               f"{bare_images / bare_wall:.1f} images/s; {load_average()}", flush=True)
         if args.compare_loose:
@@ -511,6 +527,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="job: inference batch (and the one-shard run's size)")
     parser.add_argument("--decode-batch-size", type=int, default=16)
     parser.add_argument("--rows-per-file", type=int, default=2048)
+    parser.add_argument("--tenth", action="store_true",
+                        help="job: also the job over a tenth of the images in as many shards, differenced out")
     parser.add_argument("--compare-loose", action="store_true",
                         help="job: also the job over the same images as loose local files")
     args = parser.parse_args()
