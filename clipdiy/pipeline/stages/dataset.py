@@ -55,8 +55,10 @@ def expand_shards(pending, config: LabelJobConfig, health=None):
     ``DataContext.target_max_block_size`` bytes (a whole shard of thumbnails: one block, one decode
     task per shard), so a streaming repartition after it cuts them back: decode tasks take blocks
     of the same size as over loose objects, however large a shard is (and as many decode tasks run
-    as there are CPUs, even over fewer shards). The cut moves only the sample bytes (no copy:
-    slices of the expanded blocks)."""
+    as there are CPUs, even over fewer shards). The cut costs the sample bytes one more trip
+    through the object store (slices of the expanded blocks, nothing re-encoded) and, on a small
+    node, a few more worker processes started per run (``docs/benchmarks/shards.md``); no CPU
+    per image was measured."""
     import ray.data
 
     from clipdiy.pipeline.stages.expand import ExpandShards
