@@ -227,10 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--max-image-memory-gb", type=float, default=DEFAULT_MAX_IMAGE_MEMORY_GB, metavar="GB",
                           help="an image whose method would hold more than this at once (its estimate: NACLIP's "
                                "maps of one tile of the original photo, CLIP-DIY's saliency activations) gets a "
-                               "too_large row instead of being labelled")
+                               "too_large row instead of being labelled; a batch runs in groups whose estimates fit it")
     pipeline.add_argument("--max-worker-deaths", type=int, default=DEFAULT_MAX_WORKER_DEATHS, metavar="N",
-                          help="a batch whose decode task or inference actor died N times goes image by image; "
-                               "an image whose process still dies gets a worker_lost row")
+                          help="a batch whose decode task, inference actor or row task died N times (a lost node "
+                               "or another process's memory pressure not counted) goes image by image; an image on "
+                               "which its process dies twice gets a worker_lost row")
     pipeline.add_argument("--retry-errors", choices=RETRY_ERRORS, default="transient",
                           help="which images with an error row from an earlier run to label again: transient "
                                "(failed reads and model calls; a missing object, not_found, is an answer: read again when listed "

@@ -14,7 +14,12 @@ from a file at every batch (worker processes outlive one job). The first batch h
 :func:`set_killers` arms faults of another kind, which fire every time (no marker): the process
 that touches a named image is killed (SIGKILL), as the kernel's OOM killer ends a process that
 an image makes allocate too much. ``decode``: a decode task, as it starts on the image (any
-batch); ``inference``: an inference actor, as it predicts a batch holding the image.
+batch); ``inference``: an inference actor, as it predicts a batch holding the image; ``rows``: a
+row-building task, as it starts on the image's row (after registering it with the ledger).
+
+:func:`set_device_memory` gives every inference actor a device of ``capacity`` bytes: a
+``predict`` whose images' estimates (``working_bytes``) sum above it raises
+``torch.OutOfMemoryError``; each call is logged (images, bytes, raised) to a JSON-lines file.
 
 Faults of the output side (:func:`set_output_fault`), once (the first process to create
 ``marker`` fires it), as a decode task starts on a named image:
@@ -52,10 +57,45 @@ def set_fault(spec_file: Path, action: str, image_id: str, marker: Path) -> None
     spec_file.write_text(json.dumps({"action": action, "image_id": image_id, "marker": str(marker)}))
 
 
-def set_killers(spec_file: Path, decode: str | None = None, inference: str | None = None) -> None:
-    """Kill the process that touches ``decode`` in a decode task, or ``inference`` in an actor,
-    every time (read at every image or batch)."""
-    spec_file.write_text(json.dumps({"action": "killers", "decode": decode, "inference": inference}))
+def set_killers(spec_file: Path, decode: str | None = None, inference: str | None = None,
+                rows: str | None = None) -> None:
+    """Kill the process that touches ``decode`` in a decode task, ``inference`` in an actor, or
+    ``rows`` in a row-building task, every time (read at every image or batch)."""
+    spec_file.write_text(json.dumps({"action": "killers", "decode": decode, "inference": inference, "rows": rows}))
+
+
+def set_device_memory(spec_file: Path, capacity: int, log: Path, bytes_per_pixel: int | None = None) -> None:
+    """Inference actors' predict calls run out of memory above ``capacity`` bytes of estimates;
+    ``bytes_per_pixel``: the method's estimate replaced by this many bytes a pixel of the
+    original (small test photos then need what large ones do, against a bound of whole GB)."""
+    spec_file.write_text(json.dumps({"action": "memory", "capacity": capacity, "log": str(log),
+                                     "bytes_per_pixel": bytes_per_pixel}))
+
+
+def _with_device_memory(stage, spec: dict) -> None:
+    """Wrap the actor's ``segmenter.predict`` (once) with the device of ``spec``'s capacity."""
+    segmenter = stage.segmenter
+    already = getattr(segmenter, "_fault_spec", None) is not None
+    segmenter._fault_spec = spec
+    if spec.get("bytes_per_pixel"):
+        segmenter.working_bytes = lambda p: spec["bytes_per_pixel"] * p.original_size[0] * p.original_size[1]
+    if already:
+        return
+    predict = segmenter.predict
+
+    def on_small_device(prepared, *args, **kwargs):
+        import torch
+
+        spec = segmenter._fault_spec
+        need = sum(int(segmenter.working_bytes(p)) for p in prepared)
+        raised = need > spec["capacity"]
+        with open(spec["log"], "a") as log:
+            log.write(json.dumps({"images": len(prepared), "bytes": need, "raised": raised, "pid": os.getpid()}) + "\n")
+        if raised:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {need} > {spec['capacity']} bytes)")
+        return predict(prepared, *args, **kwargs)
+
+    segmenter.predict = on_small_device
 
 
 def set_output_fault(spec_file: Path, action: str, image_id: str, folder: Path, marker: Path) -> None:
@@ -161,7 +201,9 @@ def install() -> None:
 
     def with_fault(self, batch):
         spec = _spec()
-        if (spec and spec["action"] in ("cuda", "kill", "hang") and spec["image_id"] in batch.column("image_id").to_pylist()
+        if spec and spec["action"] == "memory":
+            _with_device_memory(self, spec)
+        elif (spec and spec["action"] in ("cuda", "kill", "hang") and spec["image_id"] in batch.column("image_id").to_pylist()
                 and _claim(spec["marker"])):
             _fire(self, spec)
         return original(self, batch)
@@ -186,6 +228,17 @@ def install() -> None:
         return predict_images(self, image_ids, *args, **kwargs)
 
     inference.SegmentBatch._predict_images = predict_or_die
+
+    from clipdiy.pipeline.stages import attempts
+
+    start = attempts.BatchAttempt.start
+
+    def start_or_die(self, image_id):
+        start(self, image_id)  # registered first: the ledger sees the death on this image
+        if image_id is not None and self.key.startswith("rows:") and _killer("rows") == image_id:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    attempts.BatchAttempt.start = start_or_die
 
     from clipdiy.output_layout import SHARD_PREFIX, OutputLayout
 

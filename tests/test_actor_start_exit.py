@@ -38,6 +38,13 @@ class _ShardStats:
         )
 
 
+class _Health:
+    """The run's health actors' handles, as far as a run stopped at its start uses them."""
+
+    def kill(self) -> None:
+        pass
+
+
 class _Lock:
     def check(self) -> None:
         """The lock is held throughout."""
@@ -50,7 +57,7 @@ def test_actor_start_failure_exits_2_before_any_shard_and_1_after(shards_before,
     from clipdiy.pipeline.stages import health
 
     monkeypatch.setattr(run, "build_dataset", lambda config, *args, health: _ShardStats(shards_before))
-    monkeypatch.setattr(health, "start_run_health", lambda stop_after_failed_reads, first_attempt: "health-actor")
+    monkeypatch.setattr(health, "start_run_health", lambda stop_after_failed_reads, first_attempt: _Health())
     monkeypatch.setattr(ray, "kill", lambda actor: None)
     monkeypatch.setattr(run, "free_resources", dict)
     monkeypatch.setattr(run, "stop_actors", lambda health: None)

@@ -4,8 +4,12 @@
 - the error budget stops a run (exit 3) and the next start resumes it to exactly once;
 - a CUDA error that poisons an actor restarts it, and the images it would have failed are labelled;
 - an actor killed mid-run loses no image and labels none twice;
-- an image that kills its decode task or its inference actor every time costs one ``worker_lost``
-  row after ``--max-worker-deaths`` deaths of its batch, and the run exits 0.
+- an image that kills its decode task, its inference actor or its row-building task every time
+  costs one ``worker_lost`` row after ``--max-worker-deaths`` deaths of its batch and two on it
+  alone, and the run exits 0;
+- a batch whose images together do not fit is split before it runs, one that runs out of memory
+  anyway is halved down to single images in the same actor, and only an image out of memory on
+  its own is a ``too_large`` row.
 
 One local Ray for the module, whose workers run ``fault_injection.install`` (faults armed per
 test): a run stopped early gives its CPUs back before it returns, so the next run in the same
@@ -15,7 +19,7 @@ test): a run stopped early gives its CPUs back before it returns, so the next ru
 from __future__ import annotations
 
 import pytest
-from fault_injection import runtime_env, set_fault, set_killers
+from fault_injection import runtime_env, set_device_memory, set_fault, set_killers
 from pipeline_support import (
     cli_args,
     copy_images,
@@ -141,8 +145,8 @@ def test_an_image_that_kills_its_process_costs_one_worker_lost_row(ray_with_faul
                                                                   tiny_clip_config, tmp_path):
     corpus = tmp_path / "corpus"
     names = copy_images(corpus, coco_images, 8)
-    killed_in_decode, killed_in_inference = names[2], names[5]
-    set_killers(fault_spec, decode=killed_in_decode, inference=killed_in_inference)
+    killed_in_decode, killed_in_inference, killed_in_rows = names[2], names[5], names[7]
+    set_killers(fault_spec, decode=killed_in_decode, inference=killed_in_inference, rows=killed_in_rows)
     output = tmp_path / "labels"
     args = cli_args(corpus, output, tiny_clip_config, "--decode-batch-size", "4", "--batch-size", "4",
                     "--rows-per-file", "4", "--max-worker-deaths", "1")[2:]
@@ -152,10 +156,48 @@ def test_an_image_that_kills_its_process_costs_one_worker_lost_row(ray_with_faul
         fault_spec.write_text("{}")  # disarmed for the module's later tests
     rows = {r["image_id"]: r for r in read_all_rows(output).to_pylist()}
     _exactly_once(output, names)
-    for name in (killed_in_decode, killed_in_inference):
+    killed = (killed_in_decode, killed_in_inference, killed_in_rows)
+    for name in killed:
         assert (rows[name]["status"], rows[name]["error_kind"]) == ("error", "worker_lost"), rows[name]["error"]
-        # One death on the whole batch (--max-worker-deaths 1), one on the image alone.
-        assert "died 2 times on this image's batch, the last time working on this image alone" in rows[name]["error"]
-    assert all(rows[n]["status"] == "ok" for n in names if n not in (killed_in_decode, killed_in_inference))
+        # One death on the whole batch (--max-worker-deaths 1), two on the image alone.
+        assert "died 2 times working on this image alone" in rows[name]["error"], rows[name]["error"]
+    assert all(rows[n]["status"] == "ok" for n in names if n not in killed)
     (run,) = manifests(output).values()
-    assert (run["counts"]["ok"], run["counts"]["error"]) == (6, 2)
+    assert (run["counts"]["ok"], run["counts"]["error"]) == (5, 3)
+
+
+def test_a_batch_that_does_not_fit_falls_back_to_its_images(ray_with_faults, fault_spec, coco_images,
+                                                            tiny_clip_config, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from clipdiy.pipeline.control.run import run_labelling
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    # An estimate of 100,000 bytes a pixel (as a large photo's, in whole GB): 1.92 GB for a
+    # 160 x 120 photo, 4.32 GB for the 240 x 180 one.
+    sizes = {"big.png": (240, 180), **{f"s{i}.png": (160, 120) for i in range(6)}}
+    for (name, size), source in zip(sorted(sizes.items()), coco_images):
+        with Image.open(source) as photo:
+            photo.convert("RGB").resize(size).save(corpus / name)
+    bound = 5 * 10**9  # two small photos fit, not three; the big one alone fits
+    log = tmp_path / "device.jsonl"
+    # One small photo fits the device, not two, nor the big one.
+    set_device_memory(fault_spec, capacity=3 * 10**9, log=log, bytes_per_pixel=100_000)
+    try:
+        summary = run_labelling(job_config(corpus, tmp_path / "labels", segmenter_config(tiny_clip_config),
+                                           max_image_memory_gb=bound / 1024**3))
+    finally:
+        fault_spec.write_text("{}")
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    # Split before it runs: no call ever held images whose estimates exceed the bound together.
+    assert all(c["images"] == 1 or c["bytes"] <= bound for c in calls), calls
+    assert any(c["raised"] and c["images"] == 2 for c in calls), "a pair ran out of memory and was halved"
+    rows = {r["image_id"]: r for r in read_all_rows(tmp_path / "labels").to_pylist()}
+    _exactly_once(tmp_path / "labels", sorted(sizes))
+    assert (rows["big.png"]["status"], rows["big.png"]["error_kind"]) == ("error", "too_large")
+    assert "ran out of memory on its own" in rows["big.png"]["error"]
+    assert all(rows[n]["status"] == "ok" for n in sizes if n != "big.png")
+    assert (summary.ok, summary.error) == (6, 1)

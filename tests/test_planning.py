@@ -302,3 +302,42 @@ def test_a_timed_out_object_is_retried_by_a_bounded_number_of_runs():
         assert pending.column("image_id").to_pylist() == todo
         assert counts.skipped == 3 - len(todo) and counts.retried == len(todo)
     assert pc.sum(tags.column(TIMEOUTS)).as_py() == 1
+
+
+def test_worker_lost_is_retried_by_transient_in_a_bounded_number_of_runs():
+    """Issue 25: a worker_lost row (a process died twice on the image alone, for causes Ray could
+    not tell apart from the image's own) is retried by later runs with the default
+    --retry-errors transient, until WORKER_LOST_RUNS finished runs gave its version one."""
+    from clipdiy.pipeline.planning.incremental import (
+        DONE,
+        EARLIER_RUNS,
+        EARLIER_WORKER_LOST,
+        LISTING_SCHEMA,
+        RETRY,
+        WORKER_LOST,
+        WORKER_LOST_RUNS,
+        earlier_run_tags,
+        split_pending,
+    )
+
+    shard = pa.table({
+        "image_id": ["a", "b", "c", "d"], "source_size": pa.array([1, 1, 1, 1], pa.int64()),
+        "source_etag": pa.nulls(4, pa.string()), "source_mtime": pa.array([STARTED] * 4, pa.timestamp("us", tz="UTC")),
+        "status": ["error", "error", "error", "ok"], "error_kind": ["worker_lost", "model", "corrupt", None],
+    })
+    tags = earlier_run_tags(shard, "transient")
+    assert tags.column("tag").to_pylist() == [RETRY, RETRY, DONE, DONE]
+    assert tags.column(WORKER_LOST).to_pylist() == [1, 0, 0, 0]
+    assert earlier_run_tags(shard, "none").column("tag").to_pylist() == [DONE] * 4
+
+    assert WORKER_LOST_RUNS == 3
+    listing = pa.table({
+        "uri": [f"u{i}" for i in range(4)], "image_id": [f"{i}.jpg" for i in range(4)],
+        "source_size": [1, 2, 3, 4], "source_etag": [None] * 4, "source_mtime": [STARTED] * 4,
+        "listing_entry": [None] * 4, "signed_uri": [None] * 4,
+    }, schema=LISTING_SCHEMA)
+    joined = listing.append_column(EARLIER_RUNS, pa.array([RETRY, RETRY, RETRY, DONE], pa.int8()))
+    joined = joined.append_column(EARLIER_WORKER_LOST, pa.array([1, 2, 3, 3], pa.int64()))
+    pending, counts = split_pending(joined)
+    assert pending.column("image_id").to_pylist() == ["0.jpg", "1.jpg"]
+    assert (counts.skipped, counts.retried) == (2, 2)

@@ -194,7 +194,7 @@ def test_a_poisoned_device_restarts_the_actor_and_a_batch_that_poisons_twice_get
         second(batch)
 
 
-def test_out_of_memory_halves_the_batch_then_restarts_the_actor(coco_images):
+def test_out_of_memory_halves_the_batch_down_to_single_images(coco_images):
     import torch
 
     class NeedsHalves:
@@ -214,76 +214,12 @@ def test_out_of_memory_halves_the_batch_then_restarts_the_actor(coco_images):
     out = stage(batch).to_pylist()
     assert [r["status"] for r in out] == ["ok"] * 4 and stage.segmenter.sizes == [4, 2, 2]
 
-    with pytest.raises(_Exited):  # still out of memory at half the batch: a fresh process
-        _stage(NeedsHalves(fits=1))(batch)
+    # Still out of memory at half the batch: halved again, in the same process (issue 25).
+    single = _stage(NeedsHalves(fits=1))
+    assert [r["status"] for r in single(batch).to_pylist()] == ["ok"] * 4
+    assert single.segmenter.sizes == [4, 2, 1, 1, 2, 1, 1]
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert not is_poisoning_error(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_poisoning_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not is_poisoning_error(ValueError("expected 3 channels"))
-
-
-def test_the_attempt_ledger_counts_deaths_per_batch_and_names_the_image_a_death_was_on():
-    """Attempts register before working and end their record when done; the records of a batch
-    whose attempts died say how often, and on which images an image-by-image attempt died."""
-    health = RunHealth(stop_after_failed_reads=10)
-    assert health.begin_batch("decode:a") == (0, ())
-    assert health.begin_batch("inference:a") == (0, ())  # another stage's batch of the same images
-    health.end_batch("decode:a")
-    health.end_batch("inference:a")
-    assert health.attempts_on_record() == 0  # finished batches leave nothing behind
-
-    assert health.begin_batch("decode:b") == (0, ())
-    assert health.begin_batch("decode:b") == (1, ())  # the first attempt died on the whole batch
-    health.begin_image("decode:b", "x.jpg")
-    health.begin_image("decode:b", "y.jpg")  # done with x.jpg; dies on y.jpg
-    assert health.begin_batch("decode:b") == (2, ("y.jpg",))
-    health.begin_image("decode:b", "z.jpg")  # dies on z.jpg
-    assert health.begin_batch("decode:b") == (3, ("y.jpg", "z.jpg"))
-    health.end_batch("decode:b")
-    assert health.attempts_on_record() == 0
-    assert health.begin_batch("decode:b") == (0, ())  # a later run's batch starts afresh
-
-
-def test_an_image_a_process_died_on_gets_a_worker_lost_row_and_the_rest_are_labelled(coco_images, monkeypatch):
-    """Past --max-worker-deaths the actor goes image by image; an image an earlier attempt died on
-    gets a worker_lost row without being touched, the others are predicted one at a time."""
-    from clipdiy.pipeline.stages.health import AttemptLedger, BatchAttempt
-
-    results = [decode_image(path.read_bytes(), mode="faithful", max_pixels=100_000_000) for path in coco_images[:3]]
-    batch = pa.table({"image_id": ["a.jpg", "b.jpg", "c.jpg"], **decoded_columns(results)})
-    killer = results[1].prepared.original_size
-
-    class Segmenter:
-        calls: list = []
-
-        def predict(self, prepared):
-            assert all(p.original_size != killer for p in prepared), "the image a process died on was touched again"
-            self.calls.append(len(prepared))
-            return [{"size": p.original_size} for p in prepared]
-
-    health = RunHealth(stop_after_failed_reads=10)
-
-    class LocalLedger(AttemptLedger):  # the plain RunHealth in this process instead of its actor
-        def begin(self, image_ids):
-            from clipdiy.pipeline.stages.health import batch_key
-
-            key = f"{self.stage}:{batch_key(image_ids)}"
-            deaths, lost = health.begin_batch(key)
-            return BatchAttempt(None, key, deaths, frozenset(lost), deaths >= self.max_deaths)
-
-    from clipdiy.pipeline.stages import health as health_module
-    from clipdiy.pipeline.stages.health import batch_key
-
-    key = f"inference:{batch_key(['a.jpg', 'b.jpg', 'c.jpg'])}"
-    health.begin_batch(key)  # an attempt on the whole batch died
-    health.begin_batch(key)  # an attempt going image by image ...
-    health.begin_image(key, "b.jpg")  # ... died on b.jpg
-    stage = SegmentBatch.__new__(SegmentBatch)
-    stage.segmenter = Segmenter()
-    stage.max_worker_deaths = 1
-    monkeypatch.setattr(health_module, "AttemptLedger", LocalLedger)
-    out = stage(batch).to_pylist()
-    assert [r["status"] for r in out] == ["ok", "error", "ok"]
-    assert out[1]["error_kind"] == "worker_lost" and "died 2 times" in out[1]["error"]
-    assert Segmenter.calls == [1, 1]  # one image at a time

@@ -79,10 +79,13 @@ class LabelJobConfig:
     max_image_memory_gb:   an image whose method's working memory (its estimate, which grows with
                            the pixel count) exceeds this gets a ``too_large`` row instead of being
                            labelled: it would otherwise kill its actor (an OOM kill) and end as
-                           ``worker_lost`` after ``max_worker_deaths`` deaths.
-    max_worker_deaths:     a batch whose decode task or inference actor died this many times is
-                           retried image by image; an image whose process dies then gets a
-                           ``worker_lost`` row (see ``clipdiy.pipeline.attempts``).
+                           ``worker_lost`` after ``max_worker_deaths`` deaths. A batch runs in
+                           groups whose summed estimates stay within it.
+    max_worker_deaths:     a batch whose decode task, inference actor or row task died this many
+                           times (deaths that were not about it, a lost node or another process's
+                           memory pressure, not counted) is retried image by image; an image on
+                           which its process dies twice then gets a ``worker_lost`` row (see
+                           ``clipdiy.pipeline.stages.attempts``).
     limit:                 only the first N listed images are considered (None: all); a limit
                            keeps the listing in one task, in listing order.
     listing_tasks:         folders of a prefix listed at once, by tasks spread over the cluster.

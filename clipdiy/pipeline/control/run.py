@@ -184,6 +184,9 @@ def _label(
                 verdict = ray.get(health.finish.remote())  # every read of a small corpus failed?
                 if verdict is not None:
                     raise RunFailedError(verdict)
+                for name in health.restarted():  # each said so when it happened; once more, at the end
+                    logger.warning("the run's health actor (%s) was restarted during the run: its counts were lost",
+                                   name)
     except ActorStartError as error:
         stopped_by = error
         if not written:
@@ -214,7 +217,7 @@ def _label(
             # handles does (the stopping error holds some): end them, then wait (bounded) until
             # their CPUs are free, so that the next run in this Ray gets them.
             stop_actors(health)
-        ray.kill(health)
+        health.kill()
         if not finished:
             del batches, stats
             wait_for_release(free_before, stopped_by)

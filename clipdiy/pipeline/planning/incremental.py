@@ -13,6 +13,8 @@ Error rows of earlier runs count as labelled unless the run retries them (``retr
 ``transient`` (the default) retries the kinds a later attempt can cure, a read that failed
 after its retries (``unreadable``) and a failed model call (``model``, e.g. out of memory);
 ``all`` retries every error (after raising ``--max-pixels``, say); ``none`` retries nothing.
+``transient`` also retries ``worker_lost`` (a process that died on the image), in at most
+:data:`WORKER_LOST_RUNS` runs of the image's version: a later run may have bigger workers.
 A read that found no object (``not_found``) is an answer, not a failure: the object is read
 again when it is listed with another version (size, ETag, mtime: a new source key), or with
 ``all``. (An entry of a manifest without version columns has one key whatever its object: once
@@ -70,6 +72,11 @@ TRANSIENT_ERROR_KINDS = ("unreadable", "model", "timed_out")
 #: The error kind whose retries are bounded (a store that stalls on one object every night
 #: would otherwise cost a deadline every night, forever).
 TIMED_OUT = "timed_out"
+#: Runs of one image version that may give it ``worker_lost`` (its process died twice while it
+#: alone was worked on, for causes Ray could not tell apart from the image's own) before
+#: ``transient`` stops retrying it: a later run, on bigger workers or a quieter node, may label it.
+WORKER_LOST_RUNS = 3
+WORKER_LOST_KIND = "worker_lost"
 #: ``retry_errors`` choices: which error rows of earlier runs are labelled again.
 RETRY_ERRORS = ("none", "transient", "all")
 
@@ -99,6 +106,9 @@ DONE, RETRY = 2, 1
 TIMEOUTS = "timeouts"
 #: Joined column: how many ``timed_out`` rows the finished runs hold for the listing row's key.
 EARLIER_TIMEOUTS = "earlier_timeouts"
+#: Per shard row: 1 for a ``worker_lost`` row; joined (:data:`EARLIER_WORKER_LOST`) as their sum per key.
+WORKER_LOST = "worker_lost"
+EARLIER_WORKER_LOST = "earlier_worker_lost"
 #: Columns of a shard that the planning reads.
 SHARD_COLUMNS = [*KEY_COLUMNS, "status", "error_kind"]
 
@@ -112,7 +122,8 @@ def retried_mask(table: pa.Table, retry_errors: str) -> pa.Array:
     if retry_errors == "all":
         mask = is_error
     elif retry_errors == "transient":
-        transient = pc.is_in(table.column("error_kind"), value_set=pa.array(TRANSIENT_ERROR_KINDS))
+        kinds = pa.array([*TRANSIENT_ERROR_KINDS, WORKER_LOST_KIND])
+        transient = pc.is_in(table.column("error_kind"), value_set=kinds)
         mask = pc.and_(is_error, pc.fill_null(transient, False))
     else:
         mask = pc.and_(is_error, False)
@@ -127,11 +138,15 @@ def with_source_key(listing: pa.Table, id_column: str = "image_id") -> pa.Table:
 def earlier_run_tags(shard: pa.Table, retry_errors: str) -> pa.Table:
     """(:data:`SOURCE_KEY`, ``tag``, ``timeouts``) per row of a finished run's shard
     (:data:`SHARD_COLUMNS`): :data:`RETRY` for an error row that ``retry_errors`` retries, else
-    :data:`DONE`; ``timeouts``: 1 for a ``timed_out`` row (summed per key: the runs it timed out in)."""
+    :data:`DONE`; ``timeouts``: 1 for a ``timed_out`` row (summed per key: the runs it timed out in);
+    ``worker_lost``: 1 for a ``worker_lost`` row (likewise)."""
     keys = source_keys(shard.select(KEY_COLUMNS).cast(pa.schema([LISTING_SCHEMA.field(name) for name in KEY_COLUMNS])))
     tags = pc.if_else(retried_mask(shard, retry_errors), pa.scalar(RETRY, pa.int8()), pa.scalar(DONE, pa.int8()))
     timed_out = pc.fill_null(pc.and_(pc.equal(shard.column("status"), "error"), pc.equal(shard.column("error_kind"), TIMED_OUT)), False)
-    return pa.table({SOURCE_KEY: keys, "tag": tags, TIMEOUTS: pc.cast(timed_out, pa.int64())})
+    lost = pc.fill_null(pc.and_(pc.equal(shard.column("status"), "error"),
+                                pc.equal(shard.column("error_kind"), WORKER_LOST_KIND)), False)
+    return pa.table({SOURCE_KEY: keys, "tag": tags, TIMEOUTS: pc.cast(timed_out, pa.int64()),
+                     WORKER_LOST: pc.cast(lost, pa.int64())})
 
 
 @dataclass
@@ -160,7 +175,8 @@ def _count(mask: pa.Array) -> int:
     return int(pc.sum(mask).as_py() or 0)
 
 
-def split_pending(joined: pa.Table, timed_out_nights: int | None = None) -> tuple[pa.Table, ListingCounts]:
+def split_pending(joined: pa.Table, timed_out_nights: int | None = None,
+                  worker_lost_runs: int | None = WORKER_LOST_RUNS) -> tuple[pa.Table, ListingCounts]:
     """The rows of a joined listing block that still need a label (:data:`LISTING_SCHEMA`), and
     the block's counts.
 
@@ -168,7 +184,7 @@ def split_pending(joined: pa.Table, timed_out_nights: int | None = None) -> tupl
     no such rows in OUTPUT). A row done by an earlier run is skipped; else one that this run's
     earlier attempts labelled is resumed; the rest are to do. ``timed_out_nights``: a row to
     retry whose key timed out in this many finished runs is done (its ``timed_out`` row stands);
-    None: no bound.
+    ``worker_lost_runs``: likewise for ``worker_lost`` rows. None: no bound (``--retry-errors all``).
     """
     rows = joined.num_rows
     joined = joined.combine_chunks()
@@ -178,6 +194,10 @@ def split_pending(joined: pa.Table, timed_out_nights: int | None = None) -> tupl
         retry = pc.fill_null(pc.equal(tag, RETRY), False)
         if timed_out_nights is not None and EARLIER_TIMEOUTS in joined.column_names:
             spent = pc.fill_null(pc.greater_equal(joined.column(EARLIER_TIMEOUTS), timed_out_nights), False)
+            done = pc.or_(done, pc.and_(retry, spent))
+            retry = pc.and_(retry, pc.invert(spent))
+        if worker_lost_runs is not None and EARLIER_WORKER_LOST in joined.column_names:
+            spent = pc.fill_null(pc.greater_equal(joined.column(EARLIER_WORKER_LOST), worker_lost_runs), False)
             done = pc.or_(done, pc.and_(retry, spent))
             retry = pc.and_(retry, pc.invert(spent))
     else:
@@ -263,26 +283,38 @@ def shard_uris(shard: pa.Table) -> pa.Array:
 
 
 def earlier_sample_tags(shard: pa.Table, retry_errors: str) -> pa.Table:
-    """(:data:`SOURCE_KEY` of the row's shard version, ``image_id``, ``tag``) per row of a finished
-    run's shard file that came from a shard input."""
+    """(:data:`SOURCE_KEY` of the row's shard version, ``image_id``, ``tag``, ``timeouts``,
+    ``worker_lost``) per row of a finished run's shard file that came from a shard input (the
+    columns as :func:`earlier_run_tags` gives them for loose objects)."""
     uris = shard_uris(shard)
     keyed = pa.table({"uri": uris, **{name: shard.column(name) for name in KEY_COLUMNS[1:]}})
     keyed = keyed.cast(pa.schema([pa.field("uri", pa.string()), *(LISTING_SCHEMA.field(n) for n in KEY_COLUMNS[1:])]))
-    tags = pc.if_else(retried_mask(shard, retry_errors), pa.scalar(RETRY, pa.int8()), pa.scalar(DONE, pa.int8()))
-    table = pa.table({SOURCE_KEY: source_keys(keyed, "uri"), "image_id": shard.column("image_id"), "tag": tags})
+    tags = earlier_run_tags(shard.select(SHARD_COLUMNS), retry_errors)
+    table = pa.table({SOURCE_KEY: source_keys(keyed, "uri"), "image_id": shard.column("image_id"),
+                      "tag": tags.column("tag"), TIMEOUTS: tags.column(TIMEOUTS), WORKER_LOST: tags.column(WORKER_LOST)})
     return table.filter(pc.is_valid(uris))
 
 
-def shard_earlier_state(rows: pa.Table) -> pa.Table:
+def shard_earlier_state(rows: pa.Table, timed_out_nights: int | None = None,
+                        worker_lost_runs: int | None = WORKER_LOST_RUNS) -> pa.Table:
     """One row for the sample rows of one shard version (``map_groups``): its tag (:data:`DONE`
-    when every sample is done, else :data:`RETRY`) and the ids of its done samples."""
-    best: dict[str, int] = {}
-    for image_id, tag in zip(rows.column("image_id").to_pylist(), rows.column("tag").to_pylist(), strict=True):
-        best[image_id] = max(tag, best.get(image_id, 0))
-    done = sorted(i for i, tag in best.items() if tag == DONE)
-    tag = DONE if len(done) == len(best) else RETRY
+    when every sample is done, else :data:`RETRY`) and the ids of its done samples.
+
+    A sample (or the shard's own row, when its stream failed) is done when a finished run
+    labelled it, or when its retries are spent: ``timed_out`` in ``timed_out_nights`` runs, or
+    ``worker_lost`` in ``worker_lost_runs`` runs, as :func:`split_pending` bounds loose objects
+    (None: no bound)."""
+    per_sample = rows.group_by("image_id").aggregate([("tag", "max"), (TIMEOUTS, "sum"), (WORKER_LOST, "sum")])
+    done = pc.equal(per_sample.column("tag_max"), DONE)
+    retry = pc.equal(per_sample.column("tag_max"), RETRY)
+    for column, bound in ((f"{TIMEOUTS}_sum", timed_out_nights), (f"{WORKER_LOST}_sum", worker_lost_runs)):
+        if bound is not None:
+            done = pc.or_(done, pc.and_(retry, pc.greater_equal(per_sample.column(column), bound)))
+    done_ids = pc.sort_indices(per_sample.filter(done), sort_keys=[("image_id", "ascending")])
+    done_ids = per_sample.filter(done).column("image_id").take(done_ids)
+    tag = DONE if len(done_ids) == per_sample.num_rows else RETRY
     return pa.table({SOURCE_KEY: [rows.column(SOURCE_KEY)[0].as_py()], EARLIER_RUNS: pa.array([tag], pa.int8()),
-                     EARLIER_DONE_IDS: pa.array([done], pa.list_(pa.string()))})
+                     EARLIER_DONE_IDS: pa.array([done_ids.to_pylist()], pa.list_(pa.string()))})
 
 
 def attempt_sample_ids(shard: pa.Table) -> pa.Table:

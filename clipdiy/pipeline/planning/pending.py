@@ -42,14 +42,17 @@ from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.planning.incremental import (
     EARLIER_RUNS,
     EARLIER_TIMEOUTS,
+    EARLIER_WORKER_LOST,
     LISTING_SCHEMA,
     SHARD_COLUMNS,
     SIGNED_ENTRY,
     SIGNED_URI,
     SOURCE_KEY,
-    TIMEOUTS,
     SHARD_SAMPLE_COLUMNS,
     THIS_RUN,
+    TIMEOUTS,
+    WORKER_LOST,
+    WORKER_LOST_RUNS,
     ListingCounts,
     attempt_sample_ids,
     earlier_run_tags,
@@ -62,11 +65,18 @@ from clipdiy.pipeline.planning.incremental import (
     split_pending,
     with_source_key,
 )
-from clipdiy.pipeline.sources.manifests import is_manifest_input, manifest_entries_estimate
 from clipdiy.pipeline.sources.key_ranges import SPLIT_MIN_KEYS
 from clipdiy.pipeline.sources.formats import iter_shard_sources
 from clipdiy.pipeline.sources.listing import iter_sources
-from clipdiy.pipeline.sources.listing_parts import ListingPart, iter_part_sources, listing_parts
+from clipdiy.pipeline.sources.listing_parts import (
+    ListingPart,
+    iter_part_sources,
+    listing_parts,
+)
+from clipdiy.pipeline.sources.manifests import (
+    is_manifest_input,
+    manifest_entries_estimate,
+)
 from clipdiy.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -113,6 +123,13 @@ class PlanTarget:
 
     def plan_dir(self, layout: OutputLayout) -> str:
         return layout.path("runs", self.run_id, PLAN_DIR, f"{self.attempt:03d}")
+
+    def retry_bounds(self) -> tuple[int | None, int | None]:
+        """(finished runs with a ``timed_out`` row, with a ``worker_lost`` row) after which an image
+        is not retried: bounds of ``transient`` retries only (``all`` retries every error)."""
+        if self.retry_errors != "transient":
+            return None, None
+        return self.timed_out_nights, WORKER_LOST_RUNS
 
 
 @dataclass
@@ -215,8 +232,7 @@ def _write_pending(batch: pa.Table, *, target: PlanTarget) -> pa.Table:
     if target.shards:
         pending, counts = split_pending_shards(batch)
     else:
-        pending, counts = split_pending(
-            batch, target.timed_out_nights if target.retry_errors == "transient" else None)
+        pending, counts = split_pending(batch, *target.retry_bounds())
     # A plan file is under OUTPUT and outlives a crash: it holds no signed location, only the
     # number of the manifest entry that has it (resolved again by pending_dataset).
     planned = planned_rows(pending)
@@ -373,7 +389,8 @@ def plan_pending(target: PlanTarget, earlier_run_ids: list[str], estimated_rows_
         )
         # One row per key (repeated error rows would repeat the listing row in the join).
         tags = tags.groupby(SOURCE_KEY, num_partitions=partitions).aggregate(
-            Max("tag", alias_name=EARLIER_RUNS), Sum(TIMEOUTS, alias_name=EARLIER_TIMEOUTS))
+            Max("tag", alias_name=EARLIER_RUNS), Sum(TIMEOUTS, alias_name=EARLIER_TIMEOUTS),
+            Sum(WORKER_LOST, alias_name=EARLIER_WORKER_LOST))
         joined = joined.join(tags, "left_outer", partitions, on=(SOURCE_KEY,))
     if attempt_shards and not target.shards:
         ids = attempts.map_batches(
@@ -414,7 +431,10 @@ def _join_shard_states(target: PlanTarget, joined, earlier, attempts, partitions
             batch_size=SHARDS_PER_READ,
             batch_format="pyarrow",
         )
-        states = tags.groupby(SOURCE_KEY, num_partitions=partitions).map_groups(shard_earlier_state, batch_format="pyarrow")
+        timed_out_nights, worker_lost_runs = target.retry_bounds()
+        states = tags.groupby(SOURCE_KEY, num_partitions=partitions).map_groups(
+            shard_earlier_state, batch_format="pyarrow",
+            fn_kwargs={"timed_out_nights": timed_out_nights, "worker_lost_runs": worker_lost_runs})
         joined = joined.join(states, "left_outer", partitions, on=(SOURCE_KEY,))
     if attempts is not None:
         ids = attempts.map_batches(

@@ -83,15 +83,17 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
     """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
     rows -> shard stats.
 
-    ``health``: the run's :class:`~clipdiy.pipeline.stages.health.RunHealth` actor, told of every read
-    and of every actor a CUDA error poisons."""
+    ``health``: the run's :class:`~clipdiy.pipeline.stages.health.RunHealthHandles`, told of every
+    read, of every actor a CUDA error poisons, and of every attempt at a decode, inference or row
+    batch (the attempt ledger)."""
     import ray.data
 
     from clipdiy.segmentation.models.saliency import saliency_input_side
 
     # Imported here, not at the top: refusals before the models load stay free of torch imports.
     from clipdiy.pipeline.stages.decode import DecodeBatch
-    from clipdiy.pipeline.stages.health import ACTOR_RESTARTS, ray_task_retries
+    from clipdiy.pipeline.stages.attempts import ray_task_retries
+    from clipdiy.pipeline.stages.health import ACTOR_RESTARTS
     from clipdiy.pipeline.stages.inference import SegmentBatch
     from clipdiy.pipeline.stages.rows import RowContext, build_rows
 
@@ -157,9 +159,12 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         max_restarts=max(ACTOR_RESTARTS, inference_retries),
         max_task_retries=inference_retries,
     )
+    # Row tasks (fused with the shard writes) retried finitely too, above what the ledger needs
+    # (Ray Data's default for tasks: forever); a row batch is an inference batch.
+    rows_retries = ray_task_retries(config.max_worker_deaths, config.inference_batch_size, LISTING_BATCHES_PER_BLOCK)
     ds = ds.map_batches(
         build_rows,
-        fn_kwargs={"context": context},
+        fn_kwargs={"context": context, "health": health, "max_worker_deaths": config.max_worker_deaths},
         batch_size=config.inference_batch_size,
         batch_format="pyarrow",
         # No CPU reserved, a bounded pool instead: Ray Data reserves each operator's minimum in
@@ -170,6 +175,7 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),
         udf_modifying_row_count=False,
+        max_retries=rows_retries,
     )
     return ds.map_batches(
         write_shard,
@@ -178,6 +184,7 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         batch_format="pyarrow",
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),  # fused with the rows
+        max_retries=rows_retries,  # the same as the rows' (fused tasks share their options)
         # One stats row per shard of up to rows_per_file label rows: no limit pushdown past it.
         udf_modifying_row_count=True,
     )

@@ -260,14 +260,10 @@ class DecodeBatch:
         """Tell the run's health actor; raise RunFailedError once reads are broken run-wide."""
         if self.health is None:
             return
-        if not failed:
-            self.health.record_reads.remote(ok, failed)  # nothing to decide here: don't wait
-            return
-        import ray
-
         from clipdiy.errors import RunFailedError
+        from clipdiy.pipeline.stages.health import report_reads
 
-        verdict = ray.get(self.health.record_reads.remote(ok, failed, sample))
+        verdict = report_reads(self.health, ok, failed, sample)  # waits only when some failed
         if verdict is not None:
             raise RunFailedError(verdict)
 
@@ -338,7 +334,7 @@ class DecodeBatch:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from clipdiy.pipeline.stages.health import AttemptLedger
+        from clipdiy.pipeline.stages.attempts import AttemptLedger
 
         names = batch.column_names
         rows = batch.num_rows
@@ -361,10 +357,11 @@ class DecodeBatch:
             image_ids, batch.column("uri").to_pylist(), signed, entries, sizes, inline, strict=True
         ):
             if image_id in attempt.lost:
-                results.append(DecodeResult(error_kind="worker_lost", error=attempt.lost_message()))
+                results.append(DecodeResult(error_kind="worker_lost", error=attempt.lost_message(image_id)))
                 continue
             attempt.start(image_id)
             results.append(self._decode_one(image_id, uri, signed_uri, entry, size, reads, inline=sample))
+        attempt.start(None)  # done with the images: a death from here on falls on none
         if reads.failed["not_found"] and not self._missing_are_answers(reads):
             results = [_untrusted(result) if result.error_kind == "not_found" else result for result in results]
         self._report_reads(reads.ok, dict(reads.failed), reads.sample)

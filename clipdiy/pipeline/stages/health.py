@@ -13,20 +13,23 @@ the job instead of being laundered into rows. Each guard sits where it sees enou
   successful read: a manifest (or a prefix) that names nothing that exists stops loudly, but
   once one read worked, or when the run is resumed after such a stop, a missing object is an
   answer about that object (a ``not_found`` row, never read again), not a failure of the run.
-  All-ok batches report without waiting for an answer, so a healthy run pays one asynchronous
-  actor call per decode batch; a batch with failed reads waits for the verdict.
+  All-ok batches report without waiting for an answer (:func:`report_reads`); a batch with
+  failed reads waits for the verdict.
 - **Poisoned actors** (:func:`is_poisoning_error`): a CUDA error that leaves the device unusable
   ends the actor's process so that Ray restarts it and retries its batch. :class:`RunHealth`
   counts these per batch, so a batch that poisons a fresh actor too becomes ``model`` error rows
   instead of restarting actors forever.
-- **Processes that die** (:class:`RunHealth`'s attempt ledger): a decode task or inference actor
-  killed on a batch (the kernel's OOM killer, a crash in native code) is retried by Ray. Every
-  attempt at a batch registers with the run's health actor before it works (one call per batch),
-  and ends its record when done, so the records outlive the dying process and hold only batches
-  in flight or dying. After ``max_worker_deaths`` deaths on one batch the next attempt goes image
-  by image, registering each image before it touches it; an image that was in progress when an
-  attempt died gets a ``worker_lost`` row instead of being processed again, and the rest of the
-  batch is labelled. Ray's own retry and restart limits are finite and larger, so this decides.
+- **Processes that die** (:mod:`~clipdiy.pipeline.stages.attempts`, the attempt ledger): every
+  attempt at a decode, inference or row batch registers with one of the run's ledger shards before
+  it works (one call per batch and stage), so that the next attempt learns how many earlier ones
+  died, how (from Ray's control store: a lost node or a neighbour's memory pressure does not
+  count), and on which image; an image counted deaths followed gets a ``worker_lost`` row.
+- **Restarts of these actors** (``max_restarts=-1``, so that no task fails for want of them): a
+  restarted actor says so at once, as an error in the job's log, naming what it lost;
+  :meth:`RunHealthHandles.restarted` lists them for the driver's summary. A restarted
+  :class:`RunHealth` counts missing objects as answers (a lost count never turns into a false
+  stop); a restarted ledger shard forgets the deaths of the batches in flight, and Ray's finite
+  retries still bound them.
 - **The error budget** (:class:`ErrorBudget`, in the driver): the share of error rows among the
   last ``window`` written rows, from the per-shard stats the driver receives anyway (no extra
   calls). Above ``max_rate`` the run stops with exit status 3, naming the dominant error kind;
@@ -37,8 +40,12 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
+import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 #: Read-failure classes, from "surely about the whole store" to "maybe about this object".
 READ_FAILURE_CLASSES = ("credentials", "no_bucket", "unreachable", "access_denied", "not_found", "other")
@@ -155,9 +162,13 @@ class RunHealth:
         self._verdict: str | None = None
         self._actors: list = []
         self._poisonings: dict[str, int] = {}
-        self._attempts: dict[str, _BatchAttempts] = {}
         self._not_found_total = 0
         self._not_found_marks: list[tuple[int, int]] = []  # (reads found, missing) after each judged batch
+        self.restarted = _restarted_actor("the run's health actor", "its read streak and poisoning counts")
+        if self.restarted:
+            # The reads before the restart are unknown: a missing object is an answer about it,
+            # as after a first good read, so that a lost count cannot turn into a false stop.
+            self.first_attempt = False
 
     def record_reads(self, ok: int, failed: Mapping[str, int], sample: str | None = None) -> str | None:
         """Add one decode batch's reads; return the verdict (a one-line reason) once reads are broken.
@@ -249,34 +260,8 @@ class RunHealth:
         """The handles of the run's inference actors (a restarted actor may appear twice)."""
         return list(self._actors)
 
-    def begin_batch(self, key: str) -> tuple[int, tuple[str, ...]]:
-        """Register an attempt at the batch ``key`` (a stage's name and :func:`batch_key`); return
-        (how many earlier attempts at it died, the image ids in progress when one died).
-
-        An attempt that finishes calls :meth:`end_batch`, so every earlier attempt still on
-        record died (Ray runs one attempt of a task at a time).
-        """
-        record = self._attempts.setdefault(key, _BatchAttempts())
-        deaths = record.started
-        record.started += 1
-        if record.current is not None:  # the image an attempt was working on when it died
-            record.lost.add(record.current)
-            record.current = None
-        return deaths, tuple(sorted(record.lost))
-
-    def begin_image(self, key: str, image_id: str) -> None:
-        """An attempt going image by image starts on ``image_id`` (and is done with the one before)."""
-        record = self._attempts.get(key)
-        if record is not None:
-            record.current = image_id
-
-    def end_batch(self, key: str) -> None:
-        """The attempt at ``key`` finished: forget the batch."""
-        self._attempts.pop(key, None)
-
-    def attempts_on_record(self) -> int:
-        """How many batches the ledger holds (in flight, or whose attempts died)."""
-        return len(self._attempts)
+    def was_restarted(self) -> bool:
+        return self.restarted
 
     def record_poisoning(self, batch_key: str) -> int:
         """Count one poisoned actor on the batch ``batch_key``; return how often it happened."""
@@ -284,86 +269,27 @@ class RunHealth:
         return self._poisonings[batch_key]
 
 
-#: Retries of a task beyond what the attempt ledger needs: for node losses and the like.
-SPARE_RETRIES = 10
 #: Restarts of one inference actor in one run (each reloads the models): more means the cluster,
 #: not an image, is broken, and the run stops (exit 1) instead of restarting actors all night.
 ACTOR_RESTARTS = 100
 
 
-def ray_task_retries(max_deaths: int, images_per_batch: int, batches_per_task: int) -> int:
-    """Ray's retries of one decode task or inference actor task: finite, and enough for the
-    attempt ledger to reach a decision on every batch of the task (``max_deaths`` deaths, then one
-    more per image that kills its process), so that the ledger, not Ray, decides."""
-    return batches_per_task * (max_deaths + images_per_batch) + SPARE_RETRIES
-
-
-class _BatchAttempts:
-    """The ledger's record of one batch: attempts started, the image being worked on by the
-    current attempt going image by image, and images whose attempt died on them."""
-
-    __slots__ = ("started", "current", "lost")
-
-    def __init__(self):
-        self.started = 0
-        self.current: str | None = None
-        self.lost: set[str] = set()
-
-
-class WorkerLost(Exception):
-    """Stands for the output of an image whose worker process died on it (a ``worker_lost`` row)."""
-
-
-class AttemptLedger:
-    """One batch's side of :class:`RunHealth`'s attempt ledger, used inside a Ray task or actor.
-
-    ``health``: the run's RunHealth actor handle (None: no ledger, every batch is processed
-    whole, as in a plain library call). ``max_deaths``: deaths on one batch before it goes image
-    by image.
-    """
-
-    def __init__(self, health, stage: str, max_deaths: int):
-        self.health = health
-        self.stage = stage
-        self.max_deaths = max_deaths
-
-    def begin(self, image_ids: list[str]) -> BatchAttempt:
-        if self.health is None:
-            return BatchAttempt(None, "", 0, frozenset(), False)
+def _restarted_actor(what: str, lost: str) -> bool:
+    """Whether this actor is a restart (Ray re-creates a dead actor with ``max_restarts``); if so,
+    say loudly what its predecessor's state held, which is gone."""
+    try:
         import ray
 
-        key = f"{self.stage}:{batch_key(image_ids)}"
-        deaths, lost = ray.get(self.health.begin_batch.remote(key))
-        return BatchAttempt(self.health, key, deaths, frozenset(lost), deaths >= self.max_deaths)
-
-
-class BatchAttempt:
-    """One attempt at a batch. ``one_by_one``: earlier attempts died ``deaths`` times (at least
-    ``max_deaths``), so this one registers each image (:meth:`start`) before touching it;
-    ``lost``: images an earlier attempt died on, which get a ``worker_lost`` row instead."""
-
-    def __init__(self, health, key: str, deaths: int, lost: frozenset[str], one_by_one: bool):
-        self.health = health
-        self.key = key
-        self.deaths = deaths
-        self.lost = lost
-        self.one_by_one = one_by_one
-
-    def lost_message(self) -> str:
-        return (f"the worker process died {self.deaths} times on this image's batch, the last time working on "
-                "this image alone (killed by the out-of-memory killer, or a crash in native code)")
-
-    def start(self, image_id: str) -> None:
-        """Before touching ``image_id`` (only while going image by image): waits for the record."""
-        if self.health is not None and self.one_by_one:
-            import ray
-
-            ray.get(self.health.begin_image.remote(self.key, image_id))
-
-    def end(self) -> None:
-        """The attempt is done (no need to wait: a lost message only keeps a finished record)."""
-        if self.health is not None:
-            self.health.end_batch.remote(self.key)
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        restarted = bool(context is not None and context.get_actor_id() is not None
+                         and context.was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not in an actor (a plain instance in tests)
+        return False
+    if restarted:
+        logging.getLogger(__name__).error(
+            "%s was restarted (its process or node died): %s are lost; the run goes on, bounded by Ray's "
+            "finite retries", what, lost)
+    return restarted
 
 
 _READ_HINTS = {
@@ -375,23 +301,85 @@ _READ_HINTS = {
 }
 
 
-def start_run_health(stop_after_failed_reads: int, first_attempt: bool = True):
-    """Start the run's :class:`RunHealth` actor on the driver's node (which outlives worker nodes)."""
+#: CPUs of the cluster per ledger shard: one shard served 360-570 registrations a second on a
+#: shared, loaded 2-core box (``benchmarks/bench_run_health.py``; more on a free head-node core),
+#: one per batch and stage; the 11,600 images/s target with batches of 8 is 4,350 a second, and
+#: a cluster that fast has 500-1,000 CPUs: 8-16 shards.
+CPUS_PER_LEDGER_SHARD = 64
+#: At most this many ledger shards (actors on the driver's node, ``num_cpus=0``).
+MAX_LEDGER_SHARDS = 32
+
+
+def ledger_shards_for(cluster_cpus: float) -> int:
+    """How many ledger shards a cluster of ``cluster_cpus`` CPUs gets."""
+    return max(1, min(MAX_LEDGER_SHARDS, math.ceil(cluster_cpus / CPUS_PER_LEDGER_SHARD)))
+
+
+@dataclass(frozen=True)
+class RunHealthHandles:
+    """The run's health actors: ``reads`` (:class:`RunHealth`: read streak, poisonings, actor
+    handles; its methods are called through this object, ``health.verdict.remote()``) and
+    ``shards`` (the attempt ledger's :class:`~clipdiy.pipeline.stages.attempts.LedgerShard`
+    actors, keys spread by hash)."""
+
+    reads: Any
+    shards: tuple
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("reads", "shards"):  # pickling, copying: not delegated
+            raise AttributeError(name)
+        return getattr(self.reads, name)
+
+    def restarted(self, timeout: float = 60) -> list[str]:
+        """The names of the actors that were restarted during the run (their counts were lost)."""
+        import ray
+
+        names = ["reads"] + [f"ledger shard {i}" for i in range(len(self.shards))]
+        flags = ray.get([actor.was_restarted.remote() for actor in (self.reads, *self.shards)], timeout=timeout)
+        return [name for name, flag in zip(names, flags) if flag]
+
+    def kill(self) -> None:
+        import ray
+
+        for actor in (self.reads, *self.shards):
+            ray.kill(actor)
+
+
+def start_run_health(stop_after_failed_reads: int, first_attempt: bool = True, ledger_shards: int | None = None):
+    """Start the run's health actors on the driver's node (which outlives worker nodes): one
+    :class:`RunHealth` and ``ledger_shards`` ledger shards (None: :func:`ledger_shards_for` the
+    cluster's CPUs). Returns :class:`RunHealthHandles`."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from clipdiy.pipeline.stages.attempts import LedgerShard
+
     node = ray.get_runtime_context().get_node_id()
-    return (
-        ray.remote(RunHealth)
-        .options(
-            num_cpus=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
-            # Restarted (counts lost, harmlessly) rather than failing every decode task that calls it.
-            max_restarts=-1,
-            max_task_retries=-1,
-        )
-        .remote(stop_after_failed_reads, first_attempt)
-    )
+    if ledger_shards is None:
+        ledger_shards = ledger_shards_for(ray.cluster_resources().get("CPU", 1))
+    options = {
+        "num_cpus": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True),
+        # Restarted (saying so, and what was lost) rather than failing every task that calls it.
+        "max_restarts": -1,
+        "max_task_retries": -1,
+    }
+    reads = ray.remote(RunHealth).options(**options).remote(stop_after_failed_reads, first_attempt)
+    shards = tuple(ray.remote(LedgerShard).options(**options).remote() for _ in range(ledger_shards))
+    return RunHealthHandles(reads, shards)
+
+
+def report_reads(health, ok: int, failed: Mapping[str, int], sample: str | None = None) -> str | None:
+    """A decode batch's reads to the run's :class:`RunHealth` (through ``health``, its handles);
+    the verdict when reads are broken run-wide. All-ok batches wait for nothing; a batch with
+    failed reads waits for the verdict. (Each batch's good reads are sent at once, not gathered:
+    :meth:`RunHealth.judge_not_found` weighs missing objects against the reads found so far.)"""
+    import ray
+
+    if not failed:
+        health.reads.record_reads.remote(ok, {})
+        return None
+    return ray.get(health.reads.record_reads.remote(ok, dict(failed), sample))
 
 
 class ErrorBudget:

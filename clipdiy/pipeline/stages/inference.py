@@ -6,9 +6,14 @@ driver computed once for the whole run, so no actor encodes prompts. It runs
 on a batch is retried image by image, and images that still fail become error rows of kind
 ``model``; the job goes on.
 
+Memory: a batch runs in groups whose images' summed estimates (``Segmenter.working_bytes``) fit
+``--max-image-memory-gb``, so images that each fit but together do not are split before they run.
+A group that still runs out of memory is halved, down to single images; an image out of memory on
+its own (twice, the cache released in between) is a ``too_large`` row, and the actor goes on.
+Every image that fits alone is labelled exactly as alone (the methods decide per image).
+
 A CUDA error that poisons the actor (a device-side assert, an illegal address: every later
-call on that device fails too), or an out-of-memory error that persists after halving the batch,
-is not about the images: the actor's process exits, Ray restarts the actor (Ray Data's actor pools
+call on that device fails too) is not about the images: the actor's process exits, Ray restarts the actor (Ray Data's actor pools
 default to ``max_restarts=-1``) and retries its batch on the fresh one. The run's
 :class:`~clipdiy.pipeline.stages.health.RunHealth` counts poisonings per batch, so a batch that poisons
 a fresh actor as well gets ``model`` error rows (and the actor restarts before its next batch)
@@ -34,6 +39,7 @@ import pyarrow as pa
 from clipdiy.errors import ActorStartError, ClipdiyError
 from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
 from clipdiy.pipeline.stages import health
+from clipdiy.pipeline.stages.attempts import AttemptLedger, WorkerLost
 from clipdiy.segmentation.config import SegmenterConfig
 
 logger = logging.getLogger(__name__)
@@ -87,12 +93,31 @@ _POISONING_MARKERS = (
 POISONINGS_PER_BATCH = 2
 
 
+#: Messages of allocation failures: CUDA's, and torch's CPU allocator's (``DefaultCPUAllocator:
+#: can't allocate memory``), which a CPU actor raises where the kernel lets it.
+_OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """An accelerator out-of-memory error (``torch.OutOfMemoryError`` or its message)."""
+    """An out-of-memory error of the device or the host allocator (``torch.OutOfMemoryError``,
+    ``MemoryError``, or their messages)."""
     import torch
 
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(error, oom)) or "out of memory" in str(error).lower()
+    if (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return any(marker in text for marker in _OUT_OF_MEMORY_MARKERS)
+
+
+class TooLarge(Exception):
+    """Stands for the output of an image too large for the worker's memory (a ``too_large`` row):
+    over the bound by its estimate, or out of memory on its own."""
+
+
+def one_line_error(error: BaseException) -> str:
+    """``Type: first line`` of an exception."""
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def is_poisoning_error(error: BaseException) -> bool:
@@ -172,6 +197,85 @@ class SegmentBatch:
                 self._warn_large = False
                 return
 
+    def _predict(self, prepared: list, key: str) -> list:
+        """Outputs (or, per image, the exception that stands for its error row) of a batch, in order.
+
+        The batch runs in groups whose summed working memory fits the bound (:meth:`_memory_groups`),
+        so images that each fit but together do not are split before anything runs. A group that
+        still runs out of memory is halved, down to single images (:meth:`_predict_halving`); an
+        image is computed on its own exactly as in a batch (the methods decide per image), so a
+        split changes no label."""
+        outputs: list = []
+        for group in self._memory_groups(prepared):
+            outputs.extend(self._predict_halving([prepared[i] for i in group], key))
+            if self._exit_before_next:  # the device is poisoned: the rest gets no more calls
+                return outputs + [outputs[-1]] * (len(prepared) - len(outputs))
+        return outputs
+
+    def _memory_groups(self, prepared: list) -> list[list[int]]:
+        """Consecutive index groups of ``prepared`` whose summed estimate
+        (``Segmenter.working_bytes``) stays within the bound: one group when there is no bound or
+        no estimate. (An image over the bound alone was refused before, as ``too_large``.)"""
+        estimate = getattr(self.segmenter, "working_bytes", None)
+        bound = self.max_image_bytes_in_memory
+        if bound is None or estimate is None or len(prepared) < 2:
+            return [list(range(len(prepared)))]
+        groups: list[list[int]] = [[]]
+        held = 0
+        for index, item in enumerate(prepared):
+            need = int(estimate(item))
+            if groups[-1] and held + need > bound:
+                groups.append([])
+                held = 0
+            groups[-1].append(index)
+            held += need
+        if len(groups) > 1:
+            logger.info("a batch of %d images needs more than --max-image-memory-gb %g at once: run as %d groups",
+                        len(prepared), bound / 1024**3, len(groups))
+        return groups
+
+    def _predict_halving(self, prepared: list, key: str) -> list:
+        """Outputs of ``prepared`` (one predict call), in halves while it runs out of memory; an
+        image out of memory on its own is tried once more after the cache is released, then it
+        is an :class:`TooLarge` (a ``too_large`` row), and the actor goes on. A failure
+        other than memory is retried image by image, so one bad image only costs itself."""
+        try:
+            return self.segmenter.predict(prepared)
+        except Exception as error:
+            if is_poisoning_error(error):
+                return self._poisoned(error, key, len(prepared))
+            if not is_out_of_memory(error):
+                logger.exception("segmenter failed on a batch of %d images; retrying them one by one", len(prepared))
+                self._release_memory()
+                return self._predict_each(prepared, key)
+            self._release_memory()
+            if len(prepared) > 1:
+                half = len(prepared) // 2
+                logger.warning("out of memory on a batch of %d images; retrying it in halves", len(prepared))
+                first = self._predict_halving(prepared[:half], key)
+                if self._exit_before_next:
+                    return first + [first[-1]] * (len(prepared) - half)
+                return first + self._predict_halving(prepared[half:], key)
+            return self._predict_alone_again(prepared[0], error, key)
+
+    def _predict_alone_again(self, item, error: BaseException, key: str) -> list:
+        """One image ran out of memory on its own: once more (the allocator's cache released, a
+        fragmented heap is not the image's fault), else its row says so."""
+        try:
+            return self.segmenter.predict([item])
+        except Exception as again:
+            if is_poisoning_error(again):
+                return self._poisoned(again, key, 1)
+            self._release_memory()
+            if not is_out_of_memory(again):
+                logger.exception("segmenter failed on one image")
+                return [again]
+            height, width = item.original_size
+            logger.warning("out of memory labelling a %d x %d image on its own: a too_large row", width, height)
+            return [TooLarge(
+                f"labelling this {width} x {height} image ran out of memory on its own, twice "
+                f"({one_line_error(again)}); not labelled (a worker with more memory can label it)")]
+
     def _predict_each(self, prepared: list, key: str) -> list:
         """Outputs image by image; a failing image gives its exception instead of an output."""
         results = []
@@ -179,35 +283,15 @@ class SegmentBatch:
             try:
                 results.extend(self.segmenter.predict([item]))
             except Exception as error:  # becomes this image's error row (kind "model")
-                if is_poisoning_error(error) or is_out_of_memory(error):
-                    return self._poisoned(error, key, len(prepared))
-                logger.exception("segmenter failed on one image")
+                if is_poisoning_error(error):
+                    return results + self._poisoned(error, key, len(prepared) - len(results))
                 self._release_memory()
+                if is_out_of_memory(error):
+                    results.extend(self._predict_alone_again(item, error, key))
+                    continue
+                logger.exception("segmenter failed on one image")
                 results.append(error)
         return results
-
-    def _predict(self, prepared: list, key: str) -> list:
-        """Outputs of a batch: whole, else in halves on out of memory, else image by image."""
-        try:
-            return self.segmenter.predict(prepared)
-        except Exception as error:
-            if is_poisoning_error(error):
-                return self._poisoned(error, key, len(prepared))
-            if is_out_of_memory(error):
-                self._release_memory()
-                if len(prepared) == 1:
-                    return self._poisoned(error, key, 1)
-                half = len(prepared) // 2
-                logger.warning("out of memory on a batch of %d images; retrying it in halves", len(prepared))
-                try:
-                    return self.segmenter.predict(prepared[:half]) + self.segmenter.predict(prepared[half:])
-                except Exception as again:  # noqa: BLE001 - judged below, else retried image by image
-                    if is_poisoning_error(again) or is_out_of_memory(again):
-                        return self._poisoned(again, key, len(prepared))
-            # Retried image by image below, so one bad image only costs itself.
-            logger.exception("segmenter failed on a batch of %d images; retrying them one by one", len(prepared))
-            self._release_memory()
-            return self._predict_each(prepared, key)
 
     def _poisoned(self, error: BaseException, key: str, count: int) -> list:
         """The device is unusable: exit (Ray restarts the actor, retries the batch), or, when this
@@ -265,22 +349,28 @@ class SegmentBatch:
         """Outputs (or exceptions) of the images ``image_ids`` (one per prepared input)."""
         return self._predict(prepared, key)
 
-    def _predict_one_by_one(self, image_ids: list[str], prepared: list, key: str, attempt) -> list:
+    def _predict_one_by_one(self, image_ids: list[str], payloads: list, key: str, attempt) -> list:
         """Earlier attempts at this batch died: each image on its own, registered before it is
-        touched; those an earlier attempt died on get a ``worker_lost`` row instead."""
-        from clipdiy.pipeline.stages.health import WorkerLost
-
+        unpickled and touched (and none after the last, so a death while packing the outputs falls
+        on no image); those counted deaths followed get a ``worker_lost`` row instead."""
         outputs: list = []
-        for image_id, item in zip(image_ids, prepared):
+        for image_id, payload in zip(image_ids, payloads):
             if image_id in attempt.lost:
-                outputs.append(WorkerLost(attempt.lost_message()))
+                outputs.append(WorkerLost(attempt.lost_message(image_id)))
                 continue
             attempt.start(image_id)
+            item = pickle.loads(payload.as_buffer())
+            refusal = self._too_large([item])[0]
+            if refusal is not None:
+                outputs.append(TooLarge(refusal))
+                continue
+            self._check_saliency_cost([item])
             outputs.extend(self._predict_images([image_id], [item], key))
+            del item
+        attempt.start(None)
         return outputs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from clipdiy.pipeline.stages.health import AttemptLedger, WorkerLost
         from clipdiy.pipeline.stages.rows import saliency_preview
         from clipdiy.segmentation.segmenter import ModelOutput
 
@@ -291,32 +381,33 @@ class SegmentBatch:
         status = batch.column("status").to_pylist()
         ok = [i for i, s in enumerate(status) if s == "ok"]
         payloads = batch.column("payload")
-        prepared = [pickle.loads(payloads[i].as_buffer()) for i in ok]
         error_kind = batch.column("error_kind").to_pylist()
         error = batch.column("error").to_pylist()
-        # An image whose working memory would exceed the bound is refused before any work: an
-        # OOM kill would cost the actor, and the batch's other images their retries.
-        refused = self._too_large(prepared)
-        for i, message in zip(ok, refused):
-            if message is not None:
-                status[i], error_kind[i], error[i] = "error", "too_large", message
-        prepared = [item for item, message in zip(prepared, refused) if message is None]
-        ok = [i for i, message in zip(ok, refused) if message is None]
-        self._check_saliency_cost(prepared)
-        ok_ids = [image_ids[i] for i in ok]
         key = health.batch_key(image_ids)
-        if not prepared:
-            outputs: list = []
-        elif attempt.one_by_one:
-            outputs = self._predict_one_by_one(ok_ids, prepared, key, attempt)
+        if attempt.one_by_one:
+            # Image by image from the start, unpickling included: the estimate's refusal
+            # (too_large) happens inside each image's turn.
+            outputs = self._predict_one_by_one([image_ids[i] for i in ok], [payloads[i] for i in ok], key, attempt)
         else:
-            outputs = self._predict_images(ok_ids, prepared, key)
-        del prepared
+            prepared = [pickle.loads(payloads[i].as_buffer()) for i in ok]
+            # An image whose working memory would exceed the bound is refused before any work: an
+            # OOM kill would cost the actor, and the batch's other images their retries.
+            refused = self._too_large(prepared)
+            for i, message in zip(ok, refused):
+                if message is not None:
+                    status[i], error_kind[i], error[i] = "error", "too_large", message
+            prepared = [item for item, message in zip(prepared, refused) if message is None]
+            ok = [i for i, message in zip(ok, refused) if message is None]
+            self._check_saliency_cost(prepared)
+            outputs = self._predict_images([image_ids[i] for i in ok], prepared, key) if prepared else []
+            del prepared
 
         new_payload: list[bytes | None] = [None] * batch.num_rows
         for i, output in zip(ok, outputs):
             if isinstance(output, WorkerLost):
                 status[i], error_kind[i], error[i] = "error", "worker_lost", str(output)
+            elif isinstance(output, TooLarge):
+                status[i], error_kind[i], error[i] = "error", "too_large", str(output)
             elif isinstance(output, Exception):
                 status[i] = "error"
                 error_kind[i] = "model"

@@ -2,11 +2,19 @@
 
 ``finalize`` brings each label map back to the original resolution, masks are COCO RLE encoded,
 and the soft saliency map is kept as a small 8-bit PNG for previews.
+
+One image whose rows cannot be built costs its own row, as in decode and inference: an exception
+while building them is its error row (``too_large`` when out of memory, else ``unsupported``),
+and a process killed while building them is counted by the run's attempt ledger
+(:mod:`~clipdiy.pipeline.stages.attempts`, stage ``rows``): after ``--max-worker-deaths`` counted
+deaths the batch is built image by image and an image that deaths followed gets a
+``worker_lost`` row.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +29,8 @@ from clipdiy.schema import LABEL_SCHEMA_VERSION, label_schema
 from clipdiy.pipeline.stages.expand import ADDRESS_FIELDS
 from clipdiy.segmentation.segmenter import ModelOutput, Provenance, finalize
 from clipdiy.uris import redact_text
+
+logger = logging.getLogger(__name__)
 
 #: Longer side of the saliency preview PNG.
 SALIENCY_PREVIEW_SIDE = 64
@@ -84,8 +94,23 @@ def label_fields(output: ModelOutput, class_names: Sequence[str]) -> dict[str, A
     }
 
 
-def build_rows(batch: pa.Table, context: RowContext) -> pa.Table:
-    """Label rows (schema ``label_schema()``) of a batch carrying listing, status and payload columns."""
+def _error_fields(error: BaseException) -> dict[str, Any]:
+    """The error columns of an image whose rows could not be built."""
+    from clipdiy.pipeline.stages.inference import is_out_of_memory, one_line_error
+
+    kind = "too_large" if is_out_of_memory(error) else "unsupported"
+    return {"status": "error", "error_kind": kind,
+            "error": redact_text(f"building this image's label row failed: {one_line_error(error)}")}
+
+
+def build_rows(batch: pa.Table, context: RowContext, health=None, max_worker_deaths: int | None = None) -> pa.Table:
+    """Label rows (schema ``label_schema()``) of a batch carrying listing, status and payload columns.
+
+    ``health``: the run's :class:`~clipdiy.pipeline.stages.health.RunHealthHandles` (None: no
+    attempt ledger); ``max_worker_deaths``: counted deaths on a batch before it goes image by image."""
+    from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
+    from clipdiy.pipeline.stages.attempts import AttemptLedger
+
     provenance = context.provenance
     shared = {
         "schema_version": LABEL_SCHEMA_VERSION,
@@ -107,6 +132,8 @@ def build_rows(batch: pa.Table, context: RowContext) -> pa.Table:
         ["image_id", "uri", "source_size", "source_etag", "source_mtime", "status", "error_kind", "error", "width", "height"]
         + [f.name for f in ADDRESS_FIELDS if f.name in batch.column_names]
     ).to_pylist()
+    attempt = AttemptLedger(health, "rows", max_worker_deaths or DEFAULT_MAX_WORKER_DEATHS).begin(
+        [row["image_id"] for row in columns])
     payloads = batch.column("payload")
     rows = []
     for index, row in enumerate(columns):
@@ -118,8 +145,38 @@ def build_rows(batch: pa.Table, context: RowContext) -> pa.Table:
         row["error"] = redact_text(row["error"])
         row.update(masks=None, class_scores=None, foreground_fraction=None, saliency_png=None)
         if row["status"] == "ok":
-            output: ModelOutput = pickle.loads(payloads[index].as_buffer())
-            row.update(label_fields(output, context.class_names))
+            if row["image_id"] in attempt.lost:
+                row.update(status="error", error_kind="worker_lost", error=attempt.lost_message(row["image_id"]))
+            else:
+                attempt.start(row["image_id"])
+                try:
+                    output: ModelOutput = pickle.loads(payloads[index].as_buffer())
+                    row.update(label_fields(output, context.class_names))
+                except Exception as error:
+                    logger.exception("cannot build the label row of %s", row["image_id"])
+                    row.update(_error_fields(error), **_NO_LABELS)
         rows.append(row)
-    return pa.Table.from_pylist(rows, schema=label_schema())
+    attempt.start(None)  # done with the images: a death while the table is built falls on none
+    table = _rows_table(rows)
+    attempt.end()
+    return table
 
+
+_NO_LABELS = {"masks": None, "class_scores": None, "foreground_fraction": None, "saliency_png": None}
+
+
+def _rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """The rows as a table of ``label_schema()``; a row the schema cannot hold (a value out of
+    its types' range, say) becomes its error row instead of failing the batch."""
+    schema = label_schema()
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        pass
+    for row in rows:
+        try:
+            pa.Table.from_pylist([row], schema=schema)
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as error:
+            logger.error("the label row of %s does not fit the schema: %s", row["image_id"], error)
+            row.update(_error_fields(error), **_NO_LABELS)
+    return pa.Table.from_pylist(rows, schema=schema)
