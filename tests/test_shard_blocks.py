@@ -1,7 +1,7 @@
 """The blocks the decode tasks take over shards are the size they are over loose objects, whatever
 the shard's size: a shard is no longer one decode task (issue 24, the job's cost over shards).
 
-A decode task's retry budget (``health.ray_task_retries``) counts on a task holding at most
+A decode task's retry budget (``attempts.ray_task_retries``) counts on a task holding at most
 ``LISTING_BATCHES_PER_BLOCK`` decode batches (plus a remainder Ray Data bundles in front of a
 full block); before the cut, Ray Data joined a shard's yielded blocks into one block of up to
 128 MiB, so a shard of 500 thumbnails was one decode task of 500 rows."""

@@ -44,7 +44,7 @@ def shard_streams() -> int:
 def shard_block_rows(config: LabelJobConfig) -> int:
     """Samples per block leaving the shard-expanding stage: what a listing block of loose objects
     holds (``LISTING_BATCHES_PER_BLOCK`` decode batches), whatever the shard's size. The decode
-    tasks' retry budget (``health.ray_task_retries``) counts on blocks no larger."""
+    tasks' retry budget (``attempts.ray_task_retries``) counts on blocks no larger."""
     return config.decode_batch_size * LISTING_BATCHES_PER_BLOCK
 
 
