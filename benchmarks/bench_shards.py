@@ -25,12 +25,16 @@ yours). Where the machine is shared the CPU figure is the one to compare.
 ``--part job``: the labelling job with the benchmark-only free model (``free_method.py``: the
 method's input preparation and output shapes, no forward) over the same shards written to a
 local folder, on a local Ray of ``--cores`` CPUs, against a bare loop reading the same shards
-with Python's ``tarfile`` and decoding on ``--cores`` processes. Reported: images per CPU-second
-of each (the job's CPU time from ``/proc`` over its process tree, a one-shard run differenced
-out as ``bench_pipeline_overhead.py --free`` does) and their ratio (goal >= 0.5).
+with Python's ``tarfile`` and decoding on ``--cores`` processes, and against a bare loop of the
+job's own work (``WorkLoop``: the job's shard reader, decode and the method's preparation, the
+free model, label rows and Parquet, called in ``--cores`` forked processes, no Ray). Reported:
+images per CPU-second of each (the job's CPU time from ``/proc`` over its process tree, a
+one-shard run differenced out as ``bench_pipeline_overhead.py --free`` does), the ratios (goal
+>= 0.5), and the job's processes per role (how many worker processes the run started).
 
     nice -n 10 python benchmarks/bench_shards.py --images 10000 --shards 10 --latency-ms 20
     python benchmarks/bench_shards.py --part job --images 10000 --shards 10 --free naclip
+    python benchmarks/bench_shards.py --part job --images 5000 --shards 10 --tenth   # two sizes 10x apart
 """
 
 from __future__ import annotations
@@ -321,6 +325,77 @@ def bare_shard_loop(paths: list[Path]) -> tuple[int, float]:
     return images, time.process_time() - before
 
 
+class WorkLoop:
+    """The job's own stage functions called in one process, no Ray: each shard streamed by the
+    job's reader (``ExpandShards``), decoded and prepared by the method (``DecodeBatch``), the free
+    model (``SegmentBatch``), label rows (``build_rows``) and Parquet (``encode_shard``), in the
+    job's batch sizes. What the job does per image, short of moving it between processes."""
+
+    def __init__(self, segmenter, batch_size: int, decode_batch_size: int):
+        import dataclasses
+        import datetime as dt
+
+        from clipdiy.pipeline.config import LabelJobConfig
+        from clipdiy.pipeline.stages.decode import DecodeBatch
+        from clipdiy.pipeline.stages.driver_models import resolve_models
+        from clipdiy.pipeline.stages.expand import ExpandShards
+        from clipdiy.pipeline.stages.inference import SegmentBatch
+        from clipdiy.pipeline.stages.rows import RowContext
+        from clipdiy.segmentation.models.saliency import saliency_input_side
+
+        job = LabelJobConfig(input="unused", output="unused", segmenter=segmenter)
+        models = resolve_models(job)
+        side = saliency_input_side(segmenter.saliency)
+        self.batch_size, self.decode_batch_size = batch_size, decode_batch_size
+        self.expand = ExpandShards(job.storage, "webdataset", decode_batch_size, job.max_image_bytes)
+        self.decode = DecodeBatch(job.storage, segmenter.mode, job.max_pixels, 1, saliency_max_side=side,
+                                  segmenter_config=dataclasses.replace(
+                                      segmenter, saliency=dataclasses.replace(segmenter.saliency, max_side=side)))
+        self.predict = SegmentBatch(segmenter, models.text_embeddings, num_threads=1)
+        self.context = RowContext("bench", dt.datetime.now(dt.timezone.utc), models.provenance, models.class_names)
+
+    def shard(self, path: Path) -> int:
+        """Label every sample of the shard at ``path``: the number of ok rows."""
+        import pyarrow as pa
+
+        from clipdiy.pipeline.stages.rows import build_rows
+        from clipdiy.pipeline.stages.writer import encode_shard
+
+        row = pa.table({"uri": [str(path)], "image_id": [path.name], "source_size": [path.stat().st_size],
+                        "source_etag": pa.array([None], pa.string()),
+                        "source_mtime": pa.array([None], pa.timestamp("us", tz="UTC"))})
+        samples = pa.concat_tables(list(self.expand(row)))
+        decoded = pa.concat_tables([self.decode(samples.slice(first, self.decode_batch_size))
+                                    for first in range(0, samples.num_rows, self.decode_batch_size)])
+        labelled = pa.concat_tables([build_rows(self.predict(decoded.slice(first, self.batch_size)), self.context)
+                                     for first in range(0, decoded.num_rows, self.batch_size)])
+        encode_shard(labelled)
+        return sum(status == "ok" for status in labelled.column("status").to_pylist())
+
+
+_WORK: WorkLoop | None = None  # the forked processes' copy (built before the fork)
+
+
+def work_loop(paths: list[Path]) -> tuple[int, float]:
+    """``WorkLoop`` over ``paths`` in this process: (images labelled, CPU seconds)."""
+    before = time.process_time()
+    images = sum(_WORK.shard(path) for path in paths)
+    return images, time.process_time() - before
+
+
+def role_processes(cpu) -> str:
+    """Processes and CPU seconds per role of a ``CpuAccount``: how many worker processes a run started."""
+    from collections import defaultdict
+
+    roles: dict[str, list[float]] = defaultdict(list)
+    for pid, (name, start) in cpu.first.items():
+        role = "driver" if pid == os.getpid() else name.split("(")[-1].rstrip(")") if name.startswith("ray::") else name
+        roles[role].append(cpu.last.get(pid, start) - start)
+    ranked = sorted(roles.items(), key=lambda item: -sum(item[1]))
+    return ", ".join(f"{role} {len(seconds)} x ({' '.join(f'{s:.1f}' for s in sorted(seconds, reverse=True)[:6])})"
+                     for role, seconds in ranked if sum(seconds) >= 0.5)
+
+
 def part_job(args) -> None:
     import tempfile
 
@@ -339,6 +414,9 @@ def part_job(args) -> None:
         workdir = Path(tmp)
         write_local_shards(workdir / "shards", images, args.shards)
         write_local_shards(workdir / "one-shard", images[:args.batch_size], 1)
+        tenth = len(images) // 10
+        if args.tenth:  # the same number of shards, a tenth of the samples: differencing cancels each run's start-up
+            write_local_shards(workdir / "tenth", images[:tenth], args.shards)
         method = FREE_NACLIP if args.free == "naclip" else FREE_CLIPDIY
         segmenter = SegmenterConfig(method=method, vocabulary="voc", clip=make_clip_config(workdir / "clip", arch="tiny"),
                                     saliency=SaliencyConfig(backend="none"), device="cpu")
@@ -355,6 +433,19 @@ def part_job(args) -> None:
         bare_rate = bare_images / bare_cpu
         print(f"bare tarfile read+decode loop: {bare_images / bare_wall:.1f} images/s on {args.cores} processes, "
               f"{bare_rate:.1f} images per CPU-second; {load_average()}", flush=True)
+        global _WORK
+        _WORK = WorkLoop(segmenter, args.batch_size, args.decode_batch_size)
+        with multiprocessing.get_context("fork").Pool(args.cores) as pool:
+            pool.map(work_loop, [tars[:1]] * args.cores)  # every output size once, imports: not timed
+            started = time.perf_counter()
+            results = pool.map(work_loop, [tars[i::args.cores] for i in range(args.cores)])
+            work_wall = time.perf_counter() - started
+        work_images, work_cpu = sum(r[0] for r in results), sum(r[1] for r in results)
+        assert work_images == len(images)
+        work_rate = work_images / work_cpu
+        print(f"bare loop of the job's work (read, decode, the method's preparation, free model, rows, Parquet; no "
+              f"Ray): {work_images / work_wall:.1f} images/s on {args.cores} processes, {work_rate:.1f} images per "
+              f"CPU-second ({1000 / work_rate:.2f} ms/image); {load_average()}", flush=True)
 
         if args.compare_loose:  # the same images as loose local files, for the job's per-image cost without shards
             for folder, chosen in (("loose", images), ("one-batch", images[:args.batch_size])):
@@ -375,6 +466,10 @@ def part_job(args) -> None:
             job(workdir / "one-shard", workdir / "warm-up")  # worker processes and imports, not timed
             with CpuAccount() as first_cpu:
                 first = job(workdir / "one-shard", workdir / "labels-one-shard")
+            if args.tenth:
+                with CpuAccount() as tenth_cpu:
+                    tenth_summary = job(workdir / "tenth", workdir / "labels-tenth")
+                assert tenth_summary.ok == tenth, tenth_summary.line()
             with CpuAccount() as cpu, DatasetStats() as stages:
                 summary = job(workdir / "shards", workdir / "labels")
             assert summary.ok == len(images), summary.line()
@@ -394,6 +489,18 @@ def part_job(args) -> None:
               f"{1 / marginal:.1f} beyond a one-shard run ({marginal * 1000:.1f} ms/image); bare loop {bare_rate:.1f} "
               f"({1000 / bare_rate:.1f} ms/image) -> ratio {1 / marginal / bare_rate:.2f} whole-run "
               f"{len(images) / cpu.seconds / bare_rate:.2f} (goal >= 0.50)", flush=True)
+        print(f"job over shards against the bare loop of the same work: {1 / marginal / work_rate:.2f} beyond a "
+              f"one-shard run, {len(images) / cpu.seconds / work_rate:.2f} whole run; the job's CPU above that loop's: "
+              f"{(marginal - 1 / work_rate) * 1000:.2f} ms/image beyond a one-shard run", flush=True)
+        print(f"processes of the job (count x CPU s): {role_processes(cpu)}", flush=True)
+        if args.tenth:
+            between = (cpu.seconds - tenth_cpu.seconds) / (len(images) - tenth)
+            print(f"CPU time of the job over {tenth} images in {args.shards} shards: {tenth_cpu.line()}", flush=True)
+            print(f"processes of that job (count x CPU s): {role_processes(tenth_cpu)}", flush=True)
+            print(f"job over shards between {tenth} and {len(images)} images (start-up cancelled): "
+                  f"{between * 1000:.2f} ms/image; bare loop of the same work {1000 / work_rate:.2f} ms/image -> ratio "
+                  f"{1 / between / work_rate:.2f}; above that loop: {(between - 1 / work_rate) * 1000:.2f} ms/image; "
+                  f"against the bare read+decode loop: {1 / between / bare_rate:.3f}; {load_average()}", flush=True)
         print(f"job: {summary.images_per_second:.1f} images/s labelling phase ({summary.line()}); bare loop "
               f"{bare_images / bare_wall:.1f} images/s; {load_average()}", flush=True)
         if args.compare_loose:
@@ -420,6 +527,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="job: inference batch (and the one-shard run's size)")
     parser.add_argument("--decode-batch-size", type=int, default=16)
     parser.add_argument("--rows-per-file", type=int, default=2048)
+    parser.add_argument("--tenth", action="store_true",
+                        help="job: also the job over a tenth of the images in as many shards, differenced out")
     parser.add_argument("--compare-loose", action="store_true",
                         help="job: also the job over the same images as loose local files")
     args = parser.parse_args()

@@ -285,3 +285,39 @@ def test_a_manifest_of_shard_uris_is_a_webdataset_input(tmp_path):
     assert detect_input_format(str(manifest)) == "webdataset"
     sources = list(iter_shard_sources(str(manifest), "webdataset"))
     assert [s.image_id for s in sources] == ["s/00001.tar", "s/00000.tar"]
+
+
+_texts = st.none() | st.text(alphabet=string.ascii_letters + ":/?=&@.", max_size=40)
+
+
+@settings(max_examples=40)
+@given(samples=st.lists(st.tuples(st.text(min_size=1, max_size=8), _texts, st.none() | st.integers(0, 2**40),
+                                  st.none() | st.binary(max_size=16), _texts, _texts,
+                                  st.none() | st.integers(0, 9)), max_size=12),
+       etag=st.none() | st.text(max_size=6), mtime=st.none() | st.integers(0, 2**40), parquet=st.booleans())
+def test_a_block_gathered_by_columns_equals_the_rows_written_out_one_by_one(samples, etag, mtime, parquet):
+    """The expanding stage's blocks are built column by column; the table is the one a dict per
+    sample would make: the shard's columns repeated, errors redacted, nulls kept."""
+    import datetime as dt
+
+    from clipdiy.pipeline.sources.webdataset import ShardSample
+    from clipdiy.pipeline.stages.expand import SAMPLE_SCHEMA, _SampleColumns
+    from clipdiy.uris import redact_text
+
+    when = None if mtime is None else dt.datetime.fromtimestamp(mtime / 1e6, dt.timezone.utc)
+    shard = {"uri": "s3://b/x/00000.tar", "image_id": "00000.tar", "source_size": 99, "source_etag": etag,
+             "source_mtime": when}
+    block, expected = _SampleColumns(), []
+    for key, url, offset, data, kind, error, group in samples:
+        sample = ShardSample(f"00000.tar/{key}", key, offset, None if offset is None else 7, data, kind, error, url)
+        extra = {"row_group": group, "row": None if group is None else 3} if parquet else {}
+        block.add(sample, extra)
+        expected.append({
+            "uri": shard["uri"], "image_id": sample.image_id, "source_size": 99, "source_etag": etag,
+            "source_mtime": when, "source_format": "parquet" if parquet else "webdataset", "source_uri": shard["uri"],
+            "source_offset": offset, "source_length": sample.length, "source_row_group": extra.get("row_group"),
+            "source_row": extra.get("row"), "sample_key": key, "origin_url": url, "image_bytes": data,
+            "preset_error_kind": kind, "preset_error": redact_text(error)})
+    table = block.table(shard, "parquet" if parquet else "webdataset")
+    assert table.schema == SAMPLE_SCHEMA and block.rows == len(samples)
+    assert table.equals(pa.Table.from_pylist(expected, schema=SAMPLE_SCHEMA))

@@ -41,6 +41,44 @@ def shard_streams() -> int:
     return int(ray.cluster_resources().get("CPU", 2))
 
 
+def shard_block_rows(config: LabelJobConfig) -> int:
+    """Samples per block leaving the shard-expanding stage: what a listing block of loose objects
+    holds (``LISTING_BATCHES_PER_BLOCK`` decode batches), whatever the shard's size. The decode
+    tasks' retry budget (``attempts.ray_task_retries``) counts on blocks no larger."""
+    return config.decode_batch_size * LISTING_BATCHES_PER_BLOCK
+
+
+def expand_shards(pending, config: LabelJobConfig, health=None):
+    """Shard rows -> sample rows (``stages/expand.py``) in blocks of :func:`shard_block_rows` rows.
+
+    One task per shard streams it. Ray Data joins what a task yields into blocks of up to
+    ``DataContext.target_max_block_size`` bytes (a whole shard of thumbnails: one block, one decode
+    task per shard), so a streaming repartition after it cuts them back: decode tasks take blocks
+    of the same size as over loose objects, however large a shard is (and as many decode tasks run
+    as there are CPUs, even over fewer shards). The cut costs the sample bytes one more trip
+    through the object store (slices of the expanded blocks, nothing re-encoded) and, on a small
+    node, a few more worker processes started per run (``docs/benchmarks/shards.md``); no CPU
+    per image was measured."""
+    import ray.data
+
+    from clipdiy.pipeline.stages.expand import ExpandShards
+
+    rows = shard_block_rows(config)
+    samples = pending.repartition(target_num_rows_per_block=1).map_batches(  # a shard per task
+        ExpandShards(config.storage, config.input_format, rows, config.max_image_bytes,
+                     config.image_column, config.id_column, health),
+        batch_size=1,
+        batch_format="pyarrow",
+        # Waits on the store mostly (the decoding is the next stage's): no CPU reserved, a
+        # bounded pool instead, so that a paused stream does not hold a CPU decode needs.
+        num_cpus=0,
+        # As many shards streamed at once as decode tasks may run (one per CPU by default).
+        compute=ray.data.TaskPoolStrategy(size=max(2, config.decode_concurrency or shard_streams())),
+        udf_modifying_row_count=True,
+    )
+    return samples.repartition(target_num_rows_per_block=rows)
+
+
 def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, placement: InferencePlacement, health=None):
     """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
     rows -> shard stats.
@@ -85,21 +123,7 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
     target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
     if (config.input_format or "files") != "files":
-        # One task per shard streams it (stages/expand.py): samples leave in decode-sized blocks.
-        from clipdiy.pipeline.stages.expand import ExpandShards
-
-        pending = pending.repartition(target_num_rows_per_block=1).map_batches(  # a shard per task
-            ExpandShards(config.storage, config.input_format, config.decode_batch_size, config.max_image_bytes,
-                         config.image_column, config.id_column, health),
-            batch_size=1,
-            batch_format="pyarrow",
-            # Waits on the store mostly (the decoding is the next stage's): no CPU reserved, a
-            # bounded pool instead, so that a paused stream does not hold a CPU decode needs.
-            num_cpus=0,
-            # As many shards streamed at once as decode tasks may run (one per CPU by default).
-            compute=ray.data.TaskPoolStrategy(size=max(2, config.decode_concurrency or shard_streams())),
-            udf_modifying_row_count=True,
-        )
+        pending = expand_shards(pending, config, health)
     ds = pending.map_batches(
         decode,
         batch_size=config.decode_batch_size,

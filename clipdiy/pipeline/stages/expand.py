@@ -100,34 +100,14 @@ class ExpandShards:
         names = batch.column_names
         for row in batch.to_pylist():
             skip = frozenset(row.get(SKIP_IDS) or ()) if SKIP_IDS in names else frozenset()
-            rows: list[dict] = []
+            block = _SampleColumns()
             for sample, extra in self._samples(row, skip):
-                rows.append(self._row(row, sample, extra))
-                if len(rows) >= self.block_rows:
-                    yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-                    rows = []
-            if rows:
-                yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-
-    def _row(self, shard: dict, sample: ShardSample, extra: dict) -> dict:
-        return {
-            "uri": shard["uri"],
-            "image_id": sample.image_id,
-            "source_size": shard["source_size"],
-            "source_etag": shard["source_etag"],
-            "source_mtime": shard["source_mtime"],
-            "source_format": self.input_format,
-            "source_uri": shard["uri"],
-            "source_offset": sample.offset,
-            "source_length": sample.length,
-            "source_row_group": extra.get("row_group"),
-            "source_row": extra.get("row"),
-            "sample_key": sample.sample_key,
-            "origin_url": sample.origin_url,
-            IMAGE_BYTES: sample.data,
-            PRESET_KIND: sample.error_kind,
-            PRESET_ERROR: redact_text(sample.error),
-        }
+                block.add(sample, extra)
+                if block.rows >= self.block_rows:
+                    yield block.table(row, self.input_format)
+                    block = _SampleColumns()
+            if block.rows:
+                yield block.table(row, self.input_format)
 
     def _samples(self, shard: dict, skip: frozenset) -> Iterator[tuple[ShardSample, dict]]:
         shard_id, public = shard["image_id"], shard["uri"]
@@ -166,3 +146,40 @@ class ExpandShards:
 
         yield from iter_parquet_samples(handle, shard_id, image_column=self.image_column, id_column=self.id_column,
                                         max_image_bytes=self.max_image_bytes, skip_ids=skip)
+
+
+class _SampleColumns:
+    """One block of a shard's samples, gathered column by column: the shard's own columns (its
+    listing and version, the format) are filled once per block, not copied into a dict per sample."""
+
+    def __init__(self):
+        self.rows = 0
+        self.columns: dict[str, list] = {name: [] for name in (
+            "image_id", "source_offset", "source_length", "source_row_group", "source_row", "sample_key",
+            "origin_url", IMAGE_BYTES, PRESET_KIND, PRESET_ERROR)}
+
+    def add(self, sample: ShardSample, extra: dict) -> None:
+        columns = self.columns
+        columns["image_id"].append(sample.image_id)
+        columns["source_offset"].append(sample.offset)
+        columns["source_length"].append(sample.length)
+        columns["source_row_group"].append(extra.get("row_group"))
+        columns["source_row"].append(extra.get("row"))
+        columns["sample_key"].append(sample.sample_key)
+        columns["origin_url"].append(sample.origin_url)
+        columns[IMAGE_BYTES].append(sample.data)
+        columns[PRESET_KIND].append(sample.error_kind)
+        columns[PRESET_ERROR].append(redact_text(sample.error))
+        self.rows += 1
+
+    def table(self, shard: dict, input_format: str) -> pa.Table:
+        """The block as :data:`SAMPLE_SCHEMA` rows of ``shard`` (a pending shard row)."""
+        shared = {"uri": shard["uri"], "source_size": shard["source_size"], "source_etag": shard["source_etag"],
+                  "source_mtime": shard["source_mtime"], "source_format": input_format, "source_uri": shard["uri"]}
+        arrays = []
+        for field in SAMPLE_SCHEMA:
+            if field.name in shared:
+                arrays.append(pa.repeat(pa.scalar(shared[field.name], type=field.type), self.rows))
+            else:
+                arrays.append(pa.array(self.columns[field.name], type=field.type))
+        return pa.Table.from_arrays(arrays, schema=SAMPLE_SCHEMA)
