@@ -72,7 +72,11 @@ class _Direct:
     """A RunHealth called as the decode stage calls its actor (``.remote``), in this process."""
 
     def __init__(self, health: RunHealth):
+        from clipdiy.pipeline.stages.attempts import LedgerShard
+
         self.health = health
+        self.shards = (LedgerShard(),)  # the attempt ledger, a plain instance
+        self.reads = self  # RunHealthHandles.reads: the read-health actor's calls
 
     def __getattr__(self, name):
         return types.SimpleNamespace(remote=getattr(self.health, name))
