@@ -243,3 +243,26 @@ def test_the_estimate_of_a_100_megapixel_photo_is_its_tile_bound(clip, tiny_clip
     estimate = segmenter.working_bytes(item)
     assert 0.98 * bound <= estimate <= bound, (estimate, bound)
     assert bound < 4e9 < DEFAULT_MAX_IMAGE_MEMORY_GB * 1024**3
+
+
+@settings(max_examples=5, deadline=None)
+@given(pixels=st.integers(1, 3000), seed=st.integers(0, 2**16), scale=st.floats(0.01, 1.0))
+def test_the_decision_weights_repeated_words_as_over_every_column(clip, tiny_clip_config, pixels, seed, scale):
+    """COCO-Object lists "bed" twice: the decision adds log m and divides by m on that column only
+    (the others have m = 1), which must be, to the bit, the softmax of 40 x logits + log m over all
+    columns divided by m, then each class's best query, background under 0.1."""
+    config = SegmenterConfig(method="naclip", vocabulary="naclip-coco-object", clip=tiny_clip_config, saliency=SaliencyConfig(backend="none"), device="cpu")
+    vocabulary = load_vocabulary(config.vocabulary)
+    words, owners = query_words(vocabulary)
+    segmenter = Segmenter(clip, None, vocabulary, config, text_embeddings=torch.zeros(len(words), 8))
+    unique = list(dict.fromkeys(words))
+    multiplicity = torch.tensor([words.count(word) for word in unique], dtype=torch.float32)
+    assert multiplicity.max() == 2
+    logits = torch.randn(1, len(unique), 1, pixels, generator=torch.Generator().manual_seed(seed)) * scale
+    query_probabilities = torch.softmax(logits[0, :, 0].T * 40.0 + multiplicity.log(), dim=-1) / multiplicity
+    best = torch.stack([query_probabilities[:, [unique.index(w) for w, o in zip(words, owners) if o == c]].amax(dim=-1) for c in range(len(vocabulary))], dim=-1)
+    top, labels = best.max(dim=-1)
+    labels[top < 0.1] = 0
+    decision = segmenter.method.decide(logits, None)
+    np.testing.assert_array_equal(decision.labels.view(-1).numpy(), labels.numpy())
+    np.testing.assert_array_equal(decision.probabilities[0, :, 0].T.numpy(), (best / best.sum(dim=-1, keepdim=True)).numpy())
