@@ -4,12 +4,12 @@ side and ``--max-image-memory-gb``), and what its Ray workers held.
 
 The photo (default 12247 x 8165, just under the 100-MP decode guard) is a COCO test photo upscaled
 with noise (tests/large_photo_reference.py), written to ``--workdir``; the model is the random
-ViT-B/16 of tests/model_factories.py, loaded from its checkpoint through the users' path. The
-script runs the job twice, on a 640 x 480 crop of the same photo (one tile: the workers' memory
-with the model loaded and next to nothing else) and on the large photo, and reads every Ray
-worker's peak resident memory from the kernel (``VmHWM`` in /proc, polled once a second: exact
-peaks, not samples); "above the model" is the labelling worker's peak on the large photo less its
-peak on the small one. Then it checks the row: ``ok``, the photo's own size, masks covering every
+ViT-B/16 of tests/model_factories.py, loaded from its checkpoint through the users' path. While
+the job runs, the script reads every Ray worker's peak resident memory from the kernel (``VmHWM``
+in /proc, polled once a second: exact peaks, not samples) and the labelling worker's resident
+memory once its ``__init__`` is over (the model and text side loaded, the photo not yet
+resized: "model"); "above the model" is the difference. Then it checks the row: ``ok``, the
+photo's own size, masks covering every
 pixel once, and on windows of the photo (corners, seeded random windows, corners where four tiles
 meet) exactly the whole-photo path's labels computed without tiles, where their margin exceeds
 float rounding.
@@ -47,11 +47,14 @@ def worker_peaks(stop: threading.Event, peaks: dict[int, dict]) -> None:
                     continue
                 status = (entry / "status").read_text()
                 hwm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+                rss = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
                 cpu = (int(fields[11]) + int(fields[12])) / ticks
             except (OSError, StopIteration, IndexError, ValueError):
                 continue
-            record = peaks.setdefault(int(entry.name), {"titles": set(), "peak": 0, "cpu": 0.0})
+            record = peaks.setdefault(int(entry.name), {"titles": set(), "peak": 0, "cpu": 0.0, "ready": None})
+            if record["ready"] is None and "__init__" not in title and any("__init__" in t for t in record["titles"]):
+                record["ready"] = rss  # the first sample after the actor's __init__: the model loaded
             record["titles"].add(title.split(" ")[0])
             record["peak"] = max(record["peak"], hwm)
             record["cpu"] = max(record["cpu"], cpu)
@@ -108,26 +111,22 @@ def main() -> None:
     width, height = args.size
     work = Path(args.workdir)
     clip = make_clip_config(work / f"clip-{args.arch}", arch=args.arch)
-    large, small = work / f"photo-{width}x{height}", work / "photo-small"
+    large = work / f"photo-{width}x{height}"
     photo = large / "photo.jpg"
     if not photo.exists():
         large.mkdir(parents=True, exist_ok=True)
         source = min((REPO / "tests" / "data").rglob("*.jpg"))
         make_large_photo(source, photo, width, height, seed=100)
-    small.mkdir(parents=True, exist_ok=True)
-    with Image.open(photo) as image:
-        image.crop((0, 0, 640, 480)).save(small / "photo.jpg", quality=90)
 
     print(f"# {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.arch} random; {width} x {height} "
           f"({width * height / 1e6:.1f} MP), {photo.stat().st_size / 1e6:.0f} MB JPEG; torch threads {args.threads}", flush=True)
-    _, small_peaks = run_job(small, work / f"labels-small-{time.time_ns()}", clip, args.threads)
-    model = labelling_worker(small_peaks)
     output = work / f"labels-{width}x{height}-{time.time_ns()}"
     seconds, peaks = run_job(large, output, clip, args.threads)
     worker = labelling_worker(peaks)
+    model = worker["ready"] or 0
     print(f"job wall {seconds:.0f} s (load now {os.getloadavg()[0]:.1f})")
     print(f"labelling worker {sorted(worker['titles'])}: peak {worker['peak'] / 1e9:.2f} GB, CPU {worker['cpu']:.0f} s; "
-          f"on the 640 x 480 crop (model): {model['peak'] / 1e9:.2f} GB; above the model: {(worker['peak'] - model['peak']) / 1e9:.2f} GB")
+          f"after its __init__ (model): {model / 1e9:.2f} GB; above the model: {(worker['peak'] - model) / 1e9:.2f} GB")
     for record in sorted(peaks.values(), key=lambda p: -p["peak"])[:4]:
         print(f"  worker {sorted(record['titles'])}: peak {record['peak'] / 1e9:.2f} GB, CPU {record['cpu']:.0f} s")
 
@@ -157,8 +156,8 @@ def main() -> None:
         decided += int(expected.decided.sum())
     print(f"{len(tiles)} tiles; estimate {estimate / 1e9:.2f} GB; {len(windows)} windows of {side} px: labels equal to the "
           f"whole-photo path on all {decided} decided pixels ({decided / checked:.1%} of {checked})")
-    print(json.dumps({"size": [width, height], "seconds": seconds, "worker_peak_gb": worker["peak"] / 1e9, "model_gb": model["peak"] / 1e9,
-                      "above_model_gb": (worker["peak"] - model["peak"]) / 1e9, "worker_cpu_s": worker["cpu"], "estimate_gb": estimate / 1e9,
+    print(json.dumps({"size": [width, height], "seconds": seconds, "worker_peak_gb": worker["peak"] / 1e9, "model_gb": model / 1e9,
+                      "above_model_gb": (worker["peak"] - model) / 1e9, "worker_cpu_s": worker["cpu"], "estimate_gb": estimate / 1e9,
                       "tiles": len(tiles)}))
 
 
