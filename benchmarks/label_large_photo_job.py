@@ -98,10 +98,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    from PIL import Image
-
-    from large_photo_reference import deferred_forward, make_large_photo, random_windows, window_labels
+    from large_photo_reference import (
+        deferred_forward,
+        make_large_photo,
+        random_windows,
+        window_labels,
+    )
     from model_factories import make_clip_config
+    from PIL import Image
     from pipeline_support import label_map_from_masks, read_all_rows
 
     from clipdiy.segmentation.config import SaliencyConfig, SegmenterConfig

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from large_photo_reference import deferred_forward, make_large_photo, random_windows, window_labels
+from large_photo_reference import (
+    deferred_forward,
+    make_large_photo,
+    random_windows,
+    window_labels,
+)
 from PIL import Image
 from pipeline_support import cli_args, label_map_from_masks, read_all_rows
 
