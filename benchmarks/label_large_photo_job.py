@@ -3,8 +3,11 @@ naclip-coco-object`` on an embedded local Ray with default settings (PAMR on, th
 side and ``--max-image-memory-gb``), and what its Ray workers held.
 
 The photo (default 12247 x 8165, just under the 100-MP decode guard) is a COCO test photo upscaled
-with noise (tests/large_photo_reference.py), written to ``--workdir``; the model is the random
-ViT-B/16 of tests/model_factories.py, loaded from its checkpoint through the users' path. While
+with noise (tests/large_photo_reference.py), written to ``--workdir``; the model is a random CLIP
+with the real ViT-B/16 image tower and a tiny text tower (``vitb16-small-text`` of
+tests/model_factories.py: a ViT-B/16 text side would add half an hour of CPU for COCO-Object's
+words and templates and nothing to the photo's cost), loaded from its checkpoint through the
+users' path. While
 the job runs, the script reads every Ray worker's peak resident memory from the kernel (``VmHWM``
 in /proc, polled once a second: exact peaks, not samples) and the labelling worker's resident
 memory once its ``__init__`` is over (the model and text side loaded, the photo not yet
@@ -91,7 +94,7 @@ def labelling_worker(peaks: dict[int, dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, nargs=2, default=[12247, 8165], metavar=("WIDTH", "HEIGHT"))
-    parser.add_argument("--arch", default="ViT-B-16")
+    parser.add_argument("--arch", default="vitb16-small-text")
     parser.add_argument("--threads", type=int, default=2, help="--torch-threads of the job's CPU actor")
     parser.add_argument("--windows", type=int, default=6, help="seeded random windows checked (besides corners)")
     parser.add_argument("--workdir", default="/tmp/label_large_photo_job")

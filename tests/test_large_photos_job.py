@@ -1,6 +1,7 @@
 """A 24-MP phone photo through ``jobs/label.py --method naclip --vocabulary naclip-coco-object``
-with default settings (PAMR on, the default tile side and ``--max-image-memory-gb``) and the
-random ViT-B/16 of the real architecture loaded from its checkpoint: an ``ok`` row at the photo's
+with default settings (PAMR on, the default tile side and ``--max-image-memory-gb``) and a
+random CLIP with the real ViT-B/16 image tower (its patch grid and feature width; a tiny text
+tower, see tests/model_factories.py) loaded from its checkpoint: an ``ok`` row at the photo's
 own 6000 x 4000, its masks covering every pixel once, and, on windows of the photo (its four
 corners, seeded random windows, and windows on the corners where four tiles meet), exactly the
 labels of the whole-photo path (computed without tiles by tests/large_photo_reference.py) wherever
@@ -35,9 +36,10 @@ WINDOW = 160
 def vitb16_clip_config(tmp_path_factory):
     from model_factories import make_clip_config
 
-    return make_clip_config(tmp_path_factory.mktemp("clip-vitb16"), arch="ViT-B-16")
+    return make_clip_config(tmp_path_factory.mktemp("clip-vitb16"), arch="vitb16-small-text")
 
 
+@pytest.mark.timeout(2400)  # about 6 minutes of 2 idle CPUs, mostly PAMR's 24 tiles
 def test_a_24_megapixel_photo_is_an_ok_row_at_its_size_with_the_whole_photo_labels(coco_images, vitb16_clip_config, tmp_path):
     import ray
     from test_naclip_job import run_cli
