@@ -31,10 +31,13 @@ from clipdiy.segmentation.refine import pamr, pamr_reach
 
 @dataclass(frozen=True)
 class WindowLabels:
-    """labels: h x w int64 whole-photo labels of the window; decided: h x w bool (see module)."""
+    """labels: h x w int64 whole-photo labels of the window; decided: h x w bool (see module);
+    probabilities: C x h x w float64 class probabilities (each class's best query, normalised
+    over the classes, as ``return_probabilities`` gives them)."""
 
     labels: np.ndarray
     decided: np.ndarray
+    probabilities: np.ndarray
 
 
 def bilinear_matrix(out_size: int, in_size: int, start: int, end: int) -> torch.Tensor:
@@ -102,7 +105,7 @@ def _decide(method, logits: torch.Tensor, margin: float) -> WindowLabels:
     labels = classes.argmax(dim=0)
     labels[ranked[0] < config.threshold] = 0
     decided = (ranked[0] - ranked[1] > margin) & ((ranked[0] - config.threshold).abs() > margin)
-    return WindowLabels(labels.numpy(), decided.numpy())
+    return WindowLabels(labels.numpy(), decided.numpy(), (classes / classes.sum(dim=0, keepdim=True)).numpy())
 
 
 def random_windows(height: int, width: int, side: int, count: int, seed: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:

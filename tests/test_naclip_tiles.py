@@ -212,9 +212,11 @@ def test_the_window_reference_of_the_large_photo_checks_labels_as_the_whole_phot
     untiled, tiled = segmenters(clip, tiny_clip_config, vocabulary_file, "slide", "pamr", SMALL_PAMR, 50)
     top, left = min(top, height - side), min(width - side, left)
     prepared = prepare_input(np.ascontiguousarray(photo[:height, :width]), untiled.config)
-    (whole,) = untiled.predict([prepared])
+    (whole,) = untiled.predict([prepared], return_probabilities=True)
     got = window_labels(tiled, deferred_forward(tiled, prepared), (top, top + side), (left, left + side))
     assert got.decided.mean() > 0.5, got.decided.mean()
+    window_probabilities = whole.probabilities[:, top : top + side, left : left + side]
+    np.testing.assert_allclose(got.probabilities, window_probabilities, atol=PROBABILITY_TOLERANCE, rtol=0)
     window = whole.label_map[top : top + side, left : left + side].astype(np.int64)
     np.testing.assert_array_equal(got.labels[got.decided], window[got.decided])
 
