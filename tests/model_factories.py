@@ -44,26 +44,40 @@ TINY_CLIP_CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
+#: The real ViT-B/16 image tower with the tiny text tower (registered with open_clip under the file
+#: stem; ``arch="vitb16-small-text"``): for checks of what happens after the image forward at the
+#: real patch grid and feature width (large photos), where a ViT-B/16 text tower would only add its
+#: text side (NACLIP's COCO-Object words x 80 templates: about 90 TFLOP, half an hour of 2 CPUs).
+VITB16_SMALL_TEXT_NAME = "clipdiy-test-vitb16-small-text"
+VITB16_SMALL_TEXT_CONFIG = {
+    "embed_dim": 512,
+    "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
+    "text_cfg": TINY_CLIP_CONFIG["text_cfg"],
+}
+#: ``arch`` aliases of the test-only architectures: (open_clip name, config).
+CUSTOM_ARCHS = {"tiny": (TINY_CLIP_NAME, TINY_CLIP_CONFIG), "vitb16-small-text": (VITB16_SMALL_TEXT_NAME, VITB16_SMALL_TEXT_CONFIG)}
+
 DINO_BACKBONE = "vit_small_patch8_224.dino"
 
 
 def make_clip_config(tmp_path: str | os.PathLike, arch: str = "ViT-B-32", seed: int = 0) -> ClipConfig:
     """A ``ClipConfig`` for a random-init, discriminative CLIP saved as a checkpoint in ``tmp_path``.
 
-    ``arch`` is an open_clip architecture name (``"ViT-B-32"``, the paper's) or ``"tiny"`` (two
-    64-wide layers per tower, for fast pipeline tests). Deterministic for a given ``seed``.
+    ``arch`` is an open_clip architecture name (``"ViT-B-32"``, the paper's), ``"tiny"`` (two
+    64-wide layers per tower, for fast pipeline tests) or ``"vitb16-small-text"`` (ViT-B/16's image
+    tower, the tiny text tower). Deterministic for a given ``seed``.
     """
     import open_clip
 
     tmp_path = Path(tmp_path)
     tmp_path.mkdir(parents=True, exist_ok=True)
     model_config = None
-    if arch == "tiny":
-        model_config = tmp_path / f"{TINY_CLIP_NAME}.json"
+    if arch in CUSTOM_ARCHS:
+        model_name, config = CUSTOM_ARCHS[arch]
+        model_config = tmp_path / f"{model_name}.json"
         if not model_config.exists():
-            _atomic_write_text(model_config, json.dumps(TINY_CLIP_CONFIG, indent=2))
+            _atomic_write_text(model_config, json.dumps(config, indent=2))
         open_clip.add_model_config(str(model_config))
-        model_name = TINY_CLIP_NAME
     else:
         model_name = arch
     checkpoint = tmp_path / f"clip-{model_name}-random-seed{seed}.pt"

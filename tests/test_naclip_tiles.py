@@ -200,3 +200,71 @@ def test_coco_object_estimate_stays_under_the_default_bound_up_to_the_decode_gua
     for pixels, estimate in estimates.items():
         assert estimate - 2 * pixels < 2.5 * 2**30, (pixels, estimate)
     assert estimates[8660 * 11547] < 4 * 2**30
+
+
+@settings(max_examples=3, deadline=None)
+@given(height=st.integers(60, 140), width=st.integers(60, 140), top=st.integers(0, 100), left=st.integers(0, 100), side=st.integers(10, 40))
+def test_the_window_reference_of_the_large_photo_checks_labels_as_the_whole_photo(clip, tiny_clip_config, vocabulary_file, photo, height, width, top, left, side):
+    """tests/large_photo_reference.py (what the 24- and 100-MP job checks compare windows to,
+    computed without the segmenter's tiles) gives the whole-photo path's labels on any window."""
+    from large_photo_reference import deferred_forward, window_labels
+
+    untiled, tiled = segmenters(clip, tiny_clip_config, vocabulary_file, "slide", "pamr", SMALL_PAMR, 50)
+    top, left = min(top, height - side), min(width - side, left)
+    prepared = prepare_input(np.ascontiguousarray(photo[:height, :width]), untiled.config)
+    (whole,) = untiled.predict([prepared], return_probabilities=True)
+    got = window_labels(tiled, deferred_forward(tiled, prepared), (top, top + side), (left, left + side))
+    assert got.decided.mean() > 0.5, got.decided.mean()
+    window_probabilities = whole.probabilities[:, top : top + side, left : left + side]
+    np.testing.assert_allclose(got.probabilities, window_probabilities, atol=PROBABILITY_TOLERANCE, rtol=0)
+    window = whole.label_map[top : top + side, left : left + side].astype(np.int64)
+    np.testing.assert_array_equal(got.labels[got.decided], window[got.decided])
+
+
+def test_the_estimate_of_a_100_megapixel_photo_is_its_tile_bound(clip, tiny_clip_config):
+    """The per-image estimate the inference actor bounds (``--max-image-memory-gb``) for a photo
+    just under the 100-MP decode guard, with defaults, against the bound written out from the
+    tile and the vocabulary: 1344-px regions holding the 112 distinct COCO-Object query maps twice
+    (the resized logits, PAMR's copy) and the 3-channel guide 16 px wider each side, 1024-px
+    interiors (1344 less PAMR's 160-px reach twice) holding the 81 class probabilities and 4
+    planes of labels and top scores, the resize's 2 x 64 rows, PAMR's 128 M-float bound, plus a
+    uint16 label map of the photo and the float64 preview sums of the 336 x 504 model input."""
+    from clipdiy.pipeline.config import DEFAULT_MAX_IMAGE_MEMORY_GB, DEFAULT_MAX_PIXELS
+
+    height, width = 8165, 12247
+    assert height * width <= DEFAULT_MAX_PIXELS
+    config = SegmenterConfig(method="naclip", vocabulary="naclip-coco-object", clip=tiny_clip_config, saliency=SaliencyConfig(backend="none"), device="cpu")
+    vocabulary = load_vocabulary(config.vocabulary)
+    words, _ = query_words(vocabulary)
+    assert (len(vocabulary), len(words), len(set(words))) == (81, 113, 112)
+    segmenter = Segmenter(clip, None, vocabulary, config, text_embeddings=torch.zeros(len(words), 8))  # no forward runs
+    item = PreparedImage(model_input=np.zeros((336, 504, 3), np.uint8), saliency_input=None, original_size=(height, width))
+    region, guide, interior, queries, classes = 1344**2, (1344 + 32) ** 2, 1024**2, 112, 81
+    tile = 4 * (2 * queries * region + 3 * guide + (classes + 4) * interior + 2 * 64 * 1344 * queries)
+    bound = tile + 4 * 128_000_000 + 2 * height * width + 8 * 336 * 504
+    estimate = segmenter.working_bytes(item)
+    assert 0.98 * bound <= estimate <= bound, (estimate, bound)
+    assert bound < 4e9 < DEFAULT_MAX_IMAGE_MEMORY_GB * 1024**3
+
+
+@settings(max_examples=5, deadline=None)
+@given(pixels=st.integers(1, 3000), seed=st.integers(0, 2**16), scale=st.floats(0.01, 1.0))
+def test_the_decision_weights_repeated_words_as_over_every_column(clip, tiny_clip_config, pixels, seed, scale):
+    """COCO-Object lists "bed" twice: the decision adds log m and divides by m on that column only
+    (the others have m = 1), which must be, to the bit, the softmax of 40 x logits + log m over all
+    columns divided by m, then each class's best query, background under 0.1."""
+    config = SegmenterConfig(method="naclip", vocabulary="naclip-coco-object", clip=tiny_clip_config, saliency=SaliencyConfig(backend="none"), device="cpu")
+    vocabulary = load_vocabulary(config.vocabulary)
+    words, owners = query_words(vocabulary)
+    segmenter = Segmenter(clip, None, vocabulary, config, text_embeddings=torch.zeros(len(words), 8))
+    unique = list(dict.fromkeys(words))
+    multiplicity = torch.tensor([words.count(word) for word in unique], dtype=torch.float32)
+    assert multiplicity.max() == 2
+    logits = torch.randn(1, len(unique), 1, pixels, generator=torch.Generator().manual_seed(seed)) * scale
+    query_probabilities = torch.softmax(logits[0, :, 0].T * 40.0 + multiplicity.log(), dim=-1) / multiplicity
+    best = torch.stack([query_probabilities[:, [unique.index(w) for w, o in zip(words, owners) if o == c]].amax(dim=-1) for c in range(len(vocabulary))], dim=-1)
+    top, labels = best.max(dim=-1)
+    labels[top < 0.1] = 0
+    decision = segmenter.method.decide(logits, None)
+    np.testing.assert_array_equal(decision.labels.view(-1).numpy(), labels.numpy())
+    np.testing.assert_array_equal(decision.probabilities[0, :, 0].T.numpy(), (best / best.sum(dim=-1, keepdim=True)).numpy())
