@@ -58,7 +58,7 @@ from clipdiy.pipeline.stages.placement import InferencePlacement, plan_placement
 from clipdiy.pipeline.planning.pending import Plan, PlanTarget, plan_pending, remove_plans
 from clipdiy.pipeline.control.progress import Progress
 from clipdiy.pipeline.control.release import free_resources, stop_actors, wait_for_release
-from clipdiy.uris import redact_document, redact_uri
+from clipdiy.uris import redact_document
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,6 @@ def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostErr
     """
     started = time.monotonic()
     config.validate()
-    input_uri = redact_uri(config.input)
     # The format (files, webdataset, parquet) is fixed before the run: detected once, recorded.
     config = dataclasses.replace(config, input_format=check_input_format(config.input, config.storage, config.input_format))
     layout = OutputLayout.open(config.output, config.storage)
@@ -253,7 +252,7 @@ def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostErr
         models = resolve_models(config)
         started_ray = connect_ray(config)
         try:
-            return _run_locked(config, layout, lock, models, input_uri, started)
+            return _run_locked(config, layout, lock, models, started)
         finally:
             if started_ray:
                 import ray
@@ -262,18 +261,18 @@ def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostErr
 
 
 def _run_locked(
-    config: LabelJobConfig, layout: OutputLayout, lock: OutputLock, models: DriverModels, input_uri: str, started: float
+    config: LabelJobConfig, layout: OutputLayout, lock: OutputLock, models: DriverModels, started: float
 ) -> RunSummary:
     placement = inference_placement(config)
     # Redacted as recorded in _RUN.json, so a resume compares like with like.
-    fingerprint = redact_document({"input": input_uri, "model": dataclasses.asdict(models.provenance)})
+    fingerprint = redact_document({"input": config.input.public, "model": dataclasses.asdict(models.provenance)})
     plan = plan_run(layout, config.run_id, fingerprint)
     lock.info.run_id = plan.run_id
     options = config.describe()
     write_run_state(layout, plan, fingerprint, options)
     logger.info(
         "run %s (attempt %d%s): %s -> %s, %g GPU(s) per actor, up to %d actors (%s)",
-        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", input_uri, redact_uri(layout.uri),
+        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", config.input, layout.uri,
         placement.gpus_per_actor, max(config.min_actors, placement.max_actors), placement.max_source,
     )
 
@@ -318,7 +317,7 @@ def _run_locked(
     ok = sum(r["ok"] for r in written.values())
     manifest = build_manifest(
         plan=plan,
-        input_uri=input_uri,
+        input_uri=config.input.public,
         options=options,
         vocabulary={
             "name": models.provenance.vocabulary_name,

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 from clipdiy.pipeline.config import LISTING_BATCHES_PER_BLOCK, LabelJobConfig
 from clipdiy.pipeline.stages.driver_models import DriverModels
 from clipdiy.pipeline.planning.manifest import RunPlan
 from clipdiy.pipeline.stages.placement import InferencePlacement
+from clipdiy.pipeline.stages.retry_options import map_batches_retried
 from clipdiy.pipeline.stages.writer import ShardTarget, write_shard
-
-# Ray 2.60 deprecates passing max_retries / max_restarts / max_task_retries to map_batches as
-# **ray_remote_args, but has no named parameter for them yet; build_dataset must pass them.
-warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
 
 
 def keep_task_exceptions() -> None:
@@ -100,16 +96,18 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
             compute=ray.data.TaskPoolStrategy(size=max(2, config.decode_concurrency or shard_streams())),
             udf_modifying_row_count=True,
         )
-    ds = pending.map_batches(
+    ds = map_batches_retried(
+        pending,
         decode,
         batch_size=config.decode_batch_size,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency),
         num_cpus=1,
         udf_modifying_row_count=False,
-        max_retries=decode_retries,
+        retries={"max_retries": decode_retries},
     )
-    ds = ds.map_batches(
+    ds = map_batches_retried(
+        ds,
         SegmentBatch,
         fn_constructor_kwargs={
             "segmenter_config": config.segmenter,
@@ -132,13 +130,13 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         udf_modifying_row_count=False,
         # A killed or poisoned actor is restarted and its batches retried (exactly-once relies on
         # it; tests/test_pipeline_failures.py checks it), finitely (Ray Data's default: forever).
-        max_restarts=max(ACTOR_RESTARTS, inference_retries),
-        max_task_retries=inference_retries,
+        retries={"max_restarts": max(ACTOR_RESTARTS, inference_retries), "max_task_retries": inference_retries},
     )
     # Row tasks (fused with the shard writes) retried finitely too, above what the ledger needs
     # (Ray Data's default for tasks: forever); a row batch is an inference batch.
     rows_retries = ray_task_retries(config.max_worker_deaths, config.inference_batch_size, LISTING_BATCHES_PER_BLOCK)
-    ds = ds.map_batches(
+    ds = map_batches_retried(
+        ds,
         build_rows,
         fn_kwargs={"context": context, "health": health, "max_worker_deaths": config.max_worker_deaths},
         batch_size=config.inference_batch_size,
@@ -151,16 +149,17 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),
         udf_modifying_row_count=False,
-        max_retries=rows_retries,
+        retries={"max_retries": rows_retries},
     )
-    return ds.map_batches(
+    return map_batches_retried(
+        ds,
         write_shard,
         fn_kwargs={"target": target},
         batch_size=config.rows_per_file,
         batch_format="pyarrow",
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),  # fused with the rows
-        max_retries=rows_retries,  # the same as the rows' (fused tasks share their options)
+        retries={"max_retries": rows_retries},  # the same as the rows' (fused tasks share their options)
         # One stats row per shard of up to rows_per_file label rows: no limit pushdown past it.
         udf_modifying_row_count=True,
     )

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clipdiy.locations import Location
 from clipdiy.output_layout import OutputLayout, shard_name
 from clipdiy.schema import label_schema
 from clipdiy.storage import StorageOptions
@@ -53,7 +54,7 @@ def shard_stats(path: str, table: pa.Table, size: int) -> dict:
 class ShardTarget:
     """Where one run attempt writes: OUTPUT, its storage options, the run id and attempt number."""
 
-    output: str
+    output: Location
     storage: StorageOptions
     run_id: str
     attempt: int
