@@ -30,7 +30,7 @@ from clipdiy.uris import UnparsableUriError, has_scheme, public_uri, redact_uri
 class Location:
     """One location: its public form everywhere, its readable form on request (see the module)."""
 
-    __slots__ = ("_value", "public", "parse_error")
+    __slots__ = ("_value", "parse_error", "public")
 
     #: The credential-free URI: what rows, logs and messages name.
     public: str

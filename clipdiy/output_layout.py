@@ -25,8 +25,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.errors import OutputWriteError
-from clipdiy.storage import StorageOptions, open_filesystem
 from clipdiy.locations import Location, as_location
+from clipdiy.storage import StorageOptions, open_filesystem
 from clipdiy.uris import redact_document, redact_text
 
 RUNS_DIR = "runs"

@@ -24,8 +24,8 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
 
 from clipdiy.errors import ClipdiyError  # noqa: E402
 from clipdiy.labels.report import ReportConfig, write_report  # noqa: E402
-from clipdiy.storage import add_storage_arguments, storage_from_arguments  # noqa: E402
 from clipdiy.locations import Location  # noqa: E402
+from clipdiy.storage import add_storage_arguments, storage_from_arguments  # noqa: E402
 from clipdiy.uris import redact_text  # noqa: E402
 
 

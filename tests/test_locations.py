@@ -89,7 +89,7 @@ def test_no_form_of_a_location_shows_its_secret(case):
     copy = pickle.loads(pickle.dumps(location))
     forms = {
         "str": str(location), "repr": repr(location), "format": format(location, ""),
-        "f-string": f"{location} {location!r} {location:>200}", "percent": "%s %r" % (location, location),
+        "f-string": f"{location} {location!r} {location:>200}", "percent": "%s %r" % (location, location),  # noqa: UP031 - the %-form is the case
         "public": location.public, "log": stream.getvalue(), "pickled": f"{copy} {copy!r}",
         "parse error": location.parse_error or "", "exception": str(ValueError(f"cannot read {location}")),
     }

@@ -43,8 +43,8 @@ import pyarrow.compute as pc
 from clipdiy.labels.row_index import build_row_index
 from clipdiy.labels.runs import Run, list_runs, read_shard
 from clipdiy.labels.store import load_image
-from clipdiy.storage import StorageOptions
 from clipdiy.locations import Location
+from clipdiy.storage import StorageOptions
 from clipdiy.uris import redact_text
 
 logger = logging.getLogger(__name__)

@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass, field
 
 from clipdiy.errors import ClipdiyError
 from clipdiy.image_address import DEFAULT_MAX_IMAGE_BYTES
+from clipdiy.locations import Location, as_location
 from clipdiy.pipeline.planning.incremental import RETRY_ERRORS
 from clipdiy.pipeline.stages.placement import DEVICES
 from clipdiy.segmentation.config import SegmenterConfig
 from clipdiy.storage import StorageOptions
-from clipdiy.locations import Location, as_location
 from clipdiy.uris import redact_document
 
 #: Run ids become folder names under ``OUTPUT/runs/``: keep them path- and URL-safe.

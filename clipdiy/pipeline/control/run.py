@@ -60,6 +60,7 @@ from clipdiy.pipeline.stages.writer import ShardTarget
 from clipdiy.pipeline.planning.pending import Plan, PlanTarget, plan_pending, remove_plans
 from clipdiy.pipeline.control.progress import Progress
 from clipdiy.pipeline.control.release import free_resources, stop_actors, wait_for_release
+from clipdiy.locations import Location
 from clipdiy.uris import redact_document
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class RunSummary:
     run_id: str
     attempt: int
     resumed: bool
-    output: str
+    output: Location  # OUTPUT: shown by its public form
     manifest_path: str
     listed: int
     skipped: int

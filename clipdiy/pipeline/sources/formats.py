@@ -21,11 +21,11 @@ import re
 from collections.abc import Iterator
 
 from clipdiy.errors import InputError
+from clipdiy.locations import Location, as_location
 from clipdiy.pipeline.sources.listing import IMAGE_EXTENSIONS, iter_sources
 from clipdiy.pipeline.sources.manifests import is_manifest
 from clipdiy.pipeline.sources.objects import GLOB_CHARS, SourceObject, source_object
 from clipdiy.storage import StorageOptions, open_filesystem
-from clipdiy.locations import Location, as_location
 
 INPUT_FORMATS = ("files", "webdataset", "parquet")
 #: Names of tar shards (lower case); compressed ones are listed, and refused with one row each.

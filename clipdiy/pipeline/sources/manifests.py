@@ -17,6 +17,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.errors import InputError
+from clipdiy.locations import Location
 from clipdiy.pipeline.sources.objects import (
     GLOB_CHARS,
     SourceObject,
@@ -25,7 +26,6 @@ from clipdiy.pipeline.sources.objects import (
     as_utc,
 )
 from clipdiy.storage import StorageOptions, full_uri, open_filesystem
-from clipdiy.locations import Location
 
 logger = logging.getLogger(__name__)
 

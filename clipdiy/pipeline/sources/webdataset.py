@@ -29,8 +29,8 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from clipdiy.pipeline.sources.tar_members import TarDamage, TarStream
 from clipdiy.locations import Location
+from clipdiy.pipeline.sources.tar_members import TarDamage, TarStream
 
 #: Image member extensions, most preferred first (the member taken when a sample has several).
 IMAGE_PREFERENCE: tuple[str, ...] = (

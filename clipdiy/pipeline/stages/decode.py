@@ -19,12 +19,12 @@ import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clipdiy.errors import InvalidImageError
+from clipdiy.locations import Location
 from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
 from clipdiy.pipeline.stages.expand import IMAGE_BYTES, PRESET_ERROR, PRESET_KIND
 from clipdiy.segmentation.images import to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage, prepare_image
 from clipdiy.segmentation.segmenter import prepare_input
-from clipdiy.locations import Location
 
 logger = logging.getLogger(__name__)
 
