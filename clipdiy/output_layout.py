@@ -6,6 +6,8 @@
     OUTPUT/runs/<run_id>/_RUN.json                 written when the run starts (and on resume)
     OUTPUT/runs/<run_id>/part-AAA-<digest>.parquet  label shards (attempt, digest of their image ids)
     OUTPUT/runs/<run_id>/_MANIFEST.json            written last: the run is finished
+    OUTPUT/_report/<run_id>.json                   the run report's aggregates of a finished run
+                                                   (clipdiy.labels.report_cache; the job never reads it)
 
 Readers list ``part-*.parquet`` only; in-flight files have names starting with ``.tmp-``, and
 on object stores a file appears in one PUT, so a killed writer never leaves a shard that counts.

@@ -3,8 +3,9 @@
     python jobs/report.py --output ./labels --html report.html
     python jobs/report.py --output s3://bucket/labels --html s3://bucket/reports/latest.html
 
-Reads the shards and manifests of every finished run (a run = a night) shard by shard, in memory
-bounded by one shard: per night the images seen, labelled, errors by kind, skipped, wall time,
+Reads each finished run (a run = a night) once, shard by shard, in memory bounded by one shard,
+and keeps its aggregates under OUTPUT/_report/ (later reports read those, and the newest night's
+rows): per night the images seen, labelled, errors by kind, skipped, wall time,
 images/s, method, precision and model fingerprint; per class its pixel share and the images it
 wins, with the nights where a class moved by more than --drift-threshold against the median of the
 previous nights called out; score histograms; the lowest-scoring images with their overlays.
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes-plotted", type=int, default=defaults.classes_plotted, help="classes drawn in the per-class plots")
     parser.add_argument("--max-keys-in-memory", type=int, default=defaults.max_keys_in_memory,
                         help="rows of keys the latest-write pass holds before it spills to local disk")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="read every run's shards; do not keep each run's aggregates under OUTPUT/_report/")
     add_storage_arguments(parser)
     return parser.parse_args(argv)
 
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     storage = storage_from_arguments(args)
     config = ReportConfig(drift_threshold=args.drift_threshold, lowest=args.lowest, bins=args.bins,
-                          classes_plotted=args.classes_plotted, max_keys_in_memory=args.max_keys_in_memory)
+                          classes_plotted=args.classes_plotted, max_keys_in_memory=args.max_keys_in_memory,
+                          cache=not args.no_cache)
     started = time.perf_counter()
     try:
         data = write_report(args.output if len(args.output) > 1 else args.output[0], args.html, config, storage)
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         # An exception's text, from any library (finding 7): a URI in it is redacted as text.
         print(f"report: error: {redact_text(str(error))}", file=sys.stderr)
         return 2
-    print(f"report: {len(data.nights)} runs, {data.rows} rows in {data.shards} shards read in {data.seconds:.1f} s, "
+    print(f"report: {len(data.nights)} runs, {data.rows} rows in {data.shards} shards ({data.cached} runs from the "
+          f"cache under OUTPUT/_report, {data.shards_read} shards read) in {data.seconds:.1f} s, "
           f"{len(data.drifts)} class moves called out; page written in {time.perf_counter() - started:.1f} s -> "
           f"{Location(args.html)}")
     return 0

@@ -2,8 +2,8 @@
 
 A *night* is one finished run of the labelling job (runs are what a nightly schedule starts); a
 run of human corrections (``jobs/review.py import``, manifest option ``source = human``) is not a
-night: its rows count among the lowest-scoring images' candidates (they win over the rows they
-correct), but it adds no point to the nightly plots, no drift and no model change. A night that
+night: its rows imported since the newest night count among the lowest-scoring images'
+candidates (they win over the rows they correct), but it adds no point to the nightly plots, no drift and no model change. A night that
 labelled nothing (every image skipped) shows its counts and no model: it is no model change and
 moves no class (drift compares the nights that labelled something). For each night the page
 shows what the run did (images seen, labelled, errors by kind, skipped; wall time and images/s;
@@ -15,22 +15,23 @@ fraction), and the lowest-scoring images with their overlays (the previews' rend
 :func:`clipdiy.labels.preview.render_image`). Plots are PNGs embedded as base64; the page needs nothing
 else.
 
-Memory is bounded by one shard, not by the output: each shard's columns are reduced with pyarrow
-and numpy to fixed-size aggregates (per-class sums, histogram counts, the K lowest-scoring rows
-so far) that are merged into the night's; no row outlives its shard, and a night keeps only the
-manifest fields the page shows (its counts and timings, not its list of shards). The per-night numbers count
-every row the run wrote (as its manifest does); the lowest-scoring images are chosen among the
-rows that count today (the latest write of each image, :mod:`clipdiy.labels.row_index`).
+Reads and memory follow the newest night, not the history. A run's numbers count every row it
+wrote (as its manifest does), so they never change once it is finished: each run is read once,
+shard by shard (its columns reduced with pyarrow and numpy to fixed-size per-class sums and
+histogram counts; no row outlives its shard), and its aggregates are kept under
+``OUTPUT/_report/`` (:mod:`clipdiy.labels.report_cache`, which says when a kept file is not
+trusted). Runs are taken one at a time; a night keeps only the manifest fields the page shows.
+The lowest-scoring images are the only rows read each time: those of the newest night that
+labelled something and of the runs after it, among the rows that count today (the latest write
+of each image, :mod:`clipdiy.labels.row_index`, exact over those runs), the K lowest kept so far.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
 import html
 import io
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -40,22 +41,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipdiy.labels.night_stats import (  # noqa: F401 - names this module has always offered
+    AGGREGATE_COLUMNS,
+    MASK_FIELDS,
+    MODEL_COLUMNS,
+    NIGHT_MANIFEST_FIELDS,
+    NightStats,
+    _aggregate_shard,
+    mean_mask_scores,
+    model_fingerprint,
+)
+from clipdiy.labels.report_cache import RunSummary, StatsCache, is_correction_run  # noqa: F401
 from clipdiy.labels.row_index import build_row_index
-from clipdiy.labels.runs import Run, list_runs, read_shard
+from clipdiy.labels.runs import read_shard, run_folders
 from clipdiy.labels.store import load_image
 from clipdiy.locations import Location
 from clipdiy.storage import StorageOptions
 from clipdiy.uris import redact_text
 
 logger = logging.getLogger(__name__)
-
-#: The row columns that say which model wrote a row; their values, hashed, are its fingerprint.
-MODEL_COLUMNS = ("method", "clip_model", "clip_weights", "saliency_backend", "saliency_weights", "mode",
-                 "precision", "refine")
-#: Columns the aggregation reads (the saliency PNG and the RLE strings stay in the files).
-AGGREGATE_COLUMNS = ("status", "error_kind", "masks", "foreground_fraction", *MODEL_COLUMNS)
-#: Mask fields the aggregation reads.
-MASK_FIELDS = ("class_id", "area", "score")
 
 
 @dataclass(frozen=True)
@@ -80,79 +84,9 @@ class ReportConfig:
     #: A thumbnail's source is read only up to this many bytes (the job's --max-image-bytes
     #: default); a larger source, like any source that cannot be read or decoded now, gets no thumbnail.
     max_source_bytes: int = 256 * 1024**2
-
-
-def model_fingerprint(values: dict) -> str:
-    """12 hex digits identifying a model configuration (the :data:`MODEL_COLUMNS` values of a row)."""
-    text = json.dumps({k: values.get(k) for k in MODEL_COLUMNS}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-@dataclass
-class NightStats:
-    """The aggregates of one night (run). Arrays are indexed by the run's class ids (``class_names``);
-    histograms count values in ``bins`` equal bins over [0, 1]."""
-
-    run_id: str
-    started_at: str
-    class_names: tuple[str, ...]
-    bins: int
-    manifest: dict
-    rows: int = 0
-    ok: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    models: dict[str, dict] = field(default_factory=dict)  # fingerprint -> model column values
-    model_rows: dict[str, int] = field(default_factory=dict)  # fingerprint -> rows
-    class_pixels: np.ndarray | None = None  # float64, pixels per class over ok rows
-    class_wins: np.ndarray | None = None  # int64, images each class wins
-    mask_score_hist: np.ndarray | None = None
-    image_score_hist: np.ndarray | None = None
-    foreground_hist: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.class_names)
-        self.class_pixels = np.zeros(n, np.float64)
-        self.class_wins = np.zeros(n, np.int64)
-        self.mask_score_hist = np.zeros(self.bins, np.int64)
-        self.image_score_hist = np.zeros(self.bins, np.int64)
-        self.foreground_hist = np.zeros(self.bins, np.int64)
-
-    @property
-    def counts(self) -> dict:
-        return self.manifest.get("counts", {})
-
-    @property
-    def timings(self) -> dict:
-        return self.manifest.get("timings", {})
-
-    @property
-    def model(self) -> str:
-        """The night's model fingerprint (several joined by '+' if its rows disagree)."""
-        return "+".join(sorted(self.models)) or "none"
-
-    @property
-    def labelled(self) -> bool:
-        """Whether the night labelled any image (a night of skips only has no model, no shares)."""
-        return self.ok > 0
-
-    def model_value(self, column: str) -> str:
-        values = sorted({str(v.get(column)) for v in self.models.values()})
-        return "/".join(values) if values else ""
-
-    @property
-    def pixel_share(self) -> np.ndarray:
-        total = self.class_pixels.sum()
-        return self.class_pixels / total if total else np.zeros_like(self.class_pixels)
-
-    @property
-    def win_share(self) -> np.ndarray:
-        total = self.class_wins.sum()
-        return self.class_wins / total if total else np.zeros(len(self.class_wins))
-
-
-def _histogram(values: np.ndarray, bins: int) -> np.ndarray:
-    values = values[np.isfinite(values)]
-    return np.histogram(np.clip(values, 0.0, 1.0), bins=bins, range=(0.0, 1.0))[0].astype(np.int64)
+    #: Keep each run's aggregates under OUTPUT/_report/ and read them from there next time
+    #: (:mod:`clipdiy.labels.report_cache`); off, every report reads every run's shards.
+    cache: bool = True
 
 
 @dataclass
@@ -175,65 +109,6 @@ class _Lowest:
             score, shards, rows = score[keep], shards[keep], rows[keep]
         order = np.lexsort((rows, shards, score))
         self.score, self.shard, self.row = score[order], shards[order], rows[order]
-
-
-def mean_mask_scores(table: pa.Table) -> np.ndarray:
-    """Each row's image score: the area-weighted mean of its mask scores (float64, NaN for rows
-    without masks), from the ``masks`` column alone."""
-    masks = table.column("masks").combine_chunks()
-    flat = pc.list_flatten(masks)
-    parents = pc.list_parent_indices(masks).to_numpy(zero_copy_only=False).astype(np.int64)
-    area = pc.struct_field(flat, "area").to_numpy(zero_copy_only=False).astype(np.float64)
-    score = pc.cast(pc.struct_field(flat, "score"), pa.float64()).to_numpy(zero_copy_only=False)
-    weighted = np.bincount(parents, weights=score * area, minlength=table.num_rows)
-    total = np.bincount(parents, weights=area, minlength=table.num_rows)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, weighted / np.where(total > 0, total, 1), np.nan)
-
-
-def _aggregate_shard(night: NightStats, table: pa.Table) -> np.ndarray:
-    """Merge one shard's rows into ``night``; returns each row's image score (area-weighted mean
-    of its mask scores; NaN for rows without masks)."""
-    n = table.num_rows
-    night.rows += n
-    status = table.column("status")
-    is_ok = pc.equal(status, "ok").fill_null(False)
-    night.ok += int(pc.sum(is_ok).as_py() or 0)
-    kinds = pc.value_counts(table.filter(pc.invert(is_ok)).column("error_kind").fill_null("unknown"))
-    for entry in kinds.to_pylist():
-        night.errors[entry["values"]] = night.errors.get(entry["values"], 0) + int(entry["counts"])
-    present = [c for c in MODEL_COLUMNS if c in table.column_names]
-    models = table.select(present).group_by(present).aggregate([([], "count_all")])
-    for values in models.to_pylist():
-        count = values.pop("count_all")
-        fingerprint = model_fingerprint(values)
-        night.models.setdefault(fingerprint, values)
-        night.model_rows[fingerprint] = night.model_rows.get(fingerprint, 0) + int(count)
-
-    masks = table.column("masks").combine_chunks()
-    flat = pc.list_flatten(masks)
-    parents = pc.list_parent_indices(masks).to_numpy(zero_copy_only=False).astype(np.int64)
-    class_id = pc.struct_field(flat, "class_id").to_numpy(zero_copy_only=False).astype(np.int64)
-    area = pc.struct_field(flat, "area").to_numpy(zero_copy_only=False).astype(np.float64)
-    score = pc.cast(pc.struct_field(flat, "score"), pa.float64()).to_numpy(zero_copy_only=False)
-    classes = len(night.class_names)
-    if class_id.size and int(class_id.max()) >= classes:
-        raise ValueError(f"run {night.run_id}: class id {int(class_id.max())} outside its vocabulary of {classes} classes")
-    night.class_pixels += np.bincount(class_id, weights=area, minlength=classes)
-    night.mask_score_hist += _histogram(score, night.bins)
-    if class_id.size:
-        # The winner of an image: its largest non-background mask; background (class 0) only wins
-        # images that hold nothing else. Sort by (row, rank key) and take each row's last mask.
-        key = np.where(class_id == 0, -1.0, area)
-        order = np.lexsort((key, parents))
-        last = np.ones(order.size, bool)
-        last[:-1] = parents[order][1:] != parents[order][:-1]
-        night.class_wins += np.bincount(class_id[order][last], minlength=classes)
-    image_score = mean_mask_scores(table)
-    night.image_score_hist += _histogram(image_score, night.bins)
-    fraction = pc.cast(table.column("foreground_fraction"), pa.float64()).to_numpy(zero_copy_only=False)
-    night.foreground_hist += _histogram(np.asarray(fraction, np.float64), night.bins)
-    return image_score
 
 
 @dataclass
@@ -303,68 +178,98 @@ class ReportData:
     shards: int
     rows: int
     seconds: float
-    #: Runs of human corrections read (their rows are candidates of ``lowest``; not nights).
+    #: Runs of human corrections (not nights; those since the newest night are read for ``lowest``).
     corrections: int = 0
-
-
-def is_correction_run(run: Run) -> bool:
-    """A run written by ``jobs/review.py import`` (human corrections), not by the labelling job."""
-    return (run.manifest or {}).get("options", {}).get("source") == "human"
-
-
-#: The manifest fields a night keeps (what the page shows); the rest (its shard list: one entry
-#: per shard, 100k at 100M images) would make the report's memory grow with the history.
-NIGHT_MANIFEST_FIELDS = ("counts", "timings")
+    #: Runs whose aggregates came from the cache under OUTPUT (:mod:`clipdiy.labels.report_cache`).
+    cached: int = 0
+    #: Shard files this report read (runs not in the cache, the newest night's rows, thumbnails' rows).
+    shards_read: int = 0
 
 
 def collect(outputs: str | Sequence[str], config: ReportConfig = ReportConfig(),
             storage: StorageOptions | None = None) -> ReportData:
-    """Read every finished run of ``outputs``, shard by shard, into :class:`ReportData`."""
+    """Every finished run of ``outputs`` into :class:`ReportData`: each run's aggregates from the
+    cache under OUTPUT or, the first time, from its shards (one run, one shard at a time); the
+    lowest-scoring images from the newest night (:func:`lowest_rows`)."""
     started = time.perf_counter()
-    runs = list_runs(outputs, storage=storage)
-    if not runs:
+    cache = StatsCache(config.bins, enabled=config.cache)
+    summaries = []
+    for folder in run_folders(outputs, storage=storage):
+        summary = cache.summary(folder)
+        if summary is not None:
+            summaries.append(summary)
+    if not summaries:
         raise FileNotFoundError(f"no finished runs in {outputs}")
-    index = build_row_index(runs, max_keys_in_memory=config.max_keys_in_memory)
-    nights: dict[int, NightStats] = {}
-    corrections = 0
-    for run in runs:
-        if run.class_names is None:
-            raise ValueError(f"run {run.run_id}: its manifest names no vocabulary")
-        if is_correction_run(run):
-            corrections += 1
-            continue
-        kept = {name: run.manifest[name] for name in NIGHT_MANIFEST_FIELDS if name in run.manifest}
-        nights[id(run)] = NightStats(run.run_id, str(run.manifest.get("started_at", "")), run.class_names,
-                                     config.bins, kept)
-    if not nights:
+    summaries.sort(key=lambda s: s.order)
+    ordered = [s.night for s in summaries if s.night is not None]
+    if not ordered:
         raise FileNotFoundError(f"no finished runs of the labelling job in {outputs} (only corrections)")
+    class_names = tuple(dict.fromkeys(name for night in ordered for name in night.class_names))
+    lowest, shards_read = lowest_rows(summaries, config)
+    return ReportData(ordered, class_names, lowest, drifts(ordered, class_names, config.drift_threshold),
+                      sum(s.shards for s in summaries), sum(n.rows for n in ordered), time.perf_counter() - started,
+                      sum(s.correction for s in summaries), cache.hits, cache.shards_read + shards_read)
+
+
+def _microseconds(started_at: str) -> int | None:
+    """A manifest's ``started_at`` (ISO 8601) in microseconds since the epoch (UTC when it names
+    no zone); ``None`` when it is not a time."""
+    try:
+        when = dt.datetime.fromisoformat(started_at)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return (when - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+
+
+def lowest_rows(summaries: Sequence[RunSummary], config: ReportConfig) -> tuple[list[dict], int]:
+    """The ``config.lowest`` lowest-scoring rows of the newest night that labelled something and
+    of the runs after it (later nights, human corrections), among the rows that count today,
+    lowest first (dicts with ``image_score``); and the number of shards read.
+
+    Only those runs are read, so the report's reads do not grow with the history. The latest-write
+    rule is exact over them (:mod:`clipdiy.labels.row_index`): a model row of the newest night
+    wins over every row of an earlier run, and a later run's rows are all read. A human correction
+    of an image version older than that night is left out (whether a night in between relabelled
+    it is in runs not read)."""
+    nights = [s for s in summaries if s.night is not None]
+    if config.lowest <= 0 or not nights:
+        return [], 0
+    first = next((s for s in reversed(nights) if s.night.labelled), nights[-1])
+    runs = [run for run in (s.folder.load() for s in summaries if s.order >= first.order) if run.finished]
+    if not any(run.shards for run in runs):
+        return [], 0
+    floor = _microseconds(first.started_at)
+    index = build_row_index(runs, max_keys_in_memory=config.max_keys_in_memory)
     lowest = _Lowest(config.lowest)
-    rows = 0
     for number, (run, shard) in enumerate(index.shards):
-        night = nights.get(id(run))
-        table = read_shard(run, shard, AGGREGATE_COLUMNS if night is not None else ["masks"])
-        if night is not None:
-            rows += table.num_rows
-            image_score = _aggregate_shard(night, table)
-        else:
-            image_score = mean_mask_scores(table)
-        del table
+        table = read_shard(run, shard, ["masks", "source", "corrected_run_started_at"])
+        image_score = mean_mask_scores(table)
         candidates = np.isfinite(image_score)
+        human = pc.equal(table.column("source"), "human").fill_null(False).to_numpy(zero_copy_only=False)
+        if human.any():
+            corrected = pc.cast(pc.cast(table.column("corrected_run_started_at"), pa.timestamp("us", "UTC")), pa.int64())
+            corrected = corrected.to_numpy(zero_copy_only=False).astype(np.float64)  # null -> NaN: left out
+            older = np.isnan(corrected) | (corrected < floor) if floor is not None else np.ones_like(human)
+            candidates &= ~(human & older)
+        del table
         winners = index.winners(number)
         if winners is not None:
             candidates &= winners
         positions = np.flatnonzero(candidates)
         lowest.offer(image_score[positions], number, positions)
-    ordered = sorted(nights.values(), key=lambda n: (n.started_at, n.run_id))
-    class_names = tuple(dict.fromkeys(name for night in ordered for name in night.class_names))
-    lowest_rows = []
-    for score, shard, row in zip(lowest.score.tolist(), lowest.shard.tolist(), lowest.row.tolist()):
+    # Each shard holding some of them read once (the K rows, every column, for their thumbnails).
+    records: dict[tuple[int, int], dict] = {}
+    for shard in np.unique(lowest.shard).tolist():
         run, path = index.shards[shard]
-        record = read_shard(run, path).slice(row, 1).to_pylist()[0]
-        record["image_score"] = score
-        lowest_rows.append(record)
-    return ReportData(ordered, class_names, lowest_rows, drifts(ordered, class_names, config.drift_threshold),
-                      len(index.shards), rows, time.perf_counter() - started, corrections)
+        wanted = lowest.row[lowest.shard == shard]
+        for row, record in zip(wanted.tolist(), read_shard(run, path).take(pa.array(wanted)).to_pylist()):
+            records[(shard, row)] = record
+    rows = []
+    for score, shard, row in zip(lowest.score.tolist(), lowest.shard.tolist(), lowest.row.tolist()):
+        rows.append({**records[(shard, row)], "image_score": score})
+    return rows, len(index.shards) + len(np.unique(lowest.shard))
 
 
 # ---------------------------------------------------------------- plots
@@ -644,7 +549,8 @@ def render_html(data: ReportData, config: ReportConfig = ReportConfig(), storage
     sections = [
         f"<h1>clipdiy run report</h1><p>{e(_redact_sources(source))}: {len(nights)} finished runs, {data.rows} rows "
         f"in {data.shards} shards{_corrections_note(data)}, read in <span id=\"seconds\">{data.seconds:.1f}</span> s "
-        f"(generated {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}).</p>",
+        f"({data.cached} runs from the cache under OUTPUT/_report, {data.shards_read} shards read; "
+        f"generated {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}).</p>",
         _glance(data, threshold),
         "<h2>Nights</h2>", night_table,
         '<div class="grid">',
@@ -666,9 +572,10 @@ def render_html(data: ReportData, config: ReportConfig = ReportConfig(), storage
         _img(plot_histogram(data, "image_score_hist", "image score"), "image scores", "image score"),
         _img(plot_histogram(data, "foreground_hist", "foreground fraction"), "foreground fraction", "foreground"),
         "</div>",
-        f"<h2>The {len(lows)} lowest-scoring images</h2>"
+        f"<h2>The {len(lows)} lowest-scoring images of the newest night</h2>"
         '<p class="m">Overlay | saliency | classes with mask score and area (the previews\' rendering); '
-        "lowest image score first, among the rows that count today (the latest write of each image).</p>",
+        "lowest image score first, among the rows of the newest night that labelled something (and of "
+        "the runs since) that count today (the latest write of each image).</p>",
         f'<div id="lowest">{"".join(lows)}</div>',
     ]
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>clipdiy run report</title>"

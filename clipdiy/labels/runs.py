@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,29 +82,56 @@ def _run_at(fs: Any, output_root: str, run_path: str) -> Run:
     return Run(run_id=run_id, path=run_path, shards=tuple(shards), manifest=manifest, fs=fs)
 
 
-def list_runs(
-    outputs: str | Sequence[str], *, finished_only: bool = True, storage: StorageOptions | None = None
-) -> list[Run]:
-    """The runs of one or more labels outputs.
+@dataclass(frozen=True)
+class RunFolder:
+    """One run folder of a labels output, not read yet: ``path`` inside ``fs``; ``output_root``
+    the OUTPUT it belongs to (where the job's paths are relative to)."""
 
-    Each URI is either an output root (holding ``runs/``) or one run folder. With
-    ``finished_only`` (the default), runs without a manifest are left out.
-    """
+    fs: Any = field(repr=False, compare=False)
+    output_root: str = ""
+    path: str = ""
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    def load(self) -> Run:
+        """The run: its manifest read (``None`` when unfinished) and its shards found."""
+        return _run_at(self.fs, self.output_root, self.path)
+
+
+def run_folders(outputs: str | Sequence[str], *, storage: StorageOptions | None = None) -> Iterator[RunFolder]:
+    """The run folders of one or more labels outputs, one at a time, nothing read in them: a
+    reader that needs one run at a time (the report) holds one manifest, not all of them.
+
+    Each URI is either an output root (holding ``runs/``) or one run folder."""
     uris = [outputs] if isinstance(outputs, str) else list(outputs)
     if not uris:
         raise ValueError("no labels output given")
-    runs: list[Run] = []
     for uri in uris:
         fs, root = open_filesystem(uri, storage)
         if not fs.exists(root):
             raise FileNotFoundError(f"labels output {uri} does not exist")
         runs_dir = posixpath.join(root, RUNS_DIR)
+        fs.invalidate_cache(runs_dir)  # a job may be adding a run now: never a stale listing
         if fs.isdir(runs_dir):
-            run_paths = sorted(p.rstrip("/") for p in fs.ls(runs_dir, detail=False) if fs.isdir(p))
-            runs.extend(_run_at(fs, root, p) for p in run_paths)
+            # One listing with details (no request per entry to ask whether it is a folder).
+            entries = fs.ls(runs_dir, detail=True)
+            for path in sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory"):
+                yield RunFolder(fs, root, path)
         else:
             # A run folder given directly: OUTPUT is two levels up.
-            runs.append(_run_at(fs, posixpath.dirname(posixpath.dirname(root)), root))
+            yield RunFolder(fs, posixpath.dirname(posixpath.dirname(root)), root)
+
+
+def list_runs(
+    outputs: str | Sequence[str], *, finished_only: bool = True, storage: StorageOptions | None = None
+) -> list[Run]:
+    """The runs of one or more labels outputs (:func:`run_folders`, each read).
+
+    With ``finished_only`` (the default), runs without a manifest are left out.
+    """
+    runs = [folder.load() for folder in run_folders(outputs, storage=storage)]
     if finished_only:
         runs = [r for r in runs if r.finished]
     return runs

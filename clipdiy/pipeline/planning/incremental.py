@@ -175,7 +175,8 @@ def _count(mask: pa.Array) -> int:
     return int(pc.sum(mask).as_py() or 0)
 
 
-def split_pending(joined: pa.Table, timed_out_nights: int | None = None) -> tuple[pa.Table, ListingCounts]:
+def split_pending(joined: pa.Table, timed_out_nights: int | None = None,
+                  worker_lost_runs: int | None = WORKER_LOST_RUNS) -> tuple[pa.Table, ListingCounts]:
     """The rows of a joined listing block that still need a label (:data:`LISTING_SCHEMA`), and
     the block's counts.
 
@@ -183,7 +184,7 @@ def split_pending(joined: pa.Table, timed_out_nights: int | None = None) -> tupl
     no such rows in OUTPUT). A row done by an earlier run is skipped; else one that this run's
     earlier attempts labelled is resumed; the rest are to do. ``timed_out_nights``: a row to
     retry whose key timed out in this many finished runs is done (its ``timed_out`` row stands);
-    None: no bound.
+    ``worker_lost_runs``: likewise for ``worker_lost`` rows. None: no bound (``--retry-errors all``).
     """
     rows = joined.num_rows
     joined = joined.combine_chunks()
@@ -195,8 +196,8 @@ def split_pending(joined: pa.Table, timed_out_nights: int | None = None) -> tupl
             spent = pc.fill_null(pc.greater_equal(joined.column(EARLIER_TIMEOUTS), timed_out_nights), False)
             done = pc.or_(done, pc.and_(retry, spent))
             retry = pc.and_(retry, pc.invert(spent))
-        if EARLIER_WORKER_LOST in joined.column_names:  # retried in WORKER_LOST_RUNS runs: left to ``all``
-            spent = pc.fill_null(pc.greater_equal(joined.column(EARLIER_WORKER_LOST), WORKER_LOST_RUNS), False)
+        if worker_lost_runs is not None and EARLIER_WORKER_LOST in joined.column_names:
+            spent = pc.fill_null(pc.greater_equal(joined.column(EARLIER_WORKER_LOST), worker_lost_runs), False)
             done = pc.or_(done, pc.and_(retry, spent))
             retry = pc.and_(retry, pc.invert(spent))
     else:
@@ -282,26 +283,38 @@ def shard_uris(shard: pa.Table) -> pa.Array:
 
 
 def earlier_sample_tags(shard: pa.Table, retry_errors: str) -> pa.Table:
-    """(:data:`SOURCE_KEY` of the row's shard version, ``image_id``, ``tag``) per row of a finished
-    run's shard file that came from a shard input."""
+    """(:data:`SOURCE_KEY` of the row's shard version, ``image_id``, ``tag``, ``timeouts``,
+    ``worker_lost``) per row of a finished run's shard file that came from a shard input (the
+    columns as :func:`earlier_run_tags` gives them for loose objects)."""
     uris = shard_uris(shard)
     keyed = pa.table({"uri": uris, **{name: shard.column(name) for name in KEY_COLUMNS[1:]}})
     keyed = keyed.cast(pa.schema([pa.field("uri", pa.string()), *(LISTING_SCHEMA.field(n) for n in KEY_COLUMNS[1:])]))
-    tags = pc.if_else(retried_mask(shard, retry_errors), pa.scalar(RETRY, pa.int8()), pa.scalar(DONE, pa.int8()))
-    table = pa.table({SOURCE_KEY: source_keys(keyed, "uri"), "image_id": shard.column("image_id"), "tag": tags})
+    tags = earlier_run_tags(shard.select(SHARD_COLUMNS), retry_errors)
+    table = pa.table({SOURCE_KEY: source_keys(keyed, "uri"), "image_id": shard.column("image_id"),
+                      "tag": tags.column("tag"), TIMEOUTS: tags.column(TIMEOUTS), WORKER_LOST: tags.column(WORKER_LOST)})
     return table.filter(pc.is_valid(uris))
 
 
-def shard_earlier_state(rows: pa.Table) -> pa.Table:
+def shard_earlier_state(rows: pa.Table, timed_out_nights: int | None = None,
+                        worker_lost_runs: int | None = WORKER_LOST_RUNS) -> pa.Table:
     """One row for the sample rows of one shard version (``map_groups``): its tag (:data:`DONE`
-    when every sample is done, else :data:`RETRY`) and the ids of its done samples."""
-    best: dict[str, int] = {}
-    for image_id, tag in zip(rows.column("image_id").to_pylist(), rows.column("tag").to_pylist(), strict=True):
-        best[image_id] = max(tag, best.get(image_id, 0))
-    done = sorted(i for i, tag in best.items() if tag == DONE)
-    tag = DONE if len(done) == len(best) else RETRY
+    when every sample is done, else :data:`RETRY`) and the ids of its done samples.
+
+    A sample (or the shard's own row, when its stream failed) is done when a finished run
+    labelled it, or when its retries are spent: ``timed_out`` in ``timed_out_nights`` runs, or
+    ``worker_lost`` in ``worker_lost_runs`` runs, as :func:`split_pending` bounds loose objects
+    (None: no bound)."""
+    per_sample = rows.group_by("image_id").aggregate([("tag", "max"), (TIMEOUTS, "sum"), (WORKER_LOST, "sum")])
+    done = pc.equal(per_sample.column("tag_max"), DONE)
+    retry = pc.equal(per_sample.column("tag_max"), RETRY)
+    for column, bound in ((f"{TIMEOUTS}_sum", timed_out_nights), (f"{WORKER_LOST}_sum", worker_lost_runs)):
+        if bound is not None:
+            done = pc.or_(done, pc.and_(retry, pc.greater_equal(per_sample.column(column), bound)))
+    done_ids = pc.sort_indices(per_sample.filter(done), sort_keys=[("image_id", "ascending")])
+    done_ids = per_sample.filter(done).column("image_id").take(done_ids)
+    tag = DONE if len(done_ids) == per_sample.num_rows else RETRY
     return pa.table({SOURCE_KEY: [rows.column(SOURCE_KEY)[0].as_py()], EARLIER_RUNS: pa.array([tag], pa.int8()),
-                     EARLIER_DONE_IDS: pa.array([done], pa.list_(pa.string()))})
+                     EARLIER_DONE_IDS: pa.array([done_ids.to_pylist()], pa.list_(pa.string()))})
 
 
 def attempt_sample_ids(shard: pa.Table) -> pa.Table:

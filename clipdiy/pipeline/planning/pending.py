@@ -53,6 +53,7 @@ from clipdiy.pipeline.planning.incremental import (
     THIS_RUN,
     TIMEOUTS,
     WORKER_LOST,
+    WORKER_LOST_RUNS,
     ListingCounts,
     attempt_sample_ids,
     earlier_run_tags,
@@ -127,6 +128,13 @@ class PlanTarget:
 
     def plan_dir(self, layout: OutputLayout) -> str:
         return layout.path("runs", self.run_id, PLAN_DIR, f"{self.attempt:03d}")
+
+    def retry_bounds(self) -> tuple[int | None, int | None]:
+        """(finished runs with a ``timed_out`` row, with a ``worker_lost`` row) after which an image
+        is not retried: bounds of ``transient`` retries only (``all`` retries every error)."""
+        if self.retry_errors != "transient":
+            return None, None
+        return self.timed_out_nights, WORKER_LOST_RUNS
 
 
 @dataclass
@@ -234,8 +242,7 @@ def _write_pending(batch: pa.Table, *, target: PlanTarget) -> pa.Table:
     if target.shards:
         pending, counts = split_pending_shards(batch)
     else:
-        pending, counts = split_pending(
-            batch, target.timed_out_nights if target.retry_errors == "transient" else None)
+        pending, counts = split_pending(batch, *target.retry_bounds())
     # A plan file is under OUTPUT and outlives a crash: it holds no signed location, only the
     # number of the manifest entry that has it (resolved again by pending_dataset).
     planned = planned_rows(pending)
@@ -436,7 +443,10 @@ def _join_shard_states(target: PlanTarget, joined, earlier, attempts, partitions
             batch_size=SHARDS_PER_READ,
             batch_format="pyarrow",
         )
-        states = tags.groupby(SOURCE_KEY, num_partitions=partitions).map_groups(shard_earlier_state, batch_format="pyarrow")
+        timed_out_nights, worker_lost_runs = target.retry_bounds()
+        states = tags.groupby(SOURCE_KEY, num_partitions=partitions).map_groups(
+            shard_earlier_state, batch_format="pyarrow",
+            fn_kwargs={"timed_out_nights": timed_out_nights, "worker_lost_runs": worker_lost_runs})
         joined = joined.join(states, "left_outer", partitions, on=(SOURCE_KEY,))
     if attempts is not None:
         ids = attempts.map_batches(
