@@ -380,7 +380,7 @@ def stage_costs(segmenter, images: list[Path], batch_size: int) -> str:
     from clipdiy.pipeline.stages.writer import encode_shard
 
     job = LabelJobConfig(input="unused", output="unused", segmenter=segmenter)
-    models = resolve_models(job)
+    models = resolve_models(job.segmenter)
     side = saliency_input_side(segmenter.saliency)
     decode = DecodeBatch(job.storage, segmenter.mode, job.max_pixels, 1, saliency_max_side=side,
                          segmenter_config=dataclasses.replace(

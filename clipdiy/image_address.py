@@ -65,6 +65,8 @@ class ImageFetchError(ValueError):
     (``no_address``, ``beyond_file``, ``too_large``, ``changed``, ``not_image_column``)."""
 
     def __init__(self, image_id: str | None, reason: str, message: str):
+        # The message may quote a row's address (rows read here need not be ours) and a
+        # library's text (finding 7): redacted as text.
         super().__init__(redact_text(f"image {image_id!r}: {message}"))
         self.image_id, self.reason = image_id, reason
 

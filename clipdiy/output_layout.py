@@ -27,8 +27,9 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.errors import OutputWriteError
+from clipdiy.locations import Location, as_location
 from clipdiy.storage import StorageOptions, open_filesystem
-from clipdiy.uris import redact_document, redact_text, redact_uri
+from clipdiy.uris import redact_document, redact_text
 
 RUNS_DIR = "runs"
 LOCK_FILE = "_LOCK.json"
@@ -49,7 +50,9 @@ def _write_failed(where: str, error: OSError) -> OutputWriteError:
     """The error of a failed write under OUTPUT: where, and the system's reason (a failed
     ``write()`` names no file of its own)."""
     reason = f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else str(error)
-    return OutputWriteError(redact_text(f"writing {where} failed: {reason}"), error.errno)
+    # ``where`` is public (OutputLayout.where); the system's reason is a library's text, which
+    # may quote a path or URL it was given (finding 7): redacted as text.
+    return OutputWriteError(f"writing {where} failed: {redact_text(reason)}", error.errno)
 
 
 @dataclass
@@ -58,10 +61,13 @@ class OutputLayout:
 
     fs: fsspec.AbstractFileSystem
     root: str
-    uri: str
+    uri: Location  # OUTPUT as given: messages name it by its public form
+
+    def __post_init__(self) -> None:
+        self.uri = as_location(self.uri)
 
     @classmethod
-    def open(cls, output_uri: str, options: StorageOptions | None = None) -> OutputLayout:
+    def open(cls, output_uri: str | Location, options: StorageOptions | None = None) -> OutputLayout:
         fs, root = open_filesystem(output_uri, options)
         if isinstance(fs, LocalFileSystem):
             root = os.path.abspath(root).replace(os.sep, "/")
@@ -97,7 +103,7 @@ class OutputLayout:
         path under it (credentials redacted)."""
         if self.is_local:
             return path
-        return redact_uri(posixpath.join(self.uri.rstrip("/"), self.relative(path)))
+        return posixpath.join(self.uri.public.rstrip("/"), self.relative(path))
 
     def ensure_dir(self, path: str) -> None:
         # Object stores have no folders (and makedirs could create a bucket): local only.

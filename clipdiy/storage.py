@@ -27,7 +27,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.errors import InputError
-from clipdiy.uris import redact_uri
+from clipdiy.locations import Location, as_location
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,18 @@ class StorageOptions:
     bound how long one request can take, so nothing hangs on an unreachable store.
     """
 
-    endpoint_url: str | None = None
+    endpoint_url: Location | None = None
     anon: bool = False
     profile: str | None = None
     region: str | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        # A user-given endpoint (a flag, the environment) becomes a Location where it enters:
+        # its ``user:password@`` is then never shown (repr, describe, messages).
+        object.__setattr__(self, "endpoint_url", as_location(self.endpoint_url))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> StorageOptions:
@@ -98,7 +103,7 @@ class StorageOptions:
                 },
             }
             if self.endpoint_url:
-                opts["endpoint_url"] = self.endpoint_url
+                opts["endpoint_url"] = self.endpoint_url.reveal_for_read()
             if self.profile and not self.anon:
                 opts["profile"] = self.profile
             if self.region:
@@ -109,14 +114,15 @@ class StorageOptions:
             if self.anon:
                 opts["token"] = "anon"
             if self.endpoint_url:
-                opts["endpoint_url"] = self.endpoint_url
+                opts["endpoint_url"] = self.endpoint_url.reveal_for_read()
             return opts
         return {}
 
     def __repr__(self) -> str:
-        # An endpoint URL may carry user:password@; never show it.
+        # The endpoint shows its public form (a Location): never its user:password@.
+        endpoint = self.endpoint_url.public if self.endpoint_url else None
         return (
-            f"StorageOptions(endpoint_url={redact_uri(self.endpoint_url)!r}, anon={self.anon}, "
+            f"StorageOptions(endpoint_url={endpoint!r}, anon={self.anon}, "
             f"profile={self.profile!r}, region={self.region!r}, "
             f"connect_timeout={self.connect_timeout}, read_timeout={self.read_timeout}, "
             f"max_attempts={self.max_attempts})"
@@ -127,7 +133,7 @@ class StorageOptions:
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for run manifests (no secrets; userinfo stripped from the URL)."""
         return {
-            "endpoint_url": redact_uri(self.endpoint_url),
+            "endpoint_url": self.endpoint_url.public if self.endpoint_url else None,
             "anon": self.anon,
             "profile": self.profile,
             "region": self.region,
@@ -137,13 +143,16 @@ class StorageOptions:
 # --------------------------------------------------------------------------------- filesystems
 
 
-def open_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def open_filesystem(uri: str | Location, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for ``uri`` and the path within it (protocol stripped, no trailing ``/``).
 
+    ``uri``: a :class:`~clipdiy.locations.Location` (opened in its readable form) or a plain path.
     Raises :class:`InputError` when the protocol's fsspec package is not installed (e.g.
     ``gcsfs`` for ``gs://``).
     """
     options = options or StorageOptions()
+    where = as_location(uri)  # what a message names
+    uri = where.reveal_for_read()
     protocol = _protocol_of(uri)
     try:
         cls = fsspec.get_filesystem_class(protocol)
@@ -151,12 +160,18 @@ def open_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fs
         package = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs",
                    "az": "adlfs", "abfs": "adlfs"}.get(protocol)
         hint = f"; install it with `pip install {package}`" if package else ""
-        raise InputError(f"cannot open {uri!r}: no filesystem for {protocol}://{hint} ({exc})") from exc
+        raise InputError(f"cannot open {where}: no filesystem for {protocol}://{hint} ({exc})") from exc
     fs = cls(**options.storage_options(protocol))
     path = cls._strip_protocol(uri)
     if path not in ("/", "") and not (isinstance(fs, LocalFileSystem) and re.fullmatch(r"[A-Za-z]:/", path)):
         path = path.rstrip("/")
     return fs, path
+
+
+def path_within(fs: fsspec.AbstractFileSystem, location: str | Location) -> str:
+    """The path of ``location`` within ``fs``, a filesystem :func:`open_filesystem` gave for
+    its protocol (a reader keeps one per protocol)."""
+    return fs._strip_protocol(as_location(location).reveal_for_read())
 
 
 def _protocol_of(uri: str) -> str:
@@ -308,7 +323,7 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str | bytes, *, attempts: in
     ``what``: how retries are logged (default ``read <path>``; the job names the public URI).
     ``path`` may be bytes on a local filesystem (a file name that is not UTF-8).
     """
-    what = what or f"read {redact_uri(path) if isinstance(path, str) else path!r}"
+    what = what or f"read {as_location(path) if isinstance(path, str) else repr(path)}"
     if isinstance(fs, LocalFileSystem):
         data = with_retries(lambda: _read_local(path, max_bytes), attempts=attempts, backoff=backoff,
                             max_backoff=max_backoff, what=what)
@@ -430,8 +445,10 @@ async def _read_http(fs, url: str, max_bytes: int | None) -> bytes:
         return b"".join(chunks)
 
 
-def read_uri(uri: str, options: StorageOptions | None = None, **retry: Any) -> bytes:
-    """The whole object at a full URI (as in :attr:`SourceObject.uri`), with retries."""
+def read_uri(uri: str | Location, options: StorageOptions | None = None, **retry: Any) -> bytes:
+    """The whole object at a full URI (as in :attr:`SourceObject.uri`, or a signed
+    :class:`~clipdiy.locations.Location`), with retries."""
+    retry.setdefault("what", f"read {as_location(uri)}")
     fs, path = open_filesystem(uri, options)
     return read_bytes(fs, path, **retry)
 

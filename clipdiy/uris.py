@@ -23,9 +23,11 @@ see :func:`_ambiguous_userinfo_end`): the job gives such a manifest entry
 an error row (``invalid_uri``). :func:`redact_uri` never raises (for log lines and options): it
 applies the same rule, by text when the URI does not parse.
 
-Inside the job the readable location of an image (a presigned URL, as listed) travels in one
-column only, ``signed_uri``, from the listing to the read (:mod:`clipdiy.pipeline.stages.decode`), and
-nowhere else: rows, plan files and logs carry the public ``uri`` and the ``image_id``.
+Inside the job a user-given or listed location is a :class:`clipdiy.locations.Location`, which
+computes its public form here once and shows nothing else; the readable location of an image (a
+presigned URL, as listed) travels in one column only, ``signed_uri``, from the listing to the read
+(:mod:`clipdiy.pipeline.stages.decode`), and nowhere else: rows, plan files and logs carry the
+public ``uri`` and the ``image_id``.
 
 :func:`redact_text` applies :func:`redact_uri` to every URI inside a free text (an error message
 from a library, a log line) and masks ``name=value`` pairs of well-known signature parameters that

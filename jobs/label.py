@@ -360,6 +360,7 @@ def _exit_on_lock_loss(error: BaseException) -> None:
 
 def _redacted_excepthook(kind, value, tb) -> None:
     """Tracebacks (bugs) still print, without the credentials a URI in them may carry."""
+    # Text from any library's exception (finding 7): redacted as text, there is no Location here.
     sys.stderr.write(redact_text("".join(traceback.format_exception(kind, value, tb))))
 
 

@@ -25,8 +25,9 @@ if (_REPO_ROOT / "clipdiy" / "__init__.py").is_file() and str(_REPO_ROOT) not in
 
 from clipdiy.errors import ClipdiyError  # noqa: E402
 from clipdiy.labels.report import ReportConfig, write_report  # noqa: E402
+from clipdiy.locations import Location  # noqa: E402
 from clipdiy.storage import add_storage_arguments, storage_from_arguments  # noqa: E402
-from clipdiy.uris import redact_text, redact_uri  # noqa: E402
+from clipdiy.uris import redact_text  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = write_report(args.output if len(args.output) > 1 else args.output[0], args.html, config, storage)
     except (ClipdiyError, FileNotFoundError, ValueError) as error:
+        # An exception's text, from any library (finding 7): a URI in it is redacted as text.
         print(f"report: error: {redact_text(str(error))}", file=sys.stderr)
         return 2
     print(f"report: {len(data.nights)} runs, {data.rows} rows in {data.shards} shards ({data.cached} runs from the "
           f"cache under OUTPUT/_report, {data.shards_read} shards read) in {data.seconds:.1f} s, "
           f"{len(data.drifts)} class moves called out; page written in {time.perf_counter() - started:.1f} s -> "
-          f"{redact_uri(args.html)}")
+          f"{Location(args.html)}")
     return 0
 
 

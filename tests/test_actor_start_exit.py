@@ -45,6 +45,9 @@ class _Health:
         pass
 
 
+_PLAN = run.RunPlan(run_id="r1", attempt=1, started_at=None, resumed=False)
+
+
 class _Lock:
     def check(self) -> None:
         """The lock is held throughout."""
@@ -67,7 +70,9 @@ def test_actor_start_failure_exits_2_before_any_shard_and_1_after(shards_before,
     progress = run.Progress(None, interval=3600.0)  # not started: no progress thread
 
     with pytest.raises(ActorStartError) as raised:
-        run._label(config, (), written, progress, _Lock(), first_attempt=True)
+        run._label(run.labelling_stages(config, _PLAN), (), written, progress, _Lock(), first_attempt=True,
+                   stop_after_failed_reads=config.stop_after_failed_reads, max_error_rate=config.max_error_rate,
+                   error_window=config.error_window)
 
     assert len(written) == shards_before
     assert load_label_job()._refuse(raised.value) == exit_status

@@ -157,8 +157,8 @@ def test_actor_that_cannot_load_the_weights_stops_the_job(cpu_head_cluster, imag
     shutil.copy(tiny_clip_config.checkpoint, checkpoint)
     resolve_models = run.resolve_models
 
-    def resolve_then_remove(config):
-        models = resolve_models(config)
+    def resolve_then_remove(segmenter_config):
+        models = resolve_models(segmenter_config)
         checkpoint.unlink()
         return models
 

@@ -124,18 +124,19 @@ def test_the_jobs_listing_tasks_get_the_key_ranges_and_list_each_key_once(s3_ser
     dataset calls them: the ranges travel as table columns."""
     import pyarrow as pa
 
+    from clipdiy.locations import Location
     from clipdiy.pipeline.planning.pending import _list_parts, _split_listing
 
     names = _hash_names(60)
     _put(s3_server, s3_bucket, [f"flat/{name}" for name in names] + ["flat/a//b.jpg"])
     uri = f"s3://{s3_bucket}/flat"
-    parts = pa.concat_tables(_split_listing(pa.table({"input": [uri]}), storage=s3_server.options, min_parts=8,
+    parts = pa.concat_tables(_split_listing(pa.table({"input": [uri]}), input_uri=Location(uri), storage=s3_server.options, min_parts=8,
                                             split_min_keys=4))
     assert parts.num_rows >= 8
     listed = collections.Counter(
         image_id
         for row in range(parts.num_rows)
-        for block in _list_parts(parts.slice(row, 1), storage=s3_server.options, block_rows=7, keyed=False)
+        for block in _list_parts(parts.slice(row, 1), input_uri=Location(uri), storage=s3_server.options, block_rows=7, keyed=False)
         for image_id in block.column("image_id").to_pylist()
     )
     assert listed == collections.Counter(names + ["a//b.jpg"])

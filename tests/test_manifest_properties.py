@@ -112,7 +112,7 @@ def test_local_files_whose_names_are_not_utf8_are_listed_and_read(tmp_path_facto
     sources = _listed_or_refused(folder)
     assert len(sources) == len(raw) and len({s.image_id for s in sources}) == len(raw)
     decode = DecodeBatch(None, "faithful", 10**8, 1)
-    read = sorted(decode._read(s.uri, s.uri) for s in sources)
+    read = sorted(decode._read(s.location) for s in sources)
     assert read == sorted(contents.values())
 
 

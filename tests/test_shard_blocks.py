@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pipeline_support import local_ray
 from shard_builders import write_img2dataset_shard
 
-from clipdiy.pipeline.config import LISTING_BATCHES_PER_BLOCK, LabelJobConfig
+from clipdiy.pipeline.config import LISTING_BATCHES_PER_BLOCK
 
 pytestmark = pytest.mark.slow
 
@@ -40,15 +40,18 @@ def _decode_task_rows(folder: Path, decode_batch_size: int) -> tuple[dict[str, i
     from clipdiy.pipeline.sources.formats import iter_shard_sources
     from clipdiy.pipeline.stages.dataset import expand_shards
 
-    config = LabelJobConfig(input=str(folder), output=str(folder / "out"), input_format="webdataset",
-                            decode_batch_size=decode_batch_size)
+    from clipdiy.pipeline.stages.stage_configs import ReadConfig
+    from clipdiy.storage import StorageOptions
+
+    read = ReadConfig(storage=StorageOptions(), input_format="webdataset", batch_size=decode_batch_size,
+                      concurrency=None, max_pixels=10**8, max_image_bytes=None, read_attempts=1, read_deadline_s=None)
     pending = ray.data.from_arrow(listing_table(list(iter_shard_sources(str(folder), "webdataset"))))
 
     def decode_stand_in(batch: pa.Table) -> pa.Table:
         task = ray.get_runtime_context().get_task_id()
         return pa.table({"task": [task] * batch.num_rows, "image_id": batch.column("image_id")})
 
-    seen = expand_shards(pending, config).map_batches(
+    seen = expand_shards(pending, read).map_batches(
         decode_stand_in, batch_size=decode_batch_size, batch_format="pyarrow", num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=2)).to_arrow_refs()
     table = pa.concat_tables(ray.get(seen))

@@ -55,8 +55,9 @@ from clipdiy.labels.report_cache import RunSummary, StatsCache, is_correction_ru
 from clipdiy.labels.row_index import build_row_index
 from clipdiy.labels.runs import read_shard, run_folders
 from clipdiy.labels.store import load_image
+from clipdiy.locations import Location
 from clipdiy.storage import StorageOptions
-from clipdiy.uris import redact_text, redact_uri
+from clipdiy.uris import redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +419,9 @@ def _thumbnail(row: dict, config: ReportConfig, storage: StorageOptions | None) 
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
     except Exception as error:  # noqa: BLE001 - see the docstring; said in the page and the log
-        logger.warning("no thumbnail for %s: %s", redact_uri(str(row.get("uri"))),
+        # The row's uri is shown as a Location (rows read here need not be ours); the error is
+        # a library's text (finding 7), redacted as text.
+        logger.warning("no thumbnail for %s: %s", Location(str(row.get("uri"))),
                        redact_text(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
         return None
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -488,7 +491,7 @@ def _glance(data: ReportData, threshold: str) -> str:
 
 def _redact_sources(source: str) -> str:
     """The outputs as the page names them: each without credentials."""
-    return ", ".join(redact_uri(part.strip()) for part in source.split(",")) if source else source
+    return ", ".join(Location(part.strip()).public for part in source.split(",")) if source else source
 
 
 def _corrections_note(data: ReportData) -> str:

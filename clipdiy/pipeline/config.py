@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass, field
 
 from clipdiy.errors import ClipdiyError
 from clipdiy.image_address import DEFAULT_MAX_IMAGE_BYTES
+from clipdiy.locations import Location, as_location
 from clipdiy.pipeline.planning.incremental import RETRY_ERRORS
 from clipdiy.pipeline.stages.placement import DEVICES
 from clipdiy.segmentation.config import SegmenterConfig
 from clipdiy.storage import StorageOptions
-from clipdiy.uris import redact_document, redact_uri
+from clipdiy.uris import redact_document
 
 #: Run ids become folder names under ``OUTPUT/runs/``: keep them path- and URL-safe.
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -110,8 +111,8 @@ class LabelJobConfig:
                            (1.0 never stops).
     """
 
-    input: str
-    output: str
+    input: Location
+    output: Location
     input_format: str | None = None
     image_column: str = "image"
     id_column: str | None = None
@@ -150,6 +151,10 @@ class LabelJobConfig:
     error_window: int = 5000
 
     def __post_init__(self) -> None:
+        # The user-given INPUT and OUTPUT become Locations where they enter: every message and
+        # record names them by their public form; only the listing and storage open them.
+        object.__setattr__(self, "input", as_location(self.input))
+        object.__setattr__(self, "output", as_location(self.output))
         self.validate()
 
     def validate(self) -> None:
@@ -217,7 +222,7 @@ class LabelJobConfig:
     def describe(self) -> dict:
         """JSON-able options for the run manifest (no credentials: StorageOptions holds none)."""
         options = asdict(self)
-        options["input"] = redact_uri(self.input)
-        options["output"] = redact_uri(self.output)
+        options["input"] = self.input.public
+        options["output"] = self.output.public
         options["storage"] = self.storage.describe()
         return redact_document(options)  # checkpoint, head and model-config URIs too

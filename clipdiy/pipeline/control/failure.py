@@ -73,6 +73,7 @@ def one_line(text: str) -> str:
     line, redacted."""
     clean = _RAY_RETRY_NOTE.sub("", _ANSI.sub("", text))
     lines = [line.strip() for line in clean.splitlines() if line.strip()]
+    # The text is an exception's, from any library (finding 7): a URI in it is redacted as text.
     return redact_text(lines[0]) if lines else ""
 
 

@@ -49,7 +49,6 @@ from clipdiy.pipeline.control.lock_store import (
     open_lock_store,
 )
 from clipdiy.pipeline.control.failure import one_line
-from clipdiy.uris import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ class OutputLock:
         if heartbeat_s * 2 > stale_after_s:
             raise ValueError("heartbeat_s must be at most half of stale_after_s")
         self.layout = layout
-        self.where = redact_uri(layout.uri)
+        self.where = layout.uri  # a Location: named by its public form
         self.run_id = run_id
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s

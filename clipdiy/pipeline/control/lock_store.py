@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from clipdiy.output_layout import OutputLayout
-from clipdiy.uris import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ def open_lock_store(layout: OutputLayout) -> LockStore:
         if s3_conditional_writes_supported():
             return S3LockStore(layout.fs, path)
         logger.warning("this botocore cannot send conditional writes (If-Match/If-None-Match, botocore >= 1.35.x): "
-                       "the lock of %s is written plainly and read back", redact_uri(layout.uri))
+                       "the lock of %s is written plainly and read back", layout.uri)
     return PlainLockStore(layout.fs, path)
 
 

@@ -55,10 +55,13 @@ from clipdiy.pipeline.planning.manifest import (
     write_run_state,
 )
 from clipdiy.pipeline.stages.placement import InferencePlacement, plan_placement
+from clipdiy.pipeline.stages.stage_configs import InferenceConfig, LabellingStages, ReadConfig, WriteConfig
+from clipdiy.pipeline.stages.writer import ShardTarget
 from clipdiy.pipeline.planning.pending import Plan, PlanTarget, plan_pending, remove_plans
 from clipdiy.pipeline.control.progress import Progress
 from clipdiy.pipeline.control.release import free_resources, stop_actors, wait_for_release
-from clipdiy.uris import redact_document, redact_uri
+from clipdiy.locations import Location
+from clipdiy.uris import redact_document
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ class RunSummary:
     run_id: str
     attempt: int
     resumed: bool
-    output: str
+    output: Location  # OUTPUT: shown by its public form
     manifest_path: str
     listed: int
     skipped: int
@@ -133,9 +136,40 @@ def _list_pending(config: LabelJobConfig, layout: OutputLayout, plan: RunPlan) -
     return plan_pending(target, earlier, estimated_rows_per_shard=config.rows_per_file)
 
 
+def labelling_stages(config: LabelJobConfig, plan: RunPlan) -> LabellingStages:
+    """Each stage's own configuration, built once from the job's (see ``stages/stage_configs.py``)."""
+    return LabellingStages(
+        read=ReadConfig(
+            storage=config.storage,
+            input_format=config.input_format or "files",
+            batch_size=config.decode_batch_size,
+            concurrency=config.decode_concurrency,
+            max_pixels=config.max_pixels,
+            max_image_bytes=config.max_image_bytes,
+            read_attempts=config.read_attempts,
+            read_deadline_s=config.read_deadline_s,
+            image_column=config.image_column,
+            id_column=config.id_column,
+        ),
+        inference=InferenceConfig(
+            segmenter=config.segmenter,
+            batch_size=config.inference_batch_size,
+            num_threads=config.torch_threads or max(1, int(config.cpus_per_actor)),
+            cpus_per_actor=config.cpus_per_actor,
+            # The memory reservation also keeps Ray Data from fusing the decode tasks into the actors.
+            memory_bytes=config.actor_memory_gb * 1024**3 if config.actor_memory_gb else None,
+            min_actors=config.min_actors,
+            max_image_bytes_in_memory=int(config.max_image_memory_gb * 1024**3),
+        ),
+        write=WriteConfig(target=ShardTarget(config.output, config.storage, plan.run_id, plan.attempt),
+                          rows_per_file=config.rows_per_file),
+        max_worker_deaths=config.max_worker_deaths,
+    )
+
+
 def _label(
-    config: LabelJobConfig, dataset_args: tuple, written: dict, progress: Progress, lock: OutputLock,
-    *, first_attempt: bool,
+    stages: LabellingStages, dataset_args: tuple, written: dict, progress: Progress, lock: OutputLock,
+    *, first_attempt: bool, stop_after_failed_reads: int, max_error_rate: float, error_window: int,
 ) -> None:
     """Run the dataset, consuming its shard stats: progress, the error budget, the lock.
 
@@ -162,9 +196,9 @@ def _label(
     from clipdiy.pipeline.stages.writer import MANIFEST_SHARD_FIELDS
 
     free_before = free_resources()
-    health = start_run_health(config.stop_after_failed_reads, first_attempt=first_attempt)
-    budget = ErrorBudget(config.max_error_rate, config.error_window)
-    stats = build_dataset(config, *dataset_args, health=health)
+    health = start_run_health(stop_after_failed_reads, first_attempt=first_attempt)
+    budget = ErrorBudget(max_error_rate, error_window)
+    stats = build_dataset(stages, *dataset_args, health=health)
     batches = iter(stats.iter_batches(batch_size=None, batch_format="pyarrow"))
     over_budget = None
     finished = False
@@ -242,7 +276,6 @@ def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostErr
     """
     started = time.monotonic()
     config.validate()
-    input_uri = redact_uri(config.input)
     # The format (files, webdataset, parquet) is fixed before the run: detected once, recorded.
     config = dataclasses.replace(config, input_format=check_input_format(config.input, config.storage, config.input_format))
     layout = OutputLayout.open(config.output, config.storage)
@@ -250,10 +283,10 @@ def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostErr
     lock = OutputLock(layout, config.run_id or "starting", stale_after_s=config.lock_stale_after_s,
                       heartbeat_s=config.heartbeat_s, on_lost=on_lock_lost)
     with lock:
-        models = resolve_models(config)
+        models = resolve_models(config.segmenter)
         started_ray = connect_ray(config)
         try:
-            return _run_locked(config, layout, lock, models, input_uri, started)
+            return _run_locked(config, layout, lock, models, started)
         finally:
             if started_ray:
                 import ray
@@ -262,18 +295,18 @@ def run_labelling(config: LabelJobConfig, *, on_lock_lost: Callable[[LockLostErr
 
 
 def _run_locked(
-    config: LabelJobConfig, layout: OutputLayout, lock: OutputLock, models: DriverModels, input_uri: str, started: float
+    config: LabelJobConfig, layout: OutputLayout, lock: OutputLock, models: DriverModels, started: float
 ) -> RunSummary:
     placement = inference_placement(config)
     # Redacted as recorded in _RUN.json, so a resume compares like with like.
-    fingerprint = redact_document({"input": input_uri, "model": dataclasses.asdict(models.provenance)})
+    fingerprint = redact_document({"input": config.input.public, "model": dataclasses.asdict(models.provenance)})
     plan = plan_run(layout, config.run_id, fingerprint)
     lock.info.run_id = plan.run_id
     options = config.describe()
     write_run_state(layout, plan, fingerprint, options)
     logger.info(
         "run %s (attempt %d%s): %s -> %s, %g GPU(s) per actor, up to %d actors (%s)",
-        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", input_uri, redact_uri(layout.uri),
+        plan.run_id, plan.attempt, ", resuming" if plan.resumed else "", config.input, layout.uri,
         placement.gpus_per_actor, max(config.min_actors, placement.max_actors), placement.max_source,
     )
 
@@ -302,8 +335,9 @@ def _run_locked(
     written: dict[str, dict] = {}
     with Progress(counts.todo if counts else None, config.heartbeat_s) as progress:
         if pending.dataset is not None:
-            _label(config, (pending.dataset, models, plan, placement), written, progress, lock,
-                   first_attempt=plan.attempt == 1)
+            _label(labelling_stages(config, plan), (pending.dataset, models, plan, placement), written, progress, lock,
+                   first_attempt=plan.attempt == 1, stop_after_failed_reads=config.stop_after_failed_reads,
+                   max_error_rate=config.max_error_rate, error_window=config.error_window)
     labelling_seconds = time.monotonic() - labelling_started
     lock.check()
     remove_plans(layout, plan.run_id)
@@ -318,7 +352,7 @@ def _run_locked(
     ok = sum(r["ok"] for r in written.values())
     manifest = build_manifest(
         plan=plan,
-        input_uri=input_uri,
+        input_uri=config.input.public,
         options=options,
         vocabulary={
             "name": models.provenance.vocabulary_name,

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clipdiy.pipeline.sources.objects import SourceObject
+from clipdiy.pipeline.sources.objects import SourceObject, signed_column
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def listing_table(sources: list[SourceObject]) -> pa.Table:
             "source_etag": [s.etag for s in sources],
             "source_mtime": [s.mtime for s in sources],
             "listing_entry": [s.listing_entry for s in sources],
-            SIGNED_URI: [s.signed_uri for s in sources],
+            SIGNED_URI: signed_column(sources),
         },
         schema=LISTING_SCHEMA,
     )

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clipdiy.locations import Location, as_location
 from clipdiy.output_layout import OutputLayout
 from clipdiy.pipeline.planning.incremental import (
     EARLIER_RUNS,
@@ -103,8 +104,8 @@ JOIN_BLOCK_ROWS = 16384
 class PlanTarget:
     """Where a run's plan goes and what it is planned from (picklable: travels to workers)."""
 
-    input_uri: str
-    output_uri: str
+    input_uri: Location  # as given (str accepted): travels pickled, never in a column
+    output_uri: Location
     storage: StorageOptions
     run_id: str
     attempt: int
@@ -115,6 +116,10 @@ class PlanTarget:
     input_format: str = "files"  # files: a row per image; webdataset, parquet: a row per shard or file
     split_min_keys: int = SPLIT_MIN_KEYS  # S3 keys below which a key range is not split further
     timed_out_nights: int | None = None  # finished runs with a timed_out row after which an object is not retried
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_uri", as_location(self.input_uri))
+        object.__setattr__(self, "output_uri", as_location(self.output_uri))
 
     @property
     def shards(self) -> bool:
@@ -146,10 +151,12 @@ class Plan:
 
 
 def _list_input(
-    batch: pa.Table, *, storage: StorageOptions, block_rows: int, limit: int | None, numbered: bool, keyed: bool,
-    input_format: str = "files",
+    batch: pa.Table, *, input_uri: Location, storage: StorageOptions, block_rows: int, limit: int | None, numbered: bool,
+    keyed: bool, input_format: str = "files",
 ) -> Iterator[pa.Table]:
-    for input_uri in batch.column("input").to_pylist():
+    # The batch's one row (the input's public form) starts the task; the input itself comes
+    # as a Location in fn_kwargs, so no Arrow column ever holds its readable form.
+    for _ in range(batch.num_rows):
         if input_format != "files":
             # Shards (10,000 for 100M images): one listing task, a row per shard, keyed by URI.
             for block in listing_blocks(iter_shard_sources(input_uri, input_format, storage), block_rows, limit):
@@ -162,14 +169,15 @@ def _list_input(
 
 
 def _split_listing(
-    batch: pa.Table, *, storage: StorageOptions, min_parts: int, split_min_keys: int = SPLIT_MIN_KEYS
+    batch: pa.Table, *, input_uri: Location, storage: StorageOptions, min_parts: int,
+    split_min_keys: int = SPLIT_MIN_KEYS,
 ) -> Iterator[pa.Table]:
-    for input_uri in batch.column("input").to_pylist():
+    for _ in range(batch.num_rows):
         parts = listing_parts(input_uri, storage, min_parts=min_parts, split_min_keys=split_min_keys)
         while chunk := list(itertools.islice(parts, PARTS_PER_BLOCK)):
             yield pa.table(
                 {
-                    "input": pa.array([input_uri] * len(chunk), pa.string()),
+                    "input": pa.array([input_uri.public] * len(chunk), pa.string()),
                     "folder": pa.array([part.folder for part in chunk], pa.string()),
                     "recursive": pa.array([part.recursive for part in chunk], pa.bool_()),
                     "start_after": pa.array([part.start_after for part in chunk], pa.string()),
@@ -178,10 +186,12 @@ def _split_listing(
             )
 
 
-def _list_parts(batch: pa.Table, *, storage: StorageOptions, block_rows: int, keyed: bool) -> Iterator[pa.Table]:
+def _list_parts(
+    batch: pa.Table, *, input_uri: Location, storage: StorageOptions, block_rows: int, keyed: bool
+) -> Iterator[pa.Table]:
     for row in batch.to_pylist():
         part = ListingPart(row["folder"], row["recursive"], row["start_after"], row["end_at"])
-        for block in listing_blocks(iter_part_sources(row["input"], part, storage), block_rows):
+        for block in listing_blocks(iter_part_sources(input_uri, part, storage), block_rows):
             yield with_source_key(block) if keyed else block
 
 
@@ -276,13 +286,14 @@ def listing_dataset(target: PlanTarget, block_rows: int, *, numbered: bool = Fal
     have no CPU to bound how many run at once)."""
     import ray.data
 
-    source = ray.data.from_items([{"input": target.input_uri}])
+    source = ray.data.from_items([{"input": target.input_uri.public}])
     # No CPU reserved by the listing tasks: they wait on the store, and a CPU held by a listing
     # that backpressure pauses could starve the decode tasks that drain it.
     if target.limit is not None or numbered or target.shards:
         listing = source.map_batches(
             _list_input,
-            fn_kwargs={"storage": target.storage, "block_rows": block_rows, "limit": target.limit, "numbered": numbered,
+            fn_kwargs={"input_uri": target.input_uri, "storage": target.storage, "block_rows": block_rows,
+                       "limit": target.limit, "numbered": numbered,
                        "keyed": keyed, "input_format": target.input_format},
             batch_size=1,
             batch_format="pyarrow",
@@ -291,7 +302,8 @@ def listing_dataset(target: PlanTarget, block_rows: int, *, numbered: bool = Fal
     else:
         parts = source.map_batches(
             _split_listing,
-            fn_kwargs={"storage": target.storage, "min_parts": PARTS_PER_LISTING_TASK * target.listing_tasks,
+            fn_kwargs={"input_uri": target.input_uri, "storage": target.storage,
+                       "min_parts": PARTS_PER_LISTING_TASK * target.listing_tasks,
                        "split_min_keys": target.split_min_keys},
             batch_size=1,
             batch_format="pyarrow",
@@ -299,7 +311,7 @@ def listing_dataset(target: PlanTarget, block_rows: int, *, numbered: bool = Fal
         )
         listing = parts.repartition(target_num_rows_per_block=1).map_batches(  # a part per task
             _list_parts,
-            fn_kwargs={"storage": target.storage, "block_rows": block_rows, "keyed": keyed},
+            fn_kwargs={"input_uri": target.input_uri, "storage": target.storage, "block_rows": block_rows, "keyed": keyed},
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=0,

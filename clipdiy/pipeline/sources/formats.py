@@ -21,11 +21,11 @@ import re
 from collections.abc import Iterator
 
 from clipdiy.errors import InputError
+from clipdiy.locations import Location, as_location
 from clipdiy.pipeline.sources.listing import IMAGE_EXTENSIONS, iter_sources
 from clipdiy.pipeline.sources.manifests import is_manifest
 from clipdiy.pipeline.sources.objects import GLOB_CHARS, SourceObject, source_object
 from clipdiy.storage import StorageOptions, open_filesystem
-from clipdiy.uris import redact_uri
 
 INPUT_FORMATS = ("files", "webdataset", "parquet")
 #: Names of tar shards (lower case); compressed ones are listed, and refused with one row each.
@@ -87,17 +87,18 @@ def is_shard_name(name: str, input_format: str) -> bool:
     return lower.endswith(TAR_SUFFIXES if input_format == "webdataset" else PARQUET_SUFFIXES)
 
 
-def iter_shard_sources(input_uri: str, input_format: str, options: StorageOptions | None = None) -> Iterator[SourceObject]:
+def iter_shard_sources(input_uri: str | Location, input_format: str, options: StorageOptions | None = None) -> Iterator[SourceObject]:
     """The shards (tars) or Parquet files of ``input_uri``, one listing row each, in listing order.
 
     A brace pattern is listed as the glob it spans (one listing of the folder, no request per
     named shard) and filtered to the names it expands to; a named shard that is absent is no row
     (a range written wider than the shards present is common)."""
-    if has_braces(input_uri):
+    input_uri = as_location(input_uri)
+    if has_braces(input_uri.public):
         fs, path = open_filesystem(input_uri, options)
         matcher = brace_regex(path)
         wanted = set(expand_braces(path)) if _count_expansions(path) <= 1_000_000 else None
-        for source in iter_sources(_glob_of(input_uri), options, extensions=None):
+        for source in iter_sources(Location(_glob_of(input_uri.reveal_for_read())), options, extensions=None):
             source_path = fs._strip_protocol(source.uri)
             if matcher.match(source_path) and (wanted is None or source_path in wanted):
                 yield source
@@ -131,14 +132,14 @@ def _kind_of(name: str) -> str | None:
     return None
 
 
-def detect_input_format(input_uri: str, options: StorageOptions | None = None, requested: str | None = None) -> str:
+def detect_input_format(input_uri: str | Location, options: StorageOptions | None = None, requested: str | None = None) -> str:
     """The input's format: ``requested`` when given (checked), else guessed from the input's
     name, or from the names of its first objects (a prefix or manifest). Raises
     :class:`InputError` in one line when the input holds nothing of the requested format."""
     if requested is not None and requested not in INPUT_FORMATS:
         raise InputError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {requested!r}")
-    where = redact_uri(input_uri)
-    guess = _guess(input_uri, options)
+    where = as_location(input_uri)
+    guess = _guess(where, options)
     if requested is None:
         return guess or "files"
     if guess is not None and guess != requested:
@@ -148,9 +149,9 @@ def detect_input_format(input_uri: str, options: StorageOptions | None = None, r
     return requested
 
 
-def _guess(input_uri: str, options: StorageOptions | None) -> str | None:
-    if has_braces(input_uri):
-        return _kind_of(input_uri) or "webdataset"
+def _guess(input_uri: Location, options: StorageOptions | None) -> str | None:
+    if has_braces(input_uri.public):
+        return _kind_of(input_uri.public) or "webdataset"
     fs, path = open_filesystem(input_uri, options)
     own = _kind_of(path)
     if own == "parquet" and not GLOB_CHARS.search(path):

@@ -13,11 +13,11 @@ from clipdiy.pipeline.sources.manifests import is_manifest
 from clipdiy.pipeline.sources.listing import IMAGE_EXTENSIONS, glob_root, iter_sources
 from clipdiy.pipeline.sources.objects import GLOB_CHARS, SourceObject
 from clipdiy.storage import StorageOptions, describe_error, is_s3, is_transient, open_filesystem
-from clipdiy.uris import redact_uri
+from clipdiy.locations import Location, as_location
 
 
 def check_input_reachable(
-    input_uri: str,
+    input_uri: str | Location,
     options: StorageOptions | None = None,
     *,
     extensions: Collection[str] | None = IMAGE_EXTENSIONS,
@@ -37,9 +37,9 @@ def check_input_reachable(
         read_timeout=min(options.read_timeout, max(timeout / 2, 1.0)),
         max_attempts=min(options.max_attempts, 2),
     )
-    where = redact_uri(input_uri)
-    endpoint = f" at {redact_uri(options.endpoint_url)}" if options.endpoint_url else ""
-    result = _run_bounded(lambda: _first_source(input_uri, quick, extensions), timeout)
+    where = as_location(input_uri)
+    endpoint = f" at {options.endpoint_url}" if options.endpoint_url else ""
+    result = _run_bounded(lambda: _first_source(where, quick, extensions), timeout)
     if result is _TIMED_OUT:
         raise InputError(f"input {where} is unreachable: no answer from the store{endpoint} within {timeout:g} s")
     if isinstance(result, BaseException):
@@ -56,7 +56,7 @@ def check_input_reachable(
 _TIMED_OUT = object()
 
 
-def _first_source(input_uri, options, extensions):
+def _first_source(input_uri: Location, options, extensions):
     fs, path = open_filesystem(input_uri, options)
     if GLOB_CHARS.search(path):
         root, _ = glob_root(path)
@@ -107,7 +107,7 @@ def _explain(exc: BaseException) -> str:
     return f"cannot be read ({describe_error(exc)})"
 
 
-def check_input_format(input_uri: str, options: StorageOptions | None = None, requested: str | None = None,
+def check_input_format(input_uri: str | Location, options: StorageOptions | None = None, requested: str | None = None,
                        *, timeout: float = 60.0) -> str:
     """The input's format (``files``, ``webdataset``, ``parquet``: ``requested``, checked, else
     detected; :mod:`clipdiy.pipeline.sources.formats`), after the pre-flight check of that
@@ -116,7 +116,7 @@ def check_input_format(input_uri: str, options: StorageOptions | None = None, re
     from clipdiy.pipeline.sources.formats import detect_input_format, iter_shard_sources
 
     options = options or StorageOptions()
-    where = redact_uri(input_uri)
+    where = as_location(input_uri)
     quick = dataclasses.replace(
         options,
         connect_timeout=min(options.connect_timeout, 5.0),

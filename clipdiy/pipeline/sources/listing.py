@@ -38,6 +38,7 @@ from typing import Any
 from fsspec.utils import glob_translate
 
 from clipdiy.errors import InputError
+from clipdiy.locations import Location
 from clipdiy.pipeline.sources.manifests import is_manifest, iter_manifest
 from clipdiy.pipeline.sources.key_ranges import KeyRange
 from clipdiy.pipeline.sources.objects import GLOB_CHARS, SourceObject, source_object
@@ -54,7 +55,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 
 
 def iter_sources(
-    input_uri: str,
+    input_uri: str | Location,
     options: StorageOptions | None = None,
     *,
     extensions: Collection[str] | None = IMAGE_EXTENSIONS,
@@ -132,7 +133,7 @@ def describe_source(source: SourceObject, options: StorageOptions | None = None,
 
     Raises FileNotFoundError / PermissionError like :func:`read_bytes`.
     """
-    fs, path = open_filesystem(source.readable_uri, options)
+    fs, path = open_filesystem(source.location, options)
     info = with_retries(lambda: fs.info(path), what=f"stat {source.uri}", **retry)
     fresh = source_object(fs, path, source.image_id, info)
     return dataclasses.replace(source, size=fresh.size, etag=fresh.etag, mtime=fresh.mtime)

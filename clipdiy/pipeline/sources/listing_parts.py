@@ -13,6 +13,7 @@ import posixpath
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
+from clipdiy.locations import Location
 from clipdiy.pipeline.sources.manifests import is_manifest
 from clipdiy.pipeline.sources.key_ranges import SPLIT_MIN_KEYS, KeyRange, S3KeyProbe, split_ranges
 from clipdiy.pipeline.sources.listing import IMAGE_EXTENSIONS, glob_root, is_listed, iter_key_range_sources, iter_sources
@@ -45,7 +46,7 @@ class ListingPart:
 
 
 def listing_parts(
-    input_uri: str,
+    input_uri: str | Location,
     options: StorageOptions | None = None,
     *,
     min_parts: int = 64,
@@ -118,7 +119,7 @@ def _key_range_parts(fs, path: str, parts: int, min_keys: int) -> Iterator[Listi
 
 
 def iter_part_sources(
-    input_uri: str,
+    input_uri: str | Location,
     part: ListingPart,
     options: StorageOptions | None = None,
     *,

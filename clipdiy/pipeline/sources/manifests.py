@@ -17,6 +17,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from clipdiy.errors import InputError
+from clipdiy.locations import Location
 from clipdiy.pipeline.sources.objects import (
     GLOB_CHARS,
     SourceObject,
@@ -25,7 +26,6 @@ from clipdiy.pipeline.sources.objects import (
     as_utc,
 )
 from clipdiy.storage import StorageOptions, full_uri, open_filesystem
-from clipdiy.uris import UnparsableUriError, public_uri, redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +47,10 @@ def iter_manifest(fs, manifest_path: str, options: StorageOptions, unique: bool 
     seen: set[bytes] = set()
     repeated = 0
     for number, (entry, size, etag, mtime) in enumerate(entries):
-        location = _resolve_entry(fs, entry, base_dir)
-        try:
-            uri = public_uri(location)
-        except UnparsableUriError:
-            uri = redact_uri(location)  # the decode stage gives it an error row (invalid_uri)
+        # An unparsable entry keeps a text-redacted public form; the decode stage gives it an
+        # error row (invalid_uri, Location.parse_error).
+        location = Location(_resolve_entry(fs, entry, base_dir))
+        uri = location.public
         # The id never holds a credential, and a URL signed anew each night keeps its id.
         image_id = uri.removeprefix(base_uri.rstrip("/") + "/")
         if unique:
@@ -63,10 +62,10 @@ def iter_manifest(fs, manifest_path: str, options: StorageOptions, unique: bool 
         yield SourceObject(uri=uri, image_id=image_id, size=as_size(size),
                            etag=etag.strip('"') if isinstance(etag, str) else None,
                            mtime=as_utc(mtime), listing_entry=number,
-                           signed_uri=None if location == uri else location)
+                           signed_uri=location if location.is_signed else None)
     if repeated:
         logger.warning("manifest %s lists %d entries more than once; each image is labelled once",
-                       redact_uri(full_uri(fs, manifest_path)), repeated)
+                       Location(full_uri(fs, manifest_path)), repeated)
 
 
 def _resolve_entry(fs, entry: str, base_dir: str) -> str:
@@ -100,7 +99,7 @@ def _text_manifest_entries(fs, path: str):
 def _parquet_manifest_entries(fs, path: str):
     import pyarrow.parquet as pq
 
-    where = redact_uri(full_uri(fs, path))
+    where = Location(full_uri(fs, path))
     with fs.open(path, "rb") as handle:
         try:
             parquet = pq.ParquetFile(handle)
@@ -158,13 +157,13 @@ def _cell_text(value) -> str | None:
     return str(value)
 
 
-def is_manifest_input(input_uri: str, options: StorageOptions | None = None) -> bool:
+def is_manifest_input(input_uri: str | Location, options: StorageOptions | None = None) -> bool:
     """True when ``input_uri`` names a manifest (``.txt``/``.lst``/``.parquet``/``.pq`` file)."""
     fs, path = open_filesystem(input_uri, options)
     return is_manifest(fs, path)
 
 
-def manifest_entries_estimate(input_uri: str, options: StorageOptions | None = None) -> int:
+def manifest_entries_estimate(input_uri: str | Location, options: StorageOptions | None = None) -> int:
     """About how many entries a manifest holds, without reading it: a Parquet manifest's row
     count from its footer, a text manifest's size over 32 bytes a line."""
     fs, path = open_filesystem(input_uri, options)

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from clipdiy.locations import Location, as_location
 from clipdiy.storage import full_uri
 
 #: Characters that make an input a glob rather than a prefix or a manifest.
@@ -27,8 +28,9 @@ class SourceObject:
     ``listing_entry``: the entry's number in a manifest (0-based, blank lines and comments not
     counted, repeats counted); None for prefixes and globs.
     ``signed_uri``: the entry as listed when it carries a credential (a presigned query, a
-    ``user:password@``), the only way to read it; None when ``uri`` reads the object. Never
-    written or logged (not in the repr): it goes from the listing to the read and nowhere else.
+    ``user:password@``), the only way to read it, as a :class:`~clipdiy.locations.Location`
+    (which shows only its public form); None when ``uri`` reads the object. It goes from the
+    listing to the read (the listing's ``signed_uri`` column, :func:`signed_column`) and nowhere else.
     """
 
     uri: str
@@ -37,12 +39,21 @@ class SourceObject:
     etag: str | None = None
     mtime: dt.datetime | None = None
     listing_entry: int | None = None
-    signed_uri: str | None = field(default=None, repr=False)
+    signed_uri: Location | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signed_uri", as_location(self.signed_uri))
 
     @property
-    def readable_uri(self) -> str:
-        """The location to read the object from (may hold a credential: never show it)."""
-        return self.signed_uri or self.uri
+    def location(self) -> Location:
+        """The location to read the object from (its signed one where it has one)."""
+        return self.signed_uri or Location(self.uri)
+
+
+def signed_column(sources: list[SourceObject]) -> list[str | None]:
+    """The listing's ``signed_uri`` column of ``sources``: the readable form of each signed
+    location (None for the others), which only the decode stage reads back (as a Location)."""
+    return [None if s.signed_uri is None else s.signed_uri.reveal_for_read() for s in sources]
 
 
 def source_object(fs, full: str, image_id: str, info: dict) -> SourceObject:

@@ -29,8 +29,8 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from clipdiy.locations import Location
 from clipdiy.pipeline.sources.tar_members import TarDamage, TarStream
-from clipdiy.uris import UnparsableUriError, public_uri
 
 #: Image member extensions, most preferred first (the member taken when a sample has several).
 IMAGE_PREFERENCE: tuple[str, ...] = (
@@ -83,10 +83,9 @@ class Sidecar:
         url = self.entries.get(key, (None, None))[1]
         if not url:
             return None
-        try:
-            return public_uri(url)
-        except UnparsableUriError:
-            return None  # a url we cannot strip of credentials is not written
+        location = Location(url)
+        # A url that cannot be parsed is not written: its redaction by text is a best effort.
+        return None if location.parse_error is not None else location.public
 
 
 def sidecar_path(shard_path: str) -> str:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
-from clipdiy.pipeline.config import LISTING_BATCHES_PER_BLOCK, LabelJobConfig
+from clipdiy.pipeline.config import LISTING_BATCHES_PER_BLOCK
 from clipdiy.pipeline.stages.driver_models import DriverModels
 from clipdiy.pipeline.planning.manifest import RunPlan
 from clipdiy.pipeline.stages.placement import InferencePlacement
-from clipdiy.pipeline.stages.writer import ShardTarget, write_shard
-
-# Ray 2.60 deprecates passing max_retries / max_restarts / max_task_retries to map_batches as
-# **ray_remote_args, but has no named parameter for them yet; build_dataset must pass them.
-warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+from clipdiy.pipeline.stages.retry_options import map_batches_retried
+from clipdiy.pipeline.stages.stage_configs import LabellingStages, ReadConfig
+from clipdiy.pipeline.stages.writer import write_shard
 
 
 def keep_task_exceptions() -> None:
@@ -41,14 +38,14 @@ def shard_streams() -> int:
     return int(ray.cluster_resources().get("CPU", 2))
 
 
-def shard_block_rows(config: LabelJobConfig) -> int:
+def shard_block_rows(read: ReadConfig) -> int:
     """Samples per block leaving the shard-expanding stage: what a listing block of loose objects
     holds (``LISTING_BATCHES_PER_BLOCK`` decode batches), whatever the shard's size. The decode
     tasks' retry budget (``attempts.ray_task_retries``) counts on blocks no larger."""
-    return config.decode_batch_size * LISTING_BATCHES_PER_BLOCK
+    return read.batch_size * LISTING_BATCHES_PER_BLOCK
 
 
-def expand_shards(pending, config: LabelJobConfig, health=None):
+def expand_shards(pending, read: ReadConfig, health=None):
     """Shard rows -> sample rows (``stages/expand.py``) in blocks of :func:`shard_block_rows` rows.
 
     One task per shard streams it. Ray Data joins what a task yields into blocks of up to
@@ -63,25 +60,26 @@ def expand_shards(pending, config: LabelJobConfig, health=None):
 
     from clipdiy.pipeline.stages.expand import ExpandShards
 
-    rows = shard_block_rows(config)
+    rows = shard_block_rows(read)
     samples = pending.repartition(target_num_rows_per_block=1).map_batches(  # a shard per task
-        ExpandShards(config.storage, config.input_format, rows, config.max_image_bytes,
-                     config.image_column, config.id_column, health),
+        ExpandShards(read.storage, read.input_format, rows, read.max_image_bytes,
+                     read.image_column, read.id_column, health),
         batch_size=1,
         batch_format="pyarrow",
         # Waits on the store mostly (the decoding is the next stage's): no CPU reserved, a
         # bounded pool instead, so that a paused stream does not hold a CPU decode needs.
         num_cpus=0,
         # As many shards streamed at once as decode tasks may run (one per CPU by default).
-        compute=ray.data.TaskPoolStrategy(size=max(2, config.decode_concurrency or shard_streams())),
+        compute=ray.data.TaskPoolStrategy(size=max(2, read.concurrency or shard_streams())),
         udf_modifying_row_count=True,
     )
     return samples.repartition(target_num_rows_per_block=rows)
 
 
-def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: RunPlan, placement: InferencePlacement, health=None):
+def build_dataset(stages: LabellingStages, pending, models: DriverModels, plan: RunPlan, placement: InferencePlacement,
+                  health=None):
     """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
-    rows -> shard stats.
+    rows -> shard stats. Each stage takes its own part of ``stages``.
 
     ``health``: the run's :class:`~clipdiy.pipeline.stages.health.RunHealthHandles`, told of every
     read, of every actor a CUDA error poisons, and of every attempt at a decode, inference or row
@@ -97,75 +95,77 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
     from clipdiy.pipeline.stages.inference import SegmentBatch
     from clipdiy.pipeline.stages.rows import RowContext, build_rows
 
-    saliency_side = saliency_input_side(config.segmenter.saliency)
+    read, inference, write = stages.read, stages.inference, stages.write
+    saliency_side = saliency_input_side(inference.segmenter.saliency)
     decode = DecodeBatch(
-        config.storage,
-        config.segmenter.mode,
-        config.max_pixels,
-        config.read_attempts,
+        read.storage,
+        inference.segmenter.mode,
+        read.max_pixels,
+        read.read_attempts,
         saliency_max_side=saliency_side,
         # The method prepares its own inputs on the CPU workers (CLIP-DIY: saliency input shrunk
         # to what the backend reads).
         segmenter_config=dataclasses.replace(
-            config.segmenter, saliency=dataclasses.replace(config.segmenter.saliency, max_side=saliency_side)
+            inference.segmenter, saliency=dataclasses.replace(inference.segmenter.saliency, max_side=saliency_side)
         ),
         health=health,
-        max_image_bytes=config.max_image_bytes,
-        max_worker_deaths=config.max_worker_deaths,
-        read_deadline_s=config.read_deadline_s,
+        max_image_bytes=read.max_image_bytes,
+        max_worker_deaths=stages.max_worker_deaths,
+        read_deadline_s=read.read_deadline_s,
     )
     # Finite retries of a task and restarts of an actor (Ray Data's defaults are infinite), above
     # what the run's attempt ledger needs (health.RunHealth): a process that dies on a batch is
     # retried until, after --max-worker-deaths deaths, the batch goes image by image and the image
     # that kills its process gets a worker_lost row.
-    decode_retries = ray_task_retries(config.max_worker_deaths, config.decode_batch_size, LISTING_BATCHES_PER_BLOCK)
-    inference_retries = ray_task_retries(config.max_worker_deaths, config.inference_batch_size, LISTING_BATCHES_PER_BLOCK)
+    decode_retries = ray_task_retries(stages.max_worker_deaths, read.batch_size, LISTING_BATCHES_PER_BLOCK)
+    inference_retries = ray_task_retries(stages.max_worker_deaths, inference.batch_size, LISTING_BATCHES_PER_BLOCK)
     context = RowContext(plan.run_id, plan.started_at, models.provenance, models.class_names)
-    target = ShardTarget(config.output, config.storage, plan.run_id, plan.attempt)
-    if (config.input_format or "files") != "files":
-        pending = expand_shards(pending, config, health)
-    ds = pending.map_batches(
+    if read.input_format != "files":
+        pending = expand_shards(pending, read, health)
+    ds = map_batches_retried(
+        pending,
         decode,
-        batch_size=config.decode_batch_size,
+        batch_size=read.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=config.decode_concurrency),
+        compute=ray.data.TaskPoolStrategy(size=read.concurrency),
         num_cpus=1,
         udf_modifying_row_count=False,
-        max_retries=decode_retries,
+        retries={"max_retries": decode_retries},
     )
-    ds = ds.map_batches(
+    ds = map_batches_retried(
+        ds,
         SegmentBatch,
         fn_constructor_kwargs={
-            "segmenter_config": config.segmenter,
+            "segmenter_config": inference.segmenter,
             "text_embeddings": models.text_embeddings,
-            "num_threads": config.torch_threads or max(1, int(config.cpus_per_actor)),
+            "num_threads": inference.num_threads,
             "health": health,
-            "max_worker_deaths": config.max_worker_deaths,
-            "max_image_bytes_in_memory": int(config.max_image_memory_gb * 1024**3),
+            "max_worker_deaths": stages.max_worker_deaths,
+            "max_image_bytes_in_memory": inference.max_image_bytes_in_memory,
         },
-        batch_size=config.inference_batch_size,
+        batch_size=inference.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
-            min_size=config.min_actors, max_size=max(config.min_actors, placement.max_actors)
+            min_size=inference.min_actors, max_size=max(inference.min_actors, placement.max_actors)
         ),
-        num_cpus=config.cpus_per_actor,
+        num_cpus=inference.cpus_per_actor,
         num_gpus=placement.gpus_per_actor,
         # The memory reservation also keeps Ray Data from fusing the decode tasks into the
         # actors (fused, an accelerator would wait on reads and JPEG decoding).
-        memory=config.actor_memory_gb * 1024**3 if config.actor_memory_gb else None,
+        memory=inference.memory_bytes,
         udf_modifying_row_count=False,
         # A killed or poisoned actor is restarted and its batches retried (exactly-once relies on
         # it; tests/test_pipeline_failures.py checks it), finitely (Ray Data's default: forever).
-        max_restarts=max(ACTOR_RESTARTS, inference_retries),
-        max_task_retries=inference_retries,
+        retries={"max_restarts": max(ACTOR_RESTARTS, inference_retries), "max_task_retries": inference_retries},
     )
     # Row tasks (fused with the shard writes) retried finitely too, above what the ledger needs
     # (Ray Data's default for tasks: forever); a row batch is an inference batch.
-    rows_retries = ray_task_retries(config.max_worker_deaths, config.inference_batch_size, LISTING_BATCHES_PER_BLOCK)
-    ds = ds.map_batches(
+    rows_retries = ray_task_retries(stages.max_worker_deaths, inference.batch_size, LISTING_BATCHES_PER_BLOCK)
+    ds = map_batches_retried(
+        ds,
         build_rows,
-        fn_kwargs={"context": context, "health": health, "max_worker_deaths": config.max_worker_deaths},
-        batch_size=config.inference_batch_size,
+        fn_kwargs={"context": context, "health": health, "max_worker_deaths": stages.max_worker_deaths},
+        batch_size=inference.batch_size,
         batch_format="pyarrow",
         # No CPU reserved, a bounded pool instead: Ray Data reserves each operator's minimum in
         # pipeline order, so where decode and the actors take every CPU (a small cluster, a
@@ -175,16 +175,17 @@ def build_dataset(config: LabelJobConfig, pending, models: DriverModels, plan: R
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),
         udf_modifying_row_count=False,
-        max_retries=rows_retries,
+        retries={"max_retries": rows_retries},
     )
-    return ds.map_batches(
+    return map_batches_retried(
+        ds,
         write_shard,
-        fn_kwargs={"target": target},
-        batch_size=config.rows_per_file,
+        fn_kwargs={"target": write.target},
+        batch_size=write.rows_per_file,
         batch_format="pyarrow",
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=writer_tasks(placement)),  # fused with the rows
-        max_retries=rows_retries,  # the same as the rows' (fused tasks share their options)
+        retries={"max_retries": rows_retries},  # the same as the rows' (fused tasks share their options)
         # One stats row per shard of up to rows_per_file label rows: no limit pushdown past it.
         udf_modifying_row_count=True,
     )

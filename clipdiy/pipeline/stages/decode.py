@@ -19,12 +19,12 @@ import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from clipdiy.errors import InvalidImageError
+from clipdiy.locations import Location
 from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
 from clipdiy.pipeline.stages.expand import IMAGE_BYTES, PRESET_ERROR, PRESET_KIND
 from clipdiy.segmentation.images import to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage, prepare_image
 from clipdiy.segmentation.segmenter import prepare_input
-from clipdiy.uris import UnparsableUriError, has_scheme, public_uri
 
 logger = logging.getLogger(__name__)
 
@@ -237,24 +237,25 @@ class DecodeBatch:
         self.health = health  # the run's RunHealth actor (clipdiy.pipeline.stages.health), or None
         self._filesystems: dict[str, Any] = {}
 
-    def _read(self, location: str, uri: str) -> bytes:
-        """The bytes at ``location`` (the readable, maybe signed URI); ``uri`` (public) names it."""
+    def _read(self, location: Location) -> bytes:
+        """The bytes at ``location`` (the readable, maybe signed, URI; it names itself by its
+        public form)."""
         from fsspec.implementations.local import LocalFileSystem
 
         from clipdiy.pipeline.sources.objects import as_os_path
-        from clipdiy.storage import open_filesystem, read_bytes
+        from clipdiy.storage import open_filesystem, path_within, read_bytes
 
-        protocol = location.split("://", 1)[0] if "://" in location else "file"
+        protocol = location.public.split("://", 1)[0] if location.has_scheme else "file"
         fs = self._filesystems.get(protocol)
         if fs is None:
             fs, path = open_filesystem(location, self.storage_options)
             self._filesystems[protocol] = fs
         else:
-            path = fs._strip_protocol(location)
+            path = path_within(fs, location)
         if isinstance(fs, LocalFileSystem):
             path = as_os_path(path)  # a listed name that is not UTF-8, back to its bytes
-        return read_bytes(fs, path, attempts=self.read_attempts, what=f"read {uri}", max_bytes=self.max_image_bytes,
-                          deadline_s=self.read_deadline_s)
+        return read_bytes(fs, path, attempts=self.read_attempts, what=f"read {location}",
+                          max_bytes=self.max_image_bytes, deadline_s=self.read_deadline_s)
 
     def _report_reads(self, ok: int, failed: dict[str, int], sample: str | None) -> None:
         """Tell the run's health actor; raise RunFailedError once reads are broken run-wide."""
@@ -276,7 +277,7 @@ class DecodeBatch:
         return ray.get(self.health.judge_not_found.remote(reads.ok, reads.failed["not_found"], reads.sample))
 
     def _decode_one(
-        self, image_id: str, uri: str, signed_uri: str | None, entry: int | None, size: int | None, reads: _Reads,
+        self, image_id: str, uri: str, signed_uri: Location | None, entry: int | None, size: int | None, reads: _Reads,
         inline: tuple[bytes | None, str | None, str | None] | None = None,
     ) -> DecodeResult:
         """Read and decode one object: never raises but for the run's own errors. ``uri``: the
@@ -297,12 +298,9 @@ class DecodeBatch:
             return DecodeResult(error_kind="unreadable", error=(
                 f"entry {entry} of the manifest no longer lists this image (the manifest changed during the "
                 f"run): not read; the next run labels it"))
-        location = signed_uri or uri
-        if has_scheme(location):
-            try:
-                public_uri(location)
-            except UnparsableUriError as error:
-                return DecodeResult(error_kind="invalid_uri", error=str(error))
+        location = signed_uri or Location(uri)
+        if location.parse_error is not None:
+            return DecodeResult(error_kind="invalid_uri", error=location.parse_error)
         if size == 0:  # the listing says so: no read (a range of an empty S3 object is answered 416)
             reads.ok += 1
             return DecodeResult(error_kind="empty", error="the object is empty (0 bytes, as listed); not read")
@@ -313,7 +311,7 @@ class DecodeBatch:
                 error=f"the object holds {size} bytes, more than --max-image-bytes {self.max_image_bytes}; not read",
             )
         try:
-            data = self._read(location, uri)
+            data = self._read(location)
         except ObjectTooLargeError as error:
             reads.ok += 1
             return DecodeResult(error_kind="too_large", error=f"{error}; not read further")
@@ -341,7 +339,9 @@ class DecodeBatch:
         image_ids = batch.column("image_id").to_pylist()
         # The listed size (LISTING_SCHEMA's source_size; None where the listing has none).
         sizes = batch.column("source_size").to_pylist() if "source_size" in names else [None] * rows
-        signed = batch.column("signed_uri").to_pylist() if "signed_uri" in names else [None] * rows
+        # The listing's signed locations, typed again: they name themselves by their public form.
+        signed = ([None if text is None else Location(text) for text in batch.column("signed_uri").to_pylist()]
+                  if "signed_uri" in names else [None] * rows)
         entries = batch.column("signed_entry").to_pylist() if "signed_entry" in names else [None] * rows
         # Samples of shards (stages/expand.py) carry their bytes, or the error found reading them.
         if IMAGE_BYTES in names:

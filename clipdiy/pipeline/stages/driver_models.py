@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipdiy.pipeline.config import LabelJobConfig
+from clipdiy.segmentation.config import SegmenterConfig
 
 if TYPE_CHECKING:
     from clipdiy.segmentation.segmenter import Provenance
@@ -23,12 +23,12 @@ class DriverModels:
     class_names: tuple[str, ...]
 
 
-def resolve_models(config: LabelJobConfig) -> DriverModels:
+def resolve_models(segmenter_config: SegmenterConfig) -> DriverModels:
     """Load the models once in the driver (CPU): missing weights or a bad vocabulary fail here,
     before any work; the text embeddings computed here are the run's only ones."""
     from clipdiy.segmentation.segmenter import create_segmenter
 
-    segmenter = create_segmenter(dataclasses.replace(config.segmenter, device="cpu"))
+    segmenter = create_segmenter(dataclasses.replace(segmenter_config, device="cpu"))
     models = DriverModels(
         text_embeddings=segmenter.text_embeddings.detach().cpu().numpy().astype(np.float32),
         provenance=segmenter.provenance,

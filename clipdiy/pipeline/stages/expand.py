@@ -27,6 +27,7 @@ import pyarrow as pa
 from clipdiy.pipeline.stages.health import classify_read_failure, read_error
 from clipdiy.pipeline.sources.webdataset import ShardSample, is_compressed_name, iter_shard_samples, read_sidecar
 from clipdiy.storage import StorageOptions, open_filesystem
+from clipdiy.locations import Location
 from clipdiy.uris import redact_text
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ class ExpandShards:
 
     def _samples(self, shard: dict, skip: frozenset) -> Iterator[tuple[ShardSample, dict]]:
         shard_id, public = shard["image_id"], shard["uri"]
-        location = shard.get("signed_uri") or public
+        signed = shard.get("signed_uri")
+        location = Location(signed if signed else public)
         opened = False  # a failure after the open is the shard's damage, not a failed read
         try:
             fs, path = open_filesystem(location, self.storage)
@@ -134,7 +136,9 @@ class ExpandShards:
         except Exception as error:  # noqa: BLE001 - a shard that does not read costs one row, naming it
             failure = classify_read_failure(error)
             kind, message = read_error(error, failure)
-            message = redact_text(message.replace(location, public))
+            # A library's exception may quote the location it was given (finding 7): named by
+            # its public form, and any other URI in it redacted as text.
+            message = redact_text(message.replace(location.reveal_for_read(), public))
             logger.warning("cannot read shard %s: %s", public, message)
             if not opened:
                 self._report(failure, f"{public}: {message}")
@@ -169,6 +173,7 @@ class _SampleColumns:
         columns["origin_url"].append(sample.origin_url)
         columns[IMAGE_BYTES].append(sample.data)
         columns[PRESET_KIND].append(sample.error_kind)
+        # A sample's error may quote a library's exception text (finding 7): redacted as text.
         columns[PRESET_ERROR].append(redact_text(sample.error))
         self.rows += 1
 

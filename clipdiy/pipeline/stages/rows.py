@@ -99,6 +99,7 @@ def _error_fields(error: BaseException) -> dict[str, Any]:
     from clipdiy.pipeline.stages.inference import is_out_of_memory, one_line_error
 
     kind = "too_large" if is_out_of_memory(error) else "unsupported"
+    # A library's exception text may quote a URI it was given (finding 7): redacted as text.
     return {"status": "error", "error_kind": kind,
             "error": redact_text(f"building this image's label row failed: {one_line_error(error)}")}
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clipdiy.locations import Location, as_location
 from clipdiy.output_layout import OutputLayout, shard_name
 from clipdiy.schema import label_schema
 from clipdiy.storage import StorageOptions
@@ -53,10 +54,13 @@ def shard_stats(path: str, table: pa.Table, size: int) -> dict:
 class ShardTarget:
     """Where one run attempt writes: OUTPUT, its storage options, the run id and attempt number."""
 
-    output: str
+    output: Location  # OUTPUT as given (a str is taken as one): travels pickled to the writers
     storage: StorageOptions
     run_id: str
     attempt: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output", as_location(self.output))
 
 
 def write_shard(batch: pa.Table, *, target: ShardTarget) -> pa.Table:
