@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 from clipdiy.locations import Location
+from clipdiy.pipeline.config import LISTING_BATCHES_PER_BLOCK
 from clipdiy.pipeline.control import run
 from clipdiy.pipeline.planning.manifest import RunPlan
 from clipdiy.pipeline.stages.dataset import build_dataset
@@ -46,10 +47,13 @@ def test_each_stage_takes_its_own_options_from_the_flags():
     build_dataset(run.labelling_stages(config, plan), recorder, _Models(), plan,
                   InferencePlacement(gpus_per_actor=0.0, max_actors=4, on_cluster=False, max_source="test"))
 
-    (_, shards), (expand, expanding), (decode, decoding), (_, inferring), (_, rows), (_, writing) = recorder.calls
+    (_, shards), (expand, expanding), (_, samples), (decode, decoding), (_, inferring), (_, rows), (_, writing) = (
+        recorder.calls)
     assert shards == {"target_num_rows_per_block": 1}
+    # Samples leave the shard reader in blocks of what a listing block of loose objects holds.
+    assert samples == {"target_num_rows_per_block": 5 * LISTING_BATCHES_PER_BLOCK}
     assert (expand.input_format, expand.block_rows, expand.max_image_bytes, expand.image_column) == (
-        "webdataset", 5, 12345, "jpg")
+        "webdataset", 5 * LISTING_BATCHES_PER_BLOCK, 12345, "jpg")
     assert expanding["compute"].size == 3
     assert (decode.max_image_bytes, decode.read_deadline_s) == (12345, 9.0)
     assert decoding["batch_size"] == 5 and decoding["compute"].size == 3 and decoding["max_retries"] > 0
