@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from clipdiy.pipeline.stages.attempts import AttemptLedger
-    from clipdiy.pipeline.stages.health import report_reads, start_run_health
+    from clipdiy.pipeline.stages.health import report_reads
+    from clipdiy.pipeline.stages.health_actors import start_run_health
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)  # never a running one
     try:

@@ -57,10 +57,10 @@ class _Lock:
 def test_actor_start_failure_exits_2_before_any_shard_and_1_after(shards_before, exit_status, monkeypatch, capsys):
     import ray
 
-    from clipdiy.pipeline.stages import health
+    from clipdiy.pipeline.stages import health_actors
 
     monkeypatch.setattr(run, "build_dataset", lambda config, *args, health: _ShardStats(shards_before))
-    monkeypatch.setattr(health, "start_run_health", lambda stop_after_failed_reads, first_attempt: _Health())
+    monkeypatch.setattr(health_actors, "start_run_health", lambda stop_after_failed_reads, first_attempt: _Health())
     monkeypatch.setattr(ray, "kill", lambda actor: None)
     monkeypatch.setattr(run, "free_resources", dict)
     monkeypatch.setattr(run, "stop_actors", lambda health: None)

@@ -192,7 +192,8 @@ def _label(
         RunFailedError,
     )
     from clipdiy.pipeline.control.failure import one_line, root_cause
-    from clipdiy.pipeline.stages.health import ErrorBudget, start_run_health
+    from clipdiy.pipeline.stages.health import ErrorBudget
+    from clipdiy.pipeline.stages.health_actors import start_run_health
     from clipdiy.pipeline.stages.writer import MANIFEST_SHARD_FIELDS
 
     free_before = free_resources()

@@ -35,7 +35,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from clipdiy.pipeline.stages.health import batch_key
+from clipdiy.pipeline.stages.health import batch_key, restarted_actor
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +121,8 @@ class LedgerShard:
     """
 
     def __init__(self):
-        from clipdiy.pipeline.stages.health import _restarted_actor
-
         self._records: dict[str, list[list]] = {}
-        self.restarted = _restarted_actor("an attempt-ledger actor", "the death counts of the batches in flight")
+        self.restarted = restarted_actor("an attempt-ledger actor", "the death counts of the batches in flight")
 
     def begin_batch(self, key: str, worker_id: str | None = None, node_id: str | None = None,
                     ended: tuple[str, ...] = ()) -> list[tuple]:
@@ -179,7 +177,7 @@ def _shard_id(shard) -> str:
 class AttemptLedger:
     """One stage's side of the attempt ledger, used inside a Ray task or actor.
 
-    ``health``: the run's :class:`~clipdiy.pipeline.stages.health.RunHealthHandles` (or anything
+    ``health``: the run's :class:`~clipdiy.pipeline.stages.health_actors.RunHealthHandles` (or anything
     with a ``shards`` sequence of :class:`LedgerShard` actors or plain instances); None: no ledger,
     every batch is processed whole, as in a plain library call. ``max_deaths``: counted deaths on
     one batch before it goes image by image.

@@ -26,7 +26,7 @@ the job instead of being laundered into rows. Each guard sits where it sees enou
   count), and on which image; an image counted deaths followed gets a ``worker_lost`` row.
 - **Restarts of these actors** (``max_restarts=-1``, so that no task fails for want of them): a
   restarted actor says so at once, as an error in the job's log, naming what it lost;
-  :meth:`RunHealthHandles.restarted` lists them for the driver's summary. A restarted
+  :meth:`~clipdiy.pipeline.stages.health_actors.RunHealthHandles.restarted` lists them for the driver's summary. A restarted
   :class:`RunHealth` counts missing objects as answers (a lost count never turns into a false
   stop); a restarted ledger shard forgets the deaths of the batches in flight, and Ray's finite
   retries still bound them.
@@ -41,11 +41,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
-import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 #: Read-failure classes, from "surely about the whole store" to "maybe about this object".
 READ_FAILURE_CLASSES = ("credentials", "no_bucket", "unreachable", "access_denied", "not_found", "other")
@@ -141,6 +138,28 @@ def one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+#: Messages of allocation failures: CUDA's, and torch's CPU allocator's (``DefaultCPUAllocator:
+#: can't allocate memory``), which a CPU actor raises where the kernel lets it.
+_OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An out-of-memory error of the device or the host allocator (``torch.OutOfMemoryError``,
+    ``MemoryError``, or their messages)."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return any(marker in text for marker in _OUT_OF_MEMORY_MARKERS)
+
+
+def one_line_error(error: BaseException) -> str:
+    """``Type: first line`` of an exception."""
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
 def _tally(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -164,7 +183,7 @@ class RunHealth:
         self._poisonings: dict[str, int] = {}
         self._not_found_total = 0
         self._not_found_marks: list[tuple[int, int]] = []  # (reads found, missing) after each judged batch
-        self.restarted = _restarted_actor("the run's health actor", "its read streak and poisoning counts")
+        self.restarted = restarted_actor("the run's health actor", "its read streak and poisoning counts")
         if self.restarted:
             # The reads before the restart are unknown: a missing object is an answer about it,
             # as after a first good read, so that a lost count cannot turn into a false stop.
@@ -274,7 +293,7 @@ class RunHealth:
 ACTOR_RESTARTS = 100
 
 
-def _restarted_actor(what: str, lost: str) -> bool:
+def restarted_actor(what: str, lost: str) -> bool:
     """Whether this actor is a restart (Ray re-creates a dead actor with ``max_restarts``); if so,
     say loudly what its predecessor's state held, which is gone."""
     try:
@@ -299,74 +318,6 @@ _READ_HINTS = {
     "access_denied": "access is denied (check the role's read permission on the objects)",
     "not_found": "the objects do not exist (a stale manifest, or a wrong prefix)",
 }
-
-
-#: CPUs of the cluster per ledger shard: one shard served 360-570 registrations a second on a
-#: shared, loaded 2-core box (``benchmarks/bench_run_health.py``; more on a free head-node core),
-#: one per batch and stage; the 11,600 images/s target with batches of 8 is 4,350 a second, and
-#: a cluster that fast has 500-1,000 CPUs: 8-16 shards.
-CPUS_PER_LEDGER_SHARD = 64
-#: At most this many ledger shards (actors on the driver's node, ``num_cpus=0``).
-MAX_LEDGER_SHARDS = 32
-
-
-def ledger_shards_for(cluster_cpus: float) -> int:
-    """How many ledger shards a cluster of ``cluster_cpus`` CPUs gets."""
-    return max(1, min(MAX_LEDGER_SHARDS, math.ceil(cluster_cpus / CPUS_PER_LEDGER_SHARD)))
-
-
-@dataclass(frozen=True)
-class RunHealthHandles:
-    """The run's health actors: ``reads`` (:class:`RunHealth`: read streak, poisonings, actor
-    handles; its methods are called through this object, ``health.verdict.remote()``) and
-    ``shards`` (the attempt ledger's :class:`~clipdiy.pipeline.stages.attempts.LedgerShard`
-    actors, keys spread by hash)."""
-
-    reads: Any
-    shards: tuple
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("reads", "shards"):  # pickling, copying: not delegated
-            raise AttributeError(name)
-        return getattr(self.reads, name)
-
-    def restarted(self, timeout: float = 60) -> list[str]:
-        """The names of the actors that were restarted during the run (their counts were lost)."""
-        import ray
-
-        names = ["reads"] + [f"ledger shard {i}" for i in range(len(self.shards))]
-        flags = ray.get([actor.was_restarted.remote() for actor in (self.reads, *self.shards)], timeout=timeout)
-        return [name for name, flag in zip(names, flags) if flag]
-
-    def kill(self) -> None:
-        import ray
-
-        for actor in (self.reads, *self.shards):
-            ray.kill(actor)
-
-
-def start_run_health(stop_after_failed_reads: int, first_attempt: bool = True, ledger_shards: int | None = None):
-    """Start the run's health actors on the driver's node (which outlives worker nodes): one
-    :class:`RunHealth` and ``ledger_shards`` ledger shards (None: :func:`ledger_shards_for` the
-    cluster's CPUs). Returns :class:`RunHealthHandles`."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from clipdiy.pipeline.stages.attempts import LedgerShard
-
-    node = ray.get_runtime_context().get_node_id()
-    if ledger_shards is None:
-        ledger_shards = ledger_shards_for(ray.cluster_resources().get("CPU", 1))
-    options = {
-        "num_cpus": 0,
-        "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True),
-        # Restarted (saying so, and what was lost) rather than failing every task that calls it.
-        "max_restarts": -1,
-        "max_task_retries": -1,
-    }
-    reads = ray.remote(RunHealth).options(**options).remote(stop_after_failed_reads, first_attempt)
-    shards = tuple(ray.remote(LedgerShard).options(**options).remote() for _ in range(ledger_shards))
-    return RunHealthHandles(reads, shards)
 
 
 def report_reads(health, ok: int, failed: Mapping[str, int], sample: str | None = None) -> str | None:

@@ -40,6 +40,8 @@ from clipdiy.errors import ActorStartError, ClipdiyError
 from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
 from clipdiy.pipeline.stages import health
 from clipdiy.pipeline.stages.attempts import AttemptLedger, WorkerLost
+from clipdiy.pipeline.stages.health import is_out_of_memory, one_line_error
+from clipdiy.pipeline.stages.rows import saliency_preview
 from clipdiy.segmentation.config import SegmenterConfig
 
 logger = logging.getLogger(__name__)
@@ -93,31 +95,9 @@ _POISONING_MARKERS = (
 POISONINGS_PER_BATCH = 2
 
 
-#: Messages of allocation failures: CUDA's, and torch's CPU allocator's (``DefaultCPUAllocator:
-#: can't allocate memory``), which a CPU actor raises where the kernel lets it.
-_OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """An out-of-memory error of the device or the host allocator (``torch.OutOfMemoryError``,
-    ``MemoryError``, or their messages)."""
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    if (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError):
-        return True
-    text = str(error).lower()
-    return any(marker in text for marker in _OUT_OF_MEMORY_MARKERS)
-
-
 class TooLarge(Exception):
     """Stands for the output of an image too large for the worker's memory (a ``too_large`` row):
     over the bound by its estimate, or out of memory on its own."""
-
-
-def one_line_error(error: BaseException) -> str:
-    """``Type: first line`` of an exception."""
-    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def is_poisoning_error(error: BaseException) -> bool:
@@ -371,7 +351,6 @@ class SegmentBatch:
         return outputs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from clipdiy.pipeline.stages.rows import saliency_preview
         from clipdiy.segmentation.segmenter import ModelOutput
 
         if self._exit_before_next:

@@ -26,7 +26,9 @@ import pyarrow as pa
 
 import clipdiy
 from clipdiy.schema import LABEL_SCHEMA_VERSION, label_schema
+from clipdiy.pipeline.stages.attempts import AttemptLedger
 from clipdiy.pipeline.stages.expand import ADDRESS_FIELDS
+from clipdiy.pipeline.stages.health import is_out_of_memory, one_line_error
 from clipdiy.segmentation.segmenter import ModelOutput, Provenance, finalize
 from clipdiy.uris import redact_text
 
@@ -96,7 +98,6 @@ def label_fields(output: ModelOutput, class_names: Sequence[str]) -> dict[str, A
 
 def _error_fields(error: BaseException) -> dict[str, Any]:
     """The error columns of an image whose rows could not be built."""
-    from clipdiy.pipeline.stages.inference import is_out_of_memory, one_line_error
 
     kind = "too_large" if is_out_of_memory(error) else "unsupported"
     # A library's exception text may quote a URI it was given (finding 7): redacted as text.
@@ -110,8 +111,6 @@ def build_rows(batch: pa.Table, context: RowContext, health=None, max_worker_dea
     ``health``: the run's :class:`~clipdiy.pipeline.stages.health.RunHealthHandles` (None: no
     attempt ledger); ``max_worker_deaths``: counted deaths on a batch before it goes image by image."""
     from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
-    from clipdiy.pipeline.stages.attempts import AttemptLedger
-
     provenance = context.provenance
     shared = {
         "schema_version": LABEL_SCHEMA_VERSION,
