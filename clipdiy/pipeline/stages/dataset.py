@@ -81,7 +81,7 @@ def build_dataset(stages: LabellingStages, pending, models: DriverModels, plan: 
     """The Ray Data plan: ``pending`` (listing rows to label, a Dataset) -> decode -> predict ->
     rows -> shard stats. Each stage takes its own part of ``stages``.
 
-    ``health``: the run's :class:`~clipdiy.pipeline.stages.health.RunHealthHandles`, told of every
+    ``health``: the run's :class:`~clipdiy.pipeline.stages.health_actors.RunHealthHandles`, told of every
     read, of every actor a CUDA error poisons, and of every attempt at a decode, inference or row
     batch (the attempt ledger)."""
     import ray.data

@@ -108,7 +108,7 @@ def _error_fields(error: BaseException) -> dict[str, Any]:
 def build_rows(batch: pa.Table, context: RowContext, health=None, max_worker_deaths: int | None = None) -> pa.Table:
     """Label rows (schema ``label_schema()``) of a batch carrying listing, status and payload columns.
 
-    ``health``: the run's :class:`~clipdiy.pipeline.stages.health.RunHealthHandles` (None: no
+    ``health``: the run's :class:`~clipdiy.pipeline.stages.health_actors.RunHealthHandles` (None: no
     attempt ledger); ``max_worker_deaths``: counted deaths on a batch before it goes image by image."""
     from clipdiy.pipeline.config import DEFAULT_MAX_WORKER_DEATHS
     provenance = context.provenance
