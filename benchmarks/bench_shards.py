@@ -423,24 +423,14 @@ def part_job(args) -> None:
         tars = sorted((workdir / "shards").glob("*.tar"))
         print(f"{len(images)} JPEGs in {len(tars)} local shards, {method}, batch {args.batch_size}, {args.cores} cores; "
               f"{load_average()}", flush=True)
-        with multiprocessing.get_context("fork").Pool(args.cores) as pool:
-            pool.map(bare_shard_loop, [tars[:1]] * args.cores)  # imports and first decodes, not timed
-            started = time.perf_counter()
-            results = pool.map(bare_shard_loop, [tars[i::args.cores] for i in range(args.cores)])
-            bare_wall = time.perf_counter() - started
-        bare_images, bare_cpu = sum(r[0] for r in results), sum(r[1] for r in results)
+        bare_images, bare_cpu, bare_wall = timed_pool(bare_shard_loop, tars, args.cores)
         assert bare_images == len(images)
         bare_rate = bare_images / bare_cpu
         print(f"bare tarfile read+decode loop: {bare_images / bare_wall:.1f} images/s on {args.cores} processes, "
               f"{bare_rate:.1f} images per CPU-second; {load_average()}", flush=True)
         global _WORK
         _WORK = WorkLoop(segmenter, args.batch_size, args.decode_batch_size)
-        with multiprocessing.get_context("fork").Pool(args.cores) as pool:
-            pool.map(work_loop, [tars[:1]] * args.cores)  # every output size once, imports: not timed
-            started = time.perf_counter()
-            results = pool.map(work_loop, [tars[i::args.cores] for i in range(args.cores)])
-            work_wall = time.perf_counter() - started
-        work_images, work_cpu = sum(r[0] for r in results), sum(r[1] for r in results)
+        work_images, work_cpu, work_wall = timed_pool(work_loop, tars, args.cores)
         assert work_images == len(images)
         work_rate = work_images / work_cpu
         print(f"bare loop of the job's work (read, decode, the method's preparation, free model, rows, Parquet; no "
@@ -509,6 +499,18 @@ def part_job(args) -> None:
             print(f"job over the same images as loose local files: {len(images) / loose_cpu.seconds:.1f} images per "
                   f"CPU-second whole run, {1 / loose_marginal:.1f} beyond a one-batch run ({loose_marginal * 1000:.1f} "
                   f"ms/image) -> shards / loose {loose_marginal / marginal:.2f} by CPU time; {load_average()}", flush=True)
+
+
+def timed_pool(loop, tars: list, cores: int) -> tuple[int, float, float]:
+    """(images, CPU-seconds, wall seconds) of ``loop`` over ``tars`` split across ``cores`` forked
+    processes; a first untimed pass over one shard in each process takes imports and first-call
+    costs (every output size once) out of the figures."""
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        pool.map(loop, [tars[:1]] * cores)
+        started = time.perf_counter()
+        results = pool.map(loop, [tars[i::cores] for i in range(cores)])
+        wall = time.perf_counter() - started
+    return sum(r[0] for r in results), sum(r[1] for r in results), wall
 
 
 def main() -> None:
