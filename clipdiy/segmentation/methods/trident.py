@@ -220,6 +220,8 @@ class TridentMethod:
         self.query_embeddings = self.text_embeddings[[words.index(word) for word in unique]]
         multiplicity = torch.tensor([words.count(word) for word in unique], device=self.device, dtype=torch.float32)
         self.multiplicity = multiplicity if bool((multiplicity > 1).any()) else None
+        # NACLIP's decision (used as is) weights only the columns listed more than once.
+        self.repeated_columns = [column for column, count in enumerate(multiplicity.tolist()) if count > 1]
         self.class_queries = [sorted({unique.index(w) for w, o in zip(words, owners) if o == c}) for c in range(len(vocabulary))]
         self.class_runs = class_runs(self.class_queries)
         trident = config.trident
