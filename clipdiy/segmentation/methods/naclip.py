@@ -189,6 +189,32 @@ def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple
     return padded, sizes
 
 
+def init_query_columns(method, words: list[str], owners: list[int]) -> None:
+    """Set the query columns a method's decision (:meth:`NaclipMethod.decide`) reads, from its
+    query ``words`` and their classes (``owners``), and ``method.text_embeddings`` (one row a
+    word): ``query_embeddings`` (one row a distinct word), ``multiplicity`` (None when no word is
+    listed twice), ``repeated_columns``, ``class_queries`` and ``class_runs``.
+
+    A word queried by two classes (the authors' COCO-Object list: "bed" in background and
+    as the class bed) is one logit map, so the two classes tie exactly wherever it wins
+    (argmax then picks the lower class, as the authors' code does with identical maps). The
+    softmax over queries still counts it once per listing: its map is weighted by its
+    multiplicity (an added log m before the softmax, a division by m after it).
+    """
+    unique = list(dict.fromkeys(words))
+    method.query_embeddings = method.text_embeddings[[words.index(word) for word in unique]]
+    multiplicity = torch.tensor([words.count(word) for word in unique], device=method.text_embeddings.device,
+                                dtype=torch.float32)
+    method.multiplicity = multiplicity if bool((multiplicity > 1).any()) else None
+    #: Only the columns listed more than once need the log m and the division by m (over every
+    #: column, those two passes were a quarter of the decision's time; m = 1 leaves a value as it
+    #: is, so the result is the same to the bit).
+    method.repeated_columns = [column for column, count in enumerate(multiplicity.tolist()) if count > 1]
+    method.class_queries = [sorted({unique.index(w) for w, o in zip(words, owners) if o == c})
+                            for c in range(method.num_classes)]
+    method.class_runs = class_runs(method.class_queries)
+
+
 class NaclipMethod:
     """NACLIP on a loaded CLIP (see :class:`~clipdiy.segmentation.methods.base.SegmentationMethod`)."""
 
@@ -214,22 +240,7 @@ class NaclipMethod:
             raise ValueError(f"{text_embeddings.shape[0]} text embeddings for {len(words)} NACLIP query words")
         self.text_embeddings = text_embeddings.to(device, torch.float32)
         self.num_classes = len(vocabulary)
-        # A word queried by two classes (the authors' COCO-Object list: "bed" in background and
-        # as the class bed) is one logit map, so the two classes tie exactly wherever it wins
-        # (argmax then picks the lower class, as the authors' code does with identical maps). The
-        # softmax over queries still counts it once per listing: its map is weighted by its
-        # multiplicity (an added log m before the softmax, a division by m after it).
-        unique = list(dict.fromkeys(words))
-        self.query_embeddings = self.text_embeddings[[words.index(word) for word in unique]]
-        multiplicity = torch.tensor([words.count(word) for word in unique], device=device, dtype=torch.float32)
-        self.multiplicity = multiplicity if bool((multiplicity > 1).any()) else None
-        #: The query columns listed more than once: only they need the log m and the division by m
-        #: (over every column, those two passes were a quarter of the decision's time; m = 1
-        #: leaves a value as it is, so the result is the same to the bit).
-        self.repeated_columns = [column for column, count in enumerate(multiplicity.tolist()) if count > 1]
-        #: Each class's queries as columns of the unique words.
-        self.class_queries = [sorted({unique.index(w) for w, o in zip(words, owners) if o == c}) for c in range(len(vocabulary))]
-        self.class_runs = class_runs(self.class_queries)
+        init_query_columns(self, words, owners)
         self.mode = resolve_window(self.config, vocabulary.name)
         self.pamr_max_elements = config.pamr.max_elements if config.refinement else 0
         #: Tiles of the original image (see ``NaclipConfig.tile_side``): PAMR's exact reach as the

@@ -39,7 +39,14 @@ from clipdiy.segmentation.batching import group_by_shape, to_device
 from clipdiy.segmentation.config import REFINE_SAM, TRIDENT, SegmenterConfig, TridentConfig
 from clipdiy.segmentation.methods import MethodEntry, register_method
 from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
-from clipdiy.segmentation.methods.naclip import NACLIP_MEAN, NACLIP_STD, NaclipMethod, class_runs, query_words, window_boxes
+from clipdiy.segmentation.methods.naclip import (
+    NACLIP_MEAN,
+    NACLIP_STD,
+    NaclipMethod,
+    init_query_columns,
+    query_words,
+    window_boxes,
+)
 from clipdiy.segmentation.prepared import PreparedImage
 from clipdiy.segmentation.sam_refine import SamRefineSetting
 from clipdiy.segmentation.vocabulary import Vocabulary
@@ -216,14 +223,7 @@ class TridentMethod:
         self.num_classes = len(vocabulary)
         # The authors' softmax runs over every listed query; a word listed twice ("bed" in
         # COCO-Object) is one map weighted by its multiplicity, as NACLIP's decision does.
-        unique = list(dict.fromkeys(words))
-        self.query_embeddings = self.text_embeddings[[words.index(word) for word in unique]]
-        multiplicity = torch.tensor([words.count(word) for word in unique], device=self.device, dtype=torch.float32)
-        self.multiplicity = multiplicity if bool((multiplicity > 1).any()) else None
-        # NACLIP's decision (used as is) weights only the columns listed more than once.
-        self.repeated_columns = [column for column, count in enumerate(multiplicity.tolist()) if count > 1]
-        self.class_queries = [sorted({unique.index(w) for w, o in zip(words, owners) if o == c}) for c in range(len(vocabulary))]
-        self.class_runs = class_runs(self.class_queries)
+        init_query_columns(self, words, owners)
         trident = config.trident
         self.forward_windows = trident.max_forward_windows or default_forward_windows(self.device)
         self.sam_batch = trident.sam_batch_size or default_sam_batch(self.device)
