@@ -84,7 +84,7 @@ def test_sigkill_then_resume_is_exactly_once_and_a_concurrent_run_refuses(coco_i
     from clipdiy.pipeline.control.run import run_labelling
 
     corpus = tmp_path / "images"
-    names = copy_corpus(corpus, coco_images, copies=3)
+    names = copy_corpus(corpus, coco_images, copies=1)
     output = tmp_path / "labels"
     args = cli_args(corpus, output, tiny_clip_config, "--batch-size", "1", "--decode-batch-size", "1", "--rows-per-file", "2")
 
