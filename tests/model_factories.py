@@ -259,3 +259,38 @@ def stretch_sam_iou_head(sam) -> None:
         index = torch.zeros(6, dtype=torch.long)
         _, ious = decode_masks(sam, torch.randn(1, 256, 64, 64, generator=generator), index, points, boxes, dense, index)
         last.bias.add_(0.8 - float(ious.median()))
+
+
+def make_small_sam(seed: int = 0, width: int = 32):
+    """A small SAM of segment-anything's real module classes, deterministic for ``seed``: a one-block
+    16-wide image encoder (global attention, relative positions) at SAM's 1024-px input, a
+    ``width``-wide prompt encoder and two-way decoder, its IoU head's last layer scaled by 8 (random
+    decoders predict IoUs in a narrow band)."""
+    from functools import partial
+
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = ImageEncoderViT(depth=1, embed_dim=16, img_size=1024, mlp_ratio=1, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                                  num_heads=1, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(0,),
+                                  window_size=14, out_chans=width)
+        sam = Sam(
+            image_encoder=encoder,
+            prompt_encoder=PromptEncoder(embed_dim=width, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16),
+            mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=width, mlp_dim=64, num_heads=2),
+                                     transformer_dim=width, iou_head_depth=3, iou_head_hidden_dim=width),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        ).eval()
+        with torch.no_grad():
+            # SAM zero-initialises nothing here that matters; the prompt encoder's random Fourier
+            # matrix and the decoder are random. Stretch the IoU head around the cut-off.
+            sam.mask_decoder.iou_prediction_head.layers[-1].weight.mul_(8.0)
+    return sam
