@@ -54,8 +54,16 @@ VITB16_SMALL_TEXT_CONFIG = {
     "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
     "text_cfg": TINY_CLIP_CONFIG["text_cfg"],
 }
+#: The tiny CLIP with 16-px patches (``arch="tiny16"``): its window grid matches DINO ViT-B/16's,
+#: as Trident needs, for checks of Trident's plumbing that need no real-width tower.
+TINY16_CLIP_NAME = "clipdiy-test-tiny-patch16"
+TINY16_CLIP_CONFIG = {**TINY_CLIP_CONFIG, "vision_cfg": {**TINY_CLIP_CONFIG["vision_cfg"], "patch_size": 16}}
 #: ``arch`` aliases of the test-only architectures: (open_clip name, config).
-CUSTOM_ARCHS = {"tiny": (TINY_CLIP_NAME, TINY_CLIP_CONFIG), "vitb16-small-text": (VITB16_SMALL_TEXT_NAME, VITB16_SMALL_TEXT_CONFIG)}
+CUSTOM_ARCHS = {
+    "tiny": (TINY_CLIP_NAME, TINY_CLIP_CONFIG),
+    "tiny16": (TINY16_CLIP_NAME, TINY16_CLIP_CONFIG),
+    "vitb16-small-text": (VITB16_SMALL_TEXT_NAME, VITB16_SMALL_TEXT_CONFIG),
+}
 
 DINO_BACKBONE = "vit_small_patch8_224.dino"
 
@@ -261,9 +269,10 @@ def stretch_sam_iou_head(sam) -> None:
         last.bias.add_(0.8 - float(ious.median()))
 
 
-def make_small_sam(seed: int = 0, width: int = 32):
-    """A small SAM of segment-anything's real module classes, deterministic for ``seed``: a one-block
-    16-wide image encoder (global attention, relative positions) at SAM's 1024-px input, a
+def make_small_sam(seed: int = 0, width: int = 32, depth: int = 1):
+    """A small SAM of segment-anything's real module classes, deterministic for ``seed``: a
+    ``depth``-block 16-wide image encoder (the last block global, the others windowed; relative
+    positions) at SAM's 1024-px input, a
     ``width``-wide prompt encoder and two-way decoder, its IoU head's last layer scaled by 8 (random
     decoders predict IoUs in a narrow band)."""
     from functools import partial
@@ -278,8 +287,8 @@ def make_small_sam(seed: int = 0, width: int = 32):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = ImageEncoderViT(depth=1, embed_dim=16, img_size=1024, mlp_ratio=1, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                                  num_heads=1, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(0,),
+        encoder = ImageEncoderViT(depth=depth, embed_dim=16, img_size=1024, mlp_ratio=1, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                                  num_heads=1, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(depth - 1,),
                                   window_size=14, out_chans=width)
         sam = Sam(
             image_encoder=encoder,
