@@ -345,7 +345,7 @@ class TridentMethod:
         for start in range(0, len(images), self.sam_batch):
             chunk = images[start : start + self.sam_batch]
             pixels = torch.stack([
-                F.pad(to_device([image], self.device)[0].to(self.dtype).sub_(self.sam_mean[0]).div_(self.sam_std[0]),
+                F.pad(to_device([image], self.device)[0].to(self.sam_mean.dtype).sub_(self.sam_mean[0]).div_(self.sam_std[0]),
                       (0, SAM_SIZE - image.shape[1], 0, SAM_SIZE - image.shape[0]))  # zeros after normalising
                 for _, image in chunk
             ])
