@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, for a machine with CUDA (run from anywhere; about 6 minutes, at most 8):
+# GPU check, for a machine with CUDA (run from anywhere; about 7 minutes, at most 9.5):
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=/path/to/python to pick the interpreter
 #
@@ -13,9 +13,12 @@
 #    without PAMR: images/s per GPU, images per forward, share of time outside the forwards, GPU
 #    memory peak (benchmarks/gpu_naclip_check.py);
 # 5. the job with the benchmark-only free model (no model cost) on GPU actors: the host side's
-#    images/s per GPU against a bare read-and-decode loop on the machine's cores.
+#    images/s per GPU against a bare read-and-decode loop on the machine's cores;
+# 6. Trident in fp16 on CUDA (random ViT-B/16, DINO ViT-B/16, SAM ViT-B; the authors' casts) against
+#    its float32 path on the CPU: the label agreement, without and with SAM refinement
+#    (tests/test_trident.py::test_fp16_labels_agree_with_float32[cuda]; it prints the figures).
 # Without CUDA it stops at once with exit 2 and one line. Each step has its own time limit, and
-# every limit is cut to what is left of 470 s, so the whole check ends within 8 minutes; the first
+# every limit is cut to what is left of 560 s, so the whole check ends within 9.5 minutes; the first
 # failing step ends the script with its status.
 set -euo pipefail
 
@@ -30,7 +33,7 @@ fi
 "$PYTHON" -c 'import torch; print(f"gpu_check.sh: torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")'
 started=$SECONDS
 
-budget=470  # seconds for all steps: under 8 minutes with the start and the imports
+budget=560  # seconds for all steps: under 9.5 minutes with the start and the imports
 step() {  # step NAME LIMIT_SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
@@ -74,5 +77,14 @@ step "labelling job on GPU actors" 100 "$PYTHON" benchmarks/gpu_job_check.py --r
 step "NACLIP on CUDA: whole, slide, with and without PAMR, mixed sizes" 90 \
     "$PYTHON" benchmarks/gpu_naclip_check.py --batch-size 16
 step "free-model job on GPU actors (host side)" 75 "$PYTHON" benchmarks/gpu_job_check.py --free naclip --repeat 8
+
+log=$(mktemp)
+step "Trident fp16 on CUDA against float32: label agreement" 90 bash -c '"$0" -m pytest -q -s -rs -p no:cacheprovider "$1" 2>&1 | tee "'"$log"'"; exit "${PIPESTATUS[0]}"' \
+    "$PYTHON" "tests/test_trident.py::test_fp16_labels_agree_with_float32[cuda]"
+if grep -q "SKIPPED" "$log"; then
+    echo "gpu_check.sh: error: the Trident fp16 CUDA test was skipped on a CUDA machine" >&2
+    exit 1
+fi
+rm -f "$log"
 
 echo "gpu_check.sh: done in $((SECONDS - started)) s"

@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--article", action="store_true", help="write 'an' before vowels in prompts")
     model.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
                        help="model precision on every device: fp32 (the paper's; default), or fp16/bf16 "
-                            "(faster on GPUs, moves some labels: see docs/methods/faithfulness.md)")
+                            "(faster on GPUs, moves some labels: see docs/methods/faithfulness.md); trident: fp32 "
+                            "or fp16, the authors' casts")
     model.add_argument("--refine", choices=REFINES, default="auto",
                        help="refine the method's output: pamr (clipdiy, naclip), sam (trident: SAM ViT-B's mask decoder "
                             "prompted by the coarse regions), none; auto = as published (pamr for naclip, sam for trident, "

@@ -54,8 +54,16 @@ VITB16_SMALL_TEXT_CONFIG = {
     "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
     "text_cfg": TINY_CLIP_CONFIG["text_cfg"],
 }
+#: The tiny CLIP with 16-px patches (``arch="tiny16"``): its window grid matches DINO ViT-B/16's,
+#: as Trident needs, for checks of Trident's plumbing that need no real-width tower.
+TINY16_CLIP_NAME = "clipdiy-test-tiny-patch16"
+TINY16_CLIP_CONFIG = {**TINY_CLIP_CONFIG, "vision_cfg": {**TINY_CLIP_CONFIG["vision_cfg"], "patch_size": 16}}
 #: ``arch`` aliases of the test-only architectures: (open_clip name, config).
-CUSTOM_ARCHS = {"tiny": (TINY_CLIP_NAME, TINY_CLIP_CONFIG), "vitb16-small-text": (VITB16_SMALL_TEXT_NAME, VITB16_SMALL_TEXT_CONFIG)}
+CUSTOM_ARCHS = {
+    "tiny": (TINY_CLIP_NAME, TINY_CLIP_CONFIG),
+    "tiny16": (TINY16_CLIP_NAME, TINY16_CLIP_CONFIG),
+    "vitb16-small-text": (VITB16_SMALL_TEXT_NAME, VITB16_SMALL_TEXT_CONFIG),
+}
 
 DINO_BACKBONE = "vit_small_patch8_224.dino"
 
@@ -259,3 +267,39 @@ def stretch_sam_iou_head(sam) -> None:
         index = torch.zeros(6, dtype=torch.long)
         _, ious = decode_masks(sam, torch.randn(1, 256, 64, 64, generator=generator), index, points, boxes, dense, index)
         last.bias.add_(0.8 - float(ious.median()))
+
+
+def make_small_sam(seed: int = 0, width: int = 32, depth: int = 1):
+    """A small SAM of segment-anything's real module classes, deterministic for ``seed``: a
+    ``depth``-block 16-wide image encoder (the last block global, the others windowed; relative
+    positions) at SAM's 1024-px input, a
+    ``width``-wide prompt encoder and two-way decoder, its IoU head's last layer scaled by 8 (random
+    decoders predict IoUs in a narrow band)."""
+    from functools import partial
+
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = ImageEncoderViT(depth=depth, embed_dim=16, img_size=1024, mlp_ratio=1, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                                  num_heads=1, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(depth - 1,),
+                                  window_size=14, out_chans=width)
+        sam = Sam(
+            image_encoder=encoder,
+            prompt_encoder=PromptEncoder(embed_dim=width, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16),
+            mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=width, mlp_dim=64, num_heads=2),
+                                     transformer_dim=width, iou_head_depth=3, iou_head_hidden_dim=width),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        ).eval()
+        with torch.no_grad():
+            # SAM zero-initialises nothing here that matters; the prompt encoder's random Fourier
+            # matrix and the decoder are random. Stretch the IoU head around the cut-off.
+            sam.mask_decoder.iou_prediction_head.layers[-1].weight.mul_(8.0)
+    return sam

@@ -11,7 +11,6 @@ layer is stretched around the 0.8 cut-off so that some masks are kept and some d
 
 from __future__ import annotations
 
-from functools import partial
 
 import numpy as np
 import pytest
@@ -32,32 +31,9 @@ WIDTH = 32
 
 
 def small_sam(seed: int = 0):
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
+    from model_factories import make_small_sam
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = ImageEncoderViT(depth=1, embed_dim=16, img_size=1024, mlp_ratio=1, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                                  num_heads=1, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(0,),
-                                  window_size=14, out_chans=WIDTH)
-        sam = Sam(
-            image_encoder=encoder,
-            prompt_encoder=PromptEncoder(embed_dim=WIDTH, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16),
-            mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=WIDTH, mlp_dim=64, num_heads=2),
-                                     transformer_dim=WIDTH, iou_head_depth=3, iou_head_hidden_dim=WIDTH),
-            pixel_mean=[123.675, 116.28, 103.53],
-            pixel_std=[58.395, 57.12, 57.375],
-        ).eval()
-        with torch.no_grad():
-            # SAM zero-initialises nothing here that matters; the prompt encoder's random Fourier
-            # matrix and the decoder are random. Stretch the IoU head around the cut-off.
-            sam.mask_decoder.iou_prediction_head.layers[-1].weight.mul_(8.0)
-    return sam
+    return make_small_sam(seed, WIDTH)
 
 
 @pytest.fixture(scope="module")

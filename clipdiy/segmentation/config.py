@@ -21,6 +21,9 @@ MODES = (FAITHFUL, ASPECT)
 
 #: Model precisions; the first is the default (SPEC 3.6).
 PRECISIONS = ("fp32", "fp16", "bf16")
+#: Trident's precisions: float32 (faithful to the method, the default) or the authors' own fp16
+#: casts; bf16 has no published counterpart for it.
+TRIDENT_PRECISIONS = ("fp32", "fp16")
 #: Segmentation methods (names in the ``clipdiy.segmentation.methods`` registry; ``clipdiy`` is the paper's).
 CLIPDIY = "clipdiy"
 NACLIP = "naclip"
@@ -243,7 +246,8 @@ class SegmenterConfig:
     is ``naclip.max_forward_tokens``).
     ``device``: ``None`` picks CUDA when present, else CPU. ``precision`` of every model:
     ``fp32`` (faithful, SPEC 3.6: the reference runs float32, on every device), or ``fp16`` /
-    ``bf16`` when asked for explicitly (faster on GPUs; how far they move the labels: docs/methods/faithfulness.md).
+    ``bf16`` when asked for explicitly (faster on GPUs; how far they move the labels: docs/methods/faithfulness.md;
+    Trident: ``fp32`` or ``fp16``, the authors' casts, docs/methods/trident.md).
     It is recorded in every row and in the run's fingerprint. ``text_cache_dir``: where text
     embeddings are cached on disk (``None``: memory only).
     ``method``: ``clipdiy`` (the paper, faithful), ``naclip`` (SPEC 8; ``naclip`` settings) or
@@ -274,16 +278,19 @@ class SegmenterConfig:
             raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
         if self.refine == REFINE_SAM and self.method != TRIDENT:
             raise ValueError(f"refine='sam' (--refine sam) is Trident's refinement; method {self.method!r} takes 'pamr', 'none' or 'auto'")
-        if self.method == TRIDENT and self.precision != "fp32":
-            raise ValueError(f"precision={self.precision!r} (--precision) is not implemented for Trident yet (the authors' fp16 casts); use fp32")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.method == TRIDENT and self.precision not in TRIDENT_PRECISIONS:
+            raise ValueError(
+                f"precision={self.precision!r} (--precision) is not available for Trident: its reduced precision is the "
+                f"authors' fp16 casts (docs/methods/trident.md); use {' or '.join(TRIDENT_PRECISIONS)}"
+            )
         if self.method == TRIDENT and self.refinement == REFINE_PAMR:
             raise ValueError("Trident is not refined with PAMR (refine='pamr'); use refine='sam', 'none' or 'auto'")
         if self.method in (NACLIP, TRIDENT) and self.clip == ClipConfig():
             object.__setattr__(self, "clip", NACLIP_CLIP)  # the method's own CLIP, not CLIP-DIY's
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.crop_batch_size is not None and self.crop_batch_size < 1:
             raise ValueError(f"crop_batch_size must be >= 1, got {self.crop_batch_size}")
 

@@ -21,7 +21,15 @@ refines the coarse decision with SAM's mask decoder (:mod:`clipdiy.segmentation.
 all regions of a group's images in one decoder batch. The class probabilities it returns are
 then the refined scores R normalised over classes where any class scores, else the coarse ones.
 
-Not here yet: the fp16 casts of the authors' run, tiled post-processing of very large photos.
+Precision (``SegmenterConfig.precision``): ``fp32`` runs everything in float32; ``fp16`` follows
+the authors' casts (TRIDENT.md 1.4): CLIP (its LayerNorms computed in float32), DINO and SAM's
+image encoder in fp16, and with them everything up to the upsampled query logits (DINO's
+attention, the splice, SAM's filtered attention, the aggregation, the cosine logits); SAM's
+input normalised in fp16 with fp16-rounded constants; the decision and the SAM refinement in
+float32, the refinement's prompt encoder and mask decoder with fp16-rounded weights. The
+preprocessing of both inputs stays float32, as the authors'.
+
+Not here yet: tiled post-processing of very large photos.
 """
 
 from __future__ import annotations
@@ -187,6 +195,8 @@ class TridentMethod:
         from clipdiy.segmentation.models.trident import TridentClipEncoder
 
         self.device = torch.device(device)
+        #: The encoders' dtype (CLIP's weights): what runs from the forwards to the query logits.
+        self.dtype = clip.dtype
         self.config = resolve_setting(config.trident, vocabulary.name)
         self.encoder = TridentClipEncoder(clip.model.visual)
         self.dino = dino
@@ -224,6 +234,9 @@ class TridentMethod:
         # The authors' softmax runs over every listed query; a word listed twice ("bed" in
         # COCO-Object) is one map weighted by its multiplicity, as NACLIP's decision does.
         init_query_columns(self, words, owners)
+        #: The query embeddings the cosine logits are formed with, in the encoders' dtype (the
+        #: authors' fp16 text features; float32 under fp32).
+        self.query_features = self.query_embeddings.to(self.dtype)
         trident = config.trident
         self.forward_windows = trident.max_forward_windows or default_forward_windows(self.device)
         self.sam_batch = trident.sam_batch_size or default_sam_batch(self.device)
@@ -231,7 +244,9 @@ class TridentMethod:
         self.mean, self.std = as_column(NACLIP_MEAN), as_column(NACLIP_STD)
         self.clip_mean, self.clip_std = as_column(CLIP_MEAN), as_column(CLIP_STD)
         self.imagenet_mean, self.imagenet_std = as_column(IMAGENET_MEAN), as_column(IMAGENET_STD)
-        self.sam_mean, self.sam_std = as_column(SAM_MEAN), as_column(SAM_STD)
+        # SAM normalises in its own dtype: under fp16 its constants are the fp16-rounded buffers
+        # of the authors' half() SAM (TRIDENT.md 1.3.4) and the arithmetic is fp16.
+        self.sam_mean, self.sam_std = as_column(SAM_MEAN).to(self.dtype), as_column(SAM_STD).to(self.dtype)
 
     def batch_key(self, prepared) -> Hashable:
         """Equal keys: equal canvas, windows, SAM grid and original size."""
@@ -244,7 +259,8 @@ class TridentMethod:
 
     def forward_groups(self, prepared: Sequence) -> Iterator[tuple[list[int], MethodLogits]]:
         """(indices, logits) per group of equal :meth:`batch_key`: B x U x H0 x W0 float32 query
-        logits at the original size, pixel-major; the guide is the resized input (unused: no PAMR)."""
+        logits at the original size, pixel-major (formed and upsampled in the encoders' dtype, then
+        float32: TRIDENT.md 6.2); the guide is the resized input (unused: no PAMR)."""
         groups = group_by_shape([self.batch_key(p) for p in prepared])
         canvases, boxes = [], []
         for group in groups:
@@ -264,9 +280,9 @@ class TridentMethod:
             weights, embeddings = next(sam)
             features = self.encoder.aggregate(spliced, weights, grid)  # b x N x E
             del spliced, weights
-            logits = (features @ self.query_embeddings.T).view(len(group), *grid, -1).permute(0, 3, 1, 2)
+            logits = (features @ self.query_features.T).view(len(group), *grid, -1).permute(0, 3, 1, 2)
             size = tuple(prepared[group[0]].original_size)
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).float()
             context = SamContext(embeddings, tuple(sam_pixels[0].shape[:2])) if self.refine else None
             yield group, MethodLogits(logits=logits, guide=canvases[g], context=context)
             canvases[g] = None  # type: ignore[call-overload]
@@ -329,7 +345,7 @@ class TridentMethod:
         for start in range(0, len(images), self.sam_batch):
             chunk = images[start : start + self.sam_batch]
             pixels = torch.stack([
-                F.pad(to_device([image], self.device)[0].float().sub_(self.sam_mean[0]).div_(self.sam_std[0]),
+                F.pad(to_device([image], self.device)[0].to(self.sam_mean.dtype).sub_(self.sam_mean[0]).div_(self.sam_std[0]),
                       (0, SAM_SIZE - image.shape[1], 0, SAM_SIZE - image.shape[0]))  # zeros after normalising
                 for _, image in chunk
             ])
@@ -403,17 +419,13 @@ class SamContext:
 
 
 def build_trident(clip, saliency, vocabulary: Vocabulary, config: SegmenterConfig, text_embeddings, device) -> TridentMethod:
-    """Load DINO and SAM as ``config.trident`` names them, on ``clip``'s device and dtype."""
-    from clipdiy.segmentation.models.trident_weights import load_sam, load_trident_dino
+    """Load DINO and SAM as ``config.trident`` names them, on ``clip``'s device, in the precision
+    the authors run them at ``clip``'s dtype (:func:`place_trident_models`)."""
+    from clipdiy.segmentation.models.trident_weights import load_sam, load_trident_dino, place_trident_models
 
-    dtype = clip.dtype
     dino, dino_id = load_trident_dino(config.trident)
     sam, sam_id = load_sam(config.trident)
-    dino = dino.to(device=device, dtype=dtype)
-    sam.image_encoder.to(device=device, dtype=dtype)
-    if config.refinement == REFINE_SAM:
-        sam.prompt_encoder.to(device=device, dtype=dtype)
-        sam.mask_decoder.to(device=device, dtype=dtype)
+    place_trident_models(dino, sam, device, clip.dtype, refine=config.refinement == REFINE_SAM)
     return TridentMethod(clip, dino, sam, vocabulary, config, text_embeddings, device, weights=f"dino={dino_id};sam={sam_id}")
 
 

@@ -49,14 +49,15 @@ def dino_similarity_means(features: torch.Tensor, owners: torch.Tensor, images: 
 
     features: B x D x gh x gw of B windows; owners: (B,) image index of each window. An image's
     mean is the average of its windows' n x n cosine means (all windows have the same n), the
-    authors' one mean over the whole window batch of one image. Returns (images,) in the
-    features' dtype.
+    authors' one mean over the whole window batch of one image. The cosines are in the features'
+    dtype; their mean is accumulated in float32 and rounded once to that dtype, as the authors'
+    fp16 ``torch.mean`` (TRIDENT.md 4.2.4). Returns (images,) in the features' dtype.
     """
     unit = F.normalize(features.flatten(2), dim=1)  # B x D x n
-    window_means = (unit.transpose(1, 2) @ unit).mean(dim=(1, 2))
+    window_means = (unit.transpose(1, 2) @ unit).mean(dim=(1, 2), dtype=torch.float32)
     sums = window_means.new_zeros(images).index_add_(0, owners, window_means)
     counts = window_means.new_zeros(images).index_add_(0, owners, torch.ones_like(window_means))
-    return sums / counts
+    return (sums / counts).to(features.dtype)
 
 
 def sam_last_attention(
@@ -121,22 +122,28 @@ def sam_guided_weights(attention: torch.Tensor, values: torch.Tensor, cos_fac: f
     Per head j, the attention of pairs whose value cosine C_j exceeds the query's threshold
     tau_i = cos_fac * mean over heads and keys of C (clamped as the authors'), averaged over heads,
     rows renormalised. Heads are accumulated one at a time (one N x N cosine in memory).
+
+    Runs in the values' dtype (the SAM encoder's: the authors' ``get_sam_sim`` is fp16 under
+    fp16): cosines, threshold, comparison and renormalisation in it; the two means over heads
+    are accumulated in float32 and rounded once to it, as a reduction in fp16 is. Returns W in
+    that dtype.
     """
-    unit = F.normalize(values.float(), dim=-1)
+    dtype = values.dtype
+    unit = F.normalize(values, dim=-1)
     batch, heads, tokens, _ = unit.shape
     # Two passes over the heads, one N x N cosine in memory at a time: tau, then the filter.
     summed = torch.zeros(batch, tokens, tokens, device=unit.device)
     for head in range(heads):
         summed += unit[:, head] @ unit[:, head].transpose(-2, -1)
-    tau = cos_fac * (summed / heads).mean(dim=-1, keepdim=True)  # B x N x 1: mean over heads, then keys
+    tau = cos_fac * (summed / heads).to(dtype).mean(dim=-1, keepdim=True)  # B x N x 1: mean over heads, then keys
     if not refine_neg_cos:
         tau = torch.where(tau < 0.0, torch.full_like(tau, 0.6), tau)
     tau = tau.clamp(max=0.9)
     weights = summed.zero_()
     for head in range(heads):
         cosine = unit[:, head] @ unit[:, head].transpose(-2, -1)
-        weights += torch.where(cosine > tau, attention[:, head].float(), 0.0)
-    weights /= heads
+        weights += torch.where(cosine > tau, attention[:, head].to(dtype), 0.0)
+    weights = (weights / heads).to(dtype)
     return weights / weights.sum(dim=-1, keepdim=True)
 
 
@@ -188,13 +195,14 @@ class TridentClipEncoder(nn.Module):
     @torch.no_grad()
     def aggregate(self, spliced: torch.Tensor, weights: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """4.4.1, 4.4.6, 4.5: B x W x Hc x Wc spliced values, B x N x N SAM weights -> B x N x E
-        L2-normalised features on the SAM grid (hs, ws), row-major."""
+        L2-normalised features on the SAM grid (hs, ws), row-major, in the spliced values' dtype
+        (the tower's: fp16 under the authors' casts, ``ln_post`` computed in float32 by open_clip)."""
         visual = self.visual
         resized = F.interpolate(spliced, size=grid, mode="bilinear", align_corners=False)
         flat = resized.flatten(2).transpose(1, 2)  # B x N x W
         aggregated = weights.to(flat.dtype) @ flat
         features = visual.ln_post(aggregated) @ visual.proj
-        return F.normalize(features.float(), dim=-1)
+        return F.normalize(features, dim=-1)
 
 
 def splice(values: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], grid: tuple[int, int], patch: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ supplies it; checkpoints are read with ``weights_only=True``; nothing falls back
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from clipdiy.segmentation.config import TridentConfig
@@ -63,3 +64,20 @@ def load_sam(config: TridentConfig) -> tuple[nn.Module, str]:
     except RuntimeError as error:
         raise ValueError(f"SAM checkpoint {path} does not fit SAM ViT-B: {error}") from error
     return sam.eval().requires_grad_(False), weights_id(path)
+
+
+def place_trident_models(dino: nn.Module, sam: nn.Module, device, dtype: torch.dtype, refine: bool) -> None:
+    """Move DINO and SAM to ``device`` in the precision the authors run them (TRIDENT.md 1.2-1.4).
+
+    float32: everything float32. float16 (the authors' ``.half()`` calls): DINO whole, LayerNorms
+    and position table included, and SAM's image encoder in fp16; SAM's prompt encoder and mask
+    decoder (used only when ``refine``) rounded to fp16 and back, so that they run in float32
+    with fp16-rounded weights and Fourier matrix (``.half()`` then ``.float()``, 1.3.5).
+    """
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"Trident runs in float32 or float16 (the authors' casts), not {dtype}")
+    dino.to(device=device, dtype=dtype)
+    sam.image_encoder.to(device=device, dtype=dtype)
+    if refine:
+        for part in (sam.prompt_encoder, sam.mask_decoder):
+            part.to(device=device, dtype=dtype).float()
