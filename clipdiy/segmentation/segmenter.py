@@ -27,7 +27,7 @@ from clipdiy.segmentation.config import CLIPDIY, PromptConfig, SegmenterConfig
 from clipdiy.segmentation.images import ImageLike, to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage
 from clipdiy.segmentation.result import SegmentationResult
-from clipdiy.segmentation.tiles import area_bin_sizes, area_pool_region, bilinear_region
+from clipdiy.segmentation.tiles import area_bin_sizes, area_pool_region, bilinear_region, nearest_indices
 from clipdiy.segmentation.vocabulary import Vocabulary, vocabulary_hash
 
 
@@ -127,14 +127,9 @@ def finalize(output: ModelOutput, class_names: Sequence[str]) -> SegmentationRes
 
 
 def _nearest_source_indices(out_size: int, in_size: int) -> np.ndarray:
-    """Source index of each output sample of F.interpolate(mode="nearest"), as the demo resizes.
-
-    Torch computes floorf(dst * (float)in / out) in float32, which differs from the exact integer
-    floor(dst * in / out) where dst * in / out is an integer (e.g. 256 -> 230, 388, 428 rows).
-    """
-    scale = np.float32(in_size) / np.float32(out_size)
-    source = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(source, in_size - 1)
+    """Source index of each output sample of F.interpolate(mode="nearest"), as the demo resizes
+    (:func:`~clipdiy.segmentation.tiles.nearest_indices`)."""
+    return nearest_indices(out_size, in_size)
 
 
 class Segmenter:
