@@ -201,7 +201,9 @@ class TridentConfig:
     ``tile_side``: a photo of more than ``tile_side`` squared pixels is upsampled, decided and
     refined in bands of whole rows of at most that many pixels (the refinement's half-resolution
     maps in bands too), so the maps of its classes at the original size are never held whole;
-    smaller photos run whole (:func:`~clipdiy.segmentation.sam_refine.refine_in_bands`).
+    smaller photos run whole (:func:`~clipdiy.segmentation.sam_refine.refine_in_bands`). Bands
+    need no halo, so they can be small: 512^2 pixels hold about 1 GB of maps with the authors'
+    COCO-Object words and refinement (about ten per-class planes a pixel).
     """
 
     dino: str = TRIDENT_DINO
@@ -223,7 +225,7 @@ class TridentConfig:
     minimal_area: int = 225
     sam_iou_thresh: float = 0.80
     sam_mask_coefficient: float = 0.005
-    tile_side: int = 1344
+    tile_side: int = 512
 
     def __post_init__(self) -> None:
         if self.tile_side < 1:

@@ -195,7 +195,7 @@ def score_rows(
             best.scatter_reduce_(0, order[start : start + UPSAMPLE_CHUNK, None].expand(-1, band * width), upsampled.flatten(1), "amax")
             del upsampled
         # max_m(sigmoid(l_m) * P_c) = sigmoid(max_m l_m) * P_c (both monotone); gated by the union of masks.
-        flat_probabilities = probabilities.reshape(batch * classes, band * width)[scored]
+        flat_probabilities = probabilities[scored // classes, scored % classes].reshape(-1, band * width)  # only the scored maps
         scores.view(batch * classes, band * width)[scored] = torch.where(best > 0, torch.sigmoid(best) * flat_probabilities, 0.0)
         del best, flat_probabilities
     refined_labels = torch.where(scores.sum(dim=1) == 0, labels, scores.argmax(dim=1))
