@@ -60,7 +60,11 @@ def segmenter_config(method: str, tile_side: int | None, arch: str, workdir: str
     random models (``tile_side`` 0: untiled; None: the method's default)."""
     from model_factories import make_clip_config, make_trident_config
 
-    from clipdiy.segmentation.config import NaclipConfig, SaliencyConfig, SegmenterConfig
+    from clipdiy.segmentation.config import (
+        NaclipConfig,
+        SaliencyConfig,
+        SegmenterConfig,
+    )
 
     clip_config = make_clip_config(Path(workdir) / f"clip-{arch}", arch=arch)
     if method == "naclip":

@@ -64,7 +64,11 @@ def text(models, coco_images):
     """One embedding per listed query word (97, "bed" twice with one embedding) that competes over
     real image content: CLIP patch features of another photo at seeded positions (the ViT-B/16
     text tower over 97 x 80 prompts takes too long on a CPU; the text side is NACLIP's, tested there)."""
-    from reference_naclip import reference_features, reference_normalise, reference_resize
+    from reference_naclip import (
+        reference_features,
+        reference_normalise,
+        reference_resize,
+    )
 
     clip = models[2]
     words, _ = query_words(load_vocabulary(VOCABULARY))
@@ -83,12 +87,12 @@ def run(models, photos, text):
     """The batched method (refine='sam') over both photos in one call, the windows of each DINO
     forward, and per photo: the logits, the coarse decision at the test scale and at the
     authors' 40, the refined decision and the refinement's raw scores R."""
+    from model_factories import stretch_sam_iou_head
+
     from clipdiy.segmentation import sam_refine as refine_module
     from clipdiy.segmentation.methods.trident import TridentMethod
     from clipdiy.segmentation.models import trident as trident_models
     from clipdiy.segmentation.segmenter import prepare_input
-
-    from model_factories import stretch_sam_iou_head
 
     clip_config, trident, clip, dino, sam = models
     stretch_sam_iou_head(sam)
@@ -251,7 +255,11 @@ def margin_of(maps: torch.Tensor) -> torch.Tensor:
 
 
 def test_pieces_batch_like_one_at_a_time():
-    from clipdiy.segmentation.models.trident import dino_similarity_means, sam_guided_weights, splice
+    from clipdiy.segmentation.models.trident import (
+        dino_similarity_means,
+        sam_guided_weights,
+        splice,
+    )
 
     generator = torch.Generator().manual_seed(0)
     attention = torch.rand(3, 4, 30, 30, generator=generator).softmax(dim=-1)
@@ -285,8 +293,13 @@ def _reference_sam_weights(attention, values, cos_fac, refine_neg_cos):
 
 
 def test_sizes_follow_the_authors_formulas():
-    from clipdiy.segmentation.methods.trident import canvas_size, resized_size, resolve_setting, sam_input_size
     from clipdiy.segmentation.methods.naclip import window_boxes
+    from clipdiy.segmentation.methods.trident import (
+        canvas_size,
+        resized_size,
+        resolve_setting,
+        sam_input_size,
+    )
 
     setting = resolve_setting(TridentConfig(), "trident-coco-object")
     # TRIDENT.md 3.6: a 500 x 375 (W x H) photo.
@@ -315,7 +328,7 @@ def test_trident_vocabularies_are_the_authors_class_files():
     coco = load_vocabulary("trident-coco-object")
     words, owners = query_words(coco)
     assert len(coco) == 81 and len(words) == 97 and words.count("bed") == 2
-    assert list(words[:17]) == "sky; wall; tree; wood; grass; road; sea; river; mountain; sands; desk; bed; building; cloud; floor; hill; rail".split("; ")
+    assert list(words[:17]) == ["sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands", "desk", "bed", "building", "cloud", "floor", "hill", "rail"]
     assert list(words[17:]) == list(load_vocabulary("coco").class_names[1:])
 
 
@@ -361,7 +374,7 @@ def test_sam_encoder_batches_across_photo_sizes_like_one_at_a_time():
     generator = np.random.default_rng(0)
     sizes = [[(160, 240), (160, 240)], [(240, 160)]]
     groups = [[generator.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in group] for group in sizes]
-    column = lambda values: torch.tensor(values).view(1, 3, 1, 1)  # noqa: E731
+    column = lambda values: torch.tensor(values).view(1, 3, 1, 1)
 
     def stream(batch: int):
         method = SimpleNamespace(
@@ -395,7 +408,11 @@ def test_large_photos_run_in_bands_as_the_whole_photo(run, models, text, refine)
 
     from clipdiy.segmentation import sam_refine as refine_module
     from clipdiy.segmentation.methods.base import MethodLogits
-    from clipdiy.segmentation.methods.trident import SamContext, TridentMethod, sam_input_size
+    from clipdiy.segmentation.methods.trident import (
+        SamContext,
+        TridentMethod,
+        sam_input_size,
+    )
     from clipdiy.segmentation.prepared import PreparedImage
 
     clip_config, trident, clip, dino, sam = models

@@ -143,7 +143,10 @@ def decode_regions(sam: nn.Module, image_embeddings: torch.Tensor, regions: Regi
     maps = F.pad(prompt_maps, (0, MASK_PROMPT_SIZE - prompt_maps.shape[-1], 0, MASK_PROMPT_SIZE - prompt_maps.shape[-2]))
     maps = torch.where(maps > setting.coarse_thresh, setting.mask_coefficient * maps, torch.zeros_like(maps))
 
-    from clipdiy.segmentation.models.sam_decoder import decode_masks, mask_prompt_embeddings
+    from clipdiy.segmentation.models.sam_decoder import (
+        decode_masks,
+        mask_prompt_embeddings,
+    )
 
     dense = mask_prompt_embeddings(sam.prompt_encoder, maps.to(sam.prompt_encoder.no_mask_embed.weight.dtype))
     image_index = torch.tensor(regions.image, device=device)

@@ -15,8 +15,9 @@ Three stages, so a pipeline can put each where it belongs:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,7 +28,12 @@ from clipdiy.segmentation.config import CLIPDIY, PromptConfig, SegmenterConfig
 from clipdiy.segmentation.images import ImageLike, to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage
 from clipdiy.segmentation.result import SegmentationResult
-from clipdiy.segmentation.tiles import area_bin_sizes, area_pool_region, bilinear_region, nearest_indices
+from clipdiy.segmentation.tiles import (
+    area_bin_sizes,
+    area_pool_region,
+    bilinear_region,
+    nearest_indices,
+)
 from clipdiy.segmentation.vocabulary import Vocabulary, vocabulary_hash
 
 

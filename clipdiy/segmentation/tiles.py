@@ -132,8 +132,8 @@ def bilinear_region(
     device = source.device
     in_h, in_w = source_size or tuple(source.shape[-2:])
     top, left = source_origin
-    y0, y1, wy0, wy1 = _bilinear_taps(height, in_h, r0, r1, device)
-    x0, x1, wx0, wx1 = _bilinear_taps(width, in_w, c0, c1, device)
+    y0, y1, _, wy1 = _bilinear_taps(height, in_h, r0, r1, device)
+    x0, x1, _, wx1 = _bilinear_taps(width, in_w, c0, c1, device)
     y0, y1, x0, x1 = y0 - top, y1 - top, x0 - left, x1 - left
     first, last = int(y0.min()), int(y1.max()) + 1
     if first < 0 or last > source.shape[-2] or int(x0.min()) < 0 or int(x1.max()) >= source.shape[-1]:

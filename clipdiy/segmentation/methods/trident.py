@@ -42,7 +42,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipdiy.segmentation.batching import group_by_shape, to_device
-from clipdiy.segmentation.config import REFINE_SAM, TRIDENT, SegmenterConfig, TridentConfig
+from clipdiy.segmentation.config import (
+    REFINE_SAM,
+    TRIDENT,
+    SegmenterConfig,
+    TridentConfig,
+)
 from clipdiy.segmentation.methods import MethodEntry, register_method
 from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
 from clipdiy.segmentation.methods.naclip import (
@@ -106,7 +111,7 @@ BASE = (448, 224, 0.0, 1.2, True, 0.2)
 def resolve_setting(config: TridentConfig, vocabulary_name: str) -> TridentSetting:
     """The published setting of ``vocabulary_name``, with any field ``config`` sets overriding it."""
     short_side, stride, prob_thd, cos_fac, refine_neg_cos, coarse_thresh = PUBLISHED.get(vocabulary_name, BASE)
-    pick = lambda value, default: default if value is None else value  # noqa: E731
+    pick = lambda value, default: default if value is None else value
     return TridentSetting(
         short_side=pick(config.short_side, short_side),
         long_side=config.long_side,
@@ -236,7 +241,7 @@ class TridentMethod:
         self.sam_batch = trident.sam_batch_size or default_sam_batch(self.device)
         #: Pixels of a band of rows after the forward (see ``TridentConfig.tile_side``).
         self.band_pixels = trident.tile_side**2
-        as_column = lambda values: torch.tensor(values, device=self.device).view(1, 3, 1, 1)  # noqa: E731
+        as_column = lambda values: torch.tensor(values, device=self.device).view(1, 3, 1, 1)
         self.mean, self.std = as_column(NACLIP_MEAN), as_column(NACLIP_STD)
         self.clip_mean, self.clip_std = as_column(CLIP_MEAN), as_column(CLIP_STD)
         self.imagenet_mean, self.imagenet_std = as_column(IMAGENET_MEAN), as_column(IMAGENET_STD)
@@ -291,7 +296,10 @@ class TridentMethod:
         DINO runs first over all windows (its per-image similarity mean couples an image's
         windows); then CLIP, both in forwards of at most ``forward_windows`` windows.
         """
-        from clipdiy.segmentation.models.trident import dino_patch_features, dino_similarity_means
+        from clipdiy.segmentation.models.trident import (
+            dino_patch_features,
+            dino_similarity_means,
+        )
 
         windows = [(g, b, box) for g, canvas in enumerate(canvases) for b in range(canvas.shape[0]) for box in boxes[g]]
         image_ids: dict[tuple[int, int], int] = {}
@@ -335,7 +343,10 @@ class TridentMethod:
         a group is handed on as soon as its last image is encoded, so at most one forward's
         results wait beyond the group in hand.
         """
-        from clipdiy.segmentation.models.trident import sam_guided_weights, sam_last_attention
+        from clipdiy.segmentation.models.trident import (
+            sam_guided_weights,
+            sam_last_attention,
+        )
 
         images = [(g, image) for g, group in enumerate(groups) for image in group]
         pending: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {g: [] for g in range(len(groups))}
