@@ -154,6 +154,21 @@ def test_bilinear_region_is_the_crop_of_the_whole_resize(source, size, data):
     assert (region - whole[..., r0:r1, c0:c1]).abs().max().item() <= 1e-6
 
 
+@settings(max_examples=30)
+@given(source=st.tuples(st.integers(1, 12), st.integers(1, 12)), size=st.tuples(st.integers(1, 90), st.integers(1, 90)), seed=st.integers(0, 1000))
+def test_bilinear_region_keeps_runs_of_equal_values_exact(source, size, seed):
+    """A map whose rows are each one value resizes to rows that are each one value, to the bit
+    (and likewise columns), as PyTorch's kernel gives along a map's borders: an argmax over such a
+    run (Trident's SAM prompt point) then picks its first pixel, as on the whole map."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.rand(1, 3, source[0], 1, generator=generator).expand(1, 3, *source).contiguous()
+    resized = bilinear_region(rows, size, (0, size[0]), (0, size[1]))
+    assert torch.equal(resized, resized[..., :1].expand_as(resized))
+    columns = torch.rand(1, 3, 1, source[1], generator=generator).expand(1, 3, *source).contiguous()
+    resized = bilinear_region(columns, size, (0, size[0]), (0, size[1]))
+    assert torch.equal(resized, resized[..., :1, :].expand_as(resized))
+
+
 @settings(max_examples=40)
 @given(size=st.tuples(st.integers(1, 70), st.integers(1, 70)), out=st.tuples(st.integers(1, 30), st.integers(1, 30)),
        side=st.integers(1, 40), halo=st.integers(0, 10))

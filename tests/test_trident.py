@@ -64,7 +64,11 @@ def text(models, coco_images):
     """One embedding per listed query word (97, "bed" twice with one embedding) that competes over
     real image content: CLIP patch features of another photo at seeded positions (the ViT-B/16
     text tower over 97 x 80 prompts takes too long on a CPU; the text side is NACLIP's, tested there)."""
-    from reference_naclip import reference_features, reference_normalise, reference_resize
+    from reference_naclip import (
+        reference_features,
+        reference_normalise,
+        reference_resize,
+    )
 
     clip = models[2]
     words, _ = query_words(load_vocabulary(VOCABULARY))
@@ -83,12 +87,12 @@ def run(models, photos, text):
     """The batched method (refine='sam') over both photos in one call, the windows of each DINO
     forward, and per photo: the logits, the coarse decision at the test scale and at the
     authors' 40, the refined decision and the refinement's raw scores R."""
+    from model_factories import stretch_sam_iou_head
+
     from clipdiy.segmentation import sam_refine as refine_module
     from clipdiy.segmentation.methods.trident import TridentMethod
     from clipdiy.segmentation.models import trident as trident_models
     from clipdiy.segmentation.segmenter import prepare_input
-
-    from model_factories import stretch_sam_iou_head
 
     clip_config, trident, clip, dino, sam = models
     stretch_sam_iou_head(sam)
@@ -361,7 +365,11 @@ def margin_of(maps: torch.Tensor) -> torch.Tensor:
 
 
 def test_pieces_batch_like_one_at_a_time():
-    from clipdiy.segmentation.models.trident import dino_similarity_means, sam_guided_weights, splice
+    from clipdiy.segmentation.models.trident import (
+        dino_similarity_means,
+        sam_guided_weights,
+        splice,
+    )
 
     generator = torch.Generator().manual_seed(0)
     attention = torch.rand(3, 4, 30, 30, generator=generator).softmax(dim=-1)
@@ -395,8 +403,13 @@ def _reference_sam_weights(attention, values, cos_fac, refine_neg_cos):
 
 
 def test_sizes_follow_the_authors_formulas():
-    from clipdiy.segmentation.methods.trident import canvas_size, resized_size, resolve_setting, sam_input_size
     from clipdiy.segmentation.methods.naclip import window_boxes
+    from clipdiy.segmentation.methods.trident import (
+        canvas_size,
+        resized_size,
+        resolve_setting,
+        sam_input_size,
+    )
 
     setting = resolve_setting(TridentConfig(), "trident-coco-object")
     # TRIDENT.md 3.6: a 500 x 375 (W x H) photo.
@@ -425,7 +438,7 @@ def test_trident_vocabularies_are_the_authors_class_files():
     coco = load_vocabulary("trident-coco-object")
     words, owners = query_words(coco)
     assert len(coco) == 81 and len(words) == 97 and words.count("bed") == 2
-    assert list(words[:17]) == "sky; wall; tree; wood; grass; road; sea; river; mountain; sands; desk; bed; building; cloud; floor; hill; rail".split("; ")
+    assert list(words[:17]) == ["sky", "wall", "tree", "wood", "grass", "road", "sea", "river", "mountain", "sands", "desk", "bed", "building", "cloud", "floor", "hill", "rail"]
     assert list(words[17:]) == list(load_vocabulary("coco").class_names[1:])
 
 
@@ -471,7 +484,7 @@ def test_sam_encoder_batches_across_photo_sizes_like_one_at_a_time():
     generator = np.random.default_rng(0)
     sizes = [[(160, 240), (160, 240)], [(240, 160)]]
     groups = [[generator.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in group] for group in sizes]
-    column = lambda values: torch.tensor(values).view(1, 3, 1, 1)  # noqa: E731
+    column = lambda values: torch.tensor(values).view(1, 3, 1, 1)
 
     def stream(batch: int):
         method = SimpleNamespace(
@@ -488,3 +501,80 @@ def test_sam_encoder_batches_across_photo_sizes_like_one_at_a_time():
         for (weights, embeddings), (weights_1, embeddings_1) in zip(stream(batch), alone, strict=True):
             assert (weights - weights_1).abs().max().item() <= 1e-6
             assert (embeddings - embeddings_1).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("refine", ["sam", "none"])
+def test_large_photos_run_in_bands_as_the_whole_photo(run, models, text, refine):
+    """A photo over ``tile_side`` squared pixels: :meth:`TridentMethod.tile_decisions` (bands of
+    rows: upsampling, decision, SAM refinement, never a whole map of the photo) against
+    :meth:`TridentMethod.decide` on the whole photo's upsampled logits, with SAM ViT-B's decoder
+    (its IoU head stretched by ``run``), on smooth random SAM-grid logits of two photos: the
+    probabilities within 1e-6 but where a mask logit is 0 to rounding, labels equal where
+    decided, the same regions and prompts (but for points tied to rounding:
+    test_trident_refine.same_regions_up_to_tied_points). Plus the estimate the job bounds."""
+    import torch.nn.functional as F
+    from test_trident_refine import same_regions_up_to_tied_points
+
+    from clipdiy.segmentation import sam_refine as refine_module
+    from clipdiy.segmentation.methods.base import MethodLogits
+    from clipdiy.segmentation.methods.trident import (
+        SamContext,
+        TridentMethod,
+        sam_input_size,
+    )
+    from clipdiy.segmentation.prepared import PreparedImage
+
+    clip_config, trident, clip, dino, sam = models
+    vocabulary = load_vocabulary(VOCABULARY)
+    config = SegmenterConfig(method="trident", vocabulary=VOCABULARY, clip=clip_config, trident=dataclasses.replace(trident, tile_side=40), refine=refine)
+    method = TridentMethod(clip, dino, sam, vocabulary, config, text, torch.device("cpu"))
+    height, width = 203, 157
+    assert method.tiled((height, width)) and method.band_rows((height, width)) == 1600 // width
+    generator = torch.Generator().manual_seed(1)
+    cells = torch.randn(2, method.query_embeddings.shape[0], 5, 4, generator=generator) * 0.02
+    source = F.interpolate(cells, (16, 12), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    context = SamContext(torch.randn(2, 256, 64, 64, generator=generator), sam_input_size(height, width)) if refine == "sam" else None
+    found, original = [], refine_module.decode_regions
+
+    def captured(sam, embeddings, regions, *args):
+        found.append(regions)
+        return original(sam, embeddings, regions, *args)
+
+    refine_module.decode_regions = captured
+    try:
+        with torch.inference_mode():
+            whole_logits = F.interpolate(source, (height, width), mode="bilinear", align_corners=False)
+            whole = method.decide(whole_logits, MethodLogits(logits=whole_logits, guide=None, context=context))
+            bands = list(method.tile_decisions(MethodLogits(logits=None, guide=None, source=source, size=(height, width), context=context)))
+            coarse = NaclipMethod_decide(method, whole_logits)
+    finally:
+        refine_module.decode_regions = original
+    assert [(t.rows.start, t.rows.end, t.cols.start, t.cols.end) for t, _ in bands] == [(r, min(height, r + 10), 0, width) for r in range(0, height, 10)]
+    probabilities = torch.cat([d.probabilities for _, d in bands], dim=2)
+    labels = torch.cat([d.labels for _, d in bands], dim=1)
+    if refine == "sam":
+        assert len(found) == 2 and len(found[0].image) > 0
+        if not same_regions_up_to_tied_points(coarse, (found[0], found[1])):
+            return  # SAM got another point of a tie for some region
+    else:
+        assert found == []
+    off = ((probabilities - whole.probabilities).abs() > 1e-6).any(dim=1)  # a mask logit 0 to rounding
+    assert off.float().mean().item() <= 1e-3
+    top2 = whole.probabilities.topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1] > LABEL_MARGIN) & ~off
+    assert torch.equal(labels[decided], whole.labels[decided]) and decided.float().mean().item() > 0.95
+    # The estimate the job bounds: a band's maps, not the photo's.
+    for megapixels, bound in ((24, 3e9), (100, 4e9)):
+        w = int((megapixels * 1e6 * 4 / 3) ** 0.5)
+        prepared = PreparedImage(model_input=np.zeros((448, 597, 3), np.uint8), saliency_input=np.zeros((768, 1024, 3), np.uint8),
+                                 original_size=(int(megapixels * 1e6 / w), w))
+        assert method.working_bytes(prepared) < bound
+
+
+def NaclipMethod_decide(method, logits):
+    """The coarse, unnormalised class probabilities the refinement starts from."""
+    from clipdiy.segmentation.methods.base import MethodLogits
+    from clipdiy.segmentation.methods.naclip import NaclipMethod
+
+    return NaclipMethod.decide(method, logits, MethodLogits(logits=logits, guide=None), normalise=False).probabilities

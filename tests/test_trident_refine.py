@@ -157,3 +157,134 @@ def test_mask_prompt_embeddings_are_the_unbatched_prompt_encoder_calls(sam):
         _, dense = sam.prompt_encoder(points=None, boxes=None, masks=masks[k : k + 1])
         assert dense.shape == (WIDTH, 64, 64)
         assert (together[k] - dense).abs().max().item() <= 1e-6
+
+
+def grid_decision(logits: torch.Tensor, threshold: float):
+    """A coarse decision as Trident's (softmax over classes at a sharp scale, under ``threshold``
+    to background) of B x C x h x w logits already at the photo's size."""
+    probabilities = (40.0 * logits).softmax(dim=1)
+    top, labels = probabilities.max(dim=1)
+    return probabilities, labels.masked_fill(top < threshold, 0)
+
+
+def banded_against_whole(sam, seed, batch, height, width, classes, cells, band_rows, coarse_thresh):
+    """(whole, banded) refinements of B photos whose class logits are a cells-grid upsampled to
+    H x W: the whole photo as Trident runs it untiled (F.interpolate, then sam_refine), and
+    refine_in_bands asking the same decision of bilinear_region's rows of the grid. Returns the
+    whole path's coarse probabilities, its (labels, scores, refined), the banded (coarse
+    probabilities, labels, scores), and each path's regions."""
+    from clipdiy.segmentation import sam_refine as refine_module
+    from clipdiy.segmentation.sam_refine import refine_in_bands
+    from clipdiy.segmentation.tiles import bilinear_region
+
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.randn(batch, classes, cells, max(2, cells * width // height), generator=generator) * 0.03
+    embeddings = torch.randn(batch, WIDTH, 64, 64, generator=generator)
+    input_size = sam_state(height, width, embeddings)["input_size"]
+    setting = SamRefineSetting(coarse_thresh, minimal_area=20)
+    regions, original = [], refine_module.decode_regions
+
+    def captured(sam, embeddings, found, *args):
+        regions.append(found)
+        return original(sam, embeddings, found, *args)
+
+    def coarse_rows(r0, r1):
+        assert 0 <= r0 < r1 <= height
+        return grid_decision(bilinear_region(grid, (height, width), (r0, r1), (0, width)), coarse_thresh)
+
+    probabilities, labels = grid_decision(F.interpolate(grid, (height, width), mode="bilinear", align_corners=False), coarse_thresh)
+    refine_module.decode_regions = captured
+    try:
+        whole = sam_refine(sam, embeddings, probabilities, labels, input_size, setting)
+        whole_regions = regions.pop() if regions else None
+        bands = list(refine_in_bands(sam, embeddings, coarse_rows, batch, classes, (height, width), input_size, setting, band_rows))
+        banded_regions = regions.pop() if regions else None
+    finally:
+        refine_module.decode_regions = original
+    assert [(r0, r1) for r0, r1, *_ in bands] == [(r, min(height, r + band_rows)) for r in range(0, height, band_rows)]
+    banded = tuple(torch.cat([band[i] for band in bands], dim=-2) for i in (2, 3, 4))  # coarse probabilities, labels, scores
+    return probabilities, whole, banded, (whole_regions, banded_regions)
+
+
+def same_regions_up_to_tied_points(probabilities, found) -> bool:
+    """Both paths found the same regions (classes, boxes, pixels), and each region's point is the
+    same pixel or a tie to float rounding: its class's half-resolution probability (the whole
+    path's) at the two points within 1e-6. Returns whether every point is the same pixel.
+
+    A point is the first maximum of its class's half-resolution map. Where the resize makes a run
+    of equal values (along a photo's border) and that run holds the maximum, PyTorch's kernel
+    leaves rounding noise of an ulp on the run, and that noise picks the authors' point; the
+    banded path's resize keeps the run exact (bilinear_region) and picks its first pixel. Either
+    is a maximum of the class's map to float32 rounding."""
+    whole, banded = found
+    if whole is None or banded is None:
+        assert whole is None and banded is None
+        return True
+    assert whole.pairs == banded.pairs and whole.image == banded.image and whole.klass == banded.klass and whole.box == banded.box
+    assert np.array_equal(whole.region_map, banded.region_map)
+    half = F.interpolate(probabilities, (probabilities.shape[-2] // 2, probabilities.shape[-1] // 2), mode="bilinear", align_corners=False)
+    same = True
+    for b, c, p, q in zip(whole.image, whole.klass, whole.point, banded.point):
+        if p != q:
+            same = False
+            assert abs(half[b, c, p[1], p[0]].item() - half[b, c, q[1], q[0]].item()) <= 1e-6, (p, q)
+    return same
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    batch=st.integers(1, 2),
+    height=st.integers(2, 140),
+    width=st.integers(2, 140),
+    classes=st.integers(2, 5),
+    cells=st.integers(2, 5),
+    band_rows=st.integers(1, 70),
+    coarse_thresh=st.sampled_from([0.0, 0.25, 0.4]),
+)
+def test_refinement_in_bands_is_the_whole_photo_refinement(sam, seed, batch, height, width, classes, cells, band_rows, coarse_thresh):
+    """refine_in_bands (the coarse maps asked a band of rows at a time, never whole) against
+    sam_refine on the whole photo's maps. The coarse probabilities of the bands agree within 1e-6
+    (a band's resize against the whole resize: float32 rounding), the regions are the same, and
+    their points too but for ties to rounding (same_regions_up_to_tied_points). With the same
+    points: the refined scores R within 1e-6, labels equal where R's top-2 margin (the coarse one
+    where no class scores) exceeds 1e-4. As against the transcription, a pixel where a kept
+    mask's logit is 0 to rounding may be gated differently (scored about P / 2 on one side, 0 on
+    the other): at most 0.1 % of the pixels, left out of the comparison."""
+    coarse, (labels, scores, _), (banded_coarse, banded_labels, banded_scores), found = banded_against_whole(
+        sam, seed, batch, height, width, classes, cells, band_rows, coarse_thresh)
+    assert (banded_coarse - coarse).abs().max().item() <= 1e-6
+    assert banded_scores.shape == scores.shape and banded_labels.shape == labels.shape
+    if same_regions_up_to_tied_points(coarse, found):  # else SAM got another point of a tie
+        assert_same_refinement(coarse, scores, labels, banded_scores, banded_labels, coarse_thresh)
+
+
+def assert_same_refinement(coarse, scores, labels, banded_scores, banded_labels, coarse_thresh):
+    off = (banded_scores - scores).abs() > 1e-6
+    gate = (torch.minimum(banded_scores, scores) == 0) & ((torch.maximum(banded_scores, scores) - coarse / 2).abs() <= 0.01 * coarse / 2)
+    assert bool((gate | ~off).all()), (banded_scores - scores).abs()[off & ~gate].max()
+    flips = off.any(dim=1)
+    assert flips.float().mean().item() <= 1e-3
+    scored = scores.sum(dim=1) > 0
+    decided = torch.where(scored, margin_of(scores, 1), margin_of(coarse, 1)) > LABEL_MARGIN
+    decided &= ~flips & ((coarse.amax(dim=1) - coarse_thresh).abs() > LABEL_MARGIN)
+    assert torch.equal(banded_labels[decided], labels[decided])
+    return decided
+
+
+def test_refinement_in_bands_keeps_drops_and_moves_labels(sam):
+    """Not vacuous: a case where SAM keeps masks and drops others, labels move, and many bands
+    (of 7 rows, odd sizes: half rows and prompt rows cross the bands' edges) give the whole
+    photo's refinement, every point the same."""
+    coarse, (labels, scores, refined), (_, banded_labels, banded_scores), found = banded_against_whole(sam, 6444, 2, 124, 163, 5, 5, 7, 0.25)
+    assert same_regions_up_to_tied_points(coarse, found)
+    assert bool(refined.all())
+    assert int((labels != coarse.argmax(dim=1)).sum()) > 0
+    assert bool(((scores - coarse).abs() < 1e-7).all(dim=1).any())  # a dropped region's pixels
+    decided = assert_same_refinement(coarse, scores, labels, banded_scores, banded_labels, 0.25)
+    assert decided.float().mean().item() > 0.99
+
+
+def margin_of(maps: torch.Tensor, dim: int) -> torch.Tensor:
+    top2 = maps.topk(2, dim=dim).values
+    return top2.select(dim, 0) - top2.select(dim, 1)

@@ -201,6 +201,12 @@ class TridentConfig:
     ``max_forward_windows``: 336-px windows per CLIP/DINO forward (``None``: 64 on CUDA, 8 on
     CPU); ``sam_batch_size``: images per SAM encoder forward (``None``: 8 on CUDA, 1 on CPU; a
     global block holds 12 x 4096^2 attention weights per image).
+    ``tile_side``: a photo of more than ``tile_side`` squared pixels is upsampled, decided and
+    refined in bands of whole rows of at most that many pixels (the refinement's half-resolution
+    maps in bands too), so the maps of its classes at the original size are never held whole;
+    smaller photos run whole (:func:`~clipdiy.segmentation.sam_refine.refine_in_bands`). Bands
+    need no halo, so they can be small: 512^2 pixels hold about 1 GB of maps with the authors'
+    COCO-Object words and refinement (about ten per-class planes a pixel).
     """
 
     dino: str = TRIDENT_DINO
@@ -222,8 +228,11 @@ class TridentConfig:
     minimal_area: int = 225
     sam_iou_thresh: float = 0.80
     sam_mask_coefficient: float = 0.005
+    tile_side: int = 512
 
     def __post_init__(self) -> None:
+        if self.tile_side < 1:
+            raise ValueError(f"TridentConfig.tile_side must be >= 1, got {self.tile_side}")
         if self.minimal_area < 0:
             raise ValueError(f"TridentConfig.minimal_area must be >= 0, got {self.minimal_area}")
         for name in ("max_forward_windows", "sam_batch_size", "slide_stride", "short_side"):

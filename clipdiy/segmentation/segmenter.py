@@ -15,8 +15,9 @@ Three stages, so a pipeline can put each where it belongs:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,7 +28,12 @@ from clipdiy.segmentation.config import CLIPDIY, PromptConfig, SegmenterConfig
 from clipdiy.segmentation.images import ImageLike, to_rgb_uint8
 from clipdiy.segmentation.prepared import PreparedImage
 from clipdiy.segmentation.result import SegmentationResult
-from clipdiy.segmentation.tiles import area_bin_sizes, area_pool_region, bilinear_region
+from clipdiy.segmentation.tiles import (
+    area_bin_sizes,
+    area_pool_region,
+    bilinear_region,
+    nearest_indices,
+)
 from clipdiy.segmentation.vocabulary import Vocabulary, vocabulary_hash
 
 
@@ -127,14 +133,9 @@ def finalize(output: ModelOutput, class_names: Sequence[str]) -> SegmentationRes
 
 
 def _nearest_source_indices(out_size: int, in_size: int) -> np.ndarray:
-    """Source index of each output sample of F.interpolate(mode="nearest"), as the demo resizes.
-
-    Torch computes floorf(dst * (float)in / out) in float32, which differs from the exact integer
-    floor(dst * in / out) where dst * in / out is an integer (e.g. 256 -> 230, 388, 428 rows).
-    """
-    scale = np.float32(in_size) / np.float32(out_size)
-    source = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(source, in_size - 1)
+    """Source index of each output sample of F.interpolate(mode="nearest"), as the demo resizes
+    (:func:`~clipdiy.segmentation.tiles.nearest_indices`)."""
+    return nearest_indices(out_size, in_size)
 
 
 class Segmenter:
@@ -248,40 +249,25 @@ class Segmenter:
 
     def _predict_tiled(self, forward, group: Sequence[PreparedImage], return_probabilities: bool) -> list[ModelOutput]:
         """Outputs of one group whose upsampling the method deferred (``forward.logits`` is None),
-        run tile by tile (:meth:`plan_tiles` of the method): each tile's region resized from the
-        input-size maps, refined (PAMR over the region, its guide with PAMR's further margin),
-        decided on its interior, and summed into the same summaries :meth:`_summarise` gives
-        (sums in float64). Holds one tile's maps, the label maps and the preview sums.
+        run tile by tile: the method's ``tile_decisions`` (Trident: bands of rows, refined by SAM)
+        or :meth:`_tile_decisions` (NACLIP), each decision of a tile's interior summed into the
+        same summaries :meth:`_summarise` gives (sums in float64). Holds one tile's maps, the
+        label maps and the preview sums.
         """
-        from clipdiy.segmentation.refine import pamr
-
-        source, source_guide, size = forward.source, forward.source_guide, tuple(forward.size)
+        source, size = forward.source, tuple(forward.size)
         batch, height, width = source.shape[0], size[0], size[1]
         classes = len(self.vocabulary)
         device = source.device
         model_size = tuple(group[0].model_input.shape[:2])
         pool = height * width > model_size[0] * model_size[1]  # as _summarise: a preview no larger than the input
-        margin = self.method.guide_margin
         labels_host = np.empty((batch, height, width), np.uint16)
         probabilities_host = np.empty((batch, classes, height, width), np.float32) if return_probabilities else None
         saliency_host = None if pool else np.empty((batch, height, width), np.float32)
         totals = {name: torch.zeros(batch, classes, device=device, dtype=torch.float64) for name in ("scores", "won", "summed")}
         foreground_total = torch.zeros(batch, device=device, dtype=torch.float64)
         preview = torch.zeros(batch, 1, *model_size, device=device, dtype=torch.float64) if pool else None
-        for tile in self.method.plan_tiles(size):
-            rows = (tile.rows.region_start, tile.rows.region_end)
-            cols = (tile.cols.region_start, tile.cols.region_end)
-            logits = bilinear_region(source, size, rows, cols)  # B x U x region, pixel-major
-            if self.refinement == "pamr":
-                guide_rows = (max(0, rows[0] - margin), min(height, rows[1] + margin))
-                guide_cols = (max(0, cols[0] - margin), min(width, cols[1] + margin))
-                guide = bilinear_region(source_guide, size, guide_rows, guide_cols)
-                margins = (rows[0] - guide_rows[0], guide_rows[1] - rows[1], cols[0] - guide_cols[0], guide_cols[1] - cols[1])
-                settings = self.config.pamr
-                logits = pamr(guide, logits, settings.iterations, settings.dilations, settings.max_elements, guide_margins=margins)
-                del guide
-            decision = self.method.decide(logits[:, :, tile.rows.inner, tile.cols.inner], forward)
-            del logits
+        tile_decisions = getattr(self.method, "tile_decisions", None)
+        for tile, decision in (tile_decisions or self._tile_decisions)(forward):
             probabilities, labels = decision.probabilities, decision.labels
             top = probabilities.gather(1, labels[:, None])[:, 0].view(batch, -1).to(torch.float64)
             flat_labels = labels.view(batch, -1)
@@ -316,6 +302,31 @@ class Segmenter:
             )
             for b in range(batch)
         ]
+
+    def _tile_decisions(self, forward):
+        """(tile, decision of its interior) for each of the method's tiles (NACLIP): the region's
+        logits resized from the input-size maps, refined by PAMR over the region (its guide with
+        PAMR's further margin), decided on the interior."""
+        from clipdiy.segmentation.refine import pamr
+
+        source, source_guide, size = forward.source, forward.source_guide, tuple(forward.size)
+        height, width = size
+        margin = self.method.guide_margin
+        for tile in self.method.plan_tiles(size):
+            rows = (tile.rows.region_start, tile.rows.region_end)
+            cols = (tile.cols.region_start, tile.cols.region_end)
+            logits = bilinear_region(source, size, rows, cols)  # B x U x region, pixel-major
+            if self.refinement == "pamr":
+                guide_rows = (max(0, rows[0] - margin), min(height, rows[1] + margin))
+                guide_cols = (max(0, cols[0] - margin), min(width, cols[1] + margin))
+                guide = bilinear_region(source_guide, size, guide_rows, guide_cols)
+                margins = (rows[0] - guide_rows[0], guide_rows[1] - rows[1], cols[0] - guide_cols[0], guide_cols[1] - cols[1])
+                settings = self.config.pamr
+                logits = pamr(guide, logits, settings.iterations, settings.dilations, settings.max_elements, guide_margins=margins)
+                del guide
+            decision = self.method.decide(logits[:, :, tile.rows.inner, tile.cols.inner], forward)
+            del logits
+            yield tile, decision
 
     def _to_device(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """B arrays of h x w x 3 uint8 -> B x 3 x h x w uint8 on the device, one transfer."""

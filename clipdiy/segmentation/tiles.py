@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from itertools import pairwise
 
+import numpy as np
 import torch
 
 
@@ -70,44 +71,80 @@ ROW_BLOCK = 64
 def _bilinear_taps(out_size: int, in_size: int, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source indices and weights of output samples [start, end) of a bilinear resize
     (align_corners=False) from ``in_size`` to ``out_size``, computed as PyTorch's kernel does
-    (float32: scale = in / out, source = max(scale * (dst + 0.5) - 0.5, 0)).
+    (scale = in / out in float32, source = max(scale * (dst + 0.5) - 0.5, 0) rounded once to
+    float32, as its fused multiply-add does: exact in float64, then rounded).
 
     Returns (index0, index1, weight0, weight1), each (end - start,).
     """
-    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
-    dst = torch.arange(start, end, device=device, dtype=torch.float32)
-    source = ((dst + 0.5) * scale.to(device) - 0.5).clamp_(min=0.0)
+    scale = (torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)).double()
+    dst = torch.arange(start, end, device=device, dtype=torch.float64)
+    source = ((dst + 0.5) * scale.to(device) - 0.5).float().clamp_(min=0.0)
     index0 = source.to(torch.int64)
     weight1 = source - index0.to(torch.float32)
     index1 = torch.where(index0 < in_size - 1, index0 + 1, index0)
     return index0, index1, 1.0 - weight1, weight1
 
 
-def bilinear_region(source: torch.Tensor, size: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+def source_span(out_size: int, in_size: int, start: int, end: int) -> tuple[int, int]:
+    """[first, last) of the source samples that output samples [start, end) of a bilinear resize
+    (align_corners=False) from ``in_size`` to ``out_size`` read."""
+    index0, index1, _, _ = _bilinear_taps(out_size, in_size, start, end, "cpu")
+    return int(index0.min()), int(index1.max()) + 1
+
+
+def nearest_indices(out_size: int, in_size: int) -> np.ndarray:
+    """Source index of each output sample of ``F.interpolate(mode="nearest")`` from ``in_size``
+    to ``out_size`` (int64, (out_size,)).
+
+    Torch computes floorf(dst * (float)in / out) in float32, which differs from the exact integer
+    floor(dst * in / out) where dst * in / out is an integer (e.g. 256 -> 230, 388, 428 rows).
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    source = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(source, in_size - 1)
+
+
+def bilinear_region(
+    source: torch.Tensor,
+    size: tuple[int, int],
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    *,
+    source_size: tuple[int, int] | None = None,
+    source_origin: tuple[int, int] = (0, 0),
+) -> torch.Tensor:
     """``F.interpolate(source, size, mode="bilinear", align_corners=False)[..., r0:r1, c0:c1]``
     without the whole output.
 
-    source: B x K x h x w float (any layout). Returns B x K x (r1 - r0) x (c1 - c0) float32,
-    pixel-major (channels-last strides). Same arithmetic as the whole resize: each output value is
-    w_row0 * (w_col0 * a + w_col1 * b) + w_row1 * (w_col0 * c + w_col1 * d), so the two agree to
-    float32 rounding. Only the few source rows under the region are read: along columns first on
-    those rows (small), then along rows into the output.
+    source: B x K x h x w float (any layout), or only a window of the map being resized: then
+    ``source_size`` is the whole map's (h, w) and ``source_origin`` the window's first (row,
+    column) in it; the window must hold :func:`source_span` of the region on each axis. Returns
+    B x K x (r1 - r0) x (c1 - c0) float32, pixel-major (channels-last strides). The whole resize's
+    taps and weights, each output value lerp(lerp(a, b, w_col), lerp(c, d, w_col), w_row), so the
+    two agree to float32 rounding, every region to the bit with every other that covers its
+    pixels, and, as PyTorch's kernel, equal sources give exactly their value (the runs of equal
+    values a resize makes along a map's borders stay exact ties, which an argmax over them needs). Only the few source rows under the region are
+    read: along columns first on those rows (small), then along rows into the output.
     """
     height, width = size
     r0, r1 = rows
     c0, c1 = cols
     device = source.device
-    y0, y1, wy0, wy1 = _bilinear_taps(height, source.shape[-2], r0, r1, device)
-    x0, x1, wx0, wx1 = _bilinear_taps(width, source.shape[-1], c0, c1, device)
+    in_h, in_w = source_size or tuple(source.shape[-2:])
+    top, left = source_origin
+    y0, y1, _, wy1 = _bilinear_taps(height, in_h, r0, r1, device)
+    x0, x1, _, wx1 = _bilinear_taps(width, in_w, c0, c1, device)
+    y0, y1, x0, x1 = y0 - top, y1 - top, x0 - left, x1 - left
     first, last = int(y0.min()), int(y1.max()) + 1
+    if first < 0 or last > source.shape[-2] or int(x0.min()) < 0 or int(x1.max()) >= source.shape[-1]:
+        raise ValueError(f"the source window at {source_origin} of {tuple(source.shape[-2:])} does not hold the rows and columns the region reads")
     band = source[:, :, first:last].float().permute(0, 2, 3, 1)  # B x rows x w x K
-    across = band[:, :, x0].mul(wx0.view(1, 1, -1, 1)).add_(band[:, :, x1].mul_(wx1.view(1, 1, -1, 1)))  # B x rows x cols x K
+    across = torch.lerp(band[:, :, x0], band[:, :, x1], wx1.view(1, 1, -1, 1))  # B x rows x cols x K
     del band
     out = across.new_empty(across.shape[0], r1 - r0, c1 - c0, across.shape[-1])
     for start in range(0, r1 - r0, ROW_BLOCK):  # blocks of rows: one block's gathered copy at a time
         block = slice(start, start + ROW_BLOCK)
-        torch.mul(across[:, y0[block] - first], wy0[block].view(1, -1, 1, 1), out=out[:, block])
-        out[:, block].add_(across[:, y1[block] - first].mul_(wy1[block].view(1, -1, 1, 1)))
+        torch.lerp(across[:, y0[block] - first], across[:, y1[block] - first], wy1[block].view(1, -1, 1, 1), out=out[:, block])
     return out.permute(0, 3, 1, 2)
 
 

@@ -26,10 +26,12 @@ class MethodLogits:
     ``context``: what the method's own :meth:`SegmentationMethod.decide` needs beyond the
     logits (Trident's SAM refinement: SAM's image embeddings), or None.
 
-    A method may instead defer the last resize (NACLIP on a photo larger than one tile):
-    ``logits`` and ``guide`` are then None and ``source`` (B x Q x h' x w'), ``source_guide``
-    (B x 3 x h' x w') are the maps that resize bilinearly (align_corners=False) to ``size``; the
-    segmenter resizes, refines and decides them tile by tile (:mod:`clipdiy.segmentation.tiles`).
+    A method may instead defer the last resize (NACLIP, Trident on a photo larger than one
+    tile): ``logits`` and ``guide`` are then None and ``source`` (B x Q x h' x w'),
+    ``source_guide`` (B x 3 x h' x w', NACLIP's PAMR guide) are the maps that resize bilinearly
+    (align_corners=False) to ``size``; the segmenter resizes, refines and decides them tile by
+    tile (:mod:`clipdiy.segmentation.tiles`), or asks the method's own ``tile_decisions``
+    (Trident: bands of rows, its SAM refinement in two passes over them).
     """
 
     logits: torch.Tensor | None

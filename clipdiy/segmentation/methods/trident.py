@@ -29,7 +29,12 @@ input normalised in fp16 with fp16-rounded constants; the decision and the SAM r
 float32, the refinement's prompt encoder and mask decoder with fp16-rounded weights. The
 preprocessing of both inputs stays float32, as the authors'.
 
-Not here yet: tiled post-processing of very large photos.
+Large photos: a photo of more than ``TridentConfig.tile_side`` squared pixels is not upsampled
+in :meth:`TridentMethod.forward_groups`: its SAM-grid logits go to the segmenter, which asks
+:meth:`TridentMethod.tile_decisions` for its bands of rows; the upsampling, the decision and the
+SAM refinement then run band by band (:func:`~clipdiy.segmentation.sam_refine.refine_in_bands`),
+and no map of the photo's U queries or C classes is held whole. In fp16 the bands upsample the
+fp16 logits in float32 (the one place a large photo departs from the authors' fp16 casts).
 """
 
 from __future__ import annotations
@@ -44,7 +49,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipdiy.segmentation.batching import group_by_shape, to_device
-from clipdiy.segmentation.config import REFINE_SAM, TRIDENT, SegmenterConfig, TridentConfig
+from clipdiy.segmentation.config import (
+    REFINE_SAM,
+    TRIDENT,
+    SegmenterConfig,
+    TridentConfig,
+)
 from clipdiy.segmentation.methods import MethodEntry, register_method
 from clipdiy.segmentation.methods.base import MethodDecision, MethodLogits
 from clipdiy.segmentation.methods.naclip import (
@@ -57,6 +67,7 @@ from clipdiy.segmentation.methods.naclip import (
 )
 from clipdiy.segmentation.prepared import PreparedImage
 from clipdiy.segmentation.sam_refine import SamRefineSetting
+from clipdiy.segmentation.tiles import ROW_BLOCK, Span, Tile, bilinear_region
 from clipdiy.segmentation.vocabulary import Vocabulary
 
 #: CLIP's and ImageNet's normalisation on [0, 1] RGB (TRIDENT.md 2.2): a window goes to DINO as
@@ -107,7 +118,7 @@ BASE = (448, 224, 0.0, 1.2, True, 0.2)
 def resolve_setting(config: TridentConfig, vocabulary_name: str) -> TridentSetting:
     """The published setting of ``vocabulary_name``, with any field ``config`` sets overriding it."""
     short_side, stride, prob_thd, cos_fac, refine_neg_cos, coarse_thresh = PUBLISHED.get(vocabulary_name, BASE)
-    pick = lambda value, default: default if value is None else value  # noqa: E731
+    pick = lambda value, default: default if value is None else value
     return TridentSetting(
         short_side=pick(config.short_side, short_side),
         long_side=config.long_side,
@@ -240,7 +251,9 @@ class TridentMethod:
         trident = config.trident
         self.forward_windows = trident.max_forward_windows or default_forward_windows(self.device)
         self.sam_batch = trident.sam_batch_size or default_sam_batch(self.device)
-        as_column = lambda values: torch.tensor(values, device=self.device).view(1, 3, 1, 1)  # noqa: E731
+        #: Pixels of a band of rows after the forward (see ``TridentConfig.tile_side``).
+        self.band_pixels = trident.tile_side**2
+        as_column = lambda values: torch.tensor(values, device=self.device).view(1, 3, 1, 1)
         self.mean, self.std = as_column(NACLIP_MEAN), as_column(NACLIP_STD)
         self.clip_mean, self.clip_std = as_column(CLIP_MEAN), as_column(CLIP_STD)
         self.imagenet_mean, self.imagenet_std = as_column(IMAGENET_MEAN), as_column(IMAGENET_STD)
@@ -260,7 +273,9 @@ class TridentMethod:
     def forward_groups(self, prepared: Sequence) -> Iterator[tuple[list[int], MethodLogits]]:
         """(indices, logits) per group of equal :meth:`batch_key`: B x U x H0 x W0 float32 query
         logits at the original size, pixel-major (formed and upsampled in the encoders' dtype, then
-        float32: TRIDENT.md 6.2); the guide is the resized input (unused: no PAMR)."""
+        float32: TRIDENT.md 6.2); the guide is the resized input (unused: no PAMR). A photo larger
+        than one band (:meth:`tiled`) gets its SAM-grid logits (B x U x hs x ws, the encoders'
+        dtype) as ``source`` instead, for :meth:`tile_decisions`."""
         groups = group_by_shape([self.batch_key(p) for p in prepared])
         canvases, boxes = [], []
         for group in groups:
@@ -282,9 +297,12 @@ class TridentMethod:
             del spliced, weights
             logits = (features @ self.query_features.T).view(len(group), *grid, -1).permute(0, 3, 1, 2)
             size = tuple(prepared[group[0]].original_size)
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).float()
             context = SamContext(embeddings, tuple(sam_pixels[0].shape[:2])) if self.refine else None
-            yield group, MethodLogits(logits=logits, guide=canvases[g], context=context)
+            if self.tiled(size):  # upsampled band by band (tile_decisions)
+                yield group, MethodLogits(logits=None, guide=None, source=logits, size=size, context=context)
+            else:
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).float()
+                yield group, MethodLogits(logits=logits, guide=canvases[g], context=context)
             canvases[g] = None  # type: ignore[call-overload]
 
     def _window_values(self, canvases: Sequence[torch.Tensor], boxes: Sequence[Sequence[tuple[int, int, int, int]]]) -> list[torch.Tensor]:
@@ -293,7 +311,10 @@ class TridentMethod:
         DINO runs first over all windows (its per-image similarity mean couples an image's
         windows); then CLIP, both in forwards of at most ``forward_windows`` windows.
         """
-        from clipdiy.segmentation.models.trident import dino_patch_features, dino_similarity_means
+        from clipdiy.segmentation.models.trident import (
+            dino_patch_features,
+            dino_similarity_means,
+        )
 
         windows = [(g, b, box) for g, canvas in enumerate(canvases) for b in range(canvas.shape[0]) for box in boxes[g]]
         image_ids: dict[tuple[int, int], int] = {}
@@ -337,7 +358,10 @@ class TridentMethod:
         a group is handed on as soon as its last image is encoded, so at most one forward's
         results wait beyond the group in hand.
         """
-        from clipdiy.segmentation.models.trident import sam_guided_weights, sam_last_attention
+        from clipdiy.segmentation.models.trident import (
+            sam_guided_weights,
+            sam_last_attention,
+        )
 
         images = [(g, image) for g, group in enumerate(groups) for image in group]
         pending: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {g: [] for g in range(len(groups))}
@@ -377,17 +401,92 @@ class TridentMethod:
                 yield torch.cat([w for w, _ in parts]), (torch.cat([e for _, e in parts]) if self.refine else None)
                 next_group += 1
 
+    def tiled(self, size: tuple[int, int]) -> bool:
+        """Whether a photo of this (H, W) runs after the forward in more than one band of rows."""
+        return size[0] * size[1] > self.band_pixels
+
+    def band_rows(self, size: tuple[int, int]) -> int:
+        """Rows of a band: at most ``tile_side`` squared pixels, one row at least."""
+        return max(1, self.band_pixels // size[1])
+
+    def tile_decisions(self, forward: MethodLogits) -> Iterator[tuple[Tile, MethodDecision]]:
+        """(band, decision of its rows) for consecutive bands of whole rows of a photo larger
+        than one band: as :meth:`decide` on the whole photo, to float32 rounding.
+
+        Each band's logits are the rows of the whole upsampling (``bilinear_region`` of the
+        B x U x hs x ws SAM-grid logits, ``forward.source``), decided as :meth:`decide` does;
+        with SAM refinement, :func:`~clipdiy.segmentation.sam_refine.refine_in_bands` asks for
+        every band twice (the half-resolution maps, then the scores), and the refined scores are
+        normalised as :meth:`decide` normalises them.
+        """
+        size = tuple(forward.size)
+        height, width = size
+        band = self.band_rows(size)
+
+        def band_of(r0: int, r1: int) -> Tile:
+            return Tile(Span(r0, r1, r0, r1), Span(0, width, 0, width))
+
+        def rows(r0: int, r1: int, normalise: bool = True) -> MethodDecision:
+            logits = bilinear_region(forward.source, size, (r0, r1), (0, width))  # B x U x rows x W, pixel-major
+            return NaclipMethod.decide(self, logits, forward, normalise=normalise)  # type: ignore[arg-type]
+
+        if not self.refine:
+            for r0 in range(0, height, band):
+                r1 = min(height, r0 + band)
+                yield band_of(r0, r1), rows(r0, r1)
+            return
+        from clipdiy.segmentation.sam_refine import refine_in_bands
+
+        def coarse(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+            decision = rows(r0, r1, normalise=False)
+            return decision.probabilities, decision.labels
+
+        context: SamContext = forward.context  # type: ignore[assignment]
+        batch = forward.source.shape[0]
+        for r0, r1, probabilities, labels, scores in refine_in_bands(
+            self.sam, context.embeddings, coarse, batch, self.num_classes, size, context.input_size, self.refine_setting, band
+        ):
+            yield band_of(r0, r1), self._normalised(probabilities, labels, scores)
+
     def working_bytes(self, prepared) -> int:
-        """Float32 buffers that grow with the photo: the U query logits at the original size, the
-        decision's C class probabilities and its labels and scores (4); SAM's N x N weights, cosine
-        and attention rows (N <= 4096), and one global block's 12 x 4096^2 attention (x2: softmax)."""
+        """Buffers that grow with the photo, beyond the weights: SAM's N x N weights, cosine and
+        attention rows (N <= 4096) and one global block's 12 x 4096^2 attention (x2: softmax);
+        then, for a photo of one band, float32 maps at its size: the U query logits, the
+        decision's C class probabilities and its labels and scores (4), and with refinement R,
+        the mask maxima and P (3C).
+
+        A photo larger than one band holds those maps for one band only (at most ``tile_side``
+        squared pixels): U logits and the resize's two 64-row blocks, C + 4 decision planes,
+        with refinement about 10 C planes (R, the mask maxima, the coarse P and its copies, the
+        normalised probabilities) and 16 SAM masks upsampled at a time (the 1024-px square, and
+        their rows at the band); plus what grows with the photo at a few bytes a pixel: its
+        uint16 label map (2), and with refinement the half-resolution maps the regions are found
+        on (labels, own probabilities, region ids and the component labelling's temporaries:
+        about 12 bytes a half-resolution pixel, 3 an original pixel).
+        """
         height, width = prepared.original_size
         queries = int(self.query_embeddings.shape[0])
+        classes = self.num_classes
         tokens = (prepared.saliency_input.shape[0] // PATCH) * (prepared.saliency_input.shape[1] // PATCH)
         full = (SAM_SIZE // PATCH) ** 2
         sam = 4 * (3 * tokens * tokens + 12 * tokens * full + 2 * 12 * full * full)
-        refine = 4 * height * width * 3 * self.num_classes if self.refine else 0  # R, the mask maxima, P
-        return 4 * height * width * (queries + self.num_classes + 4) + sam + refine
+        if not self.tiled((height, width)):
+            refine = 4 * height * width * 3 * classes if self.refine else 0  # R, the mask maxima, P
+            return 4 * height * width * (queries + classes + 4) + sam + refine
+        rows = self.band_rows((height, width))
+        band = rows * width
+        planes = queries + classes + 4 + (10 * classes if self.refine else 0)
+        resize = 2 * min(ROW_BLOCK, rows) * width * queries
+        masks = 16 * (2 * SAM_SIZE * SAM_SIZE + 3 * band) if self.refine else 0
+        per_pixel = 2 + (3 if self.refine else 0)
+        return 4 * (band * planes + resize + masks) + per_pixel * height * width + sam
+
+    def _normalised(self, probabilities: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor) -> MethodDecision:
+        """The refined decision: scores R normalised over classes where any class scores, the
+        coarse probabilities (normalised) elsewhere."""
+        total = scores.sum(dim=1, keepdim=True)
+        normalised = torch.where(total > 0, scores / torch.where(total > 0, total, 1.0), probabilities / probabilities.sum(dim=1, keepdim=True))
+        return MethodDecision(normalised, labels, 1.0 - normalised[:, :1])
 
     def decide(self, logits: torch.Tensor, forward: MethodLogits) -> MethodDecision:
         """The authors' ``postprocess_result`` (TRIDENT.md 6.4-6.6) is NACLIP's decision (SPEC 8.9):
@@ -404,9 +503,7 @@ class TridentMethod:
         context: SamContext = forward.context  # type: ignore[assignment]
         probabilities = coarse.probabilities.contiguous()
         labels, scores, _ = sam_refine(self.sam, context.embeddings, probabilities, coarse.labels, context.input_size, self.refine_setting)
-        total = scores.sum(dim=1, keepdim=True)
-        normalised = torch.where(total > 0, scores / torch.where(total > 0, total, 1.0), probabilities / probabilities.sum(dim=1, keepdim=True))
-        return MethodDecision(normalised, labels, 1.0 - normalised[:, :1])
+        return self._normalised(probabilities, labels, scores)
 
 
 @dataclass

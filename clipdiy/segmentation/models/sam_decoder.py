@@ -92,3 +92,30 @@ def upsample_mask_logits(
     if tuple(stretched_size) != tuple(original_size):
         x = F.interpolate(x, original_size, mode="bilinear", align_corners=False)
     return x[:, 0]
+
+
+def upsample_mask_rows(
+    logits: torch.Tensor,
+    input_size: tuple[int, int],
+    stretched_size: tuple[int, int],
+    original_size: tuple[int, int],
+    rows: tuple[int, int],
+    encoder_size: int = 1024,
+) -> torch.Tensor:
+    """Rows [r0, r1) of :func:`upsample_mask_logits` (n x (r1 - r0) x W0), without the photo-sized maps.
+
+    The 1024-px square and its crop are SAM-sized; the resize to ``stretched_size`` is computed
+    only for the rows that the resize to ``original_size`` reads for these rows
+    (:func:`~clipdiy.segmentation.tiles.bilinear_region`, the same arithmetic to float32 rounding).
+    """
+    from clipdiy.segmentation.tiles import bilinear_region, source_span
+
+    if tuple(rows) == (0, original_size[0]):
+        return upsample_mask_logits(logits, input_size, stretched_size, original_size, encoder_size)
+    x = F.interpolate(logits[:, None], (encoder_size, encoder_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    if tuple(stretched_size) == tuple(original_size):
+        return bilinear_region(x, stretched_size, rows, (0, original_size[1]))[:, 0]
+    first, last = source_span(original_size[0], stretched_size[0], *rows)
+    band = bilinear_region(x, stretched_size, (first, last), (0, stretched_size[1]))
+    return bilinear_region(band, original_size, rows, (0, original_size[1]), source_size=stretched_size, source_origin=(first, 0))[:, 0]
