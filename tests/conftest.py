@@ -78,10 +78,11 @@ def pytest_unconfigure(config):
     CI once saw a run whose every test passed exit with SIGSEGV (139) after the summary line, during
     the interpreter's own teardown, where native libraries the suite loads in this one process
     (Ray's core worker and its gRPC threads, torch's thread pools, Arrow) tear down in an order
-    none of them controls. The suite's result is pytest's exit
-    status, decided by then; a crash in teardown is not a test's outcome. Ray is shut down in
-    order first (a test that left it running would otherwise leave it to ``atexit``), then the
-    streams are flushed and the process ends with that status.
+    none of them controls. The suite's result is pytest's exit status, decided by then; a crash in
+    teardown is not a test's outcome. Ray is shut down in order first (a test that left it running
+    would otherwise leave it to ``atexit``); then the ``atexit`` functions run (pytest's own
+    removal of its temporary folders' locks among them, so old folders are still cleaned up), the
+    streams are flushed, and the process ends with that status without the module teardown.
     """
     import ray
 
@@ -90,6 +91,9 @@ def pytest_unconfigure(config):
     session = getattr(config, "_clipdiy_session", None)
     if session is None:
         return  # no session ran to its end (a usage error, say): the normal exit
+    import atexit
+
+    atexit._run_exitfuncs()  # noqa: SLF001 - what a normal exit runs first; they unregister as they run
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(session.exitstatus))
