@@ -93,7 +93,7 @@ def pytest_unconfigure(config):
         return  # no session ran to its end (a usage error, say): the normal exit
     import atexit
 
-    atexit._run_exitfuncs()  # noqa: SLF001 - what a normal exit runs first; they unregister as they run
+    atexit._run_exitfuncs()  # what a normal exit runs first; each unregisters as it runs
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(session.exitstatus))

@@ -214,7 +214,10 @@ def test_dtypes_follow_the_authors_precision_map(precision, clip_config, photo, 
     # SAM's input: (uint8 - mean) / std in SAM's dtype with its constants in that dtype (the
     # authors' half() buffers: mean 123.6875, 116.25, 103.5), zero-padded after.
     image = torch.from_numpy(got.prepared.saliency_input).permute(2, 0, 1).to(H if reduced else S)
-    column = lambda values: torch.tensor(values).view(3, 1, 1).to(image.dtype)  # noqa: E731
+
+    def column(values):
+        return torch.tensor(values).view(3, 1, 1).to(image.dtype)
+
     normalised = (image - column(SAM_MEAN)) / column(SAM_STD)
     expected = F.pad(normalised, (0, 1024 - image.shape[2], 0, 1024 - image.shape[1]))
     assert torch.equal(got.record.tensors["sam input"][0], expected)
